@@ -1,0 +1,117 @@
+"""Dtype tables: which torch dtypes NumPy holds natively, which map to ``ml_dtypes``, and how
+the rest are widened.
+
+Kept free of per-call work: every table is built once at import, from the dtypes the installed
+torch actually defines (older releases lack some float8 and float4 types).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UnsupportedLeafError
+
+#: torch dtypes that ``Tensor.numpy()`` supports as they are.
+NATIVE: frozenset[torch.dtype] = frozenset(
+    getattr(torch, name)
+    for name in (
+        "bool",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    )
+    if hasattr(torch, name)
+)
+
+#: torch dtypes that have a bit-identical ``ml_dtypes`` type (same name in both libraries).
+_ML_NAMES = (
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+)
+ML_DTYPES: dict[torch.dtype, str] = {
+    getattr(torch, name): name for name in _ML_NAMES if hasattr(torch, name)
+}
+
+#: Two float4 (e2m1) values per byte; the first value sits in the low nibble.
+FLOAT4_X2: torch.dtype | None = getattr(torch, "float4_e2m1fn_x2", None)
+
+#: The value of each of the 16 e2m1 codes (sign bit 3, exponent bits 2-1, mantissa bit 0).
+_E2M1_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    dtype=np.float32,
+)
+
+#: An integer torch dtype of each item size, to move raw bits without touching values.
+BITS: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+_ml_module: ModuleType | None = None
+
+
+def ml_dtypes_module() -> ModuleType:
+    """Import ``ml_dtypes`` on first use.
+
+    Raises:
+        UnsupportedLeafError: ml_dtypes is not installed; the message says how to install it.
+    """
+    global _ml_module  # noqa: PLW0603 - a lazily imported module, cached once
+    if _ml_module is None:
+        try:
+            _ml_module = importlib.import_module("ml_dtypes")
+        except ImportError as exc:
+            msg = (
+                "ml_dtypes=True needs the 'ml_dtypes' package: pip install ml_dtypes "
+                "(or pip install 'tonumpy[ml_dtypes]'); or pass ml_dtypes=False to widen "
+                "bfloat16/float8 to float32 instead"
+            )
+            raise UnsupportedLeafError(msg) from exc
+    return _ml_module
+
+
+def ml_numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
+    """The ``ml_dtypes`` NumPy dtype that holds ``dtype``'s bits exactly."""
+    return np.dtype(getattr(ml_dtypes_module(), ML_DTYPES[dtype]))
+
+
+def unpack_float4(codes: np.ndarray, *, ml_dtypes: bool) -> np.ndarray:
+    """Unpack ``float4_e2m1fn_x2`` bytes (shape ``(..., n)``) into ``(..., 2n)`` values.
+
+    Example:
+        >>> unpack_float4(np.array([0x21], dtype=np.uint8), ml_dtypes=False)
+        array([0.5, 1. ], dtype=float32)
+    """
+    low = codes & 0x0F
+    high = codes >> 4
+    both = np.stack([low, high], axis=-1).reshape(*codes.shape[:-1], -1)
+    if ml_dtypes:
+        return both.view(ml_dtypes_module().float4_e2m1fn)
+    return _E2M1_VALUES[both]
+
+
+def torch_dtype_of(dtype: np.dtype[Any]) -> torch.dtype | None:
+    """The torch dtype whose bits an ``ml_dtypes`` array holds, or None for other dtypes."""
+    if dtype.kind != "V" or not dtype.type.__module__.startswith("ml_dtypes"):
+        return None
+    module = ml_dtypes_module()
+    for torch_dtype, name in ML_DTYPES.items():
+        if dtype == np.dtype(getattr(module, name)):
+            return torch_dtype
+    return None

@@ -1,0 +1,399 @@
+"""``to_numpy``, ``to_torch`` and ``apply``: flatten once, convert the leaves, rebuild once.
+
+Each call is three steps. The tree is flattened by optree's C++ walker (see ``_tree``); the
+flat list of leaves is converted in one Python loop, with a fast path for plain CPU tensors;
+the converted leaves are put back into a tree of exactly the input's structure. Anything
+that is not a tensor (or, for ``to_torch``, an array) is returned as the very same object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from . import _dtypes, _tree
+from .errors import ConversionError, TonumpyError, UnsupportedLeafError
+
+__all__ = ["apply", "to_numpy", "to_torch"]
+
+Copy = Literal[True, False] | None
+
+# Tensor types whose ``numpy(force=True)`` is the whole conversion when it succeeds.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_SPARSE_HINT = "sparse tensors are densified, which copies"
+
+
+class _LeafIssue(Exception):
+    """Raised by per-leaf code that does not know the leaf's path; turned into a TonumpyError."""
+
+    def __init__(self, reason: str, *, unsupported: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.unsupported = unsupported
+
+
+def _needs_copy(copy: Copy, what: str) -> None:
+    if copy is False:
+        raise _LeafIssue(f"copy=False, but {what}; pass copy=None to allow it", unsupported=False)
+
+
+def _describe(leaf: Any) -> str:
+    if isinstance(leaf, torch.Tensor):
+        try:
+            return (
+                f"{type(leaf).__name__} of shape {tuple(leaf.shape)}, dtype={leaf.dtype}, "
+                f"device={leaf.device}"
+            )
+        except Exception:  # noqa: BLE001 - a tensor too broken to describe
+            return type(leaf).__name__
+    if isinstance(leaf, np.ndarray):
+        return f"ndarray of shape {leaf.shape}, dtype={leaf.dtype}"
+    return type(leaf).__name__
+
+
+def _leaf_error(
+    spec: _tree.PyTreeSpec, index: int, leaf: Any, reason: str, *, unsupported: bool
+) -> TonumpyError:
+    path, where = _tree.leaf_path(spec, index)
+    cls = UnsupportedLeafError if unsupported else ConversionError
+    return cls(f"cannot convert {where} ({_describe(leaf)}): {reason}", path=path)
+
+
+def _unwrap_subclass(t: torch.Tensor) -> torch.Tensor:
+    """A plain ``torch.Tensor`` sharing ``t``'s data, or an explanation of why there is none."""
+    cls = type(t)
+    if getattr(cls, "__torch_dispatch__", None) is torch.Tensor.__torch_dispatch__:
+        # An ordinary Python subclass (nn.Parameter, user classes): same storage underneath.
+        return t.detach().as_subclass(torch.Tensor)
+    name = cls.__name__
+    if name == "FakeTensor" or "fake" in cls.__module__:
+        reason = "fake tensors (torch.compile tracing, FakeTensorMode) carry no data"
+    elif name == "DTensor":
+        reason = "a DTensor is spread over ranks; call .full_tensor() on every rank first"
+    else:
+        reason = (
+            f"the tensor subclass {cls.__module__}.{name} keeps its data in its own form; "
+            "convert it to a plain tensor first"
+        )
+    raise _LeafIssue(reason, unsupported=True)
+
+
+def _tensor_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool, scalars: bool) -> Any:
+    """Convert one tensor of any kind (the careful path). Raises ``_LeafIssue`` on failure."""
+    if type(t) not in _PLAIN:
+        t = _unwrap_subclass(t)
+    if t.is_meta:
+        raise _LeafIssue(
+            "meta tensors have a shape and dtype but no data; materialise it on a real device "
+            "first (for a model: model.to_empty(device='cpu') and load its weights)",
+            unsupported=True,
+        )
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):  # noqa: SLF001 - no public check
+        raise _LeafIssue(
+            "the tensor is wrapped by a torch.func transform (vmap, grad, jacrev, ...) and has "
+            "no data of its own there; convert the transform's result after it returns",
+            unsupported=True,
+        )
+    t = t.detach()
+    if t.is_nested:
+        return [_tensor_to_numpy(c, copy, ml_dtypes, scalars) for c in t.unbind()]
+    fresh = False
+    if t.layout != torch.strided:
+        _needs_copy(copy, f"{t.layout} tensors are densified, which copies")
+        t, fresh = t.to_dense(), True
+    if t.is_quantized:
+        _needs_copy(copy, "quantized tensors are dequantized, which copies")
+        t, fresh = t.dequantize(), True
+    if scalars and t.dim() == 0 and t.dtype != _dtypes.FLOAT4_X2:
+        return t.item()
+    dtype = t.dtype
+    on_cpu = t.device.type == "cpu"
+    if dtype in _dtypes.NATIVE or dtype == torch.complex32:
+        if t.is_conj() or t.is_neg():
+            _needs_copy(copy, "its conjugate/negative bit must be resolved, which copies")
+            t, fresh = t.resolve_conj().resolve_neg(), True
+        if dtype == torch.complex32:
+            _needs_copy(copy, "complex32 is widened to complex64, which copies")
+            t, fresh = t.to(torch.complex64), True
+        if not on_cpu:
+            _needs_copy(copy, f"it must be copied from {t.device} to the host")
+            t, fresh = t.cpu(), True
+        arr = t.numpy()
+    elif dtype in _dtypes.ML_DTYPES:
+        if ml_dtypes:
+            np_dtype = _dtypes.ml_numpy_dtype(dtype)
+            bits = t.view(_dtypes.BITS[dtype.itemsize])
+            if not on_cpu:
+                _needs_copy(copy, f"it must be copied from {t.device} to the host")
+                bits, fresh = bits.cpu(), True
+            arr = bits.numpy().view(np_dtype)
+        else:
+            _needs_copy(copy, f"{dtype} is widened to float32, which copies (ml_dtypes=True does not)")
+            arr, fresh = t.cpu().float().numpy(), True
+    elif dtype == _dtypes.FLOAT4_X2:
+        _needs_copy(copy, "float4_e2m1fn_x2 values are unpacked, one per element, which copies")
+        codes = t.view(torch.uint8).cpu().numpy()
+        arr, fresh = _dtypes.unpack_float4(codes, ml_dtypes=ml_dtypes), True
+        if scalars and arr.ndim == 0:  # pragma: no cover - unpacking always adds an axis
+            return arr.item()
+    else:
+        raise _LeafIssue(f"{dtype} has no NumPy equivalent and no exact widening", unsupported=True)
+    if copy and not fresh:
+        arr = arr.copy()
+    return arr
+
+
+def _convert_one(leaf: Any, copy: Copy, ml_dtypes: bool, scalars: bool) -> Any:
+    if isinstance(leaf, torch.Tensor):
+        return _tensor_to_numpy(leaf, copy, ml_dtypes, scalars)
+    if copy and isinstance(leaf, np.ndarray):
+        return leaf.copy()
+    return leaf
+
+
+def convert_leaves(
+    leaves: list[Any],
+    spec: _tree.PyTreeSpec,
+    *,
+    copy: Copy = None,
+    ml_dtypes: bool = False,
+    scalars: bool = False,
+) -> list[Any]:
+    """Convert a flat list of leaves (as :func:`_tree.flatten` gives them) to NumPy.
+
+    A leaf object that appears several times is converted once, and the same result object is
+    put at each place. Errors name the leaf's path in ``spec``.
+    """
+    out: list[Any] = []
+    append = out.append
+    unique = len(set(map(id, leaves))) == len(leaves)
+    if unique and copy is None and not scalars:
+        # Hot path: numpy(force=True) is detach + cpu + resolve_conj + resolve_neg + numpy, the
+        # whole conversion for plain tensors of native dtypes; everything else raises there and
+        # takes the careful path below.
+        plain = _PLAIN
+        for index, leaf in enumerate(leaves):
+            if type(leaf) in plain:
+                try:
+                    append(leaf.numpy(force=True))
+                    continue
+                except Exception:  # noqa: BLE001, S112 - any refusal means: take the careful path
+                    pass
+            append(_convert_checked(leaf, index, spec, copy, ml_dtypes, scalars))
+        return out
+    memo: dict[int, Any] = {}
+    for index, leaf in enumerate(leaves):
+        key = id(leaf)
+        if key in memo:
+            append(memo[key])
+            continue
+        memo[key] = result = _convert_checked(leaf, index, spec, copy, ml_dtypes, scalars)
+        append(result)
+    return out
+
+
+def _convert_checked(
+    leaf: Any, index: int, spec: _tree.PyTreeSpec, copy: Copy, ml_dtypes: bool, scalars: bool
+) -> Any:
+    try:
+        return _convert_one(leaf, copy, ml_dtypes, scalars)
+    except _LeafIssue as issue:
+        raise _leaf_error(spec, index, leaf, issue.reason, unsupported=issue.unsupported) from None
+    except TonumpyError as exc:
+        raise _leaf_error(spec, index, leaf, str(exc), unsupported=True) from exc
+    except Exception as exc:  # torch's own refusals: never let a raw TypeError escape
+        reason = f"{type(exc).__name__}: {exc}".strip()
+        raise _leaf_error(spec, index, leaf, reason, unsupported=True) from exc
+
+
+def to_numpy(
+    tree: Any,
+    /,
+    *,
+    copy: Copy = None,
+    ml_dtypes: bool = False,
+    scalars: bool = False,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> Any:
+    """Convert every tensor in a nested structure to a NumPy array.
+
+    Tensors are detached, brought to the host from any device, and have their conjugate and
+    negative bits resolved; sparse tensors are densified, quantized ones dequantized, nested
+    tensors become a list of arrays. Containers keep their exact type, keys, key order and
+    extra state; every other leaf is returned as the very same object.
+
+    Example:
+        >>> import torch
+        >>> out = to_numpy({"logits": torch.ones(2, requires_grad=True), "step": 3})
+        >>> out["logits"], out["step"]
+        (array([1., 1.], dtype=float32), 3)
+        >>> to_numpy(torch.tensor([1.5], dtype=torch.bfloat16))
+        array([1.5], dtype=float32)
+        >>> to_numpy(torch.tensor(2.0), scalars=True)
+        2.0
+
+    Args:
+        tree: A tensor, or any nesting of dict (and subclasses), list, tuple, namedtuple,
+            deque, dataclass, ``ModelOutput`` and ``torch.return_types`` holding tensors.
+        copy: ``None`` shares memory with CPU tensors whenever no conversion is needed (the
+            array is a view: writing to one changes the other); ``True`` returns arrays that
+            share memory with nothing in the input; ``False`` never copies and raises
+            :class:`ConversionError` for the first leaf that would need a copy.
+        ml_dtypes: Return bfloat16 and float8 tensors as the matching ``ml_dtypes`` arrays,
+            bit-exact (and zero-copy on the CPU), instead of widening them to float32.
+        scalars: Return 0-d tensors as Python ``bool``/``int``/``float``/``complex``.
+        is_leaf: Called on each node; a node it returns True for is treated as a leaf.
+
+    Returns:
+        A tree of the same structure, every tensor replaced by its NumPy form.
+
+    Raises:
+        ConversionError: ``copy=False`` and a leaf needs a copy; or the tree has a cycle or is
+            too deep. The message and ``.path`` name the place.
+        UnsupportedLeafError: A tensor's data cannot be read (meta, fake, functorch-wrapped)
+            or its dtype has no NumPy form.
+    """
+    leaves, spec = _tree.flatten(tree, is_leaf=is_leaf)
+    converted = convert_leaves(leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
+    return _tree.unflatten(spec, converted)
+
+
+_NOT_TENSORS = frozenset("OUSMmV")  # object, str, bytes, datetime, timedelta, void
+
+
+def _array_to_tensor(
+    arr: np.ndarray | np.generic,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    copy: Copy,
+) -> Any:
+    if isinstance(arr, np.generic):
+        arr, copy = np.asarray(arr), None  # a fresh 0-d array: nothing to share
+    torch_bits_of = _dtypes.torch_dtype_of(arr.dtype)
+    if torch_bits_of is None and arr.dtype.kind in _NOT_TENSORS:
+        return arr
+    shared = True
+    if (
+        not arr.flags.writeable
+        or any(s < 0 for s in arr.strides)
+        or not arr.dtype.isnative
+    ):
+        _needs_copy(copy, "the array is read-only, has negative strides or is byte-swapped")
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+        shared = False
+    elif copy:
+        arr, shared = arr.copy(), False
+    if torch_bits_of is not None:
+        t = torch.from_numpy(arr.view(f"u{arr.dtype.itemsize}")).view(torch_bits_of)
+    else:
+        t = torch.from_numpy(arr)
+    return _move(t, device, dtype, copy if shared else None)
+
+
+def _move(
+    t: torch.Tensor, device: torch.device | str | None, dtype: torch.dtype | None, copy: Copy
+) -> torch.Tensor:
+    if device is None and dtype is None:
+        return t.clone() if copy else t
+    moved = t.to(device=device, dtype=dtype, copy=bool(copy))
+    if copy is False and moved is not t:
+        raise _LeafIssue(
+            f"copy=False, but moving to device={device}, dtype={dtype} copies", unsupported=False
+        )
+    return moved
+
+
+def to_torch(
+    tree: Any,
+    /,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    copy: Copy = None,
+) -> Any:
+    """Convert every NumPy array (and NumPy scalar) in a nested structure to a tensor.
+
+    The inverse of :func:`to_numpy`. ``ml_dtypes`` bfloat16/float8 arrays become the exact
+    torch dtype. Arrays torch cannot hold (object, str, bytes, datetime) stay as they are, and
+    so does every other non-array leaf. Tensors already in the tree are moved and cast too.
+
+    Example:
+        >>> import numpy as np
+        >>> to_torch({"x": np.arange(3), "name": "a"})
+        {'x': tensor([0, 1, 2]), 'name': 'a'}
+
+    Args:
+        tree: Any nesting of containers, as for :func:`to_numpy`.
+        device: Move every tensor to this device.
+        dtype: Cast every tensor to this dtype.
+        copy: ``None`` shares memory with the arrays where it can (``torch.from_numpy``) and
+            copies, silently, read-only, negatively strided or byte-swapped arrays; ``True``
+            always copies; ``False`` raises :class:`ConversionError` instead of copying.
+
+    Returns:
+        A tree of the same structure with tensors in place of arrays.
+    """
+    leaves, spec = _tree.flatten(tree)
+    out = []
+    for index, leaf in enumerate(leaves):
+        try:
+            if isinstance(leaf, np.ndarray | np.generic):
+                out.append(_array_to_tensor(leaf, device, dtype, copy))
+            elif isinstance(leaf, torch.Tensor):
+                out.append(_move(leaf, device, dtype, copy))
+            else:
+                out.append(leaf)
+        except _LeafIssue as issue:
+            raise _leaf_error(spec, index, leaf, issue.reason, unsupported=issue.unsupported) from None
+        except TonumpyError:
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            raise _leaf_error(spec, index, leaf, reason, unsupported=True) from exc
+    return _tree.unflatten(spec, out)
+
+
+def apply(
+    fn: Callable[[Any], Any],
+    tree: Any,
+    /,
+    *,
+    types: type | tuple[type, ...] = torch.Tensor,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> Any:
+    """Map ``fn`` over the leaves that are instances of ``types``; keep everything else.
+
+    Uses the same walker as :func:`to_numpy`, so dataclasses, ``ModelOutput``, namedtuples and
+    the rest are rebuilt with their exact types. An exception raised by ``fn`` propagates
+    unchanged, with a note naming the leaf's path.
+
+    Example:
+        >>> import torch
+        >>> apply(lambda t: t * 2, {"a": torch.tensor([1, 2]), "b": "text"})
+        {'a': tensor([2, 4]), 'b': 'text'}
+
+    Args:
+        fn: Called once per matching leaf; its result takes the leaf's place.
+        tree: Any nesting of containers.
+        types: A type or tuple of types; leaves of other types are left unchanged.
+        is_leaf: Called on each node; a node it returns True for is treated as a leaf.
+
+    Returns:
+        A tree of the same structure.
+    """
+    leaves, spec = _tree.flatten(tree, is_leaf=is_leaf)
+    out = []
+    for index, leaf in enumerate(leaves):
+        if isinstance(leaf, types):
+            try:
+                out.append(fn(leaf))
+            except Exception as exc:
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"tonumpy.apply: raised for the leaf at {_tree.leaf_path(spec, index)[1]}")
+                raise
+        else:
+            out.append(leaf)
+    return _tree.unflatten(spec, out)

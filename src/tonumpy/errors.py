@@ -1,0 +1,45 @@
+"""Exceptions raised by tonumpy.
+
+Every exception carries ``.path``, the key path (a tuple of keys, indices and field names, as
+:func:`optree.tree_paths` gives it) of the leaf or node where the problem was found, or ``None``
+when the problem is not tied to one place in the tree. Each also subclasses the built-in exception
+that code written before tonumpy would catch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ConversionError", "TonumpyError", "UnsupportedLeafError"]
+
+
+class TonumpyError(Exception):
+    """Base class of every error tonumpy raises.
+
+    Args:
+        message: What went wrong, where, and how to fix it.
+        path: The key path of the offending leaf or node, if there is one.
+    """
+
+    path: tuple[Any, ...] | None
+
+    def __init__(self, message: str, *, path: tuple[Any, ...] | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class ConversionError(TonumpyError, ValueError):
+    """A leaf or a structure could not be converted as asked.
+
+    Raised, for example, when ``copy=False`` but a leaf needs a copy, when a tree contains a
+    cycle or is too deep, or when trees that should share one structure do not.
+    """
+
+
+class UnsupportedLeafError(ConversionError, TypeError):
+    """A leaf whose data cannot be read or has no NumPy form.
+
+    Meta, fake and functorch-wrapped tensors, tensor subclasses that hold no data of their own,
+    and dtypes without a NumPy equivalent. It is a :class:`ConversionError` and also a
+    :class:`TypeError`, the type PyTorch itself raises for unsupported dtypes.
+    """
