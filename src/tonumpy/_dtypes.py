@@ -1,5 +1,4 @@
-"""Dtype tables: which torch dtypes NumPy holds natively, which map to ``ml_dtypes``, and how
-the rest are widened.
+"""Dtype tables: native torch dtypes, their ``ml_dtypes`` twins, and how the rest are widened.
 
 Kept free of per-call work: every table is built once at import, from the dtypes the installed
 torch actually defines (older releases lack some float8 and float4 types).
@@ -88,7 +87,8 @@ def ml_dtypes_module() -> ModuleType:
 
 def ml_numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
     """The ``ml_dtypes`` NumPy dtype that holds ``dtype``'s bits exactly."""
-    return np.dtype(getattr(ml_dtypes_module(), ML_DTYPES[dtype]))
+    result: np.dtype[Any] = np.dtype(getattr(ml_dtypes_module(), ML_DTYPES[dtype]))
+    return result
 
 
 def unpack_float4(codes: np.ndarray, *, ml_dtypes: bool) -> np.ndarray:
@@ -107,8 +107,13 @@ def unpack_float4(codes: np.ndarray, *, ml_dtypes: bool) -> np.ndarray:
 
 
 def torch_dtype_of(dtype: np.dtype[Any]) -> torch.dtype | None:
-    """The torch dtype whose bits an ``ml_dtypes`` array holds, or None for other dtypes."""
-    if dtype.kind != "V" or not dtype.type.__module__.startswith("ml_dtypes"):
+    """The torch dtype whose bits an ``ml_dtypes`` array holds, or None for other dtypes.
+
+    Example:
+        >>> torch_dtype_of(np.dtype("float32")) is None
+        True
+    """
+    if not dtype.type.__module__.startswith("ml_dtypes"):
         return None
     module = ml_dtypes_module()
     for torch_dtype, name in ML_DTYPES.items():

@@ -17,6 +17,7 @@ methods cannot undo ours, and frozen classes work the same way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from collections import OrderedDict, UserDict, defaultdict, deque
@@ -78,35 +79,38 @@ def _copy_state(new: Any, template: Any, skip: Iterable[str]) -> None:
         for name in (slots,) if isinstance(slots, str) else slots:
             if name in skipped or name in ("__dict__", "__weakref__"):
                 continue
-            try:
+            with contextlib.suppress(AttributeError):  # an unset slot stays unset
                 object.__setattr__(new, name, object.__getattribute__(template, name))
-            except AttributeError:
-                pass  # an unset slot stays unset
 
 
-def _field_names(cls: type) -> tuple[str, ...]:
+def _blank(cls: Any) -> Any:
+    """A new, empty instance of ``cls``: ``__new__`` only, no ``__init__``/``__post_init__``."""
+    return cls.__new__(cls)
+
+
+def _field_names(cls: type[Any]) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
 _MISSING = object()
 
 
-def _dict_setitem(cls: type) -> Callable[[Any, Any, Any], None]:
+def _dict_setitem(cls: type[Any]) -> Callable[[Any, Any, Any], None]:
     """The base ``__setitem__`` that stores an item without running a subclass's override."""
     return OrderedDict.__setitem__ if issubclass(cls, OrderedDict) else dict.__setitem__
 
 
-def _register_dataclass(cls: type) -> None:
+def _register_dataclass(cls: type[Any]) -> None:
     names = _field_names(cls)
 
     def flatten(obj: Any) -> tuple[list[Any], _NodeMeta, tuple[str, ...]]:
         present = tuple(n for n in names if getattr(obj, n, _MISSING) is not _MISSING)
         return [getattr(obj, n) for n in present], _NodeMeta(cls, present, 0, obj), present
 
-    def unflatten(meta: _NodeMeta, children: Iterable[Any]) -> Any:
-        new = cls.__new__(cls)
+    def unflatten(meta: Any, children: Iterable[Any]) -> Any:
+        new = _blank(cls)
         _copy_state(new, meta.template, meta.keys)
-        for name, value in zip(meta.keys, children):
+        for name, value in zip(meta.keys, children, strict=True):
             object.__setattr__(new, name, value)
         return new
 
@@ -115,8 +119,8 @@ def _register_dataclass(cls: type) -> None:
     )
 
 
-def _register_dict_subclass(cls: type) -> None:
-    """dict subclasses, including mapping dataclasses such as HF ``ModelOutput``.
+def _register_dict_subclass(cls: type[Any]) -> None:
+    """Dict subclasses, including mapping dataclasses such as HF ``ModelOutput``.
 
     Children are the items in insertion order, then (for a dataclass) the fields that are not
     keys: a ``ModelOutput`` keeps its ``None`` fields out of the mapping, as it had them.
@@ -126,23 +130,21 @@ def _register_dict_subclass(cls: type) -> None:
 
     def flatten(obj: Any) -> tuple[list[Any], _NodeMeta, tuple[Any, ...]]:
         keys = tuple(dict.keys(obj))
-        extra = tuple(n for n in names if n not in obj and getattr(obj, n, _MISSING) is not _MISSING)
+        extra = tuple(
+            n for n in names if n not in obj and getattr(obj, n, _MISSING) is not _MISSING
+        )
         children = [dict.__getitem__(obj, k) for k in keys]
         children += [getattr(obj, n) for n in extra]
         return children, _NodeMeta(cls, keys + extra, len(keys), obj), keys + extra
 
-    def unflatten(meta: _NodeMeta, children: Iterable[Any]) -> Any:
-        values = list(children)
-        new = cls.__new__(cls)
-        keys = meta.keys[: meta.n_items]
+    def unflatten(meta: Any, children: Iterable[Any]) -> Any:
+        items = dict(zip(meta.keys, children, strict=True))  # the keys, then the extra fields
+        new = _blank(cls)
         _copy_state(new, meta.template, names)
         if isinstance(meta.template, defaultdict):
             new.default_factory = meta.template.default_factory
-        for key, value in zip(keys, values):
-            setitem(new, key, value)
-        items = dict(zip(keys, values))
-        for name, value in zip(meta.keys[meta.n_items :], values[meta.n_items :]):
-            items[name] = value
+        for key in meta.keys[: meta.n_items]:
+            setitem(new, key, items[key])
         for name in names:  # fields that are keys get the converted item, like ModelOutput does
             if name in items:
                 object.__setattr__(new, name, items[name])
@@ -153,15 +155,15 @@ def _register_dict_subclass(cls: type) -> None:
     )
 
 
-def _register_userdict(cls: type) -> None:
+def _register_userdict(cls: type[Any]) -> None:
     def flatten(obj: Any) -> tuple[list[Any], _NodeMeta, tuple[Any, ...]]:
         keys = tuple(obj.data)
         return [obj.data[k] for k in keys], _NodeMeta(cls, keys, len(keys), obj), keys
 
-    def unflatten(meta: _NodeMeta, children: Iterable[Any]) -> Any:
-        new = cls.__new__(cls)
+    def unflatten(meta: Any, children: Iterable[Any]) -> Any:
+        new = _blank(cls)
         _copy_state(new, meta.template, ("data",))
-        object.__setattr__(new, "data", dict(zip(meta.keys, children)))
+        object.__setattr__(new, "data", dict(zip(meta.keys, children, strict=True)))
         return new
 
     optree.register_pytree_node(
@@ -277,7 +279,7 @@ def _recursion_error(
         inner = ancestors | {id(node)}
         stack.extend(
             (child, (*path, entry), inner)
-            for child, entry in reversed(list(zip(children, entries)))
+            for child, entry in reversed(list(zip(children, entries, strict=True)))
         )
     return ConversionError(  # pragma: no cover - optree's limit and ours disagree
         f"the tree could not be walked: Python's recursion limit ({sys.getrecursionlimit()}) "

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from optree import PyTreeSpec
 
 from . import _dtypes, _tree
 from .errors import ConversionError, TonumpyError, UnsupportedLeafError
@@ -26,7 +27,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _SPARSE_HINT = "sparse tensors are densified, which copies"
 
 
-class _LeafIssue(Exception):
+class _LeafError(Exception):
     """Raised by per-leaf code that does not know the leaf's path; turned into a TonumpyError."""
 
     def __init__(self, reason: str, *, unsupported: bool) -> None:
@@ -37,7 +38,7 @@ class _LeafIssue(Exception):
 
 def _needs_copy(copy: Copy, what: str) -> None:
     if copy is False:
-        raise _LeafIssue(f"copy=False, but {what}; pass copy=None to allow it", unsupported=False)
+        raise _LeafError(f"copy=False, but {what}; pass copy=None to allow it", unsupported=False)
 
 
 def _describe(leaf: Any) -> str:
@@ -55,7 +56,7 @@ def _describe(leaf: Any) -> str:
 
 
 def _leaf_error(
-    spec: _tree.PyTreeSpec, index: int, leaf: Any, reason: str, *, unsupported: bool
+    spec: PyTreeSpec, index: int, leaf: Any, reason: str, *, unsupported: bool
 ) -> TonumpyError:
     path, where = _tree.leaf_path(spec, index)
     cls = UnsupportedLeafError if unsupported else ConversionError
@@ -78,28 +79,28 @@ def _unwrap_subclass(t: torch.Tensor) -> torch.Tensor:
             f"the tensor subclass {cls.__module__}.{name} keeps its data in its own form; "
             "convert it to a plain tensor first"
         )
-    raise _LeafIssue(reason, unsupported=True)
+    raise _LeafError(reason, unsupported=True)
 
 
 def _tensor_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool, scalars: bool) -> Any:
-    """Convert one tensor of any kind (the careful path). Raises ``_LeafIssue`` on failure."""
+    """Convert one tensor of any kind (the careful path). Raises ``_LeafError`` on failure."""
+    if t.is_nested:  # strided nested tensors and jagged ones (a Python subclass) alike
+        return [_tensor_to_numpy(c, copy, ml_dtypes, scalars) for c in t.detach().unbind()]
     if type(t) not in _PLAIN:
         t = _unwrap_subclass(t)
     if t.is_meta:
-        raise _LeafIssue(
+        raise _LeafError(
             "meta tensors have a shape and dtype but no data; materialise it on a real device "
             "first (for a model: model.to_empty(device='cpu') and load its weights)",
             unsupported=True,
         )
     if torch._C._functorch.is_functorch_wrapped_tensor(t):  # noqa: SLF001 - no public check
-        raise _LeafIssue(
+        raise _LeafError(
             "the tensor is wrapped by a torch.func transform (vmap, grad, jacrev, ...) and has "
             "no data of its own there; convert the transform's result after it returns",
             unsupported=True,
         )
     t = t.detach()
-    if t.is_nested:
-        return [_tensor_to_numpy(c, copy, ml_dtypes, scalars) for c in t.unbind()]
     fresh = False
     if t.layout != torch.strided:
         _needs_copy(copy, f"{t.layout} tensors are densified, which copies")
@@ -131,7 +132,9 @@ def _tensor_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool, scalars: bool
                 bits, fresh = bits.cpu(), True
             arr = bits.numpy().view(np_dtype)
         else:
-            _needs_copy(copy, f"{dtype} is widened to float32, which copies (ml_dtypes=True does not)")
+            _needs_copy(
+                copy, f"{dtype} is widened to float32, which copies (ml_dtypes=True does not)"
+            )
             arr, fresh = t.cpu().float().numpy(), True
     elif dtype == _dtypes.FLOAT4_X2:
         _needs_copy(copy, "float4_e2m1fn_x2 values are unpacked, one per element, which copies")
@@ -140,7 +143,7 @@ def _tensor_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool, scalars: bool
         if scalars and arr.ndim == 0:  # pragma: no cover - unpacking always adds an axis
             return arr.item()
     else:
-        raise _LeafIssue(f"{dtype} has no NumPy equivalent and no exact widening", unsupported=True)
+        raise _LeafError(f"{dtype} has no NumPy equivalent and no exact widening", unsupported=True)
     if copy and not fresh:
         arr = arr.copy()
     return arr
@@ -156,7 +159,7 @@ def _convert_one(leaf: Any, copy: Copy, ml_dtypes: bool, scalars: bool) -> Any:
 
 def convert_leaves(
     leaves: list[Any],
-    spec: _tree.PyTreeSpec,
+    spec: PyTreeSpec,
     *,
     copy: Copy = None,
     ml_dtypes: bool = False,
@@ -180,9 +183,11 @@ def convert_leaves(
                 try:
                     append(leaf.numpy(force=True))
                     continue
-                except Exception:  # noqa: BLE001, S112 - any refusal means: take the careful path
+                except Exception:  # noqa: BLE001, S110 - any refusal: take the careful path
                     pass
-            append(_convert_checked(leaf, index, spec, copy, ml_dtypes, scalars))
+            append(
+                _convert_checked(leaf, index, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
+            )
         return out
     memo: dict[int, Any] = {}
     for index, leaf in enumerate(leaves):
@@ -190,17 +195,19 @@ def convert_leaves(
         if key in memo:
             append(memo[key])
             continue
-        memo[key] = result = _convert_checked(leaf, index, spec, copy, ml_dtypes, scalars)
+        memo[key] = result = _convert_checked(
+            leaf, index, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars
+        )
         append(result)
     return out
 
 
 def _convert_checked(
-    leaf: Any, index: int, spec: _tree.PyTreeSpec, copy: Copy, ml_dtypes: bool, scalars: bool
+    leaf: Any, index: int, spec: PyTreeSpec, *, copy: Copy, ml_dtypes: bool, scalars: bool
 ) -> Any:
     try:
         return _convert_one(leaf, copy, ml_dtypes, scalars)
-    except _LeafIssue as issue:
+    except _LeafError as issue:
         raise _leaf_error(spec, index, leaf, issue.reason, unsupported=issue.unsupported) from None
     except TonumpyError as exc:
         raise _leaf_error(spec, index, leaf, str(exc), unsupported=True) from exc
@@ -276,13 +283,9 @@ def _array_to_tensor(
     if torch_bits_of is None and arr.dtype.kind in _NOT_TENSORS:
         return arr
     shared = True
-    if (
-        not arr.flags.writeable
-        or any(s < 0 for s in arr.strides)
-        or not arr.dtype.isnative
-    ):
+    if not arr.flags.writeable or any(s < 0 for s in arr.strides) or not arr.dtype.isnative:
         _needs_copy(copy, "the array is read-only, has negative strides or is byte-swapped")
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+        arr = np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C", copy=True)
         shared = False
     elif copy:
         arr, shared = arr.copy(), False
@@ -300,7 +303,7 @@ def _move(
         return t.clone() if copy else t
     moved = t.to(device=device, dtype=dtype, copy=bool(copy))
     if copy is False and moved is not t:
-        raise _LeafIssue(
+        raise _LeafError(
             f"copy=False, but moving to device={device}, dtype={dtype} copies", unsupported=False
         )
     return moved
@@ -346,8 +349,10 @@ def to_torch(
                 out.append(_move(leaf, device, dtype, copy))
             else:
                 out.append(leaf)
-        except _LeafIssue as issue:
-            raise _leaf_error(spec, index, leaf, issue.reason, unsupported=issue.unsupported) from None
+        except _LeafError as issue:
+            raise _leaf_error(
+                spec, index, leaf, issue.reason, unsupported=issue.unsupported
+            ) from None
         except TonumpyError:
             raise
         except Exception as exc:
@@ -392,7 +397,9 @@ def apply(
                 out.append(fn(leaf))
             except Exception as exc:
                 if hasattr(exc, "add_note"):
-                    exc.add_note(f"tonumpy.apply: raised for the leaf at {_tree.leaf_path(spec, index)[1]}")
+                    exc.add_note(
+                        f"tonumpy.apply: raised for the leaf at {_tree.leaf_path(spec, index)[1]}"
+                    )
                 raise
         else:
             out.append(leaf)
