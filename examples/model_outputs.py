@@ -45,7 +45,9 @@ class TinyModel(nn.Module):
 
 def describe(tree: Any) -> str:
     paths, leaves = _paths(tree)
-    return "\n".join(f"  {path:<34} {_kind(leaf)}" for path, leaf in zip(paths, leaves, strict=True))
+    return "\n".join(
+        f"  {path:<34} {_kind(leaf)}" for path, leaf in zip(paths, leaves, strict=True)
+    )
 
 
 def _paths(tree: Any) -> tuple[list[str], list[Any]]:

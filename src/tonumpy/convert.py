@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from optree import PyTreeSpec
 
-from . import _dtypes, _tree
+from . import _dtypes, _transfer, _tree
 from .errors import ConversionError, TonumpyError, UnsupportedLeafError
 
 __all__ = ["apply", "to_numpy", "to_torch"]
@@ -25,6 +25,10 @@ Copy = Literal[True, False] | None
 # Tensor types whose ``numpy(force=True)`` is the whole conversion when it succeeds.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _SPARSE_HINT = "sparse tensors are densified, which copies"
+# False until the first CUDA tensor exists (always False on CPU-only builds).
+_cuda_initialized: Callable[[], bool] = torch.cuda.is_initialized
+# isinstance(x, torch.Tensor) as one C call, for filter().
+_IS_TENSOR: Callable[[Any], bool] = torch.Tensor.__instancecheck__
 
 
 class _LeafError(Exception):
@@ -170,6 +174,11 @@ def convert_leaves(
     A leaf object that appears several times is converted once, and the same result object is
     put at each place. Errors name the leaf's path in ``spec``.
     """
+    if copy is None and not scalars and not _cuda_initialized():
+        # Fastest tier: no CUDA tensor can exist yet, so every plain tensor is converted here.
+        fast = _convert_cpu_fast(leaves, ml_dtypes=ml_dtypes)
+        if fast is not None:
+            return fast
     out: list[Any] = []
     append = out.append
     unique = len(set(map(id, leaves))) == len(leaves)
@@ -178,8 +187,13 @@ def convert_leaves(
         # whole conversion for plain tensors of native dtypes; everything else raises there and
         # takes the careful path below.
         plain = _PLAIN
+        cuda: list[int] = []  # CUDA leaves: set aside, then moved in one batch (_transfer)
         for index, leaf in enumerate(leaves):
             if type(leaf) in plain:
+                if leaf.is_cuda:
+                    cuda.append(index)
+                    append(None)
+                    continue
                 try:
                     append(leaf.numpy(force=True))
                     continue
@@ -188,9 +202,18 @@ def convert_leaves(
             append(
                 _convert_checked(leaf, index, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
             )
+        if cuda:
+            _transfer.resolve_into(
+                out, leaves, cuda, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars
+            )
         return out
     memo: dict[int, Any] = {}
+    cuda = []
     for index, leaf in enumerate(leaves):
+        if copy is not False and type(leaf) in _PLAIN and leaf.is_cuda:
+            cuda.append(index)
+            append(None)
+            continue
         key = id(leaf)
         if key in memo:
             append(memo[key])
@@ -199,6 +222,84 @@ def convert_leaves(
             leaf, index, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars
         )
         append(result)
+    if cuda:
+        _transfer.resolve_into(
+            out, leaves, cuda, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars
+        )
+    return out
+
+
+def _convert_cpu_fast(leaves: list[Any], *, ml_dtypes: bool) -> list[Any] | None:
+    """Convert leaves with ``copy=None, scalars=False`` and no CUDA tensors; None: not here.
+
+    One list comprehension of ``numpy(force=True)`` (no per-leaf try/append), then, if a leaf
+    refused, one more pass that handles bfloat16/float8 in bulk. Anything unusual (tensor
+    subclasses, a tensor repeated in the tree, sparse, meta, ...) returns None, and the caller's
+    general loops convert the leaves, with errors that name the path.
+    """
+    plain = _PLAIN
+    only_tensors = True
+    for cls in set(map(type, leaves)):
+        if cls not in plain:
+            if issubclass(cls, torch.Tensor):
+                return None
+            only_tensors = False
+    # repeated non-tensors ("str", 3) are fine: look at the tensors only
+    tensors = leaves if only_tensors else list(filter(_IS_TENSOR, leaves))
+    if len(set(map(id, tensors))) != len(tensors):
+        return None
+    try:
+        return [leaf.numpy(force=True) if type(leaf) in plain else leaf for leaf in leaves]
+    except Exception:  # noqa: BLE001, S110 - a dtype NumPy lacks, or another refusal
+        pass
+    try:
+        return _convert_low_precision(leaves, ml_dtypes=ml_dtypes)
+    except Exception:  # noqa: BLE001 - e.g. float4, sparse, ml_dtypes missing: careful path
+        return None
+
+
+def _bits_view(bits: torch.dtype, np_dtype: np.dtype[Any]) -> Callable[[torch.Tensor], Any]:
+    def view(t: torch.Tensor) -> Any:
+        return t.view(bits).numpy().view(np_dtype)
+
+    return view
+
+
+def _convert_low_precision(leaves: list[Any], *, ml_dtypes: bool) -> list[Any]:
+    """Plain CPU leaves, some bfloat16/float8: ``ml_dtypes`` bit views, or one bulk bf16 upcast.
+
+    One comprehension dispatches on the dtype. The bf16 upcast writes into float32 arrays
+    allocated by NumPy with a single ``torch._foreach_copy_``: per leaf that is far cheaper
+    than ``t.float().numpy()``. Anything else raises, and the caller takes the careful path.
+    """
+    plain = _PLAIN
+    sources: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # noqa: SLF001 - no public check
+    from_numpy = torch.from_numpy
+
+    def force(t: torch.Tensor) -> Any:
+        return t.numpy(force=True)
+
+    def upcast(t: torch.Tensor) -> Any:
+        if wrapped(t) or not t.is_contiguous():  # keep .float()'s strides: careful path
+            raise _LeafError("not for the bulk upcast", unsupported=False)
+        arr = np.empty(t.shape, np.float32)
+        sources.append(t)
+        targets.append(from_numpy(arr))
+        return arr
+
+    table: dict[torch.dtype, Callable[[torch.Tensor], Any]] = dict.fromkeys(_dtypes.NATIVE, force)
+    for dtype in _dtypes.ML_DTYPES:
+        if ml_dtypes:
+            bits, np_dtype = _dtypes.BITS[dtype.itemsize], _dtypes.ml_numpy_dtype(dtype)
+            table[dtype] = _bits_view(bits, np_dtype)
+        elif dtype == torch.bfloat16:
+            table[dtype] = upcast
+    out = [table[leaf.dtype](leaf) if type(leaf) in plain else leaf for leaf in leaves]
+    if sources:
+        with torch.no_grad():
+            torch._foreach_copy_(targets, sources)
     return out
 
 

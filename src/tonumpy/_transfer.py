@@ -1,0 +1,752 @@
+"""Batched device-to-host transfer: one sync per tree instead of one per leaf.
+
+``t.cpu()`` stops the host until the copy is done, once per leaf. For a model output of
+thousands of small CUDA tensors those stops, not the bytes, are the cost. This engine moves a
+whole flat list of leaves in one go:
+
+1. Leaves are grouped by source device (one group per GPU).
+2. On the device, each leaf is detached (the work runs under ``no_grad``), its
+   conjugate/negative bits are resolved and it is made contiguous (PITFALLS C20: an async
+   copy of a flagged tensor gives wrong values).
+3. Small leaves (at most :data:`SMALL_BYTES`) are packed into one contiguous byte buffer per
+   device with a single ``torch.cat`` per dtype plus one over the dtype groups (chunked at
+   :data:`CHUNK_BYTES` so packing never doubles a huge output in device memory). Leaves are
+   packed in decreasing item size, so every leaf lands at an offset that is a multiple of its
+   item size and the host views are aligned without any padding.
+4. The packed buffers and the large leaves are copied with ``non_blocking=True`` into ONE host
+   block per device, taken from a pool of reused, bounded, pinned buffers (C19: a non-blocking
+   copy into pageable memory blocks anyway, and pinning is slow, so pinned blocks are reused).
+5. One CUDA event is recorded per source device, on that device's current stream, after its
+   last copy (C21).
+6. :meth:`PendingTransfer.result` waits for every event before it builds a single array
+   (C17: reading a non-blocking copy before a sync returns garbage); the arrays are NumPy
+   views into the host block. bfloat16 crosses the bus as 2 bytes and is widened on the host
+   by an exact 16-bit shift; float8 crosses as 1 byte and is widened by a 256-entry table
+   computed by torch itself. ``ml_dtypes=True`` views the bits instead.
+
+Only CUDA tensors (ROCm reports itself as CUDA) take this path; MPS and every other device
+take the careful blocking path of :mod:`tonumpy.convert` (C18: MPS races both ways). Leaves
+the engine does not handle (sparse, quantized, nested, float4, subclasses, ...) are converted
+by that careful path too, so the results are always the ones :func:`tonumpy.to_numpy` gives.
+
+Nothing here touches CUDA at import time, or at all when no CUDA tensor is passed in.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from optree import PyTreeSpec
+
+from . import _dtypes, _tree
+
+__all__ = [
+    "CHUNK_BYTES",
+    "SMALL_BYTES",
+    "PendingTransfer",
+    "empty_pool",
+    "resolve_into",
+    "set_pool_limit",
+    "start_transfer",
+]
+
+Copy = Literal[True, False] | None
+
+# Leaves of at most this many bytes are packed; larger ones get a copy of their own.
+#
+# No GPU was available when this was written, so the value rests on published figures, and
+# benchmarks/transfer.py measures both sides of the trade-off (t0 and BW) on real hardware:
+# * A separate device-to-host copy costs a fixed t0 on top of its bytes: the
+#   cudaMemcpyAsync launch (about 2-5 us of host time), the DMA setup and the completion;
+#   NVIDIA's bandwidthTest and "How to Optimize Data Transfers in CUDA C/C++" put small
+#   pinned copies at 5-10 us, i.e. a 4 KiB copy runs at well under 1 GB/s.
+# * Packing a leaf costs one extra read and write of its bytes in device memory: HBM runs at
+#   1.6-2 TB/s (A100), 3.35 TB/s (H100), 4.8 TB/s (H200), so 2 x 1 MiB takes about 1 us.
+# * The bus moves 1 MiB in about 40 us (PCIe 4 x16, ~25 GB/s pinned) or 20 us (PCIe 5).
+# So at 1 MiB packing adds at most 2.5-5% of the leaf's bus time and saves one t0 (12-25% of
+# it); for 4-64 KiB leaves the saved t0 is most of the cost. Above 1 MiB the saving shrinks
+# below ~10% while the packed copy needs device memory, so large leaves go alone.
+SMALL_BYTES = 1 << 20
+
+# Packed buffers are built and copied in chunks of at most this size, so packing holds about
+# one chunk of extra device memory at a time (a chunk is freed once its copy is enqueued, and
+# the caching allocator reuses it in stream order for the next one), while a chunk is large
+# enough for t0 not to matter: 64 MiB take 1-3 ms on the bus against a t0 of ~10 us.
+CHUNK_BYTES = 64 << 20
+
+# A lone CUDA leaf of at most this size, in a synchronous ``to_numpy``, takes one blocking
+# ``.cpu()``: that is one sync as well, and it skips the engine's fixed host-side work
+# (event, staging lease), which would otherwise make a single tiny leaf slower than naive.
+_LONE_BYTES = 64 << 10
+
+# Host offsets of packed chunks and large leaves are rounded up to this (a cache line).
+_ALIGN = 64
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+# How each dtype crosses the bus: (NumPy dtype of the bytes on the host, host finishing step).
+# "view": the bytes are the array; "bf16": 16-bit shift to float32 (or ml_dtypes view);
+# "f8": 256-entry table to float32 (or ml_dtypes view). complex32 is widened on the device.
+_NATIVE_WIRE: dict[torch.dtype, np.dtype[Any]] = {
+    d: np.dtype(str(d).removeprefix("torch.")) for d in _dtypes.NATIVE
+}
+_WIRE: dict[torch.dtype, tuple[np.dtype[Any], str]] = {
+    **{d: (w, "view") for d, w in _NATIVE_WIRE.items()},
+    **{
+        d: (np.dtype(f"u{d.itemsize}"), "bf16" if d == torch.bfloat16 else "f8")
+        for d in _dtypes.ML_DTYPES
+    },
+    torch.complex32: (np.dtype(np.complex64), "view"),
+}
+
+# dtypes packed with their own ``torch.cat`` kernel; the others (float8, uint16/32/64, whose
+# cat kernels are not guaranteed on every backend) are packed as integers of the same size.
+_CAT_NATIVE = frozenset(
+    {
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+    }
+)
+
+_is_functorch_wrapped: Callable[[torch.Tensor], bool] = (
+    torch._C._functorch.is_functorch_wrapped_tensor  # noqa: SLF001 - no public check
+)
+
+_transforms_active: Callable[[], bool] = torch._C._are_functorch_transforms_active  # noqa: SLF001
+
+
+def _never(t: torch.Tensor) -> bool:
+    return False
+
+
+_f8_tables: dict[torch.dtype, np.ndarray] = {}
+
+
+def _f8_table(dtype: torch.dtype) -> np.ndarray:
+    """float32 value of each of the 256 codes of a float8 dtype, as torch computes it."""
+    table = _f8_tables.get(dtype)
+    if table is None:
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        table = _f8_tables[dtype] = codes.view(dtype).float().numpy()
+    result: np.ndarray = table
+    return result
+
+
+def widen_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 bit patterns (``uint16``): exact, NaN payloads included.
+
+    A bfloat16 is the top half of a float32, so the widening is a 16-bit left shift.
+
+    Example:
+        >>> widen_bfloat16_bits(np.array([0x3FC0, 0xFF80], dtype=np.uint16))
+        array([ 1.5, -inf], dtype=float32)
+    """
+    wide = np.left_shift(bits.reshape(-1), 16, dtype=np.uint32)  # 1-d: ufuncs unwrap 0-d
+    result: np.ndarray = wide.view(np.float32).reshape(bits.shape)
+    return result
+
+
+# ----------------------------------------------------------------------------- pinned pool
+
+
+class _Pool:
+    """Host staging blocks, reused across transfers, with a bound on the idle bytes kept.
+
+    Blocks come in power-of-two sizes (from 64 KiB), like torch's own caching host allocator,
+    which rounds pinned requests the same way. A block is lent out as a NumPy array (the
+    *lease*); the arrays a transfer returns keep the lease alive through their ``.base``, and
+    when the last of them is gone the block comes back here. A block whose copies may still
+    be in flight (its transfer was dropped before ``result()``) is reused only once its
+    events have completed. Idle blocks beyond ``limit_bytes`` are released (pinned memory is
+    page-locked and scarce), and torch's cache of pinned memory is emptied after that (at the
+    next lease), so the bound holds for the process, not just for this pool.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._free: dict[tuple[bool, int], list[tuple[torch.Tensor, list[Any]]]] = {}
+        self._idle = 0
+        self._trimmed = False  # a pinned block was dropped: torch's host cache holds it now
+        # Reentrant: a lease collected by the cyclic GC while this thread holds the lock (any
+        # allocation may run a collection) calls _give_back, which takes the lock again.
+        self._lock = threading.RLock()
+
+    @staticmethod
+    def size_class(nbytes: int) -> int:
+        return max(1 << 16, 1 << (nbytes - 1).bit_length())
+
+    def lease(self, nbytes: int, *, pinned: bool) -> tuple[torch.Tensor, np.ndarray, list[Any]]:
+        """``nbytes`` bytes of host memory, as a tensor and as an array, and their guard.
+
+        The tensor is for the copies; the array is the lease: every array built on the block
+        must be a view of it (its ``.base``), and the block comes back to the pool when the
+        lease is garbage. (The tensor cannot be the lease: ``Tensor.numpy()`` sets an alias
+        of the tensor, not the tensor itself, as the array's base.) The guard is a list of
+        events that must complete before the block is reused; it is empty once waited for.
+        """
+        size = self.size_class(nbytes)
+        block = None
+        if self._trimmed:
+            self._trimmed = False
+            _empty_host_cache()
+        with self._lock:
+            free = self._free.get((pinned, size))
+            if free:
+                for i, (candidate, events) in enumerate(free):
+                    if all(e.query() for e in events):
+                        block = candidate
+                        del free[i]
+                        self._idle -= size
+                        break
+        if block is None:
+            block = self._allocate(size, pinned=pinned)
+        guard: list[Any] = []
+        tensor = block[:nbytes]
+        lease = tensor.numpy()
+        weakref.finalize(lease, self._give_back, block, pinned, guard).atexit = False
+        return tensor, lease, guard
+
+    def _allocate(self, size: int, *, pinned: bool) -> torch.Tensor:
+        if pinned:
+            try:
+                return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError:  # out of page-locked memory: drop what is idle, try again
+                self.clear()
+                try:
+                    return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+                except RuntimeError:  # still none: pageable memory, the copy just blocks
+                    pass
+        return torch.empty(size, dtype=torch.uint8)
+
+    def _give_back(self, block: torch.Tensor, pinned: bool, events: list[Any]) -> None:
+        size = block.numel()
+        with self._lock:
+            if self._idle + size <= self.limit_bytes:
+                self._free.setdefault((pinned, size), []).append((block, list(events)))
+                self._idle += size
+                return
+        # Dropped. The block is still referenced until this callback returns, so torch's host
+        # cache can only be emptied later: at the next lease (or clear).
+        self._trimmed = self._trimmed or pinned
+
+    def clear(self) -> None:
+        """Release every idle block."""
+        with self._lock:
+            pinned = self._trimmed or any(key[0] for key in self._free)
+            self._free.clear()
+            self._idle = 0
+            self._trimmed = False
+        if pinned:
+            _empty_host_cache()
+
+    @property
+    def idle_bytes(self) -> int:
+        return self._idle
+
+
+def _empty_host_cache() -> None:
+    empty = getattr(torch._C, "_host_emptyCache", None)  # noqa: SLF001 - CUDA builds only
+    if empty is not None:
+        empty()
+
+
+#: The process-wide staging pool. At most 2 GiB of idle host blocks are kept.
+POOL = _Pool(2 << 30)
+
+
+def set_pool_limit(nbytes: int) -> int:
+    """Set how many bytes of idle staging blocks are kept for reuse; return the old limit."""
+    if nbytes < 0:
+        msg = f"the pinned pool limit must be >= 0 bytes, got {nbytes}"
+        raise ValueError(msg)
+    old, POOL.limit_bytes = POOL.limit_bytes, nbytes
+    if POOL.idle_bytes > nbytes:
+        POOL.clear()
+    return old
+
+
+def empty_pool() -> None:
+    """Release every idle staging block now (blocks held by returned arrays stay alive)."""
+    POOL.clear()
+
+
+# ------------------------------------------------------------------------------- planning
+
+
+def _engine_device(t: Any, force: bool) -> torch.device | None:
+    """The device a leaf is transferred from by the engine, or None for the careful path."""
+    if type(t) not in _PLAIN or t.dtype not in _WIRE:
+        return None
+    if not (t.is_cuda or (force and t.device.type == "cpu")):
+        return None
+    if t.layout != torch.strided or t.is_nested or _is_functorch_wrapped(t):
+        return None
+    device: torch.device = t.device
+    return device
+
+
+#: How ``_enqueue`` reads a leaf's device (a C-level getter; tests substitute it).
+_device_of: Callable[[torch.Tensor], torch.device] = operator.attrgetter("device")
+
+
+def _device_form(t: torch.Tensor) -> torch.Tensor:
+    """Resolve the flags (and widen complex32) on the device; called under ``no_grad``."""
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t.dtype == torch.complex32:
+        t = t.to(torch.complex64)
+    return t
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    # as_strided, not view(-1): a contiguous tensor with one element may have any stride
+    return t.contiguous().as_strided((t.numel(),), (1,)).view(torch.uint8)
+
+
+def _pack(run_tensors: list[list[torch.Tensor]]) -> torch.Tensor:
+    """One contiguous byte buffer from runs of same-dtype tensors (in the order given)."""
+    flats = []
+    for run in run_tensors:
+        if run[0].dtype not in _CAT_NATIVE:
+            run = [t.view(_dtypes.BITS[t.itemsize]) for t in run]  # noqa: PLW2901
+        if len(run) == 1:  # flatten_dense_tensors returns a lone tensor as it is
+            flats.append(_flat_bytes(run[0]))
+        else:
+            flat = torch._C._nn.flatten_dense_tensors(run)  # noqa: SLF001 - cat of .view(-1)s
+            flats.append(flat.view(torch.uint8))
+    return flats[0] if len(flats) == 1 else torch.cat(flats)
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) & -_ALIGN
+
+
+class _Batch:
+    """What one call enqueued, as parallel lists indexed by engine leaf (cheap per leaf).
+
+    ``positions[i]`` is where leaf ``i`` goes in the output, ``dtypes``/``shapes``/``nbytes``
+    describe its device form, ``blocks[i]``/``offsets[i]`` where its bytes land (block -1:
+    no bytes, the leaf is empty). ``dups`` maps further positions of a repeated leaf to it.
+    """
+
+    __slots__ = (
+        "blocks",
+        "careful",
+        "dtypes",
+        "dups",
+        "events",
+        "guards",
+        "leases",
+        "nbytes",
+        "offsets",
+        "plan",
+        "positions",
+        "shapes",
+        "sources",
+    )
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+        self.dtypes: list[torch.dtype] = []
+        self.shapes: list[tuple[int, ...]] = []
+        self.nbytes: list[int] = []
+        self.offsets: list[int] = []
+        self.blocks: list[int] = []
+        self.dups: list[tuple[int, int]] = []
+        self.leases: list[np.ndarray | None] = []
+        self.guards: list[list[Any]] = []
+        self.events: list[Any] = []
+        self.sources: list[torch.Tensor] = []  # kept alive until the copies have landed
+        self.careful: list[int] = []  # positions the engine left to the careful path
+        self.plan: list[tuple[str, str, int]] = []
+
+    def taken(self) -> set[int]:
+        return {*self.positions, *(position for _, position in self.dups)}
+
+
+class _DeviceJob:
+    """Everything one source device sends: small leaves by dtype, and large leaves."""
+
+    __slots__ = ("buckets", "device", "large")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buckets: dict[torch.dtype, tuple[list[torch.Tensor], list[int]]] = {}
+        self.large: list[tuple[torch.Tensor, int]] = []
+
+    def enqueue(self, batch: _Batch) -> None:
+        """Pack, copy into one leased host block, record one event."""
+        chunks, total = self._lay_out(batch)
+        if total == 0:
+            return
+        nbytes, offsets = batch.nbytes, batch.offsets
+        is_cuda = self.device.type == "cuda"
+        staging, lease, guard = POOL.lease(total, pinned=is_cuda)
+        where, plan = str(self.device), batch.plan
+        offset = 0
+        try:
+            for chunk_runs, chunk_size in chunks:
+                if len(chunk_runs) == 1 and len(chunk_runs[0]) == 1:
+                    src = _flat_bytes(chunk_runs[0][0])
+                    plan.append((where, "single", chunk_size))
+                else:
+                    src = _pack(chunk_runs)
+                    plan.append((where, "packed", chunk_size))
+                staging[offset : offset + chunk_size].copy_(src, non_blocking=True)
+                offset = _align(offset + chunk_size)
+            for t, i in self.large:
+                dst = staging[offsets[i] : offsets[i] + nbytes[i]]
+                dst.copy_(_flat_bytes(t), non_blocking=True)
+                plan.append((where, "single", nbytes[i]))
+        finally:  # even after an error (out of memory...): copies already enqueued guard the block
+            if is_cuda:
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(torch.cuda.current_stream(self.device))
+                guard.append(event)
+                batch.events.append(event)
+        batch.leases.append(lease)
+        batch.guards.append(guard)
+
+    def _lay_out(self, batch: _Batch) -> tuple[list[tuple[list[list[torch.Tensor]], int]], int]:
+        """Assign each leaf its host offset; return the chunks to pack and the block size.
+
+        Chunks are runs of same-dtype tensors, dtypes in decreasing item size (see _pack).
+        """
+        block_index = len(batch.leases)
+        nbytes, offsets, blocks = batch.nbytes, batch.offsets, batch.blocks
+        chunks: list[tuple[list[list[torch.Tensor]], int]] = []
+        runs: list[list[torch.Tensor]] = []
+        total = 0  # host offset of the current chunk
+        size = 0  # bytes in the current chunk
+        limit = CHUNK_BYTES
+        for dtype in sorted(self.buckets, key=lambda d: -d.itemsize):
+            tensors, indices = self.buckets[dtype]
+            start = 0
+            for k, i in enumerate(indices):
+                n = nbytes[i]
+                if size + n > limit and size:
+                    if k > start:
+                        runs.append(tensors[start:k])
+                    chunks.append((runs, size))
+                    total = _align(total + size)
+                    runs, size, start = [], 0, k
+                offsets[i] = total + size
+                blocks[i] = block_index
+                size += n
+            runs.append(tensors[start:])
+        if size:
+            chunks.append((runs, size))
+            total = _align(total + size)
+        for _, i in self.large:
+            offsets[i], blocks[i] = total, block_index
+            total = _align(total + nbytes[i])
+        return chunks, total
+
+
+def _enqueue(  # noqa: PLR0915 - one hot loop, kept inline: every call costs per leaf
+    leaves: Sequence[Any], positions: Sequence[int], *, force: bool
+) -> _Batch:
+    """Start the copies for the engine leaves among ``positions`` (the hot loop: kept lean)."""
+    batch = _Batch()
+    jobs: dict[torch.device, _DeviceJob] = {}
+    seen: dict[int, int] = {}
+    small = SMALL_BYTES
+    plain, wire, strided, device_of = _PLAIN, _WIRE, torch.strided, _device_of
+    careful = batch.careful
+    engine_positions, dtypes, shapes = batch.positions, batch.dtypes, batch.shapes
+    nbytes_of, sources = batch.nbytes, batch.sources
+    last_device: torch.device | None = None
+    job: _DeviceJob | None = None
+    # Wrapped tensors (vmap, grad, ...) exist only while a transform runs: check them then only.
+    wrapped = _is_functorch_wrapped if _transforms_active() else _never
+    with torch.no_grad():
+        for position in positions:
+            t = leaves[position]
+            if type(t) not in plain:
+                careful.append(position)
+                continue
+            key = id(t)
+            index = seen.get(key)
+            if index is not None:
+                batch.dups.append((index, position))
+                continue
+            dtype = t.dtype
+            if (
+                dtype not in wire
+                or not (t.is_cuda or (force and t.device.type == "cpu"))
+                or t.layout != strided
+                or t.is_nested
+                or wrapped(t)
+            ):
+                careful.append(position)
+                continue
+            device = device_of(t)
+            if device != last_device:
+                job = jobs.get(device)
+                if job is None:
+                    job = jobs[device] = _DeviceJob(device)
+                last_device = device
+            assert job is not None  # noqa: S101 - set with last_device, for mypy
+            sources.append(t)
+            if t.is_conj() or t.is_neg() or dtype == torch.complex32:
+                t = _device_form(t)
+                dtype = t.dtype
+            index = seen[key] = len(engine_positions)
+            engine_positions.append(position)
+            dtypes.append(dtype)
+            shapes.append(t.shape)
+            nbytes_of.append(nbytes := t.nbytes)
+            if nbytes == 0:
+                continue
+            if nbytes <= small:
+                bucket = job.buckets.get(dtype)
+                if bucket is None:
+                    bucket = job.buckets[dtype] = ([], [])
+                bucket[0].append(t)
+                bucket[1].append(index)
+            else:
+                job.large.append((t, index))
+        n = len(engine_positions)
+        batch.offsets = [0] * n
+        batch.blocks = [-1] * n
+        for job in jobs.values():
+            job.enqueue(batch)
+    return batch
+
+
+# --------------------------------------------------------------------------------- handle
+
+
+class PendingTransfer:
+    """A conversion in flight: the copies are enqueued, the arrays are not built yet.
+
+    Returned by :func:`tonumpy.to_numpy_async` (and :func:`start_transfer`). The device work
+    is ordered on each source device's current stream at the time of the call, so later
+    kernels on that stream may overwrite the tensors without changing the result. Until
+    :meth:`result` returns, the handle keeps the source tensors alive.
+
+    Example:
+        >>> import torch, tonumpy
+        >>> pending = tonumpy.to_numpy_async({"x": torch.arange(3)})
+        >>> pending.done()
+        True
+        >>> pending.result()
+        {'x': array([0, 1, 2])}
+    """
+
+    __slots__ = ("_batch", "_copy", "_ml_dtypes", "_out", "_scalars", "_spec", "_tree", "plan")
+
+    _NO_TREE: Any = object()
+
+    def __init__(
+        self,
+        out: list[Any],
+        spec: PyTreeSpec | None,
+        batch: _Batch,
+        *,
+        copy: Copy,
+        ml_dtypes: bool,
+        scalars: bool,
+    ) -> None:
+        self._out = out
+        self._spec = spec
+        self._batch: _Batch | None = batch
+        self._copy = copy
+        self._ml_dtypes = ml_dtypes
+        self._scalars = scalars
+        self._tree: Any = self._NO_TREE
+        #: The copies enqueued, as ``(device, "packed" | "single", nbytes)``; for tests/tuning.
+        self.plan = batch.plan
+
+    def done(self) -> bool:
+        """True when every copy has arrived: :meth:`result` will not wait. Never blocks."""
+        return self._batch is None or all(e.query() for e in self._batch.events)
+
+    def result_leaves(self) -> list[Any]:
+        """Wait for the copies, then return the flat list of converted leaves.
+
+        The list is in the order of the leaves given to :func:`start_transfer`; it is
+        built once, later calls return the same list.
+        """
+        batch = self._batch
+        if batch is not None:
+            for event in batch.events:  # every device's copies, before any array is built
+                event.synchronize()
+            self._finish(batch)
+            self._batch = None  # drops the sources, the events and our hold on the blocks
+        return self._out
+
+    def result(self) -> Any:
+        """Wait for the copies, then return the converted tree (the same object each call)."""
+        if self._tree is self._NO_TREE:
+            leaves = self.result_leaves()
+            self._tree = leaves if self._spec is None else _tree.unflatten(self._spec, leaves)
+        return self._tree
+
+    def _finish(self, batch: _Batch) -> None:
+        out, copy, ml, scalars = self._out, self._copy, self._ml_dtypes, self._scalars
+        hosts, shapes, offsets, blocks = batch.leases, batch.shapes, batch.offsets, batch.blocks
+        ndarray = np.ndarray
+        last: torch.dtype | None = None
+        wire: np.dtype[Any] = np.dtype(np.uint8)
+        step = "view"
+        for i, (position, dtype) in enumerate(zip(batch.positions, batch.dtypes, strict=True)):
+            if dtype is not last:
+                (wire, step), last = _WIRE[dtype], dtype
+            block = blocks[i]
+            if block >= 0:
+                arr = ndarray(shapes[i], wire, hosts[block], offsets[i])
+            else:
+                arr = np.empty(shapes[i], wire)
+            fresh = False
+            if step != "view":
+                if ml:
+                    arr = arr.view(_dtypes.ml_numpy_dtype(dtype))
+                elif step == "bf16":
+                    arr, fresh = widen_bfloat16_bits(arr), True
+                else:
+                    arr, fresh = _f8_table(dtype)[arr.reshape(-1)].reshape(arr.shape), True
+            if scalars and arr.ndim == 0:
+                out[position] = arr.item()
+            elif copy and not fresh:
+                out[position] = arr.copy()
+            else:
+                out[position] = arr
+        for index, position in batch.dups:
+            out[position] = out[batch.positions[index]]
+        for guard in batch.guards:
+            guard.clear()  # the copies are done: the blocks may be reused as soon as freed
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def start_transfer(
+    leaves: Sequence[Any],
+    spec: PyTreeSpec,
+    /,
+    *,
+    copy: Copy = None,
+    ml_dtypes: bool = False,
+    scalars: bool = False,
+    force: bool = False,
+) -> PendingTransfer:
+    """Enqueue the device-to-host copies of a flat list of leaves and return at once.
+
+    The entry point for code that wants to overlap the transfer with later work (logging
+    hooks, training loops): flatten a tree with :func:`tonumpy._tree.flatten`, call this, keep
+    the handle, and call ``.result()`` (the tree) or ``.result_leaves()`` (the flat list)
+    when the arrays are needed. Leaves that are not CUDA tensors the engine can move (CPU
+    tensors, arrays, other objects, sparse or quantized tensors, MPS tensors) are converted
+    right away by :func:`tonumpy.convert.convert_leaves`, so errors about them are raised
+    here, naming their path in ``spec``.
+
+    Example:
+        >>> import torch
+        >>> from tonumpy import _tree
+        >>> leaves, spec = _tree.flatten({"a": torch.tensor([1.5], dtype=torch.bfloat16)})
+        >>> pending = start_transfer(leaves, spec, force=True)
+        >>> pending.result()
+        {'a': array([1.5], dtype=float32)}
+        >>> pending.plan
+        [('cpu', 'single', 2)]
+
+    Args:
+        leaves: The flat leaves, as :func:`tonumpy._tree.flatten` returns them.
+        spec: Their treespec: ``.result()`` rebuilds the tree from it, errors name paths in it.
+        copy: As for :func:`tonumpy.to_numpy`. ``None``: arrays are views into a shared host
+            staging block (they share memory with nothing in the input); ``True``: compact
+            arrays of their own, the staging block goes straight back to the pool;
+            ``False``: every engine leaf needs a copy, so this is the careful path, which
+            raises for the first leaf not on the CPU.
+        ml_dtypes: As for :func:`tonumpy.to_numpy`.
+        scalars: As for :func:`tonumpy.to_numpy`.
+        force: Testing and benchmarking only: send CPU tensors through the engine too
+            (pageable staging blocks, no events), to exercise packing and unpacking.
+
+    Returns:
+        A :class:`PendingTransfer`.
+    """
+    from . import convert  # noqa: PLC0415 - convert imports this module
+
+    out = list(leaves)
+    batch = _enqueue(leaves, range(len(leaves)) if copy is not False else (), force=force)
+    if len(batch.positions) + len(batch.dups) < len(leaves):
+        taken = batch.taken()
+        # Convert the rest now. The engine's slots hold distinct placeholders, so that
+        # convert_leaves keeps its fast path (which it takes only for distinct leaves).
+        rest = [object() if i in taken else leaf for i, leaf in enumerate(leaves)]
+        converted = convert.convert_leaves(
+            rest, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars
+        )
+        for position, value in enumerate(converted):
+            if position not in taken:
+                out[position] = value
+    return PendingTransfer(out, spec, batch, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
+
+
+def resolve_into(
+    out: list[Any],
+    leaves: Sequence[Any],
+    positions: Sequence[int],
+    spec: PyTreeSpec,
+    *,
+    copy: Copy,
+    ml_dtypes: bool,
+    scalars: bool,
+) -> None:
+    """Convert ``leaves[i]`` for each ``i`` in ``positions`` into ``out[i]``, in one batch.
+
+    Used by :func:`tonumpy.convert.convert_leaves` for the CUDA leaves it set aside: the
+    copies of all of them are enqueued, there is one wait, and leaves the engine does not
+    handle are converted by the careful path. A lone leaf small enough that one blocking copy
+    is the fastest way takes that way directly.
+    """
+    from . import convert  # noqa: PLC0415 - convert imports this module
+
+    pending: PendingTransfer | None = None
+    careful: Sequence[int] = positions
+    lone = leaves[positions[0]] if len(positions) == 1 else None
+    if copy is False:
+        pass  # every engine leaf would need a copy: the careful path raises, naming the path
+    elif lone is not None and (_engine_device(lone, False) is None or lone.nbytes <= _LONE_BYTES):
+        if not scalars:
+            try:  # what the plain fast path does for a CPU tensor, with one blocking copy
+                out[positions[0]] = lone.numpy(force=True)
+            except Exception:  # noqa: BLE001, S110 - bf16, sparse, ...: the careful path
+                pass
+            else:
+                return
+    else:
+        batch = _enqueue(leaves, positions, force=False)
+        careful = batch.careful
+        pending = PendingTransfer(out, None, batch, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
+    memo: dict[int, Any] = {}
+    for position in careful:
+        leaf = leaves[position]
+        key = id(leaf)
+        if key not in memo:
+            memo[key] = convert._convert_checked(  # noqa: SLF001 - the careful path
+                leaf, position, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars
+            )
+        out[position] = memo[key]
+    if pending is not None:
+        pending.result_leaves()

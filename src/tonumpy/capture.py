@@ -1,0 +1,679 @@
+"""Logging hooks: capture what modules take and return, as NumPy, without stalling the GPU.
+
+:func:`capture` registers forward hooks on the modules of a model chosen by name, and removes
+them when its ``with`` block ends, however it ends. Each captured call is detached at once, so
+no autograd graph is kept alive, and copied, so later in-place changes made by the model
+(``ReLU(inplace=True)``, optimiser steps) cannot reach it:
+
+* CPU tensors are converted to independent arrays inside the hook (nothing to wait for);
+* CUDA tensors are handed to tonumpy's transfer engine (the one behind
+  :func:`tonumpy.to_numpy_async`): their copies into pinned host memory are enqueued on each
+  device's current stream, and the hook returns without waiting for the GPU. The arrays are
+  resolved (one wait per device on a recorded event) the first time the call is read, or, once
+  their copies have landed, when a later call is captured;
+* other devices (MPS, XPU, ...) cannot be copied asynchronously safely and are converted at once.
+
+``reduce`` runs on the tensor's own device before anything moves, so a norm or a histogram
+crosses the bus instead of the whole activation.
+
+:func:`numpy_args` is the other half of logging: a decorator that hands a logging function
+NumPy arrays (or Python scalars) wherever its caller passed tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar, overload
+
+import numpy as np
+import torch
+from optree import PyTreeSpec
+
+from . import _tree
+from ._transfer import start_transfer
+from .convert import convert_leaves
+from .errors import ConversionError, TonumpyError
+
+__all__ = ["Activations", "CaptureError", "capture", "numpy_args"]
+
+R = TypeVar("R")
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+class CaptureError(TonumpyError, ValueError):
+    """:func:`capture` was asked for something it cannot do (no module matches, bad option)."""
+
+
+# -1 outside a backward pass; private, but what torch.utils.checkpoint itself relies on.
+_graph_task_id: Callable[[], int] = getattr(
+    torch._C,  # noqa: SLF001 - no public way to ask
+    "_current_graph_task_id",
+    lambda: -1,
+)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation checkpointing re-runs forwards)."""
+    return _graph_task_id() != -1
+
+
+# ------------------------------------------------------------------------------- captured calls
+
+
+class _Ready:
+    """A captured call whose arrays already exist (CPU tensors are converted in the hook)."""
+
+    __slots__ = ("tree",)
+
+    ready = True
+
+    def __init__(self, tree: Any) -> None:
+        self.tree = tree
+
+    def result(self) -> Any:
+        return self.tree
+
+    def done(self) -> bool:
+        return True
+
+
+#: Tests only: send CPU tensors through the transfer engine too, as if they were on a GPU.
+_ENGINE_ON_CPU = False
+
+
+def _enqueue(leaves: list[Any], spec: PyTreeSpec, ml_dtypes: bool, scalars: bool) -> Any:
+    """Start moving one captured call to the host; return an object with ``.result()``.
+
+    The one place that decides how a captured call travels. Leaves are already detached (and
+    reduced). A tree without CUDA tensors is converted now, into arrays that own their memory.
+    A tree with CUDA tensors goes to the transfer engine (:func:`tonumpy.to_numpy_async`'s):
+    its copies are enqueued on each device's current stream, after whatever the model did so
+    far and before anything it does later, and the engine's handle is returned without waiting;
+    ``copy=True`` makes the arrays compact, so the pinned staging block goes back to the pool
+    as soon as the call is read, however long the arrays are kept.
+    """
+    if _ENGINE_ON_CPU or any(isinstance(leaf, torch.Tensor) and leaf.is_cuda for leaf in leaves):
+        return start_transfer(
+            leaves, spec, copy=True, ml_dtypes=ml_dtypes, scalars=scalars, force=_ENGINE_ON_CPU
+        )
+    converted = _copy_plain(leaves) if not scalars else None
+    if converted is None:
+        converted = convert_leaves(leaves, spec, copy=True, ml_dtypes=ml_dtypes, scalars=scalars)
+    return _Ready(_tree.unflatten(spec, converted))
+
+
+def _copy_plain(leaves: list[Any]) -> list[Any] | None:
+    """Independent arrays for leaves that are plain CPU tensors of NumPy dtypes (or not tensors).
+
+    The common case, about twice as fast as the general path; ``None`` for anything else
+    (bfloat16, sparse, meta, a subclass, an array that needs copying...), which then takes
+    :func:`tonumpy.convert.convert_leaves` with ``copy=True`` and its errors.
+    """
+    out = []
+    for leaf in leaves:
+        if type(leaf) is torch.Tensor:
+            try:
+                out.append(leaf.numpy(force=True).copy())
+            except Exception:  # noqa: BLE001 - any refusal: the general path explains it
+                return None
+        elif isinstance(leaf, torch.Tensor | np.ndarray):
+            return None
+        else:
+            out.append(leaf)
+    return out
+
+
+# ------------------------------------------------------------------------------- the mapping
+
+
+class Activations(Mapping[str, list[Any]]):
+    """What :func:`capture` captured: a read-only mapping from module name to calls.
+
+    Keys are the names of the chosen modules, in ``named_modules()`` order (the root module is
+    ``""``); each value is a new list of the captured trees, one per captured call, oldest
+    first. A tree has the structure of what the module returned (or took), with arrays in place
+    of tensors. Reading a call waits for its device-to-host copies if they are still running.
+
+    The object stays readable after the ``with`` block ends; :meth:`clear` forgets what was
+    captured so far (the hooks, while the block runs, keep capturing).
+
+    Example:
+        >>> import torch, tonumpy
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
+        >>> with tonumpy.capture(model, include="0") as acts:
+        ...     _ = model(torch.ones(4, 3))
+        ...     _ = model(torch.ones(1, 3))
+        >>> calls = acts["0"]
+        >>> list(acts), len(calls), calls[0].shape
+        (['0'], 2, (4, 2))
+        >>> acts.concat("0").shape
+        (5, 2)
+    """
+
+    def __init__(self, names: Iterable[str], max_calls: int | None) -> None:
+        self._calls: dict[str, deque[Any]] = {name: deque(maxlen=max_calls) for name in names}
+        self._inflight: deque[Any] = deque()  # calls whose copies may still be running
+        self._lock = threading.Lock()
+
+    def _add(self, name: str, call: Any) -> None:
+        """Store a call; finish the oldest calls whose copies have landed (never waits).
+
+        Finishing lets the engine drop the device tensors it holds until then, so device
+        memory held by captured calls stays bounded by what is still in flight.
+        """
+        landed = []
+        with self._lock:
+            self._calls[name].append(call)
+            if not getattr(call, "ready", False):
+                self._inflight.append(call)
+            inflight = self._inflight
+            while inflight and inflight[0].done():
+                landed.append(inflight.popleft())
+        for done in landed:
+            done.result()
+
+    def __getitem__(self, name: str) -> list[Any]:
+        with self._lock:
+            calls = list(self._calls[name])
+        return [call.result() for call in calls]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._calls)
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._calls
+
+    def num_calls(self, name: str, /) -> int:
+        """How many calls of module ``name`` are held (without reading any of them).
+
+        Example:
+            >>> import torch, tonumpy
+            >>> model = torch.nn.Linear(2, 2)
+            >>> with tonumpy.capture(model) as acts:
+            ...     _ = model(torch.ones(1, 2))
+            >>> acts.num_calls("")
+            1
+        """
+        with self._lock:
+            return len(self._calls[name])
+
+    def done(self) -> bool:
+        """True if every captured call can be read without waiting for a device.
+
+        A training loop can poll this to log only once the copies have landed.
+        """
+        with self._lock:
+            calls = [call for queue in self._calls.values() for call in queue]
+        return all(call.done() for call in calls)
+
+    def clear(self) -> None:
+        """Forget every captured call (the modules stay chosen and hooked).
+
+        Example:
+            >>> import torch, tonumpy
+            >>> model = torch.nn.Linear(2, 2)
+            >>> with tonumpy.capture(model) as acts:
+            ...     _ = model(torch.ones(1, 2))
+            ...     acts.clear()
+            ...     _ = model(torch.ones(1, 2))
+            >>> len(acts[""])
+            1
+        """
+        with self._lock:
+            for queue in self._calls.values():
+                queue.clear()
+            self._inflight.clear()
+
+    def concat(self, name: str, /, *, axis: int = 0) -> Any:
+        """One tree for module ``name``: each array leaf joined across the captured calls.
+
+        Arrays are concatenated along ``axis`` (a smaller last batch is fine); 0-d arrays and
+        Python numbers (a ``reduce`` to a scalar, ``scalars=True``) are stacked into a 1-d
+        array; any other leaf becomes the list of its values, one per call.
+
+        Example:
+            >>> import torch, tonumpy
+            >>> model = torch.nn.Linear(2, 3)
+            >>> with tonumpy.capture(model, reduce=lambda t: {"mean": t.mean()}) as acts:
+            ...     for _ in range(4):
+            ...         _ = model(torch.ones(5, 2))
+            >>> acts.concat("")["mean"].shape
+            (4,)
+
+        Args:
+            name: A module name (a key of this mapping).
+            axis: The axis arrays are joined along.
+
+        Returns:
+            A tree with the structure of one call.
+
+        Raises:
+            KeyError: ``name`` is not a captured module.
+            ConversionError: There is no call to join, or the calls differ in structure, or
+                arrays at one place in the tree cannot be joined; the message names the place.
+        """
+        calls = self[name]
+        if not calls:
+            raise ConversionError(
+                f"module {name!r} has no captured call to concatenate; run a forward pass "
+                "inside the capture block first (and check `every`)",
+                path=None,
+            )
+        flat = [_tree.flatten(call) for call in calls]
+        spec = flat[0][1]
+        for number, (_, other) in enumerate(flat[1:], start=1):
+            if other != spec:
+                raise ConversionError(
+                    f"captured calls of module {name!r} differ in structure: call 0 is "
+                    f"{spec} but call {number} is {other}; read them one by one with "
+                    f"acts[{name!r}]",
+                    path=None,
+                )
+        joined = []
+        for index, column in enumerate(zip(*(leaves for leaves, _ in flat), strict=True)):
+            try:
+                joined.append(_join(column, axis))
+            except ValueError as exc:
+                path, where = _tree.leaf_path(spec, index, root=f"acts[{name!r}][i]")
+                raise ConversionError(
+                    f"cannot concatenate {where} across calls: {exc}", path=path
+                ) from None
+        return _tree.unflatten(spec, joined)
+
+    def __repr__(self) -> str:
+        with self._lock:
+            counts = {name: len(queue) for name, queue in self._calls.items()}
+        inner = ", ".join(f"{name!r}: {n} call{'s' * (n != 1)}" for name, n in counts.items())
+        return f"Activations({{{inner}}})"
+
+
+def _join(column: tuple[Any, ...], axis: int) -> Any:
+    first = column[0]
+    if isinstance(first, np.ndarray) and first.ndim > 0:
+        return np.concatenate(column, axis=axis)
+    if isinstance(first, np.ndarray | np.generic | bool | int | float | complex):
+        return np.stack([np.asarray(value) for value in column])
+    return list(column)
+
+
+# ------------------------------------------------------------------------------- the hooks
+
+
+def _patterns(value: str | Iterable[str], option: str) -> tuple[str, ...]:
+    patterns = (value,) if isinstance(value, str) else tuple(value)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise CaptureError(
+                f"{option}= takes glob patterns (str) over module names, got {pattern!r}"
+            )
+    return patterns
+
+
+def _choose(
+    module: torch.nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]
+) -> dict[str, torch.nn.Module]:
+    chosen: dict[str, torch.nn.Module] = {}
+    for name, sub in module.named_modules():
+        if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(
+            fnmatch.fnmatchcase(name, p) for p in exclude
+        ):
+            chosen[name] = sub
+    if not chosen:
+        names = [name for name, _ in module.named_modules()]
+        shown = ", ".join(repr(n) for n in names[:12]) + (", ..." if len(names) > 12 else "")
+        raise CaptureError(
+            f"no module name matches include={list(include)!r} minus exclude={list(exclude)!r}; "
+            f"the names are: {shown} (the root module is '')"
+        )
+    return chosen
+
+
+class _Recorder:
+    """The state the hooks share: which forward of the root this is, and how to store a call."""
+
+    def __init__(
+        self,
+        acts: Activations,
+        *,
+        every: int,
+        reduce: Callable[[torch.Tensor], Any] | None,
+        ml_dtypes: bool,
+        scalars: bool,
+        is_leaf: Callable[[Any], bool] | None,
+    ) -> None:
+        self.acts = acts
+        self.every = every
+        self.reduce = reduce
+        self.ml_dtypes = ml_dtypes
+        self.scalars = scalars
+        self.is_leaf = is_leaf
+        self.open = True
+        self.root_depth = 0
+        self.root_step = -1
+        self.own_calls: dict[str, int] = {}
+        self.pending_inputs: dict[str, list[Any]] = {}
+
+    # -- which calls are captured
+    def root_pre(self, _module: torch.nn.Module, _args: tuple[Any, ...]) -> None:
+        if _in_backward():
+            return
+        if self.root_depth == 0:
+            self.root_step += 1
+        self.root_depth += 1
+
+    def root_post(self, _module: torch.nn.Module, _args: tuple[Any, ...], _out: Any) -> None:
+        if _in_backward():
+            return
+        self.root_depth = max(self.root_depth - 1, 0)
+
+    def wanted(self, name: str) -> bool:
+        if self.every == 1:
+            return True
+        if self.root_depth > 0:
+            return self.root_step % self.every == 0
+        count = self.own_calls.get(name, 0)  # called on its own, outside a forward of the root
+        self.own_calls[name] = count + 1
+        return count % self.every == 0
+
+    # -- what is stored
+    def freeze(self, tree: Any, name: str, what: str) -> Any:
+        """Detach, reduce, and start moving ``tree`` to the host; never waits for a device."""
+        try:
+            if (  # one plain CPU tensor, the most common output: no tree to walk
+                type(tree) is torch.Tensor
+                and self.reduce is None
+                and not self.scalars
+                and tree.device.type == "cpu"
+                and not _ENGINE_ON_CPU
+            ):
+                plain = _copy_plain([tree])
+                if plain is not None:
+                    return _Ready(plain[0])
+            leaves, spec = _tree.flatten(tree, is_leaf=self.is_leaf)
+            leaves = [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+            if self.reduce is not None:
+                with torch.no_grad():
+                    reduced = [
+                        self.reduce(leaf) if isinstance(leaf, torch.Tensor) else leaf
+                        for leaf in leaves
+                    ]
+                leaves, spec = _tree.flatten(_tree.unflatten(spec, reduced), is_leaf=self.is_leaf)
+                leaves = [
+                    leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves
+                ]
+            return _enqueue(leaves, spec, self.ml_dtypes, self.scalars)
+        except Exception as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"tonumpy.capture: while capturing the {what} of module {name!r}")
+            raise
+
+    def add(self, name: str, call: Any) -> None:
+        self.acts._add(name, call)  # noqa: SLF001 - the recorder is the mapping's only writer
+
+
+def _hooks(
+    rec: _Recorder, name: str, inputs: bool, outputs: bool
+) -> tuple[Callable[..., None] | None, Callable[..., None] | None]:
+    """The forward pre-hook and forward hook (either may be None) for module ``name``."""
+
+    def pre(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not rec.open or _in_backward():
+            return
+        call = rec.freeze(_inputs_tree(args, kwargs), name, "inputs") if rec.wanted(name) else None
+        if outputs:  # post_both pops it, also when forward raises
+            rec.pending_inputs.setdefault(name, []).append(call)
+        elif call is not None:
+            rec.add(name, call)
+
+    def post_both(
+        _module: torch.nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], out: Any
+    ) -> None:
+        # Registered with always_call=True: it also runs (with out=None) when forward raised,
+        # so the inputs pushed by `pre` are always popped.
+        if not rec.open or _in_backward():
+            return
+        stack = rec.pending_inputs.get(name)
+        if not stack:
+            return
+        taken = stack.pop()
+        if taken is None:
+            return
+        rec.add(name, _Both(taken, rec.freeze(out, name, "outputs")))
+
+    def post(
+        _module: torch.nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], out: Any
+    ) -> None:
+        if not rec.open or _in_backward() or not rec.wanted(name):
+            return
+        rec.add(name, rec.freeze(out, name, "outputs"))
+
+    if inputs and outputs:
+        return pre, post_both
+    if inputs:
+        return pre, None
+    return None, post
+
+
+def _inputs_tree(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return {"args": args, "kwargs": kwargs} if kwargs else args
+
+
+class _Both:
+    """A call captured with ``inputs=True, outputs=True``: ``{"inputs": ..., "outputs": ...}``."""
+
+    __slots__ = ("inputs", "outputs", "ready")
+
+    def __init__(self, inputs: Any, outputs: Any) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.ready = isinstance(inputs, _Ready) and isinstance(outputs, _Ready)
+
+    def result(self) -> dict[str, Any]:
+        return {"inputs": self.inputs.result(), "outputs": self.outputs.result()}
+
+    def done(self) -> bool:
+        return bool(self.inputs.done() and self.outputs.done())
+
+
+@contextlib.contextmanager
+def capture(
+    module: torch.nn.Module,
+    /,
+    *,
+    include: str | Iterable[str] = "*",
+    exclude: str | Iterable[str] = (),
+    inputs: bool = False,
+    outputs: bool = True,
+    every: int = 1,
+    max_calls: int | None = None,
+    reduce: Callable[[torch.Tensor], Any] | None = None,
+    ml_dtypes: bool = False,
+    scalars: bool = False,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> Iterator[Activations]:
+    """Capture the outputs (and/or inputs) of chosen submodules as NumPy, inside a ``with`` block.
+
+    Modules are chosen by shell-style glob patterns (:mod:`fnmatch`, case-sensitive) over the
+    names ``module.named_modules()`` gives (``"encoder.layers.0.attn"``; the root is ``""``).
+    For each captured call the hook detaches every tensor (the autograd graph is never kept),
+    applies ``reduce`` on the tensor's device, and starts the move to the host without waiting
+    for the GPU; the arrays are ready when read from the returned :class:`Activations`. The
+    hooks are removed when the block ends, also when it ends with an exception.
+
+    Example:
+        >>> import torch, tonumpy
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)
+        ... )
+        >>> with tonumpy.capture(model, include=["0", "2"]) as acts:
+        ...     logits = model(torch.randn(16, 4))
+        >>> {name: calls[0].shape for name, calls in acts.items()}
+        {'0': (16, 8), '2': (16, 2)}
+        >>> with tonumpy.capture(model, include="*", exclude="", reduce=torch.linalg.norm) as acts:
+        ...     _ = model(torch.randn(16, 4))
+        >>> norms = acts["1"]
+        >>> sorted(acts), norms[0].shape
+        (['0', '1', '2'], ())
+
+    Args:
+        module: The model; its hooks are registered on it and its submodules.
+        include: A glob pattern, or several, over module names; a module is chosen if any
+            matches. The default ``"*"`` chooses every module, the root (``""``) included.
+        exclude: Patterns of names to leave out of those included.
+        inputs: Capture what each call takes. The tree is the tuple of positional arguments,
+            or ``{"args": (...), "kwargs": {...}}`` when the call passed keyword arguments.
+            Inputs are taken before the forward runs, so an in-place module cannot change them.
+        outputs: Capture what each call returns. With both ``inputs`` and ``outputs`` a call
+            is ``{"inputs": ..., "outputs": ...}`` (``outputs`` is ``None`` if forward raised).
+        every: Capture during every ``every``-th forward of ``module``: the 1st, the
+            ``every + 1``-th, and so on, with every call of a chosen module made inside it. A
+            chosen module called on its own, outside a forward of ``module``, counts its own
+            calls instead.
+        max_calls: Keep only the most recent ``max_calls`` calls of each module (``None``:
+            keep all). Bounds host memory in a long training loop.
+        reduce: Called on each captured tensor (detached, on its device, under
+            :func:`torch.no_grad`); its result, a tensor or any tree of tensors, is captured
+            instead, e.g. ``torch.linalg.norm`` or ``lambda t: {"mean": t.mean(), "std":
+            t.std()}``. On CUDA choose a reduction that does not read values back
+            (``torch.histc`` needs explicit ``min``/``max`` for that).
+        ml_dtypes: As for :func:`tonumpy.to_numpy`: bfloat16/float8 as ``ml_dtypes`` arrays.
+        scalars: As for :func:`tonumpy.to_numpy`: 0-d tensors as Python numbers.
+        is_leaf: As for :func:`tonumpy.to_numpy`: nodes to keep whole.
+
+    Yields:
+        The :class:`Activations` mapping, filled as the model runs. Captured arrays never share
+        memory with the model's tensors.
+
+    Raises:
+        CaptureError: No module name matches the patterns, or an option is out of range.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise CaptureError(
+            f"capture() needs a torch.nn.Module, got {type(module).__name__}; "
+            "to convert a tree of tensors use tonumpy.to_numpy"
+        )
+    if not (inputs or outputs):
+        raise CaptureError("inputs=False and outputs=False captures nothing; set one to True")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise CaptureError(f"every= must be a positive int, got {every!r}")
+    if max_calls is not None and (
+        isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1
+    ):
+        raise CaptureError(f"max_calls= must be a positive int or None, got {max_calls!r}")
+    chosen = _choose(module, _patterns(include, "include"), _patterns(exclude, "exclude"))
+    acts = Activations(chosen, max_calls)
+    rec = _Recorder(
+        acts, every=every, reduce=reduce, ml_dtypes=ml_dtypes, scalars=scalars, is_leaf=is_leaf
+    )
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        if every > 1:  # count forwards of the root; runs before the chosen modules' hooks
+            handles.append(module.register_forward_pre_hook(rec.root_pre, prepend=True))
+        for name, sub in chosen.items():
+            pre, post = _hooks(rec, name, inputs, outputs)
+            if pre is not None:
+                handles.append(sub.register_forward_pre_hook(pre, with_kwargs=True))
+            if post is not None:
+                handles.append(
+                    sub.register_forward_hook(
+                        post, with_kwargs=True, always_call=inputs and outputs
+                    )
+                )
+        if every > 1:  # after the root's own capture hook, also when forward raises
+            handles.append(module.register_forward_hook(rec.root_post, always_call=True))
+        yield acts
+    finally:
+        rec.open = False  # copies of the hooks (a deepcopy of the model) go quiet too
+        for handle in handles:
+            handle.remove()
+        rec.pending_inputs.clear()
+
+
+# ------------------------------------------------------------------------------- the decorator
+
+
+@overload
+def numpy_args(fn: Callable[..., R], /) -> Callable[..., R]: ...
+
+
+@overload
+def numpy_args(
+    fn: None = None,
+    /,
+    *,
+    copy: bool | None = None,
+    ml_dtypes: bool = False,
+    scalars: bool = False,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> Callable[[Callable[..., R]], Callable[..., R]]: ...
+
+
+def numpy_args(
+    fn: Callable[..., R] | None = None,
+    /,
+    *,
+    copy: bool | None = None,
+    ml_dtypes: bool = False,
+    scalars: bool = False,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> Callable[..., R] | Callable[[Callable[..., R]], Callable[..., R]]:
+    """Decorate a logging function so that it receives NumPy wherever it was passed tensors.
+
+    Every argument, positional or keyword, is converted with :func:`tonumpy.to_numpy` at any
+    depth (a dict of metrics, a list of tensors, a dataclass). An argument that holds no tensor
+    is passed as the very same object, and so is a first argument named ``self`` or ``cls``, so
+    methods can be decorated too. Use it bare (``@numpy_args``) or with options.
+
+    Example:
+        >>> import torch
+        >>> @numpy_args(scalars=True)
+        ... def log(step, metrics, *, extra=None):
+        ...     return step, metrics, extra
+        >>> log(torch.tensor(3), {"loss": torch.tensor(0.5)}, extra=[torch.ones(2)])
+        (3, {'loss': 0.5}, [array([1., 1.], dtype=float32)])
+
+    Args:
+        fn: The function, when used bare as ``@numpy_args``.
+        copy: As for :func:`tonumpy.to_numpy` (``True``: arrays that share no memory).
+        ml_dtypes: As for :func:`tonumpy.to_numpy`.
+        scalars: Pass 0-d tensors as Python numbers (``metrics["loss"]`` becomes a float).
+        is_leaf: As for :func:`tonumpy.to_numpy`.
+
+    Returns:
+        The wrapped function (or, with options, a decorator that makes it).
+    """
+
+    def convert(value: Any) -> Any:
+        leaves, spec = _tree.flatten(value, is_leaf=is_leaf)
+        if not any(isinstance(leaf, torch.Tensor) for leaf in leaves):
+            return value
+        converted = convert_leaves(leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
+        return _tree.unflatten(spec, converted)
+
+    def decorate(func: Callable[..., R]) -> Callable[..., R]:
+        code = getattr(func, "__code__", None)
+        skip_first = bool(
+            code is not None and code.co_argcount and code.co_varnames[0] in ("self", "cls")
+        )
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> R:
+            start = 1 if skip_first and args else 0
+            new_args = (*args[:start], *(convert(arg) for arg in args[start:]))
+            new_kwargs = {key: convert(value) for key, value in kwargs.items()}
+            return func(*new_args, **new_kwargs)
+
+        return wrapper
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate

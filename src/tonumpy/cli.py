@@ -1,0 +1,489 @@
+"""The ``tonumpy`` command: look inside tensor files and convert them to NumPy files.
+
+``tonumpy show FILE`` prints the tree in a file (key path, type, shape, dtype, device, bytes,
+and with ``--stats`` min/max/mean and NaN/Inf counts); ``tonumpy convert SRC DST`` writes it as
+``.npz``, ``.safetensors``, ``.npy`` or a directory of ``.npy`` files. Errors are one line on
+stderr and exit status 2 (``--debug`` shows the traceback); output is coloured only on a
+terminal (and never with ``NO_COLOR`` set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+import numpy as np
+import torch
+
+from . import __version__, _dtypes
+from . import io as tio
+from .convert import to_numpy
+from .errors import TonumpyError
+
+__all__ = ["main"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+#: Inputs at least this large get a progress bar (on a terminal).
+PROGRESS_MIN_BYTES = 64 << 20
+_STATS_CHUNK = 1 << 22  # elements per chunk when computing --stats
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> _Parser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of an error",
+    )
+    parser = _Parser(
+        prog="tonumpy",
+        description="Look inside tensor files and convert them to NumPy files, without pickle.",
+    )
+    parser.add_argument("--version", action="version", version=f"tonumpy {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    show = commands.add_parser(
+        "show",
+        parents=[common],
+        help="print the tree of tensors in a file",
+        description="Print the tree in a .pt/.pth/.bin/.ckpt, .npz, .npy, .safetensors file or "
+        "a directory of .npy files: key path, type, shape, dtype, device and bytes per leaf.",
+    )
+    show.add_argument("file", metavar="FILE")
+    show.add_argument(
+        "--depth", type=_depth, default=None, metavar="N", help="show N levels of keys at most"
+    )
+    show.add_argument(
+        "--stats", action="store_true", help="add min, max, mean and NaN/Inf counts per array"
+    )
+
+    convert = commands.add_parser(
+        "convert",
+        parents=[common],
+        help="convert a file to .npz, .safetensors, .npy or a directory of .npy files",
+        description="Convert SRC to DST. DST's kind follows its name: .npz (tree structure "
+        "kept; load it with tonumpy.load or np.load), .safetensors, .npy (one array), or a name "
+        "without suffix (or ending in /) for a directory of .npy files, one per leaf.",
+    )
+    convert.add_argument("src", metavar="SRC")
+    convert.add_argument("dst", metavar="DST")
+    convert.add_argument("--force", action="store_true", help="replace DST if it exists")
+    convert.add_argument(
+        "--ml-dtypes",
+        action="store_true",
+        help="keep bfloat16/float8 bit-exact (stored as their bits, the dtype in the structure) "
+        "instead of widening them to float32",
+    )
+    for sub in (show, convert):
+        sub.add_argument(
+            "--unsafe-load",
+            action="store_true",
+            help="unpickle a torch file with weights_only=False: this RUNS any code in the "
+            "file; only for files you trust",
+        )
+    return parser
+
+
+def _depth(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--depth wants a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("--depth cannot be negative")
+    return value
+
+
+# ------------------------------------------------------------------------------- output
+
+
+class _Style:
+    """ANSI colours, or nothing when the stream is not a terminal (or NO_COLOR is set)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        isatty = getattr(stream, "isatty", None)
+        self.enabled = bool(isatty and isatty()) and not os.environ.get("NO_COLOR")
+
+    def __call__(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.enabled and text else text
+
+
+def _size(n: int) -> str:
+    """Bytes in binary units.
+
+    Example:
+        >>> _size(512), _size(1536), _size(3 << 30)
+        ('512 B', '1.5 KiB', '3.0 GiB')
+    """
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key(key: Any) -> str:
+    return key if isinstance(key, str) else repr(key)
+
+
+def _num(x: float) -> str:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return f"{x:.4g}"
+
+
+class _Bar:
+    """A small progress bar on stderr, drawn only on a terminal and for large inputs."""
+
+    def __init__(self, stream: TextIO, label: str) -> None:
+        isatty = getattr(stream, "isatty", None)
+        self.stream = stream
+        self.label = label
+        self.active = bool(isatty and isatty())
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.active or total < PROGRESS_MIN_BYTES:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        width = 30
+        filled = width * done // max(total, 1)
+        bar = "#" * filled + "-" * (width - filled)
+        percent = 100 * done // max(total, 1)
+        self.stream.write(
+            f"\r{self.label} [{bar}] {percent:3d}%  {_size(done)} / {_size(total)}"
+            f"  {now - self.start:.1f} s "
+        )
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------- show
+
+
+def _leaf_facts(
+    leaf: Any, source: dict[str, Any], *, stored_as_arrays: bool = False
+) -> tuple[str, str, str, str, int, list[str]] | None:
+    """(type, shape, dtype, device, bytes, flags) for an array leaf; None for other leaves.
+
+    ``stored_as_arrays``: the file holds NumPy arrays (a bfloat16 one is read as a tensor,
+    NumPy having no bfloat16 of its own, but it is an array in the file).
+    """
+    flags = []
+    if isinstance(leaf, torch.Tensor):
+        dtype = str(leaf.dtype).removeprefix("torch.")
+        nbytes = leaf.numel() * leaf.element_size() if leaf.layout == torch.strided else 0
+        device = source.get("device", str(leaf.device))
+        if leaf.requires_grad or source.get("requires_grad"):
+            flags.append("grad")
+        kind = "ndarray" if stored_as_arrays else type(leaf).__name__
+        shape = tuple(leaf.shape)
+    elif isinstance(leaf, np.ndarray | np.generic):
+        dtype, nbytes, shape = str(leaf.dtype), int(leaf.nbytes), tuple(leaf.shape)
+        device = source.get("device", "cpu")
+        if source.get("requires_grad"):
+            flags.append("grad")
+        kind = "ndarray"
+    else:
+        return None
+    was = source.get("dtype")
+    if was and was != dtype:
+        flags.append(f"was {was}")
+    return kind, str(shape), dtype, device, nbytes, flags
+
+
+def _stats(leaf: Any) -> list[str]:
+    """[min, max, mean, nan, inf] of an array leaf, over its finite values, as text."""
+    try:
+        arr = to_numpy(leaf) if isinstance(leaf, torch.Tensor) else np.asarray(leaf)
+    except TonumpyError:
+        return ["-"] * 5
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf" or arr.size == 0:
+        return ["-"] * 5
+    flat = arr.reshape(-1)
+    lo, hi, total, count, nans, infs = math.inf, -math.inf, 0.0, 0, 0, 0
+    for start in range(0, flat.size, _STATS_CHUNK):
+        chunk = flat[start : start + _STATS_CHUNK]
+        if chunk.dtype.kind == "f":
+            nan_mask = np.isnan(chunk)
+            inf_mask = np.isinf(chunk)
+            nans += int(nan_mask.sum())
+            infs += int(inf_mask.sum())
+            chunk = chunk[~(nan_mask | inf_mask)]
+        if chunk.size:
+            lo = min(lo, float(chunk.min()))
+            hi = max(hi, float(chunk.max()))
+            total += float(chunk.sum(dtype=np.float64))
+            count += chunk.size
+    if not count:
+        return ["-", "-", "-", str(nans), str(infs)]
+    return [_num(lo), _num(hi), _num(total / count), str(nans), str(infs)]
+
+
+def _count(x: Any) -> tuple[int, int]:
+    """(arrays, bytes) under a node."""
+    if isinstance(x, dict):
+        parts = [_count(v) for v in x.values()]
+    elif isinstance(x, list | tuple):
+        parts = [_count(v) for v in x]
+    else:
+        facts = _leaf_facts(x, {})
+        return (1, facts[4]) if facts else (0, 0)
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def _rows(
+    contents: tio.Contents, depth: int | None, stats: bool
+) -> tuple[list[tuple[str, list[str]]], dict[str, int]]:
+    """(kind, cells) for each node shown, in order; and the totals over every leaf."""
+    rows: list[tuple[str, list[str]]] = []
+    totals = {"arrays": 0, "elements": 0, "bytes": 0, "values": 0}
+    arrays_only = contents.format not in ("torch", "safetensors")
+
+    def walk(x: Any, path: tuple[Any, ...]) -> None:
+        level = len(path)
+        name = "  " * level + (_key(path[-1]) if path else "(root)")
+        shown = depth is None or level <= depth
+        if isinstance(x, dict | list | tuple):
+            cls = contents.classes.get(path)
+            kind = cls.rsplit(".", 1)[-1] if cls else type(x).__name__
+            size = _plural(len(x), "key" if isinstance(x, dict) else "item")
+            if shown:
+                rows.append(("container", [name, kind, size, "", "", _size(_count(x)[1])]))
+            if depth is not None and level == depth and len(x):
+                arrays = _count(x)[0]
+                rows.append(("more", ["  " * (level + 1) + "...", "", _plural(arrays, "array")]))
+            children = x.items() if isinstance(x, dict) else enumerate(x)
+            for key, child in children:
+                walk(child, (*path, key))
+            return
+        facts = _leaf_facts(x, contents.sources.get(path, {}), stored_as_arrays=arrays_only)
+        if facts is None:
+            totals["values"] += 1
+            if shown:
+                kind = "None" if x is None else type(x).__name__
+                rows.append(("value", [name, kind, "= " + _short(x)]))
+            return
+        kind, shape, dtype, device, nbytes, flags = facts
+        totals["arrays"] += 1
+        totals["bytes"] += nbytes
+        totals["elements"] += math.prod(getattr(x, "shape", ()))
+        if shown:
+            row = [name, kind, shape, dtype, device, _size(nbytes), " ".join(flags)]
+            if stats:
+                row += _stats(x)
+            rows.append(("leaf", row))
+
+    walk(contents.tree, ())
+    return rows, totals
+
+
+def _show(args: argparse.Namespace, out: TextIO) -> int:
+    contents = tio.read(args.file, unsafe_load=args.unsafe_load)
+    style = _Style(out)
+    rows, totals = _rows(contents, args.depth, args.stats)
+    path = Path(args.file)
+    size = (
+        sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
+    out.write(f"{style(str(path), '1')}: {contents.format}, {_size(size)}\n")
+    header = ["key", "type", "shape", "dtype", "device", "bytes", ""]
+    if args.stats:
+        header += ["min", "max", "mean", "nan", "inf"]
+    widths = [len(h) for h in header]
+    for kind, cells in rows:
+        for i, cell in enumerate(cells):
+            # a value's "= ..." and a summary's text may run past the shape column
+            if not (kind in ("value", "more") and i == len(cells) - 1):
+                widths[i] = max(widths[i], len(cell))
+    right = {5} | set(range(7, len(header)))
+
+    def line(cells: list[str], codes: list[str]) -> str:
+        parts = []
+        for i, cell in enumerate(cells):
+            width = widths[i] if i < len(widths) else 0
+            text = cell.rjust(width) if i in right else cell.ljust(width)
+            parts.append(style(text, codes[i]) if codes[i] and cell else text)
+        return "  ".join(parts).rstrip() + "\n"
+
+    out.write(line(header, ["2"] * len(header)))
+    for kind, cells in rows:
+        codes = [""] * len(cells)
+        if kind == "container":
+            codes[:2] = ["1", "34"]
+            codes[5] = "2"
+        elif kind == "leaf":
+            codes[3], codes[6] = "36", "33"
+            for i in range(len(cells) - 2, len(cells)) if args.stats else ():
+                codes[i] = "31" if cells[i] not in ("0", "-") else ""
+        else:
+            codes[1:] = ["2"] * (len(cells) - 1)
+        out.write(line(cells, codes))
+    summary = (
+        f"{_plural(totals['arrays'], 'array')}, {_plural(totals['elements'], 'element')}, "
+        f"{_size(totals['bytes'])}"
+    )
+    if totals["values"]:
+        summary += f"; {_plural(totals['values'], 'other value')}"
+    out.write(style(summary, "1") + "\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------- convert
+
+
+def _convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    bar = _Bar(err, "converting")
+    try:
+        contents = tio.convert(
+            args.src,
+            args.dst,
+            overwrite=args.force,
+            ml_dtypes=args.ml_dtypes,
+            unsafe_load=args.unsafe_load,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    arrays, _, widened = _summary(contents.tree)
+    dst = Path(args.dst)
+    size = (
+        sum(p.stat().st_size for p in dst.iterdir() if p.is_file())
+        if dst.is_dir()
+        else dst.stat().st_size
+    )
+    out.write(
+        f"wrote {args.dst} ({_size(size)}): {_plural(arrays, 'array')} "
+        f"from {args.src} ({contents.format})\n"
+    )
+    if widened and not args.ml_dtypes and not args.dst.endswith(".safetensors"):
+        err.write(
+            f"tonumpy: note: {', '.join(sorted(widened))} widened to float32 (exactly); "
+            "--ml-dtypes keeps them bit-exact\n"
+        )
+    return 0
+
+
+def _summary(tree: Any) -> tuple[int, int, set[str]]:
+    arrays, nbytes, widened = 0, 0, set()
+    stack = [tree]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, list | tuple):
+            stack.extend(x)
+        elif (facts := _leaf_facts(x, {})) is not None:
+            arrays += 1
+            nbytes += facts[4]
+            if isinstance(x, torch.Tensor) and x.dtype in _dtypes.ML_DTYPES:
+                widened.add(facts[2])
+    return arrays, nbytes, widened
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run the ``tonumpy`` command line; return its exit status.
+
+    Example:
+        >>> import io
+        >>> main(["convert", "missing.pt", "out.npz"], stderr=io.StringIO())
+        2
+
+    Args:
+        argv: The arguments, without the program name (default: ``sys.argv[1:]``).
+        stdout: Where results go (default: ``sys.stdout``).
+        stderr: Where errors, warnings and the progress bar go (default: ``sys.stderr``).
+
+    Returns:
+        0 on success, 2 on any error, 130 when interrupted.
+    """
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and usage errors
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_ERROR
+    debug = getattr(args, "debug", False)
+    try:
+        if getattr(args, "unsafe_load", False):
+            err.write(
+                "tonumpy: warning: --unsafe-load unpickles the file with weights_only=False: "
+                "any code it names RUNS now. Only use it for files you trust.\n"
+            )
+        if args.command == "show":
+            return _show(args, out)
+        return _convert(args, out, err)
+    except KeyboardInterrupt:
+        err.write("tonumpy: interrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `tonumpy show big.pt | head`: the reader left; stop quietly
+        if out is sys.stdout:
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:  # noqa: BLE001 - every error becomes one line and status 2
+        if debug:
+            traceback.print_exception(exc, file=err)
+        known = isinstance(exc, TonumpyError | OSError | MemoryError)
+        hint = "" if known or debug else " (an unexpected error: run with --debug for details)"
+        err.write(f"tonumpy: error: {_message(exc)}{hint}\n")
+        return EXIT_ERROR

@@ -1,0 +1,368 @@
+"""The ``tonumpy`` command line: show, convert, errors, colour, progress, safety."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import tonumpy
+from tonumpy import cli
+from tonumpy import io as tio
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "model_outputs.pt"
+
+
+class Terminal(io.StringIO):
+    """A text stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def run(
+    *argv: str, stdout: io.StringIO | None = None, stderr: io.StringIO | None = None
+) -> tuple[int, str, str]:
+    out = stdout if stdout is not None else io.StringIO()
+    err = stderr if stderr is not None else io.StringIO()
+    code = cli.main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "ckpt.pt"
+    torch.save(
+        {
+            "model": {"layer.weight": torch.ones(2, 3), "layer.bias": torch.zeros(2)},
+            "logits": torch.tensor([1.0, float("nan"), float("inf"), -2.0]),
+            "step": 7,
+        },
+        path,
+    )
+    return path
+
+
+# -------------------------------------------------------------------------------- show
+
+
+def test_show_example_file() -> None:
+    """The shipped example: every leaf with type, shape, dtype, device, bytes; totals."""
+    code, out, err = run("show", str(EXAMPLE))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{EXAMPLE}: torch")
+    assert lines[1].split() == ["key", "type", "shape", "dtype", "device", "bytes"]
+    logits = next(line for line in lines if line.strip().startswith("logits"))
+    assert logits.split() == ["logits", "Tensor", "(2,", "3)", "bfloat16", "cpu", "12", "B", "grad"]
+    assert any("TinyModelOutput" in line for line in lines)
+    assert any("attentions" in line and "None" in line for line in lines)
+    assert lines[-1].startswith("7 arrays, 147 elements")
+    assert "\033[" not in out  # not a terminal: no colour
+
+
+def test_show_is_coloured_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    code, out, _ = run("show", str(EXAMPLE), stdout=Terminal())
+    assert code == 0
+    assert "\033[36mbfloat16" in out
+    monkeypatch.setenv("NO_COLOR", "1")
+    _, out, _ = run("show", str(EXAMPLE), stdout=Terminal())
+    assert "\033[" not in out
+
+
+def test_show_stats_counts_nan_and_inf(checkpoint: Path) -> None:
+    code, out, _ = run("show", str(checkpoint), "--stats")
+    assert code == 0
+    header = out.splitlines()[1].split()
+    assert header[-5:] == ["min", "max", "mean", "nan", "inf"]
+    logits = next(line for line in out.splitlines() if line.strip().startswith("logits"))
+    # finite values only for min/max/mean: 1 and -2
+    assert logits.split()[-5:] == ["-2", "1", "-0.5", "1", "1"]
+
+
+def test_show_depth_summarises_deeper_levels(checkpoint: Path) -> None:
+    code, out, _ = run("show", str(checkpoint), "--depth", "1")
+    assert code == 0
+    assert "layer.weight" not in out
+    assert "2 arrays" in out  # what is hidden under "model"
+    assert out.splitlines()[-1].startswith("3 arrays")  # totals still count everything
+    code, out, _ = run("show", str(checkpoint), "--depth", "0")
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()[2:-1]]
+    assert rows == [["(root)", "dict", "3", "keys", "48", "B"], ["...", "3", "arrays"]]
+
+
+def test_show_converted_npz_records_what_leaves_were(tmp_path: Path) -> None:
+    dst = tmp_path / "out.npz"
+    assert run("convert", str(EXAMPLE), str(dst))[0] == 0
+    code, out, _ = run("show", str(dst))
+    assert code == 0
+    assert "tonumpy npz" in out.splitlines()[0]
+    logits = next(line for line in out.splitlines() if line.strip().startswith("logits"))
+    assert "float32" in logits
+    assert "was bfloat16" in logits
+    assert "grad" in logits
+
+
+def test_show_plain_npy_directory_and_legacy_torch_file(tmp_path: Path) -> None:
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    np.save(folder / "b.npy", np.zeros((2, 2), np.float16))
+    np.save(folder / "a.npy", np.arange(3))
+    code, out, _ = run("show", str(folder))
+    assert code == 0
+    assert "npy directory" in out.splitlines()[0]
+    assert [line.split()[0] for line in out.splitlines()[3:5]] == ["a", "b"]
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    code, out, _ = run("show", str(legacy))
+    assert code == 0
+    assert out.splitlines()[-1].startswith("1 array, 3 elements, 12 B")
+
+
+def test_show_npy_directory_and_safetensors(tmp_path: Path, checkpoint: Path) -> None:
+    assert run("convert", str(checkpoint), str(tmp_path / "dir"))[0] == 0
+    code, out, _ = run("show", str(tmp_path / "dir"))
+    assert code == 0
+    assert "layer.weight" in out
+    pytest.importorskip("safetensors")
+    assert run("convert", str(checkpoint), str(tmp_path / "x.safetensors"))[0] == 0
+    code, out, _ = run("show", str(tmp_path / "x.safetensors"))
+    assert code == 0
+    assert "safetensors" in out.splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def test_readme_first_command(tmp_path: Path) -> None:
+    """`tonumpy convert examples/model_outputs.pt model_outputs.npz && tonumpy show ...`."""
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    tool = shutil.which("tonumpy") or ""
+    command = [tool] if tool else [sys.executable, "-m", "tonumpy"]
+    env = {**os.environ, "NO_COLOR": "1"}
+    first = subprocess.run(
+        [*command, "convert", "examples/model_outputs.pt", "model_outputs.npz"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("wrote model_outputs.npz (")
+    assert "7 arrays from examples/model_outputs.pt (torch)" in first.stdout
+    shown = subprocess.run(
+        [*command, "show", "model_outputs.npz"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "model_output" in shown.stdout
+    again = subprocess.run(  # a re-run refuses to overwrite, in one line
+        [*command, "convert", "examples/model_outputs.pt", "model_outputs.npz"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert again.returncode == 2
+    assert again.stderr.count("\n") == 1
+    assert "--force" in again.stderr
+    forced = subprocess.run(
+        [*command, "convert", "examples/model_outputs.pt", "model_outputs.npz", "--force"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert forced.returncode == 0, forced.stderr
+    loaded = tonumpy.load(tmp_path / "model_outputs.npz")
+    assert list(loaded) == ["model_output", "labels", "predictions", "input_ids", "epoch", "split"]
+    assert loaded["model_output"]["logits"].dtype == np.float32
+
+
+def test_python_dash_m(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tonumpy", "--version"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"tonumpy {tonumpy.__version__}"
+
+
+def test_convert_ml_dtypes_keeps_bits(tmp_path: Path) -> None:
+    dst = tmp_path / "exact.npz"
+    code, _, err = run("convert", str(EXAMPLE), str(dst), "--ml-dtypes")
+    assert code == 0
+    assert "widened" not in err
+    exact = tonumpy.load(dst, ml_dtypes=True)["model_output"]["logits"]
+    original = tio.read(EXAMPLE).tree["model_output"]["logits"]
+    np.testing.assert_array_equal(exact.view(np.int16), original.view(torch.int16).numpy())
+    code, _, err = run("convert", str(EXAMPLE), str(tmp_path / "wide.npz"))
+    assert "bfloat16 widened to float32" in err
+
+
+def test_existing_destination_needs_force(tmp_path: Path, checkpoint: Path) -> None:
+    dst = tmp_path / "out.npz"
+    dst.write_bytes(b"precious")
+    code, out, err = run("convert", str(checkpoint), str(dst))
+    assert code == 2
+    assert out == ""
+    assert err.startswith("tonumpy: error: ")
+    assert err.count("\n") == 1
+    assert dst.read_bytes() == b"precious"
+    assert run("convert", str(checkpoint), str(dst), "--force")[0] == 0
+    assert "model" in tonumpy.load(dst)
+
+
+def test_failed_conversion_leaves_no_destination(tmp_path: Path, checkpoint: Path) -> None:
+    """A truncated source: exit 2, one line, no DST and no temporary file."""
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(checkpoint.read_bytes()[:200])
+    for dst in ("out.npz", "outdir", "out.safetensors"):
+        code, _, err = run("convert", str(broken), str(tmp_path / dst))
+        assert code == 2
+        assert err.count("\n") == 1
+        assert "Traceback" not in err
+        assert not (tmp_path / dst).exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_interrupt_leaves_nothing(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = tio._write_array
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tio, "_write_array", interrupted)
+    code, _, err = run("convert", str(checkpoint), str(tmp_path / "out.npz"))
+    assert code == 130
+    assert "interrupted" in err
+    assert not (tmp_path / "out.npz").exists()
+    assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["show", "missing.pt"], "no such file"),
+        (["convert", "missing.pt", "out.npz"], "no such file"),
+        (["convert", "x.pt", "out.pickle"], "cannot write '.pickle' files"),
+        (["show", "notes.txt"], "not a file tonumpy reads"),
+        (["show"], "required"),
+        (["show", "x.pt", "--depth", "-1"], "negative"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_errors_are_one_line_with_status_2(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello")
+    code, out, err = run(*argv)
+    err += capsys.readouterr().err  # argparse's own usage errors go to sys.stderr
+    assert code == 2
+    assert out == ""
+    assert message in err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    code, _, err = run("--debug", "show", str(tmp_path / "missing.pt"))
+    assert code == 2
+    assert "Traceback" in err
+    code, _, err = run("show", str(tmp_path / "missing.pt"), "--debug")  # after the command too
+    assert "Traceback" in err
+
+
+def test_malicious_pickle_is_refused_by_the_cli(tmp_path: Path) -> None:
+    """The file would create a marker when unpickled: refused, exit 2, no marker, no DST."""
+    marker = tmp_path / "MARKER"
+    src = tmp_path / "evil.pt"
+    script = (
+        "import os, sys, torch\n"
+        "class Evil:\n"
+        "    def __reduce__(self):\n"
+        "        return (os.system, ('touch ' + sys.argv[2],))\n"
+        "torch.save({'w': torch.ones(2), 'x': Evil()}, sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(src), str(marker)], check=True)
+    assert not marker.exists()
+    for argv in (["show", str(src)], ["convert", str(src), str(tmp_path / "out.npz")]):
+        code, _, err = run(*argv)
+        assert code == 2
+        assert "refused" in err
+        assert "system" in err  # os.system, written posix.system by pickle
+        assert err.count("\n") == 1
+        assert not marker.exists()
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_unsafe_load_warns(tmp_path: Path) -> None:
+    src = tmp_path / "p4.pt"
+    torch.save({"a": np.ones(2)}, src, pickle_protocol=4)  # beyond the weights-only loader
+    code, _, err = run("convert", str(src), str(tmp_path / "a.npz"))
+    assert code == 2
+    assert "--unsafe-load" in err
+    code, _, err = run("convert", str(src), str(tmp_path / "a.npz"), "--unsafe-load")
+    assert code == 0
+    assert "warning: --unsafe-load" in err
+    np.testing.assert_array_equal(tonumpy.load(tmp_path / "a.npz")["a"], np.ones(2))
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+def test_progress_bar_only_on_a_terminal_and_for_large_inputs(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = run("convert", str(checkpoint), str(tmp_path / "a.npz"), stderr=Terminal())
+    assert code == 0
+    assert "converting" not in err  # small input: no bar
+    monkeypatch.setattr(cli, "PROGRESS_MIN_BYTES", 0)
+    code, _, err = run("convert", str(checkpoint), str(tmp_path / "b.npz"), stderr=Terminal())
+    assert code == 0
+    assert "converting [" in err
+    assert "100%" in err
+    assert err.rstrip("\n").endswith("\r\033[K")  # the bar is cleared at the end
+    code, _, err = run("convert", str(checkpoint), str(tmp_path / "c.npz"))
+    assert "converting" not in err  # piped: never
+
+
+def test_bar_draws_percentages() -> None:
+    stream = Terminal()
+    bar = cli._Bar(stream, "converting")
+    bar(cli.PROGRESS_MIN_BYTES // 2, cli.PROGRESS_MIN_BYTES)
+    assert " 50%" in stream.getvalue()
+    bar.close()
+    assert stream.getvalue().endswith("\r\033[K")

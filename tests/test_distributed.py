@@ -1,0 +1,641 @@
+"""Tests for ``tonumpy.gather`` over real gloo process groups on 127.0.0.1.
+
+Each world size (1, 2, 3) is one launch: that many worker processes (this file run as a script)
+join one gloo group and run every check in ``CHECKS`` against the same group, writing each
+check's outcome to a JSON file as they go. The pytest side launches each world once, with a hard
+timeout, and kills every worker's process group in a ``finally``, so a failing or hanging check
+never leaves processes behind. Each check knows every rank's input (it is a function of the
+rank), so every rank checks the full result itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import namedtuple
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import tonumpy
+from tonumpy import ConversionError, gather
+
+WORLDS = (1, 2, 3)
+RUN_TIMEOUT = 120.0  # seconds for a whole launch: startup plus every check
+PG_TIMEOUT = 60.0  # the process group's own timeout (a hang fails well before the run's)
+BOUND = 10.0  # an error that must be raised on every rank is raised within this many seconds
+
+
+# ------------------------------------------------------------------------------ launching
+
+
+def _launch(world: int, scenario: str, timeout: float) -> tuple[dict[int, dict[str, str]], list]:
+    """Run ``world`` workers of ``scenario``; return each rank's results and the Popen objects.
+
+    Raises TimeoutError if the workers have not all exited within ``timeout`` seconds. Every
+    worker (started in its own session) has its whole process group killed in any case.
+    """
+    out = Path(tempfile.mkdtemp(prefix="tonumpy-gather-"))
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONWARNINGS="error")
+    procs = []
+    try:
+        for rank in range(world):
+            log = (out / f"rank{rank}.log").open("w")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, scenario, str(rank), str(world), str(out)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env=env,
+                )
+            )
+            log.close()
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            remaining = deadline - time.monotonic()
+            try:
+                proc.wait(timeout=max(remaining, 0.01))
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"{scenario} (world {world}) ran past {timeout} s") from None
+        results = {}
+        for rank in range(world):
+            path = out / f"rank{rank}.json"
+            results[rank] = json.loads(path.read_text()) if path.exists() else {}
+            if procs[rank].returncode != 0:
+                log_text = (out / f"rank{rank}.log").read_text()[-3000:]
+                results[rank].setdefault("__exit__", f"exit {procs[rank].returncode}: {log_text}")
+        return results, procs
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+_RUNS: dict[int, dict[int, dict[str, str]]] = {}
+
+
+def _results(world: int) -> dict[int, dict[str, str]]:
+    if world not in _RUNS:
+        _RUNS[world] = _launch(world, "checks", RUN_TIMEOUT)[0]
+    return _RUNS[world]
+
+
+# ------------------------------------------------------------------------------ worker side
+
+
+def _init(rank: int, world: int, out: Path) -> None:
+    """Join a gloo group on 127.0.0.1 through a TCPStore on a port the OS picked."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=PG_TIMEOUT)
+    port_file = out / "port"
+    if rank == 0:
+        store = dist.TCPStore(
+            "127.0.0.1", 0, world, is_master=True, timeout=timeout, wait_for_workers=False
+        )
+        tmp = out / "port.tmp"
+        tmp.write_text(str(store.port))
+        tmp.rename(port_file)
+    else:
+        deadline = time.monotonic() + PG_TIMEOUT
+        while not port_file.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("rank 0 never published its port")
+            time.sleep(0.01)
+        store = dist.TCPStore("127.0.0.1", int(port_file.read_text()), world, False, timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def _same(actual: Any, expected: Any) -> None:
+    """Assert two arrays are equal in dtype, shape and value (NaN equal to NaN)."""
+    assert isinstance(actual, np.ndarray), type(actual)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    np.testing.assert_array_equal(actual, expected)
+
+
+def _rows(rank: int) -> int:
+    """Rows of rank ``rank``: 0, 2, 1 (rank 0 has none; a world of 1 is all empty)."""
+    return (2 * rank) % 3
+
+
+def _check_uneven_rows(rank: int, world: int) -> None:
+    mine = torch.arange(_rows(rank) * 4, dtype=torch.float32).reshape(-1, 4) + 100 * rank
+    out = gather({"x": mine})
+    expected = np.concatenate(
+        [np.arange(_rows(r) * 4, dtype=np.float32).reshape(-1, 4) + 100 * r for r in range(world)]
+    )
+    _same(out["x"], expected)
+
+
+def _check_all_empty(rank: int, world: int) -> None:
+    out = gather({"x": torch.zeros(0, 4, dtype=torch.int64), "y": [torch.zeros(0)]})
+    _same(out["x"], np.zeros((0, 4), dtype=np.int64))
+    _same(out["y"][0], np.zeros((0,), dtype=np.float32))
+
+
+def _ragged_leaf(rank: int) -> torch.Tensor:
+    n = _rows(rank)
+    shape = (n, rank + 1, 3 - rank)
+    return (torch.arange(math_prod(shape), dtype=torch.int16) + 10 * rank).reshape(shape)
+
+
+def math_prod(shape: tuple[int, ...]) -> int:
+    result = 1
+    for s in shape:
+        result *= s
+    return result
+
+
+def _expected_ragged(world: int, fill: int) -> np.ndarray:
+    chunks = [_ragged_leaf(r).numpy() for r in range(world)]
+    full = [c for c in chunks if c.shape[0]] or chunks
+    target = tuple(max(c.shape[i] for c in full) for i in (1, 2))
+    out = np.full((sum(c.shape[0] for c in chunks), *target), fill, dtype=np.int16)
+    start = 0
+    for c in full if full[0].shape[0] else []:
+        out[start : start + c.shape[0], : c.shape[1], : c.shape[2]] = c
+        start += c.shape[0]
+    return out
+
+
+def _check_ragged_later_dims(rank: int, world: int) -> None:
+    tree = {"ids": _ragged_leaf(rank), "same": torch.ones(_rows(rank), 2)}
+    out = gather(tree, pad_value={"ids": -7})
+    _same(out["ids"], _expected_ragged(world, -7))
+    _same(out["same"], np.ones((sum(map(_rows, range(world))), 2), dtype=np.float32))
+    out = gather(tree, pad_value=lambda path, dtype: 5 if path == ("ids",) else None)
+    _same(out["ids"], _expected_ragged(world, 5))
+
+
+def _check_ragged_without_pad_value(rank: int, world: int) -> None:
+    tree = {"ids": _ragged_leaf(rank)}
+    if world < 3:  # ranks with rows: at most one, so nothing is ragged
+        _same(gather(tree)["ids"], _expected_ragged(world, 0))
+        return
+    start = time.monotonic()
+    with pytest.raises(ConversionError, match=r"tree\['ids'\].*pad_value="):
+        gather(tree)
+    with pytest.raises(ConversionError, match=r"-300000 cannot be represented in int16"):
+        gather(tree, pad_value=-300_000)
+    assert time.monotonic() - start < BOUND
+
+
+def _check_zero_d(rank: int, world: int) -> None:
+    out = gather({"loss": torch.tensor(rank + 0.5), "step": torch.tensor(rank)})
+    _same(out["loss"], np.arange(world, dtype=np.float32) + 0.5)
+    _same(out["step"], np.arange(world, dtype=np.int64))
+
+
+def _dtype_tree(rank: int) -> dict[str, Any]:
+    base = torch.arange(6, dtype=torch.float32).reshape(2, 3) + 10 * rank
+    complex_ = torch.complex(base, -base - 1)
+    return {
+        "bool": base > 12,
+        "int64": (base * 1e12).to(torch.int64),
+        "bf16": (base / 3).to(torch.bfloat16),
+        "f16": (base / 7).half(),
+        "uint8": base.to(torch.uint8),
+        "complex": complex_,
+        "conj": complex_.conj(),  # a conjugate view (conj bit set)
+        "neg": complex_.conj().imag,  # a negative view (neg bit set)
+        "noncontig": torch.arange(12.0).reshape(3, 4).T[:2] + rank,
+        "grad": (base + 0.25).requires_grad_(),
+        "numpy": base.numpy().astype(np.float64),
+        "np_scalar": np.int32(rank),
+        "f64_0d": torch.tensor(rank / 3, dtype=torch.float64),
+    }
+
+
+def _expected_dtypes(world: int, *, ml: bool) -> dict[str, np.ndarray]:
+    trees = [_dtype_tree(r) for r in range(world)]
+    expected = {}
+    for key in trees[0]:
+        leaves = [t[key] for t in trees]
+        arrays = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                leaf = leaf.detach().resolve_conj().resolve_neg()  # noqa: PLW2901
+                if leaf.dtype == torch.bfloat16:
+                    bits = leaf.view(torch.int16).numpy()
+                    leaf = bits.view(tonumpy._dtypes.ml_numpy_dtype(torch.bfloat16))  # noqa: PLW2901
+                    arrays.append(leaf if ml else leaf.astype(np.float32))
+                    continue
+                leaf = leaf.numpy()  # noqa: PLW2901
+            arrays.append(np.asarray(leaf))
+        if arrays[0].ndim == 0:
+            expected[key] = np.stack(arrays)
+        else:
+            expected[key] = np.concatenate(arrays)
+    return expected
+
+
+def _check_dtypes(rank: int, world: int) -> None:
+    tree = _dtype_tree(rank)
+    for ml in (False, True):
+        out = gather(tree, ml_dtypes=ml)
+        expected = _expected_dtypes(world, ml=ml)
+        assert list(out) == list(expected)
+        for key, value in expected.items():
+            _same(out[key], value)
+    assert tree["conj"].is_conj()  # the input is left as it was
+    assert tree["grad"].requires_grad
+
+
+Point = namedtuple("Point", ["x", "y"])
+
+
+@dataclasses.dataclass
+class Output:
+    logits: Any
+    extra: Any = None
+
+
+def _check_containers(rank: int, world: int) -> None:
+    tree = {
+        "list": [torch.full((1,), rank), torch.full((2, 2), float(rank))],
+        "tuple": (torch.tensor([rank]), None),
+        "point": Point(torch.tensor([[rank, -rank]]), "p"),
+        "output": Output(torch.ones(rank, 3), extra={"name": f"rank{rank}", "n": rank}),
+        "none": None,
+    }
+    out = gather(tree)
+    assert set(out) == set(tree)
+    assert list(out) == list(tree)
+    _same(out["list"][0], np.arange(world, dtype=np.int64))
+    _same(out["list"][1], np.repeat(np.arange(world, dtype=np.float32), 4).reshape(-1, 2))
+    assert isinstance(out["tuple"], tuple)
+    assert out["tuple"][1] is None
+    assert type(out["point"]) is Point
+    _same(out["point"].x, np.array([[r, -r] for r in range(world)]))
+    assert out["point"].y == ["p"] * world
+    assert type(out["output"]) is Output
+    _same(out["output"].logits, np.ones((sum(range(world)), 3), dtype=np.float32))
+    assert out["output"].extra == {
+        "name": [f"rank{r}" for r in range(world)],
+        "n": list(range(world)),
+    }
+    assert out["none"] is None
+
+
+def _check_dst(rank: int, world: int) -> None:
+    for dst in {0, world - 1}:
+        out = gather({"x": torch.full((rank + 1,), rank)}, dst=dst)
+        if rank == dst:
+            _same(out["x"], np.concatenate([np.full(r + 1, r) for r in range(world)]))
+        else:
+            assert out is None
+
+
+def _check_axis(rank: int, world: int) -> None:
+    out = gather({"x": torch.full((2, rank + 1), rank)}, axis=-1)
+    _same(out["x"], np.concatenate([np.full((2, r + 1), r) for r in range(world)], axis=1))
+
+
+def _check_many_leaves_few_collectives(rank: int, world: int) -> None:
+    import torch.distributed.distributed_c10d as c10d
+
+    counts: dict[str, int] = {}
+    originals = {name: getattr(c10d, name) for name in ("all_gather", "gather", "broadcast")}
+
+    def counting(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            counts[name] = counts.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    dtypes = [torch.float32, torch.int64, torch.bfloat16, torch.bool, torch.complex64]
+    tree = {f"leaf{i}": torch.ones(rank + 1, 3).to(dtypes[i % len(dtypes)]) * i for i in range(300)}
+    modules = (c10d, torch.distributed)  # patched in both: internal calls are counted too
+    for name in originals:
+        for module in modules:
+            setattr(module, name, counting(name))
+    try:
+        out = gather(tree)
+        gathered = gather(tree, dst=world - 1)
+    finally:
+        for name, fn in originals.items():
+            for module in modules:
+                setattr(module, name, fn)
+    # per call: all_gather_object (two all_gathers) + one collective for the data
+    if world > 1:
+        assert counts == {"all_gather": 5, "gather": 1}, counts
+    else:
+        assert counts == {}, counts
+    rows = sum(r + 1 for r in range(world))
+    _same(out["leaf6"], np.full((rows, 3), 6, dtype=np.int64))
+    assert (gathered is None) == (rank != world - 1)
+
+
+def _expect_raise_everywhere(match: str, call: Callable[[], Any]) -> None:
+    start = time.monotonic()
+    with pytest.raises(ConversionError, match=match):
+        call()
+    assert time.monotonic() - start < BOUND
+
+
+def _check_mismatch_raises_everywhere(rank: int, world: int) -> None:
+    last = rank == world - 1 and world > 1
+    tree: dict[str, Any] = {"a": torch.ones(2), "b": torch.ones(2)}
+    if last:
+        tree["c"] = torch.ones(1)
+    if world > 1:
+        _expect_raise_everywhere(
+            rf"rank {world - 1} does not have the structure.*tree\['c'\]", lambda: gather(tree)
+        )
+    if world > 1:
+        pair: Any = (torch.ones(1), torch.ones(1))
+        _expect_raise_everywhere(
+            r"the containers differ", lambda: gather({"p": list(pair) if last else pair})
+        )
+    leaf = torch.ones(2, dtype=torch.float64 if last else torch.float32)
+    if world > 1:
+        _expect_raise_everywhere(
+            rf"tree\['x'\] is float32 on rank 0 but float64 on rank {world - 1}",
+            lambda: gather({"x": leaf}),
+        )
+    bad = torch.empty(2, device="meta") if last else torch.ones(2)
+    if world > 1:
+        _expect_raise_everywhere(r"meta tensors", lambda: gather({"m": bad}))
+        _expect_raise_everywhere(
+            r"dst=", lambda: gather({"x": torch.ones(1)}, dst=rank if last else 0)
+        )
+        kind = torch.ones(2) if last else torch.tensor(1.0)
+        _expect_raise_everywhere(r"0-d value on rank 0", lambda: gather({"k": kind}))
+    # the group is still usable after every one of those errors
+    out = gather({"x": torch.ones(1)})
+    _same(out["x"], np.ones(world, dtype=np.float32))
+
+
+def _check_odd_leaves(rank: int, world: int) -> None:
+    sparse = torch.sparse_coo_tensor([[0, 1]], [rank, 2], (3,), check_invariants=True)
+    stamps = np.array(["2026-11-28"], dtype="datetime64[D]") + rank
+    out = gather({"sparse": sparse, "stamps": stamps, "tag": np.str_("t")})
+    _same(out["sparse"], np.concatenate([[r, 2, 0] for r in range(world)]))
+    _same(out["stamps"], np.array(["2026-11-28"], dtype="datetime64[D]") + np.arange(world))
+    _same(out["tag"], np.array(["t"] * world))
+    if world > 1:
+        value: Any = (lambda: None) if rank == 0 else 1
+        _expect_raise_everywhere(r"pickling it failed|rank 0 raised", lambda: gather({"v": value}))
+
+
+def _features(indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a model would output for dataset items ``indices``: a function of the item."""
+    return {"item": indices.clone(), "emb": indices[:, None].float() * torch.tensor([1.0, -1.0])}
+
+
+def _check_sampler(rank: int, world: int) -> None:
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    for length in (10, 7):  # neither divisible by 3 nor (7) by 2
+        dataset = list(range(length))
+        for shuffle in (False, True):
+            sampler = DistributedSampler(dataset, shuffle=shuffle, seed=3)
+            sampler.set_epoch(2)
+            loader = DataLoader(dataset, batch_size=3, sampler=sampler)
+            acc = tonumpy.Accumulator()
+            for batch in loader:
+                acc.append(_features(torch.as_tensor(batch)))
+            mine = acc.result()
+            mine["name"] = np.array([f"item{i}" for i in mine["item"]])  # a str array: pickled
+            out = gather(mine, sampler=sampler)
+            _same(out["item"], np.arange(length))
+            _same(out["name"], np.array([f"item{i}" for i in range(length)]))
+            _same(out["emb"], np.arange(length, dtype=np.float32)[:, None] * np.float32([1, -1]))
+            gathered = gather(acc.result(), sampler=sampler, num_items=4, dst=0)
+            if rank == 0:
+                _same(gathered["item"], np.arange(4))
+            # concatenating by rank and truncating is what gives the wrong order (F36)
+            naive = gather(acc.result())["item"][:length]
+            if world > 1:
+                assert not np.array_equal(naive, np.arange(length))
+        dropped = DistributedSampler(dataset, shuffle=True, drop_last=True, seed=1)
+        items = torch.tensor(list(dropped))
+        out = gather({"item": items, "loss": torch.tensor(1.0)}, sampler=dropped)
+        kept = np.sort(np.concatenate([np.asarray(list(_peer(dropped, r))) for r in range(world)]))
+        _same(out["item"], kept)
+        assert out["loss"].shape == (world,)  # 0-d leaves stay one per rank
+
+
+def _peer(sampler: Any, rank: int) -> Any:
+    from torch.utils.data import DistributedSampler
+
+    peer = DistributedSampler(
+        sampler.dataset,
+        num_replicas=sampler.num_replicas,
+        rank=rank,
+        shuffle=sampler.shuffle,
+        seed=sampler.seed,
+        drop_last=sampler.drop_last,
+    )
+    peer.set_epoch(sampler.epoch)
+    return peer
+
+
+def _check_sampler_errors(rank: int, world: int) -> None:
+    from torch.utils.data import DistributedSampler
+
+    dataset = list(range(5))
+    sampler = DistributedSampler(dataset, shuffle=False)
+    items = torch.tensor(list(sampler))
+    _expect_raise_everywhere(
+        r"tree\['item'\] has .* rows .* sampler gives that rank",
+        lambda: gather({"item": items[:-1] if rank == 0 else items}, sampler=sampler),
+    )
+    if world > 1:
+        sampler.set_epoch(rank)
+        _expect_raise_everywhere(
+            r"samplers differ", lambda: gather({"item": items}, sampler=sampler)
+        )
+
+
+def _check_num_items_contiguous(rank: int, world: int) -> None:
+    length = 8
+    per = -(-length // world)
+    mine = torch.arange(rank * per, (rank + 1) * per) % length  # wraps round at the end
+    out = gather({"x": mine, "loss": torch.tensor(float(rank))}, num_items=length)
+    _same(out["x"], np.arange(length))
+    _same(out["loss"], np.arange(world, dtype=np.float32))
+
+
+def _check_subgroup(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    members = [world - 1] if world < 3 else [1, 2]
+    group = dist.new_group(members)
+    if rank in members:
+        if world == 3:
+            with pytest.raises(ValueError, match="not a member"):
+                gather({"x": torch.tensor([rank])}, group=group, dst=0)
+        out = gather({"x": torch.tensor([rank])}, group=group, dst=members[-1])
+        if rank == members[-1]:
+            _same(out["x"], np.array(members))
+        else:
+            assert out is None
+    dist.barrier()
+
+
+def _check_dtensor(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.arange(world * 2 * 3, dtype=torch.float32).reshape(world * 2, 3)
+    dtensor = distribute_tensor(full, mesh, [Shard(0)])
+    out = gather({"d": dtensor, "local": torch.tensor([rank])})
+    # every rank materialises the whole tensor, then it is concatenated over the ranks
+    _same(out["d"], np.concatenate([full.numpy()] * world))
+    _same(out["local"], np.arange(world))
+
+
+CHECKS: dict[str, Callable[[int, int], None]] = {
+    name.removeprefix("_check_"): fn
+    for name, fn in sorted(globals().items())
+    if name.startswith("_check_") and callable(fn)
+}
+
+
+def _cuda_leaves(rank: int, world: int) -> None:
+    """CUDA leaves over gloo: each rank's tensors come to the host once, in the packed buffer."""
+    device = torch.device("cuda", 0)
+    base = torch.arange(6.0, device=device).reshape(2, 3) + rank
+    tree = {
+        "f": base,
+        "bf16": base.to(torch.bfloat16),
+        "conj": torch.complex(base, base).conj(),
+        "t": base.T,
+    }
+    out = gather(tree, dst=0)
+    if rank:
+        assert out is None
+        return
+    host = [torch.arange(6.0).reshape(2, 3) + r for r in range(world)]
+    _same(out["f"], np.concatenate([h.numpy() for h in host]))
+    _same(out["bf16"], np.concatenate([h.numpy() for h in host]))
+    _same(out["conj"], np.concatenate([(h - 1j * h).numpy().astype(np.complex64) for h in host]))
+    _same(out["t"], np.concatenate([h.T.numpy() for h in host]))
+
+
+def _worker(scenario: str, rank: int, world: int, out: Path) -> None:
+    import torch.distributed as dist
+
+    _init(rank, world, out)
+    results: dict[str, str] = {}
+    path = out / f"rank{rank}.json"
+    if scenario == "hang":  # rank 0 waits in gather() for a rank that never calls it
+        if rank == 0:
+            gather({"x": torch.ones(1)})
+        time.sleep(3600)
+    checks = {"cuda_leaves": _cuda_leaves} if scenario == "cuda" else CHECKS
+    for name, check in checks.items():
+        try:
+            check(rank, world)
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the pytest side
+            results[name] = traceback.format_exc()
+        path.write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+@pytest.mark.parametrize("world", WORLDS, ids=lambda w: f"world{w}")
+def test_gather_across_ranks(world: int, check: str) -> None:
+    """The check passes on every rank of a gloo group of this size."""
+    results = _results(world)
+    for rank in range(world):
+        outcome = results[rank].get(check, "did not run: " + results[rank].get("__exit__", ""))
+        assert outcome == "ok", f"rank {rank}:\n{outcome}"
+
+
+def test_hanging_run_leaves_no_process_behind() -> None:
+    """A run where one rank never calls gather() times out, and every worker is killed."""
+    holder: list[Any] = []
+    original = subprocess.Popen
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        proc = original(*args, **kwargs)
+        holder.append(proc)
+        return proc
+
+    subprocess.Popen = recording  # type: ignore[misc]
+    try:
+        with pytest.raises(TimeoutError):
+            _launch(2, "hang", timeout=6.0)
+    finally:
+        subprocess.Popen = original  # type: ignore[misc]
+    assert len(holder) == 2
+    for proc in holder:
+        assert proc.returncode is not None
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)
+
+
+@pytest.mark.cuda
+def test_cuda_leaves_over_gloo() -> None:
+    """Two ranks sharing one GPU gather CUDA leaves (bf16, conj, transposed) over gloo."""
+    results, _ = _launch(2, "cuda", RUN_TIMEOUT)
+    for rank in range(2):
+        assert results[rank].get("cuda_leaves") == "ok", results[rank]
+
+
+@pytest.mark.cuda
+def test_cuda_without_process_group() -> None:
+    """Without a process group, CUDA leaves are converted as by concat([tree])."""
+    x = torch.arange(4.0, device="cuda").reshape(2, 2)
+    out = gather({"x": x, "h": x.half().T})
+    _same(out["x"], np.arange(4.0, dtype=np.float32).reshape(2, 2))
+    _same(out["h"], np.arange(4.0, dtype=np.float16).reshape(2, 2).T)
+
+
+def test_without_process_group() -> None:
+    """Without init_process_group, gather is concat([tree]) and needs no torch.distributed."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    tree = {"x": torch.ones(2, 3, requires_grad=True), "loss": torch.tensor(0.5), "tag": "a"}
+    out = gather(tree)
+    _same(out["x"], np.ones((2, 3), dtype=np.float32))
+    _same(out["loss"], np.array([0.5], dtype=np.float32))
+    assert out["tag"] == ["a"]
+    assert gather(tree, dst=0) is not None
+    with pytest.raises(ValueError, match="only rank is 0"):
+        gather(tree, dst=1)
+
+
+def test_without_process_group_sampler() -> None:
+    """A one-replica sampler with shuffle puts rows back in dataset order."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(list(range(9)), num_replicas=1, rank=0, shuffle=True)
+    items = torch.tensor(list(sampler))
+    assert not torch.equal(items, torch.arange(9))
+    _same(gather({"i": items}, sampler=sampler)["i"], np.arange(9))
+    _same(gather({"i": items}, sampler=sampler, num_items=3)["i"], np.arange(3))
+    with pytest.raises(ConversionError, match="sampler gives that rank 9"):
+        gather({"i": items[:4]}, sampler=sampler)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
