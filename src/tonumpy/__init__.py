@@ -1,18 +1,29 @@
 """tonumpy: turn any tensor, or any nested structure of tensors, into NumPy, correctly.
 
+The conversion functions and errors are imported eagerly; the modules behind ``concat``,
+``Accumulator``, ``capture``, ``gather``, ``save`` and ``load`` load on first use, so that
+``import tonumpy`` costs little more than ``import torch``.
+
 Example:
     >>> import torch, tonumpy
     >>> tonumpy.to_numpy({"x": torch.ones(2, requires_grad=True)})
     {'x': array([1., 1.], dtype=float32)}
 """
 
-from .accumulate import Accumulator, concat
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .asynchronous import PendingTransfer, to_numpy_async
-from .capture import Activations, CaptureError, capture, numpy_args
 from .convert import apply, to_numpy, to_torch
-from .distributed import gather
 from .errors import ConversionError, TonumpyError, UnsupportedLeafError
-from .io import load, save
+
+if TYPE_CHECKING:
+    from .accumulate import Accumulator, concat
+    from .capture import Activations, CaptureError, capture, numpy_args
+    from .distributed import gather
+    from .io import load, save
 
 __version__ = "0.1.0"
 
@@ -36,3 +47,29 @@ __all__ = [
     "to_numpy_async",
     "to_torch",
 ]
+
+_LAZY = {
+    "Accumulator": "accumulate",
+    "concat": "accumulate",
+    "Activations": "capture",
+    "CaptureError": "capture",
+    "capture": "capture",
+    "numpy_args": "capture",
+    "gather": "distributed",
+    "load": "io",
+    "save": "io",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        msg = f"module 'tonumpy' has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 import sys
 from collections import OrderedDict, UserDict, defaultdict, deque
 from collections.abc import Callable, Iterable
@@ -66,19 +67,29 @@ class _NodeMeta:
         return f"{self.cls.__name__}{list(self.keys)!r}"
 
 
-def _copy_state(new: Any, template: Any, skip: Iterable[str]) -> None:
+def _slot_names(cls: type[Any]) -> tuple[str, ...]:
+    """Every slot declared along ``cls``'s MRO (``__dict__``/``__weakref__`` excluded)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def _copy_state(
+    new: Any, template: Any, skip: Iterable[str], slots: tuple[str, ...] | None = None
+) -> None:
     """Copy the attributes of ``template`` that are not in ``skip`` onto ``new`` (unconverted)."""
     skipped = set(skip)
     state = getattr(template, "__dict__", None)
-    if state is not None:
+    if state:
         for name, value in state.items():
             if name not in skipped:
                 object.__setattr__(new, name, value)
-    for klass in type(template).__mro__:
-        slots = klass.__dict__.get("__slots__", ())
-        for name in (slots,) if isinstance(slots, str) else slots:
-            if name in skipped or name in ("__dict__", "__weakref__"):
-                continue
+    for name in _slot_names(type(template)) if slots is None else slots:
+        if name not in skipped:
             with contextlib.suppress(AttributeError):  # an unset slot stays unset
                 object.__setattr__(new, name, object.__getattribute__(template, name))
 
@@ -102,14 +113,36 @@ def _dict_setitem(cls: type[Any]) -> Callable[[Any, Any, Any], None]:
 
 def _register_dataclass(cls: type[Any]) -> None:
     names = _field_names(cls)
+    field_set = frozenset(names)
+    extra_slots = tuple(n for n in _slot_names(cls) if n not in field_set)
+    has_dict = "__dict__" in dir(cls)
+    getter = operator.attrgetter(*names) if names else None
+
+    def get_all(obj: Any) -> list[Any]:
+        if getter is None:
+            return []
+        values = getter(obj)
+        return list(values) if len(names) > 1 else [values]
 
     def flatten(obj: Any) -> tuple[list[Any], _NodeMeta, tuple[str, ...]]:
-        present = tuple(n for n in names if getattr(obj, n, _MISSING) is not _MISSING)
-        return [getattr(obj, n) for n in present], _NodeMeta(cls, present, 0, obj), present
+        try:  # the common case: every field is set
+            children = get_all(obj)
+            present = names
+        except AttributeError:  # init=False fields that were never assigned
+            present = tuple(n for n in names if getattr(obj, n, _MISSING) is not _MISSING)
+            children = [getattr(obj, n) for n in present]
+        return children, _NodeMeta(cls, present, 0, obj), present
 
     def unflatten(meta: Any, children: Iterable[Any]) -> Any:
         new = _blank(cls)
-        _copy_state(new, meta.template, meta.keys)
+        template = meta.template
+        if has_dict:
+            state = template.__dict__
+            if state.keys() - field_set:  # extra, non-field attributes are kept as they are
+                state = {k: v for k, v in state.items() if k not in field_set}
+                object.__getattribute__(new, "__dict__").update(state)
+        if extra_slots:
+            _copy_state(new, template, field_set, extra_slots)
         for name, value in zip(meta.keys, children, strict=True):
             object.__setattr__(new, name, value)
         return new
