@@ -24,7 +24,6 @@ Copy = Literal[True, False] | None
 
 # Tensor types whose ``numpy(force=True)`` is the whole conversion when it succeeds.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-_SPARSE_HINT = "sparse tensors are densified, which copies"
 # False until the first CUDA tensor exists (always False on CPU-only builds).
 _cuda_initialized: Callable[[], bool] = torch.cuda.is_initialized
 # isinstance(x, torch.Tensor) as one C call, for filter().
