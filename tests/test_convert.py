@@ -730,3 +730,14 @@ def test_ordered_dict_subclass_order() -> None:
     assert list(out) == ["z", "a"]
     out["new"] = 1  # still a working OrderedDict
     assert list(out)[-1] == "new"
+
+
+def test_public_names_survive_submodule_imports() -> None:
+    """Importing a submodule never replaces a public function of the same name."""
+    import importlib
+
+    for module in ("accumulate", "capture", "distributed", "io", "convert", "asynchronous"):
+        importlib.import_module(f"tonumpy.{module}")
+    for name in tonumpy.__all__:
+        value = getattr(tonumpy, name)
+        assert not isinstance(value, type(tonumpy)), name

@@ -1,8 +1,9 @@
 """tonumpy: turn any tensor, or any nested structure of tensors, into NumPy, correctly.
 
-The conversion functions and errors are imported eagerly; the modules behind ``concat``,
-``Accumulator``, ``capture``, ``gather``, ``save`` and ``load`` load on first use, so that
-``import tonumpy`` costs little more than ``import torch``.
+The conversion functions, ``capture`` and the errors are imported eagerly (``capture`` must be:
+the function shares its name with its module); the modules behind ``concat``, ``Accumulator``,
+``gather``, ``save`` and ``load`` load on first use, so that ``import tonumpy`` costs little
+more than ``import torch``.
 
 Example:
     >>> import torch, tonumpy
@@ -16,12 +17,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .asynchronous import PendingTransfer, to_numpy_async
+from .capture import Activations, CaptureError, capture, numpy_args
 from .convert import apply, to_numpy, to_torch
 from .errors import ConversionError, TonumpyError, UnsupportedLeafError
 
 if TYPE_CHECKING:
     from .accumulate import Accumulator, concat
-    from .capture import Activations, CaptureError, capture, numpy_args
     from .distributed import gather
     from .io import load, save
 
@@ -51,10 +52,6 @@ __all__ = [
 _LAZY = {
     "Accumulator": "accumulate",
     "concat": "accumulate",
-    "Activations": "capture",
-    "CaptureError": "capture",
-    "capture": "capture",
-    "numpy_args": "capture",
     "gather": "distributed",
     "load": "io",
     "save": "io",
