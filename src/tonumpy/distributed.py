@@ -32,7 +32,7 @@ from optree import PyTreeSpec
 
 from . import _dtypes, _ragged, _tree
 from ._ragged import PadValue
-from .accumulate import concat
+from .accumulate import _normalise_axis, concat
 from .convert import _convert_checked
 from .errors import ConversionError
 
@@ -350,13 +350,7 @@ def _check_leaves(
                     path=path,
                 )
             ndim = ndims.pop()
-            ax = axis + ndim if axis < 0 else axis
-            if not 0 <= ax < ndim:
-                raise ConversionError(
-                    f"gather(): axis={axis} is out of bounds for {_tree.format_path(path)}, "
-                    f"which has {ndim} dimension(s); pass an axis every array leaf has",
-                    path=path,
-                )
+            ax = _normalise_axis(axis, ndim, path, "gather()")
             chunks = [(s[ax], *s[:ax], *s[ax + 1 :]) for s in shapes if s is not None]
         basis = [r for r, c in enumerate(chunks) if c[0] > 0] or list(range(len(chunks)))
         for r in basis:
