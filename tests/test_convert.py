@@ -302,29 +302,32 @@ def test_copy_false_with_ml_dtypes_is_zero_copy() -> None:
 
 # -------------------------------------------------------------------------------------- dtypes
 
+LOW_PRECISION = [
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+]
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "bfloat16",
-        "float8_e4m3fn",
-        "float8_e4m3fnuz",
-        "float8_e5m2",
-        "float8_e5m2fnuz",
-        "float8_e8m0fnu",
-    ],
-)
-def test_ml_dtypes_are_bit_exact_and_zero_copy(name: str) -> None:
-    """ml_dtypes=True keeps every bit (NaN payloads too) and shares memory on the CPU."""
-    ml_dtypes = pytest.importorskip("ml_dtypes")
+
+def _every_bit_pattern(name: str) -> torch.Tensor:
+    """A tensor of dtype ``torch.<name>`` holding each of its bit patterns once."""
     dtype = getattr(torch, name, None)
     if dtype is None:
         pytest.skip(f"torch {torch.__version__} has no {name}")
-    bits = (
-        torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype)
-        if dtype.itemsize == 1
-        else (torch.arange(-32768, 32768, 7, dtype=torch.int32).to(torch.int16).view(dtype))
-    )
+    if dtype.itemsize == 1:
+        return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype)
+    return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+@pytest.mark.parametrize("name", LOW_PRECISION)
+def test_ml_dtypes_are_bit_exact_and_zero_copy(name: str) -> None:
+    """ml_dtypes=True keeps every bit (NaN payloads too) and shares memory on the CPU."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bits = _every_bit_pattern(name)
+    dtype = bits.dtype
     arr = to_numpy(bits, ml_dtypes=True)
     assert arr.dtype == np.dtype(getattr(ml_dtypes, name))
     assert arr.ctypes.data == bits.data_ptr()
@@ -332,26 +335,10 @@ def test_ml_dtypes_are_bit_exact_and_zero_copy(name: str) -> None:
     np.testing.assert_array_equal(arr.view(int_view.dtype), int_view)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "bfloat16",
-        "float8_e4m3fn",
-        "float8_e4m3fnuz",
-        "float8_e5m2",
-        "float8_e5m2fnuz",
-        "float8_e8m0fnu",
-    ],
-)
+@pytest.mark.parametrize("name", LOW_PRECISION)
 def test_upcast_is_exact_for_every_finite_value(name: str) -> None:
     """Widening to float32 reproduces torch's own float() for every bit pattern."""
-    dtype = getattr(torch, name, None)
-    if dtype is None:
-        pytest.skip(f"torch {torch.__version__} has no {name}")
-    if dtype.itemsize == 1:
-        bits = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype)
-    else:
-        bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    bits = _every_bit_pattern(name)
     arr = to_numpy(bits)
     assert arr.dtype == np.float32
     want = bits.float().numpy()

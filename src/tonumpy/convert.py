@@ -143,8 +143,6 @@ def _tensor_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool, scalars: bool
         _needs_copy(copy, "float4_e2m1fn_x2 values are unpacked, one per element, which copies")
         codes = t.view(torch.uint8).cpu().numpy()
         arr, fresh = _dtypes.unpack_float4(codes, ml_dtypes=ml_dtypes), True
-        if scalars and arr.ndim == 0:  # pragma: no cover - unpacking always adds an axis
-            return arr.item()
     else:
         raise _LeafError(f"{dtype} has no NumPy equivalent and no exact widening", unsupported=True)
     if copy and not fresh:
