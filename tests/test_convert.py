@@ -728,3 +728,162 @@ def test_public_names_survive_submodule_imports() -> None:
     for name in tonumpy.__all__:
         value = getattr(tonumpy, name)
         assert not isinstance(value, type(tonumpy)), name
+
+
+# ----------------------------------------------------------------------------------------
+# Dataclass nodes: shared metadata for plain instances, per-instance metadata otherwise
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Pair:
+    a: Any
+    b: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _FrozenPair:
+    a: Any
+    b: Any
+
+    def __post_init__(self) -> None:
+        raise AssertionError("__post_init__ must not run on rebuild")
+
+
+def test_dataclass_mixed_extra_state_in_one_tree() -> None:
+    """Instances with and without extra attributes, in one tree, each rebuild as they were."""
+    plain, extra = _Pair(torch.ones(1), 1), _Pair(torch.ones(2), 2)
+    extra.note = "kept"  # type: ignore[attr-defined]
+    with pytest.raises(AssertionError):
+        _FrozenPair(torch.ones(1), 0)
+    frozen_plain = object.__new__(_FrozenPair)
+    object.__setattr__(frozen_plain, "a", torch.ones(3))
+    object.__setattr__(frozen_plain, "b", 3)
+    frozen_extra = copy_module.copy(frozen_plain)
+    object.__setattr__(frozen_extra, "tag", torch.zeros(1))
+    out = to_numpy([plain, extra, plain, frozen_plain, frozen_extra, extra])
+    assert [type(o) for o in out] == [_Pair, _Pair, _Pair, _FrozenPair, _FrozenPair, _Pair]
+    assert all(isinstance(o.a, np.ndarray) for o in out)
+    assert [o.a.shape for o in out] == [(1,), (2,), (1,), (3,), (3,), (2,)]
+    assert vars(out[0]).keys() == {"a", "b"}
+    assert vars(out[1])["note"] == "kept"
+    assert vars(out[3]).keys() == {"a", "b"}
+    assert out[4].tag is frozen_extra.tag  # extra state is kept unconverted
+    assert out[5].note == "kept"
+
+
+def test_dataclass_treespecs_equal_with_and_without_extra_state() -> None:
+    """Two batches of the same structure have equal treespecs, extra attributes or not."""
+    extra = _Pair(torch.ones(1), 1)
+    extra.note = "x"  # type: ignore[attr-defined]
+    _, spec_plain = tonumpy._tree.flatten([_Pair(torch.ones(1), 1)])
+    _, spec_plain2 = tonumpy._tree.flatten([_Pair(torch.zeros(1), 2)])
+    _, spec_extra = tonumpy._tree.flatten([extra])
+    assert spec_plain == spec_plain2 == spec_extra
+    assert spec_extra == spec_plain
+    assert hash(spec_plain) == hash(spec_extra)
+    assert repr(spec_plain) == repr(spec_extra)
+    assert copy_module.deepcopy(spec_plain) == spec_plain
+    rebuilt = tonumpy._tree.unflatten(copy_module.deepcopy(spec_plain), [np.ones(1), 5])
+    assert type(rebuilt[0]) is _Pair
+    assert rebuilt[0].b == 5
+
+
+def test_dataclass_accumulate_mixes_instances_with_extra_state() -> None:
+    """concat and Accumulator take batches whose dataclass has extra state in some only."""
+    first = _Pair(torch.ones(2), torch.zeros(2))
+    second = _Pair(torch.ones(3), torch.zeros(3))
+    second.note = "x"  # type: ignore[attr-defined]
+    for batches in ([first, second], [second, first]):
+        out = tonumpy.concat(batches)
+        assert type(out) is _Pair
+        assert out.a.shape == (5,)
+        acc = tonumpy.Accumulator()
+        for batch in batches:
+            acc.append(batch)
+        assert acc.result().b.shape == (5,)
+
+
+def test_dataclass_missing_field_in_dict_with_extra_attribute() -> None:
+    """A field read from the class default plus an extra attribute is not taken as plain."""
+
+    @dataclasses.dataclass
+    class WithDefault:
+        a: Any
+        b: Any = 7
+
+    obj = WithDefault(torch.ones(1))
+    del obj.b  # now read from the class default; the dict holds one field ...
+    obj.note = "kept"  # type: ignore[attr-defined]  # ... and one extra attribute: 2 keys
+    out = to_numpy(obj)
+    assert isinstance(out.a, np.ndarray)
+    assert out.b == 7
+    assert out.note == "kept"
+
+
+def test_dataclass_fieldless_one_field_and_setattr_override() -> None:
+    """Zero and one field round-trip; a custom __setattr__ is not run by the rebuild."""
+
+    @dataclasses.dataclass
+    class Empty:
+        pass
+
+    @dataclasses.dataclass
+    class One:
+        a: Any
+
+    calls: list[str] = []
+
+    @dataclasses.dataclass
+    class Guarded:
+        a: Any
+        b: Any
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            calls.append(name)
+            object.__setattr__(self, name, value)
+
+    guarded = Guarded(torch.ones(1), 2)
+    calls.clear()
+    out = to_numpy([Empty(), One(torch.ones(2)), guarded])
+    assert type(out[0]) is Empty
+    assert isinstance(out[1].a, np.ndarray)
+    assert isinstance(out[2].a, np.ndarray)
+    assert out[2].b == 2
+    assert calls == []
+
+
+def test_dataclass_descriptor_field_and_slotted_base_with_dict() -> None:
+    """A descriptor-typed field is set through its descriptor; slot and dict fields mix."""
+
+    class Doubling:
+        def __set_name__(self, owner: type, name: str) -> None:
+            self.private = "_" + name
+
+        def __get__(self, obj: Any, objtype: Any = None) -> Any:
+            return 0 if obj is None else getattr(obj, self.private)
+
+        def __set__(self, obj: Any, value: Any) -> None:
+            object.__setattr__(obj, self.private, value * 2)
+
+    @dataclasses.dataclass
+    class WithDescriptor:
+        x: Doubling = Doubling()  # noqa: RUF009
+
+    @dataclasses.dataclass(slots=True)
+    class Base:
+        a: Any
+
+    @dataclasses.dataclass
+    class Child(Base):
+        b: Any
+
+    child = Child(torch.ones(1), torch.ones(2))
+    child.note = "kept"  # type: ignore[attr-defined]
+    out = to_numpy([WithDescriptor(3), Child(torch.ones(1), torch.ones(2)), child])
+    assert out[0].x == 12  # 3 doubled by __init__, then doubled again by the rebuild, as before
+    assert isinstance(out[1].a, np.ndarray)
+    assert isinstance(out[1].b, np.ndarray)
+    assert not hasattr(out[1], "note")
+    assert out[2].note == "kept"
+    assert isinstance(out[2].a, np.ndarray)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import keyword
 import operator
 import sys
 from collections import OrderedDict, UserDict, defaultdict, deque
@@ -111,40 +113,110 @@ def _dict_setitem(cls: type[Any]) -> Callable[[Any, Any, Any], None]:
     return OrderedDict.__setitem__ if issubclass(cls, OrderedDict) else dict.__setitem__
 
 
+def _is_data_descriptor(cls: type[Any], name: str) -> bool:
+    """Whether ``name`` on ``cls`` is a descriptor with ``__set__`` (a property, a slot, ...)."""
+    return hasattr(type(inspect.getattr_static(cls, name, None)), "__set__")
+
+
+def _inherits_object(cls: type[Any], method: str) -> bool:
+    """Whether ``cls`` keeps ``object``'s ``method`` (no class along its MRO overrides it)."""
+    return inspect.getattr_static(cls, method, None) is getattr(object, method)
+
+
+def _compile_builder(cls: type[Any], names: tuple[str, ...]) -> Callable[[Any], Any]:
+    """A function that makes a blank ``cls`` and stores its children as the fields ``names``.
+
+    Only for classes whose fields all live in the instance ``__dict__`` (no slot, no descriptor).
+    Compiled once per class, as :mod:`dataclasses` does for ``__init__``: one unpacking
+    assignment is several times faster than a ``setattr`` loop or a ``__dict__.update``.
+    Attributes are stored directly when the class keeps ``object.__setattr__`` (and the names
+    are identifiers); otherwise (frozen classes) the items go into the instance ``__dict__``.
+    The generated source holds no user text but the names, as identifiers or ``repr`` literals.
+    """
+    attrs = _inherits_object(cls, "__setattr__") and all(
+        n.isidentifier() and not keyword.iskeyword(n) for n in names
+    )
+    lines = ["def build(children):", "    new = cls.__new__(cls)"]
+    if attrs:
+        targets = "".join(f"new.{n}, " for n in names)
+    else:
+        lines.append('    state = get_dict(new, "__dict__")')
+        targets = "".join(f"state[{n!r}], " for n in names)
+    lines += [f"    {targets or '()'} = children", "    return new"]
+    namespace: dict[str, Any] = {"cls": cls, "get_dict": object.__getattribute__}
+    exec("\n".join(lines), namespace)  # noqa: S102 - the names only, see above
+    build: Callable[[Any], Any] = namespace["build"]
+    return build
+
+
 def _register_dataclass(cls: type[Any]) -> None:
+    """Dataclasses: the children are the fields, in order; other state is kept unconverted.
+
+    A plain instance holds its fields and nothing else (every field set, no other attribute or
+    slot). Its metadata is one ``_NodeMeta`` shared by the whole class, without a template, so
+    no object is built per node and optree's metadata comparison is an identity hit. Any other
+    instance gets its own ``_NodeMeta`` with the instance as template (equal to the shared one
+    when the same fields are set), and rebuilding copies the extra state from it.
+    """
     names = _field_names(cls)
     field_set = frozenset(names)
-    extra_slots = tuple(n for n in _slot_names(cls) if n not in field_set)
+    slots = _slot_names(cls)
+    extra_slots = tuple(n for n in slots if n not in field_set)
     has_dict = "__dict__" in dir(cls)
+    dict_fields = field_set.difference(slots)  # the fields an instance keeps in its __dict__
+    # Every field is stored in the instance __dict__ under its own name (no slot, no property).
+    in_dict = has_dict and not any(_is_data_descriptor(cls, n) for n in names)
+    set_field = setattr if _inherits_object(cls, "__setattr__") else object.__setattr__
+    build = _compile_builder(cls, names) if in_dict else None
+    common = _NodeMeta(cls, names, 0, None)
     getter = operator.attrgetter(*names) if names else None
+    get_dict = object.__getattribute__
 
-    def get_all(obj: Any) -> list[Any]:
-        if getter is None:
-            return []
-        values = getter(obj)
-        return list(values) if len(names) > 1 else [values]
-
-    def flatten(obj: Any) -> tuple[list[Any], _NodeMeta, tuple[str, ...]]:
-        try:  # the common case: every field is set
-            children = get_all(obj)
-            present = names
+    def flatten_any(obj: Any) -> tuple[Any, _NodeMeta, tuple[str, ...]]:
+        try:  # usually every field is set
+            if getter is None:
+                children: Any = ()
+            elif len(names) > 1:
+                children = getter(obj)
+            else:
+                children = (getter(obj),)
         except AttributeError:  # init=False fields that were never assigned
             present = tuple(n for n in names if getattr(obj, n, _MISSING) is not _MISSING)
-            children = [getattr(obj, n) for n in present]
-        return children, _NodeMeta(cls, present, 0, obj), present
+            return [getattr(obj, n) for n in present], _NodeMeta(cls, present, 0, obj), present
+        if not extra_slots and (not has_dict or get_dict(obj, "__dict__").keys() == dict_fields):
+            return children, common, names
+        return children, _NodeMeta(cls, names, 0, obj), names
+
+    flatten = flatten_any
+    if in_dict and not extra_slots and len(names) > 1 and _inherits_object(cls, "__getattribute__"):
+        item_getter = operator.itemgetter(*names)
+
+        def flatten_plain(obj: Any) -> tuple[Any, _NodeMeta, tuple[str, ...]]:
+            state = obj.__dict__
+            if len(state) == len(names):  # then no KeyError means: the fields and nothing else
+                try:
+                    return item_getter(state), common, names
+                except KeyError:
+                    pass
+            return flatten_any(obj)
+
+        flatten = flatten_plain
 
     def unflatten(meta: Any, children: Iterable[Any]) -> Any:
+        if meta is common and build is not None:
+            return build(children)
         new = _blank(cls)
-        template = meta.template
-        if has_dict:
-            state = template.__dict__
-            if state.keys() - field_set:  # extra, non-field attributes are kept as they are
-                state = {k: v for k, v in state.items() if k not in field_set}
-                object.__getattribute__(new, "__dict__").update(state)
-        if extra_slots:
-            _copy_state(new, template, field_set, extra_slots)
+        template = meta.template  # None in the shared metadata (or a copy of it)
+        if template is not None:
+            if has_dict:
+                state = get_dict(template, "__dict__")
+                if state.keys() - field_set:  # extra, non-field attributes are kept as they are
+                    state = {k: v for k, v in state.items() if k not in field_set}
+                    get_dict(new, "__dict__").update(state)
+            if extra_slots:
+                _copy_state(new, template, field_set, extra_slots)
         for name, value in zip(meta.keys, children, strict=True):
-            object.__setattr__(new, name, value)
+            set_field(new, name, value)
         return new
 
     optree.register_pytree_node(
