@@ -229,10 +229,13 @@ def convert_leaves(
 def _convert_cpu_fast(leaves: list[Any], *, ml_dtypes: bool) -> list[Any] | None:
     """Convert leaves with ``copy=None, scalars=False`` and no CUDA tensors; None: not here.
 
-    One list comprehension of ``numpy(force=True)`` (no per-leaf try/append), then, if a leaf
-    refused, one more pass that handles bfloat16/float8 in bulk. Anything unusual (tensor
-    subclasses, a tensor repeated in the tree, sparse, meta, ...) returns None, and the caller's
-    general loops convert the leaves, with errors that name the path.
+    One list comprehension (no per-leaf try/append) of ``t.numpy()``, whose arrays keep the
+    tensors themselves alive (no detached alias is made per leaf); if a leaf refuses (it
+    requires grad, say), one of ``t.numpy(force=True)``; if a leaf still refuses, one more pass
+    handles bfloat16/float8 in bulk. A failed pass costs only the leaves before the refusal.
+    Anything unusual (tensor subclasses, a tensor repeated in the tree, sparse, meta, ...)
+    returns None, and the caller's general loops convert the leaves, with errors that name the
+    path.
     """
     plain = _PLAIN
     only_tensors = True
@@ -245,7 +248,11 @@ def _convert_cpu_fast(leaves: list[Any], *, ml_dtypes: bool) -> list[Any] | None
     tensors = leaves if only_tensors else list(filter(_IS_TENSOR, leaves))
     if len(set(map(id, tensors))) != len(tensors):
         return None
-    try:
+    try:  # no tensor requires grad (evaluation, logging): arrays of the tensors themselves
+        return [leaf.numpy() if type(leaf) in plain else leaf for leaf in leaves]
+    except Exception:  # noqa: BLE001, S110 - grad, a dtype NumPy lacks, conj/neg bits, ...
+        pass
+    try:  # usually fails at the first leaf, as trees either carry grad everywhere or nowhere
         return [leaf.numpy(force=True) if type(leaf) in plain else leaf for leaf in leaves]
     except Exception:  # noqa: BLE001, S110 - a dtype NumPy lacks, or another refusal
         pass
@@ -262,18 +269,19 @@ def _bits_view(bits: torch.dtype, np_dtype: np.dtype[Any]) -> Callable[[torch.Te
     return view
 
 
-def _convert_low_precision(leaves: list[Any], *, ml_dtypes: bool) -> list[Any]:
-    """Plain CPU leaves, some bfloat16/float8: ``ml_dtypes`` bit views, or one bulk bf16 upcast.
+_PENDING = object()  # a bf16 leaf whose float32 array is made after the first pass
 
-    One comprehension dispatches on the dtype. The bf16 upcast writes into float32 arrays
-    allocated by NumPy with a single ``torch._foreach_copy_``: per leaf that is far cheaper
-    than ``t.float().numpy()``. Anything else raises, and the caller takes the careful path.
+
+def _convert_low_precision(leaves: list[Any], *, ml_dtypes: bool) -> list[Any]:
+    """Plain CPU leaves, some bfloat16/float8: ``ml_dtypes`` bit views, or a bulk bf16 upcast.
+
+    One comprehension dispatches on the dtype; bfloat16 leaves are set aside and widened to
+    float32 together by :func:`_upcast_bf16`. Anything else raises, and the caller takes the
+    careful path.
     """
     plain = _PLAIN
-    sources: list[torch.Tensor] = []
-    targets: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # noqa: SLF001 - no public check
-    from_numpy = torch.from_numpy
 
     def force(t: torch.Tensor) -> Any:
         return t.numpy(force=True)
@@ -281,10 +289,8 @@ def _convert_low_precision(leaves: list[Any], *, ml_dtypes: bool) -> list[Any]:
     def upcast(t: torch.Tensor) -> Any:
         if wrapped(t) or not t.is_contiguous():  # keep .float()'s strides: careful path
             raise _LeafError("not for the bulk upcast", unsupported=False)
-        arr = np.empty(t.shape, np.float32)
-        sources.append(t)
-        targets.append(from_numpy(arr))
-        return arr
+        pending.append(t)
+        return _PENDING
 
     table: dict[torch.dtype, Callable[[torch.Tensor], Any]] = dict.fromkeys(_dtypes.NATIVE, force)
     for dtype in _dtypes.ML_DTYPES:
@@ -294,9 +300,57 @@ def _convert_low_precision(leaves: list[Any], *, ml_dtypes: bool) -> list[Any]:
         elif dtype == torch.bfloat16:
             table[dtype] = upcast
     out = [table[leaf.dtype](leaf) if type(leaf) in plain else leaf for leaf in leaves]
-    if sources:
+    if not pending:
+        return out
+    widened = iter(_upcast_bf16(pending))
+    return [next(widened) if item is _PENDING else item for item in out]
+
+
+# bf16 leaves of one shape are stacked, widened and split in blocks of at most this many
+# elements: torch's grain size, so each block is cast on one thread (no OpenMP wake-ups, which
+# cost milliseconds on a busy machine), and the temporaries (128 KiB) stay in the cache
+_STACK_BLOCK = 32_768
+
+
+def _upcast_bf16(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Widen contiguous CPU bfloat16 tensors to float32 arrays, each owning its memory.
+
+    Per leaf, ``t.float().numpy()`` costs two torch calls and a torch allocation. Here leaves
+    that share a shape are stacked into one block (``torch.stack``), widened with one cast and
+    split into rows that are copied into arrays of their own (``ndarray.copy``: a NumPy
+    allocation, cheap to fill), so a block of k leaves costs three torch calls in all. The
+    remaining leaves (a shape seen once, 0-d, or more than a block) get NumPy-allocated float32
+    arrays filled by one ``torch._foreach_copy_``. Values are those of ``t.float()``, bit for
+    bit (the same widening kernel).
+    """
+    out: list[Any] = [None] * len(tensors)
+    by_shape: dict[torch.Size, list[int]] = {}
+    for index, t in enumerate(tensors):
+        shape = t.shape
+        group = by_shape.get(shape)
+        if group is None:
+            by_shape[shape] = [index]
+        else:
+            group.append(index)
+    singles: list[int] = []
+    for shape, indices in by_shape.items():
+        numel = shape.numel()
+        if len(indices) < 2 or not shape or numel > _STACK_BLOCK // 2:
+            singles += indices
+            continue
+        step = _STACK_BLOCK // max(numel, 1)
+        for start in range(0, len(indices), step):
+            part = indices[start : start + step]
+            block = torch.stack([tensors[i] for i in part]).float().numpy()
+            for i, row in zip(part, block, strict=True):
+                out[i] = row.copy()
+    if singles:
+        targets = []
+        for i in singles:
+            arr = out[i] = np.empty(tensors[i].shape, np.float32)
+            targets.append(torch.from_numpy(arr))
         with torch.no_grad():
-            torch._foreach_copy_(targets, sources)
+            torch._foreach_copy_(targets, [tensors[i] for i in singles])
     return out
 
 

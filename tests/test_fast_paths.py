@@ -1,0 +1,155 @@
+"""The CPU fast tier of ``to_numpy``: same results as the careful path, in every odd case.
+
+While no CUDA tensor exists, ``to_numpy(tree)`` converts plain tensors in one comprehension
+(``t.numpy()``, or ``t.numpy(force=True)`` for tensors that require grad) and widens bfloat16
+leaves in bulk (stacked by shape, cast once, copied into arrays of their own). These tests pin
+what that must give: the values and bits of ``t.float()``, arrays that own their memory, the
+tree's order, and memory shared with the input exactly where ``copy=None`` promises it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tonumpy import convert, to_numpy
+
+# All 65,536 bfloat16 bit patterns (NaN payloads, infinities, subnormals, both zeros).
+_ALL_BF16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def _reference(t: torch.Tensor) -> np.ndarray:
+    """What the careful path gives for a tensor: ``t.detach().float()`` as an array."""
+    return t.detach().float().numpy()
+
+
+def _assert_bits_equal(got: Any, want: np.ndarray) -> None:
+    assert isinstance(got, np.ndarray)
+    assert got.dtype == np.float32
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+
+
+@pytest.mark.parametrize("shape", [(256,), (8, 32), (2, 4, 8)])
+def test_bulk_upcast_is_bit_exact_for_all_patterns(shape: tuple[int, ...]) -> None:
+    """Every bf16 bit pattern, spread over many same-shape leaves (several stacked blocks)."""
+    per_leaf = int(np.prod(shape))
+    leaves = list(_ALL_BF16.reshape(-1, *shape).unbind())
+    assert len(leaves) * per_leaf > convert._STACK_BLOCK  # more than one block
+    tree = {f"k{i}": t.clone() for i, t in enumerate(leaves)}
+    out = to_numpy(tree)
+    assert list(out) == list(tree)
+    for key, t in tree.items():
+        _assert_bits_equal(out[key], _reference(t))
+
+
+def test_bulk_upcast_arrays_own_their_memory() -> None:
+    """Each widened array is its own allocation: no shared block keeps the others alive."""
+    tree = [torch.randn(64).bfloat16() for _ in range(50)]
+    out = to_numpy(tree)
+    for arr in out:
+        assert arr.base is None
+        assert arr.flags.owndata
+        assert arr.flags.c_contiguous
+        assert arr.flags.writeable
+    for a, b in itertools.pairwise(out):
+        assert not np.shares_memory(a, b)
+    out[0][:] = 0  # writing one array changes neither the others nor the input
+    assert out[1].any()
+    assert tree[0].float().any()
+
+
+def test_bulk_upcast_mixed_shapes_and_dtypes_keep_order() -> None:
+    """Groups, singles, 0-d, empty, larger-than-a-block leaves and other dtypes, interleaved."""
+    big = torch.randn(convert._STACK_BLOCK + 3).bfloat16()  # widened on its own
+    tree: dict[str, Any] = {
+        "a": torch.randn(4, 4).bfloat16(),
+        "f32": torch.randn(3),
+        "b": torch.randn(4, 4).bfloat16(),
+        "zero_d": torch.tensor(1.5, dtype=torch.bfloat16),
+        "zero_d2": torch.tensor(-2.0, dtype=torch.bfloat16),
+        "empty": torch.empty(0, 7, dtype=torch.bfloat16),
+        "empty2": torch.empty(0, 7, dtype=torch.bfloat16),
+        "odd": torch.randn(5).bfloat16(),  # the only leaf of its shape
+        "ints": torch.arange(6),
+        "big": big,
+        "text": "keep",
+        "c": torch.randn(4, 4).bfloat16(),
+        "grad": torch.randn(2, requires_grad=True),
+    }
+    out = to_numpy(tree)
+    assert list(out) == list(tree)
+    for key, value in tree.items():
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16:
+            _assert_bits_equal(out[key], _reference(value))
+        elif isinstance(value, torch.Tensor):
+            np.testing.assert_array_equal(out[key], value.detach().numpy())
+        else:
+            assert out[key] is value
+    assert isinstance(out["zero_d"], np.ndarray)
+    assert out["zero_d"].shape == ()
+
+
+def test_bulk_upcast_handles_grad_and_non_contiguous_leaves() -> None:
+    """bf16 leaves that require grad widen in bulk; non-contiguous ones take the careful path."""
+    base = torch.randn(6, 8).bfloat16()
+    tree = {
+        "grad": [torch.randn(8).bfloat16().requires_grad_() for _ in range(3)],
+        "t": base.t(),  # non-contiguous
+        "row": base[::2],  # non-contiguous
+    }
+    out = to_numpy(tree)
+    for got, t in zip(out["grad"], tree["grad"], strict=True):
+        _assert_bits_equal(got, _reference(t))
+    np.testing.assert_array_equal(out["t"], _reference(base.t()))
+    np.testing.assert_array_equal(out["row"], _reference(base[::2]))
+
+
+def test_plain_tensors_share_memory_and_grad_tensors_are_detached() -> None:
+    """copy=None: arrays view the tensors' memory, whether or not they require grad."""
+    plain = torch.arange(6.0)
+    grad = torch.ones(3, requires_grad=True)
+    nonleaf = grad * 2  # carries a grad_fn
+    out = to_numpy([plain, grad, nonleaf, plain[1::2]])
+    assert np.shares_memory(out[0], plain.numpy())
+    assert np.shares_memory(out[1], grad.detach().numpy())
+    np.testing.assert_array_equal(out[2], [2.0, 2.0, 2.0])
+    np.testing.assert_array_equal(out[3], [1.0, 3.0, 5.0])
+    plain[0] = 42.0  # a view, as documented for copy=None
+    assert out[0][0] == 42.0
+
+
+@pytest.mark.parametrize("first", ["plain", "grad", "conj", "bf16"])
+def test_fast_tier_fallbacks_in_any_order(first: str) -> None:
+    """A leaf that makes the first comprehension fail may come first, last or in between."""
+    kinds = {
+        "plain": lambda: torch.arange(4.0),
+        "grad": lambda: torch.arange(4.0, requires_grad=True),
+        "conj": lambda: torch.tensor([1 + 2j, 3 - 1j]).conj(),
+        "bf16": lambda: torch.arange(4.0).bfloat16(),
+    }
+    order = [first] + [k for k in kinds if k != first]
+    tree = [kinds[k]() for k in order + order]
+    out = to_numpy(tree)
+    for got, t in zip(out, tree, strict=True):
+        want = t.detach().resolve_conj()
+        want = want.float() if want.dtype == torch.bfloat16 else want
+        np.testing.assert_array_equal(got, want.numpy())
+        assert got.dtype == want.numpy().dtype
+
+
+def test_ml_dtypes_bulk_path_keeps_bits_and_shares_memory() -> None:
+    """ml_dtypes=True: bf16 leaves come back as bit views of the tensors, not copies."""
+    pytest.importorskip("ml_dtypes")
+    tree = {f"k{i}": t.clone() for i, t in enumerate(_ALL_BF16.reshape(-1, 1024).unbind())}
+    tree["f32"] = torch.ones(2)
+    out = to_numpy(tree, ml_dtypes=True)
+    for key, t in tree.items():
+        if t.dtype == torch.bfloat16:
+            assert out[key].dtype.name == "bfloat16"
+            np.testing.assert_array_equal(out[key].view(np.int16), t.view(torch.int16).numpy())
+            assert np.shares_memory(out[key].view(np.int16), t.view(torch.int16).numpy())
