@@ -260,6 +260,7 @@ def markdown(results: list[dict[str, Any]], env: dict[str, str], imp: dict[str, 
                     out.append(f"| {row['name']} | {row['status']} | | | | {err} |")
             out.append("")
         if wl["key"] == "W7":
+            out += _scaling_table(wl["cases"])
             out += ["![time per leaf against the number of leaves](img/scaling.png)", ""]
     if imp:
         out += [
@@ -272,6 +273,29 @@ def markdown(results: list[dict[str, Any]], env: dict[str, str], imp: dict[str, 
             "",
         ]
     return "\n".join(out)
+
+
+def _scaling_table(cases: list[dict[str, Any]]) -> list[str]:
+    """W7 in one table: ns per leaf at each size, and the growth from 1,000 leaves to the most."""
+    sizes = [c["case"].removeprefix("W7 ") for c in cases]
+    per_leaf: dict[str, dict[str, float]] = {}
+    for size, case in zip(sizes, cases, strict=True):
+        for row in case["rows"]:
+            if "min" in row:
+                per_leaf.setdefault(row["name"], {})[size] = row["min"] / case["leaves"] * 1e9
+    first, last = "n=1000", sizes[-1]
+    out = [
+        "**W7 time per leaf** (ns, min; growth = the largest size / n=1000)",
+        "",
+        "| converter | " + " | ".join(sizes) + f" | growth {first} -> {last} |",
+        "| --- |" + " ---: |" * (len(sizes) + 1),
+    ]
+    for name, row in per_leaf.items():
+        cells = [f"{row[s]:.0f}" if s in row else "" for s in sizes]
+        growth = f"{row[last] / row[first]:.2f}x" if first in row and last in row else ""
+        out.append(f"| {name} | " + " | ".join(cells) + f" | {growth} |")
+    out.append("")
+    return out
 
 
 def charts(results: list[dict[str, Any]]) -> list[str]:
