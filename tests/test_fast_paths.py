@@ -153,3 +153,27 @@ def test_ml_dtypes_bulk_path_keeps_bits_and_shares_memory() -> None:
             assert out[key].dtype.name == "bfloat16"
             np.testing.assert_array_equal(out[key].view(np.int16), t.view(torch.int16).numpy())
             assert np.shares_memory(out[key].view(np.int16), t.view(torch.int16).numpy())
+
+
+@pytest.mark.parametrize("n", [3, convert._MANY + 5])
+def test_repeated_tensor_in_large_and_small_trees_gives_one_array(n: int) -> None:
+    """A tensor at two places becomes one array at both, whichever duplicate check runs."""
+    shared = torch.arange(3.0)
+    tree = [torch.randn(2) for _ in range(n)] + ["str", "str", 3, 3, shared]
+    tree.insert(1, shared)
+    out = to_numpy(tree)
+    assert out[1] is out[-1]
+    assert np.shares_memory(out[1], shared.numpy())
+    assert out[-3] == 3
+    assert len({id(a) for a in out if isinstance(a, np.ndarray)}) == n + 1
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_distinct(many: bool) -> None:
+    """The duplicate check sees a repeat anywhere, and none where there is none."""
+    objs = [object() for _ in range(300)]
+    assert convert._distinct(objs, many=many)
+    assert convert._distinct(iter(objs), many=many)
+    assert convert._distinct([], many=many)
+    assert not convert._distinct([*objs, objs[150]], many=many)
+    assert not convert._distinct([objs[0], *objs], many=many)

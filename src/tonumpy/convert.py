@@ -8,7 +8,7 @@ that is not a tensor (or, for ``to_torch``, an array) is returned as the very sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -245,8 +245,8 @@ def _convert_cpu_fast(leaves: list[Any], *, ml_dtypes: bool) -> list[Any] | None
                 return None
             only_tensors = False
     # repeated non-tensors ("str", 3) are fine: look at the tensors only
-    tensors = leaves if only_tensors else list(filter(_IS_TENSOR, leaves))
-    if len(set(map(id, tensors))) != len(tensors):
+    tensors = leaves if only_tensors else filter(_IS_TENSOR, leaves)
+    if not _distinct(tensors, many=len(leaves) >= _MANY):
         return None
     try:  # no tensor requires grad (evaluation, logging): arrays of the tensors themselves
         return [leaf.numpy() if type(leaf) in plain else leaf for leaf in leaves]
@@ -260,6 +260,26 @@ def _convert_cpu_fast(leaves: list[Any], *, ml_dtypes: bool) -> list[Any] | None
         return _convert_low_precision(leaves, ml_dtypes=ml_dtypes)
     except Exception:  # noqa: BLE001 - e.g. float4, sparse, ml_dtypes missing: careful path
         return None
+
+
+_MANY = 256  # from about this many leaves on, sorting ids beats a set of them
+
+
+def _distinct(objects: Iterable[Any], *, many: bool) -> bool:
+    """Whether no object occurs twice in ``objects``.
+
+    For ``many`` objects the ids are sorted in C and neighbours compared: for thousands of
+    leaves that is about half the cost of a set of them (no hashing, no table that outgrows
+    the cache), but its fixed cost (~2 µs) is more than a small set costs.
+    """
+    if not many:
+        items = list(objects)
+        return len(set(map(id, items))) == len(items)
+    ids = np.fromiter(map(id, objects), dtype=np.uintp)
+    if len(ids) < 2:
+        return True
+    ids.sort()
+    return not bool((ids[1:] == ids[:-1]).any())
 
 
 def _bits_view(bits: torch.dtype, np_dtype: np.dtype[Any]) -> Callable[[torch.Tensor], Any]:
