@@ -310,6 +310,18 @@ def flatten(
         ConversionError: The tree contains a cycle or is deeper than optree can walk; the message
             names the path where that happens.
     """
+    leaves, spec, _ = flatten_typed(tree, is_leaf=is_leaf, none_is_leaf=none_is_leaf)
+    return leaves, spec
+
+
+def flatten_typed(
+    tree: Any,
+    /,
+    *,
+    is_leaf: Callable[[Any], bool] | None = None,
+    none_is_leaf: bool = False,
+) -> tuple[list[Any], PyTreeSpec, set[type]]:
+    """:func:`flatten`, also returning the set of the leaves' types (computed anyway)."""
     while True:
         try:
             leaves, spec = optree.tree_flatten(
@@ -317,15 +329,16 @@ def flatten(
             )
         except RecursionError:
             raise _recursion_error(tree, is_leaf, none_is_leaf) from None
-        new = set(map(type, leaves)) - _seen_types
+        kinds = set(map(type, leaves))
+        new = kinds - _seen_types
         if not new:
-            return leaves, spec
+            return leaves, spec, kinds
         registered = False
         for cls in new:
             registered |= _classify(cls)
             _seen_types.add(cls)
         if not registered:
-            return leaves, spec
+            return leaves, spec, kinds
 
 
 def unflatten(spec: PyTreeSpec, leaves: Iterable[Any]) -> Any:
