@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tonumpy import convert, to_numpy
+from tonumpy import UnsupportedLeafError, convert, to_numpy
 
 # All 65,536 bfloat16 bit patterns (NaN payloads, infinities, subnormals, both zeros).
 _ALL_BF16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
@@ -177,3 +177,43 @@ def test_distinct(many: bool) -> None:
     assert convert._distinct([], many=many)
     assert not convert._distinct([*objs, objs[150]], many=many)
     assert not convert._distinct([objs[0], *objs], many=many)
+
+
+def test_lone_tensor_shortcut_matches_the_general_path() -> None:
+    """A bare CPU tensor skips the walk; every tensor it cannot take still converts right."""
+    t = torch.arange(6.0).reshape(2, 3)
+    out = to_numpy(t)
+    assert isinstance(out, np.ndarray)
+    assert np.shares_memory(out, t.numpy())
+    np.testing.assert_array_equal(to_numpy(t.t()), t.t().numpy())  # strided view
+    np.testing.assert_array_equal(to_numpy(t.requires_grad_()), t.detach().numpy())
+    z = torch.tensor([1 + 2j]).conj()  # conj bit: .numpy() refuses, the general path resolves
+    np.testing.assert_array_equal(to_numpy(z), np.array([1 - 2j], dtype=np.complex64))
+    assert to_numpy(torch.tensor(3), scalars=True) == 3
+    assert not np.shares_memory(to_numpy(t, copy=True), t.detach().numpy())
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_lone_tensor_inside_a_transform_is_refused(transform: str) -> None:
+    """A bare functorch-wrapped tensor gets the same error as one inside a container."""
+    caught: list[BaseException] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        try:
+            to_numpy(x)
+        except UnsupportedLeafError as exc:
+            caught.append(exc)
+        return x.sum()
+
+    if transform == "vmap":
+        torch.vmap(fn)(torch.ones(2, 3))
+    else:
+        torch.func.grad(fn)(torch.ones(3))
+    assert caught
+    assert "torch.func" in str(caught[0])
+
+
+def test_lone_meta_tensor_is_refused() -> None:
+    """The shortcut's refusal leads to the general path's error, not a raw RuntimeError."""
+    with pytest.raises(UnsupportedLeafError, match="meta"):
+        to_numpy(torch.empty(3, device="meta"))

@@ -439,6 +439,18 @@ def to_numpy(
         UnsupportedLeafError: A tensor's data cannot be read (meta, fake, functorch-wrapped)
             or its dtype has no NumPy form.
     """
+    if (
+        type(tree) in _PLAIN
+        and copy is None
+        and not scalars
+        and not tree.requires_grad
+        and not tree.is_cuda
+        and tree.dtype in _dtypes.NATIVE
+    ):  # a lone CPU tensor (W5): skip the walk; conj/neg bits and meta refuse and go on below
+        try:
+            return tree.numpy()
+        except Exception:  # noqa: BLE001, S110 - the general path gives the proper error
+            pass
     leaves, spec, kinds = _tree.flatten_typed(tree, is_leaf=is_leaf)
     converted = convert_leaves(
         leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars, leaf_types=kinds
