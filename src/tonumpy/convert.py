@@ -233,9 +233,10 @@ def _convert_cpu_fast(
 ) -> list[Any] | None:
     """Convert leaves with ``copy=None, scalars=False`` and no CUDA tensors; None: not here.
 
-    One list comprehension (no per-leaf try/append) of ``t.numpy()``, whose arrays keep the
-    tensors themselves alive (no detached alias is made per leaf); if a leaf refuses (it
-    requires grad, say), one of ``t.numpy(force=True)``; if a leaf still refuses, one more pass
+    One list comprehension (no per-leaf try/append) of ``t.numpy()``, which skips the
+    ``cpu``/``resolve_conj``/``resolve_neg`` calls ``force=True`` adds (no-ops here, but each
+    a dispatcher round trip); if a leaf refuses (it requires grad, say), one of
+    ``t.numpy(force=True)``; if a leaf still refuses, one more pass
     handles bfloat16/float8 in bulk. A failed pass costs only the leaves before the refusal.
     Anything unusual (tensor subclasses, a tensor repeated in the tree, sparse, meta, ...)
     returns None, and the caller's general loops convert the leaves, with errors that name the
@@ -252,7 +253,7 @@ def _convert_cpu_fast(
     tensors = leaves if only_tensors else filter(_IS_TENSOR, leaves)
     if not _distinct(tensors, many=len(leaves) >= _MANY):
         return None
-    try:  # no tensor requires grad (evaluation, logging): arrays of the tensors themselves
+    try:  # no tensor requires grad, none has a conj/neg bit (evaluation, logging)
         return [leaf.numpy() if type(leaf) in plain else leaf for leaf in leaves]
     except Exception:  # noqa: BLE001, S110 - grad, a dtype NumPy lacks, conj/neg bits, ...
         pass
