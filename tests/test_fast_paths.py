@@ -217,3 +217,59 @@ def test_lone_meta_tensor_is_refused() -> None:
     """The shortcut's refusal leads to the general path's error, not a raw RuntimeError."""
     with pytest.raises(UnsupportedLeafError, match="meta"):
         to_numpy(torch.empty(3, device="meta"))
+
+
+def test_once_cuda_is_in_use_cpu_trees_keep_the_fast_tier(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA initialised, trees without CUDA tensors still take every fast pass; a tree
+    with one takes the general path (whose engine moves device leaves together)."""
+    calls: list[str] = []
+    real_pass, real_low = convert._numpy_pass, convert._convert_low_precision
+
+    def numpy_pass(leaves: list[Any]) -> list[Any]:
+        calls.append("numpy")
+        return real_pass(leaves)
+
+    def low(leaves: list[Any], *, ml_dtypes: bool) -> list[Any]:
+        calls.append("low")
+        return real_low(leaves, ml_dtypes=ml_dtypes)
+
+    trees = {
+        "plain": {"a": torch.arange(3.0), "b": [torch.ones(2, 2), "x", 3]},
+        "grad": {"a": torch.ones(2, requires_grad=True), "b": torch.arange(2)},
+        "bf16": [torch.randn(4).bfloat16() for _ in range(3)],
+    }
+    want = {name: to_numpy(tree) for name, tree in trees.items()}
+    monkeypatch.setattr(convert, "_numpy_pass", numpy_pass)
+    monkeypatch.setattr(convert, "_convert_low_precision", low)
+    monkeypatch.setattr(convert, "_cuda_initialized", lambda: True)
+    for name, tree in trees.items():
+        for on_device in (False, True):
+            # one leaf reports being on a CUDA device (it is not: the general path converts it)
+            marked = convert._tree.flatten(tree)[0][0]
+            monkeypatch.setattr(convert, "_IS_CUDA", lambda t, m=marked, d=on_device: d and t is m)
+            calls.clear()
+            got = to_numpy(tree)
+            assert calls == (["numpy", "low"] if name == "bf16" and not on_device else ["numpy"])
+            for g, w in zip(
+                convert._tree.flatten(got)[0], convert._tree.flatten(want[name])[0], strict=True
+            ):
+                if isinstance(w, np.ndarray):
+                    np.testing.assert_array_equal(g, w)
+                    assert g.dtype == w.dtype
+                else:
+                    assert g == w
+
+
+@pytest.mark.cuda
+def test_cuda_tree_and_cpu_tree_after_cuda_init() -> None:
+    """On a GPU: a CPU tree takes the fast pass; a mixed tree sends device leaves to the engine."""
+    dev = torch.ones(3, device="cuda")
+    assert torch.cuda.is_initialized()
+    cpu_tree = {"a": torch.arange(4.0), "b": [torch.ones(2), "s"]}
+    out = to_numpy(cpu_tree)
+    assert np.shares_memory(out["a"], cpu_tree["a"].numpy())
+    mixed = {"cpu": torch.arange(3.0), "gpu": dev * 2, "bf": dev.bfloat16()}
+    got = to_numpy(mixed)
+    np.testing.assert_array_equal(got["cpu"], [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(got["gpu"], [2.0, 2.0, 2.0])
+    assert got["bf"].dtype == np.float32

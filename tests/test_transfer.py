@@ -21,7 +21,15 @@ from hypothesis import strategies as st
 
 import tonumpy
 from _trees import LEAVES
-from tonumpy import ConversionError, PendingTransfer, _transfer, _tree, to_numpy, to_numpy_async
+from tonumpy import (
+    ConversionError,
+    PendingTransfer,
+    _transfer,
+    _tree,
+    convert,
+    to_numpy,
+    to_numpy_async,
+)
 from tonumpy._transfer import POOL, start_transfer, widen_bfloat16_bits
 
 # ------------------------------------------------------------------------------------ helpers
@@ -487,9 +495,17 @@ def _pose_as_cuda(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(len(positions))
         return real_enqueue(leaves, positions, force=force)
 
+    def refusing_pass(leaves: list[Any]) -> list[Any]:
+        # a real device tensor refuses Tensor.numpy() without force: so must the posing ones
+        if any(isinstance(leaf, torch.Tensor) for leaf in leaves):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy (posing)")
+        return real_pass(leaves)
+
+    real_pass = convert._numpy_pass
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True), raising=False)
     monkeypatch.setattr(_transfer, "_enqueue", spy)
-    # to_numpy's CPU fast tier runs only while CUDA is uninitialised: pretend it is initialised
+    monkeypatch.setattr(convert, "_numpy_pass", refusing_pass)
+    # to_numpy's CPU fast tier runs in full only while CUDA is uninitialised: pretend it is
     monkeypatch.setattr("tonumpy.convert._cuda_initialized", lambda: True)
     return calls
 

@@ -8,6 +8,7 @@ that is not a tensor (or, for ``to_torch``, an array) is returned as the very sa
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _cuda_initialized: Callable[[], bool] = torch.cuda.is_initialized
 # isinstance(x, torch.Tensor) as one C call, for filter().
 _IS_TENSOR: Callable[[Any], bool] = torch.Tensor.__instancecheck__
+_IS_CUDA: Callable[[torch.Tensor], bool] = operator.attrgetter("is_cuda")
 
 
 class _LeafError(Exception):
@@ -173,9 +175,11 @@ def convert_leaves(
     put at each place. Errors name the leaf's path in ``spec``. ``leaf_types``, the set of the
     leaves' types if the caller has it (:func:`_tree.flatten_typed`), saves a pass.
     """
-    if copy is None and not scalars and not _cuda_initialized():
-        # Fastest tier: no CUDA tensor can exist yet, so every plain tensor is converted here.
-        fast = _convert_cpu_fast(leaves, ml_dtypes=ml_dtypes, leaf_types=leaf_types)
+    if copy is None and not scalars:
+        # Fastest tier, for trees without CUDA tensors (those go to the transfer engine below)
+        fast = _convert_cpu_fast(
+            leaves, ml_dtypes=ml_dtypes, leaf_types=leaf_types, host_only=not _cuda_initialized()
+        )
         if fast is not None:
             return fast
     out: list[Any] = []
@@ -229,9 +233,17 @@ def convert_leaves(
 
 
 def _convert_cpu_fast(
-    leaves: list[Any], *, ml_dtypes: bool, leaf_types: set[type] | None = None
+    leaves: list[Any],
+    *,
+    ml_dtypes: bool,
+    leaf_types: set[type] | None = None,
+    host_only: bool = True,
 ) -> list[Any] | None:
-    """Convert leaves with ``copy=None, scalars=False`` and no CUDA tensors; None: not here.
+    """Convert leaves with ``copy=None, scalars=False`` in bulk; None: not here.
+
+    ``host_only`` says that no tensor can be on a GPU (CUDA is not initialised). Without it,
+    the passes after the first run only if no tensor is on a CUDA device: they would copy such
+    tensors one by one, where the transfer engine moves them together.
 
     One list comprehension (no per-leaf try/append) of ``t.numpy()``, which skips the
     ``cpu``/``resolve_conj``/``resolve_neg`` calls ``force=True`` adds (no-ops here, but each
@@ -254,9 +266,11 @@ def _convert_cpu_fast(
     if not _distinct(tensors, many=len(leaves) >= _MANY):
         return None
     try:  # no tensor requires grad, none has a conj/neg bit (evaluation, logging)
-        return [leaf.numpy() if type(leaf) in plain else leaf for leaf in leaves]
-    except Exception:  # noqa: BLE001, S110 - grad, a dtype NumPy lacks, conj/neg bits, ...
+        return _numpy_pass(leaves)
+    except Exception:  # noqa: BLE001, S110 - grad, a dtype NumPy lacks, a device, ...
         pass
+    if not host_only and any(map(_IS_CUDA, filter(_IS_TENSOR, leaves))):
+        return None
     try:  # usually fails at the first leaf, as trees either carry grad everywhere or nowhere
         return [leaf.numpy(force=True) if type(leaf) in plain else leaf for leaf in leaves]
     except Exception:  # noqa: BLE001, S110 - a dtype NumPy lacks, or another refusal
@@ -265,6 +279,16 @@ def _convert_cpu_fast(
         return _convert_low_precision(leaves, ml_dtypes=ml_dtypes)
     except Exception:  # noqa: BLE001 - e.g. float4, sparse, ml_dtypes missing: careful path
         return None
+
+
+def _numpy_pass(leaves: list[Any]) -> list[Any]:
+    """``t.numpy()`` for each plain tensor, other leaves kept; raises at the first refusal.
+
+    ``Tensor.numpy()`` without ``force`` refuses tensors that require grad, carry a conj/neg
+    bit, have a dtype NumPy lacks, or live on a device: it never copies.
+    """
+    plain = _PLAIN
+    return [leaf.numpy() if type(leaf) in plain else leaf for leaf in leaves]
 
 
 _MANY = 256  # from about this many leaves on, sorting ids beats a set of them
