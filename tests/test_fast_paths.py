@@ -273,3 +273,31 @@ def test_cuda_tree_and_cpu_tree_after_cuda_init() -> None:
     np.testing.assert_array_equal(got["cpu"], [0.0, 1.0, 2.0])
     np.testing.assert_array_equal(got["gpu"], [2.0, 2.0, 2.0])
     assert got["bf"].dtype == np.float32
+
+
+def test_general_path_ignores_repeated_non_tensor_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repeated strings and numbers do not push plain tensors onto the careful path."""
+
+    class Tagged(torch.Tensor):  # a subclass keeps the fast tier out: the general path runs
+        pass
+
+    tagged = torch.arange(2.0).as_subclass(Tagged)
+    tree = [{"x": torch.full((2,), float(i)), "s": "same", "n": 3} for i in range(300)]
+    tree.append({"tagged": tagged})
+    want = [{"x": np.full(2, float(i), np.float32), "s": "same", "n": 3} for i in range(300)]
+    careful: list[Any] = []
+    real = convert._convert_checked
+
+    def spy(leaf: Any, *args: Any, **kwargs: Any) -> Any:
+        careful.append(leaf)
+        return real(leaf, *args, **kwargs)
+
+    monkeypatch.setattr(convert, "_convert_checked", spy)
+    out = to_numpy(tree)
+    for got, expected in zip(out, want, strict=False):
+        np.testing.assert_array_equal(got["x"], expected["x"])
+        assert got["s"] == "same"
+        assert got["n"] == 3
+    np.testing.assert_array_equal(out[-1]["tagged"], [0.0, 1.0])
+    assert not any(type(leaf) is torch.Tensor for leaf in careful)
+    assert len(careful) == 2 * 300 + 1  # the strings, the numbers and the subclass

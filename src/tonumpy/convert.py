@@ -184,7 +184,9 @@ def convert_leaves(
             return fast
     out: list[Any] = []
     append = out.append
-    unique = len(set(map(id, leaves))) == len(leaves)
+    # a repeated tensor must become one array; repeated other leaves ("str", 3) come back as
+    # themselves anyway, so only tensors are checked
+    unique = _distinct(filter(_IS_TENSOR, leaves), many=len(leaves) >= _MANY)
     if unique and copy is None and not scalars:
         # Hot path: numpy(force=True) is detach + cpu + resolve_conj + resolve_neg + numpy, the
         # whole conversion for plain tensors of native dtypes; everything else raises there and
