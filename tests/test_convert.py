@@ -457,14 +457,18 @@ def test_fake_tensor_error_names_the_path() -> None:
         to_numpy([fake])
 
 
+@pytest.mark.parametrize("lone", [False, True], ids=["in_dict", "lone"])
 @pytest.mark.parametrize("transform", ["vmap", "grad"])
-def test_functorch_wrapped_tensor_error(transform: str) -> None:
-    """Inside vmap/grad a tensor is wrapped; converting it names the path and the fix."""
+def test_functorch_wrapped_tensor_error(transform: str, lone: bool) -> None:
+    """Inside vmap/grad a tensor is wrapped; converting it names the path and the fix.
+
+    A lone wrapped tensor (which to_numpy tries to convert without a walk) gets the same error.
+    """
     caught: list[BaseException] = []
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         try:
-            to_numpy({"inside": x})
+            to_numpy(x if lone else {"inside": x})
         except UnsupportedLeafError as exc:
             caught.append(exc)
         return x.sum()
@@ -474,7 +478,8 @@ def test_functorch_wrapped_tensor_error(transform: str) -> None:
     else:
         torch.func.grad(fn)(torch.ones(3))
     assert caught
-    assert "tree['inside']" in str(caught[0])
+    if not lone:
+        assert "tree['inside']" in str(caught[0])
     assert "torch.func" in str(caught[0])
 
 

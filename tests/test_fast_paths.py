@@ -193,26 +193,6 @@ def test_lone_tensor_shortcut_matches_the_general_path() -> None:
     assert not np.shares_memory(to_numpy(t, copy=True), t.detach().numpy())
 
 
-@pytest.mark.parametrize("transform", ["vmap", "grad"])
-def test_lone_tensor_inside_a_transform_is_refused(transform: str) -> None:
-    """A bare functorch-wrapped tensor gets the same error as one inside a container."""
-    caught: list[BaseException] = []
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        try:
-            to_numpy(x)
-        except UnsupportedLeafError as exc:
-            caught.append(exc)
-        return x.sum()
-
-    if transform == "vmap":
-        torch.vmap(fn)(torch.ones(2, 3))
-    else:
-        torch.func.grad(fn)(torch.ones(3))
-    assert caught
-    assert "torch.func" in str(caught[0])
-
-
 def test_lone_meta_tensor_is_refused() -> None:
     """The shortcut's refusal leads to the general path's error, not a raw RuntimeError."""
     with pytest.raises(UnsupportedLeafError, match="meta"):

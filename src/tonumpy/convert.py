@@ -25,6 +25,7 @@ Copy = Literal[True, False] | None
 
 # Tensor types whose ``numpy(force=True)`` is the whole conversion when it succeeds.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TYPES: frozenset[type] = frozenset(_PLAIN)
 # False until the first CUDA tensor exists (always False on CPU-only builds).
 _cuda_initialized: Callable[[], bool] = torch.cuda.is_initialized
 # isinstance(x, torch.Tensor) as one C call, for filter().
@@ -175,19 +176,23 @@ def convert_leaves(
     put at each place. Errors name the leaf's path in ``spec``. ``leaf_types``, the set of the
     leaves' types if the caller has it (:func:`_tree.flatten_typed`), saves a pass.
     """
-    if copy is None and not scalars:
+    bulk = copy is None and not scalars  # the only options the bulk paths handle
+    kinds: set[type] = set()  # the leaves' types, needed by the bulk paths only
+    if bulk:
+        kinds = set(map(type, leaves)) if leaf_types is None else leaf_types
+    # a repeated tensor must become one array; repeated other leaves ("str", 3) come back as
+    # themselves anyway, so only tensors are checked
+    tensors = leaves if kinds and kinds <= _PLAIN_TYPES else filter(_IS_TENSOR, leaves)
+    unique = _distinct(tensors, many=len(leaves) >= _MANY)
+    if bulk and unique:
         # Fastest tier, for trees without CUDA tensors (those go to the transfer engine below)
-        fast = _convert_cpu_fast(
-            leaves, ml_dtypes=ml_dtypes, leaf_types=leaf_types, host_only=not _cuda_initialized()
-        )
+        host_only = not _cuda_initialized()
+        fast = _convert_cpu_fast(leaves, kinds, ml_dtypes=ml_dtypes, host_only=host_only)
         if fast is not None:
             return fast
     out: list[Any] = []
     append = out.append
-    # a repeated tensor must become one array; repeated other leaves ("str", 3) come back as
-    # themselves anyway, so only tensors are checked
-    unique = _distinct(filter(_IS_TENSOR, leaves), many=len(leaves) >= _MANY)
-    if unique and copy is None and not scalars:
+    if bulk and unique:
         # Hot path: numpy(force=True) is detach + cpu + resolve_conj + resolve_neg + numpy, the
         # whole conversion for plain tensors of native dtypes; everything else raises there and
         # takes the careful path below.
@@ -235,37 +240,24 @@ def convert_leaves(
 
 
 def _convert_cpu_fast(
-    leaves: list[Any],
-    *,
-    ml_dtypes: bool,
-    leaf_types: set[type] | None = None,
-    host_only: bool = True,
+    leaves: list[Any], kinds: set[type], *, ml_dtypes: bool, host_only: bool
 ) -> list[Any] | None:
-    """Convert leaves with ``copy=None, scalars=False`` in bulk; None: not here.
-
-    ``host_only`` says that no tensor can be on a GPU (CUDA is not initialised). Without it,
-    the passes after the first run only if no tensor is on a CUDA device: they would copy such
-    tensors one by one, where the transfer engine moves them together.
+    """Convert distinct-tensor leaves with ``copy=None, scalars=False`` in bulk; None: not here.
 
     One list comprehension (no per-leaf try/append) of ``t.numpy()``, which skips the
     ``cpu``/``resolve_conj``/``resolve_neg`` calls ``force=True`` adds (no-ops here, but each
     a dispatcher round trip); if a leaf refuses (it requires grad, say), one of
-    ``t.numpy(force=True)``; if a leaf still refuses, one more pass
-    handles bfloat16/float8 in bulk. A failed pass costs only the leaves before the refusal.
-    Anything unusual (tensor subclasses, a tensor repeated in the tree, sparse, meta, ...)
-    returns None, and the caller's general loops convert the leaves, with errors that name the
-    path.
+    ``t.numpy(force=True)``; if a leaf still refuses, one more pass handles bfloat16/float8 in
+    bulk. A failed pass costs only the leaves before the refusal. Anything unusual (tensor
+    subclasses among ``kinds``, the leaves' types; sparse, meta, ...) returns None, and the
+    caller's general loops convert the leaves, with errors that name the path.
+
+    ``host_only`` says that no tensor can be on a GPU (CUDA is not initialised). Without it,
+    the passes after the first run only if no tensor is on a CUDA device: they would copy such
+    tensors one by one, where the transfer engine moves them together.
     """
     plain = _PLAIN
-    only_tensors = True
-    for cls in set(map(type, leaves)) if leaf_types is None else leaf_types:
-        if cls not in plain:
-            if issubclass(cls, torch.Tensor):
-                return None
-            only_tensors = False
-    # repeated non-tensors ("str", 3) are fine: look at the tensors only
-    tensors = leaves if only_tensors else filter(_IS_TENSOR, leaves)
-    if not _distinct(tensors, many=len(leaves) >= _MANY):
+    if any(cls not in plain and issubclass(cls, torch.Tensor) for cls in kinds):
         return None
     try:  # no tensor requires grad, none has a conj/neg bit (evaluation, logging)
         return _numpy_pass(leaves)
