@@ -5,7 +5,7 @@ the function shares its name with its module); the modules behind ``concat``, ``
 ``gather``, ``save`` and ``load`` load on first use, so that ``import tonumpy`` costs little
 more than ``import torch``.
 
-Example:
+Examples:
     >>> import torch, tonumpy
     >>> tonumpy.to_numpy({"x": torch.ones(2, requires_grad=True)})
     {'x': array([1., 1.], dtype=float32)}

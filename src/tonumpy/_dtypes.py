@@ -94,7 +94,7 @@ def ml_numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
 def unpack_float4(codes: np.ndarray, *, ml_dtypes: bool) -> np.ndarray:
     """Unpack ``float4_e2m1fn_x2`` bytes (shape ``(..., n)``) into ``(..., 2n)`` values.
 
-    Example:
+    Examples:
         >>> unpack_float4(np.array([0x21], dtype=np.uint8), ml_dtypes=False)
         array([0.5, 1. ], dtype=float32)
     """
@@ -109,7 +109,7 @@ def unpack_float4(codes: np.ndarray, *, ml_dtypes: bool) -> np.ndarray:
 def torch_dtype_of(dtype: np.dtype[Any]) -> torch.dtype | None:
     """The torch dtype whose bits an ``ml_dtypes`` array holds, or None for other dtypes.
 
-    Example:
+    Examples:
         >>> torch_dtype_of(np.dtype("float32")) is None
         True
     """

@@ -70,7 +70,7 @@ def pad_value_for(
     * A callable is called as ``pad_value(path, dtype)``; it may return ``None``.
     * Anything else is the value for every leaf.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> pad_value_for({"labels": -100, (): 0}, ("labels",), np.dtype("int64"))
         array(-100)
@@ -146,7 +146,7 @@ def check_pad_value(value: Any, dtype: np.dtype[Any], path: tuple[Any, ...] | No
     take anything. Other dtypes (strings, datetimes) must hold the value exactly. A 0-d tensor
     is read with ``.item()``.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> check_pad_value(-100, np.dtype("int16"), ("labels",))
         array(-100, dtype=int16)
@@ -217,7 +217,7 @@ def target_shape(
     chunks' full shapes with the concatenation axis first; chunks with no rows along it take no
     part (a rank or a batch with no items) unless every chunk is empty.
 
-    Example:
+    Examples:
         >>> target_shape([(2, 3, 5), (4, 7, 5), (0, 9, 5)], ("logits",), padded=True)
         (7, 5)
 
@@ -268,7 +268,7 @@ def copy_padded(dst: np.ndarray, src: np.ndarray, fill: np.ndarray | None) -> No
     and ``src.shape[i] <= dst.shape[i]``; only the padding region is filled, so every element of
     ``dst`` is written exactly once. ``fill`` may be ``None`` only when the shapes are equal.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> dst = np.empty((2, 3), dtype=np.int8)
         >>> copy_padded(dst, np.ones((2, 2), dtype=np.int8), np.array(-1, dtype=np.int8))
@@ -316,7 +316,7 @@ def concat_arrays(
       the result, not their sum (provided that freeing a chunk returns its memory to the
       system: ``Accumulator`` keeps its chunks in large memory-mapped slabs for that).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> concat_arrays(
         ...     [np.ones((1, 2)), np.zeros((1, 3))], ("x",), fill_for=lambda dt: np.array(-1.0)

@@ -153,7 +153,7 @@ def widen_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
 
     A bfloat16 is the top half of a float32, so the widening is a 16-bit left shift.
 
-    Example:
+    Examples:
         >>> widen_bfloat16_bits(np.array([0x3FC0, 0xFF80], dtype=np.uint16))
         array([ 1.5, -inf], dtype=float32)
     """
@@ -543,7 +543,7 @@ class PendingTransfer:
     kernels on that stream may overwrite the tensors without changing the result. Until
     :meth:`result` returns, the handle keeps the source tensors alive.
 
-    Example:
+    Examples:
         >>> import torch, tonumpy
         >>> pending = tonumpy.to_numpy_async({"x": torch.arange(3)})
         >>> pending.done()
@@ -659,7 +659,7 @@ def start_transfer(
     right away by :func:`tonumpy.convert.convert_leaves`, so errors about them are raised
     here, naming their path in ``spec``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tonumpy import _tree
         >>> leaves, spec = _tree.flatten({"a": torch.tensor([1.5], dtype=torch.bfloat16)})

@@ -349,7 +349,7 @@ def unflatten(spec: PyTreeSpec, leaves: Iterable[Any]) -> Any:
 def format_path(path: tuple[Any, ...] | None, root: str = "tree") -> str:
     """Render a key path the way a user would index it: ``tree['a'][0]``.
 
-    Example:
+    Examples:
         >>> format_path(("hidden", 2))
         "tree['hidden'][2]"
         >>> format_path(())

@@ -166,7 +166,7 @@ def concat(
     dimension is padded, in every such dimension, to the largest size, with ``pad_value``;
     padding never changes the dtype. Batches with no rows take no part in the padded shape.
 
-    Example:
+    Examples:
         >>> import numpy as np, torch
         >>> batches = [
         ...     {"ids": torch.tensor([[1, 2]]), "loss": torch.tensor(0.5)},
@@ -511,7 +511,7 @@ class Accumulator:
     raw 2/1-byte void fields that ``np.load`` returns as ``V2``/``V1``; view them with the
     dtype named in ``manifest.json``. Non-array leaves stay in memory.
 
-    Example:
+    Examples:
         >>> import torch
         >>> acc = Accumulator(pad_value={"labels": -100})
         >>> for length in (3, 5):

@@ -34,7 +34,7 @@ def to_numpy_async(
     ``to_numpy(tree, **options)`` returns. The copies see the tensors as they are in stream
     order at the time of this call: later kernels on the same stream may overwrite them.
 
-    Example:
+    Examples:
         >>> import torch
         >>> pending = to_numpy_async({"logits": torch.ones(2, requires_grad=True), "step": 3})
         >>> # ... more work on the GPU here, overlapping the copies ...
@@ -70,7 +70,7 @@ def set_pinned_pool_limit(nbytes: int, /) -> int:
     Buffers still referenced by returned arrays do not count and are never freed early.
     Lowering the limit below what is idle releases the idle buffers now.
 
-    Example:
+    Examples:
         >>> old = set_pinned_pool_limit(256 << 20)
         >>> set_pinned_pool_limit(old) == 256 << 20
         True
@@ -84,7 +84,7 @@ def set_pinned_pool_limit(nbytes: int, /) -> int:
 def empty_pinned_pool() -> None:
     """Release every idle pinned staging buffer now (and torch's cache of pinned memory).
 
-    Example:
+    Examples:
         >>> empty_pinned_pool()
     """
     empty_pool()

@@ -143,7 +143,7 @@ class Activations(Mapping[str, list[Any]]):
     The object stays readable after the ``with`` block ends; :meth:`clear` forgets what was
     captured so far (the hooks, while the block runs, keep capturing).
 
-    Example:
+    Examples:
         >>> import torch, tonumpy
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
         >>> with tonumpy.capture(model, include="0") as acts:
@@ -195,7 +195,7 @@ class Activations(Mapping[str, list[Any]]):
     def num_calls(self, name: str, /) -> int:
         """How many calls of module ``name`` are held (without reading any of them).
 
-        Example:
+        Examples:
             >>> import torch, tonumpy
             >>> model = torch.nn.Linear(2, 2)
             >>> with tonumpy.capture(model) as acts:
@@ -218,7 +218,7 @@ class Activations(Mapping[str, list[Any]]):
     def clear(self) -> None:
         """Forget every captured call (the modules stay chosen and hooked).
 
-        Example:
+        Examples:
             >>> import torch, tonumpy
             >>> model = torch.nn.Linear(2, 2)
             >>> with tonumpy.capture(model) as acts:
@@ -240,7 +240,7 @@ class Activations(Mapping[str, list[Any]]):
         Python numbers (a ``reduce`` to a scalar, ``scalars=True``) are stacked into a 1-d
         array; any other leaf becomes the list of its values, one per call.
 
-        Example:
+        Examples:
             >>> import torch, tonumpy
             >>> model = torch.nn.Linear(2, 3)
             >>> with tonumpy.capture(model, reduce=lambda t: {"mean": t.mean()}) as acts:
@@ -509,7 +509,7 @@ def capture(
     for the GPU; the arrays are ready when read from the returned :class:`Activations`. The
     hooks are removed when the block ends, also when it ends with an exception.
 
-    Example:
+    Examples:
         >>> import torch, tonumpy
         >>> model = torch.nn.Sequential(
         ...     torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)
@@ -633,7 +633,7 @@ def numpy_args(
     is passed as the very same object, and so is a first argument named ``self`` or ``cls``, so
     methods can be decorated too. Use it bare (``@numpy_args``) or with options.
 
-    Example:
+    Examples:
         >>> import torch
         >>> @numpy_args(scalars=True)
         ... def log(step, metrics, *, extra=None):

@@ -132,7 +132,7 @@ class _Style:
 def _size(n: int) -> str:
     """Bytes in binary units.
 
-    Example:
+    Examples:
         >>> _size(512), _size(1536), _size(3 << 30)
         ('512 B', '1.5 KiB', '3.0 GiB')
     """
@@ -442,7 +442,7 @@ def main(
 ) -> int:
     """Run the ``tonumpy`` command line; return its exit status.
 
-    Example:
+    Examples:
         >>> import io
         >>> main(["convert", "missing.pt", "out.npz"], stderr=io.StringIO())
         2

@@ -441,7 +441,7 @@ def to_numpy(
     tensors become a list of arrays. Containers keep their exact type, keys, key order and
     extra state; every other leaf is returned as the very same object.
 
-    Example:
+    Examples:
         >>> import torch
         >>> out = to_numpy({"logits": torch.ones(2, requires_grad=True), "step": 3})
         >>> out["logits"], out["step"]
@@ -546,7 +546,7 @@ def to_torch(
     torch dtype. Arrays torch cannot hold (object, str, bytes, datetime) stay as they are, and
     so does every other non-array leaf. Tensors already in the tree are moved and cast too.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> to_torch({"x": np.arange(3), "name": "a"})
         {'x': tensor([0, 1, 2]), 'name': 'a'}
@@ -598,7 +598,7 @@ def apply(
     the rest are rebuilt with their exact types. An exception raised by ``fn`` propagates
     unchanged, with a note naming the leaf's path.
 
-    Example:
+    Examples:
         >>> import torch
         >>> apply(lambda t: t * 2, {"a": torch.tensor([1, 2]), "b": "text"})
         {'a': tensor([2, 4]), 'b': 'text'}

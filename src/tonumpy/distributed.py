@@ -561,7 +561,7 @@ def gather(
     one value per rank; non-tensor leaves become a list with one value per rank. Without an
     initialised process group (or with a group of one), it returns ``concat([tree])``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> out = gather({"logits": torch.ones(2, 3), "loss": torch.tensor(0.5), "name": "a"})
         >>> out["logits"].shape, out["loss"], out["name"]

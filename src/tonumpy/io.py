@@ -120,7 +120,7 @@ def save(
     with their class name recorded for display. ``str``, ``int``, ``float``, ``bool``, ``None``,
     ``bytes`` and ``complex`` leaves are stored in the JSON.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch
         >>> path = os.path.join(tempfile.mkdtemp(), "out.npz")
         >>> save(path, {"logits": torch.ones(2, requires_grad=True), "step": 3})
@@ -155,7 +155,7 @@ def load(file: PathLike, /, *, ml_dtypes: bool = False, unsafe_load: bool = Fals
     ``.bin``, ``.ckpt``). ``dict``, ``list``, ``tuple``, ``None``, ``str``, ``int``, ``float``
     and ``bool`` come back exactly; every other container comes back as a ``dict``.
 
-    Example:
+    Examples:
         >>> import os, tempfile, numpy as np
         >>> path = os.path.join(tempfile.mkdtemp(), "plain.npz")
         >>> np.savez(path, a=np.arange(3), b=np.ones(2))
@@ -184,7 +184,7 @@ def load(file: PathLike, /, *, ml_dtypes: bool = False, unsafe_load: bool = Fals
 def read(file: PathLike, /, *, unsafe_load: bool = False) -> Contents:
     """Read a file as it is stored, for inspection: tensors stay tensors.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch
         >>> path = os.path.join(tempfile.mkdtemp(), "x.pt")
         >>> torch.save({"w": torch.zeros(2, dtype=torch.bfloat16)}, path)
@@ -234,7 +234,7 @@ def convert(
     suffix, or ending in ``/``, for a directory of ``.npy`` files, one per leaf, named after
     sanitised key paths, with the structure in ``__tonumpy__.json``.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch
         >>> folder = tempfile.mkdtemp()
         >>> src, dst = os.path.join(folder, "a.pt"), os.path.join(folder, "arrays")
@@ -486,7 +486,7 @@ def _key_text(key: Any) -> str:
 def _dotted(path: tuple[Any, ...]) -> str:
     """The display name of a key path: keys joined by dots (``output.hidden_states.0``).
 
-    Example:
+    Examples:
         >>> _dotted(("output", "hidden_states", 0))
         'output.hidden_states.0'
     """
@@ -503,7 +503,7 @@ _RESERVED = frozenset(
 def _sanitise(text: str) -> str:
     r"""A file name made of ``[A-Za-z0-9._-]`` only, never ``.``/``..``, hidden or too long.
 
-    Example:
+    Examples:
         >>> _sanitise("../../etc/passwd"), _sanitise("/abs/path"), _sanitise("a\x00b")
         ('etc_passwd', 'abs_path', 'a_b')
     """
