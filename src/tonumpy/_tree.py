@@ -1,300 +1,212 @@
 """The tree walker: optree's C++ flatten/unflatten in tonumpy's own registry namespace.
 
-optree already knows dict, OrderedDict, defaultdict, list, tuple, namedtuple, deque and
-``torch.return_types`` (PyStructSequence). This module teaches it, lazily and only inside the
-``"tonumpy"`` namespace, the containers users hand us without registering anything:
+Every tonumpy function that takes a tree walks it here. optree knows dict, OrderedDict,
+defaultdict, list, tuple, namedtuple, deque and ``torch.return_types``; the other containers
+(:mod:`tonumpy._containers`, and the transformers objects of :mod:`tonumpy._hf`) are registered
+lazily, and only inside the ``"tonumpy"`` namespace, the first time one shows up as a leaf: the
+leaves' types are checked after each flatten, and the tree is flattened again if a new node type
+was registered. Every other leaf type is classified once: *atomic* types (tensors, arrays,
+strings, numbers, ``None``, C types with no Python-visible state, ...) cost nothing from then
+on; instances of other types are searched, and one that holds a tensor is refused
+(:mod:`tonumpy._opaque`), so that no tensor leaves tonumpy unconverted unless ``is_leaf`` kept it.
 
-* dataclasses (frozen, ``slots=True`` and ``init=False`` fields included);
-* dict subclasses (HF ``ModelOutput`` is an OrderedDict subclass *and* a dataclass);
-* :class:`collections.UserDict` subclasses (HF ``BatchEncoding``).
+Threads: classification and registration happen under one lock, and a type is published as a
+node only once optree knows it. A flatten that ran while another thread registered (or evicted)
+a type it met as a leaf is simply run again, so the loser of a registration race never takes a
+container for a leaf. Nothing relies on the GIL: the shared state is replaced, never mutated in
+place, outside the lock.
 
-Registration happens the first time such a type shows up as a leaf: the leaves' types are
-checked after each flatten, and the tree is flattened again if a new node type was registered.
-Rebuilding never runs the user's ``__init__``/``__post_init__``: a new instance is made with
-``__new__`` and its state set directly, so validation, conversion or side effects in those
-methods cannot undo ours, and frozen classes work the same way.
+Memory: registering a class keeps it alive (optree holds it). At most :data:`MAX_NODE_TYPES`
+classes stay registered: past that, the oldest registrations are dropped (a class still in use
+is registered again when it next shows up). Treespecs made before such a re-registration still
+rebuild and compare equal under :func:`same_structure`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
-import keyword
-import operator
 import sys
-from collections import OrderedDict, UserDict, defaultdict, deque
+import threading
+import warnings
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import optree
+import torch
 from optree import PyTreeSpec
 
-from .errors import ConversionError
+from . import _containers, _hf, _opaque
+from ._containers import NAMESPACE, NodeError
+from .errors import ConversionError, UnsupportedLeafError
 
-NAMESPACE = "tonumpy"
+__all__ = [
+    "MAX_NODE_TYPES",
+    "NAMESPACE",
+    "flatten",
+    "flatten_typed",
+    "format_path",
+    "leaf_path",
+    "same_structure",
+    "unflatten",
+]
 
-# Types already classified: either registered by us as nodes, or known to be leaves.
-_seen_types: set[type] = set()
+#: At most this many container classes stay registered (about 10 KiB each, class included).
+MAX_NODE_TYPES = 1024
+#: Leaf types remembered (atomic or searched) before the memory of them is cleared.
+_MAX_LEAF_TYPES = 4096
+# A flatten that had to be redone this many times runs under the lock (no eviction meanwhile).
+_LOCKED_AFTER = 2
 
+# What a leaf's type is, once classified.
+_NODE = "node"  # a container tonumpy registered: a leaf only where is_leaf kept it
+_FOREIGN = "foreign"  # optree walks it by itself (builtins, namedtuples, user registrations)
+_ATOMIC = "atomic"  # passed through, never searched
+_SEARCH = "search"  # passed through once searched for tensors (_opaque)
 
-class _NodeMeta:
-    """Metadata of a node: compared by (type, keys); also carries what rebuilding needs.
-
-    ``template`` is the original object, used only to copy state that is not converted (extra
-    attributes, a defaultdict's factory). It takes no part in equality, so two batches with the
-    same structure have equal treespecs.
-    """
-
-    __slots__ = ("cls", "keys", "n_items", "template")
-
-    def __init__(self, cls: type, keys: tuple[Any, ...], n_items: int, template: Any) -> None:
-        self.cls = cls
-        self.keys = keys
-        self.n_items = n_items
-        self.template = template
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, _NodeMeta)
-            and self.cls is other.cls
-            and self.keys == other.keys
-            and self.n_items == other.n_items
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.cls, self.keys, self.n_items))
-
-    def __repr__(self) -> str:
-        return f"{self.cls.__name__}{list(self.keys)!r}"
-
-
-def _slot_names(cls: type[Any]) -> tuple[str, ...]:
-    """Every slot declared along ``cls``'s MRO (``__dict__``/``__weakref__`` excluded)."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        slots = klass.__dict__.get("__slots__", ())
-        for name in (slots,) if isinstance(slots, str) else slots:
-            if name not in ("__dict__", "__weakref__") and name not in names:
-                names.append(name)
-    return tuple(names)
+_BASE_ATOMIC: frozenset[type] = frozenset(
+    {
+        torch.Tensor,
+        torch.nn.Parameter,
+        np.ndarray,
+        str,
+        int,
+        float,
+        bool,
+        complex,
+        bytes,
+        type(None),
+        torch.dtype,
+        torch.device,
+        torch.Size,
+        *(np.dtype(code).type for code in "?bhilqBHILQefdgFDGSU"),
+    }
+)
 
 
-def _copy_state(
-    new: Any, template: Any, skip: Iterable[str], slots: tuple[str, ...] | None = None
-) -> None:
-    """Copy the attributes of ``template`` that are not in ``skip`` onto ``new`` (unconverted)."""
-    skipped = set(skip)
-    state = getattr(template, "__dict__", None)
-    if state:
-        for name, value in state.items():
-            if name not in skipped:
-                object.__setattr__(new, name, value)
-    for name in _slot_names(type(template)) if slots is None else slots:
-        if name not in skipped:
-            with contextlib.suppress(AttributeError):  # an unset slot stays unset
-                object.__setattr__(new, name, object.__getattribute__(template, name))
+class _Snapshot(NamedTuple):
+    """The registered node types, and how many evictions happened so far."""
+
+    evictions: int
+    nodes: frozenset[type]
 
 
-def _blank(cls: Any) -> Any:
-    """A new, empty instance of ``cls``: ``__new__`` only, no ``__init__``/``__post_init__``."""
-    return cls.__new__(cls)
+_lock = threading.RLock()
+_kinds: dict[type, str] = {}  # written under _lock only
+_registered: dict[type, None] = {}  # tonumpy's registrations, oldest first (under _lock)
+_snapshot = _Snapshot(0, frozenset())  # replaced under _lock, read anywhere
+_atomic: frozenset[type] = _BASE_ATOMIC  # replaced under _lock, read anywhere
+_NATIVE = (dict, OrderedDict, defaultdict, list, tuple, deque, type(None))
 
 
-def _field_names(cls: type[Any]) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
-
-
-_MISSING = object()
-
-
-def _dict_setitem(cls: type[Any]) -> Callable[[Any, Any, Any], None]:
-    """The base ``__setitem__`` that stores an item without running a subclass's override."""
-    return OrderedDict.__setitem__ if issubclass(cls, OrderedDict) else dict.__setitem__
-
-
-def _is_data_descriptor(cls: type[Any], name: str) -> bool:
-    """Whether ``name`` on ``cls`` is a descriptor with ``__set__`` (a property, a slot, ...)."""
-    return hasattr(type(inspect.getattr_static(cls, name, None)), "__set__")
-
-
-def _inherits_object(cls: type[Any], method: str) -> bool:
-    """Whether ``cls`` keeps ``object``'s ``method`` (no class along its MRO overrides it)."""
-    return inspect.getattr_static(cls, method, None) is getattr(object, method)
-
-
-def _compile_builder(cls: type[Any], names: tuple[str, ...]) -> Callable[[Any], Any]:
-    """A function that makes a blank ``cls`` and stores its children as the fields ``names``.
-
-    Only for classes whose fields all live in the instance ``__dict__`` (no slot, no descriptor).
-    Compiled once per class, as :mod:`dataclasses` does for ``__init__``: one unpacking
-    assignment is several times faster than a ``setattr`` loop or a ``__dict__.update``.
-    Attributes are stored directly when the class keeps ``object.__setattr__`` (and the names
-    are identifiers); otherwise (frozen classes) the items go into the instance ``__dict__``.
-    The generated source holds no user text but the names, as identifiers or ``repr`` literals.
-    """
-    attrs = _inherits_object(cls, "__setattr__") and all(
-        n.isidentifier() and not keyword.iskeyword(n) for n in names
-    )
-    lines = ["def build(children):", "    new = cls.__new__(cls)"]
-    if attrs:
-        targets = "".join(f"new.{n}, " for n in names)
+def _decide(cls: type[Any]) -> str:
+    """Classify ``cls``, registering it with optree if it is a container tonumpy rebuilds."""
+    if (
+        cls in _NATIVE
+        or optree.is_namedtuple_class(cls)
+        or optree.is_structseq_class(cls)
+        or optree.register_pytree_node.get(cls, namespace=NAMESPACE) is not None
+    ):
+        return _FOREIGN
+    if issubclass(cls, (torch.Tensor, *_opaque.ATOMIC_BASES)):
+        return _ATOMIC
+    if _hf.is_cache(cls):
+        register: Callable[[type[Any]], None] | None = _hf.register_cache
+    elif _hf.is_batch_encoding(cls):
+        register = _hf.register_batch_encoding
     else:
-        lines.append('    state = get_dict(new, "__dict__")')
-        targets = "".join(f"state[{n!r}], " for n in names)
-    lines += [f"    {targets or '()'} = children", "    return new"]
-    namespace: dict[str, Any] = {"cls": cls, "get_dict": object.__getattribute__}
-    exec("\n".join(lines), namespace)  # noqa: S102 - the names only, see above
-    build: Callable[[Any], Any] = namespace["build"]
-    return build
-
-
-def _register_dataclass(cls: type[Any]) -> None:
-    """Dataclasses: the children are the fields, in order; other state is kept unconverted.
-
-    A plain instance holds its fields and nothing else (every field set, no other attribute or
-    slot). Its metadata is one ``_NodeMeta`` shared by the whole class, without a template, so
-    no object is built per node and optree's metadata comparison is an identity hit. Any other
-    instance gets its own ``_NodeMeta`` with the instance as template (equal to the shared one
-    when the same fields are set), and rebuilding copies the extra state from it.
-    """
-    names = _field_names(cls)
-    field_set = frozenset(names)
-    slots = _slot_names(cls)
-    extra_slots = tuple(n for n in slots if n not in field_set)
-    has_dict = "__dict__" in dir(cls)
-    dict_fields = field_set.difference(slots)  # the fields an instance keeps in its __dict__
-    # Every field is stored in the instance __dict__ under its own name (no slot, no property).
-    in_dict = has_dict and not any(_is_data_descriptor(cls, n) for n in names)
-    set_field = setattr if _inherits_object(cls, "__setattr__") else object.__setattr__
-    build = _compile_builder(cls, names) if in_dict else None
-    common = _NodeMeta(cls, names, 0, None)
-    getter = operator.attrgetter(*names) if names else None
-    get_dict = object.__getattribute__
-
-    def flatten_any(obj: Any) -> tuple[Any, _NodeMeta, tuple[str, ...]]:
-        try:  # usually every field is set
-            if getter is None:
-                children: Any = ()
-            elif len(names) > 1:
-                children = getter(obj)
-            else:
-                children = (getter(obj),)
-        except AttributeError:  # init=False fields that were never assigned
-            present = tuple(n for n in names if getattr(obj, n, _MISSING) is not _MISSING)
-            return [getattr(obj, n) for n in present], _NodeMeta(cls, present, 0, obj), present
-        if not extra_slots and (not has_dict or get_dict(obj, "__dict__").keys() == dict_fields):
-            return children, common, names
-        return children, _NodeMeta(cls, names, 0, obj), names
-
-    flatten = flatten_any
-    if in_dict and not extra_slots and len(names) > 1 and _inherits_object(cls, "__getattribute__"):
-        item_getter = operator.itemgetter(*names)
-
-        def flatten_plain(obj: Any) -> tuple[Any, _NodeMeta, tuple[str, ...]]:
-            state = obj.__dict__
-            if len(state) == len(names):  # then no KeyError means: the fields and nothing else
-                try:
-                    return item_getter(state), common, names
-                except KeyError:
-                    pass
-            return flatten_any(obj)
-
-        flatten = flatten_plain
-
-    def unflatten(meta: Any, children: Iterable[Any]) -> Any:
-        if meta is common and build is not None:
-            return build(children)
-        new = _blank(cls)
-        template = meta.template  # None in the shared metadata (or a copy of it)
-        if template is not None:
-            if has_dict:
-                state = get_dict(template, "__dict__")
-                if state.keys() - field_set:  # extra, non-field attributes are kept as they are
-                    state = {k: v for k, v in state.items() if k not in field_set}
-                    get_dict(new, "__dict__").update(state)
-            if extra_slots:
-                _copy_state(new, template, field_set, extra_slots)
-        for name, value in zip(meta.keys, children, strict=True):
-            set_field(new, name, value)
-        return new
-
-    optree.register_pytree_node(
-        cls, flatten, unflatten, path_entry_type=optree.GetAttrEntry, namespace=NAMESPACE
-    )
-
-
-def _register_dict_subclass(cls: type[Any]) -> None:
-    """Dict subclasses, including mapping dataclasses such as HF ``ModelOutput``.
-
-    Children are the items in insertion order, then (for a dataclass) the fields that are not
-    keys: a ``ModelOutput`` keeps its ``None`` fields out of the mapping, as it had them.
-    """
-    names = _field_names(cls) if dataclasses.is_dataclass(cls) else ()
-    setitem = _dict_setitem(cls)
-
-    def flatten(obj: Any) -> tuple[list[Any], _NodeMeta, tuple[Any, ...]]:
-        keys = tuple(dict.keys(obj))
-        extra = tuple(
-            n for n in names if n not in obj and getattr(obj, n, _MISSING) is not _MISSING
-        )
-        children = [dict.__getitem__(obj, k) for k in keys]
-        children += [getattr(obj, n) for n in extra]
-        return children, _NodeMeta(cls, keys + extra, len(keys), obj), keys + extra
-
-    def unflatten(meta: Any, children: Iterable[Any]) -> Any:
-        items = dict(zip(meta.keys, children, strict=True))  # the keys, then the extra fields
-        new = _blank(cls)
-        _copy_state(new, meta.template, names)
-        if isinstance(meta.template, defaultdict):
-            new.default_factory = meta.template.default_factory
-        for key in meta.keys[: meta.n_items]:
-            setitem(new, key, items[key])
-        for name in names:  # fields that are keys get the converted item, like ModelOutput does
-            if name in items:
-                object.__setattr__(new, name, items[name])
-        return new
-
-    optree.register_pytree_node(
-        cls, flatten, unflatten, path_entry_type=optree.MappingEntry, namespace=NAMESPACE
-    )
-
-
-def _register_userdict(cls: type[Any]) -> None:
-    def flatten(obj: Any) -> tuple[list[Any], _NodeMeta, tuple[Any, ...]]:
-        keys = tuple(obj.data)
-        return [obj.data[k] for k in keys], _NodeMeta(cls, keys, len(keys), obj), keys
-
-    def unflatten(meta: Any, children: Iterable[Any]) -> Any:
-        new = _blank(cls)
-        _copy_state(new, meta.template, ("data",))
-        object.__setattr__(new, "data", dict(zip(meta.keys, children, strict=True)))
-        return new
-
-    optree.register_pytree_node(
-        cls, flatten, unflatten, path_entry_type=optree.MappingEntry, namespace=NAMESPACE
-    )
-
-
-_BUILTIN_NODES = (dict, OrderedDict, defaultdict, list, tuple, deque)
-
-
-def _classify(cls: type) -> bool:
-    """Register ``cls`` as a node type if it is a container we rebuild; True if registered."""
-    if cls in _BUILTIN_NODES:
-        return False
+        register = _containers.registrar(cls)
+    if register is None:
+        return _ATOMIC if _opaque.is_atomic(cls) else _SEARCH
     try:
-        if issubclass(cls, dict):
-            _register_dict_subclass(cls)
-        elif dataclasses.is_dataclass(cls):
-            _register_dataclass(cls)
-        elif issubclass(cls, UserDict):
-            _register_userdict(cls)
-        else:
-            return False
-    except ValueError:  # already registered in our namespace (e.g. by another thread)
-        return False
-    return True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optree warns about some subclasses it knows
+            register(cls)
+    except ValueError:  # registered in our namespace meanwhile, by the user
+        return _FOREIGN
+    return _NODE
+
+
+def _classify(cls: type[Any], protect: set[type]) -> str:
+    """The kind of leaf type ``cls``, classified (and registered) once, under the lock.
+
+    ``protect`` holds the node types the calling flatten relies on: they are not evicted.
+    """
+    kind = _kinds.get(cls)
+    if kind is not None:
+        return kind
+    global _atomic, _snapshot  # noqa: PLW0603 - replaced as a whole, under the lock
+    with _lock:
+        kind = _kinds.get(cls)
+        if kind is not None:
+            return kind
+        kind = _decide(cls)
+        if kind is _NODE:
+            _registered[cls] = None
+            protect.add(cls)
+            _kinds[cls] = kind
+            _snapshot = _Snapshot(_snapshot.evictions, _snapshot.nodes | {cls})
+            _evict(protect)
+            return kind
+        if len(_kinds) - len(_registered) >= _MAX_LEAF_TYPES:
+            for known in [k for k, v in _kinds.items() if v is not _NODE]:
+                del _kinds[known]
+            _atomic = _BASE_ATOMIC
+        _kinds[cls] = kind
+        if kind is _ATOMIC:
+            _atomic = _atomic | {cls}
+        return kind
+
+
+def _evict(protect: set[type]) -> None:
+    """Drop the oldest registrations once there are more than :data:`MAX_NODE_TYPES`."""
+    global _snapshot  # noqa: PLW0603 - replaced as a whole, under the lock
+    excess = len(_registered) - MAX_NODE_TYPES
+    if excess <= 0:
+        return
+    goal = excess + MAX_NODE_TYPES // 4  # make room for a batch of new types at once
+    victims = [cls for cls in _registered if cls not in protect][:goal]
+    if not victims:
+        return
+    # Published before optree forgets them: a flatten that met one as a leaf sees the count.
+    _snapshot = _Snapshot(_snapshot.evictions + 1, _snapshot.nodes.difference(victims))
+    for cls in victims:
+        del _registered[cls]
+        del _kinds[cls]
+        optree.unregister_pytree_node(cls, namespace=NAMESPACE)
+
+
+def registered_types() -> tuple[type, ...]:
+    """The container classes tonumpy has registered with optree, oldest first."""
+    with _lock:
+        return tuple(_registered)
+
+
+# ------------------------------------------------------------------------------ flatten
+
+
+class _BadAnswerError(Exception):
+    """``is_leaf`` returned something other than a bool for ``node``."""
+
+    def __init__(self, node: Any, answer: Any) -> None:
+        super().__init__()
+        self.node = node
+        self.answer = answer
+
+
+def _strict(is_leaf: Callable[[Any], Any]) -> Callable[[Any], bool]:
+    """``is_leaf``, refusing answers that are not ``True``/``False`` (or a NumPy bool)."""
+
+    def check(node: Any) -> bool:
+        answer = is_leaf(node)
+        if answer is True or answer is False:
+            return answer
+        if type(answer) is np.bool_:
+            return bool(answer)
+        raise _BadAnswerError(node, answer)
+
+    return check
 
 
 def flatten(
@@ -309,6 +221,9 @@ def flatten(
     Raises:
         ConversionError: The tree contains a cycle or is deeper than optree can walk; the message
             names the path where that happens.
+        UnsupportedLeafError: A leaf that tonumpy cannot rebuild holds a tensor (and ``is_leaf``
+            did not keep it); the message names the path and the fix.
+        TypeError: ``is_leaf`` returned something other than ``True`` or ``False``.
     """
     leaves, spec, _ = flatten_typed(tree, is_leaf=is_leaf, none_is_leaf=none_is_leaf)
     return leaves, spec
@@ -322,23 +237,71 @@ def flatten_typed(
     none_is_leaf: bool = False,
 ) -> tuple[list[Any], PyTreeSpec, set[type]]:
     """:func:`flatten`, also returning the set of the leaves' types (computed anyway)."""
+    check = None if is_leaf is None else _strict(is_leaf)
+    protect: set[type] = set()
+    attempt = 0
     while True:
+        with _lock if attempt >= _LOCKED_AFTER else contextlib.nullcontext():
+            snapshot = _snapshot
+            leaves, spec = _flatten_once(tree, check, is_leaf, none_is_leaf)
+            kinds = set(map(type, leaves))
+            atomic = _atomic
+            if kinds <= atomic:  # tensors, arrays, strings, numbers, ...: nothing to do
+                return leaves, spec, kinds
+            again = search = False
+            for cls in kinds - atomic:
+                kind = _classify(cls, protect)
+                if kind is _NODE:
+                    protect.add(cls)
+                    # a node type met as a leaf: is_leaf kept it, unless it was registered (or
+                    # evicted) while this flatten ran
+                    if cls not in snapshot.nodes or _snapshot.evictions != snapshot.evictions:
+                        again = True
+                elif kind is _SEARCH:
+                    search = True
+            if not again:
+                if search:
+                    _refuse_opaque(leaves, spec, check, protect)
+                return leaves, spec, kinds
+        attempt += 1
+
+
+def _flatten_once(
+    tree: Any,
+    check: Callable[[Any], bool] | None,
+    is_leaf: Callable[[Any], Any] | None,
+    none_is_leaf: bool,
+) -> tuple[list[Any], PyTreeSpec]:
+    try:
+        return optree.tree_flatten(tree, check, none_is_leaf=none_is_leaf, namespace=NAMESPACE)
+    except RecursionError:
+        raise _recursion_error(tree, check, none_is_leaf) from None
+    except _BadAnswerError as bad:
+        raise _answer_error(tree, bad, is_leaf, none_is_leaf) from None
+    except NodeError as bad:
+        raise _node_error(tree, bad, check, none_is_leaf) from None
+
+
+def _refuse_opaque(
+    leaves: list[Any], spec: PyTreeSpec, check: Callable[[Any], bool] | None, protect: set[type]
+) -> None:
+    """Raise for the first leaf of a type tonumpy cannot rebuild that holds a tensor."""
+    atomic = _atomic
+    for index, leaf in enumerate(leaves):
+        cls = type(leaf)
+        if cls in atomic or _classify(cls, protect) is not _SEARCH:
+            continue
+        if check is not None and check(leaf):
+            continue
         try:
-            leaves, spec = optree.tree_flatten(
-                tree, is_leaf, none_is_leaf=none_is_leaf, namespace=NAMESPACE
-            )
-        except RecursionError:
-            raise _recursion_error(tree, is_leaf, none_is_leaf) from None
-        kinds = set(map(type, leaves))
-        new = kinds - _seen_types
-        if not new:
-            return leaves, spec, kinds
-        registered = False
-        for cls in new:
-            registered |= _classify(cls)
-            _seen_types.add(cls)
-        if not registered:
-            return leaves, spec, kinds
+            inner = _opaque.find_tensor(leaf, atomic)
+        except _opaque.TooLargeError:
+            inner = None
+        else:
+            if inner is None:
+                continue
+        path, where = leaf_path(spec, index)
+        raise _opaque.refusal(leaf, where, path, inner)
 
 
 def unflatten(spec: PyTreeSpec, leaves: Iterable[Any]) -> Any:
@@ -346,8 +309,39 @@ def unflatten(spec: PyTreeSpec, leaves: Iterable[Any]) -> Any:
     return optree.tree_unflatten(spec, leaves)
 
 
+def _shape(spec: PyTreeSpec) -> Any:
+    """``spec``'s structure as nested tuples of node types and node data."""
+    walk: Any = spec.walk  # optree's stub types the leaves and results as one type
+    return walk(
+        [None] * spec.num_leaves,
+        lambda node_type, data, children: (node_type, data, tuple(children)),
+        lambda _: None,
+    )
+
+
+def same_structure(a: PyTreeSpec, b: PyTreeSpec) -> bool:
+    """Whether ``a`` and ``b`` describe one structure.
+
+    Equal treespecs do; so do treespecs whose only difference is that a container type was
+    registered again in between (optree compares registrations by identity). Use this, not
+    ``==``, to compare treespecs made at different times.
+    """
+    if a == b:
+        return True
+    return (
+        a.num_leaves == b.num_leaves
+        and a.num_nodes == b.num_nodes
+        and a.none_is_leaf == b.none_is_leaf
+        and a.namespace == b.namespace
+        and _shape(a) == _shape(b)
+    )
+
+
+# ------------------------------------------------------------------------------ key paths
+
+
 def format_path(path: tuple[Any, ...] | None, root: str = "tree") -> str:
-    """Render a key path the way a user would index it: ``tree['a'][0]``.
+    """Render a key path the way a user would index it: ``tree['a'][0]``, ``tree['out'].x``.
 
     Examples:
         >>> format_path(("hidden", 2))
@@ -357,13 +351,71 @@ def format_path(path: tuple[Any, ...] | None, root: str = "tree") -> str:
     """
     if path is None:
         return root
-    return root + "".join(f"[{key!r}]" for key in path)
+    text = root
+    for key in path:
+        text = _containers.render(text, key)
+    return text
 
 
 def leaf_path(spec: PyTreeSpec, index: int, root: str = "tree") -> tuple[tuple[Any, ...], str]:
     """The key path of leaf ``index`` of ``spec`` and its rendering (``tree['a'].field[0]``)."""
     accessor = spec.accessors()[index]
     return tuple(accessor.path), accessor.codify(root)
+
+
+def _path_to(
+    tree: Any, target: Any, is_leaf: Callable[[Any], Any] | None, none_is_leaf: bool
+) -> Any:
+    """The key path of the node ``target`` (found by identity) in ``tree``, or None."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(tree, ())]
+    seen: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        if node is target:
+            return path
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        try:
+            if is_leaf is not None and is_leaf(node):
+                continue
+            children, _, entries, _ = optree.tree_flatten_one_level(
+                node, none_is_leaf=none_is_leaf, namespace=NAMESPACE
+            )
+        except Exception:  # noqa: BLE001, S112 - a leaf, or a node that cannot be walked
+            continue
+        stack.extend(
+            (child, (*path, entry))
+            for child, entry in reversed(list(zip(children, entries, strict=True)))
+        )
+    return None
+
+
+def _answer_error(
+    tree: Any, bad: _BadAnswerError, is_leaf: Callable[[Any], Any] | None, none_is_leaf: bool
+) -> TypeError:
+    def keeps(node: Any) -> bool:
+        return is_leaf is not None and bool(is_leaf(node))
+
+    path = _path_to(tree, bad.node, keeps, none_is_leaf)
+    return TypeError(
+        f"is_leaf must return True or False, but it returned {bad.answer!r} "
+        f"({type(bad.answer).__name__}) for {format_path(path)} ({type(bad.node).__name__}); "
+        "return a bool (wrap the expression in bool(...) if its truthiness is what you mean)"
+    )
+
+
+def _node_error(
+    tree: Any, bad: NodeError, check: Callable[[Any], bool] | None, none_is_leaf: bool
+) -> UnsupportedLeafError:
+    path = _path_to(tree, bad.node, check, none_is_leaf)
+    name = type(bad.node).__name__
+    return UnsupportedLeafError(
+        f"cannot convert {format_path(path)} ({name}): {bad.reason}; pass "
+        f"is_leaf=lambda x: isinstance(x, {name}) to keep it as it is, or leave it out (for a "
+        "model's cache: use_cache=False)",
+        path=path,
+    )
 
 
 def _recursion_error(

@@ -210,7 +210,7 @@ def concat(
         leaves, spec = _tree.flatten(tree, is_leaf=is_leaf)
         if spec0 is None:
             spec0 = spec
-        elif spec != spec0:
+        elif not _tree.same_structure(spec, spec0):
             raise _structure_error(spec0, spec, "trees[0]", f"trees[{index}]")
         flat.append(convert_leaves(leaves, spec, ml_dtypes=ml_dtypes))
     assert spec0 is not None  # noqa: S101 - trees is not empty
@@ -509,7 +509,7 @@ class Accumulator:
     batch's bytes are written), so after a crash ``np.load`` gives every row of every batch
     whose ``append`` returned. bfloat16/float8 leaves (with ``ml_dtypes=True``) are stored as
     raw 2/1-byte void fields that ``np.load`` returns as ``V2``/``V1``; view them with the
-    dtype named in ``manifest.json``. Non-array leaves stay in memory.
+    dtype named in ``manifest.json``. Non-array leaves (and object arrays) stay in memory.
 
     Examples:
         >>> import torch
@@ -622,7 +622,7 @@ class Accumulator:
         """
         leaves, spec = _tree.flatten(tree, is_leaf=self._is_leaf)
         name = f"batch {self._received}"
-        if self._expected is not None and spec != self._expected:
+        if self._expected is not None and not _tree.same_structure(spec, self._expected):
             raise _structure_error(self._expected, spec, "batch 0", name)
         self._finish_pending()
         pending = self._start_transfer(leaves, spec)
@@ -721,8 +721,8 @@ class Accumulator:
             self._directory.mkdir(parents=True, exist_ok=True)
             used: set[str] = set()
             paths: list[Path | None] = []
-            for state in states:
-                if state.kind == "object":
+            for state, leaf in zip(states, host, strict=True):
+                if state.kind == "object" or leaf.dtype.hasobject:  # no .npy without pickle
                     paths.append(None)
                     continue
                 stem = _file_stem(state.path)

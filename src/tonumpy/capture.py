@@ -271,7 +271,7 @@ class Activations(Mapping[str, list[Any]]):
         flat = [_tree.flatten(call) for call in calls]
         spec = flat[0][1]
         for number, (_, other) in enumerate(flat[1:], start=1):
-            if other != spec:
+            if not _tree.same_structure(other, spec):
                 raise ConversionError(
                     f"captured calls of module {name!r} differ in structure: call 0 is "
                     f"{spec} but call {number} is {other}; read them one by one with "

@@ -1,0 +1,187 @@
+"""Leaves tonumpy cannot rebuild: find a tensor held inside one, or show there is none.
+
+A leaf of a type tonumpy does not know (not a tensor, array, string, number, ..., and not a
+container it rebuilds) is returned as the very same object. That is only safe if the object
+holds no tensor: otherwise the tensor would leave ``to_numpy`` unconverted, silently. Such a
+leaf is searched, through its ``__dict__``, its slots and the builtin containers it holds; one
+that holds a tensor is refused with :class:`~tonumpy.UnsupportedLeafError` naming where, unless
+the user keeps it with ``is_leaf=``.
+
+Types whose instances can hold nothing visible to Python (no ``__dict__``, no slots: C types
+such as ``datetime`` or ``tokenizers.Encoding``) and well-known value types are *atomic*: they
+are never searched, and once seen they cost nothing (``_tree`` caches the classification).
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+import fractions
+import functools
+import pathlib
+import re
+import types
+import uuid
+import weakref
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._containers import has_instance_dict, slot_names
+from .errors import UnsupportedLeafError
+
+# Value types (and their subclasses) that never hold a tensor worth finding.
+ATOMIC_BASES: tuple[type, ...] = (
+    str,
+    bytes,
+    bytearray,
+    int,
+    float,
+    complex,
+    range,
+    slice,
+    type,
+    np.generic,
+    np.ndarray,
+    np.dtype,
+    enum.Enum,
+    torch.Size,
+    torch.dtype,
+    torch.device,
+    torch.finfo,
+    torch.iinfo,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.ModuleType,
+    types.CodeType,
+    functools.partial,
+    weakref.ref,
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+    datetime.tzinfo,
+    decimal.Decimal,
+    fractions.Fraction,
+    pathlib.PurePath,
+    re.Pattern,
+    uuid.UUID,
+)
+
+#: A search stops after this many objects; such a leaf is refused as too large to check.
+BUDGET = 100_000
+
+
+def is_atomic(cls: type[Any]) -> bool:
+    """Whether instances of ``cls`` can be passed through without being searched."""
+    if issubclass(cls, ATOMIC_BASES):
+        return True
+    if issubclass(cls, dict | list | tuple | set | frozenset | deque | types.MappingProxyType):
+        return False
+    return not has_instance_dict(cls) and not slot_names(cls)
+
+
+class TooLargeError(Exception):
+    """The search ran out of budget before it could tell whether a leaf holds a tensor."""
+
+
+def _attributes(node: Any) -> list[tuple[str, Any]]:
+    """``node``'s instance attributes as ``(".name", value)``: ``__dict__``, then set slots."""
+    out: list[tuple[str, Any]] = []
+    cls = type(node)
+    if has_instance_dict(cls):
+        try:
+            state = object.__getattribute__(node, "__dict__")
+        except AttributeError:
+            state = {}
+        out += [(f".{name}", value) for name, value in dict(state).items()]
+    for name in slot_names(cls):
+        try:
+            out.append((f".{name}", object.__getattribute__(node, name)))
+        except AttributeError:  # an unset slot
+            continue
+    return out
+
+
+def _parts(node: Any) -> list[tuple[str, Any]]:
+    """Everything ``node`` holds, each with the text that reads it (``[k]``, ``.name``)."""
+    parts: list[tuple[str, Any]] = []
+    if isinstance(node, dict | types.MappingProxyType):
+        for key, value in list(node.items()):
+            parts += [(" (a key)", key), (f"[{key!r}]", value)]
+    elif isinstance(node, list | tuple | deque):
+        parts += [(f"[{i}]", value) for i, value in enumerate(list(node))]
+    elif isinstance(node, set | frozenset):
+        parts += [(" (an element)", value) for value in list(node)]
+    return parts + _attributes(node)
+
+
+def find_tensor(obj: Any, atomic: frozenset[type]) -> str | None:
+    """Where inside ``obj`` a tensor is held (``.cache['k'][0]``), or None if there is none.
+
+    ``atomic`` are types known not to need a search. Raises :class:`TooLargeError` when the
+    objects reachable from ``obj`` are more than :data:`BUDGET`.
+    """
+    seen = {id(obj)}
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    budget = BUDGET
+    known: dict[type, bool] = {}
+    while stack:
+        node, where = stack.pop()
+        for access, child in _parts(node):
+            budget -= 1
+            if budget < 0:
+                raise TooLargeError
+            cls = type(child)
+            if cls in atomic:
+                if isinstance(child, torch.Tensor):
+                    return where + access
+                continue
+            if isinstance(child, torch.Tensor):
+                return where + access
+            skip = known.get(cls)
+            if skip is None:
+                skip = known[cls] = is_atomic(cls)
+            if skip or id(child) in seen:
+                continue
+            seen.add(id(child))
+            stack.append((child, where + access))
+    return None
+
+
+def _hint(leaf: Any) -> str:
+    name = type(leaf).__name__
+    if isinstance(leaf, torch.nn.Module):
+        return (
+            f"pass its weights instead ({name}.state_dict() converts to a dict of arrays), or "
+            f"is_leaf=lambda x: isinstance(x, torch.nn.Module) to keep the module as it is"
+        )
+    if isinstance(leaf, set | frozenset):
+        return (
+            "arrays cannot be set elements (they are unhashable): put the tensors in a list or "
+            "tuple, or pass is_leaf= to keep the set as it is"
+        )
+    return (
+        f"pass is_leaf=lambda x: isinstance(x, {name}) to keep it as it is (tensors and all), "
+        f"or teach tonumpy to rebuild it: optree.register_pytree_node({name}, flatten, "
+        'unflatten, namespace="tonumpy")'
+    )
+
+
+def refusal(leaf: Any, where: str, path: tuple[Any, ...], inner: str | None) -> Exception:
+    """The error for a leaf that holds a tensor at ``inner`` (None: too large to search)."""
+    if inner is None:
+        found = (
+            f"it holds more than {BUDGET:,} objects, too many to check that none of them is a "
+            "tensor"
+        )
+    else:
+        found = f"it holds a tensor at {where}{inner}"
+    return UnsupportedLeafError(
+        f"cannot convert {where} ({type(leaf).__name__}): {found}, and tonumpy cannot rebuild a "
+        f"{type(leaf).__name__} with arrays in it; {_hint(leaf)}",
+        path=path,
+    )
