@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from optree import PyTreeSpec
 
-from . import _dtypes, _transfer, _tree
+from . import _dtypes, _options, _transfer, _tree
 from .errors import ConversionError, TonumpyError, UnsupportedLeafError
 
 __all__ = ["apply", "to_numpy", "to_torch"]
@@ -88,10 +88,19 @@ def _unwrap_subclass(t: torch.Tensor) -> torch.Tensor:
     raise _LeafError(reason, unsupported=True)
 
 
-def _tensor_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool, scalars: bool) -> Any:
-    """Convert one tensor of any kind (the careful path). Raises ``_LeafError`` on failure."""
+def _tensor_to_numpy(
+    t: torch.Tensor, copy: Copy, ml_dtypes: bool, scalars: bool, guarded: bool = False
+) -> Any:
+    """Convert one tensor of any kind (the careful path). Raises ``_LeafError`` on failure.
+
+    ``guarded``: the tensor is part of one that requires grad (a nested tensor's component),
+    so a view of its memory is made read-only, as one of a tensor requiring grad is.
+    """
+    guarded = guarded or t.requires_grad
     if t.is_nested:  # strided nested tensors and jagged ones (a Python subclass) alike
-        return [_tensor_to_numpy(c, copy, ml_dtypes, scalars) for c in t.detach().unbind()]
+        return [
+            _tensor_to_numpy(c, copy, ml_dtypes, scalars, guarded) for c in t.detach().unbind()
+        ]
     if type(t) not in _PLAIN:
         t = _unwrap_subclass(t)
     if t.is_meta:
@@ -130,6 +139,9 @@ def _tensor_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool, scalars: bool
             t, fresh = t.cpu(), True
         arr = t.numpy()
     elif dtype in _dtypes.ML_DTYPES:
+        if t.is_neg():  # neither a bit view nor a float8 widening can read it as it is
+            _needs_copy(copy, "its negative bit must be resolved, which copies")
+            t, fresh = _dtypes.resolve_neg(t), True
         if ml_dtypes:
             np_dtype = _dtypes.ml_numpy_dtype(dtype)
             bits = t.view(_dtypes.BITS[dtype.itemsize])
@@ -150,6 +162,8 @@ def _tensor_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool, scalars: bool
         raise _LeafError(f"{dtype} has no NumPy equivalent and no exact widening", unsupported=True)
     if copy and not fresh:
         arr = arr.copy()
+    elif guarded and not fresh:
+        arr.setflags(write=False)  # see _protect
     return arr
 
 
@@ -205,10 +219,14 @@ def convert_leaves(
                     append(None)
                     continue
                 try:
-                    append(leaf.numpy(force=True))
-                    continue
+                    arr = leaf.numpy(force=True)
                 except Exception:  # noqa: BLE001, S110 - any refusal: take the careful path
                     pass
+                else:
+                    if leaf.requires_grad:
+                        arr.setflags(write=False)  # see _protect
+                    append(arr)
+                    continue
             append(
                 _convert_checked(leaf, index, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
             )
@@ -266,9 +284,11 @@ def _convert_cpu_fast(
     if not host_only and any(map(_IS_CUDA, filter(_IS_TENSOR, leaves))):
         return None
     try:  # usually fails at the first leaf, as trees either carry grad everywhere or nowhere
-        return [leaf.numpy(force=True) if type(leaf) in plain else leaf for leaf in leaves]
+        forced = [leaf.numpy(force=True) if type(leaf) in plain else leaf for leaf in leaves]
     except Exception:  # noqa: BLE001, S110 - a dtype NumPy lacks, or another refusal
         pass
+    else:
+        return _protect(leaves, forced)
     try:
         return _convert_low_precision(leaves, ml_dtypes=ml_dtypes)
     except Exception:  # noqa: BLE001 - e.g. float4, sparse, ml_dtypes missing: careful path
@@ -283,6 +303,22 @@ def _numpy_pass(leaves: list[Any]) -> list[Any]:
     """
     plain = _PLAIN
     return [leaf.numpy() if type(leaf) in plain else leaf for leaf in leaves]
+
+
+def _protect(leaves: list[Any], out: list[Any]) -> list[Any]:
+    """Make the arrays of the tensors among ``leaves`` that require grad read-only; ``out``.
+
+    ``numpy(force=True)`` of such a tensor is a view of memory autograd may have saved for the
+    backward pass (``y = x.exp()`` saves ``y``): writing to it would change the gradient
+    silently, which is why ``Tensor.numpy()`` refuses them. The view stays zero-copy but
+    read-only; ``copy=True`` gives a writable copy. ``out[i]`` must be the array of
+    ``leaves[i]`` wherever that is a plain tensor.
+    """
+    plain = _PLAIN
+    for leaf, arr in zip(leaves, out, strict=True):
+        if type(leaf) in plain and leaf.requires_grad:
+            arr.setflags(write=False)
+    return out
 
 
 _MANY = 256  # from about this many leaves on, sorting ids beats a set of them
@@ -322,7 +358,10 @@ def _convert_low_precision(leaves: list[Any], *, ml_dtypes: bool) -> list[Any]:
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # noqa: SLF001 - no public check
 
     def force(t: torch.Tensor) -> Any:
-        return t.numpy(force=True)
+        arr = t.numpy(force=True)
+        if t.requires_grad:
+            arr.setflags(write=False)  # see _protect
+        return arr
 
     def upcast(t: torch.Tensor) -> Any:
         if wrapped(t) or not t.is_contiguous():  # keep .float()'s strides: careful path
@@ -351,7 +390,7 @@ def _bit_views(leaves: list[Any]) -> list[Any]:
         dtype: (_dtypes.BITS[dtype.itemsize], _dtypes.ml_numpy_dtype(dtype))
         for dtype in _dtypes.ML_DTYPES
     }
-    return [
+    out = [
         (
             leaf.numpy(force=True)
             if (pair := views.get(leaf.dtype)) is None
@@ -361,6 +400,7 @@ def _bit_views(leaves: list[Any]) -> list[Any]:
         else leaf
         for leaf in leaves
     ]
+    return _protect(leaves, out)
 
 
 # bf16 leaves of one shape are stacked, widened and split in blocks of at most this many
@@ -441,11 +481,18 @@ def to_numpy(
     tensors become a list of arrays. Containers keep their exact type, keys, key order and
     extra state; every other leaf is returned as the very same object.
 
+    The array of a tensor that requires grad is a read-only view (with the default
+    ``copy=None``): autograd may have saved that very memory for the backward pass (``y =
+    x.exp()`` saves ``y``), so writing to the array would silently change the gradients, the
+    reason why ``Tensor.numpy()`` refuses such tensors. ``copy=True`` gives a writable copy.
+
     Examples:
         >>> import torch
         >>> out = to_numpy({"logits": torch.ones(2, requires_grad=True), "step": 3})
         >>> out["logits"], out["step"]
         (array([1., 1.], dtype=float32), 3)
+        >>> out["logits"].flags.writeable, to_numpy(torch.ones(2)).flags.writeable
+        (False, True)
         >>> to_numpy(torch.tensor([1.5], dtype=torch.bfloat16))
         array([1.5], dtype=float32)
         >>> to_numpy(torch.tensor(2.0), scalars=True)
@@ -455,9 +502,10 @@ def to_numpy(
         tree: A tensor, or any nesting of dict (and subclasses), list, tuple, namedtuple,
             deque, dataclass, ``ModelOutput`` and ``torch.return_types`` holding tensors.
         copy: ``None`` shares memory with CPU tensors whenever no conversion is needed (the
-            array is a view: writing to one changes the other); ``True`` returns arrays that
-            share memory with nothing in the input; ``False`` never copies and raises
-            :class:`ConversionError` for the first leaf that would need a copy.
+            array is a view: writing to one changes the other; read-only if the tensor
+            requires grad); ``True`` returns writable arrays that share memory with nothing in
+            the input; ``False`` never copies and raises :class:`ConversionError` for the
+            first leaf that would need a copy. Exactly ``None``, ``True`` or ``False``.
         ml_dtypes: Return bfloat16 and float8 tensors as the matching ``ml_dtypes`` arrays,
             bit-exact (and zero-copy on the CPU), instead of widening them to float32.
         scalars: Return 0-d tensors as Python ``bool``/``int``/``float``/``complex``.
@@ -471,7 +519,15 @@ def to_numpy(
             too deep. The message and ``.path`` name the place.
         UnsupportedLeafError: A tensor's data cannot be read (meta, fake, functorch-wrapped)
             or its dtype has no NumPy form.
+        OptionError: ``copy`` is not exactly ``None``/``True``/``False``, or ``ml_dtypes`` or
+            ``scalars`` is not exactly ``True``/``False``.
     """
+    if (
+        (copy is not None and copy is not True and copy is not False)
+        or (ml_dtypes is not False and ml_dtypes is not True)
+        or (scalars is not False and scalars is not True)
+    ):
+        _options.bad_flags("to_numpy", copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
     if (
         type(tree) in _PLAIN
         and copy is None
@@ -562,6 +618,7 @@ def to_torch(
     Returns:
         A tree of the same structure with tensors in place of arrays.
     """
+    _options.check_copy(copy, "to_torch")
     leaves, spec = _tree.flatten(tree)
     out = []
     for index, leaf in enumerate(leaves):
