@@ -62,7 +62,7 @@ ROUTES: dict[str, Callable[[torch.Tensor], Any]] = {
 
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_every_route_returns_a_read_only_view(route: str) -> None:
-    x, y = saved_result()
+    _, y = saved_result()
     a = _first(ROUTES[route](y))
     assert np.shares_memory(a, y.detach().numpy()), "the conversion must stay zero-copy"
     assert not a.flags.writeable

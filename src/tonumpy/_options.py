@@ -143,7 +143,10 @@ def check_callable_signature(fn: Callable[..., Any], args: tuple[Any, ...], what
     try:
         signature.bind(*args)
     except TypeError as exc:
-        raise OptionError(f"{what}: {fn!r} has the signature {signature}, which {exc}") from None
+        raise OptionError(
+            f"{what}; {getattr(fn, '__qualname__', repr(fn))} has the signature {signature}, "
+            f"which does not accept that ({exc})"
+        ) from None
 
 
 def check_directory(directory: str | os.PathLike[str], where: str) -> Path:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from optree import PyTreeSpec
 
-from . import _dtypes, _options, _transfer, _tree
-from .errors import ConversionError, TonumpyError, UnsupportedLeafError
+from . import _diff, _dtypes, _options, _transfer, _tree
+from .errors import ConversionError, OptionError, TonumpyError, UnsupportedLeafError
 
 __all__ = ["apply", "to_numpy", "to_torch"]
 
@@ -98,11 +98,32 @@ def _tensor_to_numpy(
     """
     guarded = guarded or t.requires_grad
     if t.is_nested:  # strided nested tensors and jagged ones (a Python subclass) alike
-        return [
-            _tensor_to_numpy(c, copy, ml_dtypes, scalars, guarded) for c in t.detach().unbind()
-        ]
+        parts = t.detach().unbind()
+        return [_tensor_to_numpy(c, copy, ml_dtypes, scalars, guarded) for c in parts]
     if type(t) not in _PLAIN:
         t = _unwrap_subclass(t)
+    _check_readable(t)
+    t = t.detach()
+    fresh = False
+    if t.layout != torch.strided:
+        _needs_copy(copy, f"{t.layout} tensors are densified, which copies")
+        t, fresh = t.to_dense(), True
+    if t.is_quantized:
+        _needs_copy(copy, "quantized tensors are dequantized, which copies")
+        t, fresh = t.dequantize(), True
+    if scalars and t.dim() == 0 and t.dtype != _dtypes.FLOAT4_X2:
+        return t.item()
+    arr, converted = _strided_to_numpy(t, copy, ml_dtypes)
+    fresh = fresh or converted
+    if copy and not fresh:
+        arr = arr.copy()
+    elif guarded and not fresh:
+        arr.setflags(write=False)  # see _protect
+    return arr
+
+
+def _check_readable(t: torch.Tensor) -> None:
+    """Raise ``_LeafError`` for tensors that have no data to read: meta, functorch-wrapped."""
     if t.is_meta:
         raise _LeafError(
             "meta tensors have a shape and dtype but no data; materialise it on a real device "
@@ -115,16 +136,11 @@ def _tensor_to_numpy(
             "no data of its own there; convert the transform's result after it returns",
             unsupported=True,
         )
-    t = t.detach()
+
+
+def _strided_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool) -> tuple[np.ndarray, bool]:
+    """A detached, strided tensor of any dtype as an array, and whether that is a new copy."""
     fresh = False
-    if t.layout != torch.strided:
-        _needs_copy(copy, f"{t.layout} tensors are densified, which copies")
-        t, fresh = t.to_dense(), True
-    if t.is_quantized:
-        _needs_copy(copy, "quantized tensors are dequantized, which copies")
-        t, fresh = t.dequantize(), True
-    if scalars and t.dim() == 0 and t.dtype != _dtypes.FLOAT4_X2:
-        return t.item()
     dtype = t.dtype
     on_cpu = t.device.type == "cpu"
     if dtype in _dtypes.NATIVE or dtype == torch.complex32:
@@ -137,34 +153,27 @@ def _tensor_to_numpy(
         if not on_cpu:
             _needs_copy(copy, f"it must be copied from {t.device} to the host")
             t, fresh = t.cpu(), True
-        arr = t.numpy()
-    elif dtype in _dtypes.ML_DTYPES:
+        return t.numpy(), fresh
+    if dtype in _dtypes.ML_DTYPES:
         if t.is_neg():  # neither a bit view nor a float8 widening can read it as it is
             _needs_copy(copy, "its negative bit must be resolved, which copies")
             t, fresh = _dtypes.resolve_neg(t), True
-        if ml_dtypes:
-            np_dtype = _dtypes.ml_numpy_dtype(dtype)
-            bits = t.view(_dtypes.BITS[dtype.itemsize])
-            if not on_cpu:
-                _needs_copy(copy, f"it must be copied from {t.device} to the host")
-                bits, fresh = bits.cpu(), True
-            arr = bits.numpy().view(np_dtype)
-        else:
+        if not ml_dtypes:
             _needs_copy(
                 copy, f"{dtype} is widened to float32, which copies (ml_dtypes=True does not)"
             )
-            arr, fresh = t.cpu().float().numpy(), True
-    elif dtype == _dtypes.FLOAT4_X2:
+            return t.cpu().float().numpy(), True
+        np_dtype = _dtypes.ml_numpy_dtype(dtype)
+        bits = t.view(_dtypes.BITS[dtype.itemsize])
+        if not on_cpu:
+            _needs_copy(copy, f"it must be copied from {t.device} to the host")
+            bits, fresh = bits.cpu(), True
+        return bits.numpy().view(np_dtype), fresh
+    if dtype == _dtypes.FLOAT4_X2:
         _needs_copy(copy, "float4_e2m1fn_x2 values are unpacked, one per element, which copies")
         codes = t.view(torch.uint8).cpu().numpy()
-        arr, fresh = _dtypes.unpack_float4(codes, ml_dtypes=ml_dtypes), True
-    else:
-        raise _LeafError(f"{dtype} has no NumPy equivalent and no exact widening", unsupported=True)
-    if copy and not fresh:
-        arr = arr.copy()
-    elif guarded and not fresh:
-        arr.setflags(write=False)  # see _protect
-    return arr
+        return _dtypes.unpack_float4(codes, ml_dtypes=ml_dtypes), True
+    raise _LeafError(f"{dtype} has no NumPy equivalent and no exact widening", unsupported=True)
 
 
 def _convert_one(leaf: Any, copy: Copy, ml_dtypes: bool, scalars: bool) -> Any:
@@ -641,46 +650,127 @@ def to_torch(
     return _tree.unflatten(spec, out)
 
 
+#: Types whose instances are never containers: ``types=`` of these needs no node test.
+_NEVER_CONTAINERS = (torch.Tensor, np.ndarray, np.generic, str, bytes, int, float, complex)
+
+
+def _types_tuple(types: Any) -> tuple[type, ...]:
+    wanted = types if isinstance(types, tuple) else (types,)
+    if not wanted or not all(isinstance(t, type) for t in wanted):
+        raise OptionError(
+            f"apply(types={types!r}): types= takes a type or a tuple of types (as isinstance "
+            "does), e.g. torch.Tensor, dict or (torch.Tensor, np.ndarray)"
+        )
+    return wanted
+
+
+def _whole(
+    wanted: tuple[type, ...], is_leaf: Callable[[Any], bool] | None
+) -> Callable[[Any], bool]:
+    """The node test that makes instances of ``wanted`` leaves, so they reach ``fn`` whole."""
+    if is_leaf is None:
+        return lambda node: isinstance(node, wanted)
+    return lambda node: isinstance(node, wanted) or is_leaf(node)
+
+
 def apply(
-    fn: Callable[[Any], Any],
+    fn: Callable[..., Any],
     tree: Any,
     /,
-    *,
+    *rests: Any,
     types: type | tuple[type, ...] = torch.Tensor,
     is_leaf: Callable[[Any], bool] | None = None,
+    with_path: bool = False,
 ) -> Any:
-    """Map ``fn`` over the leaves that are instances of ``types``; keep everything else.
+    """Map ``fn`` over the parts of ``tree`` that are instances of ``types``; keep the rest.
 
     Uses the same walker as :func:`to_numpy`, so dataclasses, ``ModelOutput``, namedtuples and
-    the rest are rebuilt with their exact types. An exception raised by ``fn`` propagates
-    unchanged, with a note naming the leaf's path.
+    the rest are rebuilt with their exact types. Containers are matched too: with
+    ``types=dict`` each outermost dict (``tree`` itself, if it is one) is handed to ``fn``
+    whole, as Lightning's ``apply_to_collection(data, dict, fn)`` does; nothing inside a
+    matched container is visited. An exception raised by ``fn`` propagates unchanged, with a
+    note naming the path of the part it was called on.
+
+    With several trees (``apply(fn, tree, *rests)``, like optree's ``tree_map`` and
+    Lightning's ``apply_to_collections``) every tree must have ``tree``'s structure, and
+    ``fn`` is called with the parts at one place in all of them; places where ``tree``'s part
+    does not match ``types`` keep ``tree``'s. ``with_path=True`` passes each part's key path
+    first, as optree's ``tree_map_with_path`` does: the tuple of keys, indices and field names
+    that errors, ``pad_value`` mappings and :func:`optree.tree_paths` use.
 
     Examples:
         >>> import torch
         >>> apply(lambda t: t * 2, {"a": torch.tensor([1, 2]), "b": "text"})
         {'a': tensor([2, 4]), 'b': 'text'}
+        >>> apply(len, [{"a": 1}, {"b": 2, "c": 3}, "text"], types=dict)  # containers, whole
+        [1, 2, 'text']
+        >>> apply(torch.add, {"x": torch.ones(2)}, {"x": torch.tensor([1.0, 2.0])})
+        {'x': tensor([2., 3.])}
+        >>> apply(lambda path, t: ".".join(map(str, path)), {"h": [torch.ones(1)] * 2},
+        ...       with_path=True)
+        {'h': ['h.0', 'h.1']}
+        >>> apply(torch.add, {"x": torch.ones(1)}, {"y": torch.ones(1)})
+        Traceback (most recent call last):
+        ...
+        tonumpy.errors.ConversionError: rests[0] does not have the structure of tree: ...
 
     Args:
-        fn: Called once per matching leaf; its result takes the leaf's place.
+        fn: Called once per matching part, as ``fn(part, *parts_of_rests)`` (with
+            ``with_path=True``: ``fn(path, part, *parts_of_rests)``); its result takes the
+            part's place.
         tree: Any nesting of containers.
-        types: A type or tuple of types; leaves of other types are left unchanged.
-        is_leaf: Called on each node; a node it returns True for is treated as a leaf.
+        *rests: More trees of ``tree``'s structure, mapped over together with it.
+        types: A type or tuple of types, as for :func:`isinstance`; tensors by default.
+            Parts of other types are left unchanged (and walked into, if containers).
+        is_leaf: Called on each node; a node it returns True for is not walked into (it
+            reaches ``fn`` if it matches ``types``).
+        with_path: Pass each part's key path to ``fn`` as its first argument.
 
     Returns:
-        A tree of the same structure.
+        A tree of ``tree``'s structure.
+
+    Raises:
+        ConversionError: A tree of ``rests`` differs in structure from ``tree``; the message
+            and ``.path`` name the first place where they differ.
+        OptionError: ``fn`` is not callable, ``types`` is not a type or tuple of types, or
+            ``with_path`` is not a bool.
     """
-    leaves, spec = _tree.flatten(tree, is_leaf=is_leaf)
+    if not callable(fn):
+        raise OptionError(f"apply(): fn must be callable, got {type(fn).__name__}: {fn!r}")
+    wanted = _types_tuple(types)
+    _options.check_flag(with_path, "with_path", "apply")
+    node_test = is_leaf
+    if not all(issubclass(t, _NEVER_CONTAINERS) for t in wanted):
+        node_test = _whole(wanted, is_leaf)
+    leaves, spec = _tree.flatten(tree, is_leaf=node_test)
+    columns = [leaves]
+    for number, rest in enumerate(rests):
+        rest_leaves, rest_spec = _tree.flatten(rest, is_leaf=node_test)
+        if rest_spec != spec:
+            raise _diff.structure_error(
+                spec,
+                rest_spec,
+                "tree",
+                f"rests[{number}]",
+                hint="apply() maps over trees of one structure (the same keys, fields and "
+                "lengths at every level)",
+            )
+        columns.append(rest_leaves)
+    paths = spec.paths() if with_path else None
     out = []
     for index, leaf in enumerate(leaves):
-        if isinstance(leaf, types):
-            try:
-                out.append(fn(leaf))
-            except Exception as exc:
-                if hasattr(exc, "add_note"):
-                    exc.add_note(
-                        f"tonumpy.apply: raised for the leaf at {_tree.leaf_path(spec, index)[1]}"
-                    )
-                raise
-        else:
+        if not isinstance(leaf, wanted):
             out.append(leaf)
+            continue
+        args = [column[index] for column in columns]
+        if paths is not None:
+            args.insert(0, paths[index])
+        try:
+            out.append(fn(*args))
+        except Exception as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note(
+                    f"tonumpy.apply: raised for the leaf at {_tree.leaf_path(spec, index)[1]}"
+                )
+            raise
     return _tree.unflatten(spec, out)
