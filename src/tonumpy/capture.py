@@ -573,11 +573,14 @@ def capture(
             or ``{"args": (...), "kwargs": {...}}`` when the call passed keyword arguments.
             Inputs are taken before the forward runs, so an in-place module cannot change them.
         outputs: Capture what each call returns. With both ``inputs`` and ``outputs`` a call
-            is ``{"inputs": ..., "outputs": ...}`` (``outputs`` is ``None`` if forward raised).
+            is ``{"inputs": ..., "outputs": ...}`` (``outputs`` is ``None`` if forward raised),
+            the inputs and outputs of one call, also when threads or re-entrant calls of the
+            module overlap.
         every: Capture during every ``every``-th forward of ``module``: the 1st, the
             ``every + 1``-th, and so on, with every call of a chosen module made inside it. A
             chosen module called on its own, outside a forward of ``module``, counts its own
-            calls instead.
+            calls instead. Forwards run by several threads at once are numbered in the order
+            they begin, and the calls a forward makes in its thread follow its number.
         max_calls: Keep only the most recent ``max_calls`` calls of each module (``None``:
             keep all). Bounds host memory in a long training loop.
         reduce: Called on each captured tensor (detached, on its device, under
