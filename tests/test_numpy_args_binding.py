@@ -147,3 +147,17 @@ def test_arrays_and_other_arguments_pass_as_they_are() -> None:
 def test_not_a_callable() -> None:
     with pytest.raises(tonumpy.OptionError, match="decorates a callable"):
         numpy_args(3)  # type: ignore[call-overload]
+
+
+def test_decorating_twice_applies_both_options() -> None:
+    class Metrics:
+        @numpy_args(copy=True)
+        @numpy_args(scalars=True)
+        def record(self, loss: Any, values: Any) -> Any:
+            return loss, values
+
+    metrics = Metrics()
+    for _ in range(2):  # the second call reuses the cached bound form
+        loss, values = metrics.record(torch.tensor(0.5), torch.ones(2))
+        assert loss == 0.5
+        assert isinstance(values, np.ndarray)

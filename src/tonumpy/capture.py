@@ -663,6 +663,7 @@ class _NumpyArgs(Generic[R]):
         self, func: Callable[..., R], convert: Callable[[Any], Any], *, keep_first: bool = False
     ) -> None:
         functools.update_wrapper(self, func)
+        self.__dict__.pop("_bound_form", None)  # copied from func if func is one of us
         self._func = func
         self._convert = convert
         self._keep_first = keep_first  # the first argument is the bound instance (or class)
