@@ -559,7 +559,7 @@ def test_num_items() -> None:
     assert acc.result(num_items=0)["logits"].shape == (0, *full["logits"].shape[1:])
     with pytest.raises(ConversionError, match="num_items=13"):
         acc.result(num_items=13)
-    with pytest.raises(ConversionError, match="num_items=-1"):
+    with pytest.raises(tonumpy.OptionError, match="num_items=-1"):
         acc.result(num_items=-1)
 
 
@@ -810,7 +810,7 @@ def test_directory_refuses_to_overwrite(tmp_path: Path) -> None:
 
 def test_directory_needs_axis_0(tmp_path: Path) -> None:
     """Files grow along their first axis only."""
-    with pytest.raises(ConversionError, match="needs axis=0"):
+    with pytest.raises(tonumpy.OptionError, match="needs axis=0"):
         Accumulator(directory=tmp_path, axis=1)
 
 

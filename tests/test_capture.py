@@ -811,7 +811,7 @@ def test_skipped_calls_leave_nothing_pending() -> None:
                 for cell in hook.__closure__ or ()
                 if type(cell.cell_contents).__name__ == "_Recorder"
             ]
-            assert all(not stack for stack in rec.pending_inputs.values())
+            assert all(not stack for stack in rec.thread_state().pending_inputs.values())
         calls = acts["0"]
         firsts = [call["inputs"][0] if outputs else call[0] for call in calls]
         assert [int(x[0]) for x in firsts] == [0, 3, 6]

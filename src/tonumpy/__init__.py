@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .asynchronous import PendingTransfer, to_numpy_async
 from .capture import Activations, CaptureError, capture, numpy_args
 from .convert import apply, to_numpy, to_torch
-from .errors import ConversionError, TonumpyError, UnsupportedLeafError
+from .errors import ConversionError, OptionError, TonumpyError, UnsupportedLeafError
 
 if TYPE_CHECKING:
     from .accumulate import Accumulator, concat
@@ -33,6 +33,7 @@ __all__ = [
     "Activations",
     "CaptureError",
     "ConversionError",
+    "OptionError",
     "PendingTransfer",
     "TonumpyError",
     "UnsupportedLeafError",

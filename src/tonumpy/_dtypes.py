@@ -62,6 +62,43 @@ _E2M1_VALUES = np.array(
 #: An integer torch dtype of each item size, to move raw bits without touching values.
 BITS: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
+#: 1-byte float types without a negative zero: their byte 0x80 is NaN, and -0 is 0.
+_NO_NEGATIVE_ZERO = frozenset(
+    getattr(torch, name) for name in ("float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, name)
+)
+#: float8_e8m0fnu holds powers of two only: it has no sign bit, so no negated value exists.
+_UNSIGNED = frozenset(getattr(torch, name) for name in ("float8_e8m0fnu",) if hasattr(torch, name))
+
+
+def resolve_neg(t: torch.Tensor) -> torch.Tensor:
+    """``t.resolve_neg()``, also for float8 dtypes, which torch cannot negate.
+
+    A tensor with the negative bit set reads as the negation of what it stores. For float8
+    the negation is done on the bits: the sign bit is flipped, except in the ``fnuz`` types
+    for the zero and NaN bytes (0x00 and 0x80), which negation leaves as they are.
+
+    Examples:
+        >>> v = torch._neg_view(torch.tensor([1.5, -2.0]).to(torch.float8_e4m3fn))
+        >>> resolve_neg(v).float()
+        tensor([-1.5000,  2.0000])
+
+    Raises:
+        UnsupportedLeafError: ``float8_e8m0fnu`` with the negative bit: it has no negative
+            values.
+    """
+    dtype = t.dtype
+    if dtype.itemsize != 1 or dtype not in ML_DTYPES:
+        return t.resolve_neg()
+    if dtype in _UNSIGNED:
+        msg = f"{dtype} has no sign bit, so the negated values of this negative view do not exist"
+        raise UnsupportedLeafError(msg)
+    stored = torch._neg_view(t).view(torch.uint8)  # noqa: SLF001 - negating twice clears the bit
+    flipped = stored ^ 0x80
+    if dtype in _NO_NEGATIVE_ZERO:
+        flipped = torch.where(stored & 0x7F == 0, stored, flipped)
+    return flipped.view(dtype)
+
+
 _ml_module: ModuleType | None = None
 
 

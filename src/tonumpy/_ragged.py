@@ -20,16 +20,19 @@ Everything here works on chunks whose concatenation axis has already been moved 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
 
+from ._options import check_callable_signature
 from ._tree import format_path
 from .errors import ConversionError
 
 __all__ = [
     "PadValue",
+    "check_pad_option",
     "check_pad_value",
     "concat_arrays",
     "copy_padded",
@@ -42,6 +45,36 @@ __all__ = [
 #: of keys, indices and field names; a bare key stands for a 1-tuple) to value, or a callable
 #: ``(path, dtype) -> value`` (returning ``None`` means: this leaf has no pad value).
 PadValue: TypeAlias = Any
+
+
+def check_pad_option(pad_value: PadValue, where: str) -> None:
+    """Raise :class:`~tonumpy.errors.OptionError` if a callable ``pad_value`` is unusable.
+
+    A callable is called as ``pad_value(path, dtype)``: one that cannot take those two
+    arguments is refused before any work, not at the first ragged batch.
+
+    Examples:
+        >>> check_pad_option(lambda path, dtype: 0, "concat")
+        >>> check_pad_option(lambda dtype: 0, "concat")
+        Traceback (most recent call last):
+        ...
+        tonumpy.errors.OptionError: concat(pad_value=...): a callable pad_value is called as ...
+    """
+    if _is_pad_callable(pad_value):
+        check_callable_signature(
+            pad_value,
+            (("key",), np.dtype(np.float32)),
+            f"{where}(pad_value=...): a callable pad_value is called as pad_value(path, dtype) "
+            "and returns the value (or None)",
+        )
+
+
+def _is_pad_callable(pad_value: PadValue) -> bool:
+    return (
+        callable(pad_value)
+        and not isinstance(pad_value, Mapping | np.generic | np.ndarray)
+        and not hasattr(pad_value, "numel")  # a one-element tensor is a value
+    )
 
 
 def _lookup(mapping: Mapping[Any, Any], path: tuple[Any, ...]) -> Any:
@@ -95,7 +128,7 @@ def pad_value_for(
         return None
     if isinstance(pad_value, Mapping):
         value = _lookup(pad_value, path)
-    elif callable(pad_value) and not isinstance(pad_value, np.generic | np.ndarray):
+    elif _is_pad_callable(pad_value):
         value = pad_value(path, dtype)
     else:
         value = pad_value
@@ -109,6 +142,46 @@ def _float_like(dtype: np.dtype[Any]) -> bool:
         return True
     # ml_dtypes floats (bfloat16, float8_*): kind "V", but they behave as floats.
     return dtype.kind == "V" and dtype.type.__module__.startswith("ml_dtypes")
+
+
+def _as_integer(value: Any) -> int | None:
+    """The Python int equal to the number ``value``, or None if it is not an integral number.
+
+    Exact for every width: integers (and bools) become Python ints as they are, floats
+    (NumPy's, ``ml_dtypes``' and ``longdouble`` included) only when finite and integral, and
+    complex numbers only when their imaginary part is zero. Strings and other objects are not
+    numbers here.
+    """
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, numbers.Integral | np.bool_):
+        return int(value)
+    if isinstance(value, complex | np.complexfloating):
+        return _as_integer(value.real) if value.imag == 0 else None
+    if isinstance(value, float | np.floating):
+        number: Any = value  # np.longdouble stays as it is: float() would round it
+    elif isinstance(value, np.generic) and _float_like(value.dtype):
+        number = float(value)  # bfloat16, float8: exact in a Python float
+    else:
+        return None
+    if not np.isfinite(number) or number != np.floor(number):
+        return None
+    return int(number)
+
+
+def _fits_integer(value: Any, dtype: np.dtype[Any]) -> np.ndarray | None:
+    """``value`` as a 0-d array of the integer or bool ``dtype``, if it holds it exactly."""
+    number = _as_integer(value)
+    if number is None:
+        return None
+    if dtype.kind == "b":
+        low, high = 0, 1
+    else:
+        info = np.iinfo(dtype)
+        low, high = int(info.min), int(info.max)
+    if not low <= number <= high:
+        return None
+    return np.array(number, dtype=dtype)
 
 
 def _fits(given: np.ndarray, dtype: np.dtype[Any]) -> tuple[bool, np.ndarray | None]:
@@ -140,9 +213,12 @@ def check_pad_value(value: Any, dtype: np.dtype[Any], path: tuple[Any, ...] | No
 
     Signature: ``check_pad_value(value, dtype, path) -> 0-d ndarray of dtype``.
 
-    Integers and bools must hold the value exactly (``-100`` does not fit ``uint8`` or ``bool``,
-    ``0.5`` does not fit ``int64``). Floats (NumPy's and ``ml_dtypes``') may round a finite value
-    but not overflow it to infinity; ``nan`` and ``inf`` must exist in the dtype. Object arrays
+    Integers and bools must hold the value exactly (``-100`` does not fit ``uint8``, ``uint64``
+    or ``bool``, ``2**63`` does not fit ``int64``, ``0.5`` does not fit ``int64``): the value is
+    compared as a Python int with the dtype's bounds, never through a NumPy cast that could wrap
+    around; float values (``ml_dtypes``' too) must be finite and integral. Float dtypes
+    (NumPy's and ``ml_dtypes``') may round a finite value but not overflow it to infinity;
+    ``nan`` and ``inf`` must exist in the dtype. Object arrays
     take anything. Other dtypes (strings, datetimes) must hold the value exactly. A 0-d tensor
     is read with ``.item()``.
 
@@ -150,10 +226,12 @@ def check_pad_value(value: Any, dtype: np.dtype[Any], path: tuple[Any, ...] | No
         >>> import numpy as np
         >>> check_pad_value(-100, np.dtype("int16"), ("labels",))
         array(-100, dtype=int16)
-        >>> check_pad_value(-100, np.dtype("uint8"), ("labels",))
+        >>> check_pad_value(-100, np.dtype("uint64"), ("labels",))
         Traceback (most recent call last):
         ...
-        tonumpy.errors.ConversionError: pad_value -100 cannot be represented in uint8, ...
+        tonumpy.errors.ConversionError: pad_value -100 cannot be represented in uint64, ...
+        >>> check_pad_value(2**64 - 1, np.dtype("uint64"), ("ids",))
+        array(18446744073709551615, dtype=uint64)
 
     Raises:
         ConversionError: The value does not fit; the message names ``path`` and the dtype.
@@ -171,7 +249,11 @@ def check_pad_value(value: Any, dtype: np.dtype[Any], path: tuple[Any, ...] | No
             f"pad_value for {where} must be a single value, got an array of shape {given.shape}",
             path=path,
         )
-    ok, cast = _fits(given, dtype)
+    if dtype.kind in "biu":  # compared as Python ints: exact at every width, no wrap-around
+        cast = _fits_integer(value, dtype)
+        ok = cast is not None
+    else:
+        ok, cast = _fits(given, dtype)
     if not ok or cast is None:
         raise ConversionError(
             f"pad_value {value!r} cannot be represented in {dtype}, the dtype of {where}; "

@@ -310,7 +310,7 @@ def _device_form(t: torch.Tensor) -> torch.Tensor:
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
-        t = t.resolve_neg()
+        t = _dtypes.resolve_neg(t)  # float8 too, which torch cannot negate
     if t.dtype == torch.complex32:
         t = t.to(torch.complex64)
     return t

@@ -14,10 +14,12 @@ lives in :mod:`tonumpy._ragged`, shared with ``tonumpy.gather``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -27,10 +29,10 @@ import numpy as np
 import torch
 from optree import PyTreeSpec
 
-from . import _ragged, _tree
+from . import _diff, _options, _ragged, _tree
 from ._ragged import PadValue
 from .convert import convert_leaves
-from .errors import ConversionError
+from .errors import ConversionError, OptionError
 
 _engine: Callable[..., Any] | None
 try:  # the asynchronous transfer engine behind tonumpy.to_numpy_async
@@ -45,57 +47,16 @@ _Kind = Literal["array", "scalar", "object"]
 
 # ------------------------------------------------------------------------------ structure
 
-
-def _node_text(spec: PyTreeSpec) -> str:
-    if spec.is_leaf():
-        return "a leaf"
-    if spec.type is type(None):
-        return "None"
-    entries = list(spec.entries())
-    name = spec.type.__name__ if spec.type is not None else "node"
-    if spec.type in (list, tuple) or (isinstance(spec.type, type) and issubclass(spec.type, list)):
-        return f"a {name} of {len(entries)} items"
-    return f"a {name} with keys {entries!r}"
-
-
-def _first_difference(
-    a: PyTreeSpec, b: PyTreeSpec, path: tuple[Any, ...] = ()
-) -> tuple[tuple[Any, ...], str, str]:
-    """The first place where ``a`` and ``b`` differ: ``(path, what a has, what b has)``.
-
-    Only called on specs known to differ; the search goes depth first, in leaf order.
-    """
-    if a.is_leaf() or b.is_leaf() or a.type is not b.type:
-        return path, _node_text(a), _node_text(b)
-    entries_a, entries_b = list(a.entries()), list(b.entries())
-    sequence = entries_a == list(range(len(entries_a)))
-    if entries_a != entries_b and sequence:
-        return path, _node_text(a), _node_text(b)
-    if entries_a != entries_b:
-        for entry in entries_a:
-            if entry not in entries_b:
-                return (*path, entry), "a value", "nothing (the key is missing)"
-        for entry in entries_b:
-            if entry not in entries_a:
-                return (*path, entry), "nothing (no such key)", "a value"
-        return path, _node_text(a), f"the same keys in another order: {entries_b!r}"
-    for entry, child_a, child_b in zip(entries_a, a.children(), b.children(), strict=True):
-        if child_a != child_b:
-            return _first_difference(child_a, child_b, (*path, entry))
-    return path, f"{_node_text(a)} ({a.one_level()})", f"another {_node_text(b)} ({b.one_level()})"
+_SAME_STRUCTURE = (
+    "every batch must have the same keys, fields and lengths (use None-free outputs, or drop "
+    "the differing keys before accumulating)"
+)
 
 
 def _structure_error(
     first: PyTreeSpec, other: PyTreeSpec, first_name: str, other_name: str
 ) -> ConversionError:
-    path, has_a, has_b = _first_difference(first, other)
-    return ConversionError(
-        f"{other_name} does not have the structure of {first_name}: at "
-        f"{_tree.format_path(path)}, {first_name} has {has_a} but {other_name} has {has_b}; "
-        "every batch must have the same keys, fields and lengths (use None-free outputs, or "
-        "drop the differing keys before accumulating)",
-        path=path,
-    )
+    return _diff.structure_error(first, other, first_name, other_name, hint=_SAME_STRUCTURE)
 
 
 # ------------------------------------------------------------------------------ leaves
@@ -200,7 +161,12 @@ def concat(
         ConversionError: No trees; the trees differ in structure (the message names the first
             differing path); a leaf differs in rank, kind or dtype family across trees; or
             ragged batches have no pad value, or one their dtype cannot represent.
+        OptionError: ``axis`` is not an int, ``ml_dtypes`` not a bool, or a ``pad_value``
+            callable cannot take ``(path, dtype)``.
     """
+    axis = _options.check_axis(axis, "concat")
+    _options.check_flag(ml_dtypes, "ml_dtypes", "concat")
+    _ragged.check_pad_option(pad_value, "concat")
     trees = list(trees)
     if not trees:
         raise ConversionError("concat() needs at least one tree; got an empty sequence")
@@ -404,11 +370,30 @@ class _NpyFile:
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
+#: The longest file stem: with a ``-N`` suffix, ``.npy`` and a re-layout's ``.tmp``, names
+#: stay well under the 255 bytes most file systems allow.
+_MAX_STEM = 200
 
 
 def _file_stem(path: tuple[Any, ...]) -> str:
+    """The file name (without ``.npy``) of the leaf at ``path``: ``hidden.2``, ``logits``.
+
+    Only ``[A-Za-z0-9_-]`` and dots; a name longer than :data:`_MAX_STEM` keeps its start and
+    ends in ``~`` and a digest of the whole key path, so that long keys that share a start
+    still get distinct names (``manifest.json`` maps each file to its key path).
+
+    Examples:
+        >>> _file_stem(("hidden", 2)), _file_stem(("a/b", "..")), _file_stem(())
+        ('hidden.2', 'a_b._', 'leaf')
+        >>> len(_file_stem(("x" * 300,)))
+        200
+    """
     parts = [_UNSAFE.sub("_", str(p)).strip("_") or "_" for p in path]
-    return ".".join(parts) or "leaf"
+    stem = ".".join(parts) or "leaf"
+    if len(stem) > _MAX_STEM:
+        digest = hashlib.sha1(repr(path).encode("utf-8", "surrogatepass")).hexdigest()[:12]  # noqa: S324 - a name, not security
+        stem = f"{stem[: _MAX_STEM - 13]}~{digest}"
+    return stem
 
 
 # ------------------------------------------------------------------------------ slabs
@@ -511,6 +496,13 @@ class Accumulator:
     raw 2/1-byte void fields that ``np.load`` returns as ``V2``/``V1``; view them with the
     dtype named in ``manifest.json``. Non-array leaves (and object arrays) stay in memory.
 
+    ``append``, ``len`` and ``result`` may be called from several threads at once, in memory
+    and with ``directory=``. Each batch is added whole: its rows are contiguous in the result,
+    never interleaved with another batch's, and the batches are in the order their ``append``
+    calls added them (for one thread, the order of the calls; across threads, whichever call
+    got there first). A CPU batch is converted before the accumulator is locked, so threads
+    overlap that part; the copy into the accumulator's storage is made one batch at a time.
+
     Examples:
         >>> import torch
         >>> acc = Accumulator(pad_value={"labels": -100})
@@ -532,12 +524,19 @@ class Accumulator:
         pad_value: How to pad ragged leaves, as for :func:`tonumpy.concat`: a value, a mapping
             from key path to value, or a callable ``(path, dtype) -> value``.
         directory: Grow each array leaf in a ``.npy`` file under this directory (created if
-            needed; the files must not exist yet) and return memory-mapped arrays.
+            needed; the files must not exist yet) and return memory-mapped arrays. File names
+            are made of the key path's characters that are safe in a file name; a name that
+            would be long is cut and ends in a digest of the key path.
         ml_dtypes: As for :func:`tonumpy.to_numpy`: keep bfloat16/float8 bit-exact as
             ``ml_dtypes`` arrays instead of widening them to float32.
         scalars: As for :func:`tonumpy.to_numpy`: 0-d tensors become Python scalars, so such
             a leaf's result is a list of numbers rather than a 1-d array.
         is_leaf: As for :func:`tonumpy.to_numpy`: nodes it returns True for are leaves.
+
+    Raises:
+        OptionError: An option has the wrong type or value (``axis=1.5``, ``ml_dtypes=1``, a
+            ``pad_value`` callable that cannot take ``(path, dtype)``), ``directory`` is or
+            lies below a file, or ``directory=`` comes with an ``axis`` other than 0.
     """
 
     def __init__(
@@ -550,14 +549,22 @@ class Accumulator:
         scalars: bool = False,
         is_leaf: Callable[[Any], bool] | None = None,
     ) -> None:
+        axis = _options.check_axis(axis, "Accumulator")
+        _options.check_flags("Accumulator", ml_dtypes=ml_dtypes, scalars=scalars)
+        _ragged.check_pad_option(pad_value, "Accumulator")
+        if directory is not None:
+            directory = _options.check_directory(directory, "Accumulator")
         if directory is not None and axis != 0:
-            raise ConversionError(
+            raise OptionError(
                 f"directory= grows each .npy file along its first axis, so it needs axis=0 "
                 f"(got axis={axis}); move the axis to the front before appending"
             )
         self._axis = axis
         self._pad_value = pad_value
         self._directory = Path(directory) if directory is not None else None
+        # Held while a batch is added (and while result() reads): appends from several threads
+        # each add a whole batch, one after the other.
+        self._lock = threading.Lock()
         self._ml_dtypes = ml_dtypes
         self._scalars = scalars
         self._is_leaf = is_leaf
@@ -582,18 +589,22 @@ class Accumulator:
         """
         return convert_leaves(leaves, spec, ml_dtypes=self._ml_dtypes, scalars=self._scalars)
 
+    def _wants_engine(self, leaves: list[Any]) -> bool:
+        """Whether a batch goes through the asynchronous engine: it has a CUDA tensor."""
+        if _engine is None:
+            return False
+        return self._force_async or any(
+            isinstance(leaf, torch.Tensor) and leaf.is_cuda for leaf in leaves
+        )
+
     def _start_transfer(self, leaves: list[Any], spec: PyTreeSpec) -> Any:
-        """Enqueue one batch's device-to-host copies and return the pending handle, or None.
+        """Enqueue one batch's device-to-host copies and return the pending handle.
 
         The single place where the asynchronous engine (``tonumpy.to_numpy_async``'s) plugs
-        in: used when the batch has a CUDA tensor, so that its copies overlap the next step.
+        in: used when the batch has a CUDA tensor (:meth:`_wants_engine`), so that its copies
+        overlap the next step.
         """
-        if _engine is None:
-            return None
-        if not self._force_async and not any(
-            isinstance(leaf, torch.Tensor) and leaf.is_cuda for leaf in leaves
-        ):
-            return None
+        assert _engine is not None  # noqa: S101 - _wants_engine said so
         return _engine(
             leaves,
             spec,
@@ -621,18 +632,25 @@ class Accumulator:
                 and the accumulator is left as it was.
         """
         leaves, spec = _tree.flatten(tree, is_leaf=self._is_leaf)
-        name = f"batch {self._received}"
-        if self._expected is not None and not _tree.same_structure(spec, self._expected):
-            raise _structure_error(self._expected, spec, "batch 0", name)
-        self._finish_pending()
-        pending = self._start_transfer(leaves, spec)
-        if pending is not None:
-            self._pending = (pending, spec, name)
-        else:
-            self._ingest(self._to_host(leaves, spec), spec, name)
-        if self._expected is None:
-            self._expected = spec
-        self._received += 1
+        expected = self._expected  # checked again under the lock; this spares the conversion
+        if expected is not None and not _tree.same_structure(spec, expected):
+            raise _structure_error(expected, spec, "batch 0", f"batch {self._received}")
+        # A CPU batch is converted (zero-copy views) before taking the lock, so that threads
+        # convert in parallel; it is copied into the accumulator's storage under the lock.
+        asynchronous = self._wants_engine(leaves)
+        host = None if asynchronous else self._to_host(leaves, spec)
+        with self._lock:
+            name = f"batch {self._received}"
+            if self._expected is not None and not _tree.same_structure(spec, self._expected):
+                raise _structure_error(self._expected, spec, "batch 0", name)
+            self._finish_pending()
+            if host is None:
+                self._pending = (self._start_transfer(leaves, spec), spec, name)
+            else:
+                self._ingest(host, spec, name)
+            if self._expected is None:
+                self._expected = spec
+            self._received += 1
 
     def _finish_pending(self) -> None:
         """Wait for the batch whose copies are in flight, and add it."""
@@ -718,8 +736,9 @@ class Accumulator:
     def _start(self, spec: PyTreeSpec, states: list[_Leaf], host: list[Any]) -> None:
         """Adopt the first batch's structure; with ``directory=``, create one file per leaf."""
         if self._directory is not None:
+            _options.check_directory(self._directory, "Accumulator")  # it may have changed
             self._directory.mkdir(parents=True, exist_ok=True)
-            used: set[str] = set()
+            used: set[str] = set()  # casefolded: unique on case-insensitive file systems too
             paths: list[Path | None] = []
             for state, leaf in zip(states, host, strict=True):
                 if state.kind == "object" or leaf.dtype.hasobject:  # no .npy without pickle
@@ -727,10 +746,10 @@ class Accumulator:
                     continue
                 stem = _file_stem(state.path)
                 name, n = stem, 1
-                while name in used:
+                while name.casefold() in used:
                     n += 1
                     name = f"{stem}-{n}"
-                used.add(name)
+                used.add(name.casefold())
                 paths.append(self._directory / f"{name}.npy")
             for file_path in paths:  # check them all before creating any
                 if file_path is not None and file_path.exists():
@@ -792,8 +811,10 @@ class Accumulator:
     # -- reading ---------------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        parts = [f"batches={self._batches}", f"leaves={len(self._leaves)}"]
-        if self._pending is not None:
+        with self._lock:
+            parts = [f"batches={self._batches}", f"leaves={len(self._leaves)}"]
+            in_flight = self._pending is not None
+        if in_flight:
             parts.append("in_flight=1")
         if self._directory is not None:
             parts.append(f"directory={str(self._directory)!r}")
@@ -805,7 +826,11 @@ class Accumulator:
         That is the first array leaf (in the tree's leaf order), else the first 0-d leaf (one
         row per batch); for a tree with neither, the number of batches.
         """
-        self._finish_pending()
+        with self._lock:
+            self._finish_pending()
+            return self._rows()
+
+    def _rows(self) -> int:
         for kind in ("array", "scalar"):
             for state in self._leaves:
                 if state.kind == kind:
@@ -831,21 +856,24 @@ class Accumulator:
             A tree of arrays (memory-mapped with ``directory=``) and lists (non-array leaves).
 
         Raises:
-            ConversionError: Nothing was appended, or ``num_items`` is negative or more than
-                ``len(self)``.
+            ConversionError: Nothing was appended, or ``num_items`` is more than ``len(self)``.
+            OptionError: ``num_items`` is not ``None`` or an int ``>= 0``.
         """
-        self._finish_pending()
-        if self._spec is None:
-            raise ConversionError(
-                "result() was called before any append(); there is nothing to concatenate"
-            )
-        if num_items is not None and not 0 <= num_items <= len(self):
-            raise ConversionError(
-                f"num_items={num_items} but the accumulator holds {len(self)} rows; pass a "
-                "number between 0 and len(accumulator)"
-            )
-        out = [self._leaf_result(state, num_items) for state in self._leaves]
-        return _tree.unflatten(self._spec, out)
+        num_items = _options.check_num_items(num_items, "result")
+        with self._lock:
+            self._finish_pending()
+            if self._spec is None:
+                raise ConversionError(
+                    "result() was called before any append(); there is nothing to concatenate"
+                )
+            rows = self._rows()
+            if num_items is not None and num_items > rows:
+                raise ConversionError(
+                    f"num_items={num_items} but the accumulator holds {rows} rows; pass a "
+                    "number between 0 and len(accumulator)"
+                )
+            out = [self._leaf_result(state, num_items) for state in self._leaves]
+            return _tree.unflatten(self._spec, out)
 
     def _leaf_result(self, state: _Leaf, num_items: int | None) -> Any:
         rows = state.rows if state.kind != "object" else len(state.values)

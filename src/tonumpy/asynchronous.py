@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import _tree
+from . import _options, _tree
 from ._transfer import Copy, PendingTransfer, empty_pool, set_pool_limit, start_transfer
 
 __all__ = ["PendingTransfer", "empty_pinned_pool", "set_pinned_pool_limit", "to_numpy_async"]
@@ -59,7 +59,11 @@ def to_numpy_async(
     Raises:
         ConversionError: As :func:`tonumpy.to_numpy`, for leaves converted right away.
         UnsupportedLeafError: As :func:`tonumpy.to_numpy`.
+        OptionError: As :func:`tonumpy.to_numpy`: ``copy``, ``ml_dtypes`` or ``scalars`` is
+            not one of the values it takes.
     """
+    _options.check_copy(copy, "to_numpy_async")
+    _options.check_flags("to_numpy_async", ml_dtypes=ml_dtypes, scalars=scalars)
     leaves, spec = _tree.flatten(tree, is_leaf=is_leaf)
     return start_transfer(leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
 

@@ -26,18 +26,19 @@ import contextlib
 import fnmatch
 import functools
 import threading
+import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, TypeVar, overload
+from typing import Any, Generic, TypeVar, cast, overload
 
 import numpy as np
 import torch
 from optree import PyTreeSpec
 
-from . import _tree
+from . import _options, _tree
 from ._transfer import start_transfer
 from .convert import convert_leaves
-from .errors import ConversionError, TonumpyError
+from .errors import ConversionError, OptionError, TonumpyError
 
 __all__ = ["Activations", "CaptureError", "capture", "numpy_args"]
 
@@ -260,7 +261,9 @@ class Activations(Mapping[str, list[Any]]):
             KeyError: ``name`` is not a captured module.
             ConversionError: There is no call to join, or the calls differ in structure, or
                 arrays at one place in the tree cannot be joined; the message names the place.
+            OptionError: ``axis`` is not an int.
         """
+        axis = _options.check_axis(axis, "Activations.concat")
         calls = self[name]
         if not calls:
             raise ConversionError(
@@ -337,8 +340,25 @@ def _choose(
     return chosen
 
 
+class _ThreadState:
+    """What the hooks keep per thread: calls of the root in progress, inputs awaiting outputs."""
+
+    __slots__ = ("depth", "pending_inputs", "step")
+
+    def __init__(self) -> None:
+        self.depth = 0  # forwards of the root in progress in this thread (nested ones count)
+        self.step = -1  # the number of this thread's outermost forward of the root
+        self.pending_inputs: dict[str, list[Any]] = {}  # per module: a stack, for re-entry
+
+
 class _Recorder:
-    """The state the hooks share: which forward of the root this is, and how to store a call."""
+    """The state the hooks share: which forward of the root this is, and how to store a call.
+
+    Safe under threads without relying on the GIL: what belongs to one call (its inputs until
+    its outputs arrive, the forward of the root it runs in) is kept per thread, and the counts
+    shared by all threads (forwards of the root begun, calls of a module outside them) change
+    under a lock. Forwards of the root are numbered across threads in the order they begin.
+    """
 
     def __init__(
         self,
@@ -357,31 +377,49 @@ class _Recorder:
         self.scalars = scalars
         self.is_leaf = is_leaf
         self.open = True
-        self.root_depth = 0
-        self.root_step = -1
+        self._lock = threading.Lock()
+        self._threads = threading.local()
+        self.root_steps = 0  # forwards of the root begun, in all threads
         self.own_calls: dict[str, int] = {}
-        self.pending_inputs: dict[str, list[Any]] = {}
+
+    def thread_state(self) -> _ThreadState:
+        """This thread's :class:`_ThreadState` (made on first use)."""
+        state: _ThreadState | None = getattr(self._threads, "state", None)
+        if state is None:
+            state = self._threads.state = _ThreadState()
+        return state
+
+    def close(self) -> None:
+        """Stop recording; drop every thread's inputs still waiting for outputs."""
+        self.open = False
+        self._threads = threading.local()
 
     # -- which calls are captured
     def root_pre(self, _module: torch.nn.Module, _args: tuple[Any, ...]) -> None:
         if _in_backward():
             return
-        if self.root_depth == 0:
-            self.root_step += 1
-        self.root_depth += 1
+        state = self.thread_state()
+        if state.depth == 0:
+            with self._lock:
+                state.step = self.root_steps
+                self.root_steps += 1
+        state.depth += 1
 
     def root_post(self, _module: torch.nn.Module, _args: tuple[Any, ...], _out: Any) -> None:
         if _in_backward():
             return
-        self.root_depth = max(self.root_depth - 1, 0)
+        state = self.thread_state()
+        state.depth = max(state.depth - 1, 0)
 
     def wanted(self, name: str) -> bool:
         if self.every == 1:
             return True
-        if self.root_depth > 0:
-            return self.root_step % self.every == 0
-        count = self.own_calls.get(name, 0)  # called on its own, outside a forward of the root
-        self.own_calls[name] = count + 1
+        state = self.thread_state()
+        if state.depth > 0:
+            return state.step % self.every == 0
+        with self._lock:  # called on its own, outside a forward of the root
+            count = self.own_calls.get(name, 0)
+            self.own_calls[name] = count + 1
         return count % self.every == 0
 
     # -- what is stored
@@ -429,8 +467,8 @@ def _hooks(
         if not rec.open or _in_backward():
             return
         call = rec.freeze(_inputs_tree(args, kwargs), name, "inputs") if rec.wanted(name) else None
-        if outputs:  # post_both pops it, also when forward raises
-            rec.pending_inputs.setdefault(name, []).append(call)
+        if outputs:  # post_both pops it in this thread, also when forward raises
+            rec.thread_state().pending_inputs.setdefault(name, []).append(call)
         elif call is not None:
             rec.add(name, call)
 
@@ -441,7 +479,9 @@ def _hooks(
         # so the inputs pushed by `pre` are always popped.
         if not rec.open or _in_backward():
             return
-        stack = rec.pending_inputs.get(name)
+        # This thread's stack: a call's hooks run in the thread that makes the call, and a
+        # re-entrant call of the same module pushes and pops above the outer call's inputs.
+        stack = rec.thread_state().pending_inputs.get(name)
         if not stack:
             return
         taken = stack.pop()
@@ -533,11 +573,14 @@ def capture(
             or ``{"args": (...), "kwargs": {...}}`` when the call passed keyword arguments.
             Inputs are taken before the forward runs, so an in-place module cannot change them.
         outputs: Capture what each call returns. With both ``inputs`` and ``outputs`` a call
-            is ``{"inputs": ..., "outputs": ...}`` (``outputs`` is ``None`` if forward raised).
+            is ``{"inputs": ..., "outputs": ...}`` (``outputs`` is ``None`` if forward raised),
+            the inputs and outputs of one call, also when threads or re-entrant calls of the
+            module overlap.
         every: Capture during every ``every``-th forward of ``module``: the 1st, the
             ``every + 1``-th, and so on, with every call of a chosen module made inside it. A
             chosen module called on its own, outside a forward of ``module``, counts its own
-            calls instead.
+            calls instead. Forwards run by several threads at once are numbered in the order
+            they begin, and the calls a forward makes in its thread follow its number.
         max_calls: Keep only the most recent ``max_calls`` calls of each module (``None``:
             keep all). Bounds host memory in a long training loop.
         reduce: Called on each captured tensor (detached, on its device, under
@@ -555,12 +598,17 @@ def capture(
 
     Raises:
         CaptureError: No module name matches the patterns, or an option is out of range.
+        OptionError: ``inputs``, ``outputs``, ``ml_dtypes`` or ``scalars`` is not exactly
+            ``True`` or ``False``.
     """
     if not isinstance(module, torch.nn.Module):
         raise CaptureError(
             f"capture() needs a torch.nn.Module, got {type(module).__name__}; "
             "to convert a tree of tensors use tonumpy.to_numpy"
         )
+    _options.check_flags(
+        "capture", inputs=inputs, outputs=outputs, ml_dtypes=ml_dtypes, scalars=scalars
+    )
     if not (inputs or outputs):
         raise CaptureError("inputs=False and outputs=False captures nothing; set one to True")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -592,13 +640,78 @@ def capture(
             handles.append(module.register_forward_hook(rec.root_post, always_call=True))
         yield acts
     finally:
-        rec.open = False  # copies of the hooks (a deepcopy of the model) go quiet too
+        rec.close()  # copies of the hooks (a deepcopy of the model) go quiet too
         for handle in handles:
             handle.remove()
-        rec.pending_inputs.clear()
 
 
 # ------------------------------------------------------------------------------- the decorator
+
+
+class _NumpyArgs(Generic[R]):
+    """What :func:`numpy_args` returns: converts every argument, then calls the function.
+
+    A descriptor, like a function: looked up on an instance (a method decorated in a class
+    body), it binds that instance and passes it on as it is; looked up on the class
+    (``Class.method(obj, ...)``), it passes a first argument that is an instance of the class
+    as it is. Called directly (a plain function, a bound method or a ``functools.partial``
+    that was decorated, a staticmethod), it converts every argument. Whether ``self`` is
+    skipped is decided by that binding, never by a parameter's name.
+    """
+
+    def __init__(
+        self, func: Callable[..., R], convert: Callable[[Any], Any], *, keep_first: bool = False
+    ) -> None:
+        functools.update_wrapper(self, func)
+        self.__dict__.pop("_bound_form", None)  # copied from func if func is one of us
+        self._func = func
+        self._convert = convert
+        self._keep_first = keep_first  # the first argument is the bound instance (or class)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        convert = self._convert
+        kept = args[:1] if self._keep_first else ()
+        new_args = (*kept, *map(convert, args[len(kept) :]))
+        return self._func(*new_args, **{key: convert(value) for key, value in kwargs.items()})
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            if owner is None:
+                return self
+            return _OnClass(self, owner)
+        return types.MethodType(self._bound(), instance)
+
+    def _bound(self) -> _NumpyArgs[R]:
+        bound: _NumpyArgs[R] | None = self.__dict__.get("_bound_form")
+        if bound is None:
+            bound = _NumpyArgs(self._func, self._convert, keep_first=True)
+            self.__dict__["_bound_form"] = bound
+        return bound
+
+    def __reduce__(self) -> str:
+        # Pickled by reference, as the function it replaces was (a module-level name).
+        name = self.__dict__.get("__qualname__")
+        if not isinstance(name, str):
+            msg = f"cannot pickle {self!r}: it has no qualified name to be found by"
+            raise TypeError(msg)
+        return name
+
+    def __repr__(self) -> str:
+        return f"<numpy_args wrapper of {self._func!r}>"
+
+
+class _OnClass(Generic[R]):
+    """``Class.method`` of a decorated method: ``Class.method(obj, x)`` as ``obj.method(x)``."""
+
+    def __init__(self, wrapper: _NumpyArgs[R], owner: type) -> None:
+        functools.update_wrapper(self, wrapper._func)  # noqa: SLF001 - the same module
+        self._wrapper = wrapper
+        self._owner = owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        if args and isinstance(args[0], self._owner):
+            return self._wrapper._bound()(*args, **kwargs)  # noqa: SLF001 - the same module
+        return self._wrapper(*args, **kwargs)
 
 
 @overload
@@ -630,8 +743,16 @@ def numpy_args(
 
     Every argument, positional or keyword, is converted with :func:`tonumpy.to_numpy` at any
     depth (a dict of metrics, a list of tensors, a dataclass). An argument that holds no tensor
-    is passed as the very same object, and so is a first argument named ``self`` or ``cls``, so
-    methods can be decorated too. Use it bare (``@numpy_args``) or with options.
+    is passed as the very same object. Use it bare (``@numpy_args``) or with options.
+
+    Which arguments are "the function's own" follows how it is bound, not parameter names:
+
+    * a method decorated in a class body gets its instance (``self``) unconverted, also when
+      called as ``Class.method(obj, ...)``; so does a classmethod its class, in either
+      decorator order;
+    * a bound method (``numpy_args(logger.log)``), a ``functools.partial``, a staticmethod and
+      a plain function get every argument they are called with converted, whatever the first
+      parameter's name.
 
     Examples:
         >>> import torch
@@ -640,6 +761,11 @@ def numpy_args(
         ...     return step, metrics, extra
         >>> log(torch.tensor(3), {"loss": torch.tensor(0.5)}, extra=[torch.ones(2)])
         (3, {'loss': 0.5}, [array([1., 1.], dtype=float32)])
+        >>> class Logger:
+        ...     def log(self, value):
+        ...         return type(value).__name__
+        >>> numpy_args(Logger().log)(torch.ones(2))   # an existing bound method
+        'ndarray'
 
     Args:
         fn: The function, when used bare as ``@numpy_args``.
@@ -650,7 +776,13 @@ def numpy_args(
 
     Returns:
         The wrapped function (or, with options, a decorator that makes it).
+
+    Raises:
+        OptionError: ``copy``, ``ml_dtypes`` or ``scalars`` is not one of the values it takes
+            (raised when decorating, before any call).
     """
+    _options.check_copy(copy, "numpy_args")
+    _options.check_flags("numpy_args", ml_dtypes=ml_dtypes, scalars=scalars)
 
     def convert(value: Any) -> Any:
         leaves, spec = _tree.flatten(value, is_leaf=is_leaf)
@@ -660,19 +792,18 @@ def numpy_args(
         return _tree.unflatten(spec, converted)
 
     def decorate(func: Callable[..., R]) -> Callable[..., R]:
-        code = getattr(func, "__code__", None)
-        skip_first = bool(
-            code is not None and code.co_argcount and code.co_varnames[0] in ("self", "cls")
-        )
-
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> R:
-            start = 1 if skip_first and args else 0
-            new_args = (*args[:start], *(convert(arg) for arg in args[start:]))
-            new_kwargs = {key: convert(value) for key, value in kwargs.items()}
-            return func(*new_args, **new_kwargs)
-
-        return wrapper
+        given: Any = func  # may also be a staticmethod or classmethod object
+        if isinstance(given, staticmethod):  # @numpy_args above @staticmethod
+            wrapped: Any = staticmethod(_NumpyArgs(given.__func__, convert))
+            return cast("Callable[..., R]", wrapped)
+        if isinstance(given, classmethod):  # @numpy_args above @classmethod: cls stays as is
+            wrapped = classmethod(_NumpyArgs(given.__func__, convert, keep_first=True))
+            return cast("Callable[..., R]", wrapped)
+        if not callable(given):
+            raise OptionError(
+                f"numpy_args() decorates a callable, got {type(given).__name__}: {given!r}"
+            )
+        return _NumpyArgs(func, convert)
 
     if fn is not None:
         return decorate(fn)

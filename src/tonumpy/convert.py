@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from optree import PyTreeSpec
 
-from . import _dtypes, _transfer, _tree
-from .errors import ConversionError, TonumpyError, UnsupportedLeafError
+from . import _diff, _dtypes, _options, _transfer, _tree
+from .errors import ConversionError, OptionError, TonumpyError, UnsupportedLeafError
 
 __all__ = ["apply", "to_numpy", "to_torch"]
 
@@ -88,12 +88,42 @@ def _unwrap_subclass(t: torch.Tensor) -> torch.Tensor:
     raise _LeafError(reason, unsupported=True)
 
 
-def _tensor_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool, scalars: bool) -> Any:
-    """Convert one tensor of any kind (the careful path). Raises ``_LeafError`` on failure."""
+def _tensor_to_numpy(
+    t: torch.Tensor, copy: Copy, ml_dtypes: bool, scalars: bool, guarded: bool = False
+) -> Any:
+    """Convert one tensor of any kind (the careful path). Raises ``_LeafError`` on failure.
+
+    ``guarded``: the tensor is part of one that requires grad (a nested tensor's component),
+    so a view of its memory is made read-only, as one of a tensor requiring grad is.
+    """
+    guarded = guarded or t.requires_grad
     if t.is_nested:  # strided nested tensors and jagged ones (a Python subclass) alike
-        return [_tensor_to_numpy(c, copy, ml_dtypes, scalars) for c in t.detach().unbind()]
+        parts = t.detach().unbind()
+        return [_tensor_to_numpy(c, copy, ml_dtypes, scalars, guarded) for c in parts]
     if type(t) not in _PLAIN:
         t = _unwrap_subclass(t)
+    _check_readable(t)
+    t = t.detach()
+    fresh = False
+    if t.layout != torch.strided:
+        _needs_copy(copy, f"{t.layout} tensors are densified, which copies")
+        t, fresh = t.to_dense(), True
+    if t.is_quantized:
+        _needs_copy(copy, "quantized tensors are dequantized, which copies")
+        t, fresh = t.dequantize(), True
+    if scalars and t.dim() == 0 and t.dtype != _dtypes.FLOAT4_X2:
+        return t.item()
+    arr, converted = _strided_to_numpy(t, copy, ml_dtypes)
+    fresh = fresh or converted
+    if copy and not fresh:
+        arr = arr.copy()
+    elif guarded and not fresh:
+        arr.setflags(write=False)  # see _protect
+    return arr
+
+
+def _check_readable(t: torch.Tensor) -> None:
+    """Raise ``_LeafError`` for tensors that have no data to read: meta, functorch-wrapped."""
     if t.is_meta:
         raise _LeafError(
             "meta tensors have a shape and dtype but no data; materialise it on a real device "
@@ -106,16 +136,11 @@ def _tensor_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool, scalars: bool
             "no data of its own there; convert the transform's result after it returns",
             unsupported=True,
         )
-    t = t.detach()
+
+
+def _strided_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool) -> tuple[np.ndarray, bool]:
+    """A detached, strided tensor of any dtype as an array, and whether that is a new copy."""
     fresh = False
-    if t.layout != torch.strided:
-        _needs_copy(copy, f"{t.layout} tensors are densified, which copies")
-        t, fresh = t.to_dense(), True
-    if t.is_quantized:
-        _needs_copy(copy, "quantized tensors are dequantized, which copies")
-        t, fresh = t.dequantize(), True
-    if scalars and t.dim() == 0 and t.dtype != _dtypes.FLOAT4_X2:
-        return t.item()
     dtype = t.dtype
     on_cpu = t.device.type == "cpu"
     if dtype in _dtypes.NATIVE or dtype == torch.complex32:
@@ -128,29 +153,27 @@ def _tensor_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool, scalars: bool
         if not on_cpu:
             _needs_copy(copy, f"it must be copied from {t.device} to the host")
             t, fresh = t.cpu(), True
-        arr = t.numpy()
-    elif dtype in _dtypes.ML_DTYPES:
-        if ml_dtypes:
-            np_dtype = _dtypes.ml_numpy_dtype(dtype)
-            bits = t.view(_dtypes.BITS[dtype.itemsize])
-            if not on_cpu:
-                _needs_copy(copy, f"it must be copied from {t.device} to the host")
-                bits, fresh = bits.cpu(), True
-            arr = bits.numpy().view(np_dtype)
-        else:
+        return t.numpy(), fresh
+    if dtype in _dtypes.ML_DTYPES:
+        if t.is_neg():  # neither a bit view nor a float8 widening can read it as it is
+            _needs_copy(copy, "its negative bit must be resolved, which copies")
+            t, fresh = _dtypes.resolve_neg(t), True
+        if not ml_dtypes:
             _needs_copy(
                 copy, f"{dtype} is widened to float32, which copies (ml_dtypes=True does not)"
             )
-            arr, fresh = t.cpu().float().numpy(), True
-    elif dtype == _dtypes.FLOAT4_X2:
+            return t.cpu().float().numpy(), True
+        np_dtype = _dtypes.ml_numpy_dtype(dtype)
+        bits = t.view(_dtypes.BITS[dtype.itemsize])
+        if not on_cpu:
+            _needs_copy(copy, f"it must be copied from {t.device} to the host")
+            bits, fresh = bits.cpu(), True
+        return bits.numpy().view(np_dtype), fresh
+    if dtype == _dtypes.FLOAT4_X2:
         _needs_copy(copy, "float4_e2m1fn_x2 values are unpacked, one per element, which copies")
         codes = t.view(torch.uint8).cpu().numpy()
-        arr, fresh = _dtypes.unpack_float4(codes, ml_dtypes=ml_dtypes), True
-    else:
-        raise _LeafError(f"{dtype} has no NumPy equivalent and no exact widening", unsupported=True)
-    if copy and not fresh:
-        arr = arr.copy()
-    return arr
+        return _dtypes.unpack_float4(codes, ml_dtypes=ml_dtypes), True
+    raise _LeafError(f"{dtype} has no NumPy equivalent and no exact widening", unsupported=True)
 
 
 def _convert_one(leaf: Any, copy: Copy, ml_dtypes: bool, scalars: bool) -> Any:
@@ -205,10 +228,14 @@ def convert_leaves(
                     append(None)
                     continue
                 try:
-                    append(leaf.numpy(force=True))
-                    continue
+                    arr = leaf.numpy(force=True)
                 except Exception:  # noqa: BLE001, S110 - any refusal: take the careful path
                     pass
+                else:
+                    if leaf.requires_grad:
+                        arr.setflags(False)  # see _protect
+                    append(arr)
+                    continue
             append(
                 _convert_checked(leaf, index, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
             )
@@ -266,9 +293,11 @@ def _convert_cpu_fast(
     if not host_only and any(map(_IS_CUDA, filter(_IS_TENSOR, leaves))):
         return None
     try:  # usually fails at the first leaf, as trees either carry grad everywhere or nowhere
-        return [leaf.numpy(force=True) if type(leaf) in plain else leaf for leaf in leaves]
+        forced = [leaf.numpy(force=True) if type(leaf) in plain else leaf for leaf in leaves]
     except Exception:  # noqa: BLE001, S110 - a dtype NumPy lacks, or another refusal
         pass
+    else:
+        return _protect(leaves, forced)
     try:
         return _convert_low_precision(leaves, ml_dtypes=ml_dtypes)
     except Exception:  # noqa: BLE001 - e.g. float4, sparse, ml_dtypes missing: careful path
@@ -283,6 +312,22 @@ def _numpy_pass(leaves: list[Any]) -> list[Any]:
     """
     plain = _PLAIN
     return [leaf.numpy() if type(leaf) in plain else leaf for leaf in leaves]
+
+
+def _protect(leaves: list[Any], out: list[Any]) -> list[Any]:
+    """Make the arrays of the tensors among ``leaves`` that require grad read-only; ``out``.
+
+    ``numpy(force=True)`` of such a tensor is a view of memory autograd may have saved for the
+    backward pass (``y = x.exp()`` saves ``y``): writing to it would change the gradient
+    silently, which is why ``Tensor.numpy()`` refuses them. The view stays zero-copy but
+    read-only; ``copy=True`` gives a writable copy. ``out[i]`` must be the array of
+    ``leaves[i]`` wherever that is a plain tensor.
+    """
+    plain = _PLAIN
+    for leaf, arr in zip(leaves, out, strict=True):
+        if type(leaf) in plain and leaf.requires_grad:
+            arr.setflags(False)  # write=False; positional: half the cost of the keyword
+    return out
 
 
 _MANY = 256  # from about this many leaves on, sorting ids beats a set of them
@@ -322,7 +367,10 @@ def _convert_low_precision(leaves: list[Any], *, ml_dtypes: bool) -> list[Any]:
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # noqa: SLF001 - no public check
 
     def force(t: torch.Tensor) -> Any:
-        return t.numpy(force=True)
+        arr = t.numpy(force=True)
+        if t.requires_grad:
+            arr.setflags(write=False)  # see _protect
+        return arr
 
     def upcast(t: torch.Tensor) -> Any:
         if wrapped(t) or not t.is_contiguous():  # keep .float()'s strides: careful path
@@ -351,7 +399,7 @@ def _bit_views(leaves: list[Any]) -> list[Any]:
         dtype: (_dtypes.BITS[dtype.itemsize], _dtypes.ml_numpy_dtype(dtype))
         for dtype in _dtypes.ML_DTYPES
     }
-    return [
+    out = [
         (
             leaf.numpy(force=True)
             if (pair := views.get(leaf.dtype)) is None
@@ -361,6 +409,7 @@ def _bit_views(leaves: list[Any]) -> list[Any]:
         else leaf
         for leaf in leaves
     ]
+    return _protect(leaves, out)
 
 
 # bf16 leaves of one shape are stacked, widened and split in blocks of at most this many
@@ -441,11 +490,18 @@ def to_numpy(
     tensors become a list of arrays. Containers keep their exact type, keys, key order and
     extra state; every other leaf is returned as the very same object.
 
+    The array of a tensor that requires grad is a read-only view (with the default
+    ``copy=None``): autograd may have saved that very memory for the backward pass (``y =
+    x.exp()`` saves ``y``), so writing to the array would silently change the gradients, the
+    reason why ``Tensor.numpy()`` refuses such tensors. ``copy=True`` gives a writable copy.
+
     Examples:
         >>> import torch
         >>> out = to_numpy({"logits": torch.ones(2, requires_grad=True), "step": 3})
         >>> out["logits"], out["step"]
         (array([1., 1.], dtype=float32), 3)
+        >>> out["logits"].flags.writeable, to_numpy(torch.ones(2)).flags.writeable
+        (False, True)
         >>> to_numpy(torch.tensor([1.5], dtype=torch.bfloat16))
         array([1.5], dtype=float32)
         >>> to_numpy(torch.tensor(2.0), scalars=True)
@@ -455,9 +511,10 @@ def to_numpy(
         tree: A tensor, or any nesting of dict (and subclasses), list, tuple, namedtuple,
             deque, dataclass, ``ModelOutput`` and ``torch.return_types`` holding tensors.
         copy: ``None`` shares memory with CPU tensors whenever no conversion is needed (the
-            array is a view: writing to one changes the other); ``True`` returns arrays that
-            share memory with nothing in the input; ``False`` never copies and raises
-            :class:`ConversionError` for the first leaf that would need a copy.
+            array is a view: writing to one changes the other; read-only if the tensor
+            requires grad); ``True`` returns writable arrays that share memory with nothing in
+            the input; ``False`` never copies and raises :class:`ConversionError` for the
+            first leaf that would need a copy. Exactly ``None``, ``True`` or ``False``.
         ml_dtypes: Return bfloat16 and float8 tensors as the matching ``ml_dtypes`` arrays,
             bit-exact (and zero-copy on the CPU), instead of widening them to float32.
         scalars: Return 0-d tensors as Python ``bool``/``int``/``float``/``complex``.
@@ -471,7 +528,15 @@ def to_numpy(
             too deep. The message and ``.path`` name the place.
         UnsupportedLeafError: A tensor's data cannot be read (meta, fake, functorch-wrapped)
             or its dtype has no NumPy form.
+        OptionError: ``copy`` is not exactly ``None``/``True``/``False``, or ``ml_dtypes`` or
+            ``scalars`` is not exactly ``True``/``False``.
     """
+    if (
+        (copy is not None and copy is not True and copy is not False)
+        or (ml_dtypes is not False and ml_dtypes is not True)
+        or (scalars is not False and scalars is not True)
+    ):
+        _options.bad_flags("to_numpy", copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
     if (
         type(tree) in _PLAIN
         and copy is None
@@ -561,7 +626,12 @@ def to_torch(
 
     Returns:
         A tree of the same structure with tensors in place of arrays.
+
+    Raises:
+        ConversionError: ``copy=False`` and an array needs a copy; the message names it.
+        OptionError: ``copy`` is not exactly ``None``, ``True`` or ``False``.
     """
+    _options.check_copy(copy, "to_torch")
     leaves, spec = _tree.flatten(tree)
     out = []
     for index, leaf in enumerate(leaves):
@@ -584,46 +654,127 @@ def to_torch(
     return _tree.unflatten(spec, out)
 
 
+#: Types whose instances are never containers: ``types=`` of these needs no node test.
+_NEVER_CONTAINERS = (torch.Tensor, np.ndarray, np.generic, str, bytes, int, float, complex)
+
+
+def _types_tuple(types: Any) -> tuple[type, ...]:
+    wanted = types if isinstance(types, tuple) else (types,)
+    if not wanted or not all(isinstance(t, type) for t in wanted):
+        raise OptionError(
+            f"apply(types={types!r}): types= takes a type or a tuple of types (as isinstance "
+            "does), e.g. torch.Tensor, dict or (torch.Tensor, np.ndarray)"
+        )
+    return wanted
+
+
+def _whole(
+    wanted: tuple[type, ...], is_leaf: Callable[[Any], bool] | None
+) -> Callable[[Any], bool]:
+    """The node test that makes instances of ``wanted`` leaves, so they reach ``fn`` whole."""
+    if is_leaf is None:
+        return lambda node: isinstance(node, wanted)
+    return lambda node: isinstance(node, wanted) or is_leaf(node)
+
+
 def apply(
-    fn: Callable[[Any], Any],
+    fn: Callable[..., Any],
     tree: Any,
     /,
-    *,
+    *rests: Any,
     types: type | tuple[type, ...] = torch.Tensor,
     is_leaf: Callable[[Any], bool] | None = None,
+    with_path: bool = False,
 ) -> Any:
-    """Map ``fn`` over the leaves that are instances of ``types``; keep everything else.
+    """Map ``fn`` over the parts of ``tree`` that are instances of ``types``; keep the rest.
 
     Uses the same walker as :func:`to_numpy`, so dataclasses, ``ModelOutput``, namedtuples and
-    the rest are rebuilt with their exact types. An exception raised by ``fn`` propagates
-    unchanged, with a note naming the leaf's path.
+    the rest are rebuilt with their exact types. Containers are matched too: with
+    ``types=dict`` each outermost dict (``tree`` itself, if it is one) is handed to ``fn``
+    whole, as Lightning's ``apply_to_collection(data, dict, fn)`` does; nothing inside a
+    matched container is visited. An exception raised by ``fn`` propagates unchanged, with a
+    note naming the path of the part it was called on.
+
+    With several trees (``apply(fn, tree, *rests)``, like optree's ``tree_map`` and
+    Lightning's ``apply_to_collections``) every tree must have ``tree``'s structure, and
+    ``fn`` is called with the parts at one place in all of them; places where ``tree``'s part
+    does not match ``types`` keep ``tree``'s. ``with_path=True`` passes each part's key path
+    first, as optree's ``tree_map_with_path`` does: the tuple of keys, indices and field names
+    that errors, ``pad_value`` mappings and :func:`optree.tree_paths` use.
 
     Examples:
         >>> import torch
         >>> apply(lambda t: t * 2, {"a": torch.tensor([1, 2]), "b": "text"})
         {'a': tensor([2, 4]), 'b': 'text'}
+        >>> apply(len, [{"a": 1}, {"b": 2, "c": 3}, "text"], types=dict)  # containers, whole
+        [1, 2, 'text']
+        >>> apply(torch.add, {"x": torch.ones(2)}, {"x": torch.tensor([1.0, 2.0])})
+        {'x': tensor([2., 3.])}
+        >>> apply(lambda path, t: ".".join(map(str, path)), {"h": [torch.ones(1)] * 2},
+        ...       with_path=True)
+        {'h': ['h.0', 'h.1']}
+        >>> apply(torch.add, {"x": torch.ones(1)}, {"y": torch.ones(1)})
+        Traceback (most recent call last):
+        ...
+        tonumpy.errors.ConversionError: rests[0] does not have the structure of tree: ...
 
     Args:
-        fn: Called once per matching leaf; its result takes the leaf's place.
+        fn: Called once per matching part, as ``fn(part, *parts_of_rests)`` (with
+            ``with_path=True``: ``fn(path, part, *parts_of_rests)``); its result takes the
+            part's place.
         tree: Any nesting of containers.
-        types: A type or tuple of types; leaves of other types are left unchanged.
-        is_leaf: Called on each node; a node it returns True for is treated as a leaf.
+        *rests: More trees of ``tree``'s structure, mapped over together with it.
+        types: A type or tuple of types, as for :func:`isinstance`; tensors by default.
+            Parts of other types are left unchanged (and walked into, if containers).
+        is_leaf: Called on each node; a node it returns True for is not walked into (it
+            reaches ``fn`` if it matches ``types``).
+        with_path: Pass each part's key path to ``fn`` as its first argument.
 
     Returns:
-        A tree of the same structure.
+        A tree of ``tree``'s structure.
+
+    Raises:
+        ConversionError: A tree of ``rests`` differs in structure from ``tree``; the message
+            and ``.path`` name the first place where they differ.
+        OptionError: ``fn`` is not callable, ``types`` is not a type or tuple of types, or
+            ``with_path`` is not a bool.
     """
-    leaves, spec = _tree.flatten(tree, is_leaf=is_leaf)
+    if not callable(fn):
+        raise OptionError(f"apply(): fn must be callable, got {type(fn).__name__}: {fn!r}")
+    wanted = _types_tuple(types)
+    _options.check_flag(with_path, "with_path", "apply")
+    node_test = is_leaf
+    if not all(issubclass(t, _NEVER_CONTAINERS) for t in wanted):
+        node_test = _whole(wanted, is_leaf)
+    leaves, spec = _tree.flatten(tree, is_leaf=node_test)
+    columns = [leaves]
+    for number, rest in enumerate(rests):
+        rest_leaves, rest_spec = _tree.flatten(rest, is_leaf=node_test)
+        if not _tree.same_structure(rest_spec, spec):
+            raise _diff.structure_error(
+                spec,
+                rest_spec,
+                "tree",
+                f"rests[{number}]",
+                hint="apply() maps over trees of one structure (the same keys, fields and "
+                "lengths at every level)",
+            )
+        columns.append(rest_leaves)
+    paths = spec.paths() if with_path else None
     out = []
     for index, leaf in enumerate(leaves):
-        if isinstance(leaf, types):
-            try:
-                out.append(fn(leaf))
-            except Exception as exc:
-                if hasattr(exc, "add_note"):
-                    exc.add_note(
-                        f"tonumpy.apply: raised for the leaf at {_tree.leaf_path(spec, index)[1]}"
-                    )
-                raise
-        else:
+        if not isinstance(leaf, wanted):
             out.append(leaf)
+            continue
+        args = [column[index] for column in columns]
+        if paths is not None:
+            args.insert(0, paths[index])
+        try:
+            out.append(fn(*args))
+        except Exception as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note(
+                    f"tonumpy.apply: raised for the leaf at {_tree.leaf_path(spec, index)[1]}"
+                )
+            raise
     return _tree.unflatten(spec, out)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from optree import PyTreeSpec
 
-from . import _dtypes, _ragged, _tree
+from . import _dtypes, _options, _ragged, _tree
 from ._ragged import PadValue
 from .accumulate import _normalise_axis, concat
 from .convert import _convert_checked
@@ -600,15 +600,16 @@ def gather(
             not be prepared; or when the ranks pass different options. The message names
             the ranks and the path.
         ValueError: ``dst`` is not a rank of ``group``, or this process is not in ``group``.
+        OptionError: ``axis`` or ``num_items`` is not an int (``num_items`` one ``>= 0``),
+            ``ml_dtypes`` not a bool, or a ``pad_value`` callable cannot take ``(path, dtype)``;
+            raised before any exchange.
     """
+    axis, num_items = _checked_arguments(axis, num_items, ml_dtypes, pad_value)
     import torch.distributed as dist  # noqa: PLC0415 - keeps `import tonumpy` light
 
     world, rank, is_dst = _locate(dist, group, dst)
     remote = world > 1
     device = _comm_device(dist, group) if remote else torch.device("cpu")
-    if num_items is not None and (isinstance(num_items, bool) or num_items < 0):
-        msg = f"gather(num_items={num_items!r}): pass a non-negative number of rows"
-        raise ValueError(msg)
 
     prep = _Prepared()
     signature = (dst, axis, num_items, sampler is not None, ml_dtypes)
@@ -677,6 +678,15 @@ def gather(
     order = _dataset_order(metas) if sampler is not None else None
     kinds = [_kind(info) for info in prep.infos]
     return _finish(out, prep.spec, kinds=kinds, axes=axes, order=order, num_items=num_items)
+
+
+def _checked_arguments(
+    axis: Any, num_items: Any, ml_dtypes: Any, pad_value: PadValue
+) -> tuple[int, int | None]:
+    """Check gather's options as concat and Accumulator do; return axis and num_items as ints."""
+    _options.check_flag(ml_dtypes, "ml_dtypes", "gather")
+    _ragged.check_pad_option(pad_value, "gather")
+    return _options.check_axis(axis, "gather"), _options.check_num_items(num_items, "gather")
 
 
 def _locate(dist: Any, group: Any, dst: int | None) -> tuple[int, int, bool]:

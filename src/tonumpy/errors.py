@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ConversionError", "TonumpyError", "UnsupportedLeafError"]
+__all__ = ["ConversionError", "OptionError", "TonumpyError", "UnsupportedLeafError"]
 
 
 class TonumpyError(Exception):
@@ -42,4 +42,13 @@ class UnsupportedLeafError(ConversionError, TypeError):
     Meta, fake and functorch-wrapped tensors, tensor subclasses that hold no data of their own,
     and dtypes without a NumPy equivalent. It is a :class:`ConversionError` and also a
     :class:`TypeError`, the type PyTorch itself raises for unsupported dtypes.
+    """
+
+
+class OptionError(TonumpyError, TypeError, ValueError):
+    """An argument of a tonumpy function is not one of the values it accepts.
+
+    Raised before any work is done; the message names the function, the parameter, the value
+    passed and the values accepted. It is both a :class:`TypeError` (``copy=0``, ``axis=1.5``)
+    and a :class:`ValueError` (``num_items=-1``), so code catching either built-in catches it.
     """

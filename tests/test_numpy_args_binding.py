@@ -1,0 +1,163 @@
+"""numpy_args skips ``self`` by how the wrapper is bound, never by a parameter's name (12.8)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import tonumpy
+from tonumpy import numpy_args
+
+
+def kinds(*values: Any) -> tuple[str, ...]:
+    return tuple(type(v).__name__ for v in values)
+
+
+@numpy_args
+def module_level(self: Any, value: Any) -> tuple[str, ...]:
+    """A plain function whose first parameter happens to be called ``self``."""
+    return kinds(self, value)
+
+
+class Logger:
+    """Methods of every kind, decorated in the class body, in both decorator orders."""
+
+    def __init__(self) -> None:
+        self.weights = torch.ones(2)  # an instance that holds a tensor: must not be converted
+
+    def log(self, value: Any, step: Any = None) -> tuple[str, ...]:
+        return kinds(self, value, step)
+
+    @numpy_args
+    def method(self, value: Any, step: Any = None) -> tuple[str, ...]:
+        return kinds(self, value, step)
+
+    @staticmethod
+    @numpy_args
+    def static_inner(self: Any, value: Any) -> tuple[str, ...]:  # noqa: PLW0211 - the point
+        return kinds(self, value)
+
+    @numpy_args
+    @staticmethod
+    def static_outer(self: Any, value: Any) -> tuple[str, ...]:  # noqa: PLW0211 - the point
+        return kinds(self, value)
+
+    @classmethod
+    @numpy_args
+    def class_inner(cls, value: Any) -> tuple[str, ...]:
+        return (cls.__name__, *kinds(value))
+
+    @numpy_args
+    @classmethod
+    def class_outer(cls, value: Any) -> tuple[str, ...]:
+        return (cls.__name__, *kinds(value))
+
+
+t = torch.ones(2)
+T, A = "Tensor", "ndarray"
+
+
+def test_a_bound_method_passed_in_converts_its_first_argument() -> None:
+    """The repro: numpy_args(logger.log) converted nothing in the first real argument."""
+    log = numpy_args(Logger().log)
+    assert log(t) == ("Logger", A, "NoneType")
+    assert log(t, step=t) == ("Logger", A, A)
+
+
+def test_a_plain_function_with_a_first_parameter_named_self() -> None:
+    assert module_level(t, t) == (A, A)
+
+
+def test_methods_decorated_in_the_class_body_keep_their_instance() -> None:
+    logger = Logger()
+    assert logger.method(t, t) == ("Logger", A, A)
+    assert Logger.method(logger, t) == ("Logger", A, "NoneType")  # the unbound call
+    assert isinstance(logger.weights, torch.Tensor)
+
+
+def test_a_method_called_on_the_class_with_something_else_converts_it() -> None:
+    assert Logger.method(t, t) == (A, A, "NoneType")
+
+
+@pytest.mark.parametrize("name", ["static_inner", "static_outer"])
+def test_staticmethods_convert_every_argument(name: str) -> None:
+    for owner in (Logger, Logger()):
+        assert getattr(owner, name)(t, t) == (A, A)
+
+
+@pytest.mark.parametrize("name", ["class_inner", "class_outer"])
+def test_classmethods_keep_their_class(name: str) -> None:
+    for owner in (Logger, Logger()):
+        assert getattr(owner, name)(t) == ("Logger", A)
+
+
+def test_partials() -> None:
+    logger = Logger()
+    assert numpy_args(functools.partial(Logger.log, logger))(t) == ("Logger", A, "NoneType")
+    # what the partial itself holds is not an argument of the call: it stays as it is
+    assert numpy_args(functools.partial(Logger.log, logger, t))(step=t) == ("Logger", T, A)
+
+
+def test_a_callable_object() -> None:
+    class Sink:
+        def __call__(self, value: Any) -> str:
+            return type(value).__name__
+
+    assert numpy_args(Sink())(t) == A
+
+
+def test_options_apply_on_every_binding() -> None:
+    class Metrics:
+        @numpy_args(scalars=True)
+        def record(self, loss: Any) -> Any:
+            return loss
+
+    assert Metrics().record(torch.tensor(0.5)) == 0.5
+    assert numpy_args(scalars=True)(Metrics().record)(torch.tensor(0.5)) == 0.5
+
+
+def test_the_wrapper_looks_like_the_function() -> None:
+    logger = Logger()
+    assert Logger.method.__name__ == "method"
+    assert logger.method.__name__ == "method"
+    assert Logger.method.__doc__ == Logger.__dict__["method"].__doc__
+    assert list(inspect.signature(logger.method).parameters) == ["value", "step"]
+    assert list(inspect.signature(module_level).parameters) == ["self", "value"]
+    assert logger.method.__self__ is logger
+
+
+def test_module_level_wrappers_pickle_by_reference() -> None:
+    assert pickle.loads(pickle.dumps(module_level)) is module_level
+
+
+def test_arrays_and_other_arguments_pass_as_they_are() -> None:
+    arr = np.ones(2)
+    meta = {"name": "run"}
+    out = numpy_args(lambda a, b: (a, b))(arr, meta)
+    assert out[0] is arr
+    assert out[1] is meta
+
+
+def test_not_a_callable() -> None:
+    with pytest.raises(tonumpy.OptionError, match="decorates a callable"):
+        numpy_args(3)  # type: ignore[call-overload]
+
+
+def test_decorating_twice_applies_both_options() -> None:
+    class Metrics:
+        @numpy_args(copy=True)
+        @numpy_args(scalars=True)
+        def record(self, loss: Any, values: Any) -> Any:
+            return loss, values
+
+    metrics = Metrics()
+    for _ in range(2):  # the second call reuses the cached bound form
+        loss, values = metrics.record(torch.tensor(0.5), torch.ones(2))
+        assert loss == 0.5
+        assert isinstance(values, np.ndarray)
