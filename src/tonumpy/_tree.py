@@ -6,7 +6,7 @@ optree already knows dict, OrderedDict, defaultdict, list, tuple, namedtuple, de
 
 * dataclasses (frozen, ``slots=True`` and ``init=False`` fields included);
 * dict subclasses (HF ``ModelOutput`` is an OrderedDict subclass *and* a dataclass);
-* :class:`collections.UserDict` subclasses (HF ``BatchEncoding``).
+* ``collections.UserDict`` subclasses (HF ``BatchEncoding``).
 
 Registration happens the first time such a type shows up as a leaf: the leaves' types are
 checked after each flatten, and the tree is flattened again if a new node type was registered.
@@ -127,7 +127,7 @@ def _compile_builder(cls: type[Any], names: tuple[str, ...]) -> Callable[[Any], 
     """A function that makes a blank ``cls`` and stores its children as the fields ``names``.
 
     Only for classes whose fields all live in the instance ``__dict__`` (no slot, no descriptor).
-    Compiled once per class, as :mod:`dataclasses` does for ``__init__``: one unpacking
+    Compiled once per class, as ``dataclasses`` does for ``__init__``: one unpacking
     assignment is several times faster than a ``setattr`` loop or a ``__dict__.update``.
     Attributes are stored directly when the class keeps ``object.__setattr__`` (and the names
     are identifiers); otherwise (frozen classes) the items go into the instance ``__dict__``.
@@ -321,7 +321,7 @@ def flatten_typed(
     is_leaf: Callable[[Any], bool] | None = None,
     none_is_leaf: bool = False,
 ) -> tuple[list[Any], PyTreeSpec, set[type]]:
-    """:func:`flatten`, also returning the set of the leaves' types (computed anyway)."""
+    """``flatten``, also returning the set of the leaves' types (computed anyway)."""
     while True:
         try:
             leaves, spec = optree.tree_flatten(
