@@ -213,6 +213,19 @@ def _prose_blocks(page: Page, *, code: bool) -> Iterator[tuple[Node, str]]:
             yield node, _inline_text(node, code=code)
 
 
+def _mask_code(text: str) -> tuple[str, list[str]]:
+    r"""``text`` with each code span replaced by its number (\x01N\x02), and the spans."""
+    parts, codes = _CODE_SPAN.split(text), _CODE_SPAN.findall(text)
+    masked = "".join(p + (f"\x01{i}\x02" if i < len(codes) else "") for i, p in enumerate(parts))
+    return masked, codes
+
+
+def _unmask(text: str, codes: list[str]) -> str:
+    """Masked text as it was written, code spans in backticks (a cut-off number: `...`)."""
+    text = _NUMBERED.sub(lambda m: _show(codes[int(m.group(1))]), text)
+    return _show(re.sub(r"\x01\d*$|^\d*\x02", "`...`", text))
+
+
 def _around(text: str, match: re.Match[str], before: int = 30, after: int = 40) -> str:
     return _short(_show(text[max(0, match.start() - before) : match.end() + after]))
 
@@ -241,10 +254,11 @@ def _examples_outside_code(page: Page) -> Iterator[Finding]:
 def _sphinx_roles(page: Page) -> Iterator[Finding]:
     for node, text in _prose_blocks(page, code=True):
         # role text in prose, followed by a code span (how :func:`x` renders) or a backtick;
-        # the text of code spans is left out, so a role written inside one is fine
-        prose = _CODE_SPAN.sub("\x01\x02", text)
-        for match in _ROLE.finditer(prose):
-            yield node, f"Sphinx role rendered as text: {_around(prose, match)!r}"
+        # code spans are masked, so a role written inside one is fine
+        masked, codes = _mask_code(text)
+        for match in _ROLE.finditer(masked):
+            context = _unmask(masked[max(0, match.start() - 30) : match.end() + 40], codes)
+            yield node, f"Sphinx role rendered as text: {_short(context)!r}"
 
 
 @_rule("snippet-marker")
@@ -274,15 +288,10 @@ def _empty_code(page: Page) -> Iterator[Finding]:
 @_rule("broken-link")
 def _unresolved_references(page: Page) -> Iterator[Finding]:
     for node, text in _prose_blocks(page, code=True):
-        # code spans replaced by their number, so that brackets inside code (x[0][1]) are not
-        # taken for links
-        parts, codes = _CODE_SPAN.split(text), _CODE_SPAN.findall(text)
-        masked = "".join(
-            part + (f"\x01{i}\x02" if i < len(codes) else "") for i, part in enumerate(parts)
-        )
+        masked, codes = _mask_code(text)  # brackets inside code (x[0][1]) are not links
         for match in _REFERENCE.finditer(masked):
-            shown = _NUMBERED.sub(lambda m, codes=codes: codes[int(m.group(1))], match.group())
-            yield node, f"reference left as text (target not found): {_short(_show(shown))!r}"
+            shown = _unmask(match.group(), codes)
+            yield node, f"reference left as text (target not found): {_short(shown)!r}"
 
 
 _LINK_ATTRS = {"a": "href", "img": "src", "link": "href", "script": "src"}
