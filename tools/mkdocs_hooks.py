@@ -2,9 +2,10 @@
 
 ``docs/api.md`` holds the line ``<!-- public-names -->``; at build time it is replaced by a list of
 every name in ``tonumpy.__all__``, grouped by topic, each with its parameters (names and
-defaults, read with :func:`inspect.signature` from the code being documented) and a
+defaults, read with ``inspect.signature`` from the code being documented) and a
 cross-reference to its full documentation, wherever in the site that is. A name that is not
-rendered anywhere leaves its cross-reference unresolved, which fails ``mkdocs build --strict``.
+rendered anywhere leaves its cross-reference as text: ``mkdocs build --strict`` does not notice
+(autorefs leaves such a reference without a warning), tools/sitecheck.py does (broken-link).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Check the documentation site as rendered: the HTML that readers get, not the Markdown.
 
 ``mkdocs build --strict`` proves that the sources build; this module reads every HTML page of the
-built site with a real HTML parser (the standard library's :mod:`html.parser`) and reports what
+built site with a real HTML parser (the standard library's ``html.parser``) and reports what
 renders wrong there, however it got there (a docstring, a formatter, a generated table, a theme):
 
 ``prompt-blockquote``
