@@ -1,18 +1,18 @@
 """How each container kind that optree does not know is flattened and rebuilt.
 
 optree walks ``dict``, ``OrderedDict``, ``defaultdict``, ``list``, ``tuple``, namedtuples,
-``deque`` and ``torch.return_types`` itself. :mod:`tonumpy._tree` registers the kinds below,
+``deque`` and ``torch.return_types`` itself. ``tonumpy._tree`` registers the kinds below,
 lazily and only in the ``"tonumpy"`` namespace, the first time an instance shows up as a leaf:
 
 * dataclasses (frozen, ``slots=True`` and ``init=False`` fields included);
 * dict subclasses (HF ``ModelOutput`` is an OrderedDict subclass *and* a dataclass);
-* :class:`collections.UserDict` and :class:`collections.UserList` subclasses;
+* ``collections.UserDict`` and ``collections.UserList`` subclasses;
 * list, tuple and deque subclasses;
-* :class:`types.SimpleNamespace`, :class:`collections.ChainMap`, :class:`types.MappingProxyType`.
+* ``types.SimpleNamespace``, ``collections.ChainMap``, ``types.MappingProxyType``.
 
 A node's children are its items (or fields), then every other attribute of the instance (its
 ``__dict__`` entries and set slots): tensors held there are converted too, and the tree's
-structure records which attributes there are. The node's metadata, a :class:`NodeMeta`, holds
+structure records which attributes there are. The node's metadata, a ``NodeMeta``, holds
 names and the container's own configuration (a defaultdict's factory, a deque's ``maxlen``),
 never the instance or its values, so a treespec never keeps a batch alive. Values that
 ``functools.cached_property`` stored in ``__dict__`` are left out: they were computed from the
@@ -218,14 +218,14 @@ class _Layout:
 
 
 def attr_entries(names: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The key-path entries of attributes: :class:`Attr` for names that are strings."""
+    """The key-path entries of attributes: ``Attr`` for names that are strings."""
     return tuple(Attr(n) if isinstance(n, str) else n for n in names)
 
 
 def register(
     cls: type[Any], flatten: Callable[[Any], Any], unflatten: Callable[[Any, Any], Any]
 ) -> None:
-    """Register ``cls`` in tonumpy's namespace, with :class:`Entry` key-path entries."""
+    """Register ``cls`` in tonumpy's namespace, with ``Entry`` key-path entries."""
     optree.register_pytree_node(cls, flatten, unflatten, path_entry_type=Entry, namespace=NAMESPACE)
 
 
@@ -250,7 +250,7 @@ def _compile_builder(cls: type[Any], names: tuple[str, ...]) -> Callable[[Any], 
     """A function that makes a blank ``cls`` and stores its children as the fields ``names``.
 
     Only for classes whose fields all live in the instance ``__dict__`` (no slot, no descriptor).
-    Compiled once per class, as :mod:`dataclasses` does for ``__init__``: one unpacking
+    Compiled once per class, as ``dataclasses`` does for ``__init__``: one unpacking
     assignment is several times faster than a ``setattr`` loop or a ``__dict__.update``.
     Attributes are stored directly when the class keeps ``object.__setattr__`` (and the names
     are identifiers); otherwise (frozen classes) the items go into the instance ``__dict__``.
@@ -276,7 +276,7 @@ def register_dataclass(cls: type[Any]) -> None:
     """Dataclasses: the children are the fields, in order, then any other attribute.
 
     A plain instance holds its fields and nothing else (every field set, no other attribute or
-    slot but cached properties). Its metadata is one :class:`NodeMeta` shared by the whole
+    slot but cached properties). Its metadata is one ``NodeMeta`` shared by the whole
     class, so no object is built per node and optree's metadata comparison is an identity hit;
     rebuilding it is one compiled function call. Any other instance gets its own metadata
     naming the fields it has and its extra attributes (equal to the shared one when it has
@@ -417,12 +417,12 @@ def register_userdict(
     unwrap: Callable[[Any, Any], None] | None = None,
     config: tuple[str, ...] = (),
 ) -> None:
-    """:class:`collections.UserDict` subclasses: the items of ``.data``, then other attributes.
+    """``collections.UserDict`` subclasses: the items of ``.data``, then other attributes.
 
     ``config`` names attributes kept in the metadata (compared, never converted); ``wrap`` may
     replace extra attribute values by leaves of its own before the walk (it gets the names and
     the values list) and ``unwrap`` turns them back on the rebuilt instance: the hooks
-    :mod:`tonumpy._hf` uses for ``BatchEncoding``'s per-row state.
+    ``tonumpy._hf`` uses for ``BatchEncoding``'s per-row state.
     """
     layout = _Layout(cls, ("data", *config))
 
@@ -455,7 +455,7 @@ def register_userdict(
 
 
 def register_chainmap(cls: type[Any]) -> None:
-    """:class:`collections.ChainMap` (and subclasses): the list ``.maps``, then attributes."""
+    """``collections.ChainMap`` (and subclasses): the list ``.maps``, then attributes."""
     layout = _Layout(cls, ("maps",))
 
     def flatten(obj: Any) -> tuple[list[Any], NodeMeta, tuple[Any, ...]]:
@@ -473,7 +473,7 @@ def register_chainmap(cls: type[Any]) -> None:
 
 
 def register_mappingproxy(cls: type[Any]) -> None:
-    """:class:`types.MappingProxyType`: a new read-only view of a new mapping.
+    """``types.MappingProxyType``: a new read-only view of a new mapping.
 
     A view of a ``dict`` or ``OrderedDict`` is walked item by item (its keys are the path);
     a view of any other mapping has one child, that mapping's ``copy()``.
@@ -501,7 +501,7 @@ def register_mappingproxy(cls: type[Any]) -> None:
 
 
 def register_sequence(cls: type[Any]) -> None:
-    """Subclasses of list, tuple and deque, and :class:`collections.UserList` (and subclasses).
+    """Subclasses of list, tuple and deque, and ``collections.UserList`` (and subclasses).
 
     Children are the items, then the other attributes; a deque keeps its ``maxlen``.
     """
@@ -543,7 +543,7 @@ def register_sequence(cls: type[Any]) -> None:
 
 
 def register_namespace(cls: type[Any]) -> None:
-    """:class:`types.SimpleNamespace` (and subclasses): every attribute is a child."""
+    """``types.SimpleNamespace`` (and subclasses): every attribute is a child."""
     layout = _Layout(cls)
 
     def flatten(obj: Any) -> tuple[list[Any], NodeMeta, tuple[Any, ...]]:

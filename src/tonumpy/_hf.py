@@ -11,7 +11,7 @@ cross_values)`` for an encoder-decoder cache (``(self_keys, self_values)`` while
 cross-attention part is empty). Every tonumpy function returns a cache in that layout (tuples,
 not a ``Cache`` object): rebuilding a live ``Cache`` depends on transformers' internals, which
 changed between 4.x and 5.x. A layer whose cache holds other tensors than keys and values
-(quantized or linear-attention layers) is refused with :class:`~tonumpy.UnsupportedLeafError`;
+(quantized or linear-attention layers) is refused with [`UnsupportedLeafError`][];
 0-d bookkeeping tensors (a sliding window's size, a static layer's position) are dropped.
 
 **BatchEncoding.** Besides its items, a ``BatchEncoding`` from a fast tokenizer keeps one

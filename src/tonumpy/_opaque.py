@@ -4,7 +4,7 @@ A leaf of a type tonumpy does not know (not a tensor, array, string, number, ...
 container it rebuilds) is returned as the very same object. That is only safe if the object
 holds no tensor: otherwise the tensor would leave ``to_numpy`` unconverted, silently. Such a
 leaf is searched, through its ``__dict__``, its slots and the builtin containers it holds; one
-that holds a tensor is refused with :class:`~tonumpy.UnsupportedLeafError` naming where, unless
+that holds a tensor is refused with [`UnsupportedLeafError`][] naming where, unless
 the user keeps it with ``is_leaf=``.
 
 Types whose instances can hold nothing visible to Python (no ``__dict__``, no slots: C types
@@ -122,8 +122,8 @@ def _parts(node: Any) -> list[tuple[str, Any]]:
 def find_tensor(obj: Any, atomic: frozenset[type]) -> str | None:
     """Where inside ``obj`` a tensor is held (``.cache['k'][0]``), or None if there is none.
 
-    ``atomic`` are types known not to need a search. Raises :class:`TooLargeError` when the
-    objects reachable from ``obj`` are more than :data:`BUDGET`.
+    ``atomic`` are types known not to need a search. Raises ``TooLargeError`` when the
+    objects reachable from ``obj`` are more than ``BUDGET``.
     """
     seen = {id(obj)}
     stack: list[tuple[Any, str]] = [(obj, "")]

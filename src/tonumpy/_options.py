@@ -1,12 +1,12 @@
 """Checks of the options public functions take, made before any work is done.
 
-Each check accepts exactly the documented values and raises :class:`~tonumpy.errors.OptionError`
+Each check accepts exactly the documented values and raises [`OptionError`][]
 (a ``TypeError`` and a ``ValueError``) naming the function, the parameter, what was passed and
 what is accepted. ``True`` is not an axis and ``0`` is not a ``copy=`` mode here, although
 Python would let both through: a silently reinterpreted option gives wrong results, not errors.
 
 The checks on hot paths (``to_numpy`` on one small tensor) are written inline by their callers
-as identity tests, and call :func:`bad_flags` only once something is wrong.
+as identity tests, and call ``bad_flags`` only once something is wrong.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def check_flag(value: Any, name: str, where: str) -> None:
 
 
 def check_flags(where: str, /, **flags: Any) -> None:
-    """:func:`check_flag` for each keyword argument."""
+    """``check_flag`` for each keyword argument."""
     for name, value in flags.items():
         check_flag(value, name, where)
 

@@ -1,20 +1,20 @@
-"""Padding helpers shared by :func:`tonumpy.concat`, :class:`tonumpy.Accumulator` and ``gather``.
+"""Padding helpers shared by [`tonumpy.concat`][], [`tonumpy.Accumulator`][] and ``gather``.
 
 Three main pieces, each usable on its own (their docstrings give their signatures):
 
-* :func:`pad_value_for` resolves the user's ``pad_value`` option (a scalar, a mapping from key
+* ``pad_value_for`` resolves the user's ``pad_value`` option (a scalar, a mapping from key
   path to value, or a callable ``(path, dtype) -> value``) for one leaf, and checks that the
   value fits the leaf's dtype without changing it;
-* :func:`target_shape` finds the shape every chunk of one leaf is padded to (the largest size in
+* ``target_shape`` finds the shape every chunk of one leaf is padded to (the largest size in
   every dimension but the first), and names the leaf and the shapes when chunks cannot be
   padded to one shape;
-* :func:`concat_arrays` concatenates the chunks of one leaf along their first axis into one
+* ``concat_arrays`` concatenates the chunks of one leaf along their first axis into one
   freshly allocated array, padding each chunk while it is copied (one allocation, every byte
   written once).
 
 Everything here works on chunks whose concatenation axis has already been moved to the front
-(``np.moveaxis(arr, axis, 0)``). :func:`check_pad_value`, :func:`result_dtype` and
-:func:`copy_padded` are the smaller steps they are built from.
+(``np.moveaxis(arr, axis, 0)``). ``check_pad_value``, ``result_dtype`` and
+``copy_padded`` are the smaller steps they are built from.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ PadValue: TypeAlias = Any
 
 
 def check_pad_option(pad_value: PadValue, where: str) -> None:
-    """Raise :class:`~tonumpy.errors.OptionError` if a callable ``pad_value`` is unusable.
+    """Raise [`OptionError`][] if a callable ``pad_value`` is unusable.
 
     A callable is called as ``pad_value(path, dtype)``: one that cannot take those two
     arguments is refused before any work, not at the first ragged batch.
@@ -113,8 +113,8 @@ def pad_value_for(
         array(7, dtype=uint8)
 
     Args:
-        pad_value: The user's option, as given to :func:`tonumpy.concat`.
-        path: The leaf's key path, as :func:`optree.tree_paths` gives it.
+        pad_value: The user's option, as given to [`tonumpy.concat`][].
+        path: The leaf's key path, as ``optree.tree_paths`` gives it.
         dtype: The dtype of the padded result.
 
     Returns:
@@ -122,7 +122,7 @@ def pad_value_for(
 
     Raises:
         ConversionError: The value cannot be represented in ``dtype`` (see
-            :func:`check_pad_value`).
+            ``check_pad_value``).
     """
     if pad_value is None:
         return None

@@ -8,9 +8,9 @@ whole flat list of leaves in one go:
 2. On the device, each leaf is detached (the work runs under ``no_grad``), its
    conjugate/negative bits are resolved and it is made contiguous (PITFALLS C20: an async
    copy of a flagged tensor gives wrong values).
-3. Small leaves (at most :data:`SMALL_BYTES`) are packed into one contiguous byte buffer per
+3. Small leaves (at most ``SMALL_BYTES``) are packed into one contiguous byte buffer per
    device with a single ``torch.cat`` per dtype plus one over the dtype groups (chunked at
-   :data:`CHUNK_BYTES` so packing never doubles a huge output in device memory). Leaves are
+   ``CHUNK_BYTES`` so packing never doubles a huge output in device memory). Leaves are
    packed in decreasing item size, so every leaf lands at an offset that is a multiple of its
    item size and the host views are aligned without any padding.
 4. The packed buffers and the large leaves are copied with ``non_blocking=True`` into ONE host
@@ -18,16 +18,16 @@ whole flat list of leaves in one go:
    copy into pageable memory blocks anyway, and pinning is slow, so pinned blocks are reused).
 5. One CUDA event is recorded per source device, on that device's current stream, after its
    last copy (C21).
-6. :meth:`PendingTransfer.result` waits for every event before it builds a single array
+6. [`PendingTransfer.result`][] waits for every event before it builds a single array
    (C17: reading a non-blocking copy before a sync returns garbage); the arrays are NumPy
    views into the host block. bfloat16 crosses the bus as 2 bytes and is widened on the host
    by an exact 16-bit shift; float8 crosses as 1 byte and is widened by a 256-entry table
    computed by torch itself. ``ml_dtypes=True`` views the bits instead.
 
 Only CUDA tensors (ROCm reports itself as CUDA) take this path; MPS and every other device
-take the careful blocking path of :mod:`tonumpy.convert` (C18: MPS races both ways). Leaves
+take the careful blocking path of ``tonumpy.convert`` (C18: MPS races both ways). Leaves
 the engine does not handle (sparse, quantized, nested, float4, subclasses, ...) are converted
-by that careful path too, so the results are always the ones :func:`tonumpy.to_numpy` gives.
+by that careful path too, so the results are always the ones [`tonumpy.to_numpy`][] gives.
 
 Nothing here touches CUDA at import time, or at all when no CUDA tensor is passed in.
 """
@@ -538,10 +538,10 @@ def _enqueue(  # noqa: PLR0915 - one hot loop, kept inline: every call costs per
 class PendingTransfer:
     """A conversion in flight: the copies are enqueued, the arrays are not built yet.
 
-    Returned by :func:`tonumpy.to_numpy_async` (and :func:`start_transfer`). The device work
+    Returned by [`tonumpy.to_numpy_async`][] (and ``start_transfer``). The device work
     is ordered on each source device's current stream at the time of the call, so later
     kernels on that stream may overwrite the tensors without changing the result. Until
-    :meth:`result` returns, the handle keeps the source tensors alive.
+    [`result`][] returns, the handle keeps the source tensors alive.
 
     Examples:
         >>> import torch, tonumpy
@@ -577,13 +577,13 @@ class PendingTransfer:
         self.plan = batch.plan
 
     def done(self) -> bool:
-        """True when every copy has arrived: :meth:`result` will not wait. Never blocks."""
+        """True when every copy has arrived: [`result`][] will not wait. Never blocks."""
         return self._batch is None or all(e.query() for e in self._batch.events)
 
     def result_leaves(self) -> list[Any]:
         """Wait for the copies, then return the flat list of converted leaves.
 
-        The list is in the order of the leaves given to :func:`start_transfer`; it is
+        The list is in the order of the leaves given to ``start_transfer``; it is
         built once, later calls return the same list.
         """
         batch = self._batch
@@ -652,11 +652,11 @@ def start_transfer(
     """Enqueue the device-to-host copies of a flat list of leaves and return at once.
 
     The entry point for code that wants to overlap the transfer with later work (logging
-    hooks, training loops): flatten a tree with :func:`tonumpy._tree.flatten`, call this, keep
+    hooks, training loops): flatten a tree with ``tonumpy._tree.flatten``, call this, keep
     the handle, and call ``.result()`` (the tree) or ``.result_leaves()`` (the flat list)
     when the arrays are needed. Leaves that are not CUDA tensors the engine can move (CPU
     tensors, arrays, other objects, sparse or quantized tensors, MPS tensors) are converted
-    right away by :func:`tonumpy.convert.convert_leaves`, so errors about them are raised
+    right away by ``tonumpy.convert.convert_leaves``, so errors about them are raised
     here, naming their path in ``spec``.
 
     Examples:
@@ -670,20 +670,20 @@ def start_transfer(
         [('cpu', 'single', 2)]
 
     Args:
-        leaves: The flat leaves, as :func:`tonumpy._tree.flatten` returns them.
+        leaves: The flat leaves, as ``tonumpy._tree.flatten`` returns them.
         spec: Their treespec: ``.result()`` rebuilds the tree from it, errors name paths in it.
-        copy: As for :func:`tonumpy.to_numpy`. ``None``: arrays are views into a shared host
+        copy: As for [`tonumpy.to_numpy`][]. ``None``: arrays are views into a shared host
             staging block (they share memory with nothing in the input); ``True``: compact
             arrays of their own, the staging block goes straight back to the pool;
             ``False``: every engine leaf needs a copy, so this is the careful path, which
             raises for the first leaf not on the CPU.
-        ml_dtypes: As for :func:`tonumpy.to_numpy`.
-        scalars: As for :func:`tonumpy.to_numpy`.
+        ml_dtypes: As for [`tonumpy.to_numpy`][].
+        scalars: As for [`tonumpy.to_numpy`][].
         force: Testing and benchmarking only: send CPU tensors through the engine too
             (pageable staging blocks, no events), to exercise packing and unpacking.
 
     Returns:
-        A :class:`PendingTransfer`.
+        A [`PendingTransfer`][].
     """
     from . import convert  # noqa: PLC0415 - convert imports this module
 
@@ -715,7 +715,7 @@ def resolve_into(
 ) -> None:
     """Convert ``leaves[i]`` for each ``i`` in ``positions`` into ``out[i]``, in one batch.
 
-    Used by :func:`tonumpy.convert.convert_leaves` for the CUDA leaves it set aside: the
+    Used by ``tonumpy.convert.convert_leaves`` for the CUDA leaves it set aside: the
     copies of all of them are enqueued, there is one wait, and leaves the engine does not
     handle are converted by the careful path. A lone leaf small enough that one blocking copy
     is the fastest way takes that way directly.

@@ -2,13 +2,13 @@
 
 Every tonumpy function that takes a tree walks it here. optree knows dict, OrderedDict,
 defaultdict, list, tuple, namedtuple, deque and ``torch.return_types``; the other containers
-(:mod:`tonumpy._containers`, and the transformers objects of :mod:`tonumpy._hf`) are registered
+(``tonumpy._containers``, and the transformers objects of ``tonumpy._hf``) are registered
 lazily, and only inside the ``"tonumpy"`` namespace, the first time one shows up as a leaf: the
 leaves' types are checked after each flatten, and the tree is flattened again if a new node type
 was registered. Every other leaf type is classified once: *atomic* types (tensors, arrays,
 strings, numbers, ``None``, C types with no Python-visible state, ...) cost nothing from then
 on; instances of other types are searched, and one that holds a tensor is refused
-(:mod:`tonumpy._opaque`), so that no tensor leaves tonumpy unconverted unless ``is_leaf`` kept it.
+(``tonumpy._opaque``), so that no tensor leaves tonumpy unconverted unless ``is_leaf`` kept it.
 
 Threads: classification and registration happen under one lock, and a type is published as a
 node only once optree knows it. A flatten that ran while another thread registered (or evicted)
@@ -16,10 +16,10 @@ a type it met as a leaf is simply run again, so the loser of a registration race
 container for a leaf. Nothing relies on the GIL: the shared state is replaced, never mutated in
 place, outside the lock.
 
-Memory: registering a class keeps it alive (optree holds it). At most :data:`MAX_NODE_TYPES`
+Memory: registering a class keeps it alive (optree holds it). At most ``MAX_NODE_TYPES``
 classes stay registered: past that, the oldest registrations are dropped (a class still in use
 is registered again when it next shows up). Treespecs made before such a re-registration still
-rebuild and compare equal under :func:`same_structure`.
+rebuild and compare equal under ``same_structure``.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def _classify(cls: type[Any], protect: set[type]) -> str:
 
 
 def _evict(protect: set[type]) -> None:
-    """Drop the oldest registrations once there are more than :data:`MAX_NODE_TYPES`."""
+    """Drop the oldest registrations once there are more than ``MAX_NODE_TYPES``."""
     global _snapshot  # noqa: PLW0603 - replaced as a whole, under the lock
     excess = len(_registered) - MAX_NODE_TYPES
     if excess <= 0:
@@ -236,7 +236,7 @@ def flatten_typed(
     is_leaf: Callable[[Any], bool] | None = None,
     none_is_leaf: bool = False,
 ) -> tuple[list[Any], PyTreeSpec, set[type]]:
-    """:func:`flatten`, also returning the set of the leaves' types (computed anyway)."""
+    """``flatten``, also returning the set of the leaves' types (computed anyway)."""
     check = None if is_leaf is None else _strict(is_leaf)
     protect: set[type] = set()
     attempt = 0

@@ -1,15 +1,15 @@
 """Batched predictions: ``concat`` a list of trees, or ``Accumulator`` them batch by batch.
 
 An evaluation loop produces one nested output per batch; the user wants one NumPy array per leaf
-at the end. :func:`concat` does it for a list of trees that is already there; an
-:class:`Accumulator` takes the batches one at a time, moves each to the host at once (so that
-device memory is freed), and keeps them as separate chunks until :meth:`Accumulator.result`
+at the end. [`concat`][] does it for a list of trees that is already there; an
+[`Accumulator`][] takes the batches one at a time, moves each to the host at once (so that
+device memory is freed), and keeps them as separate chunks until [`Accumulator.result`][]
 copies every chunk once into the final array (amortised O(batch) per append; nothing
 accumulated is ever copied again by a later append). With ``directory=`` each leaf grows in a
 ``.npy`` file instead, for predictions larger than RAM.
 
 Padding (for leaves whose batches differ in a dimension other than the concatenation axis)
-lives in :mod:`tonumpy._ragged`, shared with ``tonumpy.gather``.
+lives in ``tonumpy._ragged``, shared with ``tonumpy.gather``.
 """
 
 from __future__ import annotations
@@ -141,17 +141,17 @@ def concat(
         array([0.5 , 0.25], dtype=float32)
 
     Args:
-        trees: The batches: any nesting of containers (as for :func:`tonumpy.to_numpy`), all
+        trees: The batches: any nesting of containers (as for [`tonumpy.to_numpy`][]), all
             of one structure.
         axis: The axis to concatenate along (negative counts from the end of each leaf).
         pad_value: How to pad leaves whose batches differ in size along another axis: a value
             for every leaf; a mapping from key path to value (a key path is the tuple that
-            :func:`optree.tree_paths` gives, e.g. ``("labels",)`` or ``("hidden", 2)``; a key
+            ``optree.tree_paths`` gives, e.g. ``("labels",)`` or ``("hidden", 2)``; a key
             that is a prefix of a leaf's path covers it, ``()`` covers every leaf, and a bare
             key ``"labels"`` means ``("labels",)``); or a callable ``(path, dtype) -> value``.
             ``None`` (or no value for a leaf) makes ragged batches an error.
         ml_dtypes: Keep bfloat16 and float8 tensors as bit-exact ``ml_dtypes`` arrays instead
-            of widening them to float32 (see :func:`tonumpy.to_numpy`).
+            of widening them to float32 (see [`tonumpy.to_numpy`][]).
         is_leaf: Called on each node; a node it returns True for is treated as a leaf.
 
     Returns:
@@ -378,7 +378,7 @@ _MAX_STEM = 200
 def _file_stem(path: tuple[Any, ...]) -> str:
     """The file name (without ``.npy``) of the leaf at ``path``: ``hidden.2``, ``logits``.
 
-    Only ``[A-Za-z0-9_-]`` and dots; a name longer than :data:`_MAX_STEM` keeps its start and
+    Only ``[A-Za-z0-9_-]`` and dots; a name longer than ``_MAX_STEM`` keeps its start and
     ends in ``~`` and a digest of the whole key path, so that long keys that share a start
     still get distinct names (``manifest.json`` maps each file to its key path).
 
@@ -410,7 +410,7 @@ class _Slabs:
     Batch-sized arrays are small enough for the C allocator to serve from its heap, where
     memory freed in the middle stays counted in the process's RSS. Slabs grow from 256 KiB to
     48 MiB, so all but the first few are memory mappings of their own: when
-    :meth:`Accumulator.result` has copied every chunk of a slab, the slab is unmapped, and
+    [`Accumulator.result`][] has copied every chunk of a slab, the slab is unmapped, and
     memory peaks near the result's size instead of the chunks' plus the result's.
     """
 
@@ -480,7 +480,7 @@ class Accumulator:
     tensors asynchronously: its copies overlap the next step, and the next call collects
     them), so device memory is freed as the loop goes. Appending is amortised O(size of the
     batch): each batch is copied once into the accumulator's storage and not touched again
-    until :meth:`result` copies it, once, into the final arrays, releasing the storage as it
+    until [`result`][] copies it, once, into the final arrays, releasing the storage as it
     goes, so that memory peaks near the result's size. Leaves that differ between batches in a
     dimension other than ``axis`` are padded to the largest size with ``pad_value``, without
     changing their dtype; a missing or unrepresentable pad value is reported by the
@@ -488,7 +488,7 @@ class Accumulator:
 
     With ``directory=``, every array leaf instead grows in a ``.npy`` file in that directory
     (named after its key path: ``logits.npy``, ``hidden.2.npy``; ``manifest.json`` maps files
-    to paths and dtypes) and :meth:`result` returns read-only memory-mapped arrays: memory
+    to paths and dtypes) and [`result`][] returns read-only memory-mapped arrays: memory
     stays bounded by a few batches whatever the total. The files are plain ``.npy`` files,
     valid after every ``append`` (the header is rewritten, with the new row count, once the
     batch's bytes are written), so after a crash ``np.load`` gives every row of every batch
@@ -521,17 +521,17 @@ class Accumulator:
     Args:
         axis: The axis to concatenate along (negative counts from the end of each leaf);
             ``directory=`` needs ``axis=0``.
-        pad_value: How to pad ragged leaves, as for :func:`tonumpy.concat`: a value, a mapping
+        pad_value: How to pad ragged leaves, as for [`tonumpy.concat`][]: a value, a mapping
             from key path to value, or a callable ``(path, dtype) -> value``.
         directory: Grow each array leaf in a ``.npy`` file under this directory (created if
             needed; the files must not exist yet) and return memory-mapped arrays. File names
             are made of the key path's characters that are safe in a file name; a name that
             would be long is cut and ends in a digest of the key path.
-        ml_dtypes: As for :func:`tonumpy.to_numpy`: keep bfloat16/float8 bit-exact as
+        ml_dtypes: As for [`tonumpy.to_numpy`][]: keep bfloat16/float8 bit-exact as
             ``ml_dtypes`` arrays instead of widening them to float32.
-        scalars: As for :func:`tonumpy.to_numpy`: 0-d tensors become Python scalars, so such
+        scalars: As for [`tonumpy.to_numpy`][]: 0-d tensors become Python scalars, so such
             a leaf's result is a list of numbers rather than a 1-d array.
-        is_leaf: As for :func:`tonumpy.to_numpy`: nodes it returns True for are leaves.
+        is_leaf: As for [`tonumpy.to_numpy`][]: nodes it returns True for are leaves.
 
     Raises:
         OptionError: An option has the wrong type or value (``axis=1.5``, ``ml_dtypes=1``, a
@@ -601,7 +601,7 @@ class Accumulator:
         """Enqueue one batch's device-to-host copies and return the pending handle.
 
         The single place where the asynchronous engine (``tonumpy.to_numpy_async``'s) plugs
-        in: used when the batch has a CUDA tensor (:meth:`_wants_engine`), so that its copies
+        in: used when the batch has a CUDA tensor (``_wants_engine``), so that its copies
         overlap the next step.
         """
         assert _engine is not None  # noqa: S101 - _wants_engine said so

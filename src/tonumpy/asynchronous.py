@@ -1,6 +1,6 @@
 """``to_numpy_async``: start a tree's device-to-host copies now, take the arrays later.
 
-The synchronous :func:`tonumpy.to_numpy` already moves all CUDA leaves of a tree with one
+The synchronous [`tonumpy.to_numpy`][] already moves all CUDA leaves of a tree with one
 wait (see the transfer guide); this module gives the same engine without the wait, so a
 training loop or a logging hook can enqueue the copies of step ``n``'s outputs and keep
 computing while they cross the bus.
@@ -43,7 +43,7 @@ def to_numpy_async(
 
     Args:
         tree: A tensor, or any nesting of containers holding tensors, as for
-            :func:`tonumpy.to_numpy`.
+            [`tonumpy.to_numpy`][].
         copy: ``None``: arrays from CUDA tensors are views into a pooled host buffer shared
             by the whole transfer (kept alive by the arrays); ``True``: compact arrays that
             own their memory; ``False``: raise for the first leaf that needs a copy (any
@@ -53,13 +53,13 @@ def to_numpy_async(
         is_leaf: Called on each node; a node it returns True for is treated as a leaf.
 
     Returns:
-        A :class:`PendingTransfer`: ``.done()`` tells, without blocking, whether the copies
+        A [`PendingTransfer`][]: ``.done()`` tells, without blocking, whether the copies
         have arrived; ``.result()`` waits for them and returns the converted tree.
 
     Raises:
-        ConversionError: As :func:`tonumpy.to_numpy`, for leaves converted right away.
-        UnsupportedLeafError: As :func:`tonumpy.to_numpy`.
-        OptionError: As :func:`tonumpy.to_numpy`: ``copy``, ``ml_dtypes`` or ``scalars`` is
+        ConversionError: As [`tonumpy.to_numpy`][], for leaves converted right away.
+        UnsupportedLeafError: As [`tonumpy.to_numpy`][].
+        OptionError: As [`tonumpy.to_numpy`][]: ``copy``, ``ml_dtypes`` or ``scalars`` is
             not one of the values it takes.
     """
     _options.check_copy(copy, "to_numpy_async")

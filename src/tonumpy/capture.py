@@ -1,13 +1,13 @@
 """Logging hooks: capture what modules take and return, as NumPy, without stalling the GPU.
 
-:func:`capture` registers forward hooks on the modules of a model chosen by name, and removes
+[`capture`][] registers forward hooks on the modules of a model chosen by name, and removes
 them when its ``with`` block ends, however it ends. Each captured call is detached at once, so
 no autograd graph is kept alive, and copied, so later in-place changes made by the model
 (``ReLU(inplace=True)``, optimiser steps) cannot reach it:
 
 * CPU tensors are converted to independent arrays inside the hook (nothing to wait for);
 * CUDA tensors are handed to tonumpy's transfer engine (the one behind
-  :func:`tonumpy.to_numpy_async`): their copies into pinned host memory are enqueued on each
+  [`tonumpy.to_numpy_async`][]): their copies into pinned host memory are enqueued on each
   device's current stream, and the hook returns without waiting for the GPU. The arrays are
   resolved (one wait per device on a recorded event) the first time the call is read, or, once
   their copies have landed, when a later call is captured;
@@ -16,7 +16,7 @@ no autograd graph is kept alive, and copied, so later in-place changes made by t
 ``reduce`` runs on the tensor's own device before anything moves, so a norm or a histogram
 crosses the bus instead of the whole activation.
 
-:func:`numpy_args` is the other half of logging: a decorator that hands a logging function
+[`numpy_args`][] is the other half of logging: a decorator that hands a logging function
 NumPy arrays (or Python scalars) wherever its caller passed tensors.
 """
 
@@ -48,7 +48,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class CaptureError(TonumpyError, ValueError):
-    """:func:`capture` was asked for something it cannot do (no module matches, bad option)."""
+    """[`capture`][] was asked for something it cannot do (no module matches, bad option)."""
 
 
 # -1 outside a backward pass; private, but what torch.utils.checkpoint itself relies on.
@@ -93,7 +93,7 @@ def _enqueue(leaves: list[Any], spec: PyTreeSpec, ml_dtypes: bool, scalars: bool
 
     The one place that decides how a captured call travels. Leaves are already detached (and
     reduced). A tree without CUDA tensors is converted now, into arrays that own their memory.
-    A tree with CUDA tensors goes to the transfer engine (:func:`tonumpy.to_numpy_async`'s):
+    A tree with CUDA tensors goes to the transfer engine ([`tonumpy.to_numpy_async`][]'s):
     its copies are enqueued on each device's current stream, after whatever the model did so
     far and before anything it does later, and the engine's handle is returned without waiting;
     ``copy=True`` makes the arrays compact, so the pinned staging block goes back to the pool
@@ -114,7 +114,7 @@ def _copy_plain(leaves: list[Any]) -> list[Any] | None:
 
     The common case, about twice as fast as the general path; ``None`` for anything else
     (bfloat16, sparse, meta, a subclass, an array that needs copying...), which then takes
-    :func:`tonumpy.convert.convert_leaves` with ``copy=True`` and its errors.
+    ``tonumpy.convert.convert_leaves`` with ``copy=True`` and its errors.
     """
     out = []
     for leaf in leaves:
@@ -134,14 +134,14 @@ def _copy_plain(leaves: list[Any]) -> list[Any] | None:
 
 
 class Activations(Mapping[str, list[Any]]):
-    """What :func:`capture` captured: a read-only mapping from module name to calls.
+    """What [`capture`][] captured: a read-only mapping from module name to calls.
 
     Keys are the names of the chosen modules, in ``named_modules()`` order (the root module is
     ``""``); each value is a new list of the captured trees, one per captured call, oldest
     first. A tree has the structure of what the module returned (or took), with arrays in place
     of tensors. Reading a call waits for its device-to-host copies if they are still running.
 
-    The object stays readable after the ``with`` block ends; :meth:`clear` forgets what was
+    The object stays readable after the ``with`` block ends; [`clear`][] forgets what was
     captured so far (the hooks, while the block runs, keep capturing).
 
     Examples:
@@ -383,7 +383,7 @@ class _Recorder:
         self.own_calls: dict[str, int] = {}
 
     def thread_state(self) -> _ThreadState:
-        """This thread's :class:`_ThreadState` (made on first use)."""
+        """This thread's ``_ThreadState`` (made on first use)."""
         state: _ThreadState | None = getattr(self._threads, "state", None)
         if state is None:
             state = self._threads.state = _ThreadState()
@@ -542,11 +542,11 @@ def capture(
 ) -> Iterator[Activations]:
     """Capture the outputs (and/or inputs) of chosen submodules as NumPy, inside a ``with`` block.
 
-    Modules are chosen by shell-style glob patterns (:mod:`fnmatch`, case-sensitive) over the
+    Modules are chosen by shell-style glob patterns (``fnmatch``, case-sensitive) over the
     names ``module.named_modules()`` gives (``"encoder.layers.0.attn"``; the root is ``""``).
     For each captured call the hook detaches every tensor (the autograd graph is never kept),
     applies ``reduce`` on the tensor's device, and starts the move to the host without waiting
-    for the GPU; the arrays are ready when read from the returned :class:`Activations`. The
+    for the GPU; the arrays are ready when read from the returned [`Activations`][]. The
     hooks are removed when the block ends, also when it ends with an exception.
 
     Examples:
@@ -584,16 +584,16 @@ def capture(
         max_calls: Keep only the most recent ``max_calls`` calls of each module (``None``:
             keep all). Bounds host memory in a long training loop.
         reduce: Called on each captured tensor (detached, on its device, under
-            :func:`torch.no_grad`); its result, a tensor or any tree of tensors, is captured
+            ``torch.no_grad``); its result, a tensor or any tree of tensors, is captured
             instead, e.g. ``torch.linalg.norm`` or ``lambda t: {"mean": t.mean(), "std":
             t.std()}``. On CUDA choose a reduction that does not read values back
             (``torch.histc`` needs explicit ``min``/``max`` for that).
-        ml_dtypes: As for :func:`tonumpy.to_numpy`: bfloat16/float8 as ``ml_dtypes`` arrays.
-        scalars: As for :func:`tonumpy.to_numpy`: 0-d tensors as Python numbers.
-        is_leaf: As for :func:`tonumpy.to_numpy`: nodes to keep whole.
+        ml_dtypes: As for [`tonumpy.to_numpy`][]: bfloat16/float8 as ``ml_dtypes`` arrays.
+        scalars: As for [`tonumpy.to_numpy`][]: 0-d tensors as Python numbers.
+        is_leaf: As for [`tonumpy.to_numpy`][]: nodes to keep whole.
 
     Yields:
-        The :class:`Activations` mapping, filled as the model runs. Captured arrays never share
+        The [`Activations`][] mapping, filled as the model runs. Captured arrays never share
         memory with the model's tensors.
 
     Raises:
@@ -649,7 +649,7 @@ def capture(
 
 
 class _NumpyArgs(Generic[R]):
-    """What :func:`numpy_args` returns: converts every argument, then calls the function.
+    """What [`numpy_args`][] returns: converts every argument, then calls the function.
 
     A descriptor, like a function: looked up on an instance (a method decorated in a class
     body), it binds that instance and passes it on as it is; looked up on the class
@@ -741,7 +741,7 @@ def numpy_args(
 ) -> Callable[..., R] | Callable[[Callable[..., R]], Callable[..., R]]:
     """Decorate a logging function so that it receives NumPy wherever it was passed tensors.
 
-    Every argument, positional or keyword, is converted with :func:`tonumpy.to_numpy` at any
+    Every argument, positional or keyword, is converted with [`tonumpy.to_numpy`][] at any
     depth (a dict of metrics, a list of tensors, a dataclass). An argument that holds no tensor
     is passed as the very same object. Use it bare (``@numpy_args``) or with options.
 
@@ -769,10 +769,10 @@ def numpy_args(
 
     Args:
         fn: The function, when used bare as ``@numpy_args``.
-        copy: As for :func:`tonumpy.to_numpy` (``True``: arrays that share no memory).
-        ml_dtypes: As for :func:`tonumpy.to_numpy`.
+        copy: As for [`tonumpy.to_numpy`][] (``True``: arrays that share no memory).
+        ml_dtypes: As for [`tonumpy.to_numpy`][].
         scalars: Pass 0-d tensors as Python numbers (``metrics["loss"]`` becomes a float).
-        is_leaf: As for :func:`tonumpy.to_numpy`.
+        is_leaf: As for [`tonumpy.to_numpy`][].
 
     Returns:
         The wrapped function (or, with options, a decorator that makes it).

@@ -193,11 +193,11 @@ def convert_leaves(
     scalars: bool = False,
     leaf_types: set[type] | None = None,
 ) -> list[Any]:
-    """Convert a flat list of leaves (as :func:`_tree.flatten` gives them) to NumPy.
+    """Convert a flat list of leaves (as ``_tree.flatten`` gives them) to NumPy.
 
     A leaf object that appears several times is converted once, and the same result object is
     put at each place. Errors name the leaf's path in ``spec``. ``leaf_types``, the set of the
-    leaves' types if the caller has it (:func:`_tree.flatten_typed`), saves a pass.
+    leaves' types if the caller has it (``_tree.flatten_typed``), saves a pass.
     """
     bulk = copy is None and not scalars  # the only options the bulk paths handle
     kinds: set[type] = set()  # the leaves' types, needed by the bulk paths only
@@ -357,7 +357,7 @@ def _convert_low_precision(leaves: list[Any], *, ml_dtypes: bool) -> list[Any]:
     """Plain CPU leaves, some bfloat16/float8: ``ml_dtypes`` bit views, or a bulk bf16 upcast.
 
     One comprehension dispatches on the dtype; bfloat16 leaves are set aside and widened to
-    float32 together by :func:`_upcast_bf16`. Anything else raises, and the caller takes the
+    float32 together by ``_upcast_bf16``. Anything else raises, and the caller takes the
     careful path.
     """
     if ml_dtypes:
@@ -513,7 +513,7 @@ def to_numpy(
         copy: ``None`` shares memory with CPU tensors whenever no conversion is needed (the
             array is a view: writing to one changes the other; read-only if the tensor
             requires grad); ``True`` returns writable arrays that share memory with nothing in
-            the input; ``False`` never copies and raises :class:`ConversionError` for the
+            the input; ``False`` never copies and raises [`ConversionError`][] for the
             first leaf that would need a copy. Exactly ``None``, ``True`` or ``False``.
         ml_dtypes: Return bfloat16 and float8 tensors as the matching ``ml_dtypes`` arrays,
             bit-exact (and zero-copy on the CPU), instead of widening them to float32.
@@ -607,7 +607,7 @@ def to_torch(
 ) -> Any:
     """Convert every NumPy array (and NumPy scalar) in a nested structure to a tensor.
 
-    The inverse of :func:`to_numpy`. ``ml_dtypes`` bfloat16/float8 arrays become the exact
+    The inverse of [`to_numpy`][]. ``ml_dtypes`` bfloat16/float8 arrays become the exact
     torch dtype. Arrays torch cannot hold (object, str, bytes, datetime) stay as they are, and
     so does every other non-array leaf. Tensors already in the tree are moved and cast too.
 
@@ -617,12 +617,12 @@ def to_torch(
         {'x': tensor([0, 1, 2]), 'name': 'a'}
 
     Args:
-        tree: Any nesting of containers, as for :func:`to_numpy`.
+        tree: Any nesting of containers, as for [`to_numpy`][].
         device: Move every tensor to this device.
         dtype: Cast every tensor to this dtype.
         copy: ``None`` shares memory with the arrays where it can (``torch.from_numpy``) and
             copies, silently, read-only, negatively strided or byte-swapped arrays; ``True``
-            always copies; ``False`` raises :class:`ConversionError` instead of copying.
+            always copies; ``False`` raises [`ConversionError`][] instead of copying.
 
     Returns:
         A tree of the same structure with tensors in place of arrays.
@@ -688,7 +688,7 @@ def apply(
 ) -> Any:
     """Map ``fn`` over the parts of ``tree`` that are instances of ``types``; keep the rest.
 
-    Uses the same walker as :func:`to_numpy`, so dataclasses, ``ModelOutput``, namedtuples and
+    Uses the same walker as [`to_numpy`][], so dataclasses, ``ModelOutput``, namedtuples and
     the rest are rebuilt with their exact types. Containers are matched too: with
     ``types=dict`` each outermost dict (``tree`` itself, if it is one) is handed to ``fn``
     whole, as Lightning's ``apply_to_collection(data, dict, fn)`` does; nothing inside a
@@ -700,7 +700,7 @@ def apply(
     ``fn`` is called with the parts at one place in all of them; places where ``tree``'s part
     does not match ``types`` keep ``tree``'s. ``with_path=True`` passes each part's key path
     first, as optree's ``tree_map_with_path`` does: the tuple of keys, indices and field names
-    that errors, ``pad_value`` mappings and :func:`optree.tree_paths` use.
+    that errors, ``pad_value`` mappings and ``optree.tree_paths`` use.
 
     Examples:
         >>> import torch
@@ -724,7 +724,7 @@ def apply(
             part's place.
         tree: Any nesting of containers.
         *rests: More trees of ``tree``'s structure, mapped over together with it.
-        types: A type or tuple of types, as for :func:`isinstance`; tensors by default.
+        types: A type or tuple of types, as for ``isinstance``; tensors by default.
             Parts of other types are left unchanged (and walked into, if containers).
         is_leaf: Called on each node; a node it returns True for is not walked into (it
             reaches ``fn`` if it matches ``types``).

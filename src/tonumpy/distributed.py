@@ -1,13 +1,13 @@
 """``gather``: collect a tree of predictions from every ``torch.distributed`` rank as NumPy.
 
-Every rank calls :func:`gather` with its own tree (one structure everywhere). The call costs one
+Every rank calls [`gather`][] with its own tree (one structure everywhere). The call costs one
 small metadata exchange (``all_gather_object``: a structure fingerprint, each leaf's shape and
 dtype, the options, and the values of non-tensor leaves) and then **one** collective for all the
 tensor data: every tensor leaf's bytes (bfloat16 and float8 as their raw bits) are packed into
 one flat ``uint8`` buffer per rank, padded to the longest buffer across ranks (gloo rejects
 uneven ``all_gather``, and crashes on zero-element ones: the buffer has at least one byte), and
 all-gathered (or gathered to ``dst``). The receivers cut each rank's buffer back into tensors and
-hand the per-rank trees to :func:`tonumpy.concat`, which concatenates, pads ragged dimensions and
+hand the per-rank trees to [`tonumpy.concat`][], which concatenates, pads ragged dimensions and
 converts exactly as it does for batches.
 
 Everything that can go wrong is found from the metadata, on every rank, before any data moves:
@@ -556,7 +556,7 @@ def gather(
 
     Call it on every rank of ``group`` with that rank's tree (one structure everywhere). Each
     leaf is concatenated over the ranks, in rank order, along ``axis``, exactly as
-    :func:`tonumpy.concat` concatenates batches: ranks may hold different numbers of rows (zero
+    [`tonumpy.concat`][] concatenates batches: ranks may hold different numbers of rows (zero
     included); other dimensions may differ and are padded with ``pad_value``; 0-d leaves become
     one value per rank; non-tensor leaves become a list with one value per rank. Without an
     initialised process group (or with a group of one), it returns ``concat([tree])``.
@@ -576,7 +576,7 @@ def gather(
         axis: The axis to concatenate along (negative counts from the end of each leaf).
         pad_value: How to pad leaves whose ranks differ in size along another axis: a value,
             a mapping from key path to value, or a callable ``(path, dtype) -> value``, as for
-            :func:`tonumpy.concat`. ``None`` makes such leaves an error.
+            [`tonumpy.concat`][]. ``None`` makes such leaves an error.
         sampler: The ``torch.utils.data.DistributedSampler`` that split the dataset (or any
             object with its ``num_replicas``, ``rank``, ``total_size``, ``shuffle``, ``seed``,
             ``epoch`` and ``dataset``). Rows of array leaves are put back in dataset order and

@@ -1,7 +1,7 @@
 """Exceptions raised by tonumpy.
 
 Every exception carries ``.path``, the key path (a tuple of keys, indices and field names, as
-:func:`optree.tree_paths` gives it) of the leaf or node where the problem was found, or ``None``
+``optree.tree_paths`` gives it) of the leaf or node where the problem was found, or ``None``
 when the problem is not tied to one place in the tree. Each also subclasses the built-in exception
 that code written before tonumpy would catch.
 """
@@ -40,8 +40,8 @@ class UnsupportedLeafError(ConversionError, TypeError):
     """A leaf whose data cannot be read or has no NumPy form.
 
     Meta, fake and functorch-wrapped tensors, tensor subclasses that hold no data of their own,
-    and dtypes without a NumPy equivalent. It is a :class:`ConversionError` and also a
-    :class:`TypeError`, the type PyTorch itself raises for unsupported dtypes.
+    and dtypes without a NumPy equivalent. It is a [`ConversionError`][] and also a
+    ``TypeError``, the type PyTorch itself raises for unsupported dtypes.
     """
 
 
@@ -49,6 +49,6 @@ class OptionError(TonumpyError, TypeError, ValueError):
     """An argument of a tonumpy function is not one of the values it accepts.
 
     Raised before any work is done; the message names the function, the parameter, the value
-    passed and the values accepted. It is both a :class:`TypeError` (``copy=0``, ``axis=1.5``)
-    and a :class:`ValueError` (``num_items=-1``), so code catching either built-in catches it.
+    passed and the values accepted. It is both a ``TypeError`` (``copy=0``, ``axis=1.5``)
+    and a ``ValueError`` (``num_items=-1``), so code catching either built-in catches it.
     """

@@ -1,9 +1,9 @@
 """Files: save and load trees of arrays without pickle; read ``torch.save`` files safely.
 
-:func:`save` writes a ``.npz`` that any NumPy can open: one ``.npy`` member per array leaf,
+[`save`][] writes a ``.npz`` that any NumPy can open: one ``.npy`` member per array leaf,
 named after its key path (``output.logits``), plus a member ``__tonumpy__`` holding the tree's
 structure as JSON (containers, keys and their order, plain Python leaves, class names for
-display). :func:`load` rebuilds the tree from it, and also reads plain NumPy ``.npz``/``.npy``
+display). [`load`][] rebuilds the tree from it, and also reads plain NumPy ``.npz``/``.npy``
 files, directories of ``.npy`` files, ``.safetensors`` files and ``torch.save`` files.
 
 Nothing here unpickles arbitrary objects unless asked to with ``unsafe_load=True``. ``torch.save``
@@ -82,7 +82,7 @@ class UnsafeFileError(TonumpyError, ValueError):
 
 @dataclasses.dataclass
 class Contents:
-    """What :func:`read` found in a file, before any conversion.
+    """What [`read`][] found in a file, before any conversion.
 
     Attributes:
         tree: Containers (``dict``, ``list``, ``tuple``) of leaves: torch tensors for ``torch``
@@ -115,7 +115,7 @@ def save(
 ) -> None:
     """Write ``tree`` to a ``.npz`` file: every array leaf, and the structure as JSON.
 
-    Tensors are converted as by :func:`tonumpy.to_numpy`. Containers keep their keys and key
+    Tensors are converted as by [`tonumpy.to_numpy`][]. Containers keep their keys and key
     order; namedtuples, dataclasses, ``ModelOutput`` and other classes are stored as mappings
     with their class name recorded for display. ``str``, ``int``, ``float``, ``bool``, ``None``,
     ``bytes`` and ``complex`` leaves are stored in the JSON.
@@ -131,12 +131,12 @@ def save(
         file: Where to write; ``.npz`` is the usual suffix. Written atomically.
         tree: A tensor, an array, or any nesting of containers holding them.
         ml_dtypes: Store bfloat16 and float8 tensors bit-exact (their bits, with the dtype
-            name in the JSON; :func:`load` with ``ml_dtypes=True`` gives them back as
+            name in the JSON; [`load`][] with ``ml_dtypes=True`` gives them back as
             ``ml_dtypes`` arrays) instead of widened to float32. ``ml_dtypes`` arrays in the
             tree are always stored bit-exact.
         overwrite: Replace an existing file (atomically). ``False`` raises
-            :class:`FileExistsError` instead.
-        compress: Deflate each member, as :func:`numpy.savez_compressed` does.
+            ``FileExistsError`` instead.
+        compress: Deflate each member, as ``numpy.savez_compressed`` does.
 
     Raises:
         FileExistsError: ``file`` exists and ``overwrite=False``.
@@ -150,7 +150,7 @@ def save(
 def load(file: PathLike, /, *, ml_dtypes: bool = False, unsafe_load: bool = False) -> Any:
     """Read a file into a tree of NumPy arrays, without unpickling anything by default.
 
-    Reads what :func:`save` writes, plain NumPy ``.npz`` and ``.npy`` files, directories of
+    Reads what [`save`][] writes, plain NumPy ``.npz`` and ``.npy`` files, directories of
     ``.npy`` files, ``.safetensors`` files and ``torch.save`` files (``.pt``, ``.pth``,
     ``.bin``, ``.ckpt``). ``dict``, ``list``, ``tuple``, ``None``, ``str``, ``int``, ``float``
     and ``bool`` come back exactly; every other container comes back as a ``dict``.
@@ -194,10 +194,10 @@ def read(file: PathLike, /, *, unsafe_load: bool = False) -> Contents:
 
     Args:
         file: The file (or directory of ``.npy`` files) to read.
-        unsafe_load: As for :func:`load`.
+        unsafe_load: As for [`load`][].
 
     Returns:
-        A :class:`Contents`.
+        A [`Contents`][].
 
     Raises:
         FileNotFoundError: ``file`` does not exist.
@@ -226,9 +226,9 @@ def convert(
     unsafe_load: bool = False,
     progress: Progress | None = None,
 ) -> Contents:
-    """Read ``src`` (any kind :func:`load` reads) and write it to ``dst``, atomically.
+    """Read ``src`` (any kind [`load`][] reads) and write it to ``dst``, atomically.
 
-    The kind of ``dst`` follows its name: ``.npz`` (the structured format of :func:`save`),
+    The kind of ``dst`` follows its name: ``.npz`` (the structured format of [`save`][]),
     ``.safetensors`` (needs the ``safetensors`` package; bfloat16/float8 stay exact, other
     leaves go into the header metadata), ``.npy`` (a single array), or a name without a
     suffix, or ending in ``/``, for a directory of ``.npy`` files, one per leaf, named after
@@ -249,17 +249,17 @@ def convert(
         overwrite: Replace an existing ``dst``. A directory is only ever replaced if it is
             empty or holds a previous ``.npy`` export and nothing else.
         ml_dtypes: Keep bfloat16/float8 bit-exact in ``.npz`` and ``.npy`` output (see
-            :func:`save`); otherwise they are widened to float32.
-        unsafe_load: As for :func:`load`.
+            [`save`][]); otherwise they are widened to float32.
+        unsafe_load: As for [`load`][].
         progress: Called as ``progress(bytes_done, bytes_total)`` while writing.
 
     Returns:
-        The :class:`Contents` that were read from ``src``.
+        The [`Contents`][] that were read from ``src``.
 
     Raises:
         FileExistsError: ``dst`` exists and ``overwrite`` is False.
         FileFormatError: ``src`` cannot be read, or ``dst`` names an unsupported kind.
-        UnsafeFileError: As for :func:`load`.
+        UnsafeFileError: As for [`load`][].
     """
     src_path, dst_text = Path(src), os.fspath(dst)
     dst_path = Path(dst_text)
@@ -364,7 +364,7 @@ def _one_line(exc: BaseException) -> str:
 class _Plan:
     """A tree ready to write: its structure as JSON, and its array leaves, named.
 
-    Leaves are converted one at a time, as they are written (:meth:`array`), so a writer holds
+    Leaves are converted one at a time, as they are written (``array``), so a writer holds
     one converted array at once (a widened bfloat16 copy, say), never all of them. Converting a
     leaf completes its node in the structure, which is therefore serialised last.
     """
@@ -518,7 +518,7 @@ def _sanitise(text: str) -> str:
 
 
 def _is_safe_name(name: str) -> bool:
-    """A name :func:`_unique_names` could have made: one plain file inside the directory."""
+    """A name ``_unique_names`` could have made: one plain file inside the directory."""
     return bool(_SAFE_NAME.fullmatch(name)) and ".." not in name and len(name) <= _MAX_NAME + 8
 
 
@@ -1114,7 +1114,7 @@ def _numpy_globals() -> list[Any]:
 
 
 def _classify_global(name: str, path: Path) -> None:
-    """Raise :class:`UnsafeFileError` unless ``name`` looks like a data class (not code)."""
+    """Raise [`UnsafeFileError`][] unless ``name`` looks like a data class (not code)."""
     module, _, attr = name.rpartition(".")
     top = module.split(".", 1)[0]
     class_like = (
