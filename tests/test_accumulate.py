@@ -642,22 +642,22 @@ def test_accumulator_namedtuple_and_dataclass_outputs() -> None:
     np.testing.assert_array_equal(out.logits.x, [1, 1])
 
 
-def test_asynchronous_path_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("engine_on_cpu")
+def test_asynchronous_path_matches() -> None:
     """Batches sent through the asynchronous engine give the synchronous result."""
-    monkeypatch.setattr(Accumulator, "_force_async", True)
     batches = eval_batches(5)
     acc = Accumulator(pad_value=PAD)
     for batch in batches:
         acc.append(batch)
-    assert acc._pending is not None  # the last batch is still in flight
+    assert "in_flight=1" in repr(acc)  # the last batch is still in flight
     assert len(acc) == 15
     assert_tree_equal(acc.result(), concat(batches, pad_value=PAD))
     assert acc.result()["logits"].base is None
 
 
-def test_asynchronous_errors_come_from_the_next_call(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("engine_on_cpu")
+def test_asynchronous_errors_come_from_the_next_call() -> None:
     """A problem in an in-flight batch is raised by the next call, naming that batch."""
-    monkeypatch.setattr(Accumulator, "_force_async", True)
     acc = Accumulator()
     acc.append(torch.ones(2, 3))
     acc.append(torch.ones(2, 4))  # ragged, no pad value: found when it lands
@@ -668,9 +668,9 @@ def test_asynchronous_errors_come_from_the_next_call(monkeypatch: pytest.MonkeyP
     assert acc.result().shape == (3, 3)
 
 
-def test_asynchronous_first_batch_failure_resets_structure(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("engine_on_cpu")
+def test_asynchronous_first_batch_failure_resets_structure() -> None:
     """If the first batch fails once it lands, the next batch may set another structure."""
-    monkeypatch.setattr(Accumulator, "_force_async", True)
     acc = Accumulator(axis=1)
     acc.append({"a": torch.ones(3)})  # axis=1 does not exist
     with pytest.raises(ConversionError, match="axis=1 is out of bounds"):

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import tonumpy
-from tonumpy import _tree
-from tonumpy._transfer import start_transfer
+from tonumpy import _transfer
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -34,8 +33,9 @@ ROUTES: dict[str, Callable[[torch.Tensor, bool], Any]] = {
 
 def _through_engine(t: torch.Tensor, ml: bool) -> Any:
     """The CUDA route (flags resolved on the device, bits moved), driven with a CPU tensor."""
-    leaves, spec = _tree.flatten([t])
-    pending = start_transfer(leaves, spec, ml_dtypes=ml, force=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_transfer, "FORCE_CPU", True)
+        pending = tonumpy.to_numpy_async([t], ml_dtypes=ml)
     assert pending.plan, "the leaf must go through the engine"
     return pending.result()[0]
 

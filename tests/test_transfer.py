@@ -1,7 +1,8 @@
 """The batched device-to-host engine: packing, pinned staging, events, and its public face.
 
-CPU tests force the engine onto CPU tensors (``start_transfer(..., force=True)``), which runs
-the same grouping, packing, staging and unpacking code with pageable blocks and no events.
+CPU tests force the engine onto CPU tensors (``_transfer.FORCE_CPU``, the one switch, through
+``forced`` here and the ``engine_on_cpu`` fixture), which runs the same grouping, packing,
+staging and unpacking code with pageable blocks.
 CUDA tests (``@pytest.mark.cuda``) check what only a GPU can: races, streams, pinned memory.
 """
 
@@ -26,19 +27,25 @@ from tonumpy import (
     PendingTransfer,
     _transfer,
     _tree,
-    convert,
     to_numpy,
     to_numpy_async,
 )
-from tonumpy._transfer import POOL, start_transfer, widen_bfloat16_bits
+from tonumpy._dtypes import widen_bfloat16_bits
+from tonumpy._staging import POOL
 
 # ------------------------------------------------------------------------------------ helpers
 
 
+def forced_pending(tree: Any, **options: Any) -> PendingTransfer:
+    """``to_numpy_async(tree)`` with the engine forced onto CPU tensors (for this call only)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_transfer, "FORCE_CPU", True)
+        return to_numpy_async(tree, **options)
+
+
 def forced(tree: Any, **options: Any) -> Any:
     """Convert ``tree`` with the engine forced onto CPU tensors."""
-    leaves, spec = _tree.flatten(tree)
-    return start_transfer(leaves, spec, force=True, **options).result()
+    return forced_pending(tree, **options).result()
 
 
 def assert_identical(got: Any, want: Any) -> None:
@@ -128,8 +135,7 @@ def test_forced_engine_packs_small_leaves_into_one_copy() -> None:
     """Small leaves of many dtypes cross as one packed copy; a large one goes alone."""
     small = [sample(d, (5,), seed=i) for i, d in enumerate(ENGINE_DTYPES * 3)]
     large = torch.arange(_transfer.SMALL_BYTES // 4 + 1, dtype=torch.float32)
-    leaves, spec = _tree.flatten([*small, large])
-    pending = start_transfer(leaves, spec, force=True)
+    pending = forced_pending([*small, large])
     kinds = [kind for _, kind, _ in pending.plan]
     assert kinds == ["packed", "single"]
     assert pending.plan[1][2] == large.nbytes
@@ -156,8 +162,7 @@ def test_chunks_bound_the_packed_buffer(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(_transfer, "CHUNK_BYTES", 100)
     tree = [sample(torch.float64, (4,), seed=i) for i in range(10)]  # 32 bytes each
     tree += [sample(torch.int16, (3,), seed=i) for i in range(10)]
-    leaves, spec = _tree.flatten(tree)
-    pending = start_transfer(leaves, spec, force=True)
+    pending = forced_pending(tree)
     sizes = [n for _, _, n in pending.plan]
     assert len(sizes) > 3
     assert max(sizes) <= 100
@@ -176,8 +181,7 @@ def test_per_device_grouping(monkeypatch: pytest.MonkeyPatch) -> None:
     for i, t in enumerate(tree):
         devices[id(t)] = torch.device("cpu", i % 3)
     monkeypatch.setattr(_transfer, "_device_of", pretend)
-    leaves, spec = _tree.flatten(tree)
-    pending = start_transfer(leaves, spec, force=True)
+    pending = forced_pending(tree)
     assert sorted(pending.plan) == [(f"cpu:{i}", "packed", 48) for i in range(3)]
     out = pending.result()
     assert_identical(out, to_numpy(tree))
@@ -352,8 +356,7 @@ def test_c17_arrays_are_built_only_after_the_wait() -> None:
         "bf": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
         "x": torch.arange(6.0).reshape(2, 3),
     }
-    leaves, spec = _tree.flatten(tree)
-    pending = start_transfer(leaves, spec, force=True, copy=True)
+    pending = forced_pending(tree, copy=True)
     assert pending._batch is not None
     lease = pending._batch.leases[0]
     assert lease is not None
@@ -369,25 +372,19 @@ def test_c17_arrays_are_built_only_after_the_wait() -> None:
 
 
 def test_c18_only_cuda_tensors_are_engine_leaves() -> None:
-    """C18: without force, CPU and meta tensors (and so MPS, XPU, ...) take the careful path."""
-    assert _transfer._engine_device(torch.ones(2), False) is None
-    assert _transfer._engine_device(torch.ones(2, device="meta"), True) is None
-    assert _transfer._engine_device(torch.ones(2).to_sparse(), True) is None
-    assert _transfer._engine_device(torch.ones(2), True) == torch.device("cpu")
-    assert _transfer._engine_device("text", True) is None
-
-
-def test_c18_cpu_trees_never_reach_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """to_numpy on CPU trees pays nothing for the engine: it is never called."""
-
-    def boom(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError
-
-    monkeypatch.setattr(_transfer, "resolve_into", boom)
+    """C18: CPU tensors (and so MPS, XPU, ...) never reach the engine unless forced; sparse,
+    quantized and nested ones not even then: no copy is enqueued for them."""
     tree = {"a": torch.ones(3), "b": [torch.zeros(2, dtype=torch.bfloat16)], "c": 1}
     for options in ({}, {"copy": True}, {"scalars": True}):
-        to_numpy(tree, **options)
-    assert to_numpy_async(tree).done()
+        pending = to_numpy_async(tree, **options)
+        assert pending.plan == []
+        assert pending.done()
+        assert_identical(pending.result(), to_numpy(tree, **options))
+    odd = [torch.ones(2).to_sparse(), torch.quantize_per_tensor(torch.ones(2), 0.5, 0, torch.qint8)]
+    pending = forced_pending(odd)
+    assert pending.plan == []
+    assert_identical(pending.result(), to_numpy(odd))
+    assert forced_pending([torch.ones(2)]).plan == [("cpu", "single", 8)]
 
 
 def test_functorch_wrapped_leaf_takes_the_careful_path() -> None:
@@ -445,9 +442,10 @@ def test_c19_block_with_copies_in_flight_is_not_reused() -> None:
 
 
 def test_pool_limit_rejects_negative() -> None:
-    """A negative limit is a clear ValueError."""
-    with pytest.raises(ValueError, match=">= 0"):
-        tonumpy.asynchronous.set_pinned_pool_limit(-1)
+    """A negative (or non-int) limit is a clear OptionError (a ValueError and a TypeError)."""
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=">= 0"):
+            tonumpy.asynchronous.set_pinned_pool_limit(bad)  # type: ignore[arg-type]
 
 
 def test_c20_conj_and_neg_views_are_resolved() -> None:
@@ -467,8 +465,7 @@ def test_c20_conj_and_neg_views_are_resolved() -> None:
 def test_c21_one_wait_per_device_and_all_before_any_array() -> None:
     """C21: result() waits for every device's event before it builds any array."""
     tree = [torch.arange(3.0), torch.arange(4)]
-    leaves, spec = _tree.flatten(tree)
-    pending = start_transfer(leaves, spec, force=True, copy=True)
+    pending = forced_pending(tree, copy=True)
     assert pending._batch is not None
     lease = pending._batch.leases[0]
     assert lease is not None
@@ -483,41 +480,15 @@ def test_c21_one_wait_per_device_and_all_before_any_array() -> None:
     np.testing.assert_array_equal(out[0], [0.0, 1.0, 2.0])
 
 
-# ----------------------------------------------- to_numpy integration, CPU tensors posing as CUDA
-
-
-def _pose_as_cuda(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Make every tensor report ``is_cuda``; return a list that logs each engine batch's size."""
-    calls: list[int] = []
-    real_enqueue = _transfer._enqueue
-
-    def spy(leaves: Any, positions: Any, *, force: bool) -> Any:
-        calls.append(len(positions))
-        return real_enqueue(leaves, positions, force=force)
-
-    def refusing_pass(leaves: list[Any]) -> list[Any]:
-        # a real device tensor refuses Tensor.numpy() without force: so must the posing ones
-        if any(isinstance(leaf, torch.Tensor) for leaf in leaves):
-            raise TypeError("can't convert cuda:0 device type tensor to numpy (posing)")
-        return real_pass(leaves)
-
-    real_pass = convert._numpy_pass
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True), raising=False)
-    monkeypatch.setattr(_transfer, "_enqueue", spy)
-    monkeypatch.setattr(convert, "_numpy_pass", refusing_pass)
-    # to_numpy's CPU fast tier runs in full only while CUDA is uninitialised: pretend it is
-    monkeypatch.setattr("tonumpy.convert._cuda_initialized", lambda: True)
-    return calls
+# ---------------------------------------------------- to_numpy integration, the engine on CPU
 
 
 OPTIONS = [{}, {"copy": True}, {"scalars": True}, {"ml_dtypes": True}, {"copy": False}]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=["default", "copy", "scalars", "ml", "no_copy"])
-def test_to_numpy_integration_batches_device_leaves(
-    options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """convert_leaves sets device leaves aside and moves them in one batch: same results."""
+def test_to_numpy_integration_batches_device_leaves(options: dict[str, Any]) -> None:
+    """Every leaf kind, with the engine taking the plain tensors: to_numpy's own results."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tree: dict[str, Any] = {
@@ -528,30 +499,28 @@ def test_to_numpy_integration_batches_device_leaves(
         tree["dup"] = [tree["float32"], tree["float32"]]
         tree["text"] = "keep"
         want = to_numpy(tree, **options)
-        calls = _pose_as_cuda(monkeypatch)
-        got = to_numpy(tree, **options)
-        n_plain = sum(type(leaf) in (torch.Tensor, torch.nn.Parameter) for leaf in _leaves(tree))
-        assert calls == ([] if options.get("copy") is False else [n_plain])
+        pending = forced_pending(tree, **options)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_transfer, "FORCE_CPU", True)
+            got = to_numpy(tree, **options)
+        # copy=False: every engine leaf would need a copy, so none is enqueued
+        assert bool(pending.plan) is (options.get("copy") is not False)
         assert_identical(got, want)
-        assert_identical(to_numpy_async(tree, **options).result(), want)
+        assert_identical(pending.result(), want)
     if not options.get("scalars"):
         assert got["dup"][0] is got["dup"][1]
 
 
-def _leaves(tree: Any) -> list[Any]:
-    return _tree.flatten(tree)[0]
-
-
-def test_lone_small_device_leaf_takes_one_blocking_copy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A single small device leaf skips the engine (one sync either way); a large one uses it."""
-    calls = _pose_as_cuda(monkeypatch)
-    assert_identical(to_numpy({"x": torch.ones(3)}), {"x": np.ones(3, np.float32)})
-    assert_identical(to_numpy(torch.tensor(1.5, dtype=torch.bfloat16)), np.array(1.5, np.float32))
-    assert to_numpy(torch.tensor(2), scalars=True) == 2
-    assert calls == []
-    big = torch.arange(_transfer._LONE_BYTES // 4 + 1, dtype=torch.float32)
-    np.testing.assert_array_equal(to_numpy(big), big.numpy())
-    assert calls == [1]
+def test_lone_device_leaf_converts_as_the_plain_path() -> None:
+    """A single leaf, waited for at once, gives the plain path's result (small or large)."""
+    big = torch.arange(2 << 14, dtype=torch.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_transfer, "FORCE_CPU", True)
+        assert_identical(to_numpy({"x": torch.ones(3)}), {"x": np.ones(3, np.float32)})
+        half = to_numpy(torch.tensor(1.5, dtype=torch.bfloat16))
+        assert_identical(half, np.array(1.5, np.float32))
+        assert to_numpy(torch.tensor(2), scalars=True) == 2
+        np.testing.assert_array_equal(to_numpy(big), big.numpy())
 
 
 # ----------------------------------------------------------------------- to_numpy_async (CPU)
@@ -589,7 +558,7 @@ def test_to_numpy_async_options_are_keyword_only_and_is_leaf_works() -> None:
     assert out.result()[0] == (1, 2)
 
 
-def test_start_transfer_mixed_tree_uses_both_paths() -> None:
+def test_engine_and_careful_leaves_share_one_result() -> None:
     """Forced engine leaves and careful-path leaves (sparse, strings) share one result."""
     sparse = torch.eye(3).to_sparse()
     tree = {"dense": torch.ones(2), "sparse": sparse, "s": "keep", "arr": np.arange(2)}
@@ -599,7 +568,7 @@ def test_start_transfer_mixed_tree_uses_both_paths() -> None:
     assert out["arr"] is tree["arr"]
 
 
-def test_copy_false_error_from_start_transfer_names_path() -> None:
+def test_copy_false_error_from_the_engine_path_names_path() -> None:
     """copy=False with a leaf that needs a copy raises ConversionError naming it."""
     with pytest.raises(ConversionError, match=r"tree\['q'\]"):
         forced({"q": torch.ones(2, dtype=torch.bfloat16)}, copy=False)
@@ -732,8 +701,7 @@ def test_cuda_staging_is_pinned_and_reused() -> None:
 def test_cuda_packs_ten_thousand_leaves_into_one_copy() -> None:
     """10,000 small leaves: one packed copy, one event, values right."""
     tree = [torch.full((16,), float(i), device="cuda") for i in range(10_000)]
-    leaves, spec = _tree.flatten(tree)
-    pending = start_transfer(leaves, spec)
+    pending = to_numpy_async(tree)
     assert [kind for _, kind, _ in pending.plan] == ["packed"]
     assert len(pending._batch.events) == 1
     out = pending.result()
@@ -746,8 +714,7 @@ def test_cuda_two_devices_one_event_each() -> None:
     """C21: leaves on two GPUs: one packed copy and one event per device."""
     tree = {f"d{d}": [torch.full((8,), float(d), device=f"cuda:{d}")] * 3 for d in range(2)}
     tree["x"] = [torch.arange(4, device="cuda:1"), torch.arange(4, device="cuda:0")]
-    leaves, spec = _tree.flatten(tree)
-    pending = start_transfer(leaves, spec)
+    pending = to_numpy_async(tree)
     assert len(pending._batch.events) == 2
     assert sorted(d for d, _, _ in pending.plan) == ["cuda:0", "cuda:1"]
     assert_identical(pending.result(), _naive(tree))

@@ -27,7 +27,7 @@ TOPICS = {
     "tonumpy.asynchronous": "Device-to-host transfer",
     "tonumpy._transfer": "Device-to-host transfer",
     "tonumpy.accumulate": "Batched predictions",
-    "tonumpy.capture": "Logging hooks",
+    "tonumpy.hooks": "Logging hooks",
     "tonumpy.distributed": "Gathering across ranks",
     "tonumpy.io": "Files",
 }

@@ -1,9 +1,8 @@
 """tonumpy: turn any tensor, or any nested structure of tensors, into NumPy, correctly.
 
-The conversion functions, ``capture`` and the errors are imported eagerly (``capture`` must be:
-the function shares its name with its module); the modules behind ``concat``, ``Accumulator``,
-``gather``, ``save`` and ``load`` load on first use, so that ``import tonumpy`` costs little
-more than ``import torch``.
+The conversion functions, the logging hooks and the errors are imported eagerly; the modules
+behind ``concat``, ``Accumulator``, ``gather``, ``save`` and ``load`` load on first use, so
+that ``import tonumpy`` costs little more than ``import torch``.
 
 Examples:
     >>> import torch, tonumpy
@@ -17,9 +16,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .asynchronous import PendingTransfer, to_numpy_async
-from .capture import Activations, CaptureError, capture, numpy_args
 from .convert import apply, to_numpy, to_torch
-from .errors import ConversionError, OptionError, TonumpyError, UnsupportedLeafError
+from .errors import CaptureError, ConversionError, OptionError, TonumpyError, UnsupportedLeafError
+from .hooks import Activations, capture, numpy_args
 
 if TYPE_CHECKING:
     from .accumulate import Accumulator, concat

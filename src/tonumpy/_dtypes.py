@@ -143,6 +143,16 @@ def unpack_float4(codes: np.ndarray, *, ml_dtypes: bool) -> np.ndarray:
     return _E2M1_VALUES[both]
 
 
+def is_ml_dtype(dtype: np.dtype[Any]) -> bool:
+    """Whether ``dtype`` is one of ``ml_dtypes``' types (bfloat16, float8_*, float4, ...).
+
+    Examples:
+        >>> is_ml_dtype(np.dtype("float32")), is_ml_dtype(np.dtype("V2"))
+        (False, False)
+    """
+    return dtype.type.__module__.startswith("ml_dtypes")
+
+
 def torch_dtype_of(dtype: np.dtype[Any]) -> torch.dtype | None:
     """The torch dtype whose bits an ``ml_dtypes`` array holds, or None for other dtypes.
 
@@ -150,10 +160,45 @@ def torch_dtype_of(dtype: np.dtype[Any]) -> torch.dtype | None:
         >>> torch_dtype_of(np.dtype("float32")) is None
         True
     """
-    if not dtype.type.__module__.startswith("ml_dtypes"):
+    if not is_ml_dtype(dtype):
         return None
     module = ml_dtypes_module()
     for torch_dtype, name in ML_DTYPES.items():
         if dtype == np.dtype(getattr(module, name)):
             return torch_dtype
     return None
+
+
+def widen_bfloat16_bits(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values of bfloat16 bit patterns (``uint16``): exact, NaN payloads included.
+
+    A bfloat16 is the top half of a float32, so the widening is a 16-bit left shift. ``out``
+    (``uint32``, the shape of ``bits``) receives the result when given.
+
+    Examples:
+        >>> widen_bfloat16_bits(np.array([0x3FC0, 0xFF80], dtype=np.uint16))
+        array([ 1.5, -inf], dtype=float32)
+    """
+    if out is None:
+        out = np.empty(bits.shape, np.uint32)
+    np.left_shift(bits, 16, out=out, dtype=np.uint32)
+    result: np.ndarray = out.view(np.float32)
+    return result
+
+
+_f8_tables: dict[torch.dtype, np.ndarray] = {}
+
+
+def float8_table(dtype: torch.dtype) -> np.ndarray:
+    """The float32 value of each of the 256 codes of a float8 dtype, as torch computes it.
+
+    Examples:
+        >>> float8_table(torch.float8_e4m3fn)[0x38]
+        np.float32(1.0)
+    """
+    table = _f8_tables.get(dtype)
+    if table is None:
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        table = _f8_tables[dtype] = codes.view(dtype).float().numpy()
+    result: np.ndarray = table
+    return result

@@ -15,13 +15,14 @@ import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, TypeAlias
 
 import numpy as np
 
 from .errors import OptionError
 
 __all__ = [
+    "Copy",
     "bad_flags",
     "check_axis",
     "check_callable_signature",
@@ -31,6 +32,11 @@ __all__ = [
     "check_flags",
     "check_num_items",
 ]
+
+
+#: What ``copy=`` accepts: ``None`` (share memory where possible), ``True`` (always copy) or
+#: ``False`` (never copy: raise instead).
+Copy: TypeAlias = Literal[True, False] | None
 
 
 def _shown(value: Any) -> str:

@@ -24,10 +24,12 @@ whole flat list of leaves in one go:
    by an exact 16-bit shift; float8 crosses as 1 byte and is widened by a 256-entry table
    computed by torch itself. ``ml_dtypes=True`` views the bits instead.
 
-Only CUDA tensors (ROCm reports itself as CUDA) take this path; MPS and every other device
-take the careful blocking path of ``tonumpy.convert`` (C18: MPS races both ways). Leaves
-the engine does not handle (sparse, quantized, nested, float4, subclasses, ...) are converted
-by that careful path too, so the results are always the ones [`tonumpy.to_numpy`][] gives.
+This module is the engine only: the router in [`tonumpy.convert`][] decides which leaves come
+here. Only CUDA tensors (ROCm reports itself as CUDA) do; MPS and every other device take the
+careful, blocking per-leaf converter (``tonumpy._leaf``; C18: MPS races both ways). Leaves
+the engine does not handle (sparse, quantized, nested, float4, subclasses, ...) are listed in
+the batch's ``careful`` and converted by that converter too, so the results are always the
+ones [`tonumpy.to_numpy`][] gives.
 
 Nothing here touches CUDA at import time, or at all when no CUDA tensor is passed in.
 """
@@ -35,28 +37,24 @@ Nothing here touches CUDA at import time, or at all when no CUDA tensor is passe
 from __future__ import annotations
 
 import operator
-import threading
-import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from optree import PyTreeSpec
 
 from . import _dtypes, _tree
+from ._leaf import PLAIN
+from ._options import Copy
+from ._staging import POOL
 
-__all__ = [
-    "CHUNK_BYTES",
-    "SMALL_BYTES",
-    "PendingTransfer",
-    "empty_pool",
-    "resolve_into",
-    "set_pool_limit",
-    "start_transfer",
-]
+__all__ = ["CHUNK_BYTES", "FORCE_CPU", "SMALL_BYTES", "PendingTransfer", "enqueue", "finish"]
 
-Copy = Literal[True, False] | None
+#: Send CPU tensors through the engine too (pageable blocks, no events), as if they were on a
+#: GPU. The one switch the test suite uses to run the engine's grouping, packing, staging and
+#: unpacking on a machine without CUDA; nothing in the library sets it.
+FORCE_CPU = False
 
 # Leaves of at most this many bytes are packed; larger ones get a copy of their own.
 #
@@ -80,15 +78,8 @@ SMALL_BYTES = 1 << 20
 # enough for t0 not to matter: 64 MiB take 1-3 ms on the bus against a t0 of ~10 us.
 CHUNK_BYTES = 64 << 20
 
-# A lone CUDA leaf of at most this size, in a synchronous ``to_numpy``, takes one blocking
-# ``.cpu()``: that is one sync as well, and it skips the engine's fixed host-side work
-# (event, staging lease), which would otherwise make a single tiny leaf slower than naive.
-_LONE_BYTES = 64 << 10
-
 # Host offsets of packed chunks and large leaves are rounded up to this (a cache line).
 _ALIGN = 64
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 # How each dtype crosses the bus: (NumPy dtype of the bytes on the host, host finishing step).
 # "view": the bytes are the array; "bf16": 16-bit shift to float32 (or ml_dtypes view);
@@ -135,173 +126,11 @@ def _never(t: torch.Tensor) -> bool:
     return False
 
 
-_f8_tables: dict[torch.dtype, np.ndarray] = {}
-
-
-def _f8_table(dtype: torch.dtype) -> np.ndarray:
-    """float32 value of each of the 256 codes of a float8 dtype, as torch computes it."""
-    table = _f8_tables.get(dtype)
-    if table is None:
-        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-        table = _f8_tables[dtype] = codes.view(dtype).float().numpy()
-    result: np.ndarray = table
-    return result
-
-
-def widen_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
-    """float32 values of bfloat16 bit patterns (``uint16``): exact, NaN payloads included.
-
-    A bfloat16 is the top half of a float32, so the widening is a 16-bit left shift.
-
-    Examples:
-        >>> widen_bfloat16_bits(np.array([0x3FC0, 0xFF80], dtype=np.uint16))
-        array([ 1.5, -inf], dtype=float32)
-    """
-    wide = np.left_shift(bits.reshape(-1), 16, dtype=np.uint32)  # 1-d: ufuncs unwrap 0-d
-    result: np.ndarray = wide.view(np.float32).reshape(bits.shape)
-    return result
-
-
-# ----------------------------------------------------------------------------- pinned pool
-
-
-class _Pool:
-    """Host staging blocks, reused across transfers, with a bound on the idle bytes kept.
-
-    Blocks come in power-of-two sizes (from 64 KiB), like torch's own caching host allocator,
-    which rounds pinned requests the same way. A block is lent out as a NumPy array (the
-    *lease*); the arrays a transfer returns keep the lease alive through their ``.base``, and
-    when the last of them is gone the block comes back here. A block whose copies may still
-    be in flight (its transfer was dropped before ``result()``) is reused only once its
-    events have completed. Idle blocks beyond ``limit_bytes`` are released (pinned memory is
-    page-locked and scarce), and torch's cache of pinned memory is emptied after that (at the
-    next lease), so the bound holds for the process, not just for this pool.
-    """
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self._free: dict[tuple[bool, int], list[tuple[torch.Tensor, list[Any]]]] = {}
-        self._idle = 0
-        self._trimmed = False  # a pinned block was dropped: torch's host cache holds it now
-        # Reentrant: a lease collected by the cyclic GC while this thread holds the lock (any
-        # allocation may run a collection) calls _give_back, which takes the lock again.
-        self._lock = threading.RLock()
-
-    @staticmethod
-    def size_class(nbytes: int) -> int:
-        return max(1 << 16, 1 << (nbytes - 1).bit_length())
-
-    def lease(self, nbytes: int, *, pinned: bool) -> tuple[torch.Tensor, np.ndarray, list[Any]]:
-        """``nbytes`` bytes of host memory, as a tensor and as an array, and their guard.
-
-        The tensor is for the copies; the array is the lease: every array built on the block
-        must be a view of it (its ``.base``), and the block comes back to the pool when the
-        lease is garbage. (The tensor cannot be the lease: ``Tensor.numpy()`` sets an alias
-        of the tensor, not the tensor itself, as the array's base.) The guard is a list of
-        events that must complete before the block is reused; it is empty once waited for.
-        """
-        size = self.size_class(nbytes)
-        block = None
-        if self._trimmed:
-            self._trimmed = False
-            _empty_host_cache()
-        with self._lock:
-            free = self._free.get((pinned, size))
-            if free:
-                for i, (candidate, events) in enumerate(free):
-                    if all(e.query() for e in events):
-                        block = candidate
-                        del free[i]
-                        self._idle -= size
-                        break
-        if block is None:
-            block = self._allocate(size, pinned=pinned)
-        guard: list[Any] = []
-        tensor = block[:nbytes]
-        lease = tensor.numpy()
-        weakref.finalize(lease, self._give_back, block, pinned, guard).atexit = False
-        return tensor, lease, guard
-
-    def _allocate(self, size: int, *, pinned: bool) -> torch.Tensor:
-        if pinned:
-            try:
-                return torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            except RuntimeError:  # out of page-locked memory: drop what is idle, try again
-                self.clear()
-                try:
-                    return torch.empty(size, dtype=torch.uint8, pin_memory=True)
-                except RuntimeError:  # still none: pageable memory, the copy just blocks
-                    pass
-        return torch.empty(size, dtype=torch.uint8)
-
-    def _give_back(self, block: torch.Tensor, pinned: bool, events: list[Any]) -> None:
-        size = block.numel()
-        with self._lock:
-            if self._idle + size <= self.limit_bytes:
-                self._free.setdefault((pinned, size), []).append((block, list(events)))
-                self._idle += size
-                return
-        # Dropped. The block is still referenced until this callback returns, so torch's host
-        # cache can only be emptied later: at the next lease (or clear).
-        self._trimmed = self._trimmed or pinned
-
-    def clear(self) -> None:
-        """Release every idle block."""
-        with self._lock:
-            pinned = self._trimmed or any(key[0] for key in self._free)
-            self._free.clear()
-            self._idle = 0
-            self._trimmed = False
-        if pinned:
-            _empty_host_cache()
-
-    @property
-    def idle_bytes(self) -> int:
-        return self._idle
-
-
-def _empty_host_cache() -> None:
-    empty = getattr(torch._C, "_host_emptyCache", None)  # noqa: SLF001 - CUDA builds only
-    if empty is not None:
-        empty()
-
-
-#: The process-wide staging pool. At most 2 GiB of idle host blocks are kept.
-POOL = _Pool(2 << 30)
-
-
-def set_pool_limit(nbytes: int) -> int:
-    """Set how many bytes of idle staging blocks are kept for reuse; return the old limit."""
-    if nbytes < 0:
-        msg = f"the pinned pool limit must be >= 0 bytes, got {nbytes}"
-        raise ValueError(msg)
-    old, POOL.limit_bytes = POOL.limit_bytes, nbytes
-    if POOL.idle_bytes > nbytes:
-        POOL.clear()
-    return old
-
-
-def empty_pool() -> None:
-    """Release every idle staging block now (blocks held by returned arrays stay alive)."""
-    POOL.clear()
-
-
 # ------------------------------------------------------------------------------- planning
 
 
-def _engine_device(t: Any, force: bool) -> torch.device | None:
-    """The device a leaf is transferred from by the engine, or None for the careful path."""
-    if type(t) not in _PLAIN or t.dtype not in _WIRE:
-        return None
-    if not (t.is_cuda or (force and t.device.type == "cpu")):
-        return None
-    if t.layout != torch.strided or t.is_nested or _is_functorch_wrapped(t):
-        return None
-    device: torch.device = t.device
-    return device
-
-
-#: How ``_enqueue`` reads a leaf's device (a C-level getter; tests substitute it).
+#: How [`enqueue`][] reads a leaf's device: a C-level getter, and the seam where a test poses
+#: CPU tensors as several devices.
 _device_of: Callable[[torch.Tensor], torch.device] = operator.attrgetter("device")
 
 
@@ -321,7 +150,7 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().as_strided((t.numel(),), (1,)).view(torch.uint8)
 
 
-def _pack(run_tensors: list[list[torch.Tensor]]) -> torch.Tensor:
+def _pack_runs(run_tensors: list[list[torch.Tensor]]) -> torch.Tensor:
     """One contiguous byte buffer from runs of same-dtype tensors (in the order given)."""
     flats = []
     for run in run_tensors:
@@ -382,6 +211,25 @@ class _Batch:
         return {*self.positions, *(position for _, position in self.dups)}
 
 
+class _SyncedCopy:
+    """The event of a forced CPU job ([`FORCE_CPU`][]): its copies were made synchronously.
+
+    It reports them in flight until it is waited for, as a device's event does before the
+    copies land, so that the asynchronous paths of every caller run on a machine without CUDA.
+    """
+
+    __slots__ = ("_synced",)
+
+    def __init__(self) -> None:
+        self._synced = False
+
+    def query(self) -> bool:
+        return self._synced
+
+    def synchronize(self) -> None:
+        self._synced = True
+
+
 class _DeviceJob:
     """Everything one source device sends: small leaves by dtype, and large leaves."""
 
@@ -408,7 +256,7 @@ class _DeviceJob:
                     src = _flat_bytes(chunk_runs[0][0])
                     plan.append((where, "single", chunk_size))
                 else:
-                    src = _pack(chunk_runs)
+                    src = _pack_runs(chunk_runs)
                     plan.append((where, "packed", chunk_size))
                 staging[offset : offset + chunk_size].copy_(src, non_blocking=True)
                 offset = _align(offset + chunk_size)
@@ -417,18 +265,19 @@ class _DeviceJob:
                 dst.copy_(_flat_bytes(t), non_blocking=True)
                 plan.append((where, "single", nbytes[i]))
         finally:  # even after an error (out of memory...): copies already enqueued guard the block
+            event: Any = _SyncedCopy()  # CPU copies (FORCE_CPU) are done already
             if is_cuda:
                 event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record(torch.cuda.current_stream(self.device))
                 guard.append(event)
-                batch.events.append(event)
+            batch.events.append(event)
         batch.leases.append(lease)
         batch.guards.append(guard)
 
     def _lay_out(self, batch: _Batch) -> tuple[list[tuple[list[list[torch.Tensor]], int]], int]:
         """Assign each leaf its host offset; return the chunks to pack and the block size.
 
-        Chunks are runs of same-dtype tensors, dtypes in decreasing item size (see _pack).
+        Chunks are runs of same-dtype tensors, dtypes in decreasing item size (see ``_pack_runs``).
         """
         block_index = len(batch.leases)
         nbytes, offsets, blocks = batch.nbytes, batch.offsets, batch.blocks
@@ -461,15 +310,22 @@ class _DeviceJob:
         return chunks, total
 
 
-def _enqueue(  # noqa: PLR0915 - one hot loop, kept inline: every call costs per leaf
-    leaves: Sequence[Any], positions: Sequence[int], *, force: bool
+def enqueue(  # noqa: PLR0915 - one hot loop, kept inline: every call costs per leaf
+    leaves: Sequence[Any], positions: Sequence[int]
 ) -> _Batch:
-    """Start the copies for the engine leaves among ``positions`` (the hot loop: kept lean)."""
+    """Start the copies of the engine's leaves among ``leaves[i] for i in positions``.
+
+    The engine takes plain CUDA tensors (CPU ones too under [`FORCE_CPU`][]) of a dtype
+    that crosses the bus as bytes, strided and not functorch-wrapped; the others' positions
+    are listed in the returned batch's ``careful``, for the careful per-leaf converter. A
+    tensor met twice is copied once (``dups``). The hot loop: kept lean.
+    """
+    force = FORCE_CPU
     batch = _Batch()
     jobs: dict[torch.device, _DeviceJob] = {}
     seen: dict[int, int] = {}
     small = SMALL_BYTES
-    plain, wire, strided, device_of = _PLAIN, _WIRE, torch.strided, _device_of
+    plain, wire, strided, device_of = PLAIN, _WIRE, torch.strided, _device_of
     careful = batch.careful
     engine_positions, dtypes, shapes = batch.positions, batch.dtypes, batch.shapes
     nbytes_of, sources = batch.nbytes, batch.sources
@@ -505,7 +361,7 @@ def _enqueue(  # noqa: PLR0915 - one hot loop, kept inline: every call costs per
                     job = jobs[device] = _DeviceJob(device)
                 last_device = device
             assert job is not None  # noqa: S101 - set with last_device, for mypy
-            sources.append(t)
+            sources.append(t.detach() if t.requires_grad else t)  # no graph kept alive
             if t.is_conj() or t.is_neg() or dtype == torch.complex32:
                 t = _device_form(t)
                 dtype = t.dtype
@@ -538,10 +394,11 @@ def _enqueue(  # noqa: PLR0915 - one hot loop, kept inline: every call costs per
 class PendingTransfer:
     """A conversion in flight: the copies are enqueued, the arrays are not built yet.
 
-    Returned by [`tonumpy.to_numpy_async`][] (and ``start_transfer``). The device work
-    is ordered on each source device's current stream at the time of the call, so later
-    kernels on that stream may overwrite the tensors without changing the result. Until
-    [`result`][] returns, the handle keeps the source tensors alive.
+    Returned by [`tonumpy.to_numpy_async`][]. The device work is ordered on each source
+    device's current stream at the time of the call, so later kernels on that stream may
+    overwrite the tensors without changing the result. Until [`result`][] returns, the handle
+    keeps the source tensors alive. A tree with nothing to copy gives a handle that is done
+    from the start.
 
     Examples:
         >>> import torch, tonumpy
@@ -560,7 +417,7 @@ class PendingTransfer:
         self,
         out: list[Any],
         spec: PyTreeSpec | None,
-        batch: _Batch,
+        batch: _Batch | None,
         *,
         copy: Copy,
         ml_dtypes: bool,
@@ -568,13 +425,14 @@ class PendingTransfer:
     ) -> None:
         self._out = out
         self._spec = spec
-        self._batch: _Batch | None = batch
+        self._batch = batch
         self._copy = copy
         self._ml_dtypes = ml_dtypes
         self._scalars = scalars
         self._tree: Any = self._NO_TREE
-        #: The copies enqueued, as ``(device, "packed" | "single", nbytes)``; for tests/tuning.
-        self.plan = batch.plan
+        #: The copies enqueued, as ``(device, "packed" | "single", nbytes)``: how the engine
+        #: moved the leaves (packed small leaves, large ones alone), for tuning.
+        self.plan: list[tuple[str, str, int]] = [] if batch is None else batch.plan
 
     def done(self) -> bool:
         """True when every copy has arrived: [`result`][] will not wait. Never blocks."""
@@ -583,14 +441,14 @@ class PendingTransfer:
     def result_leaves(self) -> list[Any]:
         """Wait for the copies, then return the flat list of converted leaves.
 
-        The list is in the order of the leaves given to ``start_transfer``; it is
-        built once, later calls return the same list.
+        The list is in the order of the flattened tree's leaves; it is built once, later
+        calls return the same list.
         """
         batch = self._batch
         if batch is not None:
-            for event in batch.events:  # every device's copies, before any array is built
-                event.synchronize()
-            self._finish(batch)
+            finish(
+                batch, self._out, copy=self._copy, ml_dtypes=self._ml_dtypes, scalars=self._scalars
+            )
             self._batch = None  # drops the sources, the events and our hold on the blocks
         return self._out
 
@@ -601,152 +459,46 @@ class PendingTransfer:
             self._tree = leaves if self._spec is None else _tree.unflatten(self._spec, leaves)
         return self._tree
 
-    def _finish(self, batch: _Batch) -> None:
-        out, copy, ml, scalars = self._out, self._copy, self._ml_dtypes, self._scalars
-        hosts, shapes, offsets, blocks = batch.leases, batch.shapes, batch.offsets, batch.blocks
-        ndarray = np.ndarray
-        last: torch.dtype | None = None
-        wire: np.dtype[Any] = np.dtype(np.uint8)
-        step = "view"
-        for i, (position, dtype) in enumerate(zip(batch.positions, batch.dtypes, strict=True)):
-            if dtype is not last:
-                (wire, step), last = _WIRE[dtype], dtype
-            block = blocks[i]
-            if block >= 0:
-                arr = ndarray(shapes[i], wire, hosts[block], offsets[i])
-            else:
-                arr = np.empty(shapes[i], wire)
-            fresh = False
-            if step != "view":
-                if ml:
-                    arr = arr.view(_dtypes.ml_numpy_dtype(dtype))
-                elif step == "bf16":
-                    arr, fresh = widen_bfloat16_bits(arr), True
-                else:
-                    arr, fresh = _f8_table(dtype)[arr.reshape(-1)].reshape(arr.shape), True
-            if scalars and arr.ndim == 0:
-                out[position] = arr.item()
-            elif copy and not fresh:
-                out[position] = arr.copy()
-            else:
-                out[position] = arr
-        for index, position in batch.dups:
-            out[position] = out[batch.positions[index]]
-        for guard in batch.guards:
-            guard.clear()  # the copies are done: the blocks may be reused as soon as freed
 
+def finish(batch: _Batch, out: list[Any], *, copy: Copy, ml_dtypes: bool, scalars: bool) -> None:
+    """Wait for ``batch``'s copies, then put each leaf's array at its position in ``out``.
 
-# ---------------------------------------------------------------------------- entry points
-
-
-def start_transfer(
-    leaves: Sequence[Any],
-    spec: PyTreeSpec,
-    /,
-    *,
-    copy: Copy = None,
-    ml_dtypes: bool = False,
-    scalars: bool = False,
-    force: bool = False,
-) -> PendingTransfer:
-    """Enqueue the device-to-host copies of a flat list of leaves and return at once.
-
-    The entry point for code that wants to overlap the transfer with later work (logging
-    hooks, training loops): flatten a tree with ``tonumpy._tree.flatten``, call this, keep
-    the handle, and call ``.result()`` (the tree) or ``.result_leaves()`` (the flat list)
-    when the arrays are needed. Leaves that are not CUDA tensors the engine can move (CPU
-    tensors, arrays, other objects, sparse or quantized tensors, MPS tensors) are converted
-    right away by ``tonumpy.convert.convert_leaves``, so errors about them are raised
-    here, naming their path in ``spec``.
-
-    Examples:
-        >>> import torch
-        >>> from tonumpy import _tree
-        >>> leaves, spec = _tree.flatten({"a": torch.tensor([1.5], dtype=torch.bfloat16)})
-        >>> pending = start_transfer(leaves, spec, force=True)
-        >>> pending.result()
-        {'a': array([1.5], dtype=float32)}
-        >>> pending.plan
-        [('cpu', 'single', 2)]
-
-    Args:
-        leaves: The flat leaves, as ``tonumpy._tree.flatten`` returns them.
-        spec: Their treespec: ``.result()`` rebuilds the tree from it, errors name paths in it.
-        copy: As for [`tonumpy.to_numpy`][]. ``None``: arrays are views into a shared host
-            staging block (they share memory with nothing in the input); ``True``: compact
-            arrays of their own, the staging block goes straight back to the pool;
-            ``False``: every engine leaf needs a copy, so this is the careful path, which
-            raises for the first leaf not on the CPU.
-        ml_dtypes: As for [`tonumpy.to_numpy`][].
-        scalars: As for [`tonumpy.to_numpy`][].
-        force: Testing and benchmarking only: send CPU tensors through the engine too
-            (pageable staging blocks, no events), to exercise packing and unpacking.
-
-    Returns:
-        A [`PendingTransfer`][].
+    Every device's event is waited for before any array is built (C17). The arrays are views
+    into the staging blocks (copies with ``copy=True``; widened bfloat16/float8 are new
+    arrays); a leaf met twice gets the same array at each of its positions.
     """
-    from . import convert  # noqa: PLC0415 - convert imports this module
-
-    out = list(leaves)
-    batch = _enqueue(leaves, range(len(leaves)) if copy is not False else (), force=force)
-    if len(batch.positions) + len(batch.dups) < len(leaves):
-        taken = batch.taken()
-        # Convert the rest now. The engine's slots hold distinct placeholders, so that
-        # convert_leaves keeps its fast path (which it takes only for distinct leaves).
-        rest = [object() if i in taken else leaf for i, leaf in enumerate(leaves)]
-        converted = convert.convert_leaves(
-            rest, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars
-        )
-        for position, value in enumerate(converted):
-            if position not in taken:
-                out[position] = value
-    return PendingTransfer(out, spec, batch, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
-
-
-def resolve_into(
-    out: list[Any],
-    leaves: Sequence[Any],
-    positions: Sequence[int],
-    spec: PyTreeSpec,
-    *,
-    copy: Copy,
-    ml_dtypes: bool,
-    scalars: bool,
-) -> None:
-    """Convert ``leaves[i]`` for each ``i`` in ``positions`` into ``out[i]``, in one batch.
-
-    Used by ``tonumpy.convert.convert_leaves`` for the CUDA leaves it set aside: the
-    copies of all of them are enqueued, there is one wait, and leaves the engine does not
-    handle are converted by the careful path. A lone leaf small enough that one blocking copy
-    is the fastest way takes that way directly.
-    """
-    from . import convert  # noqa: PLC0415 - convert imports this module
-
-    pending: PendingTransfer | None = None
-    careful: Sequence[int] = positions
-    lone = leaves[positions[0]] if len(positions) == 1 else None
-    if copy is False:
-        pass  # every engine leaf would need a copy: the careful path raises, naming the path
-    elif lone is not None and (_engine_device(lone, False) is None or lone.nbytes <= _LONE_BYTES):
-        if not scalars:
-            try:  # what the plain fast path does for a CPU tensor, with one blocking copy
-                out[positions[0]] = lone.numpy(force=True)
-            except Exception:  # noqa: BLE001, S110 - bf16, sparse, ...: the careful path
-                pass
+    for event in batch.events:
+        event.synchronize()
+    ml = ml_dtypes
+    hosts, shapes, offsets, blocks = batch.leases, batch.shapes, batch.offsets, batch.blocks
+    ndarray = np.ndarray
+    last: torch.dtype | None = None
+    wire: np.dtype[Any] = np.dtype(np.uint8)
+    step = "view"
+    for i, (position, dtype) in enumerate(zip(batch.positions, batch.dtypes, strict=True)):
+        if dtype is not last:
+            (wire, step), last = _WIRE[dtype], dtype
+        block = blocks[i]
+        if block >= 0:
+            arr = ndarray(shapes[i], wire, hosts[block], offsets[i])
+        else:
+            arr = np.empty(shapes[i], wire)
+        fresh = False
+        if step != "view":
+            if ml:
+                arr = arr.view(_dtypes.ml_numpy_dtype(dtype))
+            elif step == "bf16":
+                arr, fresh = _dtypes.widen_bfloat16_bits(arr), True
             else:
-                return
-    else:
-        batch = _enqueue(leaves, positions, force=False)
-        careful = batch.careful
-        pending = PendingTransfer(out, None, batch, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
-    memo: dict[int, Any] = {}
-    for position in careful:
-        leaf = leaves[position]
-        key = id(leaf)
-        if key not in memo:
-            memo[key] = convert._convert_checked(  # noqa: SLF001 - the careful path
-                leaf, position, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars
-            )
-        out[position] = memo[key]
-    if pending is not None:
-        pending.result_leaves()
+                table = _dtypes.float8_table(dtype)
+                arr, fresh = table[arr.reshape(-1)].reshape(arr.shape), True
+        if scalars and arr.ndim == 0:
+            out[position] = arr.item()
+        elif copy and not fresh:
+            out[position] = arr.copy()
+        else:
+            out[position] = arr
+    for index, position in batch.dups:
+        out[position] = out[batch.positions[index]]
+    for guard in batch.guards:
+        guard.clear()  # the copies are done: the blocks may be reused as soon as freed

@@ -26,19 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from optree import PyTreeSpec
 
 from . import _diff, _options, _ragged, _tree
 from ._ragged import PadValue
-from .convert import convert_leaves
+from .convert import convert_flat, start
 from .errors import ConversionError, OptionError
-
-_engine: Callable[..., Any] | None
-try:  # the asynchronous transfer engine behind tonumpy.to_numpy_async
-    from ._transfer import start_transfer as _engine
-except ImportError:  # pragma: no cover - without it, every batch is converted synchronously
-    _engine = None
 
 __all__ = ["Accumulator", "concat"]
 
@@ -178,7 +171,7 @@ def concat(
             spec0 = spec
         elif not _tree.same_structure(spec, spec0):
             raise _structure_error(spec0, spec, "trees[0]", f"trees[{index}]")
-        flat.append(convert_leaves(leaves, spec, ml_dtypes=ml_dtypes))
+        flat.append(convert_flat(leaves, spec, ml_dtypes=ml_dtypes))
     assert spec0 is not None  # noqa: S101 - trees is not empty
     paths = spec0.paths()
     out: list[Any] = []
@@ -577,42 +570,6 @@ class Accumulator:
 
     # -- appending -----------------------------------------------------------------------
 
-    #: Send every batch through the asynchronous engine, CPU-only ones included (tests).
-    _force_async = False
-
-    def _to_host(self, leaves: list[Any], spec: PyTreeSpec) -> list[Any]:
-        """Bring one batch's leaves to the host now (the synchronous path).
-
-        The arrays may be views of the batch's CPU tensors, or of pooled staging buffers:
-        before ``append`` returns, each is copied into the accumulator's slabs (or written to
-        its file), so nothing the model may reuse is kept.
-        """
-        return convert_leaves(leaves, spec, ml_dtypes=self._ml_dtypes, scalars=self._scalars)
-
-    def _wants_engine(self, leaves: list[Any]) -> bool:
-        """Whether a batch goes through the asynchronous engine: it has a CUDA tensor."""
-        if _engine is None:
-            return False
-        return self._force_async or any(
-            isinstance(leaf, torch.Tensor) and leaf.is_cuda for leaf in leaves
-        )
-
-    def _start_transfer(self, leaves: list[Any], spec: PyTreeSpec) -> Any:
-        """Enqueue one batch's device-to-host copies and return the pending handle.
-
-        The single place where the asynchronous engine (``tonumpy.to_numpy_async``'s) plugs
-        in: used when the batch has a CUDA tensor (``_wants_engine``), so that its copies
-        overlap the next step.
-        """
-        assert _engine is not None  # noqa: S101 - _wants_engine said so
-        return _engine(
-            leaves,
-            spec,
-            ml_dtypes=self._ml_dtypes,
-            scalars=self._scalars,
-            force=self._force_async,
-        )
-
     def append(self, tree: Any, /) -> None:
         """Add one batch and start moving it to the host.
 
@@ -631,23 +588,23 @@ class Accumulator:
                 ragged and has no pad value that fits its dtype. The batch is then not added,
                 and the accumulator is left as it was.
         """
-        leaves, spec = _tree.flatten(tree, is_leaf=self._is_leaf)
+        leaves, spec, kinds = _tree.flatten_typed(tree, is_leaf=self._is_leaf)
         expected = self._expected  # checked again under the lock; this spares the conversion
         if expected is not None and not _tree.same_structure(spec, expected):
             raise _structure_error(expected, spec, "batch 0", f"batch {self._received}")
-        # A CPU batch is converted (zero-copy views) before taking the lock, so that threads
-        # convert in parallel; it is copied into the accumulator's storage under the lock.
-        asynchronous = self._wants_engine(leaves)
-        host = None if asynchronous else self._to_host(leaves, spec)
+        # Before the lock, so that threads convert in parallel: CPU tensors are converted
+        # (zero-copy views, copied into the accumulator's storage under the lock), CUDA
+        # tensors' copies enqueued (the next call collects them).
+        pending = start(leaves, spec, ml_dtypes=self._ml_dtypes, scalars=self._scalars, kinds=kinds)
         with self._lock:
             name = f"batch {self._received}"
             if self._expected is not None and not _tree.same_structure(spec, self._expected):
                 raise _structure_error(self._expected, spec, "batch 0", name)
             self._finish_pending()
-            if host is None:
-                self._pending = (self._start_transfer(leaves, spec), spec, name)
+            if pending.done():
+                self._ingest(pending.result_leaves(), spec, name)
             else:
-                self._ingest(host, spec, name)
+                self._pending = (pending, spec, name)
             if self._expected is None:
                 self._expected = spec
             self._received += 1

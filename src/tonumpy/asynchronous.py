@@ -12,7 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _options, _tree
-from ._transfer import Copy, PendingTransfer, empty_pool, set_pool_limit, start_transfer
+from ._options import Copy
+from ._staging import empty_pinned_pool, set_pinned_pool_limit
+from ._transfer import PendingTransfer
+from .convert import start
 
 __all__ = ["PendingTransfer", "empty_pinned_pool", "set_pinned_pool_limit", "to_numpy_async"]
 
@@ -64,31 +67,5 @@ def to_numpy_async(
     """
     _options.check_copy(copy, "to_numpy_async")
     _options.check_flags("to_numpy_async", ml_dtypes=ml_dtypes, scalars=scalars)
-    leaves, spec = _tree.flatten(tree, is_leaf=is_leaf)
-    return start_transfer(leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
-
-
-def set_pinned_pool_limit(nbytes: int, /) -> int:
-    """Set how many bytes of idle pinned staging buffers are kept for reuse (default 2 GiB).
-
-    Buffers still referenced by returned arrays do not count and are never freed early.
-    Lowering the limit below what is idle releases the idle buffers now.
-
-    Examples:
-        >>> old = set_pinned_pool_limit(256 << 20)
-        >>> set_pinned_pool_limit(old) == 256 << 20
-        True
-
-    Returns:
-        The previous limit.
-    """
-    return set_pool_limit(nbytes)
-
-
-def empty_pinned_pool() -> None:
-    """Release every idle pinned staging buffer now (and torch's cache of pinned memory).
-
-    Examples:
-        >>> empty_pinned_pool()
-    """
-    empty_pool()
+    leaves, spec, kinds = _tree.flatten_typed(tree, is_leaf=is_leaf)
+    return start(leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars, kinds=kinds)

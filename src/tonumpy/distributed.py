@@ -31,9 +31,9 @@ import torch
 from optree import PyTreeSpec
 
 from . import _dtypes, _options, _ragged, _tree
+from ._leaf import PLAIN, convert_checked
 from ._ragged import PadValue
 from .accumulate import _normalise_axis, concat
-from .convert import _convert_checked
 from .errors import ConversionError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,7 +53,6 @@ _OBJECT = "o"  # anything else: pickled into the metadata
 
 #: torch dtypes sent as raw bytes (others are converted on their rank first, then sent).
 _SENDABLE: frozenset[torch.dtype] = _dtypes.NATIVE | frozenset(_dtypes.ML_DTYPES)
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _ALIGN = 16  # the largest item size sent (complex128)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
@@ -89,7 +88,7 @@ def _is_dtensor(leaf: Any) -> bool:
 
 def _sendable_tensor(leaf: Any) -> torch.Tensor | None:
     """``leaf`` as a plain tensor whose bytes can be sent as they are, or None."""
-    if type(leaf) not in _PLAIN:
+    if type(leaf) not in PLAIN:
         return None
     t: torch.Tensor = leaf
     if (
@@ -125,7 +124,7 @@ def _classify(
     if t is not None:
         return _TENSOR, t.dtype, tuple(t.shape), t, None
     if isinstance(leaf, torch.Tensor):  # sparse, quantized, nested, subclasses: convert here
-        leaf = _convert_checked(leaf, index, spec, copy=None, ml_dtypes=ml_dtypes, scalars=False)
+        leaf = convert_checked(leaf, index, spec, copy=None, ml_dtypes=ml_dtypes, scalars=False)
     arr = _sendable_array(leaf)
     if arr is not None:
         return _ARRAY, arr.dtype, arr.shape, arr, None

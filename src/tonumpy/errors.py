@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ConversionError", "OptionError", "TonumpyError", "UnsupportedLeafError"]
+__all__ = [
+    "CaptureError",
+    "ConversionError",
+    "OptionError",
+    "TonumpyError",
+    "UnsupportedLeafError",
+]
 
 
 class TonumpyError(Exception):
@@ -52,3 +58,7 @@ class OptionError(TonumpyError, TypeError, ValueError):
     passed and the values accepted. It is both a ``TypeError`` (``copy=0``, ``axis=1.5``)
     and a ``ValueError`` (``num_items=-1``), so code catching either built-in catches it.
     """
+
+
+class CaptureError(TonumpyError, ValueError):
+    """[`tonumpy.capture`][] was asked for something it cannot do: no module matches."""

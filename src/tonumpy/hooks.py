@@ -33,23 +33,15 @@ from typing import Any, Generic, TypeVar, cast, overload
 
 import numpy as np
 import torch
-from optree import PyTreeSpec
 
 from . import _options, _tree
-from ._transfer import start_transfer
-from .convert import convert_leaves
-from .errors import ConversionError, OptionError, TonumpyError
+from ._transfer import PendingTransfer
+from .convert import convert_flat, start
+from .errors import CaptureError, ConversionError, OptionError
 
-__all__ = ["Activations", "CaptureError", "capture", "numpy_args"]
+__all__ = ["Activations", "capture", "numpy_args"]
 
 R = TypeVar("R")
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-class CaptureError(TonumpyError, ValueError):
-    """[`capture`][] was asked for something it cannot do (no module matches, bad option)."""
-
 
 # -1 outside a backward pass; private, but what torch.utils.checkpoint itself relies on.
 _graph_task_id: Callable[[], int] = getattr(
@@ -62,72 +54,6 @@ _graph_task_id: Callable[[], int] = getattr(
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (activation checkpointing re-runs forwards)."""
     return _graph_task_id() != -1
-
-
-# ------------------------------------------------------------------------------- captured calls
-
-
-class _Ready:
-    """A captured call whose arrays already exist (CPU tensors are converted in the hook)."""
-
-    __slots__ = ("tree",)
-
-    ready = True
-
-    def __init__(self, tree: Any) -> None:
-        self.tree = tree
-
-    def result(self) -> Any:
-        return self.tree
-
-    def done(self) -> bool:
-        return True
-
-
-#: Tests only: send CPU tensors through the transfer engine too, as if they were on a GPU.
-_ENGINE_ON_CPU = False
-
-
-def _enqueue(leaves: list[Any], spec: PyTreeSpec, ml_dtypes: bool, scalars: bool) -> Any:
-    """Start moving one captured call to the host; return an object with ``.result()``.
-
-    The one place that decides how a captured call travels. Leaves are already detached (and
-    reduced). A tree without CUDA tensors is converted now, into arrays that own their memory.
-    A tree with CUDA tensors goes to the transfer engine ([`tonumpy.to_numpy_async`][]'s):
-    its copies are enqueued on each device's current stream, after whatever the model did so
-    far and before anything it does later, and the engine's handle is returned without waiting;
-    ``copy=True`` makes the arrays compact, so the pinned staging block goes back to the pool
-    as soon as the call is read, however long the arrays are kept.
-    """
-    if _ENGINE_ON_CPU or any(isinstance(leaf, torch.Tensor) and leaf.is_cuda for leaf in leaves):
-        return start_transfer(
-            leaves, spec, copy=True, ml_dtypes=ml_dtypes, scalars=scalars, force=_ENGINE_ON_CPU
-        )
-    converted = _copy_plain(leaves) if not scalars else None
-    if converted is None:
-        converted = convert_leaves(leaves, spec, copy=True, ml_dtypes=ml_dtypes, scalars=scalars)
-    return _Ready(_tree.unflatten(spec, converted))
-
-
-def _copy_plain(leaves: list[Any]) -> list[Any] | None:
-    """Independent arrays for leaves that are plain CPU tensors of NumPy dtypes (or not tensors).
-
-    The common case, about twice as fast as the general path; ``None`` for anything else
-    (bfloat16, sparse, meta, a subclass, an array that needs copying...), which then takes
-    ``tonumpy.convert.convert_leaves`` with ``copy=True`` and its errors.
-    """
-    out = []
-    for leaf in leaves:
-        if type(leaf) is torch.Tensor:
-            try:
-                out.append(leaf.numpy(force=True).copy())
-            except Exception:  # noqa: BLE001 - any refusal: the general path explains it
-                return None
-        elif isinstance(leaf, torch.Tensor | np.ndarray):
-            return None
-        else:
-            out.append(leaf)
-    return out
 
 
 # ------------------------------------------------------------------------------- the mapping
@@ -171,7 +97,7 @@ class Activations(Mapping[str, list[Any]]):
         landed = []
         with self._lock:
             self._calls[name].append(call)
-            if not getattr(call, "ready", False):
+            if not call.done():
                 self._inflight.append(call)
             inflight = self._inflight
             while inflight and inflight[0].done():
@@ -423,32 +349,35 @@ class _Recorder:
         return count % self.every == 0
 
     # -- what is stored
-    def freeze(self, tree: Any, name: str, what: str) -> Any:
-        """Detach, reduce, and start moving ``tree`` to the host; never waits for a device."""
+    def freeze(self, tree: Any, name: str, what: str) -> PendingTransfer:
+        """Reduce ``tree`` and start moving it to the host; never waits for a device.
+
+        The router ([`tonumpy.convert`][]'s, as for every conversion) converts CPU tensors now,
+        into arrays of their own (``copy=True``: later in-place changes by the model cannot
+        reach them), and enqueues CUDA tensors' copies on their device's current stream, after
+        whatever the model did so far and before anything it does later; the engine holds
+        only detached tensors, so no autograd graph is kept alive. ``copy=True`` also makes
+        the arrays of CUDA tensors compact, so the pinned staging block goes back to the pool
+        as soon as the call is read, however long the arrays are kept.
+        """
         try:
-            if (  # one plain CPU tensor, the most common output: no tree to walk
-                type(tree) is torch.Tensor
-                and self.reduce is None
-                and not self.scalars
-                and tree.device.type == "cpu"
-                and not _ENGINE_ON_CPU
-            ):
-                plain = _copy_plain([tree])
-                if plain is not None:
-                    return _Ready(plain[0])
-            leaves, spec = _tree.flatten(tree, is_leaf=self.is_leaf)
-            leaves = [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+            leaves, spec, kinds = _tree.flatten_typed(tree, is_leaf=self.is_leaf)
             if self.reduce is not None:
                 with torch.no_grad():
                     reduced = [
-                        self.reduce(leaf) if isinstance(leaf, torch.Tensor) else leaf
+                        self.reduce(leaf.detach()) if isinstance(leaf, torch.Tensor) else leaf
                         for leaf in leaves
                     ]
-                leaves, spec = _tree.flatten(_tree.unflatten(spec, reduced), is_leaf=self.is_leaf)
-                leaves = [
-                    leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves
-                ]
-            return _enqueue(leaves, spec, self.ml_dtypes, self.scalars)
+                tree = _tree.unflatten(spec, reduced)
+                leaves, spec, kinds = _tree.flatten_typed(tree, is_leaf=self.is_leaf)
+            return start(
+                leaves,
+                spec,
+                copy=True,
+                ml_dtypes=self.ml_dtypes,
+                scalars=self.scalars,
+                kinds=kinds,
+            )
         except Exception as exc:
             if hasattr(exc, "add_note"):
                 exc.add_note(f"tonumpy.capture: while capturing the {what} of module {name!r}")
@@ -510,12 +439,11 @@ def _inputs_tree(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 class _Both:
     """A call captured with ``inputs=True, outputs=True``: ``{"inputs": ..., "outputs": ...}``."""
 
-    __slots__ = ("inputs", "outputs", "ready")
+    __slots__ = ("inputs", "outputs")
 
-    def __init__(self, inputs: Any, outputs: Any) -> None:
+    def __init__(self, inputs: PendingTransfer, outputs: PendingTransfer) -> None:
         self.inputs = inputs
         self.outputs = outputs
-        self.ready = isinstance(inputs, _Ready) and isinstance(outputs, _Ready)
 
     def result(self) -> dict[str, Any]:
         return {"inputs": self.inputs.result(), "outputs": self.outputs.result()}
@@ -788,7 +716,7 @@ def numpy_args(
         leaves, spec = _tree.flatten(value, is_leaf=is_leaf)
         if not any(isinstance(leaf, torch.Tensor) for leaf in leaves):
             return value
-        converted = convert_leaves(leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
+        converted = convert_flat(leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
         return _tree.unflatten(spec, converted)
 
     def decorate(func: Callable[..., R]) -> Callable[..., R]:

@@ -1,10 +1,11 @@
-"""The CPU fast tier of ``to_numpy``: same results as the careful path, in every odd case.
+"""The CPU routes of ``to_numpy``, each taken by the inputs that lead to it, same results.
 
-While no CUDA tensor exists, ``to_numpy(tree)`` converts plain tensors in one comprehension
-(``t.numpy()``, or ``t.numpy(force=True)`` for tensors that require grad) and widens bfloat16
-leaves in bulk (stacked by shape, cast once, copied into arrays of their own). These tests pin
-what that must give: the values and bits of ``t.float()``, arrays that own their memory, the
-tree's order, and memory shared with the input exactly where ``copy=None`` promises it.
+The router (``tonumpy.convert``) converts a lone CPU tensor without a walk, distinct plain CPU
+tensors in bulk (one comprehension of ``t.numpy()``, or ``t.numpy(force=True)`` for trees that
+require grad; bfloat16 stacked by shape and widened at once), and everything else leaf by leaf.
+These tests give each route the inputs that take it and pin what it must give: the values and
+bits of ``t.float()``, arrays that own their memory, the tree's order, and memory shared with
+the input exactly where ``copy=None`` promises it. They never look at which route ran.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tonumpy import UnsupportedLeafError, convert, to_numpy
+from tonumpy import UnsupportedLeafError, _bulk, convert, to_numpy
 
 # All 65,536 bfloat16 bit patterns (NaN payloads, infinities, subnormals, both zeros).
 _ALL_BF16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
@@ -39,7 +40,7 @@ def test_bulk_upcast_is_bit_exact_for_all_patterns(shape: tuple[int, ...]) -> No
     """Every bf16 bit pattern, spread over many same-shape leaves (several stacked blocks)."""
     per_leaf = int(np.prod(shape))
     leaves = list(_ALL_BF16.reshape(-1, *shape).unbind())
-    assert len(leaves) * per_leaf > convert._STACK_BLOCK  # more than one block
+    assert len(leaves) * per_leaf > _bulk._STACK_BLOCK  # more than one block
     tree = {f"k{i}": t.clone() for i, t in enumerate(leaves)}
     out = to_numpy(tree)
     assert list(out) == list(tree)
@@ -65,7 +66,7 @@ def test_bulk_upcast_arrays_own_their_memory() -> None:
 
 def test_bulk_upcast_mixed_shapes_and_dtypes_keep_order() -> None:
     """Groups, singles, 0-d, empty, larger-than-a-block leaves and other dtypes, interleaved."""
-    big = torch.randn(convert._STACK_BLOCK + 3).bfloat16()  # widened on its own
+    big = torch.randn(_bulk._STACK_BLOCK + 3).bfloat16()  # widened on its own
     tree: dict[str, Any] = {
         "a": torch.randn(4, 4).bfloat16(),
         "f32": torch.randn(3),
@@ -155,7 +156,7 @@ def test_ml_dtypes_bulk_path_keeps_bits_and_shares_memory() -> None:
             assert np.shares_memory(out[key].view(np.int16), t.view(torch.int16).numpy())
 
 
-@pytest.mark.parametrize("n", [3, convert._MANY + 5])
+@pytest.mark.parametrize("n", [3, 300])
 def test_repeated_tensor_in_large_and_small_trees_gives_one_array(n: int) -> None:
     """A tensor at two places becomes one array at both, whichever duplicate check runs."""
     shared = torch.arange(3.0)
@@ -166,17 +167,6 @@ def test_repeated_tensor_in_large_and_small_trees_gives_one_array(n: int) -> Non
     assert np.shares_memory(out[1], shared.numpy())
     assert out[-3] == 3
     assert len({id(a) for a in out if isinstance(a, np.ndarray)}) == n + 1
-
-
-@pytest.mark.parametrize("many", [False, True])
-def test_distinct(many: bool) -> None:
-    """The duplicate check sees a repeat anywhere, and none where there is none."""
-    objs = [object() for _ in range(300)]
-    assert convert._distinct(objs, many=many)
-    assert convert._distinct(iter(objs), many=many)
-    assert convert._distinct([], many=many)
-    assert not convert._distinct([*objs, objs[150]], many=many)
-    assert not convert._distinct([objs[0], *objs], many=many)
 
 
 def test_lone_tensor_shortcut_matches_the_general_path() -> None:
@@ -199,45 +189,31 @@ def test_lone_meta_tensor_is_refused() -> None:
         to_numpy(torch.empty(3, device="meta"))
 
 
-def test_once_cuda_is_in_use_cpu_trees_keep_the_fast_tier(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With CUDA initialised, trees without CUDA tensors still take every fast pass; a tree
-    with one takes the general path (whose engine moves device leaves together)."""
-    calls: list[str] = []
-    real_pass, real_low = convert._numpy_pass, convert._convert_low_precision
-
-    def numpy_pass(leaves: list[Any]) -> list[Any]:
-        calls.append("numpy")
-        return real_pass(leaves)
-
-    def low(leaves: list[Any], *, ml_dtypes: bool) -> list[Any]:
-        calls.append("low")
-        return real_low(leaves, ml_dtypes=ml_dtypes)
-
+def test_once_cuda_is_in_use_cpu_trees_stay_zero_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA initialised (as on any GPU machine), CPU trees convert as before: the same
+    values, and views of the tensors' memory where copy=None allows it."""
     trees = {
         "plain": {"a": torch.arange(3.0), "b": [torch.ones(2, 2), "x", 3]},
         "grad": {"a": torch.ones(2, requires_grad=True), "b": torch.arange(2)},
         "bf16": [torch.randn(4).bfloat16() for _ in range(3)],
     }
     want = {name: to_numpy(tree) for name, tree in trees.items()}
-    monkeypatch.setattr(convert, "_numpy_pass", numpy_pass)
-    monkeypatch.setattr(convert, "_convert_low_precision", low)
     monkeypatch.setattr(convert, "_cuda_initialized", lambda: True)
     for name, tree in trees.items():
-        for on_device in (False, True):
-            # one leaf reports being on a CUDA device (it is not: the general path converts it)
-            marked = convert._tree.flatten(tree)[0][0]
-            monkeypatch.setattr(convert, "_IS_CUDA", lambda t, m=marked, d=on_device: d and t is m)
-            calls.clear()
-            got = to_numpy(tree)
-            assert calls == (["numpy", "low"] if name == "bf16" and not on_device else ["numpy"])
-            for g, w in zip(
-                convert._tree.flatten(got)[0], convert._tree.flatten(want[name])[0], strict=True
-            ):
-                if isinstance(w, np.ndarray):
-                    np.testing.assert_array_equal(g, w)
-                    assert g.dtype == w.dtype
-                else:
-                    assert g == w
+        got = to_numpy(tree)
+        for g, w, t in zip(
+            convert._tree.flatten(got)[0],
+            convert._tree.flatten(want[name])[0],
+            convert._tree.flatten(tree)[0],
+            strict=True,
+        ):
+            if isinstance(w, np.ndarray):
+                np.testing.assert_array_equal(g, w)
+                assert g.dtype == w.dtype
+                if t.dtype != torch.bfloat16:
+                    assert np.shares_memory(g, t.detach().numpy())
+            else:
+                assert g == w
 
 
 @pytest.mark.cuda
@@ -255,29 +231,21 @@ def test_cuda_tree_and_cpu_tree_after_cuda_init() -> None:
     assert got["bf"].dtype == np.float32
 
 
-def test_general_path_ignores_repeated_non_tensor_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Repeated strings and numbers do not push plain tensors onto the careful path."""
+def test_per_leaf_route_with_repeated_non_tensor_leaves() -> None:
+    """A subclass leaf sends the tree leaf by leaf: plain tensors are still zero-copy views,
+    repeated strings and numbers come back as themselves."""
 
-    class Tagged(torch.Tensor):  # a subclass keeps the fast tier out: the general path runs
+    class Tagged(torch.Tensor):
         pass
 
     tagged = torch.arange(2.0).as_subclass(Tagged)
     tree = [{"x": torch.full((2,), float(i)), "s": "same", "n": 3} for i in range(300)]
     tree.append({"tagged": tagged})
-    want = [{"x": np.full(2, float(i), np.float32), "s": "same", "n": 3} for i in range(300)]
-    careful: list[Any] = []
-    real = convert._convert_checked
-
-    def spy(leaf: Any, *args: Any, **kwargs: Any) -> Any:
-        careful.append(leaf)
-        return real(leaf, *args, **kwargs)
-
-    monkeypatch.setattr(convert, "_convert_checked", spy)
     out = to_numpy(tree)
-    for got, expected in zip(out, want, strict=False):
-        np.testing.assert_array_equal(got["x"], expected["x"])
-        assert got["s"] == "same"
+    for i, (got, given) in enumerate(zip(out[:-1], tree[:-1], strict=True)):
+        np.testing.assert_array_equal(got["x"], np.full(2, float(i), np.float32))
+        assert np.shares_memory(got["x"], given["x"].numpy())
+        assert got["s"] is given["s"]
         assert got["n"] == 3
     np.testing.assert_array_equal(out[-1]["tagged"], [0.0, 1.0])
-    assert not any(type(leaf) is torch.Tensor for leaf in careful)
-    assert len(careful) == 2 * 300 + 1  # the strings, the numbers and the subclass
+    assert type(out[-1]["tagged"]) is np.ndarray

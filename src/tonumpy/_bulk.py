@@ -1,0 +1,199 @@
+"""The measured CPU passes: a whole flat list of plain CPU tensors converted at once.
+
+Per leaf, the careful converter (``tonumpy._leaf``) costs several torch calls; most trees are
+made of plain CPU tensors for which one call is the whole conversion. [`convert`][] tries that
+in one list comprehension, and declines (returns ``None``) for anything it does not handle, so
+that the router's per-leaf loop converts the leaves instead, with errors that name the path.
+Each pass is kept because ``benchmarks/run.py`` shows what it buys:
+
+* **the numpy pass** (W1, W2, W4: 10-20% over ``numpy(force=True)``): ``t.numpy()`` skips the
+  ``cpu``/``resolve_conj``/``resolve_neg`` dispatcher round trips that ``force=True`` adds. It
+  refuses tensors that require grad, so a tree whose first tensor requires grad (W3: they
+  usually all do) starts with ``t.numpy(force=True)`` instead, and such arrays are made
+  read-only (see ``tonumpy._leaf.tensor_to_numpy``);
+* **the low-precision pass** (W6: 1.5x -> 1.0x the float32 baseline): bfloat16 leaves of one
+  shape are stacked and widened with one cast, float8/bfloat16 viewed as ``ml_dtypes`` with
+  ``ml_dtypes=True``.
+
+With ``copy=True`` every array that is a view of a tensor is copied in the same comprehension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _dtypes
+from ._leaf import PLAIN, LeafError
+
+__all__ = ["convert"]
+
+
+def convert(
+    leaves: list[Any], kinds: set[type], *, copy: bool, ml_dtypes: bool, cuda_possible: bool
+) -> list[Any] | None:
+    """Convert distinct plain CPU tensors (other leaves kept) in bulk, or decline with None.
+
+    ``kinds`` is the set of the leaves' types. ``copy``: every array must own its memory (the
+    caller's ``copy=True``). ``cuda_possible``: a tensor may be on a GPU (CUDA is
+    initialised); such a tree is declined once the first pass meets one, since the router
+    moves CUDA tensors together through the transfer engine. Declined too: tensor subclasses,
+    arrays to copy, and any leaf a pass refuses (sparse, meta, float4, ...).
+    """
+    plain = PLAIN
+    if any(cls not in plain and issubclass(cls, torch.Tensor) for cls in kinds):
+        return None
+    if copy and np.ndarray in kinds:  # input arrays must be copied: the per-leaf loop does it
+        return None
+    first = next((leaf for leaf in leaves if type(leaf) in plain), None)
+    if first is None:
+        return list(leaves)
+    if not first.requires_grad:
+        try:  # no tensor requires grad, none has a conj/neg bit (evaluation, logging)
+            if copy:
+                return [leaf.numpy().copy() if type(leaf) in plain else leaf for leaf in leaves]
+            return [leaf.numpy() if type(leaf) in plain else leaf for leaf in leaves]
+        except Exception:  # noqa: BLE001, S110 - grad, a dtype NumPy lacks, a device, ...
+            pass
+    if cuda_possible and any(type(leaf) in plain and leaf.is_cuda for leaf in leaves):
+        return None
+    try:
+        if copy:
+            return [
+                leaf.numpy(force=True).copy() if type(leaf) in plain else leaf for leaf in leaves
+            ]
+        forced = [leaf.numpy(force=True) if type(leaf) in plain else leaf for leaf in leaves]
+    except Exception:  # noqa: BLE001, S110 - a dtype NumPy lacks, or another refusal
+        pass
+    else:
+        return _protect(leaves, forced)
+    try:
+        return _low_precision(leaves, copy=copy, ml_dtypes=ml_dtypes)
+    except Exception:  # noqa: BLE001 - float4, sparse, ml_dtypes missing, ...: per leaf
+        return None
+
+
+def _protect(leaves: list[Any], out: list[Any]) -> list[Any]:
+    """Make the views of the tensors among ``leaves`` that require grad read-only; ``out``.
+
+    ``out[i]`` must be the array of ``leaves[i]`` wherever that is a plain tensor.
+    """
+    plain = PLAIN
+    for leaf, arr in zip(leaves, out, strict=True):
+        if type(leaf) in plain and leaf.requires_grad:
+            arr.setflags(False)  # write=False; positional: half the cost of the keyword
+    return out
+
+
+_PENDING = object()  # a bf16 leaf whose float32 array is made after the first pass
+
+
+def _low_precision(leaves: list[Any], *, copy: bool, ml_dtypes: bool) -> list[Any]:
+    """Plain CPU leaves, some bfloat16/float8: ``ml_dtypes`` bit views, or a bulk bf16 upcast.
+
+    One comprehension dispatches on the dtype; bfloat16 leaves are set aside and widened to
+    float32 together by ``_upcast_bf16``. Anything else raises, and the caller declines.
+    """
+    if ml_dtypes:
+        return _bit_views(leaves, copy=copy)
+    pending: list[torch.Tensor] = []
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # noqa: SLF001 - no public check
+
+    def native(t: torch.Tensor) -> Any:
+        arr = t.numpy(force=True)
+        if copy:
+            return arr.copy()
+        if t.requires_grad:
+            arr.setflags(write=False)  # see _protect
+        return arr
+
+    def upcast(t: torch.Tensor) -> Any:
+        if wrapped(t) or not t.is_contiguous():  # keep .float()'s strides: per leaf
+            raise LeafError("not for the bulk upcast", unsupported=False)
+        pending.append(t)
+        return _PENDING
+
+    table: dict[torch.dtype, Callable[[torch.Tensor], Any]] = dict.fromkeys(_dtypes.NATIVE, native)
+    table[torch.bfloat16] = upcast
+    plain = PLAIN
+    out = [table[leaf.dtype](leaf) if type(leaf) in plain else leaf for leaf in leaves]
+    if not pending:
+        return out
+    widened = iter(_upcast_bf16(pending))  # new arrays that own their memory: never copied
+    return [next(widened) if item is _PENDING else item for item in out]
+
+
+def _bit_views(leaves: list[Any], *, copy: bool) -> list[Any]:
+    """bfloat16/float8 leaves as ``ml_dtypes`` arrays over the same bytes, others as usual.
+
+    The dtype dispatch is inlined in the comprehension (a function call per leaf costs ~10%
+    here). Leaves ``numpy(force=True)`` refuses (float4, complex32, negative views, ...) raise,
+    and the caller declines.
+    """
+    plain = PLAIN
+    views = {
+        dtype: (_dtypes.BITS[dtype.itemsize], _dtypes.ml_numpy_dtype(dtype))
+        for dtype in _dtypes.ML_DTYPES
+    }
+    out = [
+        (
+            leaf.numpy(force=True)
+            if (pair := views.get(leaf.dtype)) is None
+            else leaf.view(pair[0]).numpy().view(pair[1])
+        )
+        if type(leaf) in plain
+        else leaf
+        for leaf in leaves
+    ]
+    if copy:
+        return [
+            arr.copy() if type(leaf) in plain else arr
+            for leaf, arr in zip(leaves, out, strict=True)
+        ]
+    return _protect(leaves, out)
+
+
+# bf16 leaves of one shape are stacked, widened and split in blocks of at most this many
+# elements: torch's grain size, so each block is cast on one thread (no OpenMP wake-ups, which
+# cost milliseconds on a busy machine), and the temporaries (128 KiB) stay in the cache
+_STACK_BLOCK = 32_768
+
+
+def _upcast_bf16(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Widen contiguous CPU bfloat16 tensors to float32 arrays, each owning its memory.
+
+    Per leaf, ``t.float().numpy()`` costs two torch calls and a torch allocation. Here leaves
+    that share a shape are stacked into one block (``torch.stack``), widened with one cast and
+    split into rows that are copied into arrays of their own (``ndarray.copy``: a NumPy
+    allocation, cheap to fill), so a block of k leaves costs three torch calls in all. The
+    remaining leaves (a shape seen once, 0-d, or more than a block) get NumPy-allocated float32
+    arrays filled by one ``torch._foreach_copy_``. Values are those of ``t.float()``, bit for
+    bit (the same widening kernel).
+    """
+    out: list[Any] = [None] * len(tensors)
+    by_shape: dict[torch.Size, list[int]] = {}
+    for index, t in enumerate(tensors):
+        by_shape.setdefault(t.shape, []).append(index)
+    singles: list[int] = []
+    with torch.no_grad():
+        for shape, indices in by_shape.items():
+            numel = shape.numel()
+            if len(indices) < 2 or not shape or numel > _STACK_BLOCK // 2:
+                singles += indices
+                continue
+            step = _STACK_BLOCK // max(numel, 1)
+            for start in range(0, len(indices), step):
+                part = indices[start : start + step]
+                block = torch.stack([tensors[i] for i in part]).float().numpy()
+                for i, row in zip(part, block, strict=True):
+                    out[i] = row.copy()
+        if singles:
+            targets = []
+            for i in singles:
+                arr = out[i] = np.empty(tensors[i].shape, np.float32)
+                targets.append(torch.from_numpy(arr))
+            torch._foreach_copy_(targets, [tensors[i] for i in singles])
+    return out
