@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import _hostile
+import tonumpy.io
 
 GROWTH_MIB = 200  # a refused case may grow its process by this much at most (imports, buffers)
 
@@ -176,3 +177,29 @@ def test_expanded_views_within_the_limit_still_load(tmp_path: Path) -> None:
     assert results[0]["rc"] == 0, results[0]
     np.testing.assert_array_equal(np.load(out)["bias"], np.tile(np.arange(4.0), (1000, 1)))
     assert math.prod(np.load(out)["bias"].shape) == 4000
+
+
+def test_torch_files_read_from_several_threads(tmp_path: Path) -> None:
+    """Safe loads in parallel: each sees its own allow-list and stand-ins, never another's."""
+    import collections
+    import concurrent.futures
+    import datetime
+
+    paths = []
+    for i in range(16):
+        path = tmp_path / f"ckpt{i}.pt"
+        queue = collections.deque([i, i + 1])
+        tree = {"q": queue, "when": datetime.date(2026, 1, 1 + i), "w": torch.full((2,), float(i))}
+        torch.save(tree, path)
+        paths.append(path)
+
+    def read(index: int) -> tuple[int, Any]:
+        return index, tonumpy.io.read(paths[index])
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(read, [i % 16 for i in range(96)]))
+    for index, contents in results:
+        assert contents.tree["q"] == [index, index + 1]
+        assert contents.classes[("q",)] == "collections.deque"
+        assert contents.classes[("when",)] == "datetime.date"
+        assert contents.tree["w"].tolist() == [float(index)] * 2

@@ -696,3 +696,21 @@ def test_any_structure_json_loads_or_fails_cleanly(
         tonumpy.load(path)
     except tonumpy.TonumpyError as exc:
         assert "\n" not in str(exc)
+
+
+def test_npz_to_npz_streams_members_and_keeps_what_they_were(tmp_path: Path) -> None:
+    """Members are copied as they are read: values exact, bit-exact ones widened on request."""
+    tree = {"w": torch.randn(3, 5).to(torch.bfloat16), "i": np.arange(4), "f": np.ones((2, 3)).T}
+    tonumpy.save(tmp_path / "a.npz", tree, ml_dtypes=True)
+    tio.convert(tmp_path / "a.npz", tmp_path / "wide.npz")
+    tio.convert(tmp_path / "a.npz", tmp_path / "exact.npz", ml_dtypes=True)
+    wide = tonumpy.load(tmp_path / "wide.npz")
+    np.testing.assert_array_equal(wide["w"], tree["w"].float().numpy())
+    np.testing.assert_array_equal(wide["i"], np.arange(4))
+    np.testing.assert_array_equal(wide["f"], np.ones((3, 2)))
+    assert tio.read(tmp_path / "wide.npz").sources[("w",)] == {"dtype": "bfloat16"}
+    exact = tonumpy.load(tmp_path / "exact.npz", ml_dtypes=True)
+    assert exact["w"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(
+        exact["w"].view(np.uint16), tree["w"].view(torch.int16).numpy().view(np.uint16)
+    )

@@ -126,10 +126,17 @@ class Plan:
         widened to float32 is widened as it is written: no copy of a whole leaf is made.
         """
         leaf = self.leaf(index)
-        if isinstance(leaf, _arrays.LazyArray) and (leaf.bits is None or self.ml_dtypes):
-            self.complete(index, leaf.bits, leaf.bits or str(leaf.dtype))
-            _arrays.write_lazy(file, leaf)
-            return
+        if isinstance(leaf, _arrays.LazyArray):
+            bits = leaf.bits
+            if (
+                self.ml_dtypes
+                or bits is None
+                or getattr(torch, bits, None) not in _dtypes.ML_DTYPES
+            ):
+                self.complete(index, bits, bits or str(leaf.dtype))
+                _arrays.write_lazy(file, leaf)  # as stored: bits NumPy has no type for stay bits
+                return
+            leaf = _arrays.from_bits(leaf.array(), bits)  # bfloat16/float8: widened below
         if (
             not self.ml_dtypes
             and type(leaf) in (torch.Tensor, torch.nn.Parameter)
@@ -302,6 +309,8 @@ def _children(x: Any) -> tuple[str, list[Any], list[Any], str | None] | None:
 def _source_of(leaf: Any, stored: str, known: dict[str, Any]) -> dict[str, Any]:
     """What a leaf was before it was stored, where that differs from how it is stored."""
     source = dict(known)
+    if isinstance(leaf, _arrays.LazyArray) and leaf.bits:
+        source.setdefault("dtype", leaf.bits)
     if isinstance(leaf, torch.Tensor):
         source.setdefault("dtype", str(leaf.dtype).removeprefix("torch."))
         source.setdefault("device", str(leaf.device))

@@ -22,6 +22,7 @@ import mmap
 import os
 import pickle
 import re
+import threading
 import warnings
 import weakref
 import zipfile
@@ -47,6 +48,7 @@ __all__ = ["Checksums", "read_torch"]
 EXPANSION = 4
 _EXPANSION_SLACK = 64 << 20
 _MAX_RETRIES = 256
+_REGISTRY = threading.Lock()
 
 _CODE_MODULES = frozenset(
     [
@@ -525,7 +527,9 @@ def _load(
         try:
             if not isinstance(source, Path):
                 source.seek(0)
-            with torch.serialization.safe_globals(allowed + stand_ins):
+            # torch keeps safe globals in one process-wide set, which a concurrent load's exit
+            # would take ours out of: one tonumpy load registers at a time
+            with _REGISTRY, torch.serialization.safe_globals(allowed + stand_ins):
                 return _torch_load(path, source, map_location, mmap=mmap, weights_only=True)
         except pickle.UnpicklingError as exc:
             unknown = _UNSUPPORTED_GLOBAL.search(str(exc))
