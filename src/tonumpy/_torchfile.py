@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import _pickle_scan
-from ._fs import FileFormatError, UnsafeFileError, one_line, open_regular, short
+from ._fs import FileFormatError, UnsafeFileError, open_regular, short
 from ._npyzip import check_members
 from ._structure import dotted
 from .errors import TonumpyError
@@ -385,6 +385,16 @@ def _check_zip(
     return data, records
 
 
+def _reopenable(path: Path, f: Any) -> Path:
+    """A name for the file already opened (and checked) as ``f``, for torch to open again.
+
+    On Linux, ``/proc/self/fd/N`` names the very file behind the descriptor, so that a path
+    swapped for a FIFO or another file after the checks is not what torch reads.
+    """
+    alias = Path(f"/proc/self/fd/{f.fileno()}")
+    return alias if alias.exists() else path
+
+
 @contextlib.contextmanager
 def _mapped(f: Any, size: int) -> Any:
     """The file, memory-mapped read-only (b"" when empty); closed when the scan is done."""
@@ -458,8 +468,13 @@ def read_torch(path: Path, *, unsafe_load: bool) -> tuple[Any, Classes, Sources,
                     _check_storages(path, found.storages, sizes)
             finally:
                 data.release()
-            source: Any = path
+            source: Any = _reopenable(path, f)
         else:
+            if whole[:4] == b"PK\x03\x04":
+                raise FileFormatError(
+                    f"{path}: a truncated or corrupt torch.save file (a zip archive without its "
+                    "central directory)"
+                )
             if not unsafe_load and size:
                 found = _scan_legacy(path, whole, size)
             budget = found.end if found is not None else size
@@ -561,7 +576,7 @@ def _torch_load(
 
 
 def _torch_error(path: Path, exc: BaseException) -> TonumpyError:
-    text = str(exc)
+    text = re.sub(r"/proc/self/fd/\d+", str(path), str(exc))  # the file as the user named it
     blocked = re.search(r"GLOBAL ([\w.]+) whose module", text)
     if blocked:
         return UnsafeFileError(
@@ -589,7 +604,9 @@ def _torch_error(path: Path, exc: BaseException) -> TonumpyError:
         return FileFormatError(
             f"{path}: a truncated or corrupt torch.save file ({archive.group(1).strip()})"
         )
-    return FileFormatError(f"{path}: cannot read it as a torch.save file: {one_line(exc)}")
+    first = text.strip().splitlines()
+    described = f"{type(exc).__name__}: {first[0][:300]}" if first else type(exc).__name__
+    return FileFormatError(f"{path}: cannot read it as a torch.save file: {described}")
 
 
 def _unstub(

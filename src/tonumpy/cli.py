@@ -234,7 +234,7 @@ def _leaf_facts(
         return None
     was = source.get("dtype")
     if was and was != dtype:
-        flags.append(f"was {was}")
+        flags.append(f"was {escape(str(was))}")
     return kind, str(shape), escape(dtype), escape(str(device)), nbytes, flags
 
 
