@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _pickle_scan
+from . import _allowlist, _pickle_scan
 from ._fs import FileFormatError, UnsafeFileError, open_regular, short
 from ._npyzip import check_members
 from ._structure import dotted
@@ -49,237 +49,7 @@ EXPANSION = 4
 _EXPANSION_SLACK = 64 << 20
 _MAX_RETRIES = 256
 _REGISTRY = threading.Lock()
-
-_CODE_MODULES = frozenset(
-    [
-        "builtins",
-        "os",
-        "posix",
-        "nt",
-        "sys",
-        "subprocess",
-        "shutil",
-        "socket",
-        "importlib",
-        "runpy",
-        "pickle",
-        "_pickle",
-        "marshal",
-        "ctypes",
-        "code",
-        "codeop",
-        "pty",
-        "types",
-        "functools",
-        "operator",
-        "io",
-        "_io",
-        "tempfile",
-        "multiprocessing",
-        "threading",
-        "asyncio",
-        "urllib",
-        "http",
-        "webbrowser",
-        "signal",
-        "inspect",
-        "pdb",
-        "bdb",
-        "timeit",
-        "trace",
-        "platform",
-        "ftplib",
-        "smtplib",
-        "telnetlib",
-        "zipimport",
-        "pkgutil",
-        "site",
-        "distutils",
-        "setuptools",
-        "pip",
-        "glob",
-        "sched",
-        "select",
-        "selectors",
-        "_thread",
-        "_posixsubprocess",
-        "_winapi",
-        "winreg",
-        "msvcrt",
-        "shelve",
-        "dbm",
-        "sqlite3",
-        "ssl",
-        "requests",
-        "ensurepip",
-        "venv",
-        "cProfile",
-        "profile",
-        # Python 2 names that pickle protocol 2 writes for some of the above
-        "__builtin__",
-        "commands",
-        "copy_reg",
-        "cPickle",
-        "popen2",
-        "urllib2",
-        "httplib",
-    ]
-)
-_CLASS_LIKE = re.compile(r"_*[A-Z][A-Za-z0-9_]*")
-# Classes whose names are not CapWords but that checkpoints do hold (stand-ins, never imported)
-_LOWERCASE_CLASSES = frozenset(
-    [
-        "collections.defaultdict",
-        "collections.deque",
-        "datetime.datetime",
-        "datetime.date",
-        "datetime.time",
-        "datetime.timedelta",
-        "datetime.timezone",
-    ]
-)
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module)")
-
-
-class _StandIn:
-    """Replaces a class a pickle names; records its instances as ``OrderedDict``s.
-
-    The weights-only unpickler lets items be set only on dict/OrderedDict/Counter and state be
-    set on an OrderedDict's ``__dict__``, so every instance is created as an OrderedDict (a
-    list for ``deque``, which the pickle appends to); what the pickle passes in (constructor
-    arguments, state, items) is kept, nothing is run.
-    """
-
-    qualified_name = ""
-    records: dict[int, tuple[str, tuple[Any, ...], Any]]
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        instance: Any = [] if cls.qualified_name == "collections.deque" else OrderedDict()
-        cls.records[id(instance)] = (cls.qualified_name, args + tuple(kwargs.values()), instance)
-        return instance
-
-
-def _stand_in(name: str, records: dict[int, Any]) -> type:
-    return type(
-        name.rsplit(".", 1)[-1],
-        (_StandIn,),
-        {"qualified_name": name, "records": records, "__module__": __name__},
-    )
-
-
-def _classify_global(name: str, path: Path) -> None:
-    """Raise :class:`UnsafeFileError` unless ``name`` looks like a data class (not code)."""
-    module, _, attr = name.rpartition(".")
-    top = module.split(".", 1)[0]
-    class_like = (
-        _CLASS_LIKE.fullmatch(attr) or module == "torch.return_types" or name in _LOWERCASE_CLASSES
-    )
-    if top in _CODE_MODULES or not class_like or not module:
-        raise UnsafeFileError(
-            f"{path}: refused: its pickle calls {name}, which is code, not data; nothing was "
-            "run. Load it with --unsafe-load (unsafe_load=True) only if you trust its origin"
-        )
-
-
-class _Refused(pickle.UnpicklingError):
-    """Raised by an allow-listed wrapper: the pickle asked for something it may not have."""
-
-
-class _Name:
-    """A builtin type a pickle names as data (a ``defaultdict``'s factory): never called."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, *args: Any) -> Any:
-        raise _Refused(f"its pickle calls {self.name}, which is code, not data")
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-_BUILTIN_NAMES = ("list", "dict", "tuple", "frozenset", "int", "float", "str", "bool", "bytes")
-_NDARRAY = _Name("numpy.ndarray")
-_real_reconstruct: Any = np.arange(1).__reduce__()[0]
-_real_scalar: Any = np.float64(1).__reduce__()[0]
-_real_frombuffer: Any = np.arange(2).__reduce_ex__(5)[0]
-
-
-def _size_of(shape: Any) -> int:
-    if not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape):
-        raise _Refused(f"an array with a bad shape {short(shape)}")
-    return math.prod(shape)
-
-
-def _checked_dtype(dtype: Any) -> np.dtype[Any]:
-    if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise _Refused(f"an array of Python objects ({short(dtype)}), which needs pickle")
-    return dtype
-
-
-def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
-    """NumPy's ``_reconstruct``, for the empty array a pickled array's state then fills."""
-    if subtype is not _NDARRAY or _size_of(shape) != 0:
-        raise _Refused(f"numpy's _reconstruct with {short(subtype)}, {short(shape)}")
-    return _real_reconstruct(np.ndarray, shape, dtype)
-
-
-def _scalar(dtype: Any, *data: Any) -> Any:
-    """NumPy's ``scalar``: a scalar from exactly its item's bytes."""
-    dtype = _checked_dtype(dtype)
-    if len(data) != 1 or not isinstance(data[0], bytes) or len(data[0]) != dtype.itemsize:
-        raise _Refused(f"a numpy {dtype} scalar from {short(data)}")
-    return _real_scalar(dtype, *data)
-
-
-def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> Any:
-    """NumPy's ``_frombuffer``: an array over exactly the bytes the pickle holds."""
-    dtype = _checked_dtype(dtype)
-    if not isinstance(buffer, bytes | bytearray) or _size_of(shape) * dtype.itemsize != len(buffer):
-        raise _Refused(f"a numpy array of shape {short(shape)} from {len(buffer)} bytes")
-    return _real_frombuffer(buffer, dtype, shape, order)
-
-
-def _dtype(spec: Any, *flags: Any) -> np.dtype[Any]:
-    """``np.dtype``, refusing object dtypes (their data would need pickle)."""
-    if not all(isinstance(flag, bool) for flag in flags) or len(flags) > 2:
-        raise _Refused(f"np.dtype with {short(flags)}")
-    return _checked_dtype(np.dtype(spec, *flags))
-
-
-def _allowed() -> list[Any]:
-    """What a pickle may name beyond torch's own allow-list.
-
-    NumPy's pickling functions, each wrapped so that it cannot allocate more than the data it
-    is given; dtype classes; builtin types as inert names. ``np.ndarray`` is listed under a
-    name no pickle can spell (it has a newline), only so that the state of an array
-    ``_reconstruct`` made can be set.
-    """
-    found: list[Any] = [(_dtype, "numpy.dtype"), (_NDARRAY, "numpy.ndarray")]
-    found.append((np.ndarray, "\nnumpy.ndarray (set state only)"))
-    for package in ("numpy.core", "numpy._core"):
-        found += [
-            (_reconstruct, f"{package}.multiarray._reconstruct"),
-            (_scalar, f"{package}.multiarray.scalar"),
-            (_frombuffer, f"{package}.numeric._frombuffer"),
-        ]
-    codes = "?bBhHiIlLqQefdgFDGSUV"
-    found += list({type(np.dtype(c)) for c in codes} | {type(np.dtype("M8")), type(np.dtype("m8"))})
-    found += [(_Name(f"builtins.{n}"), f"builtins.{n}") for n in _BUILTIN_NAMES]
-    return found
-
-
-def _allowed_names(allowed: list[Any]) -> set[str]:
-    names = {entry[1] if isinstance(entry, tuple) else _qualified(entry) for entry in allowed}
-    table = getattr(torch, "_weights_only_unpickler", None)
-    with contextlib.suppress(Exception):  # torch's own table (a private function)
-        names |= set(table._get_allowed_globals())  # type: ignore[union-attr] # noqa: SLF001
-    return names
-
-
-def _qualified(obj: Any) -> str:
-    return f"{obj.__module__}.{obj.__qualname__}"
-
 
 # ------------------------------------------------------------------------------- checks
 
@@ -530,13 +300,13 @@ def _load(
         except pickle.UnpicklingError as exc:
             raise _torch_error(path, exc) from None
         return obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
-    allowed = _allowed()
-    known = _allowed_names(allowed)
+    allowed = _allowlist.allowed()
+    known = _allowlist.allowed_names(allowed)
     names = {name for name in found.globals if name not in known} if found else set()
     for _ in range(_MAX_RETRIES):
         for name in names:
-            _classify_global(name, path)
-        stand_ins = [(_stand_in(n, records), n) for n in sorted(names)]
+            _allowlist.classify(name, path)
+        stand_ins = [(_allowlist.stand_in(n, records), n) for n in sorted(names)]
         if checksums is not None:
             checksums.loaded.clear()
         try:
@@ -631,7 +401,7 @@ def _unstub(
     totals = [0, 0]  # containers visited, bytes of data
 
     def leaf(x: Any, path: tuple[Any, ...]) -> Any:
-        if isinstance(x, _Name):
+        if isinstance(x, _allowlist.Name):
             return x.name
         if isinstance(x, np.ndarray | np.generic | np.dtype):
             dtype = x if isinstance(x, np.dtype) else x.dtype
@@ -684,7 +454,7 @@ def _unstub(
                 return {k: walk(v, (*path, k)) for k, v in items.items()}
             if isinstance(x, dict):
                 if type(x) not in (dict,):
-                    classes[path] = _qualified(type(x)).removeprefix("builtins.")
+                    classes[path] = _allowlist.qualified(type(x)).removeprefix("builtins.")
                 return {k: walk(v, (*path, k)) for k, v in x.items()}
             items_out = [walk(v, (*path, i)) for i, v in enumerate(x)]
             return items_out if isinstance(x, list) else tuple(items_out)
