@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -244,23 +243,6 @@ def test_failed_conversion_leaves_no_destination(tmp_path: Path, checkpoint: Pat
         assert err.count("\n") == 1
         assert "Traceback" not in err
         assert not (tmp_path / dst).exists()
-    assert leftovers(tmp_path) == []
-
-
-def test_interrupt_leaves_nothing(
-    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real = tio._write_array
-
-    def interrupted(*args: Any, **kwargs: Any) -> None:
-        real(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(tio, "_write_array", interrupted)
-    code, _, err = run("convert", str(checkpoint), str(tmp_path / "out.npz"))
-    assert code == 130
-    assert "interrupted" in err
-    assert not (tmp_path / "out.npz").exists()
     assert leftovers(tmp_path) == []
 
 

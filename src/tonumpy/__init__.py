@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import _startup  # noqa: F401 - first: Ctrl-C while the command imports torch
 from .asynchronous import PendingTransfer, to_numpy_async
 from .convert import apply, to_numpy, to_torch
 from .errors import CaptureError, ConversionError, OptionError, TonumpyError, UnsupportedLeafError

@@ -119,18 +119,41 @@ def _parts(node: Any) -> list[tuple[str, Any]]:
     return parts + _attributes(node)
 
 
+_PLAIN_CONTAINERS = (list, tuple, set, frozenset, deque)
+
+
+def _only_values(node: Any, values: frozenset[type]) -> bool:
+    """Whether ``node`` is a plain builtin container of ``values`` only (checked in C).
+
+    Such a container (a set of 200,000 ints, a list of strings) holds no tensor and nothing
+    to search, however large: it costs no search budget.
+    """
+    cls = type(node)
+    if cls in _PLAIN_CONTAINERS:
+        kinds = set(map(type, node))
+    elif cls is dict:
+        kinds = set(map(type, node)) | set(map(type, node.values()))
+    else:
+        return False
+    return kinds <= values
+
+
 def find_tensor(obj: Any, atomic: frozenset[type]) -> str | None:
     """Where inside ``obj`` a tensor is held (``.cache['k'][0]``), or None if there is none.
 
     ``atomic`` are types known not to need a search. Raises ``TooLargeError`` when the
-    objects reachable from ``obj`` are more than ``BUDGET``.
+    objects to look at (plain containers of values such as a set of ints do not count) are
+    more than ``BUDGET``.
     """
     seen = {id(obj)}
     stack: list[tuple[Any, str]] = [(obj, "")]
     budget = BUDGET
     known: dict[type, bool] = {}
+    values = frozenset(cls for cls in atomic if not issubclass(cls, torch.Tensor))
     while stack:
         node, where = stack.pop()
+        if _only_values(node, values):
+            continue
         for access, child in _parts(node):
             budget -= 1
             if budget < 0:

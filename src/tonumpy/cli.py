@@ -4,7 +4,9 @@
 and with ``--stats`` min/max/mean and NaN/Inf counts); ``tonumpy convert SRC DST`` writes it as
 ``.npz``, ``.safetensors``, ``.npy`` or a directory of ``.npy`` files. Errors are one line on
 stderr and exit status 2 (``--debug`` shows the traceback); output is coloured only on a
-terminal (and never with ``NO_COLOR`` set).
+terminal (and never with ``NO_COLOR`` set). Text that comes from a file (keys, class names,
+values) is printed with control characters escaped. SIGTERM and SIGHUP stop a conversion as
+Ctrl-C does: nothing is left behind, and the exit status is 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -13,18 +15,22 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import numpy as np
 import torch
 
-from . import __version__, _dtypes
+from . import __version__, _arrays, _dtypes, _structure
 from . import io as tio
+from ._fs import escape, short
 from .convert import to_numpy
 from .errors import TonumpyError
 
@@ -35,6 +41,7 @@ EXIT_INTERRUPTED = 130
 #: Inputs at least this large get a progress bar (on a terminal).
 PROGRESS_MIN_BYTES = 64 << 20
 _STATS_CHUNK = 1 << 22  # elements per chunk when computing --stats
+_STOP_SIGNALS = ("SIGTERM", "SIGHUP")
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -144,13 +151,8 @@ def _size(n: int) -> str:
     raise AssertionError  # pragma: no cover
 
 
-def _short(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _key(key: Any) -> str:
-    return key if isinstance(key, str) else repr(key)
+    return escape(key) if isinstance(key, str) else short(key, 80)
 
 
 def _num(x: float) -> str:
@@ -204,19 +206,26 @@ def _leaf_facts(
     """(type, shape, dtype, device, bytes, flags) for an array leaf; None for other leaves.
 
     ``stored_as_arrays``: the file holds NumPy arrays (a bfloat16 one is read as a tensor,
-    NumPy having no bfloat16 of its own, but it is an array in the file).
+    NumPy having no bfloat16 of its own, but it is an array in the file). A sparse tensor's
+    bytes are those it holds (indices and values); its dense size is a flag.
     """
     flags = []
+    nbytes = _arrays.nbytes(leaf)
     if isinstance(leaf, torch.Tensor):
         dtype = str(leaf.dtype).removeprefix("torch.")
-        nbytes = leaf.numel() * leaf.element_size() if leaf.layout == torch.strided else 0
         device = source.get("device", str(leaf.device))
         if leaf.requires_grad or source.get("requires_grad"):
             flags.append("grad")
+        if leaf.is_meta:
+            flags.append("meta: no data")
+        elif leaf.layout != torch.strided:
+            dense = math.prod(leaf.shape) * leaf.element_size()
+            flags.append(f"{str(leaf.layout).removeprefix('torch.')}, dense {_size(dense)}")
         kind = "ndarray" if stored_as_arrays else type(leaf).__name__
         shape = tuple(leaf.shape)
-    elif isinstance(leaf, np.ndarray | np.generic):
-        dtype, nbytes, shape = str(leaf.dtype), int(leaf.nbytes), tuple(leaf.shape)
+    elif isinstance(leaf, np.ndarray | np.generic | _arrays.LazyArray):
+        dtype = leaf.bits if isinstance(leaf, _arrays.LazyArray) and leaf.bits else str(leaf.dtype)
+        shape = tuple(leaf.shape)
         device = source.get("device", "cpu")
         if source.get("requires_grad"):
             flags.append("grad")
@@ -225,36 +234,73 @@ def _leaf_facts(
         return None
     was = source.get("dtype")
     if was and was != dtype:
-        flags.append(f"was {was}")
-    return kind, str(shape), dtype, device, nbytes, flags
+        flags.append(f"was {escape(str(was))}")
+    return kind, str(shape), escape(dtype), escape(str(device)), nbytes, flags
 
 
 def _stats(leaf: Any) -> list[str]:
-    """[min, max, mean, nan, inf] of an array leaf, over its finite values, as text."""
-    try:
-        arr = to_numpy(leaf) if isinstance(leaf, torch.Tensor) else np.asarray(leaf)
-    except TonumpyError:
+    """[min, max, mean, nan, inf] of an array leaf, over its finite values, as text.
+
+    Computed a chunk at a time for every dtype (bfloat16 widened a chunk at a time, members of
+    a ``.npz`` read a chunk at a time): memory does not grow with the array.
+    """
+    chunks = _value_chunks(leaf)
+    if chunks is None:
         return ["-"] * 5
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf" or arr.size == 0:
-        return ["-"] * 5
-    flat = arr.reshape(-1)
     lo, hi, total, count, nans, infs = math.inf, -math.inf, 0.0, 0, 0, 0
-    for start in range(0, flat.size, _STATS_CHUNK):
-        chunk = flat[start : start + _STATS_CHUNK]
+    for chunk in chunks:
+        if chunk.dtype.kind not in "biuf":
+            return ["-"] * 5
+        finite = chunk
         if chunk.dtype.kind == "f":
             nan_mask = np.isnan(chunk)
             inf_mask = np.isinf(chunk)
             nans += int(nan_mask.sum())
             infs += int(inf_mask.sum())
-            chunk = chunk[~(nan_mask | inf_mask)]
-        if chunk.size:
-            lo = min(lo, float(chunk.min()))
-            hi = max(hi, float(chunk.max()))
-            total += float(chunk.sum(dtype=np.float64))
-            count += chunk.size
+            finite = chunk[~(nan_mask | inf_mask)]
+        if finite.size:
+            lo = min(lo, float(finite.min()))
+            hi = max(hi, float(finite.max()))
+            total += float(finite.sum(dtype=np.float64))
+            count += finite.size
     if not count:
         return ["-", "-", "-", str(nans), str(infs)]
     return [_num(lo), _num(hi), _num(total / count), str(nans), str(infs)]
+
+
+def _value_chunks(leaf: Any) -> Iterator[np.ndarray] | None:
+    """The values of an array leaf as 1-d NumPy chunks; None when there are none to summarise."""
+    if isinstance(leaf, _arrays.LazyArray):
+        return _member_chunks(leaf)
+    if isinstance(leaf, torch.Tensor):
+        if leaf.is_meta or leaf.layout != torch.strided or leaf.is_nested or leaf.is_complex():
+            return None
+        return _tensor_chunks(leaf.detach())
+    return _array_chunks(np.asarray(leaf))
+
+
+def _array_chunks(array: np.ndarray) -> Iterator[np.ndarray]:
+    wide = array.dtype.type.__module__.startswith("ml_dtypes")  # bfloat16 etc.: as float32
+    for block in _arrays.blocks(array, _STATS_CHUNK):
+        yield block.astype(np.float32) if wide else block
+
+
+def _tensor_chunks(t: torch.Tensor) -> Iterator[np.ndarray]:
+    for block in _arrays.blocks(t, _STATS_CHUNK):
+        yield to_numpy(block)  # bfloat16/float8 widened, quantized dequantized: one block
+
+
+def _member_chunks(leaf: _arrays.LazyArray) -> Iterator[np.ndarray]:
+    for chunk in leaf.chunks(_STATS_CHUNK * leaf.dtype.itemsize):
+        values = np.frombuffer(chunk, dtype=leaf.dtype)
+        if not leaf.bits:
+            yield values
+            continue
+        restored = _arrays.from_bits(values, leaf.bits)
+        if isinstance(restored, torch.Tensor):
+            yield to_numpy(restored)
+        else:
+            yield from _array_chunks(restored)
 
 
 def _count(x: Any) -> tuple[int, int]:
@@ -279,7 +325,8 @@ def _rows(
     """(kind, cells) for each node shown, in order; and the totals over every leaf."""
     rows: list[tuple[str, list[str]]] = []
     totals = {"arrays": 0, "elements": 0, "bytes": 0, "values": 0}
-    arrays_only = contents.format not in ("torch", "safetensors")
+    arrays_only = contents.format not in ("torch", "safetensors", "hugging face checkpoint")
+    verify = contents._verify  # noqa: SLF001 - checksums, checked before values are read
 
     def walk(x: Any, path: tuple[Any, ...]) -> None:
         level = len(path)
@@ -287,7 +334,7 @@ def _rows(
         shown = depth is None or level <= depth
         if isinstance(x, dict | list | tuple):
             cls = contents.classes.get(path)
-            kind = cls.rsplit(".", 1)[-1] if cls else type(x).__name__
+            kind = escape(cls.rsplit(".", 1)[-1]) if cls else type(x).__name__
             size = _plural(len(x), "key" if isinstance(x, dict) else "item")
             if shown:
                 rows.append(("container", [name, kind, size, "", "", _size(_count(x)[1])]))
@@ -303,7 +350,7 @@ def _rows(
             totals["values"] += 1
             if shown:
                 kind = "None" if x is None else type(x).__name__
-                rows.append(("value", [name, kind, "= " + _short(x)]))
+                rows.append(("value", [name, kind, "= " + short(x)]))
             return
         kind, shape, dtype, device, nbytes, flags = facts
         totals["arrays"] += 1
@@ -312,6 +359,8 @@ def _rows(
         if shown:
             row = [name, kind, shape, dtype, device, _size(nbytes), " ".join(flags)]
             if stats:
+                if verify is not None:
+                    verify(x)
                 row += _stats(x)
             rows.append(("leaf", row))
 
@@ -320,16 +369,12 @@ def _rows(
 
 
 def _show(args: argparse.Namespace, out: TextIO) -> int:
-    contents = tio.read(args.file, unsafe_load=args.unsafe_load)
+    path = Path(args.file)
+    # headers only: members of a .npz are not read, other files are memory-mapped
+    contents = tio._read(path, unsafe_load=args.unsafe_load, lazy=True)  # noqa: SLF001
     style = _Style(out)
     rows, totals = _rows(contents, args.depth, args.stats)
-    path = Path(args.file)
-    size = (
-        sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-        if path.is_dir()
-        else path.stat().st_size
-    )
-    out.write(f"{style(str(path), '1')}: {contents.format}, {_size(size)}\n")
+    out.write(f"{style(escape(str(path)), '1')}: {contents.format}, {_size(_disk_size(path))}\n")
     header = ["key", "type", "shape", "dtype", "device", "bytes", ""]
     if args.stats:
         header += ["min", "max", "mean", "nan", "inf"]
@@ -389,15 +434,9 @@ def _convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     finally:
         bar.close()
     arrays, _, widened = _summary(contents.tree)
-    dst = Path(args.dst)
-    size = (
-        sum(p.stat().st_size for p in dst.iterdir() if p.is_file())
-        if dst.is_dir()
-        else dst.stat().st_size
-    )
     out.write(
-        f"wrote {args.dst} ({_size(size)}): {_plural(arrays, 'array')} "
-        f"from {args.src} ({contents.format})\n"
+        f"wrote {escape(args.dst)} ({_size(_disk_size(Path(args.dst)))}): "
+        f"{_plural(arrays, 'array')} from {escape(args.src)} ({contents.format})\n"
     )
     if widened and not args.ml_dtypes and not args.dst.endswith(".safetensors"):
         err.write(
@@ -407,19 +446,27 @@ def _convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _disk_size(path: Path) -> int:
+    """Bytes of a file, or of the regular files directly in a directory (links not followed)."""
+    if not path.is_dir():
+        return path.stat().st_size
+    with os.scandir(path) as entries:
+        return sum(
+            e.stat(follow_symlinks=False).st_size
+            for e in entries
+            if e.is_file(follow_symlinks=False)
+        )
+
+
 def _summary(tree: Any) -> tuple[int, int, set[str]]:
     arrays, nbytes, widened = 0, 0, set()
-    stack = [tree]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, list | tuple):
-            stack.extend(x)
-        elif (facts := _leaf_facts(x, {})) is not None:
+    for x in _structure.leaves(tree):
+        if (facts := _leaf_facts(x, {})) is not None:
             arrays += 1
             nbytes += facts[4]
-            if isinstance(x, torch.Tensor) and x.dtype in _dtypes.ML_DTYPES:
+            if (isinstance(x, torch.Tensor) and x.dtype in _dtypes.ML_DTYPES) or (
+                isinstance(x, _arrays.LazyArray) and x.bits
+            ):
                 widened.add(facts[2])
     return arrays, nbytes, widened
 
@@ -428,10 +475,60 @@ def _summary(tree: Any) -> tuple[int, int, set[str]]:
 
 
 def _message(exc: BaseException) -> str:
+    """One line, control characters escaped (a path or key from a file may hold them)."""
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
-        return f"{exc.filename}: {exc.strerror}"
+        return escape(f"{exc.filename}: {exc.strerror}")
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return escape(text[0]) if text else type(exc).__name__
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind (removing temporaries) as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into ``_Stopped``, Ctrl-C into KeyboardInterrupt.
+
+    Each once: a second signal while the first unwinds is ignored, so clean-up completes. Only
+    in the main thread (where Python runs signal handlers); the handlers are restored on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    numbers = [
+        getattr(signal, name) for name in (*_STOP_SIGNALS, "SIGINT") if hasattr(signal, name)
+    ]
+    previous = {number: signal.getsignal(number) for number in numbers}
+
+    def handler(signum: int, frame: Any) -> None:
+        for number in numbers:
+            signal.signal(number, signal.SIG_IGN)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise _Stopped(signum)
+
+    for number in numbers:
+        signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old if old is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Keep library warnings (torch's deprecations, beta notices) off the user's terminal."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+        yield
 
 
 def main(
@@ -453,7 +550,8 @@ def main(
         stderr: Where errors, warnings and the progress bar go (default: ``sys.stderr``).
 
     Returns:
-        0 on success, 2 on any error, 130 when interrupted.
+        0 on success, 2 on any error, 130 when interrupted (Ctrl-C), 143 on SIGTERM and 129
+        on SIGHUP; nothing is left behind in each case.
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
@@ -464,17 +562,14 @@ def main(
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_ERROR
     debug = getattr(args, "debug", False)
     try:
-        if getattr(args, "unsafe_load", False):
-            err.write(
-                "tonumpy: warning: --unsafe-load unpickles the file with weights_only=False: "
-                "any code it names RUNS now. Only use it for files you trust.\n"
-            )
-        if args.command == "show":
-            return _show(args, out)
-        return _convert(args, out, err)
+        with _quiet_libraries(), _stop_signals():
+            return _run(args, out, err)
     except KeyboardInterrupt:
         err.write("tonumpy: interrupted\n")
         return EXIT_INTERRUPTED
+    except _Stopped as stop:
+        err.write(f"tonumpy: stopped by {signal.Signals(stop.signum).name}\n")
+        return 128 + stop.signum
     except BrokenPipeError:  # `tonumpy show big.pt | head`: the reader left; stop quietly
         if out is sys.stdout:
             with contextlib.suppress(OSError):
@@ -487,3 +582,14 @@ def main(
         hint = "" if known or debug else " (an unexpected error: run with --debug for details)"
         err.write(f"tonumpy: error: {_message(exc)}{hint}\n")
         return EXIT_ERROR
+
+
+def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if getattr(args, "unsafe_load", False):
+        err.write(
+            "tonumpy: warning: --unsafe-load unpickles the file with weights_only=False: "
+            "any code it names RUNS now. Only use it for files you trust.\n"
+        )
+    if args.command == "show":
+        return _show(args, out)
+    return _convert(args, out, err)

@@ -1,0 +1,36 @@
+"""Ctrl-C while the ``tonumpy`` command starts: one line, no traceback.
+
+Importing torch takes seconds, and it happens before the command's own code runs (importing
+``tonumpy.cli`` imports the package first). This module is imported first by the package: when
+the process is the ``tonumpy`` command (or ``python -m tonumpy``), an interrupt that escapes
+during start-up is reported as ``tonumpy: interrupted``; every other exception, and every other
+program that imports tonumpy, is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import TracebackType
+
+__all__: list[str] = []
+
+
+def _is_the_command() -> bool:
+    name = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if name in ("tonumpy", "tonumpy.exe", "tonumpy-script.py"):
+        return True
+    original = getattr(sys, "orig_argv", [])
+    return len(original) >= 3 and original[1:3] == ["-m", "tonumpy"]
+
+
+def _hook(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.stderr.write("tonumpy: interrupted\n")
+        return
+    _previous(kind, value, traceback)
+
+
+_previous = sys.excepthook
+if _is_the_command():
+    sys.excepthook = _hook
