@@ -44,12 +44,18 @@ from .errors import ConversionError, UnsupportedLeafError
 __all__ = [
     "MAX_NODE_TYPES",
     "NAMESPACE",
+    "Node",
+    "first_difference",
     "flatten",
     "flatten_typed",
     "format_path",
     "leaf_path",
+    "leaf_paths",
+    "outline",
     "same_structure",
+    "structure_error",
     "unflatten",
+    "where",
 ]
 
 #: At most this many container classes stay registered (about 10 KiB each, class included).
@@ -363,6 +369,92 @@ def leaf_path(spec: PyTreeSpec, index: int, root: str = "tree") -> tuple[tuple[A
     return tuple(accessor.path), accessor.codify(root)
 
 
+def leaf_paths(spec: PyTreeSpec, root: str = "tree") -> list[tuple[tuple[Any, ...], str]]:
+    """[`leaf_path`][tonumpy._tree.leaf_path] of every leaf of ``spec``, in leaf order."""
+    return [(tuple(a.path), a.codify(root)) for a in spec.accessors()]
+
+
+def where(spec: PyTreeSpec, path: tuple[Any, ...] | None, root: str = "tree") -> str:
+    """How a user reads the node at key path ``path`` of ``spec``'s tree: ``tree['o'].logits``.
+
+    The one rendering of places in a tree: fields read as attributes, namedtuple entries by
+    their names, mapping items and sequence items by subscript (optree's accessors). A node
+    with no leaf under it (an empty container) is rendered from its keys alone.
+    """
+    if path is None:
+        return root
+    for accessor in spec.accessors():
+        if tuple(accessor.path[: len(path)]) == path:
+            return optree.PyTreeAccessor(tuple(accessor)[: len(path)]).codify(root)
+    return format_path(path, root)
+
+
+class Node(NamedTuple):
+    """One node of a tree, as [`outline`][tonumpy._tree.outline] lists them.
+
+    ``keys`` are a container's keys (dict keys, field and attribute names, indices) in the
+    order the container holds them (a dict's insertion order, not optree's sorted one), or
+    ``None`` for a leaf; ``type`` the container's type (``NoneType`` for ``None``, which has
+    no leaf); ``first`` and ``size`` the range of its leaves in the flat list.
+    """
+
+    path: tuple[Any, ...]
+    keys: tuple[Any, ...] | None
+    type: type | None
+    first: int
+    size: int
+
+
+_DICTS = (dict, OrderedDict, defaultdict)  # optree sorts their keys; insertion order is kept
+
+
+def outline(spec: PyTreeSpec) -> list[Node]:
+    """Every node of ``spec``'s tree, containers and leaves, parents first, in stored order.
+
+    For what walks a tree's containers rather than its leaves alone (the structure a file
+    stores, the rows ``tonumpy show`` prints): one pass, O(nodes), over what
+    [`flatten`][tonumpy._tree.flatten] made of the tree. A container's children come in the
+    order the container holds them; each node's leaves are one range of the flat list.
+
+    Examples:
+        >>> leaves, spec = flatten({"b": [1, 2], "a": None})
+        >>> for node in outline(spec):
+        ...     print(node.path, node.keys, node.first, node.size)
+        () ('b', 'a') 0 2
+        ('b',) (0, 1) 0 2
+        ('b', 0) None 0 1
+        ('b', 1) None 1 1
+        ('a',) () 0 0
+    """
+    nodes: list[Node] = []
+    stack: list[tuple[PyTreeSpec, tuple[Any, ...], int]] = [(spec, (), 0)]
+    while stack:
+        node, path, first = stack.pop()
+        if node.is_leaf():
+            nodes.append(Node(path, None, None, first, 1))
+            continue
+        entries = node.entries()
+        children = node.children()
+        starts = []
+        offset = first
+        for child in children:
+            starts.append(offset)
+            offset += child.num_leaves
+        by_entry = {
+            entry: (child, start)
+            for entry, child, start in zip(entries, children, starts, strict=True)
+        }
+        keys = list(entries)
+        one_level = node.one_level()
+        if node.type in _DICTS and one_level is not None:  # optree sorted the keys:
+            keys = list(one_level.unflatten([0] * node.num_children))  # take the dict's order
+        nodes.append(Node(path, tuple(keys), node.type, first, node.num_leaves))
+        for key in reversed(keys):
+            child, start = by_entry[key]
+            stack.append((child, (*path, key), start))
+    return nodes
+
+
 def _path_to(
     tree: Any, target: Any, is_leaf: Callable[[Any], Any] | None, none_is_leaf: bool
 ) -> Any:
@@ -455,4 +547,61 @@ def _recursion_error(
         f"the tree could not be walked: Python's recursion limit ({sys.getrecursionlimit()}) "
         "was hit while flattening it",
         path=None,
+    )
+
+
+# ------------------------------------------------------------------------------ differences
+
+
+def _node_text(spec: PyTreeSpec) -> str:
+    if spec.is_leaf():
+        return "a leaf"
+    if spec.type is type(None):
+        return "None"
+    entries = list(spec.entries())
+    name = spec.type.__name__ if spec.type is not None else "node"
+    if spec.type in (list, tuple) or (isinstance(spec.type, type) and issubclass(spec.type, list)):
+        return f"a {name} of {len(entries)} items"
+    return f"a {name} with keys {entries!r}"
+
+
+def first_difference(
+    a: PyTreeSpec, b: PyTreeSpec, path: tuple[Any, ...] = ()
+) -> tuple[tuple[Any, ...], str, str]:
+    """The first place where ``a`` and ``b`` differ: ``(path, what a has, what b has)``.
+
+    Only called on specs known to differ; the search goes depth first, in leaf order.
+    """
+    if a.is_leaf() or b.is_leaf() or a.type is not b.type:
+        return path, _node_text(a), _node_text(b)
+    entries_a, entries_b = list(a.entries()), list(b.entries())
+    sequence = entries_a == list(range(len(entries_a)))
+    if entries_a != entries_b and sequence:
+        return path, _node_text(a), _node_text(b)
+    if entries_a != entries_b:
+        for entry in entries_a:
+            if entry not in entries_b:
+                return (*path, entry), "a value", "nothing (the key is missing)"
+        for entry in entries_b:
+            if entry not in entries_a:
+                return (*path, entry), "nothing (no such key)", "a value"
+        return path, _node_text(a), f"the same keys in another order: {entries_b!r}"
+    for entry, child_a, child_b in zip(entries_a, a.children(), b.children(), strict=True):
+        if child_a != child_b:
+            return first_difference(child_a, child_b, (*path, entry))
+    return path, f"{_node_text(a)} ({a.one_level()})", f"another {_node_text(b)} ({b.one_level()})"
+
+
+def structure_error(
+    first: PyTreeSpec, other: PyTreeSpec, first_name: str, other_name: str, *, hint: str
+) -> ConversionError:
+    """The error for ``other`` not having ``first``'s structure; ``.path`` is where they part.
+
+    ``hint`` ends the message: what the caller needs and how to get there.
+    """
+    path, has_a, has_b = first_difference(first, other)
+    return ConversionError(
+        f"{other_name} does not have the structure of {first_name}: at {where(first, path)}, "
+        f"{first_name} has {has_a} but {other_name} has {has_b}; {hint}",
+        path=path,
     )

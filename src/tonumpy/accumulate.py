@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from optree import PyTreeSpec
 
-from . import _diff, _options, _ragged, _tree
+from . import _options, _ragged, _tree
 from ._ragged import PadValue
 from .convert import convert_flat, start
 from .errors import ConversionError, OptionError
@@ -49,7 +49,7 @@ _SAME_STRUCTURE = (
 def _structure_error(
     first: PyTreeSpec, other: PyTreeSpec, first_name: str, other_name: str
 ) -> ConversionError:
-    return _diff.structure_error(first, other, first_name, other_name, hint=_SAME_STRUCTURE)
+    return _tree.structure_error(first, other, first_name, other_name, hint=_SAME_STRUCTURE)
 
 
 # ------------------------------------------------------------------------------ leaves

@@ -33,7 +33,6 @@ import torch
 from optree import PyTreeSpec
 
 from . import _bulk, _dtypes, _options, _transfer, _tree
-from ._diff import structure_error
 from ._leaf import PLAIN, LeafError, array_to_tensor, convert_checked, leaf_error, move
 from ._options import Copy
 from ._transfer import PendingTransfer
@@ -439,7 +438,7 @@ def apply(
     for number, rest in enumerate(rests):
         rest_leaves, rest_spec = _tree.flatten(rest, is_leaf=node_test)
         if not _tree.same_structure(rest_spec, spec):
-            raise structure_error(
+            raise _tree.structure_error(
                 spec,
                 rest_spec,
                 "tree",
