@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import tonumpy
-from tonumpy import Accumulator, ConversionError, accumulate, concat
-from tonumpy._ragged import check_pad_value, copy_padded, pad_value_for, target_shape
+from tonumpy import Accumulator, ConversionError, _storage, concat
+from tonumpy._columns import Column, copy_padded
+from tonumpy._pad import check_pad_value, pad_value_for
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -402,12 +403,16 @@ def test_check_pad_value_rules() -> None:
             check_pad_value(value, np.dtype(dtype), ("x",))
 
 
-def test_copy_padded_and_target_shape() -> None:
-    """copy_padded writes data and padding; target_shape ignores empty chunks."""
+def test_copy_padded_and_empty_chunks_in_the_padded_shape() -> None:
+    """copy_padded writes data and padding; chunks with no rows take no part in the shape."""
     dst = np.empty((2, 3, 4), np.int8)
     copy_padded(dst, np.ones((2, 2, 1), np.int8), np.array(-1, np.int8))
     assert dst.sum() == 4 - 20
-    assert target_shape([(0, 9), (2, 3)], ("x",), padded=False) == (3,)
+    column = Column(("x",), "tree['x']", axis=0, pad_value=None)
+    for shape in [(0, 9), (2, 3)]:
+        column.commit(column.check("array", np.dtype("int8"), shape, "batch"))
+    assert column.trailing == (3,)
+    assert column.fill is None
 
 
 # ---------------------------------------------------------------------------- hypothesis
@@ -720,12 +725,14 @@ def test_directory_files_read_back_with_np_load(tmp_path: Path) -> None:
         loaded = np.load(tmp_path / "preds" / f"{key}.npy")
         assert loaded.dtype == expected[key].dtype
         np.testing.assert_array_equal(loaded, expected[key])
-    manifest = json.loads((tmp_path / "preds" / "manifest.json").read_text())
-    assert {e["file"]: e["path"] for e in manifest["leaves"]} == {
-        "labels.npy": ["labels"],
-        "logits.npy": ["logits"],
-        "loss.npy": ["loss"],
-    }
+    # the directory format of convert: tonumpy.load reads the tree back, structure and all
+    structure = json.loads((tmp_path / "preds" / "__tonumpy__.json").read_text())
+    assert sorted(structure["arrays"]) == ["labels", "logits", "loss"]
+    loaded = tonumpy.load(tmp_path / "preds")
+    assert list(loaded) == list(out)
+    assert loaded["note"] == ["text"] * 6
+    for key in ("logits", "labels", "loss"):
+        np.testing.assert_array_equal(loaded[key], expected[key])
 
 
 def test_directory_num_items_and_len(tmp_path: Path) -> None:
@@ -744,7 +751,7 @@ def test_directory_growing_lengths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slack: int
 ) -> None:
     """Steadily longer batches (re-laid out exactly, or geometrically and trimmed at the end)."""
-    monkeypatch.setattr(accumulate, "_REWRITE_SLACK", slack)
+    monkeypatch.setattr(_storage, "_REWRITE_SLACK", slack)
     acc = Accumulator(pad_value=-1, directory=tmp_path)
     batches = [np.full((2, n, 2), n, dtype=np.int32) for n in range(1, 30)]
     for batch in batches:
@@ -758,19 +765,29 @@ def test_directory_growing_lengths(
 
 
 def test_directory_bfloat16_files(tmp_path: Path) -> None:
-    """bf16 leaves are stored bit-exact; np.load gives raw V2 fields, viewable as bfloat16."""
+    """bf16 leaves are stored bit-exact as uint16 bits, the dtype named in the structure;
+    tonumpy.load gives them back exactly (ml_dtypes=True) or widened."""
     acc = Accumulator(ml_dtypes=True, directory=tmp_path)
     acc.append({"h": torch.tensor([1.5, -2.0], dtype=torch.bfloat16)})
     out = acc.result()
     assert out["h"].dtype == ml_dtypes.bfloat16
     raw = np.load(tmp_path / "h.npy")
+    assert raw.dtype == np.uint16
     np.testing.assert_array_equal(raw.view(ml_dtypes.bfloat16).astype(np.float32), [1.5, -2.0])
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["leaves"][0]["dtype"] == "bfloat16"
+    structure = json.loads((tmp_path / "__tonumpy__.json").read_text())
+    assert structure["tree"]["v"][0]["dtype"] == "bfloat16"
+    exact = tonumpy.load(tmp_path, ml_dtypes=True)["h"]
+    assert exact.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(exact.view(np.uint16), raw)
+    wide = tonumpy.load(tmp_path)["h"]
+    assert wide.dtype == np.float32
+    np.testing.assert_array_equal(wide, [1.5, -2.0])
 
 
-def test_directory_empty_first_batch_and_safe_casts(tmp_path: Path) -> None:
-    """An empty first batch does not fix the file's dtype or shape; safe casts are accepted."""
+def test_directory_empty_first_batch_and_the_dtype_rule(tmp_path: Path) -> None:
+    """An empty first batch does not fix the file's dtype or shape; the file follows the one
+    dtype rule (the in-memory one): a wider dtype that holds every value rewrites it, one
+    that would round values is refused, and the accumulator is left as it was."""
     acc = Accumulator(directory=tmp_path)
     acc.append(np.zeros((0, 5), np.float64))
     acc.append(np.ones((2, 3), np.float32))
@@ -778,8 +795,19 @@ def test_directory_empty_first_batch_and_safe_casts(tmp_path: Path) -> None:
     out = acc.result()
     assert out.dtype == np.float32
     assert out.shape == (3, 3)
-    with pytest.raises(ConversionError, match="cannot hold float64 safely"):
-        acc.append(np.ones((1, 3), np.float64))
+    acc.append(np.full((1, 3), 0.1, np.float64))  # float64 holds every float32: promoted
+    out = acc.result()
+    assert out.dtype == np.float64
+    assert np.load(tmp_path / "root.npy").dtype == np.float64
+    np.testing.assert_array_equal(out[:3], np.ones((3, 3)))
+    assert out[3, 0] == 0.1
+    with pytest.raises(ConversionError, match="no dtype holds both exactly"):
+        acc.append(np.ones((1, 3), np.int64))
+    assert acc.result().shape == (4, 3)
+    mem = Accumulator()
+    mem.append(np.ones((1, 3), np.float32))
+    mem.append(np.full((1, 3), 0.1, np.float64))
+    np.testing.assert_array_equal(mem.result(), out[[0, 3]])
 
 
 @pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "directory"])
@@ -819,7 +847,7 @@ def test_directory_file_names_are_unique(tmp_path: Path) -> None:
     acc = Accumulator(directory=tmp_path)
     acc.append({"a b": np.ones(1), "a/b": np.zeros(1), "h": [np.ones(1), np.ones(1)]})
     names = sorted(p.name for p in tmp_path.glob("*.npy"))
-    assert names == ["a_b-2.npy", "a_b.npy", "h.0.npy", "h.1.npy"]
+    assert names == ["a_b.npy", "a_b~2.npy", "h.0.npy", "h.1.npy"]
 
 
 _CRASH_SCRIPT = textwrap.dedent(
@@ -827,7 +855,7 @@ _CRASH_SCRIPT = textwrap.dedent(
     import os, signal, sys
     import numpy as np, torch
     from tonumpy import Accumulator
-    from tonumpy import accumulate
+    from tonumpy import _storage
 
     directory, crash_after, mid_append = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     acc = Accumulator(pad_value={"labels": -100}, directory=directory)
@@ -835,7 +863,7 @@ _CRASH_SCRIPT = textwrap.dedent(
         if i == crash_after:
             if mid_append:  # die after the batch's bytes are written, before its header
                 die = lambda self, fd: os.kill(os.getpid(), signal.SIGKILL)
-                accumulate._NpyFile._write_header = die
+                _storage.GrowingNpy._write_header = die
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
         acc.append({"labels": torch.full((2, 3 + i % 3), i), "loss": torch.tensor(float(i))})

@@ -532,7 +532,7 @@ def test_concat_errors() -> None:
             acts.concat("")
         model(torch.ones(2))
         model(torch.ones(2), scale=torch.tensor(2.0))
-    with pytest.raises(ConversionError, match="differ in structure"):
+    with pytest.raises(ConversionError, match=r"call 1 does not have the structure of call 0"):
         acts.concat("")
     model2 = nn.Identity()
     with capture(model2) as acts2:

@@ -367,10 +367,15 @@ def _check_mismatch_raises_everywhere(rank: int, world: int) -> None:
         _expect_raise_everywhere(
             r"the containers differ", lambda: gather({"p": list(pair) if last else pair})
         )
-    leaf = torch.ones(2, dtype=torch.float64 if last else torch.float32)
+    # one dtype rule for concat, Accumulator and gather: float32 and float64 join as float64...
+    wide = torch.ones(2, dtype=torch.float64 if last else torch.float32)
+    assert gather({"x": wide})["x"].dtype == (np.float64 if world > 1 else np.float32)
+    # ... but int64 and float64 have no dtype that holds both exactly
+    leaf = torch.ones(2, dtype=torch.float64 if last else torch.int64)
     if world > 1:
         _expect_raise_everywhere(
-            rf"tree\['x'\] is float32 on rank 0 but float64 on rank {world - 1}",
+            rf"the ranks of tree\['x'\] have dtypes int64 and float64 \(rank 0 \.\.\. rank "
+            rf"{world - 1}\)",
             lambda: gather({"x": leaf}),
         )
     bad = torch.empty(2, device="meta") if last else torch.ones(2)
@@ -380,7 +385,7 @@ def _check_mismatch_raises_everywhere(rank: int, world: int) -> None:
             r"dst=", lambda: gather({"x": torch.ones(1)}, dst=rank if last else 0)
         )
         kind = torch.ones(2) if last else torch.tensor(1.0)
-        _expect_raise_everywhere(r"0-d value on rank 0", lambda: gather({"k": kind}))
+        _expect_raise_everywhere(r"0-d value in rank 0", lambda: gather({"k": kind}))
     # the group is still usable after every one of those errors
     out = gather({"x": torch.ones(1)})
     _same(out["x"], np.ones(world, dtype=np.float32))

@@ -27,15 +27,27 @@ every byte written once.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+from optree import PyTreeSpec
 
+from . import _tree
 from ._dtypes import is_ml_dtype
 from ._pad import PadValue, pad_value_for
 from .errors import ConversionError
 
-__all__ = ["Column", "Kind", "concat_arrays", "copy_padded", "kind_of", "rows_first"]
+__all__ = [
+    "Column",
+    "Kind",
+    "check_chunk",
+    "concat_arrays",
+    "copy_padded",
+    "join",
+    "kind_of",
+    "rows_first",
+]
 
 Kind = Literal["array", "scalar", "object"]
 
@@ -112,6 +124,7 @@ class _State(NamedTuple):
     empty_dtype: np.dtype[Any] | None = None  # used only while no chunk has rows
     empty_trailing: tuple[int, ...] | None = None
     fill: np.ndarray | None = None  # the pad value for ``dtype``, when ragged
+    shapes: tuple[tuple[int, ...], ...] = ()  # a few distinct shapes seen, axis first (messages)
 
 
 class Column:
@@ -130,13 +143,20 @@ class Column:
         (3, dtype('int16'), (5,), array(-1, dtype=int16))
     """
 
-    __slots__ = ("_axis_option", "_pad_value", "path", "state", "where")
+    __slots__ = ("_axis_option", "_pad_value", "noun", "path", "state", "where")
 
     def __init__(
-        self, path: tuple[Any, ...], where: str, *, axis: int, pad_value: PadValue
+        self,
+        path: tuple[Any, ...],
+        where: str,
+        *,
+        axis: int,
+        pad_value: PadValue,
+        noun: str = "chunks",
     ) -> None:
         self.path = path
         self.where = where
+        self.noun = noun  # what the chunks are, in messages: batches, ranks, calls
         self._axis_option = axis
         self._pad_value = pad_value
         self.state = _State()
@@ -203,8 +223,8 @@ class Column:
             raise ConversionError(
                 f"{self.where} is {_KIND_TEXT[state.kind]} in {state.first} but "
                 f"{_KIND_TEXT[kind]} in {name}; a leaf must be an array (or tensor) with at "
-                "least one dimension in every chunk, a 0-d value in every chunk, or neither in "
-                "every chunk",
+                f"least one dimension in all the {self.noun}, a 0-d value in all of them, or "
+                "neither in all of them",
                 path=self.path,
             )
         if kind == "object":
@@ -218,12 +238,15 @@ class Column:
             if len(shape) != state.ndim:
                 raise ConversionError(
                     f"{self.where} has {state.ndim} dimension(s) in {state.first} but "
-                    f"{len(shape)} in {name} (shape {tuple(shape)}); every chunk of a leaf must "
-                    "have the same number of dimensions",
+                    f"{len(shape)} in {name} (shape {tuple(shape)}): the {self.noun} have "
+                    "different numbers of dimensions; a leaf must have the same number in all "
+                    "of them",
                     path=self.path,
                 )
             ax = state.axis
             rows, trailing = shape[ax], (*shape[:ax], *shape[ax + 1 :])
+        if len(state.shapes) < 7 and (rows, *trailing) not in state.shapes:
+            state = state._replace(shapes=(*state.shapes, (rows, *trailing)))
         if rows == 0:  # a chunk with no rows decides neither dtype nor shape
             if state.dtype is not None:
                 return state
@@ -239,12 +262,14 @@ class Column:
         if ragged and (fill is None or merged != state.dtype):
             fill = pad_value_for(self._pad_value, self.path, merged, self.where)
             if fill is None:
+                axis = self._axis_option
+                shown = ", ".join(map(str, state.shapes[:6]))
+                more = ", ..." if len(state.shapes) > 6 else ""
                 raise ConversionError(
-                    f"the chunks of {self.where} differ in size along an axis other than "
-                    f"axis={self._axis_option}: {_shape(state, state.trailing)} up to "
-                    f"{state.first}..., but {tuple(shape or ())} in {name}; pass pad_value= "
-                    "(a value, a mapping from key path to value, or a callable (path, dtype) "
-                    "-> value) to pad every such axis to the largest size",
+                    f"the {self.noun} of {self.where} differ in size along an axis other than "
+                    f"axis={axis} (shapes, axis {axis} first: {shown}{more}; first in {name}); "
+                    "pass pad_value= (a value, a mapping from key path to value, or a callable "
+                    "(path, dtype) -> value) to pad every such axis to the largest size",
                     path=self.path,
                 )
         return state._replace(
@@ -269,10 +294,10 @@ class Column:
         if merged is None:
             between = f" ({first} ... {name})" if name else ""
             raise ConversionError(
-                f"the chunks of {self.where} have dtypes {have} and {new}{between}, and no dtype "
-                "holds both exactly (mixing signed and unsigned 64-bit integers, or integers "
-                "and floats too narrow for them, would round values); cast the leaf to one "
-                "dtype first",
+                f"the {self.noun} of {self.where} have dtypes {have} and {new}{between}, and "
+                "no dtype holds both exactly (mixing signed and unsigned 64-bit integers, or "
+                "integers and floats too narrow for them, would round values); cast the leaf "
+                "to one dtype first",
                 path=self.path,
             )
         return merged
@@ -281,13 +306,6 @@ class Column:
 def _widest(state: _State, trailing: tuple[int, ...]) -> tuple[int, ...]:
     assert state.empty_trailing is not None  # noqa: S101
     return tuple(max(a, b) for a, b in zip(trailing, state.empty_trailing, strict=True))
-
-
-def _shape(state: _State, trailing: tuple[int, ...]) -> tuple[int | str, ...]:
-    """A shape for messages: ``trailing`` with ``"N"`` at the axis."""
-    rows: list[int | str] = [*trailing]
-    rows.insert(state.axis, "N")
-    return tuple(rows)
 
 
 def copy_padded(dst: np.ndarray, src: np.ndarray, fill: np.ndarray | None) -> None:
@@ -368,3 +386,43 @@ def concat_arrays(
                 chunks[index] = chunk[n:].copy()
         del chunk
     return out
+
+
+def check_chunk(column: Column, value: Any, name: str) -> _State:
+    """``column.check`` for a converted leaf ``value`` (an array, a NumPy scalar or anything)."""
+    kind = kind_of(value)
+    if kind == "object":
+        return column.check(kind, None, None, name)
+    return column.check(kind, value.dtype, value.shape, name)
+
+
+def join(
+    chunks: Sequence[Sequence[Any]],
+    spec: PyTreeSpec,
+    *,
+    axis: int,
+    pad_value: PadValue,
+    name: Callable[[int], str],
+    noun: str,
+    root: str = "tree",
+) -> Any:
+    """Join chunks of converted leaves (each a flat list of ``spec``'s leaves) into one tree.
+
+    The column policy applied to every leaf: arrays concatenated along ``axis`` and padded,
+    0-d values stacked, anything else listed, each in one allocation. ``name(i)`` names chunk
+    ``i`` in messages (``"batch 3"``, ``"rank 1"``), ``noun`` all of them (``"batches"``),
+    ``root`` the tree (``"tree"``).
+    """
+    out: list[Any] = []
+    for index, (path, where) in enumerate(_tree.leaf_paths(spec, root)):
+        column = Column(path, where, axis=axis, pad_value=pad_value, noun=noun)
+        values = [leaves[index] for leaves in chunks]
+        for number, value in enumerate(values):
+            column.commit(check_chunk(column, value, name(number)))
+        if column.kind == "object":
+            out.append(values)
+            continue
+        kind, ax = column.kind, column.axis
+        assert kind is not None  # noqa: S101 - one chunk at least
+        out.append(concat_arrays([rows_first(v, kind, ax) for v in values], column))
+    return _tree.unflatten(spec, out)

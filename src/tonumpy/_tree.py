@@ -593,15 +593,25 @@ def first_difference(
 
 
 def structure_error(
-    first: PyTreeSpec, other: PyTreeSpec, first_name: str, other_name: str, *, hint: str
+    first: PyTreeSpec,
+    other: PyTreeSpec,
+    first_name: str,
+    other_name: str,
+    *,
+    hint: str,
+    root: str = "tree",
 ) -> ConversionError:
     """The error for ``other`` not having ``first``'s structure; ``.path`` is where they part.
 
-    ``hint`` ends the message: what the caller needs and how to get there.
+    The one reporter of structure differences: ``concat``, ``Accumulator``, ``apply``,
+    ``Activations.concat`` and ``gather`` all name the first differing path this way.
+    ``hint`` ends the message: what the caller needs and how to get there; ``root`` names
+    the trees in the path (``tree['a']``).
     """
     path, has_a, has_b = first_difference(first, other)
     return ConversionError(
-        f"{other_name} does not have the structure of {first_name}: at {where(first, path)}, "
+        f"{other_name} does not have the structure of {first_name}: at "
+        f"{where(first, path, root)}, "
         f"{first_name} has {has_a} but {other_name} has {has_b}; {hint}",
         path=path,
     )

@@ -8,37 +8,31 @@ copies every chunk once into the final array (amortised O(batch) per append; not
 accumulated is ever copied again by a later append). With ``directory=`` each leaf grows in a
 ``.npy`` file instead, for predictions larger than RAM.
 
-Padding (for leaves whose batches differ in a dimension other than the concatenation axis)
-lives in ``tonumpy._ragged``, shared with ``tonumpy.gather``.
+How a leaf combines across batches (kind, rank, axis, dtype, padding) is the column policy of
+``tonumpy._columns``, shared with ``gather`` and ``Activations.concat``; where the rows live
+is ``tonumpy._storage``; the directory's structure is ``tonumpy._structure``'s.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
-import re
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from optree import PyTreeSpec
 
-from . import _options, _ragged, _tree
-from ._ragged import PadValue
+from . import _options, _structure, _tree
+from ._columns import Column, check_chunk, concat_arrays, join, rows_first
+from ._pad import PadValue, check_pad_option
+from ._storage import GrowingNpy, Slabs, stored_dtype
+from ._transfer import PendingTransfer
 from .convert import convert_flat, start
 from .errors import ConversionError, OptionError
 
 __all__ = ["Accumulator", "concat"]
-
-_Kind = Literal["array", "scalar", "object"]
-
-
-# ------------------------------------------------------------------------------ structure
 
 _SAME_STRUCTURE = (
     "every batch must have the same keys, fields and lengths (use None-free outputs, or drop "
@@ -50,54 +44,6 @@ def _structure_error(
     first: PyTreeSpec, other: PyTreeSpec, first_name: str, other_name: str
 ) -> ConversionError:
     return _tree.structure_error(first, other, first_name, other_name, hint=_SAME_STRUCTURE)
-
-
-# ------------------------------------------------------------------------------ leaves
-
-
-def _kind_of(leaf: Any) -> _Kind:
-    if isinstance(leaf, np.ndarray):
-        return "array" if leaf.ndim else "scalar"
-    if isinstance(leaf, np.generic):
-        return "scalar"
-    return "object"
-
-
-def _kind_text(kind: _Kind) -> str:
-    return {"array": "an array", "scalar": "a 0-d value", "object": "a non-array value"}[kind]
-
-
-def _rows_first(leaf: Any, kind: _Kind, axis: int) -> np.ndarray:
-    """The leaf as an array with the concatenation axis first (0-d values become 1 row)."""
-    if kind == "scalar":
-        return np.asarray(leaf).reshape(1)
-    return np.moveaxis(leaf, axis, 0) if axis else leaf
-
-
-def _normalise_axis(axis: int, ndim: int, path: tuple[Any, ...], what: str) -> int:
-    ax = axis + ndim if axis < 0 else axis
-    if not 0 <= ax < ndim:
-        raise ConversionError(
-            f"axis={axis} is out of bounds for {_tree.format_path(path)} in {what}, which has "
-            f"{ndim} dimension(s); pass an axis every array leaf has",
-            path=path,
-        )
-    return ax
-
-
-def _kind_error(
-    path: tuple[Any, ...], first: _Kind, other: _Kind, first_name: str, other_name: str
-) -> ConversionError:
-    return ConversionError(
-        f"{_tree.format_path(path)} is {_kind_text(first)} in {first_name} but "
-        f"{_kind_text(other)} in {other_name}; a leaf must be an array (or tensor) with at least "
-        "one dimension in every batch, a 0-d value in every batch, or neither in every batch",
-        path=path,
-    )
-
-
-def _fill_for(pad_value: PadValue, path: tuple[Any, ...]) -> Callable[[np.dtype[Any]], Any]:
-    return lambda dtype: _ragged.pad_value_for(pad_value, path, dtype)
 
 
 # ------------------------------------------------------------------------------ concat
@@ -119,6 +65,9 @@ def concat(
     non-array leaves become a list of the values. A leaf whose batches differ in another
     dimension is padded, in every such dimension, to the largest size, with ``pad_value``;
     padding never changes the dtype. Batches with no rows take no part in the padded shape.
+    Batches may differ in dtype only where one dtype holds the others' values exactly
+    (``int16`` and ``int32`` give ``int32``; ``int64`` and ``float64`` are an error): the rule
+    ``Accumulator``, ``gather`` and ``Activations.concat`` share (the column policy).
 
     Examples:
         >>> import numpy as np, torch
@@ -152,317 +101,141 @@ def concat(
 
     Raises:
         ConversionError: No trees; the trees differ in structure (the message names the first
-            differing path); a leaf differs in rank, kind or dtype family across trees; or
+            differing path); a leaf differs in rank or kind across trees, or in dtypes no dtype
+            holds exactly; or
             ragged batches have no pad value, or one their dtype cannot represent.
         OptionError: ``axis`` is not an int, ``ml_dtypes`` not a bool, or a ``pad_value``
             callable cannot take ``(path, dtype)``.
     """
     axis = _options.check_axis(axis, "concat")
     _options.check_flag(ml_dtypes, "ml_dtypes", "concat")
-    _ragged.check_pad_option(pad_value, "concat")
+    check_pad_option(pad_value, "concat")
     trees = list(trees)
     if not trees:
         raise ConversionError("concat() needs at least one tree; got an empty sequence")
     flat: list[list[Any]] = []
     spec0: PyTreeSpec | None = None
     for index, tree in enumerate(trees):
-        leaves, spec = _tree.flatten(tree, is_leaf=is_leaf)
+        leaves, spec, kinds = _tree.flatten_typed(tree, is_leaf=is_leaf)
         if spec0 is None:
             spec0 = spec
         elif not _tree.same_structure(spec, spec0):
             raise _structure_error(spec0, spec, "trees[0]", f"trees[{index}]")
-        flat.append(convert_flat(leaves, spec, ml_dtypes=ml_dtypes))
+        flat.append(convert_flat(leaves, spec, ml_dtypes=ml_dtypes, kinds=kinds))
     assert spec0 is not None  # noqa: S101 - trees is not empty
-    paths = spec0.paths()
-    out: list[Any] = []
-    for i, path in enumerate(paths):
-        column = [leaves[i] for leaves in flat]
-        kinds = [_kind_of(leaf) for leaf in column]
-        for j, kind in enumerate(kinds):
-            if kind != kinds[0]:
-                raise _kind_error(path, kinds[0], kind, "trees[0]", f"trees[{j}]")
-        if kinds[0] == "object":
-            out.append(column)
-            continue
-        if kinds[0] == "scalar":
-            chunks = [_rows_first(leaf, "scalar", 0) for leaf in column]
-            out.append(_ragged.concat_arrays(chunks, path, fill_for=_fill_for(pad_value, path)))
-            continue
-        ndims = {leaf.ndim for leaf in column}
-        if len(ndims) > 1:  # let target_shape phrase the rank error
-            _ragged.target_shape([leaf.shape for leaf in column], path, padded=False, axis=axis)
-        ax = _normalise_axis(axis, column[0].ndim, path, "trees[0]")
-        chunks = [_rows_first(leaf, "array", ax) for leaf in column]
-        out.append(
-            _ragged.concat_arrays(chunks, path, fill_for=_fill_for(pad_value, path), axis=ax)
-        )
-    return _tree.unflatten(spec0, out)
-
-
-# ------------------------------------------------------------------------------ .npy files
-
-_MAGIC = b"\x93NUMPY\x01\x00"
-_BLOCK_BYTES = 16 << 20  # re-layouts copy about this much at a time
-#: Re-layouts may rewrite this many bytes, plus twice the bytes appended, before growing
-#: dimensions geometrically instead of exactly (rewriting small files early costs nothing).
-_REWRITE_SLACK = 64 << 20
-
-
-def _pwrite(fd: int, data: memoryview, offset: int) -> int:
-    if hasattr(os, "pwrite"):
-        return os.pwrite(fd, data, offset)
-    os.lseek(fd, offset, os.SEEK_SET)  # pragma: no cover - Windows
-    return os.write(fd, data)  # pragma: no cover
-
-
-def _pread(fd: int, n: int, offset: int) -> bytes:
-    if hasattr(os, "pread"):
-        return os.pread(fd, n, offset)
-    os.lseek(fd, offset, os.SEEK_SET)  # pragma: no cover - Windows
-    return os.read(fd, n)  # pragma: no cover
-
-
-def _read_all(fd: int, n: int, offset: int) -> bytes:
-    parts = []
-    while n > 0:
-        part = _pread(fd, n, offset)
-        if not part:
-            raise OSError(f"unexpected end of file at byte {offset}")
-        parts.append(part)
-        n -= len(part)
-        offset += len(part)
-    return b"".join(parts)
-
-
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        written = _pwrite(fd, data, offset)
-        data = data[written:]
-        offset += written
-
-
-def _bytes_of(arr: np.ndarray) -> memoryview:
-    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
-
-
-class _NpyFile:
-    """One leaf growing along its first axis in a ``.npy`` file (format version 1.0).
-
-    The header is written with room for any row count, and rewritten in place after every
-    append, once the batch's bytes are in the file: at every moment the file is a valid
-    ``.npy`` whose header counts only complete rows (bytes of a batch whose append was cut
-    short lie past the counted rows, where ``np.load`` does not look).
-
-    When a batch is larger than the file's rows in another dimension, the file is rewritten
-    (to a temporary file, then renamed over the old one, so a crash leaves one or the other)
-    with those dimensions grown: to the exact size while all rewrites so far stay within twice
-    the bytes appended plus 64 MiB (the usual case: the largest length shows up early, while
-    the file is small), otherwise by half as much again, so that rewrites stay amortised O(1)
-    per appended byte even when every batch is longer than the last; the surplus is trimmed
-    when the result is read.
-    """
-
-    def __init__(self, path: Path, dtype: np.dtype[Any], trailing: tuple[int, ...]) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        self._finalizer = weakref.finalize(self, os.close, self.fd)
-        self.reset(dtype, trailing)
-
-    def reset(self, dtype: np.dtype[Any], trailing: tuple[int, ...]) -> None:
-        """Empty the file and start it again with rows of ``dtype`` and shape ``trailing``."""
-        self.dtype = dtype
-        self.trailing = trailing
-        self.rows = 0
-        self._appended = 0
-        self._rewritten = 0
-        self._descr = np.lib.format.dtype_to_descr(dtype)
-        probe = self._header_text(self._descr, (2**63, *(2**63 for _ in trailing)))
-        self._header_len = -(-(len(probe) + 10 + 16) // 64) * 64  # room for any row count
-        os.ftruncate(self.fd, 0)
-        self._write_header(self.fd)
-
-    @staticmethod
-    def _header_text(descr: Any, shape: tuple[int, ...]) -> str:
-        return repr({"descr": descr, "fortran_order": False, "shape": shape})
-
-    def _header(self) -> bytes:
-        text = self._header_text(self._descr, (self.rows, *self.trailing))
-        body = text.ljust(self._header_len - 10 - 1) + "\n"
-        return _MAGIC + len(body).to_bytes(2, "little") + body.encode("latin1")
-
-    def _write_header(self, fd: int) -> None:
-        _write_all(fd, memoryview(self._header()), 0)
-
-    @property
-    def row_bytes(self) -> int:
-        return _ragged.nbytes_of(self.trailing, self.dtype)
-
-    def append(self, chunk: np.ndarray, fill: np.ndarray | None) -> None:
-        """Write ``chunk`` (rows first, at most the file's trailing shape) after the last row."""
-        n = chunk.shape[0]
-        if chunk.shape[1:] != self.trailing or chunk.dtype != self.dtype:
-            padded = np.empty((n, *self.trailing), dtype=self.dtype)
-            _ragged.copy_padded(padded, chunk, fill)
-            chunk = padded
-        _write_all(self.fd, _bytes_of(chunk), self._header_len + self.rows * self.row_bytes)
-        self.rows += n
-        self._appended += n * self.row_bytes
-        self._write_header(self.fd)
-
-    def grow_to(self, needed: tuple[int, ...], fill: np.ndarray | None) -> None:
-        """Make room for rows of trailing shape ``needed`` (rewrites the file if it must)."""
-        if all(n <= t for n, t in zip(needed, self.trailing, strict=True)):
-            return
-        cost = self._rewritten + self.rows * self.row_bytes
-        exact = cost <= 2 * self._appended + _REWRITE_SLACK
-        new = tuple(
-            t if n <= t else (n if exact else max(n, t + t // 2))
-            for n, t in zip(needed, self.trailing, strict=True)
-        )
-        self.relayout(new, fill)
-
-    def relayout(self, trailing: tuple[int, ...], fill: np.ndarray | None) -> None:
-        """Rewrite the file with rows of shape ``trailing`` (cropping or padding each row)."""
-        old_trailing, old_row = self.trailing, self.row_bytes
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            self.trailing = trailing
-            self._write_header(fd)
-            new_row = self.row_bytes
-            step = max(1, _BLOCK_BYTES // max(1, old_row, new_row))
-            keep = tuple(slice(0, min(a, b)) for a, b in zip(old_trailing, trailing, strict=True))
-            for start in range(0, self.rows, step):
-                n = min(step, self.rows - start)
-                raw = _read_all(self.fd, n * old_row, self._header_len + start * old_row)
-                block = np.frombuffer(raw, dtype=self.dtype).reshape(n, *old_trailing)
-                out = np.empty((n, *trailing), dtype=self.dtype)
-                rows_and_keep = (slice(None), *keep)
-                cropped = block[rows_and_keep]
-                _ragged.copy_padded(out, cropped, fill)
-                _write_all(fd, _bytes_of(out), self._header_len + start * new_row)
-        except BaseException:
-            os.close(fd)
-            self.trailing = old_trailing
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, self.path)
-        self._finalizer()  # closes the old descriptor
-        self.fd = fd
-        self._finalizer = weakref.finalize(self, os.close, fd)
-        self._rewritten += self.rows * self.row_bytes
-
-    def open(self, rows: int) -> np.ndarray:
-        """The first ``rows`` rows, memory-mapped read-only."""
-        shape = (rows, *self.trailing)
-        if rows == 0 or math.prod(shape) == 0:
-            return np.empty(shape, dtype=self.dtype)
-        return np.memmap(
-            self.path, dtype=self.dtype, mode="r", offset=self._header_len, shape=shape
-        )
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
-#: The longest file stem: with a ``-N`` suffix, ``.npy`` and a re-layout's ``.tmp``, names
-#: stay well under the 255 bytes most file systems allow.
-_MAX_STEM = 200
-
-
-def _file_stem(path: tuple[Any, ...]) -> str:
-    """The file name (without ``.npy``) of the leaf at ``path``: ``hidden.2``, ``logits``.
-
-    Only ``[A-Za-z0-9_-]`` and dots; a name longer than ``_MAX_STEM`` keeps its start and
-    ends in ``~`` and a digest of the whole key path, so that long keys that share a start
-    still get distinct names (``manifest.json`` maps each file to its key path).
-
-    Examples:
-        >>> _file_stem(("hidden", 2)), _file_stem(("a/b", "..")), _file_stem(())
-        ('hidden.2', 'a_b._', 'leaf')
-        >>> len(_file_stem(("x" * 300,)))
-        200
-    """
-    parts = [_UNSAFE.sub("_", str(p)).strip("_") or "_" for p in path]
-    stem = ".".join(parts) or "leaf"
-    if len(stem) > _MAX_STEM:
-        digest = hashlib.sha1(repr(path).encode("utf-8", "surrogatepass")).hexdigest()[:12]  # noqa: S324 - a name, not security
-        stem = f"{stem[: _MAX_STEM - 13]}~{digest}"
-    return stem
-
-
-# ------------------------------------------------------------------------------ slabs
-
-#: Larger than glibc's largest mmap threshold (32 MiB on 64-bit): an allocation this big is
-#: always a memory mapping of its own, returned to the system the moment it is freed.
-_SLAB_MAX = 48 << 20
-_SLAB_MIN = 256 << 10
-
-
-class _Slabs:
-    """Storage for one leaf's chunks: batches are copied, back to back, into large slabs.
-
-    Batch-sized arrays are small enough for the C allocator to serve from its heap, where
-    memory freed in the middle stays counted in the process's RSS. Slabs grow from 256 KiB to
-    48 MiB, so all but the first few are memory mappings of their own: when
-    [`Accumulator.result`][] has copied every chunk of a slab, the slab is unmapped, and
-    memory peaks near the result's size instead of the chunks' plus the result's.
-    """
-
-    __slots__ = ("buf", "next_size", "used")
-
-    def __init__(self) -> None:
-        self.buf: np.ndarray | None = None
-        self.used = 0
-        self.next_size = _SLAB_MIN
-
-    def store(self, arr: np.ndarray) -> np.ndarray:
-        """A copy of ``arr`` (C-contiguous) in a slab; it keeps its slab alive."""
-        n = arr.nbytes
-        if n == 0 or n >= _SLAB_MAX or arr.dtype.hasobject:
-            return np.array(arr, order="C", copy=True)
-        if self.buf is None or self.used + n > self.buf.nbytes:
-            self.buf = np.empty(max(self.next_size, n), dtype=np.uint8)
-            self.used = 0
-            self.next_size = min(2 * self.next_size, _SLAB_MAX)
-        out = self.buf[self.used : self.used + n].view(arr.dtype).reshape(arr.shape)
-        np.copyto(out, arr, casting="no")
-        self.used += -(-n // 64) * 64  # the next chunk starts 64-byte aligned
-        return out
+    return join(
+        flat, spec0, axis=axis, pad_value=pad_value, name=lambda i: f"trees[{i}]", noun="batches"
+    )
 
 
 # ------------------------------------------------------------------------------ Accumulator
 
 
 class _Leaf:
-    """What the accumulator holds for one leaf (one position in the tree)."""
+    """What the accumulator holds for one leaf: its column, and where its rows live."""
 
-    __slots__ = (
-        "axis",
-        "chunks",
-        "dtype",
-        "file",
-        "kind",
-        "ndim",
-        "path",
-        "returned",
-        "rows",
-        "slabs",
-        "trailing",
-        "values",
-    )
+    __slots__ = ("chunks", "column", "file", "returned", "slabs", "values")
 
-    def __init__(self, path: tuple[Any, ...], kind: _Kind, ndim: int, axis: int) -> None:
-        self.path = path
-        self.kind: _Kind = kind
-        self.ndim = ndim
-        self.axis = axis
-        self.chunks: list[np.ndarray] = []  # rows first
-        self.slabs = _Slabs()
+    def __init__(self, column: Column) -> None:
+        self.column = column
+        self.chunks: list[np.ndarray] = []  # rows first, in memory
+        self.slabs = Slabs()
         self.values: list[Any] = []  # non-array leaves
-        self.rows = 0
-        self.dtype: np.dtype[Any] | None = None  # of the rows so far (empty batches aside)
-        self.trailing: tuple[int, ...] | None = None  # largest shape after the rows axis
-        self.file: _NpyFile | None = None
+        self.file: GrowingNpy | None = None  # with directory=
         self.returned: np.ndarray | None = None  # the array result() handed out and kept
+
+
+class _Directory:
+    """The directory format of ``convert``, written as batches come.
+
+    A structure (``__tonumpy__.json``) and one ``.npy`` file per array leaf. The structure is
+    created exclusively (never another run's), and rewritten (a new file renamed over it) when
+    what it records changes: a leaf's dtype, or the values of non-array leaves at ``result()``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.structure = path / f"{_structure.STRUCTURE}.json"
+        self.plan: _structure.Plan | None = None
+        self.index: dict[int, int] = {}  # accumulator leaf -> array of the plan
+        self.recorded: dict[int, str] = {}  # plan array -> dtype recorded
+
+    def start(self, spec: PyTreeSpec, leaves: list[_Leaf], ml_dtypes: bool) -> list[Path | None]:
+        """Write the structure of the first batch (exclusively); the file of each array leaf."""
+        _options.check_directory(self.path, "Accumulator")  # it may have changed meanwhile
+        self.path.mkdir(parents=True, exist_ok=True)
+        holders: list[Any] = []
+        for leaf in leaves:
+            dtype = leaf.column.dtype
+            if leaf.column.kind == "object" or dtype is None or dtype.hasobject:
+                holders.append([])  # kept in memory; written into the structure at result()
+            else:
+                holders.append(np.empty(0, dtype))
+        self.plan = _structure.plan(_tree.unflatten(spec, holders), ml_dtypes=ml_dtypes)
+        by_id = {id(h): i for i, h in enumerate(holders)}
+        self.index = {by_id[id(h)]: k for k, h in enumerate(self.plan.leaves)}
+        files: list[Path | None] = [None] * len(leaves)
+        for i, k in self.index.items():
+            files[i] = self.path / f"{self.plan.names[k]}.npy"
+        existing = [f for f in [self.structure, *files] if f is not None and f.exists()]
+        if existing:
+            raise FileExistsError(
+                f"{existing[0]} already exists; Accumulator(directory=...) never overwrites "
+                "another run's predictions: pass a new directory, or delete the old files"
+            )
+        self._record(leaves)
+        self._write(exclusive=True)
+        return files
+
+    def _record(self, leaves: list[_Leaf]) -> bool:
+        """Note each array leaf's dtype in the plan; True if anything changed."""
+        assert self.plan is not None  # noqa: S101
+        changed = False
+        for i, k in self.index.items():
+            dtype = leaves[i].column.dtype
+            if dtype is None or self.recorded.get(k) == str(dtype):
+                continue
+            self.recorded[k] = str(dtype)
+            name = dtype.name if stored_dtype(dtype) != dtype else None
+            if name is None:  # promoted from an ml_dtypes type would be an error: clear it
+                self.plan.nodes[k].pop("dtype", None)
+            self.plan.complete(k, name, str(stored_dtype(dtype)))
+            changed = True
+        return changed
+
+    def update(self, leaves: list[_Leaf]) -> None:
+        """Rewrite the structure if a leaf's dtype changed (promoted, or first rows)."""
+        if self._record(leaves):
+            self._write(exclusive=False)
+
+    def finish(self, spec: PyTreeSpec, leaves: list[_Leaf], ml_dtypes: bool) -> None:
+        """Record the non-array leaves' values in the structure (those JSON can hold)."""
+        assert self.plan is not None  # noqa: S101
+        holders: list[Any] = []
+        for i, leaf in enumerate(leaves):
+            holders.append(self.plan.leaves[self.index[i]] if i in self.index else leaf.values)
+        try:
+            final = _structure.plan(_tree.unflatten(spec, holders), ml_dtypes=ml_dtypes)
+        except ConversionError:  # a value JSON cannot hold: the structure keeps empty lists
+            return
+        for new, recorded in zip(final.nodes, self.plan.nodes, strict=True):
+            new.update(recorded)  # the same arrays, in the same order: keep their dtypes
+        self.plan.structure = final.structure
+        self.plan.nodes = final.nodes
+        self._write(exclusive=False)
+
+    def _write(self, *, exclusive: bool) -> None:
+        assert self.plan is not None  # noqa: S101
+        data = self.plan.structure_bytes()
+        if exclusive:
+            fd = os.open(self.structure, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return
+        tmp = self.structure.with_name(self.structure.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.structure)
 
 
 class Accumulator:
@@ -480,14 +253,18 @@ class Accumulator:
     ``append`` that brings the first differing batch, not at the end of the loop.
 
     With ``directory=``, every array leaf instead grows in a ``.npy`` file in that directory
-    (named after its key path: ``logits.npy``, ``hidden.2.npy``; ``manifest.json`` maps files
-    to paths and dtypes) and [`result`][] returns read-only memory-mapped arrays: memory
-    stays bounded by a few batches whatever the total. The files are plain ``.npy`` files,
-    valid after every ``append`` (the header is rewritten, with the new row count, once the
-    batch's bytes are written), so after a crash ``np.load`` gives every row of every batch
-    whose ``append`` returned. bfloat16/float8 leaves (with ``ml_dtypes=True``) are stored as
-    raw 2/1-byte void fields that ``np.load`` returns as ``V2``/``V1``; view them with the
-    dtype named in ``manifest.json``. Non-array leaves (and object arrays) stay in memory.
+    and [`result`][] returns read-only memory-mapped arrays: memory stays bounded by a few
+    batches whatever the total. The directory is in tonumpy's one directory format, the one
+    ``tonumpy convert`` writes: ``__tonumpy__.json`` holds the tree's structure and each leaf's
+    file name (made from its key path: ``logits.npy``, ``hidden.2.npy``) and exact dtype, so
+    [`tonumpy.load`][] and ``tonumpy show`` read the tree back as it was. The files are plain
+    ``.npy`` files, valid after every ``append`` (the header is rewritten, with the new row
+    count, once the batch's bytes are written), so after a crash ``np.load`` gives every row
+    of every batch whose ``append`` returned. bfloat16/float8 leaves (with ``ml_dtypes=True``)
+    are stored as their bits, unsigned integers of the same size, the dtype named in the
+    structure. Non-array leaves (and object arrays) stay in memory, and their values are
+    written into the structure when [`result`][] is called. A directory that holds another
+    run's structure is never written into.
 
     ``append``, ``len`` and ``result`` may be called from several threads at once, in memory
     and with ``directory=``. Each batch is added whole: its rows are contiguous in the result,
@@ -517,9 +294,10 @@ class Accumulator:
         pad_value: How to pad ragged leaves, as for [`tonumpy.concat`][]: a value, a mapping
             from key path to value, or a callable ``(path, dtype) -> value``.
         directory: Grow each array leaf in a ``.npy`` file under this directory (created if
-            needed; the files must not exist yet) and return memory-mapped arrays. File names
-            are made of the key path's characters that are safe in a file name; a name that
-            would be long is cut and ends in a digest of the key path.
+            needed; it must not hold a structure already) and return memory-mapped arrays.
+            File names are made of the key path's characters that are safe in a file name, as
+            ``tonumpy convert`` makes them; a name that would be long is cut and ends in a
+            digest of the key path.
         ml_dtypes: As for [`tonumpy.to_numpy`][]: keep bfloat16/float8 bit-exact as
             ``ml_dtypes`` arrays instead of widening them to float32.
         scalars: As for [`tonumpy.to_numpy`][]: 0-d tensors become Python scalars, so such
@@ -544,7 +322,7 @@ class Accumulator:
     ) -> None:
         axis = _options.check_axis(axis, "Accumulator")
         _options.check_flags("Accumulator", ml_dtypes=ml_dtypes, scalars=scalars)
-        _ragged.check_pad_option(pad_value, "Accumulator")
+        check_pad_option(pad_value, "Accumulator")
         if directory is not None:
             directory = _options.check_directory(directory, "Accumulator")
         if directory is not None and axis != 0:
@@ -554,7 +332,7 @@ class Accumulator:
             )
         self._axis = axis
         self._pad_value = pad_value
-        self._directory = Path(directory) if directory is not None else None
+        self._directory = _Directory(Path(directory)) if directory is not None else None
         # Held while a batch is added (and while result() reads): appends from several threads
         # each add a whole batch, one after the other.
         self._lock = threading.Lock()
@@ -566,7 +344,7 @@ class Accumulator:
         self._leaves: list[_Leaf] = []
         self._batches = 0  # batches added
         self._received = 0  # batches accepted (added, or in flight)
-        self._pending: tuple[Any, PyTreeSpec, str] | None = None
+        self._pending: tuple[PendingTransfer, PyTreeSpec, str] | None = None
 
     # -- appending -----------------------------------------------------------------------
 
@@ -584,9 +362,10 @@ class Accumulator:
 
         Raises:
             ConversionError: The batch's structure differs from the first batch's (the message
-                names the first differing path), a leaf changes kind or rank, or a leaf is
-                ragged and has no pad value that fits its dtype. The batch is then not added,
-                and the accumulator is left as it was.
+                names the first differing path), a leaf changes kind or rank, its dtype and
+                the earlier batches' have no common dtype, or it is ragged and has no pad value
+                that fits its dtype. The batch is then not added, and the accumulator is left
+                as it was.
         """
         leaves, spec, kinds = _tree.flatten_typed(tree, is_leaf=self._is_leaf)
         expected = self._expected  # checked again under the lock; this spares the conversion
@@ -623,147 +402,69 @@ class Accumulator:
             raise
 
     def _ingest(self, host: list[Any], spec: PyTreeSpec, name: str) -> None:
-        """Check one batch's host leaves against what was accumulated, then add them."""
-        states = self._first_states(spec, host) if self._spec is None else self._leaves
-        plans = [self._plan(state, leaf, name) for state, leaf in zip(states, host, strict=True)]
-        if self._spec is None:
-            self._start(spec, states, host)
-        for state, plan in zip(states, plans, strict=True):
-            self._commit(state, *plan)
+        """Check every leaf of one batch against its column, then add them all."""
+        first = self._spec is None
+        leaves = self._leaves
+        if first:
+            leaves = [
+                _Leaf(
+                    Column(path, where, axis=self._axis, pad_value=self._pad_value, noun="batches")
+                )
+                for path, where in _tree.leaf_paths(spec)
+            ]
+        states = [
+            check_chunk(leaf.column, value, name) for leaf, value in zip(leaves, host, strict=True)
+        ]
+        for leaf, state in zip(leaves, states, strict=True):
+            leaf.column.commit(state)
+        if first:
+            self._start(spec, leaves)
+        for leaf, value in zip(leaves, host, strict=True):
+            self._store(leaf, value)
+        if self._directory is not None:
+            self._directory.update(leaves)
         self._batches += 1
 
-    def _first_states(self, spec: PyTreeSpec, host: list[Any]) -> list[_Leaf]:
-        states = []
-        for path, leaf in zip(spec.paths(), host, strict=True):
-            kind = _kind_of(leaf)
-            ndim = leaf.ndim if kind == "array" else 0
-            axis = _normalise_axis(self._axis, ndim, path, "batch 0") if kind == "array" else 0
-            states.append(_Leaf(path, kind, ndim, axis))
-        return states
-
-    def _plan(
-        self, state: _Leaf, leaf: Any, name: str
-    ) -> tuple[Any, np.dtype[Any] | None, tuple[int, ...] | None, np.ndarray | None]:
-        """Check one leaf of a new batch against what was accumulated; change nothing.
-
-        Returns the leaf (rows first for arrays), the leaf's dtype and largest trailing shape
-        after this batch, and the pad value when the leaf is ragged.
-        """
-        kind = _kind_of(leaf)
-        if kind != state.kind:
-            raise _kind_error(state.path, state.kind, kind, "batch 0", name)
-        if kind == "object":
-            return leaf, None, None, None
-        if kind == "array" and leaf.ndim != state.ndim:
-            raise ConversionError(
-                f"{_tree.format_path(state.path)} has {state.ndim} dimension(s) in batch 0 but "
-                f"{leaf.ndim} in {name} (shape {leaf.shape}); every batch of a leaf must have "
-                "the same rank",
-                path=state.path,
-            )
-        chunk = _rows_first(leaf, kind, state.axis)
-        if chunk.shape[0] == 0:  # an empty batch decides neither dtype nor shape
-            return chunk, state.dtype, state.trailing, None
-        if state.dtype is None or state.trailing is None:  # the first batch with rows
-            return chunk, chunk.dtype, chunk.shape[1:], None
-        dtype = self._merge_dtype(state, chunk.dtype)
-        shape = chunk.shape[1:]
-        if shape == state.trailing:
-            return chunk, dtype, shape, None
-        trailing = tuple(max(a, b) for a, b in zip(shape, state.trailing, strict=True))
-        fill = _ragged.pad_value_for(self._pad_value, state.path, dtype)
-        if fill is None:
-            shapes = [(state.rows, *state.trailing), chunk.shape]
-            _ragged.target_shape(shapes, state.path, padded=False, axis=self._axis)
-        return chunk, dtype, trailing, fill
-
-    def _merge_dtype(self, state: _Leaf, dtype: np.dtype[Any]) -> np.dtype[Any]:
-        assert state.dtype is not None  # noqa: S101
-        if state.file is None or state.file.rows == 0:
-            return _ragged.result_dtype([state.dtype, dtype], state.path)
-        if dtype == state.dtype or np.can_cast(dtype, state.dtype, "safe"):
-            return state.dtype
-        raise ConversionError(
-            f"{_tree.format_path(state.path)} is {dtype} in this batch but its file holds "
-            f"{state.dtype} (from earlier batches), which cannot hold {dtype} safely; cast "
-            "the leaf to one dtype before appending",
-            path=state.path,
-        )
-
-    def _start(self, spec: PyTreeSpec, states: list[_Leaf], host: list[Any]) -> None:
-        """Adopt the first batch's structure; with ``directory=``, create one file per leaf."""
+    def _start(self, spec: PyTreeSpec, leaves: list[_Leaf]) -> None:
+        """Adopt the first batch's structure; with ``directory=``, create the files."""
         if self._directory is not None:
-            _options.check_directory(self._directory, "Accumulator")  # it may have changed
-            self._directory.mkdir(parents=True, exist_ok=True)
-            used: set[str] = set()  # casefolded: unique on case-insensitive file systems too
-            paths: list[Path | None] = []
-            for state, leaf in zip(states, host, strict=True):
-                if state.kind == "object" or leaf.dtype.hasobject:  # no .npy without pickle
-                    paths.append(None)
-                    continue
-                stem = _file_stem(state.path)
-                name, n = stem, 1
-                while name.casefold() in used:
-                    n += 1
-                    name = f"{stem}-{n}"
-                used.add(name.casefold())
-                paths.append(self._directory / f"{name}.npy")
-            for file_path in paths:  # check them all before creating any
-                if file_path is not None and file_path.exists():
-                    raise FileExistsError(
-                        f"{file_path} already exists; Accumulator(directory=...) never "
-                        "overwrites predictions: pass a new directory, or delete the old files"
-                    )
-            for state, leaf, file_path in zip(states, host, paths, strict=True):
-                if file_path is not None:
-                    chunk = _rows_first(leaf, state.kind, state.axis)
-                    state.file = _NpyFile(file_path, chunk.dtype, chunk.shape[1:])
+            try:
+                files = self._directory.start(spec, leaves, self._ml_dtypes)
+            except BaseException:
+                for leaf in leaves:
+                    leaf.column.state = type(leaf.column.state)()  # the batch is not added
+                raise
+            for leaf, file_path in zip(leaves, files, strict=True):
+                column = leaf.column
+                if file_path is not None and column.dtype is not None:
+                    leaf.file = GrowingNpy(file_path, column.dtype, column.trailing or ())
         self._spec = spec
-        self._leaves = states
-        if self._directory is not None:
-            self._write_manifest()
+        self._leaves = leaves
 
-    def _write_manifest(self) -> None:
-        """Write ``manifest.json``: which file holds which key path, and its true dtype."""
-        assert self._directory is not None  # noqa: S101
-        leaves = [
-            {
-                "file": s.file.path.name,
-                "path": [k if isinstance(k, str | int) else repr(k) for k in s.path],
-                "dtype": str(s.file.dtype),
-            }
-            for s in self._leaves
-            if s.file is not None
-        ]
-        text = json.dumps({"format": "tonumpy.Accumulator/1", "leaves": leaves}, indent=2)
-        (self._directory / "manifest.json").write_text(text + "\n")
-
-    def _commit(
-        self,
-        state: _Leaf,
-        leaf: Any,
-        dtype: np.dtype[Any] | None,
-        trailing: tuple[int, ...] | None,
-        fill: np.ndarray | None,
-    ) -> None:
-        if state.kind == "object":
-            state.values.append(leaf)
+    def _store(self, leaf: _Leaf, value: Any) -> None:
+        """Copy one batch's value of a leaf into its storage (the column has accepted it)."""
+        column = leaf.column
+        kind = column.kind
+        if kind == "object":
+            leaf.values.append(value)
             return
-        state.dtype, state.trailing = dtype, trailing
-        state.rows += leaf.shape[0]
-        if state.file is None:
-            state.chunks.append(state.slabs.store(leaf))
+        assert kind is not None  # noqa: S101
+        chunk = rows_first(value, kind, column.axis)
+        if leaf.file is None:
+            leaf.chunks.append(leaf.slabs.store(chunk))
             return
-        if leaf.shape[0] == 0 or dtype is None or trailing is None:
+        dtype, trailing = column.dtype, column.trailing
+        if chunk.shape[0] == 0 or dtype is None or trailing is None:
             return
-        file = state.file
+        file = leaf.file
         if file.rows == 0 and (file.dtype != dtype or file.trailing != trailing):
             file.reset(dtype, trailing)  # the first rows decide, not an earlier empty batch
-            self._write_manifest()
+        elif file.dtype != dtype:  # promoted: the rows written so far are widened
+            widest = tuple(max(a, b) for a, b in zip(trailing, file.trailing, strict=True))
+            file.relayout(widest, column.fill, dtype)
+        fill = column.fill if column.fill is not None else column.pad_value()
         file.grow_to(trailing, fill)
-        if fill is None and leaf.shape[1:] != file.trailing:
-            fill = self._fill(state)
-        file.append(leaf, fill)
+        file.append(chunk, fill)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -774,7 +475,7 @@ class Accumulator:
         if in_flight:
             parts.append("in_flight=1")
         if self._directory is not None:
-            parts.append(f"directory={str(self._directory)!r}")
+            parts.append(f"directory={str(self._directory.path)!r}")
         return f"Accumulator({', '.join(parts)})"
 
     def __len__(self) -> int:
@@ -789,9 +490,9 @@ class Accumulator:
 
     def _rows(self) -> int:
         for kind in ("array", "scalar"):
-            for state in self._leaves:
-                if state.kind == kind:
-                    return state.rows
+            for leaf in self._leaves:
+                if leaf.column.kind == kind:
+                    return leaf.column.rows
         return self._batches
 
     def result(self, *, num_items: int | None = None) -> Any:
@@ -829,21 +530,24 @@ class Accumulator:
                     f"num_items={num_items} but the accumulator holds {rows} rows; pass a "
                     "number between 0 and len(accumulator)"
                 )
-            out = [self._leaf_result(state, num_items) for state in self._leaves]
+            out = [self._leaf_result(leaf, num_items) for leaf in self._leaves]
+            if self._directory is not None:
+                self._directory.finish(self._spec, self._leaves, self._ml_dtypes)
             return _tree.unflatten(self._spec, out)
 
-    def _leaf_result(self, state: _Leaf, num_items: int | None) -> Any:
-        rows = state.rows if state.kind != "object" else len(state.values)
+    def _leaf_result(self, leaf: _Leaf, num_items: int | None) -> Any:
+        column = leaf.column
+        rows = column.rows if column.kind != "object" else len(leaf.values)
         keep = rows if num_items is None else min(rows, num_items)
-        if state.kind == "object":
-            return state.values[:keep]
-        if state.file is not None:
-            file = state.file
-            if file.rows and state.trailing is not None and file.trailing != state.trailing:
-                file.relayout(state.trailing, self._fill(state))  # trim a geometric surplus
+        if column.kind == "object":
+            return leaf.values[:keep]
+        if leaf.file is not None:
+            file, trailing = leaf.file, column.trailing
+            if file.rows and trailing is not None and file.trailing != trailing:
+                file.relayout(trailing, column.fill)  # trim a geometric surplus
             return file.open(keep)
-        chunks = state.chunks
-        returned = state.returned
+        chunks = leaf.chunks
+        returned = leaf.returned
         if (
             returned is not None
             and keep == rows
@@ -851,19 +555,8 @@ class Accumulator:
             and (chunks[0] is returned or chunks[0].base is returned)
         ):
             return returned
-        out = _ragged.concat_arrays(
-            chunks,
-            state.path,
-            fill_for=_fill_for(self._pad_value, state.path),
-            axis=state.axis,
-            rows=keep,
-            consume=True,
-        )
-        moved = np.moveaxis(out, state.axis, 0) if state.axis else out
+        out = concat_arrays(chunks, column, rows=keep, consume=True)
+        moved = np.moveaxis(out, column.axis, 0) if column.axis else out
         chunks.insert(0, moved)
-        state.returned = out
+        leaf.returned = out
         return out
-
-    def _fill(self, state: _Leaf) -> np.ndarray | None:
-        assert state.dtype is not None  # noqa: S101
-        return _ragged.pad_value_for(self._pad_value, state.path, state.dtype)

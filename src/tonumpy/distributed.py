@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from optree import PyTreeSpec
 
-from . import _dtypes, _options, _ragged, _tree
+from . import _dtypes, _options, _tree
+from ._columns import Column, Kind, join
 from ._leaf import PLAIN, convert_checked
-from ._ragged import PadValue
-from .accumulate import _normalise_axis, concat
+from ._pad import PadValue, check_pad_option
+from .convert import convert_flat
 from .errors import ConversionError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -301,70 +302,33 @@ def _numpy_dtype(code: str, dtype: Any, ml_dtypes: bool) -> np.dtype[Any]:
     return np.dtype(str(dtype).removeprefix("torch."))
 
 
-def _kind(info: _Info) -> str:
+def _kind(info: _Info) -> Kind:
     if info[2] is None:  # an object leaf that is not an array
         return "object"
     return "array" if info[2] else "scalar"
 
 
-_KIND_TEXT = {"array": "an array", "scalar": "a 0-d value", "object": "a non-array value"}
-
-
 def _check_leaves(
     metas: Sequence[tuple[Any, ...]],
-    paths: list[tuple[Any, ...]],
+    spec: PyTreeSpec,
     *,
     axis: int,
     pad_value: PadValue,
     ml_dtypes: bool,
 ) -> list[int]:
-    """Check every leaf across ranks as ``concat`` will; return each leaf's normalised axis."""
+    """Check every leaf across ranks by the column policy; return each leaf's normalised axis.
+
+    From the metadata alone, before any data moves, so that every rank raises the same error.
+    """
     axes = []
-    for i, path in enumerate(paths):
-        infos = [meta[4][i] for meta in metas]
-        kinds = [_kind(info) for info in infos]
-        for rank, kind in enumerate(kinds):
-            if kind != kinds[0]:
-                raise ConversionError(
-                    f"gather(): {_tree.format_path(path)} is {_KIND_TEXT[kinds[0]]} on rank 0 but "
-                    f"{_KIND_TEXT[kind]} on rank {rank}; every rank must pass the same kind of "
-                    "leaf (a tensor with at least one dimension, a 0-d tensor, or another value)",
-                    path=path,
-                )
-        if kinds[0] == "object":
-            axes.append(0)
-            continue
-        shapes = [info[2] for info in infos]
-        dtypes = [_numpy_dtype(info[0], info[1], ml_dtypes) for info in infos]
-        if kinds[0] == "scalar":
-            chunks = [(1,) for _ in shapes]
-            ax = 0
-        else:
-            ndims = {len(s) for s in shapes if s is not None}
-            if len(ndims) > 1:
-                shown = ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
-                raise ConversionError(
-                    f"gather(): {_tree.format_path(path)} has a different number of dimensions "
-                    f"on different ranks ({shown}); every rank must pass a leaf of the same rank",
-                    path=path,
-                )
-            ndim = ndims.pop()
-            ax = _normalise_axis(axis, ndim, path, "gather()")
-            chunks = [(s[ax], *s[:ax], *s[ax + 1 :]) for s in shapes if s is not None]
-        basis = [r for r, c in enumerate(chunks) if c[0] > 0] or list(range(len(chunks)))
-        for r in basis:
-            if dtypes[r] != dtypes[basis[0]]:
-                raise ConversionError(
-                    f"gather(): {_tree.format_path(path)} is {dtypes[basis[0]]} on rank "
-                    f"{basis[0]} but {dtypes[r]} on rank {r}; cast the leaf to one dtype on "
-                    "every rank",
-                    path=path,
-                )
-        ragged = len({chunks[r][1:] for r in basis}) > 1
-        if ragged or len({len(c) for c in chunks}) > 1:
-            fill = _ragged.pad_value_for(pad_value, path, dtypes[basis[0]]) if ragged else None
-            _ragged.target_shape(chunks, path, padded=fill is not None, axis=axis)
-        axes.append(ax)
+    for i, (path, where) in enumerate(_tree.leaf_paths(spec)):
+        column = Column(path, where, axis=axis, pad_value=pad_value, noun="ranks")
+        for rank, meta in enumerate(metas):
+            code, dtype, shape, *_ = meta[4][i]
+            kind = _kind(meta[4][i])
+            np_dtype = None if kind == "object" else _numpy_dtype(code, dtype, ml_dtypes)
+            column.commit(column.check(kind, np_dtype, shape, f"rank {rank}"))
+        axes.append(column.axis)
     return axes
 
 
@@ -513,7 +477,7 @@ def _finish(
     out: Any,
     spec: PyTreeSpec,
     *,
-    kinds: list[str],
+    kinds: Sequence[str],
     axes: list[int],
     order: np.ndarray | None,
     num_items: int | None,
@@ -645,7 +609,7 @@ def gather(
         _check_structure(metas, prep.spec, dist, group)
 
     paths = prep.spec.paths()
-    axes = _check_leaves(metas, paths, axis=axis, pad_value=pad_value, ml_dtypes=ml_dtypes)
+    axes = _check_leaves(metas, prep.spec, axis=axis, pad_value=pad_value, ml_dtypes=ml_dtypes)
     if sampler is not None:
         _check_sampler(metas, paths, axes, world)
 
@@ -670,10 +634,17 @@ def gather(
         per_rank = [list(prep.sources)]
     if not is_dst:
         return None
-    trees = [_tree.unflatten(prep.spec, leaves) for leaves in per_rank]
+    converted = [convert_flat(leaves, prep.spec, ml_dtypes=ml_dtypes) for leaves in per_rank]
     del per_rank
-    out = concat(trees, axis=axis, pad_value=pad_value, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
-    del trees
+    out = join(
+        converted,
+        prep.spec,
+        axis=axis,
+        pad_value=pad_value,
+        name=lambda r: f"rank {r}",
+        noun="ranks",
+    )
+    del converted
     order = _dataset_order(metas) if sampler is not None else None
     kinds = [_kind(info) for info in prep.infos]
     return _finish(out, prep.spec, kinds=kinds, axes=axes, order=order, num_items=num_items)
@@ -684,7 +655,7 @@ def _checked_arguments(
 ) -> tuple[int, int | None]:
     """Check gather's options as concat and Accumulator do; return axis and num_items as ints."""
     _options.check_flag(ml_dtypes, "ml_dtypes", "gather")
-    _ragged.check_pad_option(pad_value, "gather")
+    check_pad_option(pad_value, "gather")
     return _options.check_axis(axis, "gather"), _options.check_num_items(num_items, "gather")
 
 

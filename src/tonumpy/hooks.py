@@ -31,10 +31,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar, cast, overload
 
-import numpy as np
 import torch
 
 from . import _options, _tree
+from ._columns import join
+from ._pad import PadValue, check_pad_option
 from ._transfer import PendingTransfer
 from .convert import convert_flat, start
 from .errors import CaptureError, ConversionError, OptionError
@@ -160,12 +161,15 @@ class Activations(Mapping[str, list[Any]]):
                 queue.clear()
             self._inflight.clear()
 
-    def concat(self, name: str, /, *, axis: int = 0) -> Any:
-        """One tree for module ``name``: each array leaf joined across the captured calls.
+    def concat(self, name: str, /, *, axis: int = 0, pad_value: PadValue = None) -> Any:
+        """One tree for module ``name``: each leaf joined across the captured calls.
 
-        Arrays are concatenated along ``axis`` (a smaller last batch is fine); 0-d arrays and
-        Python numbers (a ``reduce`` to a scalar, ``scalars=True``) are stacked into a 1-d
-        array; any other leaf becomes the list of its values, one per call.
+        The column policy of [`tonumpy.concat`][], with the same meaning for ``axis`` and
+        ``pad_value``: arrays are concatenated along ``axis`` (a smaller last batch is fine),
+        and padded with ``pad_value`` where calls differ in another dimension (sequences of
+        different lengths); 0-d arrays (a ``reduce`` to a scalar) are stacked into a 1-d array;
+        any other leaf (Python numbers from ``scalars=True`` too) becomes the list of its
+        values, one per call.
 
         Examples:
             >>> import torch, tonumpy
@@ -175,10 +179,20 @@ class Activations(Mapping[str, list[Any]]):
             ...         _ = model(torch.ones(5, 2))
             >>> acts.concat("")["mean"].shape
             (4,)
+            >>> ident = torch.nn.Identity()
+            >>> with tonumpy.capture(ident) as acts:
+            ...     _ = ident(torch.ones(1, 2))
+            ...     _ = ident(torch.ones(1, 3))
+            >>> acts.concat("", pad_value=-1.0)
+            array([[ 1.,  1., -1.],
+                   [ 1.,  1.,  1.]], dtype=float32)
 
         Args:
             name: A module name (a key of this mapping).
             axis: The axis arrays are joined along.
+            pad_value: How to pad leaves whose calls differ in size along another axis, as for
+                [`tonumpy.concat`][]: a value, a mapping from key path to value, or a callable
+                ``(path, dtype) -> value``. ``None`` makes such leaves an error.
 
         Returns:
             A tree with the structure of one call.
@@ -187,9 +201,11 @@ class Activations(Mapping[str, list[Any]]):
             KeyError: ``name`` is not a captured module.
             ConversionError: There is no call to join, or the calls differ in structure, or
                 arrays at one place in the tree cannot be joined; the message names the place.
-            OptionError: ``axis`` is not an int.
+            OptionError: ``axis`` is not an int, or a ``pad_value`` callable cannot take
+                ``(path, dtype)``.
         """
         axis = _options.check_axis(axis, "Activations.concat")
+        check_pad_option(pad_value, "Activations.concat")
         calls = self[name]
         if not calls:
             raise ConversionError(
@@ -197,41 +213,34 @@ class Activations(Mapping[str, list[Any]]):
                 "inside the capture block first (and check `every`)",
                 path=None,
             )
+        root = f"acts[{name!r}][i]"
         flat = [_tree.flatten(call) for call in calls]
         spec = flat[0][1]
         for number, (_, other) in enumerate(flat[1:], start=1):
             if not _tree.same_structure(other, spec):
-                raise ConversionError(
-                    f"captured calls of module {name!r} differ in structure: call 0 is "
-                    f"{spec} but call {number} is {other}; read them one by one with "
-                    f"acts[{name!r}]",
-                    path=None,
+                raise _tree.structure_error(
+                    spec,
+                    other,
+                    "call 0",
+                    f"call {number}",
+                    hint=f"read the calls one by one with acts[{name!r}]",
+                    root=root,
                 )
-        joined = []
-        for index, column in enumerate(zip(*(leaves for leaves, _ in flat), strict=True)):
-            try:
-                joined.append(_join(column, axis))
-            except ValueError as exc:
-                path, where = _tree.leaf_path(spec, index, root=f"acts[{name!r}][i]")
-                raise ConversionError(
-                    f"cannot concatenate {where} across calls: {exc}", path=path
-                ) from None
-        return _tree.unflatten(spec, joined)
+        return join(
+            [leaves for leaves, _ in flat],
+            spec,
+            axis=axis,
+            pad_value=pad_value,
+            name=lambda i: f"call {i}",
+            noun="calls",
+            root=root,
+        )
 
     def __repr__(self) -> str:
         with self._lock:
             counts = {name: len(queue) for name, queue in self._calls.items()}
         inner = ", ".join(f"{name!r}: {n} call{'s' * (n != 1)}" for name, n in counts.items())
         return f"Activations({{{inner}}})"
-
-
-def _join(column: tuple[Any, ...], axis: int) -> Any:
-    first = column[0]
-    if isinstance(first, np.ndarray) and first.ndim > 0:
-        return np.concatenate(column, axis=axis)
-    if isinstance(first, np.ndarray | np.generic | bool | int | float | complex):
-        return np.stack([np.asarray(value) for value in column])
-    return list(column)
 
 
 # ------------------------------------------------------------------------------- the hooks
