@@ -365,7 +365,9 @@ def _check_mismatch_raises_everywhere(rank: int, world: int) -> None:
     if world > 1:
         pair: Any = (torch.ones(1), torch.ones(1))
         _expect_raise_everywhere(
-            r"the containers differ", lambda: gather({"p": list(pair) if last else pair})
+            rf"rank {world - 1} does not have the structure of rank 0: at tree\['p'\], rank 0 "
+            rf"has a tuple of 2 items but rank {world - 1} has a list of 2 items",
+            lambda: gather({"p": list(pair) if last else pair}),
         )
     # one dtype rule for concat, Accumulator and gather: float32 and float64 join as float64...
     wide = torch.ones(2, dtype=torch.float64 if last else torch.float32)

@@ -45,6 +45,8 @@ __all__ = [
     "MAX_NODE_TYPES",
     "NAMESPACE",
     "Node",
+    "Sketch",
+    "difference_error",
     "first_difference",
     "flatten",
     "flatten_typed",
@@ -53,6 +55,7 @@ __all__ = [
     "leaf_paths",
     "outline",
     "same_structure",
+    "sketch",
     "structure_error",
     "unflatten",
     "where",
@@ -553,29 +556,46 @@ def _recursion_error(
 # ------------------------------------------------------------------------------ differences
 
 
-def _node_text(spec: PyTreeSpec) -> str:
+#: A tree's structure as plain, picklable data: ``None`` for a leaf, else ``(type name, entries,
+#: children)``; what ranks exchange when their structures differ (``gather``).
+Sketch = tuple[str, tuple[Any, ...], tuple[Any, ...]] | None
+
+
+def sketch(spec: PyTreeSpec) -> Sketch:
+    """``spec``'s structure as a [`Sketch`][tonumpy._tree.Sketch] (keys as they compare).
+
+    Examples:
+        >>> sketch(flatten({"a": [1, 2]})[1])
+        ('dict', ('a',), (('list', (0, 1), (None, None)),))
+    """
     if spec.is_leaf():
-        return "a leaf"
-    if spec.type is type(None):
-        return "None"
-    entries = list(spec.entries())
+        return None
     name = spec.type.__name__ if spec.type is not None else "node"
-    if spec.type in (list, tuple) or (isinstance(spec.type, type) and issubclass(spec.type, list)):
+    return name, tuple(spec.entries()), tuple(sketch(child) for child in spec.children())
+
+
+def _node_text(node: Sketch) -> str:
+    if node is None:
+        return "a leaf"
+    name, entries, _ = node
+    if name == "NoneType":
+        return "None"
+    if entries == tuple(range(len(entries))):
         return f"a {name} of {len(entries)} items"
-    return f"a {name} with keys {entries!r}"
+    return f"a {name} with keys {list(entries)!r}"
 
 
 def first_difference(
-    a: PyTreeSpec, b: PyTreeSpec, path: tuple[Any, ...] = ()
+    a: Sketch, b: Sketch, path: tuple[Any, ...] = ()
 ) -> tuple[tuple[Any, ...], str, str]:
     """The first place where ``a`` and ``b`` differ: ``(path, what a has, what b has)``.
 
-    Only called on specs known to differ; the search goes depth first, in leaf order.
+    Only called on structures known to differ; the search goes depth first, in leaf order.
     """
-    if a.is_leaf() or b.is_leaf() or a.type is not b.type:
+    if a is None or b is None or a[0] != b[0]:
         return path, _node_text(a), _node_text(b)
-    entries_a, entries_b = list(a.entries()), list(b.entries())
-    sequence = entries_a == list(range(len(entries_a)))
+    (_, entries_a, children_a), (_, entries_b, children_b) = a, b
+    sequence = entries_a == tuple(range(len(entries_a)))
     if entries_a != entries_b and sequence:
         return path, _node_text(a), _node_text(b)
     if entries_a != entries_b:
@@ -585,11 +605,13 @@ def first_difference(
         for entry in entries_b:
             if entry not in entries_a:
                 return (*path, entry), "nothing (no such key)", "a value"
-        return path, _node_text(a), f"the same keys in another order: {entries_b!r}"
-    for entry, child_a, child_b in zip(entries_a, a.children(), b.children(), strict=True):
+        return path, _node_text(a), f"the same keys in another order: {list(entries_b)!r}"
+    for entry, child_a, child_b in zip(entries_a, children_a, children_b, strict=True):
         if child_a != child_b:
             return first_difference(child_a, child_b, (*path, entry))
-    return path, f"{_node_text(a)} ({a.one_level()})", f"another {_node_text(b)} ({b.one_level()})"
+    # same types and keys all the way down: the containers' settings differ (a maxlen, a
+    # defaultdict's factory, a class of the same name from another module...)
+    return path, f"{_node_text(a)} with other settings", f"another {_node_text(b)}"
 
 
 def structure_error(
@@ -608,10 +630,29 @@ def structure_error(
     ``hint`` ends the message: what the caller needs and how to get there; ``root`` names
     the trees in the path (``tree['a']``).
     """
+    return difference_error(
+        sketch(first), sketch(other), first_name, other_name, hint=hint, spec=first, root=root
+    )
+
+
+def difference_error(
+    first: Sketch,
+    other: Sketch,
+    first_name: str,
+    other_name: str,
+    *,
+    hint: str,
+    spec: PyTreeSpec | None = None,
+    root: str = "tree",
+) -> ConversionError:
+    """[`structure_error`][tonumpy._tree.structure_error], from sketches.
+
+    ``spec``, the structure of a tree that has the place, renders its path.
+    """
     path, has_a, has_b = first_difference(first, other)
+    place = where(spec, path, root) if spec is not None else format_path(path, root)
     return ConversionError(
-        f"{other_name} does not have the structure of {first_name}: at "
-        f"{where(first, path, root)}, "
+        f"{other_name} does not have the structure of {first_name}: at {place}, "
         f"{first_name} has {has_a} but {other_name} has {has_b}; {hint}",
         path=path,
     )

@@ -417,40 +417,6 @@ def _dataset_order(metas: Sequence[tuple[Any, ...]]) -> np.ndarray:
     return order
 
 
-def _structure_error(
-    paths: list[list[str]], reprs: list[str], local: list[tuple[Any, ...]], rank: int
-) -> ConversionError:
-    mine, first = paths[rank], paths[0]
-    index = next(
-        (i for i, (a, b) in enumerate(zip(first, mine, strict=False)) if a != b),
-        min(len(first), len(mine)),
-    )
-    path = local[index] if index < len(local) else None
-    head = f"gather(): the tree on rank {rank} does not have the structure of the tree on rank 0"
-    tail = "every rank must pass the same keys, fields and lengths"
-    if index < len(first) and index < len(mine):
-        return ConversionError(
-            f"{head}: rank 0 has a leaf at {first[index]} where rank {rank} has one at "
-            f"{mine[index]}; {tail}",
-            path=path,
-        )
-    if len(first) != len(mine):
-        longer, extra = (0, first[index]) if len(first) > len(mine) else (rank, mine[index])
-        return ConversionError(
-            f"{head}: rank 0 has {len(first)} leaves and rank {rank} has {len(mine)}; the "
-            f"first leaf only rank {longer} has is {extra}; {tail}",
-            path=path,
-        )
-    return ConversionError(
-        f"{head}: the leaves are at the same paths but the containers differ: rank 0 has "
-        f"{_short(reprs[0])}, rank {rank} has {_short(reprs[rank])}; {tail}"
-    )
-
-
-def _short(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 # ------------------------------------------------------------------------------ receiving
 
 
@@ -681,15 +647,24 @@ def _locate(dist: Any, group: Any, dst: int | None) -> tuple[int, int, bool]:
 def _check_structure(
     metas: Sequence[tuple[Any, ...]], spec: PyTreeSpec, dist: Any, group: Any
 ) -> None:
-    """Raise, on every rank, if the structure fingerprints differ (one more exchange)."""
+    """Raise, on every rank, if the structure fingerprints differ (one more exchange).
+
+    The ranks then exchange their structures as sketches, and every rank reports the first
+    path where the first differing rank's tree parts from rank 0's, as ``concat`` does.
+    """
     if all(meta[2] == metas[0][2] for meta in metas):
         return
-    details: list[Any] = [None] * len(metas)
-    local_paths = spec.paths()
-    rendered = [_tree.format_path(p) for p in local_paths]
-    dist.all_gather_object(details, (rendered, _ADDRESS.sub("", repr(spec))), group=group)
+    sketches: list[Any] = [None] * len(metas)
+    dist.all_gather_object(sketches, _tree.sketch(spec), group=group)
     bad = next(r for r, meta in enumerate(metas) if meta[2] != metas[0][2])
-    raise _structure_error([d[0] for d in details], [d[1] for d in details], local_paths, bad)
+    raise _tree.difference_error(
+        sketches[0],
+        sketches[bad],
+        "rank 0",
+        f"rank {bad}",
+        hint="every rank must pass the same keys, fields and lengths",
+        spec=spec,
+    )
 
 
 def _check_dst(dist: Any, group: Any, dst: int) -> None:
