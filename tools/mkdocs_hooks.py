@@ -28,6 +28,8 @@ TOPICS = {
     "tonumpy._transfer": "Device-to-host transfer",
     "tonumpy.accumulate": "Batched predictions",
     "tonumpy.hooks": "Logging hooks",
+    "tonumpy._activations": "Logging hooks",
+    "tonumpy._numpy_args": "Logging hooks",
     "tonumpy.distributed": "Gathering across ranks",
     "tonumpy.io": "Files",
 }

@@ -16,10 +16,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import _startup  # noqa: F401 - first: Ctrl-C while the command imports torch
+from ._activations import Activations
+from ._numpy_args import numpy_args
 from .asynchronous import PendingTransfer, to_numpy_async
 from .convert import apply, to_numpy, to_torch
 from .errors import CaptureError, ConversionError, OptionError, TonumpyError, UnsupportedLeafError
-from .hooks import Activations, capture, numpy_args
+from .hooks import capture
 
 if TYPE_CHECKING:
     from .accumulate import Accumulator, concat

@@ -33,20 +33,20 @@ __all__ = ["convert"]
 
 
 def convert(
-    leaves: list[Any], kinds: set[type], *, copy: bool, ml_dtypes: bool, cuda_possible: bool
+    leaves: list[Any], leaf_types: set[type], *, copy: bool, ml_dtypes: bool, cuda_possible: bool
 ) -> list[Any] | None:
     """Convert distinct plain CPU tensors (other leaves kept) in bulk, or decline with None.
 
-    ``kinds`` is the set of the leaves' types. ``copy``: every array must own its memory (the
+    ``leaf_types`` is the set of the leaves' types. ``copy``: every array must own its memory (the
     caller's ``copy=True``). ``cuda_possible``: a tensor may be on a GPU (CUDA is
     initialised); such a tree is declined once the first pass meets one, since the router
     moves CUDA tensors together through the transfer engine. Declined too: tensor subclasses,
     arrays to copy, and any leaf a pass refuses (sparse, meta, float4, ...).
     """
     plain = PLAIN
-    if any(cls not in plain and issubclass(cls, torch.Tensor) for cls in kinds):
+    if any(cls not in plain and issubclass(cls, torch.Tensor) for cls in leaf_types):
         return None
-    if copy and np.ndarray in kinds:  # input arrays must be copied: the per-leaf loop does it
+    if copy and np.ndarray in leaf_types:  # input arrays must be copied: the per-leaf loop does it
         return None
     first = next((leaf for leaf in leaves if type(leaf) in plain), None)
     if first is None:

@@ -102,7 +102,7 @@ class _Snapshot(NamedTuple):
 
 
 _lock = threading.RLock()
-_kinds: dict[type, str] = {}  # written under _lock only
+_roles: dict[type, str] = {}  # written under _lock only
 _registered: dict[type, None] = {}  # tonumpy's registrations, oldest first (under _lock)
 _snapshot = _Snapshot(0, frozenset())  # replaced under _lock, read anywhere
 _atomic: frozenset[type] = _BASE_ATOMIC  # replaced under _lock, read anywhere
@@ -142,27 +142,27 @@ def _classify(cls: type[Any], protect: set[type]) -> str:
 
     ``protect`` holds the node types the calling flatten relies on: they are not evicted.
     """
-    kind = _kinds.get(cls)
+    kind = _roles.get(cls)
     if kind is not None:
         return kind
     global _atomic, _snapshot  # noqa: PLW0603 - replaced as a whole, under the lock
     with _lock:
-        kind = _kinds.get(cls)
+        kind = _roles.get(cls)
         if kind is not None:
             return kind
         kind = _decide(cls)
         if kind is _NODE:
             _registered[cls] = None
             protect.add(cls)
-            _kinds[cls] = kind
+            _roles[cls] = kind
             _snapshot = _Snapshot(_snapshot.evictions, _snapshot.nodes | {cls})
             _evict(protect)
             return kind
-        if len(_kinds) - len(_registered) >= _MAX_LEAF_TYPES:
-            for known in [k for k, v in _kinds.items() if v is not _NODE]:
-                del _kinds[known]
+        if len(_roles) - len(_registered) >= _MAX_LEAF_TYPES:
+            for known in [k for k, v in _roles.items() if v is not _NODE]:
+                del _roles[known]
             _atomic = _BASE_ATOMIC
-        _kinds[cls] = kind
+        _roles[cls] = kind
         if kind is _ATOMIC:
             _atomic = _atomic | {cls}
         return kind
@@ -182,7 +182,7 @@ def _evict(protect: set[type]) -> None:
     _snapshot = _Snapshot(_snapshot.evictions + 1, _snapshot.nodes.difference(victims))
     for cls in victims:
         del _registered[cls]
-        del _kinds[cls]
+        del _roles[cls]
         optree.unregister_pytree_node(cls, namespace=NAMESPACE)
 
 
@@ -253,12 +253,12 @@ def flatten_typed(
         with _lock if attempt >= _LOCKED_AFTER else contextlib.nullcontext():
             snapshot = _snapshot
             leaves, spec = _flatten_once(tree, check, is_leaf, none_is_leaf)
-            kinds = set(map(type, leaves))
+            leaf_types = set(map(type, leaves))
             atomic = _atomic
-            if kinds <= atomic:  # tensors, arrays, strings, numbers, ...: nothing to do
-                return leaves, spec, kinds
+            if leaf_types <= atomic:  # tensors, arrays, strings, numbers, ...: nothing to do
+                return leaves, spec, leaf_types
             again = search = False
-            for cls in kinds - atomic:
+            for cls in leaf_types - atomic:
                 kind = _classify(cls, protect)
                 if kind is _NODE:
                     protect.add(cls)
@@ -271,7 +271,7 @@ def flatten_typed(
             if not again:
                 if search:
                     _refuse_opaque(leaves, spec, check, protect)
-                return leaves, spec, kinds
+                return leaves, spec, leaf_types
         attempt += 1
 
 

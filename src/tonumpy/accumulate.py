@@ -116,12 +116,12 @@ def concat(
     flat: list[list[Any]] = []
     spec0: PyTreeSpec | None = None
     for index, tree in enumerate(trees):
-        leaves, spec, kinds = _tree.flatten_typed(tree, is_leaf=is_leaf)
+        leaves, spec, leaf_types = _tree.flatten_typed(tree, is_leaf=is_leaf)
         if spec0 is None:
             spec0 = spec
         elif not _tree.same_structure(spec, spec0):
             raise _structure_error(spec0, spec, "trees[0]", f"trees[{index}]")
-        flat.append(convert_flat(leaves, spec, ml_dtypes=ml_dtypes, kinds=kinds))
+        flat.append(convert_flat(leaves, spec, ml_dtypes=ml_dtypes, leaf_types=leaf_types))
     assert spec0 is not None  # noqa: S101 - trees is not empty
     return join(
         flat, spec0, axis=axis, pad_value=pad_value, name=lambda i: f"trees[{i}]", noun="batches"
@@ -367,14 +367,16 @@ class Accumulator:
                 that fits its dtype. The batch is then not added, and the accumulator is left
                 as it was.
         """
-        leaves, spec, kinds = _tree.flatten_typed(tree, is_leaf=self._is_leaf)
+        leaves, spec, leaf_types = _tree.flatten_typed(tree, is_leaf=self._is_leaf)
         expected = self._expected  # checked again under the lock; this spares the conversion
         if expected is not None and not _tree.same_structure(spec, expected):
             raise _structure_error(expected, spec, "batch 0", f"batch {self._received}")
         # Before the lock, so that threads convert in parallel: CPU tensors are converted
         # (zero-copy views, copied into the accumulator's storage under the lock), CUDA
         # tensors' copies enqueued (the next call collects them).
-        pending = start(leaves, spec, ml_dtypes=self._ml_dtypes, scalars=self._scalars, kinds=kinds)
+        pending = start(
+            leaves, spec, ml_dtypes=self._ml_dtypes, scalars=self._scalars, leaf_types=leaf_types
+        )
         with self._lock:
             name = f"batch {self._received}"
             if self._expected is not None and not _tree.same_structure(spec, self._expected):

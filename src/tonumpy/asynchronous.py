@@ -67,5 +67,7 @@ def to_numpy_async(
     """
     _options.check_copy(copy, "to_numpy_async")
     _options.check_flags("to_numpy_async", ml_dtypes=ml_dtypes, scalars=scalars)
-    leaves, spec, kinds = _tree.flatten_typed(tree, is_leaf=is_leaf)
-    return start(leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars, kinds=kinds)
+    leaves, spec, leaf_types = _tree.flatten_typed(tree, is_leaf=is_leaf)
+    return start(
+        leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars, leaf_types=leaf_types
+    )

@@ -56,7 +56,7 @@ def _route(
     copy: Copy,
     ml_dtypes: bool,
     scalars: bool,
-    kinds: set[type] | None,
+    leaf_types: set[type] | None,
     wait: bool,
 ) -> tuple[list[Any], Any]:
     """Convert ``leaves`` now, or enqueue their device copies: ``(out, batch or None)``.
@@ -67,11 +67,11 @@ def _route(
     """
     engine_on = _transfer.FORCE_CPU or _cuda_initialized()
     if copy is not False and not scalars and not _transfer.FORCE_CPU:
-        if kinds is None:
-            kinds = set(map(type, leaves))
-        if _distinct_tensors(leaves, kinds):
+        if leaf_types is None:
+            leaf_types = set(map(type, leaves))
+        if _distinct_tensors(leaves, leaf_types):
             out = _bulk.convert(
-                leaves, kinds, copy=bool(copy), ml_dtypes=ml_dtypes, cuda_possible=engine_on
+                leaves, leaf_types, copy=bool(copy), ml_dtypes=ml_dtypes, cuda_possible=engine_on
             )
             if out is not None:
                 return out, None
@@ -99,12 +99,14 @@ def _route(
     return out, batch
 
 
-def _distinct_tensors(leaves: list[Any], kinds: set[type]) -> bool:
+def _distinct_tensors(leaves: list[Any], leaf_types: set[type]) -> bool:
     """Whether no tensor occurs twice among ``leaves``.
 
     Other repeated leaves (``"str"``, ``3``) do not matter: they come back as themselves.
     """
-    tensors = leaves if kinds <= _PLAIN_TYPES else [x for x in leaves if type(x) in _PLAIN_TYPES]
+    tensors = (
+        leaves if leaf_types <= _PLAIN_TYPES else [x for x in leaves if type(x) in _PLAIN_TYPES]
+    )
     return len(set(map(id, tensors))) == len(tensors)
 
 
@@ -166,15 +168,21 @@ def convert_flat(
     copy: Copy = None,
     ml_dtypes: bool = False,
     scalars: bool = False,
-    kinds: set[type] | None = None,
+    leaf_types: set[type] | None = None,
 ) -> list[Any]:
     """Convert a flat list of leaves (as ``_tree.flatten`` gives them) to NumPy, now.
 
-    Errors name the leaf's path in ``spec``. ``kinds``, the set of the leaves' types if the
+    Errors name the leaf's path in ``spec``. ``leaf_types``, the set of the leaves' types if the
     caller has it (``_tree.flatten_typed``), saves a pass.
     """
     out, batch = _route(
-        leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars, kinds=kinds, wait=True
+        leaves,
+        spec,
+        copy=copy,
+        ml_dtypes=ml_dtypes,
+        scalars=scalars,
+        leaf_types=leaf_types,
+        wait=True,
     )
     if batch is not None:
         _transfer.finish(batch, out, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
@@ -188,7 +196,7 @@ def start(
     copy: Copy = None,
     ml_dtypes: bool = False,
     scalars: bool = False,
-    kinds: set[type] | None = None,
+    leaf_types: set[type] | None = None,
 ) -> PendingTransfer:
     """Start converting a flat list of leaves: CUDA tensors' copies are enqueued, not waited for.
 
@@ -196,7 +204,13 @@ def start(
     ``result()`` rebuilds the tree of ``spec``; ``result_leaves()`` gives the flat list.
     """
     out, batch = _route(
-        leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars, kinds=kinds, wait=False
+        leaves,
+        spec,
+        copy=copy,
+        ml_dtypes=ml_dtypes,
+        scalars=scalars,
+        leaf_types=leaf_types,
+        wait=False,
     )
     return PendingTransfer(out, spec, batch, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
 
@@ -277,9 +291,9 @@ def to_numpy(
             return tree.numpy()
         except Exception:  # noqa: BLE001, S110 - the general path gives the proper error
             pass
-    leaves, spec, kinds = _tree.flatten_typed(tree, is_leaf=is_leaf)
+    leaves, spec, leaf_types = _tree.flatten_typed(tree, is_leaf=is_leaf)
     converted = convert_flat(
-        leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars, kinds=kinds
+        leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars, leaf_types=leaf_types
     )
     return _tree.unflatten(spec, converted)
 

@@ -20,8 +20,6 @@ GPU) does all the communication; ``torch.distributed`` is imported only when ``g
 from __future__ import annotations
 
 import hashlib
-import math
-import pickle
 import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,10 +28,21 @@ import numpy as np
 import torch
 from optree import PyTreeSpec
 
-from . import _dtypes, _options, _tree
-from ._columns import Column, Kind, join
-from ._leaf import PLAIN, convert_checked
+from . import _options, _tree
+from ._columns import Column, join
+from ._packing import (
+    ALIGN,
+    DTENSOR,
+    Prepared,
+    info_kind,
+    make_pieces,
+    numpy_dtype,
+    pack_buffer,
+    prepare,
+    rebuild,
+)
 from ._pad import PadValue, check_pad_option
+from ._sampler import check_sampler, dataset_order, sampler_info
 from .convert import convert_flat
 from .errors import ConversionError
 
@@ -46,208 +55,7 @@ __all__ = ["gather"]
 #: raise a clear error instead of misreading each other.
 _PROTOCOL = 1
 
-# Leaf codes in the metadata.
-_TENSOR = "t"  # a tensor sent as raw bytes, rebuilt as a tensor of the same dtype
-_ARRAY = "n"  # an ndarray sent as raw bytes, rebuilt as an ndarray of the same dtype
-_DTENSOR = "d"  # a DTensor: materialised with full_tensor() after the checks, then sent as bytes
-_OBJECT = "o"  # anything else: pickled into the metadata
-
-#: torch dtypes sent as raw bytes (others are converted on their rank first, then sent).
-_SENDABLE: frozenset[torch.dtype] = _dtypes.NATIVE | frozenset(_dtypes.ML_DTYPES)
-_ALIGN = 16  # the largest item size sent (complex128)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-# One leaf's metadata: (code, dtype, shape, offset, nbytes, payload). ``dtype`` is a torch or
-# NumPy dtype (None for objects); ``payload`` is the pickled value of an object leaf.
-_Info = tuple[str, Any, tuple[int, ...] | None, int, int, bytes | None]
-
-
-class _Prepared:
-    """One rank's tree, ready to send: leaves, metadata and the byte layout."""
-
-    __slots__ = ("error", "infos", "leaves", "nbytes", "order", "pieces", "sources", "spec")
-
-    def __init__(self) -> None:
-        self.leaves: list[Any] = []
-        self.spec: PyTreeSpec | None = None
-        self.infos: list[_Info] = []
-        self.sources: list[Any] = []  # per leaf: the tensor/array whose bytes are sent, or None
-        self.order: list[int] = []  # leaf indices in buffer order
-        self.nbytes = 0
-        self.error: BaseException | None = None
-        # per sized leaf, in buffer order: its bytes, flat, ready to copy into the buffer
-        self.pieces: list[Any] = []
-
-
-# ------------------------------------------------------------------------------ local side
-
-
-def _is_dtensor(leaf: Any) -> bool:
-    cls = type(leaf)
-    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
-
-
-def _sendable_tensor(leaf: Any) -> torch.Tensor | None:
-    """``leaf`` as a plain tensor whose bytes can be sent as they are, or None."""
-    if type(leaf) not in PLAIN:
-        return None
-    t: torch.Tensor = leaf
-    if (
-        t.layout != torch.strided
-        or t.is_nested
-        or t.is_quantized
-        or t.is_meta
-        or t.dtype not in _SENDABLE
-    ):
-        return None
-    return t
-
-
-def _sendable_array(leaf: Any) -> np.ndarray | None:
-    if isinstance(leaf, np.generic):
-        leaf = np.asarray(leaf)
-    if not isinstance(leaf, np.ndarray):
-        return None
-    kind = leaf.dtype.kind
-    ml = kind == "V" and leaf.dtype.type.__module__.startswith("ml_dtypes")
-    if kind in "biufc" or ml:
-        return leaf
-    return None
-
-
-def _classify(
-    leaf: Any, index: int, spec: PyTreeSpec, *, remote: bool, ml_dtypes: bool
-) -> tuple[str, Any, tuple[int, ...] | None, Any, bytes | None]:
-    """Code, dtype, shape, source and payload of one leaf (see ``_Info``)."""
-    if _is_dtensor(leaf):
-        return _DTENSOR, leaf.dtype, tuple(leaf.shape), leaf, None
-    t = _sendable_tensor(leaf)
-    if t is not None:
-        return _TENSOR, t.dtype, tuple(t.shape), t, None
-    if isinstance(leaf, torch.Tensor):  # sparse, quantized, nested, subclasses: convert here
-        leaf = convert_checked(leaf, index, spec, copy=None, ml_dtypes=ml_dtypes, scalars=False)
-    arr = _sendable_array(leaf)
-    if arr is not None:
-        return _ARRAY, arr.dtype, arr.shape, arr, None
-    # Arrays NumPy cannot view as bytes (str, object, datetime) are pickled but keep their
-    # shape and dtype in the metadata: concat treats them as arrays, and so do the checks.
-    dtype, shape = None, None
-    if isinstance(leaf, np.ndarray | np.generic):
-        dtype, shape = np.asarray(leaf).dtype, np.shape(leaf)
-    if not remote:
-        return _OBJECT, dtype, shape, leaf, None
-    try:
-        payload = pickle.dumps(leaf, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        path, where = _tree.leaf_path(spec, index)
-        raise ConversionError(
-            f"gather() cannot send {where} ({type(leaf).__name__}) to the other ranks: it is "
-            f"not a tensor or array, and pickling it failed ({type(exc).__name__}: {exc}); "
-            "drop it from the tree or turn it into a picklable value",
-            path=path,
-        ) from exc
-    return _OBJECT, dtype, shape, None, payload
-
-
-def _itemsize(dtype: Any) -> int:
-    return int(dtype.itemsize)
-
-
-def _prepare(
-    tree: Any,
-    *,
-    remote: bool,
-    ml_dtypes: bool,
-    is_leaf: Callable[[Any], bool] | None,
-) -> _Prepared:
-    """Flatten and classify the local tree; lay its bytes out in one buffer."""
-    prep = _Prepared()
-    prep.leaves, prep.spec = _tree.flatten(tree, is_leaf=is_leaf)
-    classified = []
-    for index, leaf in enumerate(prep.leaves):
-        classified.append(_classify(leaf, index, prep.spec, remote=remote, ml_dtypes=ml_dtypes))
-    # Larger items first: every offset is then a multiple of its leaf's item size, with no gaps.
-    sized = [i for i, c in enumerate(classified) if c[0] != _OBJECT]
-    prep.order = sorted(sized, key=lambda i: -_itemsize(classified[i][1]))
-    offsets = dict.fromkeys(range(len(classified)), 0)
-    sizes = dict.fromkeys(range(len(classified)), 0)
-    offset = 0
-    for i in prep.order:
-        _, dtype, shape, _, _ = classified[i]
-        assert shape is not None  # noqa: S101 - sized leaves have shapes
-        offsets[i] = offset
-        sizes[i] = math.prod(shape) * _itemsize(dtype)
-        offset += sizes[i]
-    prep.nbytes = offset
-    for i, (code, dtype, shape, source, payload) in enumerate(classified):
-        prep.infos.append((code, dtype, shape, offsets[i], sizes[i], payload))
-        prep.sources.append(source)
-    return prep
-
-
-def _byte_view(source: Any, device: torch.device) -> torch.Tensor:
-    """The bytes of a tensor or array, as a flat contiguous ``uint8`` tensor on ``device``."""
-    if isinstance(source, np.ndarray):
-        raw = np.ascontiguousarray(source).reshape(-1).view(np.uint8)
-        return torch.from_numpy(raw).to(device)
-    t = source.detach()
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    flat: torch.Tensor = t.reshape(-1).view(torch.uint8)
-    return flat.to(device)
-
-
-def _host_bytes(source: Any) -> np.ndarray:
-    """The bytes of a tensor or array, as a flat ``uint8`` array in host memory."""
-    if isinstance(source, torch.Tensor):
-        if source.dtype in _dtypes.ML_DTYPES:  # NumPy has no bfloat16: move the raw bits
-            source = source.detach().view(_dtypes.BITS[source.dtype.itemsize])
-        source = source.numpy(force=True)  # detached, on the host, conj/neg bits resolved
-    flat: np.ndarray = np.ascontiguousarray(source).reshape(-1).view(np.uint8)
-    return flat
-
-
-def _make_pieces(prep: _Prepared, device: torch.device, *, dtensors: bool) -> None:
-    """Read every sized leaf's bytes (DTensors only when ``dtensors``): flat, on ``device``.
-
-    Runs before the metadata exchange for every other leaf, so that a leaf whose data cannot be
-    read fails *there*, where every rank learns of it, and not in the data collective, where
-    the other ranks would wait for this one forever.
-    """
-    assert prep.spec is not None  # noqa: S101
-    if not prep.pieces:
-        prep.pieces = [None] * len(prep.order)
-    on_host = device.type == "cpu"  # NumPy's per-leaf overhead is a fraction of torch's
-    for slot, i in enumerate(prep.order):
-        if (prep.infos[i][0] == _DTENSOR) != dtensors or not prep.infos[i][4]:
-            continue
-        source = prep.sources[i]
-        try:
-            prep.pieces[slot] = _host_bytes(source) if on_host else _byte_view(source, device)
-        except Exception as exc:
-            path, where = _tree.leaf_path(prep.spec, i)
-            raise ConversionError(
-                f"gather() cannot read the data of {where} ({type(source).__name__}): "
-                f"{type(exc).__name__}: {exc}",
-                path=path,
-            ) from exc
-
-
-def _pack(prep: _Prepared, size: int, device: torch.device) -> torch.Tensor:
-    """One ``uint8`` buffer of ``size`` bytes holding every sized leaf at its offset."""
-    pieces = [piece for piece in prep.pieces if piece is not None]
-    if device.type == "cpu":
-        host = np.empty(size, dtype=np.uint8)
-        if pieces:
-            np.concatenate(pieces, out=host[: prep.nbytes])
-        return torch.from_numpy(host)
-    buffer = torch.empty(size, dtype=torch.uint8, device=device)
-    if pieces:
-        torch.cat(pieces, out=buffer[: prep.nbytes])
-    return buffer
-
 
 # ------------------------------------------------------------------------------ metadata
 
@@ -257,55 +65,12 @@ def _fingerprint(spec: PyTreeSpec) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
-def _sampler_info(sampler: Any) -> tuple[Any, ...]:
-    """What gather needs of a ``DistributedSampler`` (or anything with its attributes)."""
-    missing = [
-        name
-        for name in ("num_replicas", "rank", "total_size", "shuffle", "seed", "epoch", "dataset")
-        if not hasattr(sampler, name)
-    ]
-    if missing:
-        raise ConversionError(
-            f"sampler= must be a torch.utils.data.DistributedSampler or have its attributes; "
-            f"{type(sampler).__name__} lacks {', '.join(missing)}"
-        )
-    num_replicas = int(sampler.num_replicas)
-    total_size = int(sampler.total_size)
-    num_samples = int(getattr(sampler, "num_samples", total_size // max(num_replicas, 1)))
-    return (
-        num_replicas,
-        int(sampler.rank),
-        total_size,
-        bool(sampler.shuffle),
-        int(sampler.seed),
-        int(sampler.epoch),
-        len(sampler.dataset),
-        num_samples,
-    )
-
-
 def _error_payload(exc: BaseException) -> tuple[str, str, str | None]:
     path = getattr(exc, "path", None)
     return type(exc).__name__, str(exc), None if path is None else _tree.format_path(path)
 
 
 # ------------------------------------------------------------------------------ checks
-
-
-def _numpy_dtype(code: str, dtype: Any, ml_dtypes: bool) -> np.dtype[Any]:
-    """The dtype the converted leaf has (what ``concat`` sees)."""
-    if code in (_ARRAY, _OBJECT):
-        result: np.dtype[Any] = np.dtype(dtype)
-        return result
-    if dtype in _dtypes.ML_DTYPES:
-        return _dtypes.ml_numpy_dtype(dtype) if ml_dtypes else np.dtype(np.float32)
-    return np.dtype(str(dtype).removeprefix("torch."))
-
-
-def _kind(info: _Info) -> Kind:
-    if info[2] is None:  # an object leaf that is not an array
-        return "object"
-    return "array" if info[2] else "scalar"
 
 
 def _check_leaves(
@@ -325,8 +90,8 @@ def _check_leaves(
         column = Column(path, where, axis=axis, pad_value=pad_value, noun="ranks")
         for rank, meta in enumerate(metas):
             code, dtype, shape, *_ = meta[4][i]
-            kind = _kind(meta[4][i])
-            np_dtype = None if kind == "object" else _numpy_dtype(code, dtype, ml_dtypes)
+            kind = info_kind(meta[4][i])
+            np_dtype = None if kind == "object" else numpy_dtype(code, dtype, ml_dtypes)
             column.commit(column.check(kind, np_dtype, shape, f"rank {rank}"))
         axes.append(column.axis)
     return axes
@@ -347,96 +112,7 @@ def _check_options(metas: Sequence[tuple[Any, ...]]) -> None:
                 )
 
 
-def _check_sampler(
-    metas: Sequence[tuple[Any, ...]],
-    paths: list[tuple[Any, ...]],
-    axes: list[int],
-    world: int,
-) -> None:
-    infos = [meta[6] for meta in metas]
-    first = infos[0]
-    for rank, info in enumerate(infos):
-        if info[:1] + info[2:] != first[:1] + first[2:]:
-            raise ConversionError(
-                "gather(): the samplers differ across ranks (num_replicas, total_size, shuffle, "
-                f"seed, epoch, dataset length, num_samples: {first[:1] + first[2:]} on rank 0, "
-                f"{info[:1] + info[2:]} on rank {rank}); call sampler.set_epoch(epoch) on every "
-                "rank and build every rank's sampler from the same dataset"
-            )
-    if first[0] != world:
-        raise ConversionError(
-            f"gather(): the sampler splits the dataset over num_replicas={first[0]} ranks but "
-            f"the process group has {world}; pass the sampler of this group"
-        )
-    ranks = sorted(info[1] for info in infos)
-    if ranks != list(range(world)):
-        raise ConversionError(
-            f"gather(): the samplers' ranks are {[info[1] for info in infos]} (by process "
-            "group rank); each sampler rank must appear exactly once"
-        )
-    num_samples = first[7]
-    for i, path in enumerate(paths):
-        for rank, meta in enumerate(metas):
-            info = meta[4][i]
-            if _kind(info) != "array":
-                continue
-            rows = info[2][axes[i]]
-            if rows != num_samples:
-                raise ConversionError(
-                    f"gather(sampler=...): {_tree.format_path(path)} has {rows} rows along axis "
-                    f"{axes[i]} on rank {rank}, but the sampler gives that rank {num_samples} "
-                    "samples; every array leaf must hold one row per sample (gather per-batch "
-                    "values separately, and do not drop the DataLoader's last batch)",
-                    path=path,
-                )
-
-
-def _dataset_order(metas: Sequence[tuple[Any, ...]]) -> np.ndarray:
-    """Positions, in the by-rank concatenation, of dataset items 0, 1, ... (each once).
-
-    Rebuilds the index list ``DistributedSampler.__iter__`` makes: the (seeded) permutation,
-    padded by repeating its start or cut to ``total_size``; rank ``r`` gets every
-    ``num_replicas``-th index from position ``r``.
-    """
-    num_replicas, _, total_size, shuffle, seed, epoch, length, num_samples = metas[0][6]
-    if shuffle:
-        generator = torch.Generator()
-        generator.manual_seed(seed + epoch)
-        indices = torch.randperm(length, generator=generator).numpy()
-    else:
-        indices = np.arange(length)
-    if total_size > length and length:
-        indices = np.resize(indices, total_size)  # repeats from the start, like the sampler
-    indices = indices[:total_size]
-    dataset_index = np.concatenate(
-        [indices[meta[6][1] : total_size : num_replicas] for meta in metas]
-    )
-    assert dataset_index.size == num_samples * len(metas)  # noqa: S101
-    _, first = np.unique(dataset_index, return_index=True)
-    order: np.ndarray = first
-    return order
-
-
 # ------------------------------------------------------------------------------ receiving
-
-
-def _rebuild(info: _Info, row: torch.Tensor, row_np: np.ndarray, ml_dtypes: bool) -> Any:
-    """One leaf of one rank: a view of its bytes in the gathered buffer, or the unpickled value.
-
-    Tensors of dtypes NumPy has come back as arrays (what ``concat`` would make of them);
-    bfloat16/float8 as tensors, which ``concat`` widens, or as ``ml_dtypes`` arrays.
-    """
-    code, dtype, shape, offset, nbytes, payload = info
-    if code == _OBJECT:
-        assert payload is not None  # noqa: S101
-        return pickle.loads(payload)  # noqa: S301 - sent by a rank of the user's own group
-    assert shape is not None  # noqa: S101
-    if code == _ARRAY:
-        return row_np[offset : offset + nbytes].view(dtype).reshape(shape)
-    if dtype not in _dtypes.ML_DTYPES or ml_dtypes:
-        np_dtype = _numpy_dtype(code, dtype, ml_dtypes)
-        return row_np[offset : offset + nbytes].view(np_dtype).reshape(shape)
-    return row[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 def _finish(
@@ -540,14 +216,14 @@ def gather(
     remote = world > 1
     device = _comm_device(dist, group) if remote else torch.device("cpu")
 
-    prep = _Prepared()
+    prep = Prepared()
     signature = (dst, axis, num_items, sampler is not None, ml_dtypes)
     try:
-        prep = _prepare(tree, remote=remote, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
+        prep = prepare(tree, remote=remote, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
         if remote:
-            _make_pieces(prep, device, dtensors=False)
+            make_pieces(prep, device, dtensors=False)
         assert prep.spec is not None  # noqa: S101
-        info = _sampler_info(sampler) if sampler is not None else None
+        info = sampler_info(sampler) if sampler is not None else None
         payload: tuple[Any, ...] = (
             _PROTOCOL,
             None,
@@ -577,14 +253,14 @@ def gather(
     paths = prep.spec.paths()
     axes = _check_leaves(metas, prep.spec, axis=axis, pad_value=pad_value, ml_dtypes=ml_dtypes)
     if sampler is not None:
-        _check_sampler(metas, paths, axes, world)
+        check_sampler(metas, paths, axes, world)
 
     # Every rank agrees: materialise DTensors (in leaf order, on every rank), then send.
     for i, (code, *_rest) in enumerate(prep.infos):
-        if code == _DTENSOR:
+        if code == DTENSOR:
             prep.sources[i] = prep.sources[i].full_tensor()
     if remote:
-        _make_pieces(prep, device, dtensors=True)
+        make_pieces(prep, device, dtensors=True)
     if remote:
         per_rank = _exchange(
             prep,
@@ -611,8 +287,8 @@ def gather(
         noun="ranks",
     )
     del converted
-    order = _dataset_order(metas) if sampler is not None else None
-    kinds = [_kind(info) for info in prep.infos]
+    order = dataset_order(metas) if sampler is not None else None
+    kinds = [info_kind(info) for info in prep.infos]
     return _finish(out, prep.spec, kinds=kinds, axes=axes, order=order, num_items=num_items)
 
 
@@ -679,7 +355,7 @@ def _check_dst(dist: Any, group: Any, dst: int) -> None:
         raise ValueError(msg) from exc
 
 
-def _check_all(metas: Sequence[tuple[Any, ...]], prep: _Prepared, rank: int) -> None:
+def _check_all(metas: Sequence[tuple[Any, ...]], prep: Prepared, rank: int) -> None:
     """Raise, on every rank, if any rank failed, runs another protocol or passed other options."""
     failed = [r for r, meta in enumerate(metas) if meta[1] is not None]
     if failed:
@@ -716,7 +392,7 @@ def _comm_device(dist: Any, group: Any) -> torch.device:
 
 
 def _exchange(
-    prep: _Prepared,
+    prep: Prepared,
     metas: Sequence[tuple[Any, ...]],
     *,
     dist: Any,
@@ -729,8 +405,8 @@ def _exchange(
     """Send every rank's bytes in one collective; rebuild the leaves of every rank on receivers."""
     # At least one byte (gloo crashes on zero-element collectives), and a multiple of 16 so
     # that every rank's row of the gathered buffer starts aligned for any dtype.
-    size = -(-max(1, *(int(meta[7]) for meta in metas)) // _ALIGN) * _ALIGN
-    buffer = _pack(prep, size, device)
+    size = -(-max(1, *(int(meta[7]) for meta in metas)) // ALIGN) * ALIGN
+    buffer = pack_buffer(prep, size, device)
     gathered = torch.empty((len(metas), size), dtype=torch.uint8, device=device) if is_dst else None
     if dst is None:
         assert gathered is not None  # noqa: S101
@@ -749,5 +425,5 @@ def _exchange(
     per_rank = []
     for r, meta in enumerate(metas):
         row, row_np = host[r], host_np[r]
-        per_rank.append([_rebuild(info, row, row_np, ml_dtypes) for info in meta[4]])
+        per_rank.append([rebuild(info, row, row_np, ml_dtypes) for info in meta[4]])
     return per_rank

@@ -16,33 +16,28 @@ no autograd graph is kept alive, and copied, so later in-place changes made by t
 ``reduce`` runs on the tensor's own device before anything moves, so a norm or a histogram
 crosses the bus instead of the whole activation.
 
-[`numpy_args`][] is the other half of logging: a decorator that hands a logging function
-NumPy arrays (or Python scalars) wherever its caller passed tensors.
+What was captured is read from an [`Activations`][tonumpy.Activations] mapping
+(``tonumpy._activations``); [`tonumpy.numpy_args`][] (``tonumpy._numpy_args``) is the other
+half of logging, a decorator that hands a logging function NumPy wherever it got tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-import functools
 import threading
-import types
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Generic, TypeVar, cast, overload
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
 from . import _options, _tree
-from ._columns import join
-from ._pad import PadValue, check_pad_option
+from ._activations import Activations
 from ._transfer import PendingTransfer
-from .convert import convert_flat, start
-from .errors import CaptureError, ConversionError, OptionError
+from .convert import start
+from .errors import CaptureError
 
-__all__ = ["Activations", "capture", "numpy_args"]
-
-R = TypeVar("R")
+__all__ = ["capture"]
 
 # -1 outside a backward pass; private, but what torch.utils.checkpoint itself relies on.
 _graph_task_id: Callable[[], int] = getattr(
@@ -55,192 +50,6 @@ _graph_task_id: Callable[[], int] = getattr(
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (activation checkpointing re-runs forwards)."""
     return _graph_task_id() != -1
-
-
-# ------------------------------------------------------------------------------- the mapping
-
-
-class Activations(Mapping[str, list[Any]]):
-    """What [`capture`][] captured: a read-only mapping from module name to calls.
-
-    Keys are the names of the chosen modules, in ``named_modules()`` order (the root module is
-    ``""``); each value is a new list of the captured trees, one per captured call, oldest
-    first. A tree has the structure of what the module returned (or took), with arrays in place
-    of tensors. Reading a call waits for its device-to-host copies if they are still running.
-
-    The object stays readable after the ``with`` block ends; [`clear`][] forgets what was
-    captured so far (the hooks, while the block runs, keep capturing).
-
-    Examples:
-        >>> import torch, tonumpy
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
-        >>> with tonumpy.capture(model, include="0") as acts:
-        ...     _ = model(torch.ones(4, 3))
-        ...     _ = model(torch.ones(1, 3))
-        >>> calls = acts["0"]
-        >>> list(acts), len(calls), calls[0].shape
-        (['0'], 2, (4, 2))
-        >>> acts.concat("0").shape
-        (5, 2)
-    """
-
-    def __init__(self, names: Iterable[str], max_calls: int | None) -> None:
-        self._calls: dict[str, deque[Any]] = {name: deque(maxlen=max_calls) for name in names}
-        self._inflight: deque[Any] = deque()  # calls whose copies may still be running
-        self._lock = threading.Lock()
-
-    def _add(self, name: str, call: Any) -> None:
-        """Store a call; finish the oldest calls whose copies have landed (never waits).
-
-        Finishing lets the engine drop the device tensors it holds until then, so device
-        memory held by captured calls stays bounded by what is still in flight.
-        """
-        landed = []
-        with self._lock:
-            self._calls[name].append(call)
-            if not call.done():
-                self._inflight.append(call)
-            inflight = self._inflight
-            while inflight and inflight[0].done():
-                landed.append(inflight.popleft())
-        for done in landed:
-            done.result()
-
-    def __getitem__(self, name: str) -> list[Any]:
-        with self._lock:
-            calls = list(self._calls[name])
-        return [call.result() for call in calls]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._calls)
-
-    def __len__(self) -> int:
-        return len(self._calls)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._calls
-
-    def num_calls(self, name: str, /) -> int:
-        """How many calls of module ``name`` are held (without reading any of them).
-
-        Examples:
-            >>> import torch, tonumpy
-            >>> model = torch.nn.Linear(2, 2)
-            >>> with tonumpy.capture(model) as acts:
-            ...     _ = model(torch.ones(1, 2))
-            >>> acts.num_calls("")
-            1
-        """
-        with self._lock:
-            return len(self._calls[name])
-
-    def done(self) -> bool:
-        """True if every captured call can be read without waiting for a device.
-
-        A training loop can poll this to log only once the copies have landed.
-        """
-        with self._lock:
-            calls = [call for queue in self._calls.values() for call in queue]
-        return all(call.done() for call in calls)
-
-    def clear(self) -> None:
-        """Forget every captured call (the modules stay chosen and hooked).
-
-        Examples:
-            >>> import torch, tonumpy
-            >>> model = torch.nn.Linear(2, 2)
-            >>> with tonumpy.capture(model) as acts:
-            ...     _ = model(torch.ones(1, 2))
-            ...     acts.clear()
-            ...     _ = model(torch.ones(1, 2))
-            >>> len(acts[""])
-            1
-        """
-        with self._lock:
-            for queue in self._calls.values():
-                queue.clear()
-            self._inflight.clear()
-
-    def concat(self, name: str, /, *, axis: int = 0, pad_value: PadValue = None) -> Any:
-        """One tree for module ``name``: each leaf joined across the captured calls.
-
-        The column policy of [`tonumpy.concat`][], with the same meaning for ``axis`` and
-        ``pad_value``: arrays are concatenated along ``axis`` (a smaller last batch is fine),
-        and padded with ``pad_value`` where calls differ in another dimension (sequences of
-        different lengths); 0-d arrays (a ``reduce`` to a scalar) are stacked into a 1-d array;
-        any other leaf (Python numbers from ``scalars=True`` too) becomes the list of its
-        values, one per call.
-
-        Examples:
-            >>> import torch, tonumpy
-            >>> model = torch.nn.Linear(2, 3)
-            >>> with tonumpy.capture(model, reduce=lambda t: {"mean": t.mean()}) as acts:
-            ...     for _ in range(4):
-            ...         _ = model(torch.ones(5, 2))
-            >>> acts.concat("")["mean"].shape
-            (4,)
-            >>> ident = torch.nn.Identity()
-            >>> with tonumpy.capture(ident) as acts:
-            ...     _ = ident(torch.ones(1, 2))
-            ...     _ = ident(torch.ones(1, 3))
-            >>> acts.concat("", pad_value=-1.0)
-            array([[ 1.,  1., -1.],
-                   [ 1.,  1.,  1.]], dtype=float32)
-
-        Args:
-            name: A module name (a key of this mapping).
-            axis: The axis arrays are joined along.
-            pad_value: How to pad leaves whose calls differ in size along another axis, as for
-                [`tonumpy.concat`][]: a value, a mapping from key path to value, or a callable
-                ``(path, dtype) -> value``. ``None`` makes such leaves an error.
-
-        Returns:
-            A tree with the structure of one call.
-
-        Raises:
-            KeyError: ``name`` is not a captured module.
-            ConversionError: There is no call to join, or the calls differ in structure, or
-                arrays at one place in the tree cannot be joined; the message names the place.
-            OptionError: ``axis`` is not an int, or a ``pad_value`` callable cannot take
-                ``(path, dtype)``.
-        """
-        axis = _options.check_axis(axis, "Activations.concat")
-        check_pad_option(pad_value, "Activations.concat")
-        calls = self[name]
-        if not calls:
-            raise ConversionError(
-                f"module {name!r} has no captured call to concatenate; run a forward pass "
-                "inside the capture block first (and check `every`)",
-                path=None,
-            )
-        root = f"acts[{name!r}][i]"
-        flat = [_tree.flatten(call) for call in calls]
-        spec = flat[0][1]
-        for number, (_, other) in enumerate(flat[1:], start=1):
-            if not _tree.same_structure(other, spec):
-                raise _tree.structure_error(
-                    spec,
-                    other,
-                    "call 0",
-                    f"call {number}",
-                    hint=f"read the calls one by one with acts[{name!r}]",
-                    root=root,
-                )
-        return join(
-            [leaves for leaves, _ in flat],
-            spec,
-            axis=axis,
-            pad_value=pad_value,
-            name=lambda i: f"call {i}",
-            noun="calls",
-            root=root,
-        )
-
-    def __repr__(self) -> str:
-        with self._lock:
-            counts = {name: len(queue) for name, queue in self._calls.items()}
-        inner = ", ".join(f"{name!r}: {n} call{'s' * (n != 1)}" for name, n in counts.items())
-        return f"Activations({{{inner}}})"
 
 
 # ------------------------------------------------------------------------------- the hooks
@@ -370,7 +179,7 @@ class _Recorder:
         as soon as the call is read, however long the arrays are kept.
         """
         try:
-            leaves, spec, kinds = _tree.flatten_typed(tree, is_leaf=self.is_leaf)
+            leaves, spec, leaf_types = _tree.flatten_typed(tree, is_leaf=self.is_leaf)
             if self.reduce is not None:
                 with torch.no_grad():
                     reduced = [
@@ -378,14 +187,14 @@ class _Recorder:
                         for leaf in leaves
                     ]
                 tree = _tree.unflatten(spec, reduced)
-                leaves, spec, kinds = _tree.flatten_typed(tree, is_leaf=self.is_leaf)
+                leaves, spec, leaf_types = _tree.flatten_typed(tree, is_leaf=self.is_leaf)
             return start(
                 leaves,
                 spec,
                 copy=True,
                 ml_dtypes=self.ml_dtypes,
                 scalars=self.scalars,
-                kinds=kinds,
+                leaf_types=leaf_types,
             )
         except Exception as exc:
             if hasattr(exc, "add_note"):
@@ -580,168 +389,3 @@ def capture(
         rec.close()  # copies of the hooks (a deepcopy of the model) go quiet too
         for handle in handles:
             handle.remove()
-
-
-# ------------------------------------------------------------------------------- the decorator
-
-
-class _NumpyArgs(Generic[R]):
-    """What [`numpy_args`][] returns: converts every argument, then calls the function.
-
-    A descriptor, like a function: looked up on an instance (a method decorated in a class
-    body), it binds that instance and passes it on as it is; looked up on the class
-    (``Class.method(obj, ...)``), it passes a first argument that is an instance of the class
-    as it is. Called directly (a plain function, a bound method or a ``functools.partial``
-    that was decorated, a staticmethod), it converts every argument. Whether ``self`` is
-    skipped is decided by that binding, never by a parameter's name.
-    """
-
-    def __init__(
-        self, func: Callable[..., R], convert: Callable[[Any], Any], *, keep_first: bool = False
-    ) -> None:
-        functools.update_wrapper(self, func)
-        self.__dict__.pop("_bound_form", None)  # copied from func if func is one of us
-        self._func = func
-        self._convert = convert
-        self._keep_first = keep_first  # the first argument is the bound instance (or class)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> R:
-        convert = self._convert
-        kept = args[:1] if self._keep_first else ()
-        new_args = (*kept, *map(convert, args[len(kept) :]))
-        return self._func(*new_args, **{key: convert(value) for key, value in kwargs.items()})
-
-    def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        if instance is None:
-            if owner is None:
-                return self
-            return _OnClass(self, owner)
-        return types.MethodType(self._bound(), instance)
-
-    def _bound(self) -> _NumpyArgs[R]:
-        bound: _NumpyArgs[R] | None = self.__dict__.get("_bound_form")
-        if bound is None:
-            bound = _NumpyArgs(self._func, self._convert, keep_first=True)
-            self.__dict__["_bound_form"] = bound
-        return bound
-
-    def __reduce__(self) -> str:
-        # Pickled by reference, as the function it replaces was (a module-level name).
-        name = self.__dict__.get("__qualname__")
-        if not isinstance(name, str):
-            msg = f"cannot pickle {self!r}: it has no qualified name to be found by"
-            raise TypeError(msg)
-        return name
-
-    def __repr__(self) -> str:
-        return f"<numpy_args wrapper of {self._func!r}>"
-
-
-class _OnClass(Generic[R]):
-    """``Class.method`` of a decorated method: ``Class.method(obj, x)`` as ``obj.method(x)``."""
-
-    def __init__(self, wrapper: _NumpyArgs[R], owner: type) -> None:
-        functools.update_wrapper(self, wrapper._func)  # noqa: SLF001 - the same module
-        self._wrapper = wrapper
-        self._owner = owner
-
-    def __call__(self, *args: Any, **kwargs: Any) -> R:
-        if args and isinstance(args[0], self._owner):
-            return self._wrapper._bound()(*args, **kwargs)  # noqa: SLF001 - the same module
-        return self._wrapper(*args, **kwargs)
-
-
-@overload
-def numpy_args(fn: Callable[..., R], /) -> Callable[..., R]: ...
-
-
-@overload
-def numpy_args(
-    fn: None = None,
-    /,
-    *,
-    copy: bool | None = None,
-    ml_dtypes: bool = False,
-    scalars: bool = False,
-    is_leaf: Callable[[Any], bool] | None = None,
-) -> Callable[[Callable[..., R]], Callable[..., R]]: ...
-
-
-def numpy_args(
-    fn: Callable[..., R] | None = None,
-    /,
-    *,
-    copy: bool | None = None,
-    ml_dtypes: bool = False,
-    scalars: bool = False,
-    is_leaf: Callable[[Any], bool] | None = None,
-) -> Callable[..., R] | Callable[[Callable[..., R]], Callable[..., R]]:
-    """Decorate a logging function so that it receives NumPy wherever it was passed tensors.
-
-    Every argument, positional or keyword, is converted with [`tonumpy.to_numpy`][] at any
-    depth (a dict of metrics, a list of tensors, a dataclass). An argument that holds no tensor
-    is passed as the very same object. Use it bare (``@numpy_args``) or with options.
-
-    Which arguments are "the function's own" follows how it is bound, not parameter names:
-
-    * a method decorated in a class body gets its instance (``self``) unconverted, also when
-      called as ``Class.method(obj, ...)``; so does a classmethod its class, in either
-      decorator order;
-    * a bound method (``numpy_args(logger.log)``), a ``functools.partial``, a staticmethod and
-      a plain function get every argument they are called with converted, whatever the first
-      parameter's name.
-
-    Examples:
-        >>> import torch
-        >>> @numpy_args(scalars=True)
-        ... def log(step, metrics, *, extra=None):
-        ...     return step, metrics, extra
-        >>> log(torch.tensor(3), {"loss": torch.tensor(0.5)}, extra=[torch.ones(2)])
-        (3, {'loss': 0.5}, [array([1., 1.], dtype=float32)])
-        >>> class Logger:
-        ...     def log(self, value):
-        ...         return type(value).__name__
-        >>> numpy_args(Logger().log)(torch.ones(2))   # an existing bound method
-        'ndarray'
-
-    Args:
-        fn: The function, when used bare as ``@numpy_args``.
-        copy: As for [`tonumpy.to_numpy`][] (``True``: arrays that share no memory).
-        ml_dtypes: As for [`tonumpy.to_numpy`][].
-        scalars: Pass 0-d tensors as Python numbers (``metrics["loss"]`` becomes a float).
-        is_leaf: As for [`tonumpy.to_numpy`][].
-
-    Returns:
-        The wrapped function (or, with options, a decorator that makes it).
-
-    Raises:
-        OptionError: ``copy``, ``ml_dtypes`` or ``scalars`` is not one of the values it takes
-            (raised when decorating, before any call).
-    """
-    _options.check_copy(copy, "numpy_args")
-    _options.check_flags("numpy_args", ml_dtypes=ml_dtypes, scalars=scalars)
-
-    def convert(value: Any) -> Any:
-        leaves, spec = _tree.flatten(value, is_leaf=is_leaf)
-        if not any(isinstance(leaf, torch.Tensor) for leaf in leaves):
-            return value
-        converted = convert_flat(leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
-        return _tree.unflatten(spec, converted)
-
-    def decorate(func: Callable[..., R]) -> Callable[..., R]:
-        given: Any = func  # may also be a staticmethod or classmethod object
-        if isinstance(given, staticmethod):  # @numpy_args above @staticmethod
-            wrapped: Any = staticmethod(_NumpyArgs(given.__func__, convert))
-            return cast("Callable[..., R]", wrapped)
-        if isinstance(given, classmethod):  # @numpy_args above @classmethod: cls stays as is
-            wrapped = classmethod(_NumpyArgs(given.__func__, convert, keep_first=True))
-            return cast("Callable[..., R]", wrapped)
-        if not callable(given):
-            raise OptionError(
-                f"numpy_args() decorates a callable, got {type(given).__name__}: {given!r}"
-            )
-        return _NumpyArgs(func, convert)
-
-    if fn is not None:
-        return decorate(fn)
-    return decorate
