@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU check: every `cuda`-marked test, then the transfer benchmark's quick matrix, on one
+# GPU, in under 5 minutes. Run it from the repository root, in an environment where tonumpy and
+# its dev extra are installed with a CUDA build of torch:
+#
+#     bash benchmarks/gpu_check.sh [OUT_DIR]
+#
+# OUT_DIR (default: gpu-check/) receives tests.log, tests.xml (JUnit), transfer.json and
+# transfer.log. Exits non-zero if no GPU is visible, or if any test failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-gpu-check}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+python - <<'EOF' || { echo "gpu_check: no CUDA device visible to torch" >&2; exit 3; }
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit(1)
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}")
+EOF
+
+status=0
+# the CUDA tests (every file that has any), with a time bound per test
+timeout 240 python -m pytest -q -p no:cacheprovider -m cuda -o addopts="" -rs \
+    --junitxml="$out/tests.xml" tests 2>&1 | tee "$out/tests.log" || status=1
+
+# the transfer benchmark's quick matrix: speed-up over naive per-leaf copies, distance to the bus
+timeout 120 python benchmarks/transfer.py --quick --json "$out/transfer.json" 2>&1 \
+    | tee "$out/transfer.log" || status=1
+
+exit "$status"
