@@ -118,6 +118,20 @@ def test_to_torch_keeps_ml_dtypes_arrays_torch_has_no_dtype_for(name: str) -> No
     assert out["y"].dtype == torch.bfloat16
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: _leaf.array_to_tensor turns a NumPy scalar into a 0-d array before it checks "
+    "whether torch can hold it, and returns that array: a datetime64, str_ or bytes_ scalar "
+    "comes back as a 0-d ndarray instead of as it was",
+)
+def test_to_torch_keeps_numpy_scalars_torch_cannot_hold() -> None:
+    """NumPy scalars torch cannot hold stay the very objects they were, as such arrays do."""
+    tree = {"d": np.datetime64("2026-01-01"), "s": np.str_("x"), "b": np.bytes_(b"x")}
+    out = to_torch(tree)
+    assert_same_tree(out, tree)
+    assert all(out[key] is tree[key] for key in tree)
+
+
 # ---------------------------------------------------------------------------- the bulk passes
 
 
