@@ -1,14 +1,18 @@
-"""Shared example leaves and containers for the conversion tests.
+"""Shared example trees, and the one assertion that two trees are the same.
 
 ``LEAVES`` maps a readable id to a factory of one tensor (or other leaf) and the array that a
 correct conversion must give, computed independently of tonumpy. ``CONTAINERS`` maps an id to a
 function that puts two leaves into a container of one kind, and a function that pulls the two
 leaves back out, so every container can be checked with every leaf.
+
+[`assert_same_tree`][] is the test suite's one tree comparison: every test that compares a
+result with an expected tree calls it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections import OrderedDict, UserDict, defaultdict, deque, namedtuple
 from collections.abc import Callable
@@ -16,6 +20,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+from tonumpy import _tree
 
 # --------------------------------------------------------------------------------------- leaves
 
@@ -252,36 +258,90 @@ CONTAINERS: dict[str, Container] = {
 }
 
 
-def same_container(out: Any, ref: Any) -> None:
-    """Assert ``out`` is a container of ``ref``'s exact type, keys, order and extra state."""
-    assert type(out) is type(ref)
-    if isinstance(ref, dict | UserDict):
-        assert list(out.keys()) == list(ref.keys())
-    if isinstance(ref, defaultdict):
-        assert out.default_factory is ref.default_factory
-    if isinstance(ref, deque):
-        assert out.maxlen == ref.maxlen
-    if isinstance(ref, TaggedDict):
-        assert out.note == ref.note  # type: ignore[attr-defined]
-    if isinstance(ref, ToyBatchEncoding):
-        assert out._n_sequences == ref._n_sequences
-    if isinstance(ref, WithInitFalse):
-        assert out.label == ref.label
-    if isinstance(ref, ToyOutput):
-        assert out.loss is None
-        assert "loss" not in out
-        assert list(out.keys()) == ["logits", "hidden_states"]
-        assert out.logits is out["logits"]
+# ------------------------------------------------------------------------------- comparison
 
 
-def assert_same_array(got: Any, want: Any) -> None:
-    """Values, dtype and shape equal (lists compared element by element)."""
-    if isinstance(want, list):
-        assert isinstance(got, list)
-        assert len(got) == len(want)
-        for g, w in zip(got, want, strict=True):
-            assert_same_array(g, w)
-        return
-    assert isinstance(got, np.ndarray), type(got)
-    assert got.dtype == want.dtype, (got.dtype, want.dtype)
-    np.testing.assert_array_equal(got, want)
+def assert_same_tree(
+    got: Any,
+    want: Any,
+    /,
+    *,
+    identical_objects: bool = False,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> None:
+    """Assert that ``got`` is the tree ``want``, exactly.
+
+    * **Structure**, read by tonumpy's own walker: the same container types, keys, key order
+      (a dict's insertion order too) and container settings (a ``defaultdict``'s factory, a
+      ``deque``'s ``maxlen``); extra state a container keeps (attributes of a dict subclass,
+      ``init=False`` fields) is made of leaves, compared as leaves.
+    * **Every leaf of the same type** (``np.ndarray`` is not ``np.memmap``, ``bool`` is not
+      ``int``), and then:
+
+      - arrays and NumPy scalars: the same dtype, shape and bytes (bit for bit: NaN payloads
+        and the sign of zero count; object arrays element by element, as leaves);
+      - tensors: the same dtype, shape, device and bits (conjugate and negative views
+        resolved first);
+      - Python ``float``/``complex``: equal, NaN equal to NaN, ``-0.0`` not ``0.0``; other
+        numbers equal;
+      - anything else: equal (``==``), or, with ``identical_objects=True``, the very same
+        object (``is``), as for leaves a conversion must pass through untouched.
+
+    ``is_leaf`` is passed to the walker for both trees. A failure names the first place
+    (``tree['a'][0]``) where the trees differ, and what differs.
+    """
+    got_leaves, got_spec = _tree.flatten(got, is_leaf=is_leaf)
+    want_leaves, want_spec = _tree.flatten(want, is_leaf=is_leaf)
+    if not _tree.same_structure(got_spec, want_spec):
+        error = _tree.structure_error(
+            want_spec, got_spec, "want", "got", hint="compare the two trees there"
+        )
+        raise AssertionError(str(error))
+    for got_node, want_node in zip(_tree.outline(got_spec), _tree.outline(want_spec), strict=True):
+        assert got_node.keys == want_node.keys, (
+            f"{_tree.format_path(want_node.path)}: keys {got_node.keys} != {want_node.keys}"
+        )
+    for (_, where), g, w in zip(_tree.leaf_paths(want_spec), got_leaves, want_leaves, strict=True):
+        _assert_same_leaf(g, w, where, identical_objects)
+
+
+def _assert_same_leaf(got: Any, want: Any, where: str, identical: bool) -> None:
+    assert type(got) is type(want), f"{where}: type {type(got)} is not {type(want)}"
+    if isinstance(want, np.ndarray | np.generic):
+        assert got.dtype == want.dtype, f"{where}: dtype {got.dtype} != {want.dtype}"
+        assert got.shape == want.shape, f"{where}: shape {got.shape} != {want.shape}"
+        if want.dtype.hasobject:
+            for index in np.ndindex(want.shape):
+                _assert_same_leaf(got[index], want[index], f"{where}[{index}]", identical)
+            return
+        assert got.tobytes() == want.tobytes(), f"{where}: values differ\n{got!r}\n{want!r}"
+    elif isinstance(want, torch.Tensor):
+        assert (got.dtype, got.shape, got.device) == (want.dtype, want.shape, want.device), (
+            f"{where}: {got.dtype} {tuple(got.shape)} on {got.device} != "
+            f"{want.dtype} {tuple(want.shape)} on {want.device}"
+        )
+        assert torch.equal(_tensor_bits(got), _tensor_bits(want)), f"{where}: values differ"
+    elif isinstance(want, float | complex):
+        assert _same_number(got, want), f"{where}: {got!r} != {want!r}"
+    elif isinstance(want, int) or not identical:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+    else:
+        assert got is want, f"{where}: {got!r} is not the very object {want!r}"
+
+
+def _same_number(got: float | complex, want: float | complex) -> bool:
+    parts = zip((got.real, got.imag), (want.real, want.imag), strict=True)
+    return all(
+        (math.isnan(g) and math.isnan(w)) or (g == w and math.copysign(1, g) == math.copysign(1, w))
+        for g, w in parts
+    )
+
+
+def _tensor_bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t``'s values, in C order (views resolved, dense, on the CPU)."""
+    t = t.detach()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    flat = torch.empty(t.numel(), dtype=t.dtype)
+    flat.copy_(t.resolve_conj().resolve_neg().reshape(-1).cpu())
+    return flat.view(torch.uint8)

@@ -92,35 +92,3 @@ def reference_to_numpy(tree: Any) -> Any:
     if isinstance(tree, list | tuple):
         return type(tree)(map(reference_to_numpy, tree))
     return tree
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    flat = torch.empty(t.numel(), dtype=t.dtype)
-    flat.copy_(t.detach().resolve_conj().resolve_neg().reshape(-1))
-    return flat.view(torch.uint8)
-
-
-def assert_tree_equal(got: Any, want: Any) -> None:
-    """Same containers (type, keys, order), same leaves (arrays: dtype, shape, bits)."""
-    assert type(got) is type(want), (type(got), type(want))
-    if isinstance(want, np.ndarray):
-        assert got.dtype == want.dtype
-        assert got.shape == want.shape
-        np.testing.assert_array_equal(got, want)
-    elif isinstance(want, torch.Tensor):
-        assert got.dtype == want.dtype
-        assert got.shape == want.shape
-        assert torch.equal(_bits(got), _bits(want))
-    elif isinstance(want, Plain):
-        assert_tree_equal(got.x, want.x)
-        assert_tree_equal(got.y, want.y)
-    elif isinstance(want, dict):
-        assert list(got) == list(want)
-        for key in want:
-            assert_tree_equal(got[key], want[key])
-    elif isinstance(want, list | tuple):
-        assert len(got) == len(want)
-        for g, w in zip(got, want, strict=True):
-            assert_tree_equal(g, w)
-    else:
-        assert got == want

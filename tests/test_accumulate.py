@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import tonumpy
+from _trees import assert_same_tree
 from tonumpy import Accumulator, ConversionError, _storage, concat
 from tonumpy._columns import Column, copy_padded
 from tonumpy._pad import check_pad_value, pad_value_for
@@ -61,19 +62,6 @@ def eval_batches(n: int = 5, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 
 PAD = {"logits": float("nan"), "labels": -100}
-
-
-def assert_tree_equal(a: Any, b: Any) -> None:
-    assert type(a) is type(b)
-    if isinstance(a, dict):
-        assert list(a) == list(b)
-        for key in a:
-            assert_tree_equal(a[key], b[key])
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(a, b)
-    else:
-        assert a == b
 
 
 # ---------------------------------------------------------------------------- concat
@@ -488,7 +476,7 @@ def test_accumulator_matches_concat() -> None:
     for batch in batches:
         acc.append(batch)
     assert len(acc) == 18
-    assert_tree_equal(acc.result(), concat(batches, pad_value=PAD))
+    assert_same_tree(acc.result(), concat(batches, pad_value=PAD))
 
 
 def test_accumulator_copies_batches_right_away() -> None:
@@ -656,7 +644,7 @@ def test_asynchronous_path_matches() -> None:
         acc.append(batch)
     assert "in_flight=1" in repr(acc)  # the last batch is still in flight
     assert len(acc) == 15
-    assert_tree_equal(acc.result(), concat(batches, pad_value=PAD))
+    assert_same_tree(acc.result(), concat(batches, pad_value=PAD))
     assert acc.result()["logits"].base is None
 
 
@@ -691,7 +679,7 @@ def test_accumulator_cuda_batches() -> None:
     acc = Accumulator(pad_value=PAD)
     for batch in batches:
         acc.append(batch)
-    assert_tree_equal(acc.result(), concat(eval_batches(4), pad_value=PAD))
+    assert_same_tree(acc.result(), concat(eval_batches(4), pad_value=PAD))
 
 
 @pytest.mark.cuda

@@ -23,8 +23,7 @@ from _trees import (
     Plain,
     Point,
     ToyOutput,
-    assert_same_array,
-    same_container,
+    assert_same_tree,
 )
 from tonumpy import ConversionError, TonumpyError, UnsupportedLeafError, apply, to_numpy, to_torch
 
@@ -36,15 +35,12 @@ from tonumpy import ConversionError, TonumpyError, UnsupportedLeafError, apply, 
 def test_leaf_in_container(leaf: str, container: str) -> None:
     """Each leaf kind converts to its reference array inside each container kind."""
     make_leaf, expected = LEAVES[leaf]
-    build, unpack = CONTAINERS[container]
-    tree = build(make_leaf(), "keep-me")
-    out = to_numpy(tree)
-    if container != "bare":
-        same_container(out, tree)
-    got, other = unpack(out)
-    assert_same_array(got, expected())
-    if container != "bare":
-        assert other == "keep-me"
+    build, _ = CONTAINERS[container]
+    keep = "keep-me"
+    out = to_numpy(build(make_leaf(), keep))
+    assert_same_tree(out, build(expected(), keep), identical_objects=True)
+    if container == "model_output":
+        assert out.logits is out["logits"]  # field and item: one object, as built
 
 
 @pytest.mark.parametrize("container", CONTAINERS)
@@ -237,7 +233,7 @@ def test_copy_true_shares_nothing(leaf: str) -> None:
     make_leaf, expected = LEAVES[leaf]
     value = make_leaf()
     got = to_numpy([value], copy=True)[0]
-    assert_same_array(got, expected())
+    assert_same_tree(got, expected())
     arrays = got if isinstance(got, list) else [got]
     for arr in arrays:
         lo, hi = arr.ctypes.data, arr.ctypes.data + arr.nbytes
@@ -609,16 +605,12 @@ def test_to_torch_ml_dtypes_map_back_exactly() -> None:
 @pytest.mark.parametrize("container", CONTAINERS)
 def test_round_trip_keeps_containers(container: str) -> None:
     """to_torch(to_numpy(x, ml_dtypes=True)) gives back x's containers, dtypes and values."""
-    build, unpack = CONTAINERS[container]
+    build, _ = CONTAINERS[container]
     a, b = torch.arange(6).reshape(2, 3), torch.ones(2, dtype=torch.bfloat16)
     back = to_torch(to_numpy(build(a, b), ml_dtypes=True))
-    if container != "bare":
-        same_container(back, build(a, b))
-    got_a, got_b = unpack(back)
-    assert torch.equal(got_a, a)
-    if container != "bare":
-        assert got_b.dtype == torch.bfloat16
-        assert torch.equal(got_b, b)
+    assert_same_tree(back, build(a, b))
+    if container == "model_output":
+        assert back.logits is back["logits"]
 
 
 def test_to_torch_moves_tensors_already_in_the_tree() -> None:
@@ -700,7 +692,7 @@ def test_cuda_tensors_come_to_host() -> None:
         if not isinstance(value, torch.Tensor) or value.is_quantized or name in {"complex32"}:
             continue
         got = to_numpy({"x": value.to("cuda")})["x"]
-        assert_same_array(got, expected())
+        assert_same_tree(got, expected())
 
 
 @pytest.mark.cuda

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from tonumpy import UnsupportedLeafError, _bulk, convert, to_numpy
+from _trees import assert_same_tree
+from tonumpy import UnsupportedLeafError, _bulk, _tree, convert, to_numpy
 
 # All 65,536 bfloat16 bit patterns (NaN payloads, infinities, subnormals, both zeros).
 _ALL_BF16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
@@ -28,13 +29,6 @@ def _reference(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().numpy()
 
 
-def _assert_bits_equal(got: Any, want: np.ndarray) -> None:
-    assert isinstance(got, np.ndarray)
-    assert got.dtype == np.float32
-    assert got.shape == want.shape
-    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
-
-
 @pytest.mark.parametrize("shape", [(256,), (8, 32), (2, 4, 8)])
 def test_bulk_upcast_is_bit_exact_for_all_patterns(shape: tuple[int, ...]) -> None:
     """Every bf16 bit pattern, spread over many same-shape leaves (several stacked blocks)."""
@@ -42,10 +36,7 @@ def test_bulk_upcast_is_bit_exact_for_all_patterns(shape: tuple[int, ...]) -> No
     leaves = list(_ALL_BF16.reshape(-1, *shape).unbind())
     assert len(leaves) * per_leaf > _bulk._STACK_BLOCK  # more than one block
     tree = {f"k{i}": t.clone() for i, t in enumerate(leaves)}
-    out = to_numpy(tree)
-    assert list(out) == list(tree)
-    for key, t in tree.items():
-        _assert_bits_equal(out[key], _reference(t))
+    assert_same_tree(to_numpy(tree), {key: _reference(t) for key, t in tree.items()})
 
 
 def test_bulk_upcast_arrays_own_their_memory() -> None:
@@ -82,17 +73,16 @@ def test_bulk_upcast_mixed_shapes_and_dtypes_keep_order() -> None:
         "c": torch.randn(4, 4).bfloat16(),
         "grad": torch.randn(2, requires_grad=True),
     }
+
+    def expected(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        return _reference(value) if value.dtype == torch.bfloat16 else value.detach().numpy()
+
+    want = {key: expected(value) for key, value in tree.items()}
     out = to_numpy(tree)
-    assert list(out) == list(tree)
-    for key, value in tree.items():
-        if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16:
-            _assert_bits_equal(out[key], _reference(value))
-        elif isinstance(value, torch.Tensor):
-            np.testing.assert_array_equal(out[key], value.detach().numpy())
-        else:
-            assert out[key] is value
-    assert isinstance(out["zero_d"], np.ndarray)
-    assert out["zero_d"].shape == ()
+    assert_same_tree(out, want, identical_objects=True)
+    assert out["zero_d"].shape == ()  # an array, not a NumPy scalar
 
 
 def test_bulk_upcast_handles_grad_and_non_contiguous_leaves() -> None:
@@ -103,11 +93,12 @@ def test_bulk_upcast_handles_grad_and_non_contiguous_leaves() -> None:
         "t": base.t(),  # non-contiguous
         "row": base[::2],  # non-contiguous
     }
-    out = to_numpy(tree)
-    for got, t in zip(out["grad"], tree["grad"], strict=True):
-        _assert_bits_equal(got, _reference(t))
-    np.testing.assert_array_equal(out["t"], _reference(base.t()))
-    np.testing.assert_array_equal(out["row"], _reference(base[::2]))
+    want = {
+        "grad": [_reference(t) for t in tree["grad"]],
+        "t": _reference(base.t()),
+        "row": _reference(base[::2]),
+    }
+    assert_same_tree(to_numpy(tree), want)
 
 
 def test_plain_tensors_share_memory_and_grad_tensors_are_detached() -> None:
@@ -135,12 +126,11 @@ def test_fast_tier_fallbacks_in_any_order(first: str) -> None:
     }
     order = [first] + [k for k in kinds if k != first]
     tree = [kinds[k]() for k in order + order]
-    out = to_numpy(tree)
-    for got, t in zip(out, tree, strict=True):
-        want = t.detach().resolve_conj()
-        want = want.float() if want.dtype == torch.bfloat16 else want
-        np.testing.assert_array_equal(got, want.numpy())
-        assert got.dtype == want.numpy().dtype
+    want = [
+        _reference(t) if t.dtype == torch.bfloat16 else t.detach().resolve_conj().numpy()
+        for t in tree
+    ]
+    assert_same_tree(to_numpy(tree), want)
 
 
 def test_ml_dtypes_bulk_path_keeps_bits_and_shares_memory() -> None:
@@ -201,19 +191,10 @@ def test_once_cuda_is_in_use_cpu_trees_stay_zero_copy(monkeypatch: pytest.Monkey
     monkeypatch.setattr(convert, "_cuda_initialized", lambda: True)
     for name, tree in trees.items():
         got = to_numpy(tree)
-        for g, w, t in zip(
-            convert._tree.flatten(got)[0],
-            convert._tree.flatten(want[name])[0],
-            convert._tree.flatten(tree)[0],
-            strict=True,
-        ):
-            if isinstance(w, np.ndarray):
-                np.testing.assert_array_equal(g, w)
-                assert g.dtype == w.dtype
-                if t.dtype != torch.bfloat16:
-                    assert np.shares_memory(g, t.detach().numpy())
-            else:
-                assert g == w
+        assert_same_tree(got, want[name], identical_objects=True)
+        for g, t in zip(_tree.flatten(got)[0], _tree.flatten(tree)[0], strict=True):
+            if isinstance(t, torch.Tensor) and t.dtype != torch.bfloat16:
+                assert np.shares_memory(g, t.detach().numpy())
 
 
 @pytest.mark.cuda

@@ -31,6 +31,7 @@ import pytest
 import torch
 
 import tonumpy
+from _trees import assert_same_tree
 from tonumpy import ConversionError, gather
 
 WORLDS = (1, 2, 3)
@@ -124,14 +125,6 @@ def _init(rank: int, world: int, out: Path) -> None:
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
 
 
-def _same(actual: Any, expected: Any) -> None:
-    """Assert two arrays are equal in dtype, shape and value (NaN equal to NaN)."""
-    assert isinstance(actual, np.ndarray), type(actual)
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    np.testing.assert_array_equal(actual, expected)
-
-
 def _rows(rank: int) -> int:
     """Rows of rank ``rank``: 0, 2, 1 (rank 0 has none; a world of 1 is all empty)."""
     return (2 * rank) % 3
@@ -143,13 +136,13 @@ def _check_uneven_rows(rank: int, world: int) -> None:
     expected = np.concatenate(
         [np.arange(_rows(r) * 4, dtype=np.float32).reshape(-1, 4) + 100 * r for r in range(world)]
     )
-    _same(out["x"], expected)
+    assert_same_tree(out["x"], expected)
 
 
 def _check_all_empty(rank: int, world: int) -> None:
     out = gather({"x": torch.zeros(0, 4, dtype=torch.int64), "y": [torch.zeros(0)]})
-    _same(out["x"], np.zeros((0, 4), dtype=np.int64))
-    _same(out["y"][0], np.zeros((0,), dtype=np.float32))
+    assert_same_tree(out["x"], np.zeros((0, 4), dtype=np.int64))
+    assert_same_tree(out["y"][0], np.zeros((0,), dtype=np.float32))
 
 
 def _ragged_leaf(rank: int) -> torch.Tensor:
@@ -180,16 +173,16 @@ def _expected_ragged(world: int, fill: int) -> np.ndarray:
 def _check_ragged_later_dims(rank: int, world: int) -> None:
     tree = {"ids": _ragged_leaf(rank), "same": torch.ones(_rows(rank), 2)}
     out = gather(tree, pad_value={"ids": -7})
-    _same(out["ids"], _expected_ragged(world, -7))
-    _same(out["same"], np.ones((sum(map(_rows, range(world))), 2), dtype=np.float32))
+    assert_same_tree(out["ids"], _expected_ragged(world, -7))
+    assert_same_tree(out["same"], np.ones((sum(map(_rows, range(world))), 2), dtype=np.float32))
     out = gather(tree, pad_value=lambda path, dtype: 5 if path == ("ids",) else None)
-    _same(out["ids"], _expected_ragged(world, 5))
+    assert_same_tree(out["ids"], _expected_ragged(world, 5))
 
 
 def _check_ragged_without_pad_value(rank: int, world: int) -> None:
     tree = {"ids": _ragged_leaf(rank)}
     if world < 3:  # ranks with rows: at most one, so nothing is ragged
-        _same(gather(tree)["ids"], _expected_ragged(world, 0))
+        assert_same_tree(gather(tree)["ids"], _expected_ragged(world, 0))
         return
     start = time.monotonic()
     with pytest.raises(ConversionError, match=r"tree\['ids'\].*pad_value="):
@@ -201,8 +194,8 @@ def _check_ragged_without_pad_value(rank: int, world: int) -> None:
 
 def _check_zero_d(rank: int, world: int) -> None:
     out = gather({"loss": torch.tensor(rank + 0.5), "step": torch.tensor(rank)})
-    _same(out["loss"], np.arange(world, dtype=np.float32) + 0.5)
-    _same(out["step"], np.arange(world, dtype=np.int64))
+    assert_same_tree(out["loss"], np.arange(world, dtype=np.float32) + 0.5)
+    assert_same_tree(out["step"], np.arange(world, dtype=np.int64))
 
 
 def _dtype_tree(rank: int) -> dict[str, Any]:
@@ -255,7 +248,7 @@ def _check_dtypes(rank: int, world: int) -> None:
         expected = _expected_dtypes(world, ml=ml)
         assert list(out) == list(expected)
         for key, value in expected.items():
-            _same(out[key], value)
+            assert_same_tree(out[key], value)
     assert tree["conj"].is_conj()  # the input is left as it was
     assert tree["grad"].requires_grad
 
@@ -280,15 +273,17 @@ def _check_containers(rank: int, world: int) -> None:
     out = gather(tree)
     assert set(out) == set(tree)
     assert list(out) == list(tree)
-    _same(out["list"][0], np.arange(world, dtype=np.int64))
-    _same(out["list"][1], np.repeat(np.arange(world, dtype=np.float32), 4).reshape(-1, 2))
+    assert_same_tree(out["list"][0], np.arange(world, dtype=np.int64))
+    assert_same_tree(
+        out["list"][1], np.repeat(np.arange(world, dtype=np.float32), 4).reshape(-1, 2)
+    )
     assert isinstance(out["tuple"], tuple)
     assert out["tuple"][1] is None
     assert type(out["point"]) is Point
-    _same(out["point"].x, np.array([[r, -r] for r in range(world)]))
+    assert_same_tree(out["point"].x, np.array([[r, -r] for r in range(world)]))
     assert out["point"].y == ["p"] * world
     assert type(out["output"]) is Output
-    _same(out["output"].logits, np.ones((sum(range(world)), 3), dtype=np.float32))
+    assert_same_tree(out["output"].logits, np.ones((sum(range(world)), 3), dtype=np.float32))
     assert out["output"].extra == {
         "name": [f"rank{r}" for r in range(world)],
         "n": list(range(world)),
@@ -300,14 +295,16 @@ def _check_dst(rank: int, world: int) -> None:
     for dst in {0, world - 1}:
         out = gather({"x": torch.full((rank + 1,), rank)}, dst=dst)
         if rank == dst:
-            _same(out["x"], np.concatenate([np.full(r + 1, r) for r in range(world)]))
+            assert_same_tree(out["x"], np.concatenate([np.full(r + 1, r) for r in range(world)]))
         else:
             assert out is None
 
 
 def _check_axis(rank: int, world: int) -> None:
     out = gather({"x": torch.full((2, rank + 1), rank)}, axis=-1)
-    _same(out["x"], np.concatenate([np.full((2, r + 1), r) for r in range(world)], axis=1))
+    assert_same_tree(
+        out["x"], np.concatenate([np.full((2, r + 1), r) for r in range(world)], axis=1)
+    )
 
 
 def _check_many_leaves_few_collectives(rank: int, world: int) -> None:
@@ -342,7 +339,7 @@ def _check_many_leaves_few_collectives(rank: int, world: int) -> None:
     else:
         assert counts == {}, counts
     rows = sum(r + 1 for r in range(world))
-    _same(out["leaf6"], np.full((rows, 3), 6, dtype=np.int64))
+    assert_same_tree(out["leaf6"], np.full((rows, 3), 6, dtype=np.int64))
     assert (gathered is None) == (rank != world - 1)
 
 
@@ -390,16 +387,18 @@ def _check_mismatch_raises_everywhere(rank: int, world: int) -> None:
         _expect_raise_everywhere(r"0-d value in rank 0", lambda: gather({"k": kind}))
     # the group is still usable after every one of those errors
     out = gather({"x": torch.ones(1)})
-    _same(out["x"], np.ones(world, dtype=np.float32))
+    assert_same_tree(out["x"], np.ones(world, dtype=np.float32))
 
 
 def _check_odd_leaves(rank: int, world: int) -> None:
     sparse = torch.sparse_coo_tensor([[0, 1]], [rank, 2], (3,), check_invariants=True)
     stamps = np.array(["2026-11-28"], dtype="datetime64[D]") + rank
     out = gather({"sparse": sparse, "stamps": stamps, "tag": np.str_("t")})
-    _same(out["sparse"], np.concatenate([[r, 2, 0] for r in range(world)]))
-    _same(out["stamps"], np.array(["2026-11-28"], dtype="datetime64[D]") + np.arange(world))
-    _same(out["tag"], np.array(["t"] * world))
+    assert_same_tree(out["sparse"], np.concatenate([[r, 2, 0] for r in range(world)]))
+    assert_same_tree(
+        out["stamps"], np.array(["2026-11-28"], dtype="datetime64[D]") + np.arange(world)
+    )
+    assert_same_tree(out["tag"], np.array(["t"] * world))
     if world > 1:
         value: Any = (lambda: None) if rank == 0 else 1
         _expect_raise_everywhere(r"pickling it failed|rank 0 raised", lambda: gather({"v": value}))
@@ -425,12 +424,14 @@ def _check_sampler(rank: int, world: int) -> None:
             mine = acc.result()
             mine["name"] = np.array([f"item{i}" for i in mine["item"]])  # a str array: pickled
             out = gather(mine, sampler=sampler)
-            _same(out["item"], np.arange(length))
-            _same(out["name"], np.array([f"item{i}" for i in range(length)]))
-            _same(out["emb"], np.arange(length, dtype=np.float32)[:, None] * np.float32([1, -1]))
+            assert_same_tree(out["item"], np.arange(length))
+            assert_same_tree(out["name"], np.array([f"item{i}" for i in range(length)]))
+            assert_same_tree(
+                out["emb"], np.arange(length, dtype=np.float32)[:, None] * np.float32([1, -1])
+            )
             gathered = gather(acc.result(), sampler=sampler, num_items=4, dst=0)
             if rank == 0:
-                _same(gathered["item"], np.arange(4))
+                assert_same_tree(gathered["item"], np.arange(4))
             # concatenating by rank and truncating is what gives the wrong order (F36)
             naive = gather(acc.result())["item"][:length]
             if world > 1:
@@ -439,7 +440,7 @@ def _check_sampler(rank: int, world: int) -> None:
         items = torch.tensor(list(dropped))
         out = gather({"item": items, "loss": torch.tensor(1.0)}, sampler=dropped)
         kept = np.sort(np.concatenate([np.asarray(list(_peer(dropped, r))) for r in range(world)]))
-        _same(out["item"], kept)
+        assert_same_tree(out["item"], kept)
         assert out["loss"].shape == (world,)  # 0-d leaves stay one per rank
 
 
@@ -480,8 +481,8 @@ def _check_num_items_contiguous(rank: int, world: int) -> None:
     per = -(-length // world)
     mine = torch.arange(rank * per, (rank + 1) * per) % length  # wraps round at the end
     out = gather({"x": mine, "loss": torch.tensor(float(rank))}, num_items=length)
-    _same(out["x"], np.arange(length))
-    _same(out["loss"], np.arange(world, dtype=np.float32))
+    assert_same_tree(out["x"], np.arange(length))
+    assert_same_tree(out["loss"], np.arange(world, dtype=np.float32))
 
 
 def _check_subgroup(rank: int, world: int) -> None:
@@ -495,7 +496,7 @@ def _check_subgroup(rank: int, world: int) -> None:
                 gather({"x": torch.tensor([rank])}, group=group, dst=0)
         out = gather({"x": torch.tensor([rank])}, group=group, dst=members[-1])
         if rank == members[-1]:
-            _same(out["x"], np.array(members))
+            assert_same_tree(out["x"], np.array(members))
         else:
             assert out is None
     dist.barrier()
@@ -510,8 +511,8 @@ def _check_dtensor(rank: int, world: int) -> None:
     dtensor = distribute_tensor(full, mesh, [Shard(0)])
     out = gather({"d": dtensor, "local": torch.tensor([rank])})
     # every rank materialises the whole tensor, then it is concatenated over the ranks
-    _same(out["d"], np.concatenate([full.numpy()] * world))
-    _same(out["local"], np.arange(world))
+    assert_same_tree(out["d"], np.concatenate([full.numpy()] * world))
+    assert_same_tree(out["local"], np.arange(world))
 
 
 CHECKS: dict[str, Callable[[int, int], None]] = {
@@ -536,10 +537,12 @@ def _cuda_leaves(rank: int, world: int) -> None:
         assert out is None
         return
     host = [torch.arange(6.0).reshape(2, 3) + r for r in range(world)]
-    _same(out["f"], np.concatenate([h.numpy() for h in host]))
-    _same(out["bf16"], np.concatenate([h.numpy() for h in host]))
-    _same(out["conj"], np.concatenate([(h - 1j * h).numpy().astype(np.complex64) for h in host]))
-    _same(out["t"], np.concatenate([h.T.numpy() for h in host]))
+    assert_same_tree(out["f"], np.concatenate([h.numpy() for h in host]))
+    assert_same_tree(out["bf16"], np.concatenate([h.numpy() for h in host]))
+    assert_same_tree(
+        out["conj"], np.concatenate([(h - 1j * h).numpy().astype(np.complex64) for h in host])
+    )
+    assert_same_tree(out["t"], np.concatenate([h.T.numpy() for h in host]))
 
 
 def _worker(scenario: str, rank: int, world: int, out: Path) -> None:
@@ -612,8 +615,8 @@ def test_cuda_without_process_group() -> None:
     """Without a process group, CUDA leaves are converted as by concat([tree])."""
     x = torch.arange(4.0, device="cuda").reshape(2, 2)
     out = gather({"x": x, "h": x.half().T})
-    _same(out["x"], np.arange(4.0, dtype=np.float32).reshape(2, 2))
-    _same(out["h"], np.arange(4.0, dtype=np.float16).reshape(2, 2).T)
+    assert_same_tree(out["x"], np.arange(4.0, dtype=np.float32).reshape(2, 2))
+    assert_same_tree(out["h"], np.arange(4.0, dtype=np.float16).reshape(2, 2).T)
 
 
 def test_without_process_group() -> None:
@@ -623,8 +626,8 @@ def test_without_process_group() -> None:
     assert not dist.is_initialized()
     tree = {"x": torch.ones(2, 3, requires_grad=True), "loss": torch.tensor(0.5), "tag": "a"}
     out = gather(tree)
-    _same(out["x"], np.ones((2, 3), dtype=np.float32))
-    _same(out["loss"], np.array([0.5], dtype=np.float32))
+    assert_same_tree(out["x"], np.ones((2, 3), dtype=np.float32))
+    assert_same_tree(out["loss"], np.array([0.5], dtype=np.float32))
     assert out["tag"] == ["a"]
     assert gather(tree, dst=0) is not None
     with pytest.raises(ValueError, match="only rank is 0"):
@@ -638,8 +641,8 @@ def test_without_process_group_sampler() -> None:
     sampler = DistributedSampler(list(range(9)), num_replicas=1, rank=0, shuffle=True)
     items = torch.tensor(list(sampler))
     assert not torch.equal(items, torch.arange(9))
-    _same(gather({"i": items}, sampler=sampler)["i"], np.arange(9))
-    _same(gather({"i": items}, sampler=sampler, num_items=3)["i"], np.arange(3))
+    assert_same_tree(gather({"i": items}, sampler=sampler)["i"], np.arange(9))
+    assert_same_tree(gather({"i": items}, sampler=sampler, num_items=3)["i"], np.arange(3))
     with pytest.raises(ConversionError, match="sampler gives that rank 9"):
         gather({"i": items[:4]}, sampler=sampler)
 

@@ -21,12 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tonumpy
-from _trees import LEAVES
+from _trees import LEAVES, assert_same_tree
 from tonumpy import (
     ConversionError,
     PendingTransfer,
     _transfer,
-    _tree,
     to_numpy,
     to_numpy_async,
 )
@@ -46,25 +45,6 @@ def forced_pending(tree: Any, **options: Any) -> PendingTransfer:
 def forced(tree: Any, **options: Any) -> Any:
     """Convert ``tree`` with the engine forced onto CPU tensors."""
     return forced_pending(tree, **options).result()
-
-
-def assert_identical(got: Any, want: Any) -> None:
-    """Same tree, and each array has the same type, dtype, shape and bytes (NaN bits too)."""
-    got_leaves, got_spec = _tree.flatten(got)
-    want_leaves, want_spec = _tree.flatten(want)
-    assert got_spec == want_spec
-    for g, w in zip(got_leaves, want_leaves, strict=True):
-        assert type(g) is type(w), (type(g), type(w))
-        if isinstance(w, np.ndarray):
-            assert g.dtype == w.dtype, (g.dtype, w.dtype)
-            assert g.shape == w.shape
-            assert np.ascontiguousarray(g).tobytes() == np.ascontiguousarray(w).tobytes()
-        elif isinstance(w, float) and math.isnan(w):
-            assert math.isnan(g)
-        elif isinstance(w, bool | int | float | complex):
-            assert g == w
-        else:
-            assert g is w
 
 
 ENGINE_DTYPES = sorted(_transfer._WIRE, key=str)
@@ -119,7 +99,9 @@ def test_forced_engine_every_dtype_and_stride(
         t = SHAPES[shape](dtype)
         tree = {"t": t, "other": sample(torch.float32, (2,)), "big": torch.zeros(3)}
         for options in ({}, {"copy": True}, {"ml_dtypes": True}, {"scalars": True}):
-            assert_identical(forced(tree, **options), to_numpy(tree, **options))
+            assert_same_tree(
+                forced(tree, **options), to_numpy(tree, **options), identical_objects=True
+            )
 
 
 @pytest.mark.parametrize("leaf", LEAVES)
@@ -128,7 +110,7 @@ def test_forced_engine_every_leaf_kind(leaf: str, copy: bool | None) -> None:
     """Every leaf kind of the shared catalogue: same result through the engine (or fallback)."""
     make, _ = LEAVES[leaf]
     tree = [make(), torch.arange(3), "text", make()]
-    assert_identical(forced(tree, copy=copy), to_numpy(tree, copy=copy))
+    assert_same_tree(forced(tree, copy=copy), to_numpy(tree, copy=copy), identical_objects=True)
 
 
 def test_forced_engine_packs_small_leaves_into_one_copy() -> None:
@@ -139,7 +121,7 @@ def test_forced_engine_packs_small_leaves_into_one_copy() -> None:
     kinds = [kind for _, kind, _ in pending.plan]
     assert kinds == ["packed", "single"]
     assert pending.plan[1][2] == large.nbytes
-    assert_identical(pending.result(), to_numpy([*small, large]))
+    assert_same_tree(pending.result(), to_numpy([*small, large]), identical_objects=True)
 
 
 def test_packed_views_are_aligned_and_share_one_block() -> None:
@@ -167,7 +149,7 @@ def test_chunks_bound_the_packed_buffer(monkeypatch: pytest.MonkeyPatch) -> None
     assert len(sizes) > 3
     assert max(sizes) <= 100
     assert sum(sizes) == sum(t.nbytes for t in tree)
-    assert_identical(pending.result(), to_numpy(tree))
+    assert_same_tree(pending.result(), to_numpy(tree), identical_objects=True)
 
 
 def test_per_device_grouping(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,7 +166,7 @@ def test_per_device_grouping(monkeypatch: pytest.MonkeyPatch) -> None:
     pending = forced_pending(tree)
     assert sorted(pending.plan) == [(f"cpu:{i}", "packed", 48) for i in range(3)]
     out = pending.result()
-    assert_identical(out, to_numpy(tree))
+    assert_same_tree(out, to_numpy(tree), identical_objects=True)
     for i in range(9):
         assert out[i].base is out[(i + 3) % 9].base
         assert out[i].base is not out[i - 1].base
@@ -243,7 +225,7 @@ def test_scalars_forced_match_plain() -> None:
     }
     for ml in (False, True):
         got, want = forced(tree, scalars=True, ml_dtypes=ml), to_numpy(tree, scalars=True)
-        assert_identical(got, want)
+        assert_same_tree(got, want, identical_objects=True)
 
 
 # ------------------------------------------------------------------------- host widening, bits
@@ -329,7 +311,7 @@ def test_random_trees_match_plain_path(
         warnings.simplefilter("ignore")
         tree = {"xs": leaves, "again": leaves[0]}
         options = {"copy": copy, "ml_dtypes": ml, "scalars": scalars}
-        assert_identical(forced(tree, **options), to_numpy(tree, **options))
+        assert_same_tree(forced(tree, **options), to_numpy(tree, **options), identical_objects=True)
 
 
 # ---------------------------------------------------------------------------- C17-C21 on CPU
@@ -379,11 +361,11 @@ def test_c18_only_cuda_tensors_are_engine_leaves() -> None:
         pending = to_numpy_async(tree, **options)
         assert pending.plan == []
         assert pending.done()
-        assert_identical(pending.result(), to_numpy(tree, **options))
+        assert_same_tree(pending.result(), to_numpy(tree, **options), identical_objects=True)
     odd = [torch.ones(2).to_sparse(), torch.quantize_per_tensor(torch.ones(2), 0.5, 0, torch.qint8)]
     pending = forced_pending(odd)
     assert pending.plan == []
-    assert_identical(pending.result(), to_numpy(odd))
+    assert_same_tree(pending.result(), to_numpy(odd), identical_objects=True)
     assert forced_pending([torch.ones(2)]).plan == [("cpu", "single", 8)]
 
 
@@ -505,8 +487,8 @@ def test_to_numpy_integration_batches_device_leaves(options: dict[str, Any]) -> 
             got = to_numpy(tree, **options)
         # copy=False: every engine leaf would need a copy, so none is enqueued
         assert bool(pending.plan) is (options.get("copy") is not False)
-        assert_identical(got, want)
-        assert_identical(pending.result(), want)
+        assert_same_tree(got, want, identical_objects=True)
+        assert_same_tree(pending.result(), want, identical_objects=True)
     if not options.get("scalars"):
         assert got["dup"][0] is got["dup"][1]
 
@@ -516,9 +498,11 @@ def test_lone_device_leaf_converts_as_the_plain_path() -> None:
     big = torch.arange(2 << 14, dtype=torch.float32)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_transfer, "FORCE_CPU", True)
-        assert_identical(to_numpy({"x": torch.ones(3)}), {"x": np.ones(3, np.float32)})
+        assert_same_tree(
+            to_numpy({"x": torch.ones(3)}), {"x": np.ones(3, np.float32)}, identical_objects=True
+        )
         half = to_numpy(torch.tensor(1.5, dtype=torch.bfloat16))
-        assert_identical(half, np.array(1.5, np.float32))
+        assert_same_tree(half, np.array(1.5, np.float32), identical_objects=True)
         assert to_numpy(torch.tensor(2), scalars=True) == 2
         np.testing.assert_array_equal(to_numpy(big), big.numpy())
 
@@ -532,7 +516,7 @@ def test_to_numpy_async_on_cpu_is_done_and_equals_to_numpy() -> None:
     pending = to_numpy_async(tree, scalars=True)
     assert isinstance(pending, PendingTransfer)
     assert pending.done()
-    assert_identical(pending.result(), to_numpy(tree, scalars=True))
+    assert_same_tree(pending.result(), to_numpy(tree, scalars=True), identical_objects=True)
     assert pending.result() is pending.result()
     assert pending.result_leaves()[1] == 3
 
@@ -623,10 +607,10 @@ def test_cuda_everything_identical_to_naive(options: dict[str, Any]) -> None:
     """Every CUDA leaf kind, sync and async: identical to naive per-leaf conversion."""
     tree = _cuda_leaves()
     want = _naive(tree, **options)
-    assert_identical(to_numpy(tree, **options), want)
-    assert_identical(to_numpy_async(tree, **options).result(), want)
+    assert_same_tree(to_numpy(tree, **options), want, identical_objects=True)
+    assert_same_tree(to_numpy_async(tree, **options).result(), want, identical_objects=True)
     for name, leaf in tree.items():  # each alone too (the lone-leaf shortcut)
-        assert_identical(to_numpy(leaf, **options), want[name])
+        assert_same_tree(to_numpy(leaf, **options), want[name], identical_objects=True)
 
 
 @pytest.mark.cuda
@@ -717,7 +701,7 @@ def test_cuda_two_devices_one_event_each() -> None:
     pending = to_numpy_async(tree)
     assert len(pending._batch.events) == 2
     assert sorted(d for d, _, _ in pending.plan) == ["cuda:0", "cuda:1"]
-    assert_identical(pending.result(), _naive(tree))
+    assert_same_tree(pending.result(), _naive(tree), identical_objects=True)
 
 
 @pytest.mark.cuda

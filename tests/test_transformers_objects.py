@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from _trees import assert_same_tree
 from tonumpy import Accumulator, UnsupportedLeafError, apply, concat, to_numpy, to_torch
 
 transformers = pytest.importorskip("transformers")
@@ -55,16 +56,9 @@ def _layers(cache: Any) -> list[tuple[torch.Tensor, ...]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))  # pragma: no cover - 4.x
 
 
-def _assert_cache_arrays(got: Any, cache: Any) -> None:
-    want = _layers(cache)
-    assert type(got) is tuple
-    assert len(got) == len(want)
-    for got_layer, want_layer in zip(got, want, strict=True):
-        assert type(got_layer) is tuple
-        assert len(got_layer) == len(want_layer)
-        for array, tensor in zip(got_layer, want_layer, strict=True):
-            assert isinstance(array, np.ndarray)
-            np.testing.assert_array_equal(array, tensor.detach().numpy())
+def _cache_arrays(cache: Any) -> tuple[tuple[np.ndarray, ...], ...]:
+    """What a cache converts to: per layer, a tuple of its tensors as arrays."""
+    return tuple(tuple(t.detach().numpy() for t in layer) for layer in _layers(cache))
 
 
 # ---------------------------------------------------------------------- caches
@@ -78,10 +72,10 @@ def test_gpt2_cache_becomes_per_layer_key_value_arrays() -> None:
     cache = out[key]
     assert isinstance(cache, cache_utils.DynamicCache)
     arrays = to_numpy(out)
-    _assert_cache_arrays(arrays[key], cache)
+    assert_same_tree(arrays[key], _cache_arrays(cache))
     assert arrays[key][0][0].shape == (3, 2, 5, 16)
     copied = to_numpy(out, copy=True)
-    _assert_cache_arrays(copied[key], cache)
+    assert_same_tree(copied[key], _cache_arrays(cache))
     for layer, tensors in zip(copied[key], _layers(cache), strict=True):
         for array, tensor in zip(layer, tensors, strict=True):
             assert not np.shares_memory(array, tensor.detach().numpy())
@@ -96,12 +90,14 @@ def test_t5_and_generate_encoder_decoder_cache() -> None:
     key = _cache_key(out)
     assert isinstance(out[key], cache_utils.EncoderDecoderCache)
     arrays = to_numpy(out)
-    _assert_cache_arrays(arrays[key], out[key])
+    assert_same_tree(arrays[key], _cache_arrays(out[key]))
     assert [len(layer) for layer in arrays[key]] == [4, 4]
     assert arrays[key][0][2].shape == (2, 2, 6, 8)  # cross-attention keys: encoder length
     generated = model.generate(ids, max_new_tokens=3, return_dict_in_generate=True)
     gen_arrays = to_numpy(generated, copy=True)
-    _assert_cache_arrays(gen_arrays[_cache_key(generated)], generated[_cache_key(generated)])
+    assert_same_tree(
+        gen_arrays[_cache_key(generated)], _cache_arrays(generated[_cache_key(generated)])
+    )
     assert isinstance(gen_arrays["sequences"], np.ndarray)
 
 
