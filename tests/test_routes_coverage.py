@@ -118,12 +118,6 @@ def test_to_torch_keeps_ml_dtypes_arrays_torch_has_no_dtype_for(name: str) -> No
     assert out["y"].dtype == torch.bfloat16
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _leaf.array_to_tensor turns a NumPy scalar into a 0-d array before it checks "
-    "whether torch can hold it, and returns that array: a datetime64, str_ or bytes_ scalar "
-    "comes back as a 0-d ndarray instead of as it was",
-)
 def test_to_torch_keeps_numpy_scalars_torch_cannot_hold() -> None:
     """NumPy scalars torch cannot hold stay the very objects they were, as such arrays do."""
     tree = {"d": np.datetime64("2026-01-01"), "s": np.str_("x"), "b": np.bytes_(b"x")}
@@ -253,24 +247,12 @@ def test_dtypes_with_nothing_in_common_are_an_error_naming_the_leaf(
     assert e.value.path == ("t",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="bug: _columns.common_dtype promotes bytes (S) and str (U) chunks to str, and "
-    "concat_arrays then decodes the bytes as ASCII: a raw UnicodeDecodeError, no leaf path",
-)
 def test_bytes_and_str_chunks_are_refused_naming_the_leaf() -> None:
     """Bytes that are not ASCII cannot become str exactly: a ConversionError naming the leaf."""
     with pytest.raises(ConversionError, match=r"tree\['s'\]"):
         concat([{"s": np.array([b"\xff"])}, {"s": np.array(["a"])}])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _columns.common_dtype accepts every cast NumPy calls 'safe', so numbers and "
-    "strings mix (1.5 becomes '1.5') and bool/int mix with timedelta64 (True becomes 1 "
-    "second): the leaf silently changes kind instead of the documented error",
-)
 @pytest.mark.parametrize(
     ("first", "second"),
     [

@@ -120,8 +120,6 @@ def _low_precision(leaves: list[Any], *, copy: bool, ml_dtypes: bool) -> list[An
     table[torch.bfloat16] = upcast
     plain = PLAIN
     out = [table[leaf.dtype](leaf) if type(leaf) in plain else leaf for leaf in leaves]
-    if not pending:
-        return out
     widened = iter(_upcast_bf16(pending))  # new arrays that own their memory: never copied
     return [next(widened) if item is _PENDING else item for item in out]
 

@@ -79,6 +79,10 @@ def _bits(dtype: np.dtype[Any]) -> int:
     return 1 if dtype.kind == "b" else dtype.itemsize * 8 - (dtype.kind == "i")
 
 
+def _numeric(dtype: np.dtype[Any]) -> bool:
+    return dtype.kind in "biufc" or is_ml_dtype(dtype)
+
+
 def _holds_exactly(dtype: np.dtype[Any], result: np.dtype[Any]) -> bool:
     """Whether every value of ``dtype`` converts to ``result`` without change."""
     if dtype == result:
@@ -98,9 +102,13 @@ def common_dtype(a: np.dtype[Any], b: np.dtype[Any]) -> np.dtype[Any] | None:
         dtype('int16')
         >>> common_dtype(np.dtype("int64"), np.dtype("float64")) is None
         True
+        >>> common_dtype(np.dtype("float64"), np.dtype("<U5")) is None  # 1.5 is not '1.5'
+        True
     """
     if a == b:
         return a
+    if a.kind != b.kind and not (_numeric(a) and _numeric(b)):
+        return None  # text, bytes, dates, durations and objects never mix with anything else
     try:
         result = np.result_type(a, b)
     except TypeError:
@@ -190,10 +198,12 @@ class Column:
         return self.state.fill
 
     def pad_value(self) -> np.ndarray | None:
-        """The leaf's pad value for the result dtype, whether or not padding is needed yet."""
+        """The leaf's pad value for the result dtype, whether or not padding is needed yet.
+
+        Only for a column with rows (its dtype is known).
+        """
         dtype = self.dtype
-        if dtype is None:
-            return None
+        assert dtype is not None  # noqa: S101 - a column with rows
         return pad_value_for(self._pad_value, self.path, dtype, self.where)
 
     # -- adding a chunk

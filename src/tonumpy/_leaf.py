@@ -235,11 +235,11 @@ def array_to_tensor(
     ``ml_dtypes`` arrays become the exact torch dtype. Shares memory where it can (``copy=None``)
     and raises ``LeafError`` when ``copy=False`` forbids a needed copy.
     """
-    if isinstance(arr, np.generic):
-        arr, copy = np.asarray(arr), None  # a fresh 0-d array: nothing to share
     torch_bits_of = _dtypes.torch_dtype_of(arr.dtype)
     if torch_bits_of is None and arr.dtype.kind in _NOT_TENSORS:
-        return arr
+        return arr  # as it was: a NumPy scalar stays a scalar
+    if isinstance(arr, np.generic):
+        arr, copy = np.asarray(arr), None  # a fresh 0-d array: nothing to share
     shared = True
     if not arr.flags.writeable or any(s < 0 for s in arr.strides) or not arr.dtype.isnative:
         needs_copy(copy, "the array is read-only, has negative strides or is byte-swapped")

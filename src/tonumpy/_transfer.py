@@ -45,7 +45,6 @@ import torch
 from optree import PyTreeSpec
 
 from . import _dtypes, _tree
-from ._leaf import PLAIN
 from ._options import Copy
 from ._staging import POOL
 
@@ -207,9 +206,6 @@ class _Batch:
         self.careful: list[int] = []  # positions the engine left to the careful path
         self.plan: list[tuple[str, str, int]] = []
 
-    def taken(self) -> set[int]:
-        return {*self.positions, *(position for _, position in self.dups)}
-
 
 class _SyncedCopy:
     """The event of a forced CPU job ([`FORCE_CPU`][]): its copies were made synchronously.
@@ -313,19 +309,19 @@ class _DeviceJob:
 def enqueue(  # noqa: PLR0915 - one hot loop, kept inline: every call costs per leaf
     leaves: Sequence[Any], positions: Sequence[int]
 ) -> _Batch:
-    """Start the copies of the engine's leaves among ``leaves[i] for i in positions``.
+    """Start the copies of the plain tensors ``leaves[i] for i in positions``.
 
-    The engine takes plain CUDA tensors (CPU ones too under [`FORCE_CPU`][]) of a dtype
-    that crosses the bus as bytes, strided and not functorch-wrapped; the others' positions
-    are listed in the returned batch's ``careful``, for the careful per-leaf converter. A
-    tensor met twice is copied once (``dups``). The hot loop: kept lean.
+    The engine takes CUDA tensors (CPU ones too under [`FORCE_CPU`][]) of a dtype that
+    crosses the bus as bytes, strided and not functorch-wrapped; the others' positions are
+    listed in the returned batch's ``careful``, for the careful per-leaf converter. A tensor
+    met twice is copied once (``dups``). The hot loop: kept lean.
     """
     force = FORCE_CPU
     batch = _Batch()
     jobs: dict[torch.device, _DeviceJob] = {}
     seen: dict[int, int] = {}
     small = SMALL_BYTES
-    plain, wire, strided, device_of = PLAIN, _WIRE, torch.strided, _device_of
+    wire, strided, device_of = _WIRE, torch.strided, _device_of
     careful = batch.careful
     engine_positions, dtypes, shapes = batch.positions, batch.dtypes, batch.shapes
     nbytes_of, sources = batch.nbytes, batch.sources
@@ -335,10 +331,7 @@ def enqueue(  # noqa: PLR0915 - one hot loop, kept inline: every call costs per 
     wrapped = _is_functorch_wrapped if _transforms_active() else _never
     with torch.no_grad():
         for position in positions:
-            t = leaves[position]
-            if type(t) not in plain:
-                careful.append(position)
-                continue
+            t = leaves[position]  # a plain tensor: the router sends nothing else
             key = id(t)
             index = seen.get(key)
             if index is not None:
