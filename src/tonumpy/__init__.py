@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 from . import _startup  # noqa: F401 - first: Ctrl-C while the command imports torch
 from .asynchronous import PendingTransfer, to_numpy_async
 from .convert import apply, to_numpy, to_torch
-from .errors import CaptureError, ConversionError, OptionError, TonumpyError, UnsupportedLeafError
+from .errors import (
+    CaptureError,
+    ConversionError,
+    FileFormatError,
+    OptionError,
+    TonumpyError,
+    UnsafeFileError,
+    UnsupportedLeafError,
+)
 from .hooks import Activations, capture, numpy_args
 
 if TYPE_CHECKING:
@@ -33,9 +41,11 @@ __all__ = [
     "Activations",
     "CaptureError",
     "ConversionError",
+    "FileFormatError",
     "OptionError",
     "PendingTransfer",
     "TonumpyError",
+    "UnsafeFileError",
     "UnsupportedLeafError",
     "__version__",
     "apply",
