@@ -165,6 +165,31 @@ def test_a_transformers_cache_is_stored_as_to_numpy_returns_it(tmp_path: Path) -
     np.testing.assert_array_equal(out["logits"], converted["logits"])
 
 
+def test_a_batch_encoding_is_stored_as_its_items(tmp_path: Path) -> None:
+    """A fast tokenizer's output: its arrays are stored; its Encoding objects (tokenizer
+    state, which no file holds) are not, as before."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[UNK]": 0, "a": 1, "b": 2, "[PAD]": 3}
+    special = {"unk_token": "[UNK]", "pad_token": "[PAD]"}  # tokens, not secrets
+    backend = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel(vocab, unk_token=special["unk_token"])
+    )
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=special["pad_token"]
+    )
+    encoding = tokenizer(["a b", "b"], padding=True, return_tensors="pt")
+    assert encoding.encodings is not None
+    path = tmp_path / "batch.npz"
+    tonumpy.save(path, {"inputs": encoding})
+    out = tonumpy.load(path)["inputs"]
+    assert list(out) == ["input_ids", "attention_mask"]
+    np.testing.assert_array_equal(out["input_ids"], [[1, 2], [2, 3]])
+    np.testing.assert_array_equal(out["attention_mask"], [[1, 1], [1, 0]])
+    assert tio.read(path).classes[("inputs",)].endswith("BatchEncoding")
+
+
 def test_save_takes_is_leaf_as_to_numpy_does(tmp_path: Path) -> None:
     """is_leaf= keeps a node whole; one that holds a tensor cannot be stored without pickle."""
 

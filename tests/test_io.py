@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tonumpy
-from tonumpy import _structure
+from tonumpy import _names
 from tonumpy import io as tio
 
 Point = namedtuple("Point", "x y")
@@ -363,12 +363,12 @@ def test_npy_directory_names_are_contained_and_unique(tmp_path: Path) -> None:
 @given(st.text(max_size=300))
 @settings(max_examples=200, deadline=None)
 def test_sanitised_names_are_always_safe(text: str) -> None:
-    name = _structure._sanitise(text)
-    assert _structure.is_safe_name(name)
+    (name,) = _names.unique_names([(text,)])
+    assert _names.is_safe_name(name)
     assert all(c.isascii() and (c.isalnum() or c in "._-~") for c in name)
     assert not name.startswith((".", "-"))
     assert ".." not in name
-    assert len(name) <= _structure.MAX_NAME
+    assert len(name) <= _names.MAX_NAME
 
 
 def test_a_directory_structure_cannot_point_outside(tmp_path: Path) -> None:

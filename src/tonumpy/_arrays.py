@@ -77,7 +77,12 @@ def is_array(leaf: Any) -> bool:
 
 
 def is_lazy(leaf: Any) -> bool:
-    """True for a ``LazyArray`` (a leaf to keep whole when walking a tree: ``is_leaf=``)."""
+    """True for a ``LazyArray`` (a leaf to keep whole when walking a tree: ``is_leaf=``).
+
+    Examples:
+        >>> is_lazy(np.ones(2))
+        False
+    """
     return isinstance(leaf, LazyArray)
 
 

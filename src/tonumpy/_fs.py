@@ -276,7 +276,14 @@ def _write_error(dst: Path, tmp: Path, exc: OSError) -> OSError | None:
 
 
 def exists_error(dst: Path) -> FileExistsError:
-    """The error for a destination that exists when ``overwrite=False``."""
+    """The error for a destination that exists when ``overwrite=False``.
+
+    It names the parameter; the command line says ``--force`` instead.
+
+    Examples:
+        >>> exists_error(Path("out.npz"))
+        FileExistsError('out.npz exists; pass overwrite=True to replace it')
+    """
     return FileExistsError(f"{dst} exists; pass overwrite=True to replace it")
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _arrays, _checkpoint, _npyzip, _safetensors, _structure, _torchfile, _tree
 from ._fs import check_input, one_line, open_entry, open_regular, short
-from ._structure import STRUCTURE
+from ._names import STRUCTURE, is_safe_name
 from .errors import FileFormatError, TonumpyError
 
 __all__ = ["OUTPUT_SUFFIXES", "Contents", "is_stored_leaf", "read_file"]
@@ -68,6 +68,10 @@ def is_stored_leaf(x: Any) -> bool:
 
     Readers build ``dict``, ``list`` and ``tuple`` containers only; anything else, a lazy
     ``.npz`` member included, is a leaf, never walked into or searched.
+
+    Examples:
+        >>> is_stored_leaf({"a": 1}), is_stored_leaf(None), is_stored_leaf(range(3))
+        (False, True, True)
     """
     return type(x) not in (dict, list, tuple)
 
@@ -79,6 +83,14 @@ def read_file(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
     their headers only, for ``show`` and for streaming copies); otherwise every member is read
     and checked, and the leaves of a ``torch.save`` file are not yet verified
     (``Contents.verify``).
+
+    Examples:
+        >>> import os, tempfile, numpy as np
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.npz")
+        >>> np.savez(path, w=np.ones(2))
+        >>> contents = read_file(Path(path), unsafe_load=False, lazy=True)
+        >>> contents.format, contents.tree["w"].shape, contents.tree["w"].dtype
+        ('npz', (2,), dtype('float64'))
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -250,7 +262,7 @@ def _read_export(path: Path) -> Contents:
         raw = f.read()
 
     def get_array(name: str, dtype: str | None) -> Any:
-        if not _structure.is_safe_name(name):  # never follow a name out of the directory
+        if not is_safe_name(name):  # never follow a name out of the directory
             raise FileFormatError(f"the structure names an unsafe file {short(name, 60)}")
         with open_entry(path, f"{name}.npy") as f:
             array = _npyzip.map_npy(path / f"{name}.npy", str(path / f"{name}.npy"), f)

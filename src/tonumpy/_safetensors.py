@@ -23,7 +23,8 @@ import torch
 
 from . import _arrays, _dtypes
 from ._fs import open_regular, short
-from ._structure import STRUCTURE, Plan
+from ._names import STRUCTURE
+from ._structure import Plan
 from .errors import ConversionError, FileFormatError
 
 __all__ = ["read", "write"]

@@ -20,8 +20,9 @@ module:
   ``Plan.complete(index, dtype_name, stored)`` (record how array ``index`` is stored: the
   ``ml_dtypes`` name when it holds bits, the stored dtype) and ``Plan.structure_bytes()`` (the
   JSON, once every array is complete).
-* [`unique_names(paths)`][tonumpy._structure.unique_names]: the file names alone.
-* ``STRUCTURE``: the structure file is ``STRUCTURE + ".json"`` in a directory.
+* [`tonumpy._names.unique_names(paths)`][tonumpy._names.unique_names]: the file names alone.
+* ``STRUCTURE`` (from [`tonumpy._names`][]): the structure file is ``STRUCTURE + ".json"``
+  in a directory, the member ``STRUCTURE + ".npy"`` of a ``.npz``.
 
 Names depend only on the key paths of the array leaves, in order: a writer that grows arrays
 over batches plans the first batch to name its files, and later plans the tree it holds (its
@@ -46,10 +47,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
-import hashlib
 import json
 import math
-import re
 from collections import UserList, deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -60,39 +59,30 @@ import optree
 import torch
 from optree import PyTreeSpec
 
-from . import _arrays, _dtypes, _tree
+from . import _arrays, _containers, _dtypes, _hf, _tree
 from ._fs import one_line, short
+from ._names import dotted, unique_names
 from .errors import ConversionError, FileFormatError
 
 __all__ = [
     "FORMAT_VERSION",
     "MAX_DEPTH",
-    "MAX_NAME",
-    "STRUCTURE",
     "Node",
     "Plan",
     "Walk",
     "decode",
     "decode_tree",
-    "dotted",
-    "is_safe_name",
     "meta_error",
     "parse_structure",
     "plan",
-    "unique_names",
     "walk",
 ]
 
-#: Name of the member (``.npz``) or file (``.json`` in a directory) that holds the structure.
-STRUCTURE = "__tonumpy__"
 #: The version of the JSON format written; readers read it and every older one.
 FORMAT_VERSION = 1
-#: Bytes of a sanitised leaf name before ``.npy`` (file systems allow 255).
-MAX_NAME = 120
 #: Levels of containers a stored structure holds at most: its JSON nests two levels for each,
 #: and Python's JSON codec and the reader recurse, within the interpreter's recursion limit.
 MAX_DEPTH = 250
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._~-]*")
 
 
 def meta_error(file: Path, path: tuple[Any, ...], leaf: torch.Tensor) -> FileFormatError:
@@ -147,23 +137,30 @@ class Walk:
 _LISTS = (list, deque, UserList)
 
 
+def _kind_of(cls: type) -> str:
+    if optree.is_namedtuple_class(cls) or optree.is_structseq_class(cls):
+        return "fields"
+    if _hf.is_batch_encoding(cls):
+        return "items"  # its tokenizer's Encoding objects are tokenizer state, not data
+    if issubclass(cls, Mapping):
+        return "dict"
+    if issubclass(cls, _LISTS):
+        return "list"
+    return "tuple" if issubclass(cls, tuple) else "other"
+
+
 def _container(cls: type, keys: tuple[Any, ...], kinds: dict[type, str]) -> tuple[str, Any]:
-    """How a container of type ``cls`` with entries ``keys`` is stored: (kind, stored keys)."""
+    """How a container of type ``cls`` with entries ``keys`` is stored: (kind, stored keys).
+
+    A stored key of ``None`` marks a child that is not stored (a BatchEncoding's encodings).
+    """
     kind = kinds.get(cls)
     if kind is None:
-        if optree.is_namedtuple_class(cls) or optree.is_structseq_class(cls):
-            kind = "fields"
-        elif issubclass(cls, Mapping):
-            kind = "dict"
-        elif issubclass(cls, _LISTS):
-            kind = "list"
-        elif issubclass(cls, tuple):
-            kind = "tuple"
-        else:
-            kind = "other"
-        kinds[cls] = kind
+        kind = kinds[cls] = _kind_of(cls)
     if kind == "dict":
         return kind, keys
+    if kind == "items":
+        return "dict", tuple(None if isinstance(k, _containers.Attr) else k for k in keys)
     if kind == "fields":
         fields = (
             optree.namedtuple_fields(cls)
@@ -200,97 +197,34 @@ def walk(tree: Any, /, *, is_leaf: Callable[[Any], bool] | None = None) -> Walk:
     nodes: list[Node] = []
     frames: list[tuple[tuple[Any, ...], tuple[Any, ...], list[int]]] = []  # one per depth
     kinds: dict[type, str] = {}
+    skipping = -1  # the depth of a child that is not stored, while its subtree goes by
     for node in _tree.outline(spec):
         depth = len(node.path)
         if depth:
+            if 0 <= skipping < depth:
+                continue
+            skipping = -1
             del frames[depth:]
             parent_path, parent_keys, seen = frames[depth - 1]
-            path = (*parent_path, parent_keys[seen[0]])
+            key = parent_keys[seen[0]]
             seen[0] += 1
+            if key is None:
+                skipping = depth
+                continue
+            path = (*parent_path, key)
         else:
             path = ()
         if node.keys is None:
             kind = "none" if leaves[node.first] is None else "leaf"
             keys: tuple[Any, ...] = ()
-        elif node.type is type(None) or node.type is None:
+        elif node.type is None or node.type is type(None):
             kind, keys = "none", ()
         else:
-            kind, keys = _container(node.type, node.keys, kinds)
-            frames.append((path, keys, [0]))
+            kind, stored = _container(node.type, node.keys, kinds)
+            frames.append((path, stored, [0]))
+            keys = tuple(k for k in stored if k is not None)
         nodes.append(Node(path, kind, keys, node.type, node.first, node.size))
     return Walk(leaves, spec, nodes)
-
-
-# ------------------------------------------------------------------------------ names
-
-
-def _key_text(key: Any) -> str:
-    return key if isinstance(key, str) else repr(key)
-
-
-def dotted(path: tuple[Any, ...]) -> str:
-    """The display name of a key path: keys joined by dots (``output.hidden_states.0``).
-
-    Examples:
-        >>> dotted(("output", "hidden_states", 0))
-        'output.hidden_states.0'
-    """
-    return ".".join(_key_text(k) for k in path)
-
-
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-_DOTS = re.compile(r"\.{2,}")
-_RESERVED = frozenset(
-    ["con", "prn", "aux", "nul"] + [f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)]
-)
-
-
-def _sanitise(text: str) -> str:
-    r"""A file name made of ``[A-Za-z0-9._-]`` only, never ``.``/``..``, hidden or too long.
-
-    Examples:
-        >>> _sanitise("../../etc/passwd"), _sanitise("/abs/path"), _sanitise("a\x00b")
-        ('etc_passwd', 'abs_path', 'a_b')
-    """
-    name = _UNSAFE_CHARS.sub("_", text)
-    name = _DOTS.sub(".", name).strip("._-") or "_"
-    if name.split(".", 1)[0].lower() in _RESERVED:  # Windows device names
-        name = "_" + name
-    if len(name) > MAX_NAME:
-        digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]  # noqa: S324 - a name, not security
-        name = f"{name[: MAX_NAME - 11]}~{digest}"
-    return name
-
-
-def is_safe_name(name: str) -> bool:
-    """Whether ``name`` is one [`unique_names`][tonumpy._structure.unique_names] could make.
-
-    Such a name is one plain file inside the directory: no separator, no ``..``, not hidden.
-    """
-    return bool(_SAFE_NAME.fullmatch(name)) and ".." not in name and len(name) <= MAX_NAME + 8
-
-
-def unique_names(paths: list[tuple[Any, ...]]) -> list[str]:
-    """The file name (without ``.npy``) of the array at each key path, in order.
-
-    Keys joined by dots, sanitised (see docs/cli.md, "File names of .npy files"), unique even
-    on case-insensitive file systems (``~2`` suffixes), never the structure's own name.
-
-    Examples:
-        >>> unique_names([("out", "logits"), ("../etc",), ("A",), ("a",), ()])
-        ['out.logits', 'etc', 'A', 'a~2', 'root']
-    """
-    used = {STRUCTURE.casefold()}
-    out = []
-    for path in paths:
-        base = _sanitise(dotted(path)) if path else "root"
-        name, n = base, 1
-        while name.casefold() in used:
-            n += 1
-            name = f"{base}~{n}"
-        used.add(name.casefold())
-        out.append(name)
-    return out
 
 
 # ------------------------------------------------------------------------------ writing
@@ -315,6 +249,7 @@ class Plan:
         ml_dtypes: bfloat16/float8 tensors are stored as their bits, not widened.
         sources: Key path -> what a leaf was before a reader read it (kept in ``"from"``).
         source_file: The file the tree was read from (for errors about what it holds), if any.
+        walked: The walk the plan was made from (it renders places for messages).
         verify: Called with each leaf before its data is used (checks a file's checksums).
     """
 

@@ -36,8 +36,8 @@ import torch
 
 from . import _allowlist, _pickle_scan
 from ._fs import open_regular, short
+from ._names import dotted
 from ._npyzip import check_members
-from ._structure import dotted
 from .errors import FileFormatError, TonumpyError, UnsafeFileError
 
 __all__ = ["Checksums", "read_torch"]

@@ -31,8 +31,8 @@ import torch
 
 from . import _arrays, _options, _safetensors, _structure, _tree
 from ._fs import atomic_dir, atomic_file, check_not_nested, exists_error, short
+from ._names import STRUCTURE, is_safe_name
 from ._readers import OUTPUT_SUFFIXES, Contents, is_stored_leaf, read_file
-from ._structure import STRUCTURE
 from .convert import to_numpy
 from .errors import FileFormatError, UnsafeFileError, UnsupportedLeafError
 
@@ -71,7 +71,9 @@ def save(
     tuples as tuples, mappings, namedtuples, dataclasses, ``ModelOutput`` and other classes as
     mappings of their keys, fields and attributes, with their class name recorded for display.
     ``str``, ``int``, ``float``, ``bool``, ``None``, ``bytes`` and ``complex`` leaves are
-    stored in the JSON. A tensor at several places in the tree is stored once.
+    stored in the JSON. A tensor at several places in the tree is stored once. A
+    ``BatchEncoding`` is stored as its items: its tokenizer's ``Encoding`` objects are tokenizer
+    state, which no file holds. At most 250 levels of containers are stored.
 
     Examples:
         >>> import os, tempfile, torch
@@ -378,7 +380,7 @@ def _write_npy_dir(
         total, done = plan.nbytes, 0
         for index, name in enumerate(plan.names):
             target = tmp / f"{name}.npy"
-            if target.parent != tmp or not _structure.is_safe_name(name):  # pragma: no cover
+            if target.parent != tmp or not is_safe_name(name):  # pragma: no cover
                 raise FileFormatError(f"unsafe file name {name!r}")
             with target.open("xb") as f:
                 plan.write(index, f)
