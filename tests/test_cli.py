@@ -407,6 +407,32 @@ def test_unsafe_load_warns(tmp_path: Path) -> None:
     np.testing.assert_array_equal(tonumpy.load(tmp_path / "a.npz")["a"], np.ones(2))
 
 
+def test_show_and_convert_agree_on_unpickled_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --unsafe-load a dataclass comes back as itself: show lists what convert writes."""
+    (tmp_path / "records_mod.py").write_text(
+        "import dataclasses\n@dataclasses.dataclass\nclass Record:\n    weights: object\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import records_mod as m;"
+        "torch.save({'r': m.Record(torch.ones(3)), 'w': torch.zeros(2)}, sys.argv[2])"
+    )
+    src = tmp_path / "rec.pt"
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), str(src)], check=True)
+    code, out, err = run("show", str(src), "--unsafe-load")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()]
+    assert ["r", "Record", "1", "key", "12", "B"] in rows
+    assert ["weights", "Tensor", "(3,)", "float32", "cpu", "12", "B"] in rows
+    assert rows[-1][:2] == ["2", "arrays,"]
+    code, out, err = run("convert", str(src), str(tmp_path / "out.npz"), "--unsafe-load")
+    assert code == 0, err
+    assert "2 arrays from" in out
+    np.testing.assert_array_equal(tonumpy.load(tmp_path / "out.npz")["r"]["weights"], np.ones(3))
+
+
 # ---------------------------------------------------------------------------- progress
 
 

@@ -716,3 +716,16 @@ def test_npz_to_npz_streams_members_and_keeps_what_they_were(tmp_path: Path) -> 
     np.testing.assert_array_equal(
         exact["w"].view(np.uint16), tree["w"].view(torch.int16).numpy().view(np.uint16)
     )
+
+
+def test_file_errors_are_exported_from_tonumpy_and_still_from_io() -> None:
+    """FileFormatError and UnsafeFileError live in tonumpy.errors, beside the others."""
+    from tonumpy import errors
+
+    for name in ("FileFormatError", "UnsafeFileError"):
+        error = getattr(tonumpy, name)
+        assert name in tonumpy.__all__
+        assert error is getattr(errors, name) is getattr(tio, name)
+        assert issubclass(error, tonumpy.TonumpyError)
+        assert issubclass(error, ValueError)
+    assert tonumpy.__all__ == sorted(tonumpy.__all__)

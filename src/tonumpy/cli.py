@@ -31,10 +31,10 @@ from typing import Any, NoReturn, TextIO
 import numpy as np
 import torch
 
-from . import __version__, _arrays, _dtypes, _structure, _tree
+from . import __version__, _arrays, _dtypes, _structure
 from . import io as tio
 from ._fs import escape, short
-from ._readers import Contents, is_stored_leaf, read_file
+from ._readers import Contents, read_file
 from .convert import to_numpy
 from .errors import TonumpyError
 
@@ -479,10 +479,9 @@ def _disk_size(path: Path) -> int:
 
 
 def _arrays_in(contents: Contents) -> tuple[int, set[str]]:
-    """The number of arrays in a tree, and the bfloat16/float8 dtypes among them."""
-    leaves, _ = _tree.flatten(contents.tree, is_leaf=is_stored_leaf)
+    """The number of arrays in a tree as it was written, and the bfloat16/float8 dtypes."""
     count, widened = 0, set()
-    for leaf in leaves:
+    for leaf in _structure.walk(contents.tree, is_leaf=_arrays.is_lazy).leaves:
         count += _arrays.is_array(leaf)
         if isinstance(leaf, torch.Tensor) and leaf.dtype in _dtypes.ML_DTYPES:
             widened.add(str(leaf.dtype).removeprefix("torch."))
