@@ -113,7 +113,7 @@ def read_header(f: BinaryIO, where: str) -> NpyHeader:
 # What NumPy writes for a plain dtype: "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3),
 # }" (or without the last ", ", as repr() of the dict writes it), then spaces (a header written
 # with room to grow holds more of them) and a newline.
-_COUNT = r"(?:0|[1-9][0-9]*)"
+_COUNT = r"(?:0|[1-9][0-9]{0,18})"  # up to 19 digits; longer ones go the slow way
 _PLAIN_HEADER = re.compile(
     r"\{'descr': '([<>|=]?[A-Za-z][0-9]*)', 'fortran_order': (True|False), "
     rf"'shape': \((|{_COUNT},|{_COUNT}(?:, {_COUNT})+,?)\)(?:, )?\}} *\n?"
