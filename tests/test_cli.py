@@ -145,6 +145,71 @@ def test_show_npy_directory_and_safetensors(tmp_path: Path, checkpoint: Path) ->
     assert "safetensors" in out.splitlines()[0]
 
 
+class CountingArray(np.ndarray):
+    """An array that counts how often its size is asked for (once per leaf is enough)."""
+
+    asked = 0
+
+    @property
+    def nbytes(self) -> int:  # type: ignore[override]
+        CountingArray.asked += 1
+        return int(np.ndarray.nbytes.__get__(self))
+
+
+def test_show_sizes_each_leaf_once_however_deep_the_tree() -> None:
+    """A container's totals come from one pass over the leaves, not a walk per container."""
+    leaf = np.arange(3.0).view(CountingArray)
+    tree: object = leaf
+    for _ in range(500):
+        tree = {"k": tree}
+    CountingArray.asked = 0
+    rows, totals = cli._rows(tio.Contents(tree, "npz"), None, False)
+    assert CountingArray.asked <= 2  # the size, and the leaf's own row: not once per level
+    assert len(rows) == 501
+    assert rows[0][1][:3] == ["(root)", "dict", "1 key"]
+    assert rows[-1][1][0] == "  " * 500 + "k"
+    assert rows[-2][1][-1] == "24 B"  # every container above the leaf holds its bytes
+    assert totals == {"arrays": 1, "elements": 3, "bytes": 24, "values": 0}
+
+
+def test_show_deep_and_wide_files(tmp_path: Path) -> None:
+    """A 200-deep tree and 20,000 leaves: every row, the totals, --depth summaries."""
+    deep: object = torch.ones(2)
+    for _ in range(200):
+        deep = [deep, None]
+    tonumpy.save(tmp_path / "deep.npz", deep)
+    code, out, err = run("show", str(tmp_path / "deep.npz"))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1 + 1 + 200 * 2 + 1 + 1  # title, header, rows, totals
+    leaf = lines[2 + 200]  # the root, 199 lists, then the leaf 200 levels down
+    assert leaf.startswith("  " * 200 + "0 ")
+    assert leaf.split()[:2] == ["0", "ndarray"]
+    assert lines[-2].split()[:3] == ["1", "None", "="]  # the root's own None, last
+    assert lines[-1] == "1 array, 2 elements, 8 B; 200 other values"
+    wide = {f"k{i}": np.full(1, i % 100, dtype=np.int8) for i in range(20_000)}
+    tonumpy.save(tmp_path / "wide.npz", {"a": wide, "b": [1, 2]})
+    code, out, err = run("show", str(tmp_path / "wide.npz"), "--depth", "1")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert rows[:3] == [
+        ["(root)", "dict", "2", "keys", "19.5", "KiB"],
+        ["a", "dict", "20,000", "keys", "19.5", "KiB"],
+        ["...", "20,000", "arrays"],
+    ]
+    assert rows[-1] == [
+        "20,000",
+        "arrays,",
+        "20,000",
+        "elements,",
+        "19.5",
+        "KiB;",
+        "2",
+        "other",
+        "values",
+    ]
+
+
 # ----------------------------------------------------------------------------- convert
 
 
@@ -228,9 +293,28 @@ def test_existing_destination_needs_force(tmp_path: Path, checkpoint: Path) -> N
     assert out == ""
     assert err.startswith("tonumpy: error: ")
     assert err.count("\n") == 1
+    assert "pass --force to replace it" in err  # the command names its flag ...
+    assert "overwrite=True" not in err  # ... not the parameter the library names
     assert dst.read_bytes() == b"precious"
     assert run("convert", str(checkpoint), str(dst), "--force")[0] == 0
     assert "model" in tonumpy.load(dst)
+
+
+def test_a_directory_with_other_files_is_not_replaced_even_with_force(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    """The library's 'even with overwrite=True' reads 'even with --force' on the command line."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    code, _, err = run("convert", str(checkpoint), str(home), "--force")
+    assert code == 2
+    assert "not replacing it even with --force" in err
+    assert "overwrite" not in err
+    with pytest.raises(FileExistsError, match="even with overwrite=True") as info:
+        tio.convert(checkpoint, home, overwrite=True)
+    assert "--" not in str(info.value)
+    assert (home / "notes.txt").read_text() == "mine"
 
 
 def test_failed_conversion_leaves_no_destination(tmp_path: Path, checkpoint: Path) -> None:
@@ -315,11 +399,38 @@ def test_unsafe_load_warns(tmp_path: Path) -> None:
     torch.save({"a": np.ones(2)}, src, pickle_protocol=4)  # beyond the weights-only loader
     code, _, err = run("convert", str(src), str(tmp_path / "a.npz"))
     assert code == 2
-    assert "--unsafe-load" in err
+    assert "--unsafe-load reads it anyway" in err
+    assert "unsafe_load=True" not in err
     code, _, err = run("convert", str(src), str(tmp_path / "a.npz"), "--unsafe-load")
     assert code == 0
     assert "warning: --unsafe-load" in err
     np.testing.assert_array_equal(tonumpy.load(tmp_path / "a.npz")["a"], np.ones(2))
+
+
+def test_show_and_convert_agree_on_unpickled_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --unsafe-load a dataclass comes back as itself: show lists what convert writes."""
+    (tmp_path / "records_mod.py").write_text(
+        "import dataclasses\n@dataclasses.dataclass\nclass Record:\n    weights: object\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import records_mod as m;"
+        "torch.save({'r': m.Record(torch.ones(3)), 'w': torch.zeros(2)}, sys.argv[2])"
+    )
+    src = tmp_path / "rec.pt"
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), str(src)], check=True)
+    code, out, err = run("show", str(src), "--unsafe-load")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()]
+    assert ["r", "Record", "1", "key", "12", "B"] in rows
+    assert ["weights", "Tensor", "(3,)", "float32", "cpu", "12", "B"] in rows
+    assert rows[-1][:2] == ["2", "arrays,"]
+    code, out, err = run("convert", str(src), str(tmp_path / "out.npz"), "--unsafe-load")
+    assert code == 0, err
+    assert "2 arrays from" in out
+    np.testing.assert_array_equal(tonumpy.load(tmp_path / "out.npz")["r"]["weights"], np.ones(3))
 
 
 # ---------------------------------------------------------------------------- progress

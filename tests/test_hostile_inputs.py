@@ -9,6 +9,8 @@ one escaped line on stderr that says what was refused, without the child's memor
 
 from __future__ import annotations
 
+import ast
+import io
 import math
 import re
 from pathlib import Path
@@ -17,9 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import _hostile
 import tonumpy.io
+from tonumpy import _npyzip
 
 GROWTH_MIB = 200  # a refused case may grow its process by this much at most (imports, buffers)
 
@@ -203,3 +208,50 @@ def test_torch_files_read_from_several_threads(tmp_path: Path) -> None:
         assert contents.classes[("q",)] == "collections.deque"
         assert contents.classes[("when",)] == "datetime.date"
         assert contents.tree["w"].tolist() == [float(index)] * 2
+
+
+_COUNTS = st.integers(0, 10**22).map(str) | st.sampled_from(
+    ["03", "-1", "1.5", "True", " 2", "9" * 5000]
+)
+_SHAPES = st.lists(_COUNTS, max_size=4).flatmap(
+    lambda dims: st.sampled_from(
+        ["(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")", "(" + ", ".join(dims) + ")"]
+        + (["(" + ", ".join(dims) + ",)"] if dims else [])
+    )
+)
+
+
+@given(
+    descr=st.sampled_from(["<f4", "|u1", ">i8", "<U10", "|O", "|V2", "<M8[D]", "f", "<f4'"]),
+    fortran=st.sampled_from(["True", "False", "1", "None"]),
+    shape=_SHAPES,
+    tail=st.sampled_from([", }", "}", ",}", " }", ", } ", ", }" + " " * 300 + "\n", ", }\t\n"]),
+)
+@settings(max_examples=300, deadline=None)
+def test_npy_headers_read_fast_as_literal_eval_reads_them(
+    descr: str, fortran: str, shape: str, tail: str
+) -> None:
+    """A .npy header in NumPy's usual form is read without ast.literal_eval; any header text
+    gives what literal_eval and the checks give: the same header, or a refusal."""
+    text = f"{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}{tail}"
+    raw = text.encode("latin1")
+    blob = b"\x93NUMPY\x01\x00" + len(raw).to_bytes(2, "little") + raw
+    try:
+        fields = ast.literal_eval(text)
+        shape_ok = isinstance(fields["shape"], tuple) and all(
+            type(n) is int and n >= 0 for n in fields["shape"]
+        )
+        expected: Any = (fields["shape"], np.dtype(fields["descr"]), fields["fortran_order"])
+        if not shape_ok or not isinstance(fields["fortran_order"], bool):
+            expected = None
+    except Exception:  # noqa: BLE001 - any text literal_eval or NumPy refuses
+        expected = None
+    try:
+        header = _npyzip.read_header(io.BytesIO(blob), "h.npy")
+    except tonumpy.FileFormatError:
+        got: Any = None
+    else:
+        got = (header.shape, header.dtype, header.fortran)
+    if expected is not None and expected[1].hasobject:
+        expected = None  # an object dtype: refused after parsing
+    assert got == expected

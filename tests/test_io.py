@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tonumpy
-from tonumpy import _structure
+from tonumpy import _names
 from tonumpy import io as tio
 
 Point = namedtuple("Point", "x y")
@@ -270,8 +270,9 @@ def test_convert_refuses_existing_destination(tmp_path: Path) -> None:
     src = _torch_file(tmp_path, {"a": torch.ones(1)})
     dst = tmp_path / "out.npz"
     dst.write_bytes(b"keep")
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(FileExistsError, match="overwrite=True") as info:
         tio.convert(src, dst)
+    assert "--" not in str(info.value)  # a library message names parameters, not CLI flags
     assert dst.read_bytes() == b"keep"
     tio.convert(src, dst, overwrite=True)
     assert list(tonumpy.load(dst)) == ["a"]
@@ -362,12 +363,12 @@ def test_npy_directory_names_are_contained_and_unique(tmp_path: Path) -> None:
 @given(st.text(max_size=300))
 @settings(max_examples=200, deadline=None)
 def test_sanitised_names_are_always_safe(text: str) -> None:
-    name = _structure._sanitise(text)
-    assert _structure.is_safe_name(name)
+    (name,) = _names.unique_names([(text,)])
+    assert _names.is_safe_name(name)
     assert all(c.isascii() and (c.isalnum() or c in "._-~") for c in name)
     assert not name.startswith((".", "-"))
     assert ".." not in name
-    assert len(name) <= _structure.MAX_NAME
+    assert len(name) <= _names.MAX_NAME
 
 
 def test_a_directory_structure_cannot_point_outside(tmp_path: Path) -> None:
@@ -517,7 +518,8 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path: Path, how: str, 
         tio.read(path)
     if fmt != "raw-pickle":
         assert "refused" in str(info.value)
-        assert "--unsafe-load" in str(info.value)
+        assert "unsafe_load=True" in str(info.value)
+        assert "--unsafe-load" not in str(info.value)
     assert "\n" not in str(info.value)
     assert not marker.exists()
     with pytest.raises((tio.UnsafeFileError, tio.FileFormatError)):
@@ -529,7 +531,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path: Path, how: str, 
 def test_unsafe_load_reads_what_safe_loading_cannot(tmp_path: Path) -> None:
     """A pickle protocol the weights-only loader lacks: refused, unless unsafe_load=True."""
     path = _torch_file(tmp_path, {"a": np.ones(1)}, pickle_protocol=4)
-    with pytest.raises(tio.FileFormatError, match="unsafe-load"):
+    with pytest.raises(tio.FileFormatError, match="unsafe_load=True"):
         tio.read(path)
     assert tonumpy.load(path, unsafe_load=True)["a"][0] == 1.0
 
@@ -714,3 +716,16 @@ def test_npz_to_npz_streams_members_and_keeps_what_they_were(tmp_path: Path) -> 
     np.testing.assert_array_equal(
         exact["w"].view(np.uint16), tree["w"].view(torch.int16).numpy().view(np.uint16)
     )
+
+
+def test_file_errors_are_exported_from_tonumpy_and_still_from_io() -> None:
+    """FileFormatError and UnsafeFileError live in tonumpy.errors, beside the others."""
+    from tonumpy import errors
+
+    for name in ("FileFormatError", "UnsafeFileError"):
+        error = getattr(tonumpy, name)
+        assert name in tonumpy.__all__
+        assert error is getattr(errors, name) is getattr(tio, name)
+        assert issubclass(error, tonumpy.TonumpyError)
+        assert issubclass(error, ValueError)
+    assert tonumpy.__all__ == sorted(tonumpy.__all__)

@@ -20,7 +20,15 @@ from ._activations import Activations
 from ._numpy_args import numpy_args
 from .asynchronous import PendingTransfer, to_numpy_async
 from .convert import apply, to_numpy, to_torch
-from .errors import CaptureError, ConversionError, OptionError, TonumpyError, UnsupportedLeafError
+from .errors import (
+    CaptureError,
+    ConversionError,
+    FileFormatError,
+    OptionError,
+    TonumpyError,
+    UnsafeFileError,
+    UnsupportedLeafError,
+)
 from .hooks import capture
 
 if TYPE_CHECKING:
@@ -35,9 +43,11 @@ __all__ = [
     "Activations",
     "CaptureError",
     "ConversionError",
+    "FileFormatError",
     "OptionError",
     "PendingTransfer",
     "TonumpyError",
+    "UnsafeFileError",
     "UnsupportedLeafError",
     "__version__",
     "apply",

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._fs import UnsafeFileError, short
+from ._fs import short
+from .errors import UnsafeFileError
 
 __all__ = ["Name", "Refused", "allowed", "allowed_names", "classify", "qualified", "stand_in"]
 
@@ -155,7 +156,7 @@ def classify(name: str, path: Path) -> None:
     if top in _CODE_MODULES or not class_like or not module:
         raise UnsafeFileError(
             f"{path}: refused: its pickle calls {name}, which is code, not data; nothing was "
-            "run. Load it with --unsafe-load (unsafe_load=True) only if you trust its origin"
+            "run. Load it with unsafe_load=True only if you trust its origin"
         )
 
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import _dtypes
-from ._fs import FileFormatError
 from .convert import to_numpy
-from .errors import ConversionError, TonumpyError
+from .errors import ConversionError, FileFormatError, TonumpyError
 
 __all__ = [
     "CHUNK",
@@ -27,10 +26,14 @@ __all__ = [
     "blocks",
     "from_bits",
     "is_array",
+    "is_lazy",
     "leaf_array",
     "nbytes",
+    "unsigned",
+    "widened_chunks",
     "write_array",
     "write_header",
+    "write_lazy",
     "write_widened",
 ]
 
@@ -73,6 +76,16 @@ def is_array(leaf: Any) -> bool:
     return isinstance(leaf, torch.Tensor | np.ndarray | np.generic | LazyArray)
 
 
+def is_lazy(leaf: Any) -> bool:
+    """True for a ``LazyArray`` (a leaf to keep whole when walking a tree: ``is_leaf=``).
+
+    Examples:
+        >>> is_lazy(np.ones(2))
+        False
+    """
+    return isinstance(leaf, LazyArray)
+
+
 def nbytes(leaf: Any) -> int:
     """The bytes a leaf holds: for a sparse tensor, those of its indices and values."""
     if isinstance(leaf, torch.Tensor):
@@ -109,44 +122,56 @@ def from_bits(bits: np.ndarray, name: str) -> Any:
     return bits.view(ml_type)
 
 
+def unsigned(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The unsigned integer dtype of ``dtype``'s size and byte order: how bits are stored.
+
+    Examples:
+        >>> unsigned(np.dtype("<i2")), unsigned(np.dtype("uint8"))
+        (dtype('uint16'), dtype('uint8'))
+    """
+    return dtype if dtype.kind == "u" else np.dtype(f"{dtype.byteorder}u{dtype.itemsize}")
+
+
 def leaf_array(
-    leaf: Any, where: str, path: tuple[Any, ...], *, ml_dtypes: bool
-) -> tuple[np.ndarray, str | None] | None:
-    """The array to store for a leaf and the ml_dtypes name when it holds raw bits."""
+    leaf: Any, where: Callable[[], str], path: tuple[Any, ...], *, ml_dtypes: bool
+) -> tuple[np.ndarray, str | None]:
+    """The array to store for an array leaf, and the ml_dtypes name when it holds raw bits.
+
+    Bits are stored as unsigned integers of their size (``uint16`` for bfloat16, ``uint8``
+    for float8). ``where()`` renders the leaf's place in the tree, for errors only.
+    """
     if isinstance(leaf, LazyArray):
         array = leaf.array()
-        if leaf.bits is None or ml_dtypes:
-            return array, leaf.bits
+        if leaf.bits is None:
+            return array, None
+        if ml_dtypes:
+            return array.view(unsigned(array.dtype)), leaf.bits
         leaf = from_bits(array, leaf.bits)
     if isinstance(leaf, torch.Tensor):
         if ml_dtypes and leaf.dtype in _dtypes.ML_DTYPES and leaf.layout == torch.strided:
-            bits = leaf.detach().view(_dtypes.BITS[leaf.dtype.itemsize])
-            return bits.numpy(force=True), _dtypes.ML_DTYPES[leaf.dtype]
+            bits = leaf.detach().view(_dtypes.BITS[leaf.dtype.itemsize]).numpy(force=True)
+            return bits.view(unsigned(bits.dtype)), _dtypes.ML_DTYPES[leaf.dtype]
         try:
             converted = to_numpy(leaf)
         except TonumpyError as exc:
-            raise type(exc)(f"{where}: {exc}", path=path) from exc
+            raise type(exc)(f"{where()}: {exc}", path=path) from exc
         if isinstance(converted, list):  # a nested tensor: one array per component
             raise ConversionError(
-                f"cannot store {where}: a nested tensor; store its components "
+                f"cannot store {where()}: a nested tensor; store its components "
                 "(list(t.unbind())) instead",
                 path=path,
             )
         return converted, None
-    if isinstance(leaf, np.generic):
-        leaf = np.asarray(leaf)
-    if not isinstance(leaf, np.ndarray):
-        return None
-    if leaf.dtype.type.__module__.startswith("ml_dtypes"):
-        name = leaf.dtype.name
-        return leaf.view(f"u{leaf.dtype.itemsize}"), name
-    if leaf.dtype.hasobject:
+    array = np.asarray(leaf)  # an array, or a NumPy scalar
+    if _dtypes.is_ml_dtype(array.dtype):
+        return array.view(f"u{array.dtype.itemsize}"), array.dtype.name
+    if array.dtype.hasobject:
         raise ConversionError(
-            f"cannot store {where}: an object array needs pickle; convert it to a numeric or "
+            f"cannot store {where()}: an object array needs pickle; convert it to a numeric or "
             "string array first",
             path=path,
         )
-    return leaf, None
+    return array, None
 
 
 def write_header(file: Any, dtype: np.dtype[Any], shape: tuple[int, ...], fortran: bool) -> None:
@@ -182,11 +207,17 @@ def write_array(file: Any, array: np.ndarray) -> None:
         file.write(np.ascontiguousarray(block).view(np.uint8).data)
 
 
-def write_lazy(file: Any, leaf: LazyArray) -> None:
-    """A lazy array copied into ``file`` as a ``.npy``, a chunk at a time."""
-    write_header(file, leaf.dtype, leaf.shape, leaf.fortran)
+def write_lazy(file: Any, leaf: LazyArray) -> np.dtype[Any]:
+    """A lazy array copied into ``file`` as a ``.npy``, a chunk at a time; the dtype written.
+
+    Bits of an ``ml_dtypes`` type are written as unsigned integers (older files may hold
+    signed ones: the bytes are the same).
+    """
+    dtype = unsigned(leaf.dtype) if leaf.bits else leaf.dtype
+    write_header(file, dtype, leaf.shape, leaf.fortran)
     for chunk in leaf.chunks():
         file.write(chunk)
+    return dtype
 
 
 def write_widened(file: Any, t: torch.Tensor) -> None:
@@ -208,9 +239,7 @@ def widened_chunks(t: torch.Tensor) -> Iterator[np.ndarray]:
         buffer = np.empty(min(_WIDEN_CHUNK, t.numel()), dtype=np.uint32)
         for block in blocks(t, _WIDEN_CHUNK):
             bits = block.view(torch.int16).numpy(force=True).view(np.uint16)
-            out = buffer[: bits.size]
-            np.left_shift(bits, 16, out=out, dtype=np.uint32)
-            yield out.view(np.float32)
+            yield _dtypes.widen_bfloat16_bits(bits, buffer[: bits.size])
         return
     for block in blocks(t, _WIDEN_CHUNK * 4):
         yield block.to(device="cpu", dtype=torch.float32).numpy()

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from . import _safetensors
-from ._fs import FileFormatError, check_entry, open_entry, short
+from ._fs import check_entry, open_entry, short
+from .errors import FileFormatError
 
 __all__ = ["is_checkpoint", "read"]
 

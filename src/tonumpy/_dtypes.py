@@ -169,16 +169,19 @@ def torch_dtype_of(dtype: np.dtype[Any]) -> torch.dtype | None:
     return None
 
 
-def widen_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+def widen_bfloat16_bits(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32 values of bfloat16 bit patterns (``uint16``): exact, NaN payloads included.
 
-    A bfloat16 is the top half of a float32, so the widening is a 16-bit left shift.
+    A bfloat16 is the top half of a float32, so the widening is a 16-bit left shift. ``out``
+    (``uint32``, the shape of ``bits``) receives the result when given (a writer widening a
+    file chunk by chunk reuses one buffer).
 
     Examples:
         >>> widen_bfloat16_bits(np.array([0x3FC0, 0xFF80], dtype=np.uint16))
         array([ 1.5, -inf], dtype=float32)
     """
-    out = np.empty(bits.shape, np.uint32)
+    if out is None:
+        out = np.empty(bits.shape, np.uint32)
     np.left_shift(bits, 16, out=out, dtype=np.uint32)
     result: np.ndarray = out.view(np.float32)
     return result

@@ -24,35 +24,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import TonumpyError
+from .errors import FileFormatError
 
 __all__ = [
-    "FileFormatError",
-    "UnsafeFileError",
     "atomic_dir",
     "atomic_file",
     "check_entry",
     "check_input",
     "check_not_nested",
     "escape",
+    "exists_error",
     "one_line",
     "open_entry",
     "open_regular",
     "short",
 ]
-
-
-class FileFormatError(TonumpyError, ValueError):
-    """A file is missing parts, truncated, corrupt, or not in a format tonumpy reads or writes."""
-
-
-class UnsafeFileError(TonumpyError, ValueError):
-    """A file would run code or allocate more than it holds to load; it was refused.
-
-    Nothing in it ran. For a pickle that needs code to load, ``unsafe_load=True``
-    (``--unsafe-load`` on the command line) unpickles it anyway: only do that for files whose
-    origin you trust.
-    """
 
 
 _NOT_REGULAR = (
@@ -289,6 +275,18 @@ def _write_error(dst: Path, tmp: Path, exc: OSError) -> OSError | None:
     return error
 
 
+def exists_error(dst: Path) -> FileExistsError:
+    """The error for a destination that exists when ``overwrite=False``.
+
+    It names the parameter; the command line says ``--force`` instead.
+
+    Examples:
+        >>> exists_error(Path("out.npz"))
+        FileExistsError('out.npz exists; pass overwrite=True to replace it')
+    """
+    return FileExistsError(f"{dst} exists; pass overwrite=True to replace it")
+
+
 @contextlib.contextmanager
 def atomic_file(dst: Path, *, overwrite: bool) -> Iterator[Path]:
     """A temporary path next to ``dst``; renamed onto ``dst`` if the block succeeds."""
@@ -296,7 +294,7 @@ def atomic_file(dst: Path, *, overwrite: bool) -> Iterator[Path]:
         raise IsADirectoryError(f"{dst} is a directory; choose a file name")
     exists = os.path.lexists(dst)
     if exists and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --force (overwrite=True) to replace it")
+        raise exists_error(dst)
     _parent_of(dst)
     tmp = _create_file(dst)
     try:
@@ -322,9 +320,7 @@ def _commit_file(tmp: Path, dst: Path, *, overwrite: bool) -> None:
     try:
         os.link(tmp, dst)  # fails if dst appeared meanwhile: never clobbers
     except FileExistsError:
-        raise FileExistsError(
-            f"{dst} exists; pass --force (overwrite=True) to replace it"
-        ) from None
+        raise exists_error(dst) from None
     except OSError:  # no hard links on this file system
         if os.path.lexists(dst):
             raise FileExistsError(f"{dst} exists") from None
@@ -341,13 +337,13 @@ def atomic_dir(
     """
     if os.path.lexists(dst):
         if not overwrite:
-            raise FileExistsError(f"{dst} exists; pass --force (overwrite=True) to replace it")
+            raise exists_error(dst)
         if not dst.is_dir() or dst.is_symlink():
             raise FileExistsError(f"{dst} exists and is not a directory; remove it first")
         if not replaceable(dst):
             raise FileExistsError(
                 f"{dst} is a directory that holds more than a tonumpy export; not replacing "
-                "it even with --force: remove it yourself or choose another name"
+                "it even with overwrite=True: remove it yourself or choose another name"
             )
     _parent_of(dst)
     tmp = _create_dir(dst, ".tmp")

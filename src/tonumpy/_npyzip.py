@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import itertools
 import math
 import os
+import re
 import struct
 import warnings
 import weakref
@@ -30,7 +32,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ._arrays import CHUNK, LazyArray
-from ._fs import FileFormatError, open_regular, short
+from ._fs import open_regular, short
+from .errors import FileFormatError
 
 __all__ = ["Archive", "Member", "NpyHeader", "check_members", "map_npy", "read_header"]
 
@@ -84,12 +87,7 @@ def read_header(f: BinaryIO, where: str) -> NpyHeader:
     text = f.read(length)
     if len(text) < length:
         raise FileFormatError(f"{where}: a truncated .npy header")
-    try:
-        fields = ast.literal_eval(text.decode("utf-8" if major == 3 else "latin1"))
-    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError, UnicodeDecodeError):
-        raise FileFormatError(f"{where}: a damaged .npy header") from None
-    if not isinstance(fields, dict) or set(fields) != {"descr", "fortran_order", "shape"}:
-        raise FileFormatError(f"{where}: a damaged .npy header")
+    fields = _fields(text, major, where)
     shape, fortran = fields["shape"], fields["fortran_order"]
     if not isinstance(shape, tuple) or not all(
         type(n) is int and n >= 0 for n in shape
@@ -98,9 +96,8 @@ def read_header(f: BinaryIO, where: str) -> NpyHeader:
     if not isinstance(fortran, bool):
         raise FileFormatError(f"{where}: a damaged .npy header")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dtype = np.lib.format.descr_to_dtype(fields["descr"])
+        descr = fields["descr"]
+        dtype = _dtype_of(descr) if isinstance(descr, str) else _parse_dtype(descr)
     except Exception:  # noqa: BLE001 - any malformed dtype description
         raise FileFormatError(
             f"{where}: a .npy header with a bad dtype {short(fields['descr'])}"
@@ -111,6 +108,53 @@ def read_header(f: BinaryIO, where: str) -> NpyHeader:
             "read; tonumpy never unpickles .npy data: save it as numbers or strings instead"
         )
     return NpyHeader(shape, dtype, fortran, 8 + width + length)
+
+
+# What NumPy writes for a plain dtype: "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3),
+# }" (or without the last ", ", as repr() of the dict writes it), then spaces (a header written
+# with room to grow holds more of them) and a newline.
+_COUNT = r"(?:0|[1-9][0-9]{0,18})"  # up to 19 digits; longer ones go the slow way
+_PLAIN_HEADER = re.compile(
+    r"\{'descr': '([<>|=]?[A-Za-z][0-9]*)', 'fortran_order': (True|False), "
+    rf"'shape': \((|{_COUNT},|{_COUNT}(?:, {_COUNT})+,?)\)(?:, )?\}} *\n?"
+)
+
+
+def _fields(raw: bytes, major: int, where: str) -> dict[str, Any]:
+    """The fields of a ``.npy`` header's text, checked.
+
+    NumPy's usual form is read directly; any other form (structured dtypes, other spacing)
+    with ``ast.literal_eval``, which gives the same fields for the usual form.
+    """
+    try:
+        text = raw.decode("utf-8" if major == 3 else "latin1")
+    except UnicodeDecodeError:
+        raise FileFormatError(f"{where}: a damaged .npy header") from None
+    plain = _PLAIN_HEADER.fullmatch(text)
+    if plain is not None:
+        descr, fortran, shape = plain.groups()
+        dims = tuple(int(n) for n in shape.replace(",", " ").split())
+        return {"descr": descr, "fortran_order": fortran == "True", "shape": dims}
+    try:
+        fields = ast.literal_eval(text)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        raise FileFormatError(f"{where}: a damaged .npy header") from None
+    if not isinstance(fields, dict) or set(fields) != {"descr", "fortran_order", "shape"}:
+        raise FileFormatError(f"{where}: a damaged .npy header")
+    return fields
+
+
+def _parse_dtype(descr: Any) -> np.dtype[Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NumPy warns about some old descriptions
+        dtype: np.dtype[Any] = np.lib.format.descr_to_dtype(descr)
+    return dtype
+
+
+@functools.lru_cache(maxsize=256)
+def _dtype_of(descr: str) -> np.dtype[Any]:
+    """The dtype of a plain description (``'<f4'``): parsed once per description."""
+    return _parse_dtype(descr)
 
 
 def _empty(header: NpyHeader) -> np.ndarray:

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from ._fs import FileFormatError, UnsafeFileError, short
+from ._fs import short
+from .errors import FileFormatError, UnsafeFileError
 
 __all__ = ["Scan", "Storage", "scan"]
 
@@ -279,7 +280,7 @@ class _Machine:
                 raise FileFormatError(
                     f"{self.where}: cannot read it safely: its pickle uses opcode {op}, which "
                     "the weights-only loader does not know (a pickle protocol above 2, or a "
-                    "corrupt file). --unsafe-load (unsafe_load=True) reads it anyway, only for "
+                    "corrupt file). unsafe_load=True reads it anyway, only for "
                     "files you trust"
                 )
 

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from . import _arrays, _dtypes
-from ._fs import FileFormatError, open_regular, short
-from ._structure import STRUCTURE, Plan
-from .errors import ConversionError
+from ._fs import open_regular, short
+from ._names import STRUCTURE
+from ._structure import Plan
+from .errors import ConversionError, FileFormatError
 
 __all__ = ["read", "write"]
 
@@ -207,14 +208,10 @@ def _entry(plan: Plan, index: int) -> tuple[str, tuple[int, ...], int, _Chunks]:
         code = _code(plan, index, t.dtype)
         plan.complete(index, None, str(t.dtype).removeprefix("torch."))
         return code, tuple(t.shape), t.numel() * t.element_size(), lambda: _tensor_chunks(t)
-    array, _ = plan.array(index)
-    if array.dtype.type.__module__.startswith("ml_dtypes"):
-        bits_of = _dtypes.torch_dtype_of(array.dtype)
-        array = array.view(f"u{array.dtype.itemsize}")
-    else:
-        bits_of = None
+    array, bits = plan.array(index)  # the bits of an ml_dtypes array: stored as their type
+    bits_of = _torch_dtype(array.dtype, bits) if bits else None
     native = array.dtype.newbyteorder("=") if array.dtype.byteorder not in "=|" else array.dtype
-    code = _code(plan, index, bits_of or _torch_dtype(native, None))
+    code = _code(plan, index, bits_of if bits else _torch_dtype(native, None))
     return code, array.shape, array.nbytes, lambda: _array_chunks(array, native)
 
 

@@ -1,61 +1,88 @@
 """A tree's structure as JSON: containers, keys and their order, plain values, class names.
 
 Writers store every array leaf under a file name made from its key path and the rest of the
-tree as JSON (``plan``); readers rebuild the tree from that JSON (``decode_tree``),
-checking every part of it: a tampered structure is a [`FileFormatError`][], never a crash.
+tree as JSON; readers rebuild the tree from that JSON ([`decode`][tonumpy._structure.decode]),
+checking every part of it: a tampered structure is a [`FileFormatError`][tonumpy.FileFormatError],
+never a crash. The structure is walked with tonumpy's one walker ([`tonumpy._tree.flatten`][]
+and [`tonumpy._tree.outline`][]), so a file holds what [`tonumpy.to_numpy`][] walks: every
+container it knows (registered with optree in the ``"tonumpy"`` namespace included), stored as
+a ``dict`` (its keys: mapping keys, namedtuple and ``torch.return_types`` fields, dataclass
+fields and other attributes), a ``list`` (lists, deques, ``UserList``) or a ``tuple`` (tuples,
+transformers caches), with its class name.
+
+What a writer outside ``io`` (``Accumulator(directory=)``) uses, the small public API of this
+module:
+
+* [`plan(tree, ml_dtypes=..., is_leaf=...)`][tonumpy._structure.plan] walks a tree once and
+  returns a [`Plan`][tonumpy._structure.Plan]: ``Plan.names`` (the unique, safe file name of
+  each array leaf, without ``.npy``), ``Plan.paths`` (their key paths), ``Plan.leaves``,
+  ``Plan.flat`` (each array leaf's index in [`tonumpy._tree.flatten`][]'s list),
+  ``Plan.complete(index, dtype_name, stored)`` (record how array ``index`` is stored: the
+  ``ml_dtypes`` name when it holds bits, the stored dtype) and ``Plan.structure_bytes()`` (the
+  JSON, once every array is complete).
+* [`tonumpy._names.unique_names(paths)`][tonumpy._names.unique_names]: the file names alone.
+* ``STRUCTURE`` (from [`tonumpy._names`][]): the structure file is ``STRUCTURE + ".json"``
+  in a directory, the member ``STRUCTURE + ".npy"`` of a ``.npz``.
+
+Names depend only on the key paths of the array leaves, in order: a writer that grows arrays
+over batches plans the first batch to name its files, and later plans the tree it holds (its
+arrays, and a list of per-batch values where a leaf is a plain value) for the structure; the
+names agree. Bits of bfloat16/float8 are stored as unsigned integers of their size
+(``uint16``/``uint8``), with the ``ml_dtypes`` name in the node's ``"dtype"``; readers also
+accept the signed integers older files hold.
+
+Examples:
+    >>> import json, torch
+    >>> p = plan({"x": torch.ones(2), "step": 3, "h": [torch.zeros(1)]}, ml_dtypes=False)
+    >>> p.names, p.paths
+    (['x', 'h.0'], [('x',), ('h', 0)])
+    >>> for i in range(len(p.names)):  # as each array is written
+    ...     p.complete(i, None, "float32")
+    >>> json.loads(p.structure_bytes())["tree"]["v"]
+    [{'t': 'array', 'i': 0}, {'t': 'value', 'v': 3}, {'t': 'list', 'v': [{'t': 'array', 'i': 1}]}]
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
+import functools
 import json
 import math
-import re
-from collections import UserDict, deque
-from collections.abc import Callable, Iterator
+from collections import UserList, deque
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import optree
 import torch
+from optree import PyTreeSpec
 
-from . import _arrays, _dtypes, _tree
-from ._fs import FileFormatError, one_line, short
-from .errors import ConversionError
+from . import _arrays, _containers, _dtypes, _hf, _tree
+from ._fs import one_line, short
+from ._names import dotted, unique_names
+from .errors import ConversionError, FileFormatError
 
 __all__ = [
-    "STRUCTURE",
+    "FORMAT_VERSION",
+    "MAX_DEPTH",
+    "Node",
     "Plan",
+    "Walk",
     "decode",
     "decode_tree",
-    "dotted",
-    "is_safe_name",
-    "leaves",
     "meta_error",
     "parse_structure",
     "plan",
+    "walk",
 ]
 
-#: Name of the member (``.npz``) or file (``.json`` in a directory) that holds the structure.
-STRUCTURE = "__tonumpy__"
+#: The version of the JSON format written; readers read it and every older one.
 FORMAT_VERSION = 1
-MAX_NAME = 120  # bytes of a sanitised leaf name before ".npy"; file systems allow 255
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._~-]*")
-
-
-def leaves(tree: Any) -> Iterator[Any]:
-    """The leaves of a tree as readers build it (containers are dicts, lists and tuples)."""
-    stack = [tree]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, list | tuple):
-            stack.extend(x)
-        else:
-            yield x
+#: Levels of containers a stored structure holds at most: its JSON nests two levels for each,
+#: and Python's JSON codec and the reader recurse, within the interpreter's recursion limit.
+MAX_DEPTH = 250
 
 
 def meta_error(file: Path, path: tuple[Any, ...], leaf: torch.Tensor) -> FileFormatError:
@@ -69,6 +96,140 @@ def meta_error(file: Path, path: tuple[Any, ...], leaf: torch.Tensor) -> FileFor
     )
 
 
+# ------------------------------------------------------------------------------ walking
+
+
+class Node(NamedTuple):
+    """One node of a tree as it is stored, as [`walk`][tonumpy._structure.walk] lists them.
+
+    ``path`` holds the stored keys from the root (field names for namedtuples); ``kind`` is
+    ``"dict"``, ``"list"`` or ``"tuple"`` for a container, ``"none"`` for ``None`` and
+    ``"leaf"`` for any other leaf; ``keys`` a container's stored keys (indices for a list or
+    tuple), in the container's order; ``type`` a container's type; ``first`` and ``size`` the
+    range of the node's leaves in the flat list.
+    """
+
+    path: tuple[Any, ...]
+    kind: str
+    keys: tuple[Any, ...]
+    type: type | None
+    first: int
+    size: int
+
+
+@dataclasses.dataclass
+class Walk:
+    """A tree walked once: its leaves, its treespec and every node, in stored order.
+
+    ``leaves`` and ``spec`` are what [`tonumpy._tree.flatten`][] gives; ``nodes`` lists every
+    node, parents first, as [`walk`][tonumpy._structure.walk] describes them.
+    """
+
+    leaves: list[Any]
+    spec: PyTreeSpec
+    nodes: list[Node]
+
+    def where(self, index: int) -> str:
+        """How a user reads leaf ``index`` of the flat list: ``tree['out'].logits``."""
+        return _tree.leaf_path(self.spec, index)[1]
+
+
+_LISTS = (list, deque, UserList)
+
+
+def _kind_of(cls: type) -> str:
+    if optree.is_namedtuple_class(cls) or optree.is_structseq_class(cls):
+        return "fields"
+    if _hf.is_batch_encoding(cls):
+        return "items"  # its tokenizer's Encoding objects are tokenizer state, not data
+    if issubclass(cls, Mapping):
+        return "dict"
+    if issubclass(cls, _LISTS):
+        return "list"
+    return "tuple" if issubclass(cls, tuple) else "other"
+
+
+def _container(cls: type, keys: tuple[Any, ...], kinds: dict[type, str]) -> tuple[str, Any]:
+    """How a container of type ``cls`` with entries ``keys`` is stored: (kind, stored keys).
+
+    A stored key of ``None`` marks a child that is not stored (a BatchEncoding's encodings).
+    """
+    kind = kinds.get(cls)
+    if kind is None:
+        kind = kinds[cls] = _kind_of(cls)
+    if kind == "dict":
+        return kind, keys
+    if kind == "items":
+        return "dict", tuple(None if isinstance(k, _containers.Attr) else k for k in keys)
+    if kind == "fields":
+        fields = (
+            optree.namedtuple_fields(cls)
+            if optree.is_namedtuple_class(cls)
+            else optree.structseq_fields(cls)
+        )
+        return "dict", tuple(fields) if len(fields) == len(keys) else keys
+    sequence = keys == tuple(range(len(keys)))  # no attributes beside the items
+    if kind == "list":
+        return ("list" if sequence else "dict"), keys
+    if sequence and (keys or kind == "tuple"):  # a tuple subclass, a cache's layers, ...
+        return "tuple", keys
+    return "dict", keys  # a dataclass, a namespace, a user's node with named entries
+
+
+def walk(tree: Any, /, *, is_leaf: Callable[[Any], bool] | None = None) -> Walk:
+    """Every node of ``tree`` in stored order, parents first: one pass, O(nodes).
+
+    Examples:
+        >>> for node in walk({"b": (1, None), "a": [2]}).nodes:
+        ...     print(node.path, node.kind, node.keys, node.first, node.size)
+        () dict ('b', 'a') 0 2
+        ('b',) tuple (0, 1) 1 1
+        ('b', 0) leaf () 1 1
+        ('b', 1) none () 2 0
+        ('a',) list (0,) 0 1
+        ('a', 0) leaf () 0 1
+
+    Raises:
+        ConversionError: The tree contains a cycle or is too deep (the message names where).
+        UnsupportedLeafError: A leaf tonumpy cannot rebuild holds a tensor.
+    """
+    leaves, spec = _tree.flatten(tree, is_leaf=is_leaf)
+    nodes: list[Node] = []
+    frames: list[tuple[tuple[Any, ...], tuple[Any, ...], list[int]]] = []  # one per depth
+    kinds: dict[type, str] = {}
+    skipping = -1  # the depth of a child that is not stored, while its subtree goes by
+    for node in _tree.outline(spec):
+        depth = len(node.path)
+        if depth:
+            if 0 <= skipping < depth:
+                continue
+            skipping = -1
+            del frames[depth:]
+            parent_path, parent_keys, seen = frames[depth - 1]
+            key = parent_keys[seen[0]]
+            seen[0] += 1
+            if key is None:
+                skipping = depth
+                continue
+            path = (*parent_path, key)
+        else:
+            path = ()
+        if node.keys is None:
+            kind = "none" if leaves[node.first] is None else "leaf"
+            keys: tuple[Any, ...] = ()
+        elif node.type is None or node.type is type(None):
+            kind, keys = "none", ()
+        else:
+            kind, stored = _container(node.type, node.keys, kinds)
+            frames.append((path, stored, [0]))
+            keys = tuple(k for k in stored if k is not None)
+        nodes.append(Node(path, kind, keys, node.type, node.first, node.size))
+    return Walk(leaves, spec, nodes)
+
+
+# ------------------------------------------------------------------------------ writing
+
+
 @dataclasses.dataclass
 class Plan:
     """A tree ready to write: its structure as JSON, and its array leaves, named.
@@ -77,18 +238,31 @@ class Plan:
     a writer holds one converted array at once (a widened bfloat16 copy, say), never all of
     them. Converting a leaf completes its node in the structure, which is therefore serialised
     last (``structure_bytes``).
+
+    Attributes:
+        structure: The JSON structure (``{"format", "version", "tree"}``).
+        names: The file name of each array leaf (unique, safe, without ``.npy``).
+        leaves: The array leaves, in stored order (the order of ``names``).
+        paths: The key path of each array leaf (stored keys: field names for namedtuples).
+        flat: The index of each array leaf in the list [`tonumpy._tree.flatten`][] gives.
+        nodes: The JSON node of each array leaf (``complete`` adds to it).
+        ml_dtypes: bfloat16/float8 tensors are stored as their bits, not widened.
+        sources: Key path -> what a leaf was before a reader read it (kept in ``"from"``).
+        source_file: The file the tree was read from (for errors about what it holds), if any.
+        walked: The walk the plan was made from (it renders places for messages).
+        verify: Called with each leaf before its data is used (checks a file's checksums).
     """
 
     structure: dict[str, Any]
     names: list[str]
     leaves: list[Any]
     paths: list[tuple[Any, ...]]
+    flat: list[int]
     nodes: list[dict[str, Any]]
     ml_dtypes: bool
     sources: dict[tuple[Any, ...], dict[str, Any]]
-    #: The file the tree was read from (for errors about what it holds), if any.
+    walked: Walk = dataclasses.field(repr=False)
     source_file: Path | None = None
-    #: Called with each leaf before its data is used (checks a file's checksums).
     verify: Callable[[Any], None] | None = None
 
     @property
@@ -97,8 +271,8 @@ class Plan:
         return sum(_arrays.nbytes(leaf) for leaf in self.leaves)
 
     def where(self, index: int) -> str:
-        """The key path of leaf ``index``, for messages."""
-        return _tree.format_path(self.paths[index])
+        """How a user reads array leaf ``index`` in the tree (``tree['out'].logits``)."""
+        return self.walked.where(self.flat[index])
 
     def leaf(self, index: int) -> Any:
         """Leaf ``index``, checked before its data is used: no meta tensor, checksums match."""
@@ -112,11 +286,10 @@ class Plan:
     def array(self, index: int) -> tuple[np.ndarray, str | None]:
         """Leaf ``index`` converted for storing, and the ml_dtypes name if it holds bits."""
         leaf, path = self.leaf(index), self.paths[index]
-        converted = _arrays.leaf_array(leaf, self.where(index), path, ml_dtypes=self.ml_dtypes)
-        if converted is None:  # pragma: no cover - only array leaves are listed
-            raise AssertionError(path)
-        array, dtype_name = converted
-        self.complete(index, dtype_name, dtype_name or str(array.dtype))
+        array, dtype_name = _arrays.leaf_array(
+            leaf, lambda: self.where(index), path, ml_dtypes=self.ml_dtypes
+        )
+        self.complete(index, dtype_name, str(array.dtype))
         return array, dtype_name
 
     def write(self, index: int, file: Any) -> None:
@@ -132,9 +305,8 @@ class Plan:
                 self.ml_dtypes
                 or bits is None
                 or getattr(torch, bits, None) not in _dtypes.ML_DTYPES
-            ):
-                self.complete(index, bits, bits or str(leaf.dtype))
-                _arrays.write_lazy(file, leaf)  # as stored: bits NumPy has no type for stay bits
+            ):  # as stored: bits NumPy has no type for stay bits (unsigned)
+                self.complete(index, bits, str(_arrays.write_lazy(file, leaf)))
                 return
             leaf = _arrays.from_bits(leaf.array(), bits)  # bfloat16/float8: widened below
         if (
@@ -151,11 +323,17 @@ class Plan:
         _arrays.write_array(file, array)
 
     def complete(self, index: int, dtype_name: str | None, stored: str) -> None:
-        """Record in leaf ``index``'s node how it is stored and what it was."""
+        """Record in array ``index``'s node how it is stored and what it was.
+
+        ``dtype_name`` is the ``ml_dtypes`` name (``"bfloat16"``) when the array holds the bits
+        of such a type, stored as an unsigned integer of its size; ``stored`` the NumPy dtype
+        the file holds. What the leaf was (a tensor's dtype and device, ``requires_grad``),
+        where it differs, goes into the node's ``"from"``.
+        """
         node, path = self.nodes[index], self.paths[index]
         if dtype_name is not None:
             node["dtype"] = dtype_name
-        source = _source_of(self.leaves[index], stored, self.sources.get(path, {}))
+        source = _source_of(self.leaves[index], dtype_name or stored, self.sources.get(path, {}))
         if source:
             node["from"] = source
 
@@ -165,62 +343,121 @@ class Plan:
         return json.dumps(data, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
-def _key_text(key: Any) -> str:
-    return key if isinstance(key, str) else repr(key)
+def _source_of(leaf: Any, stored: str, known: dict[str, Any]) -> dict[str, Any]:
+    """What a leaf was before it was stored, where that differs from how it is stored."""
+    source = dict(known)
+    if isinstance(leaf, _arrays.LazyArray) and leaf.bits:
+        source.setdefault("dtype", leaf.bits)
+    if isinstance(leaf, torch.Tensor):
+        source.setdefault("dtype", str(leaf.dtype).removeprefix("torch."))
+        source.setdefault("device", str(leaf.device))
+        if leaf.requires_grad:
+            source["requires_grad"] = True
+    if source.get("dtype", stored) == stored:
+        source.pop("dtype", None)
+    if source.get("device") == "cpu":
+        source.pop("device")
+    return source
 
 
-def dotted(path: tuple[Any, ...]) -> str:
-    """The display name of a key path: keys joined by dots (``output.hidden_states.0``).
+def _class_name(cls: type) -> str:
+    module = getattr(cls, "__module__", "") or ""
+    qualname = getattr(cls, "__qualname__", cls.__name__)
+    return qualname if module == "builtins" else f"{module}.{qualname}"
 
-    Examples:
-        >>> dotted(("output", "hidden_states", 0))
-        'output.hidden_states.0'
+
+def plan(
+    tree: Any,
+    /,
+    *,
+    ml_dtypes: bool,
+    is_leaf: Callable[[Any], bool] | None = None,
+    classes: dict[tuple[Any, ...], str] | None = None,
+    sources: dict[tuple[Any, ...], dict[str, Any]] | None = None,
+) -> Plan:
+    """Walk ``tree`` once: its JSON structure, and its array leaves, named (converted later).
+
+    A tensor (or array) at several places in the tree is stored once, every place naming it.
+    ``classes`` and ``sources`` are those a reader recorded ([`tonumpy.io.Contents`][]).
+
+    Raises:
+        ConversionError: A leaf cannot be stored without pickle (an object array, an
+            arbitrary object), the tree has a cycle or is too deep; the message names where.
+        UnsupportedLeafError: A leaf tonumpy cannot rebuild holds a tensor.
     """
-    return ".".join(_key_text(k) for k in path)
+    walked = walk(tree, is_leaf=is_leaf)
+    leaves = walked.leaves
+    names_of = classes or {}
+    arrays: list[Any] = []
+    nodes: list[dict[str, Any]] = []
+    paths: list[tuple[Any, ...]] = []
+    flat: list[int] = []
+    memo: dict[int, dict[str, Any]] = {}  # id(leaf) -> its node: a tensor stored twice, once
+    lists: list[list[Any]] = []  # the children of the open container at each depth
+    root: Any = None
+    for node in walked.nodes:
+        depth = len(node.path)
+        if depth > MAX_DEPTH:
+            raise ConversionError(
+                f"cannot store a tree deeper than {MAX_DEPTH} levels (a file's structure holds "
+                f"no more): {_tree.format_path(node.path[:8])}... goes deeper; flatten it first, "
+                "or store its deep parts on their own",
+                path=node.path,
+            )
+        out: Any
+        if node.kind == "none":
+            out = None
+        elif node.kind == "leaf":
+            leaf = leaves[node.first]
+            known = memo.get(id(leaf))
+            if known is not None:
+                out = known  # the same node: "dtype" and "from" hold for every place
+            elif _arrays.is_array(leaf):
+                if isinstance(leaf, np.ndarray) and leaf.dtype.hasobject:
+                    raise ConversionError(
+                        f"cannot store {walked.where(node.first)}: an object array needs "
+                        "pickle; convert it to a numeric or string array first",
+                        path=node.path,
+                    )
+                out = memo[id(leaf)] = {"t": "array", "i": len(arrays)}
+                arrays.append(leaf)
+                nodes.append(out)
+                paths.append(node.path)
+                flat.append(node.first)
+            else:
+                out = _encode_leaf(leaf, functools.partial(walked.where, node.first), node.path)
+        else:
+            children: list[Any] = []
+            out = {"t": node.kind}
+            if node.kind == "dict":
+                out["k"] = [_encode_key(k) for k in node.keys]
+            out["v"] = children
+            name = names_of.get(node.path) if names_of else None
+            if name is None and node.type not in (dict, list, tuple) and node.type is not None:
+                name = _class_name(node.type)
+            if name:
+                out["c"] = name
+        if depth:
+            lists[depth - 1].append(out)
+        else:
+            root = out
+        if node.kind in ("dict", "list", "tuple"):
+            del lists[depth:]
+            lists.append(out["v"])
+    return Plan(
+        structure={"format": "tonumpy", "version": FORMAT_VERSION, "tree": root},
+        names=unique_names(paths),
+        leaves=arrays,
+        paths=paths,
+        flat=flat,
+        nodes=nodes,
+        ml_dtypes=ml_dtypes,
+        sources=sources or {},
+        walked=walked,
+    )
 
 
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-_DOTS = re.compile(r"\.{2,}")
-_RESERVED = frozenset(
-    ["con", "prn", "aux", "nul"] + [f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)]
-)
-
-
-def _sanitise(text: str) -> str:
-    r"""A file name made of ``[A-Za-z0-9._-]`` only, never ``.``/``..``, hidden or too long.
-
-    Examples:
-        >>> _sanitise("../../etc/passwd"), _sanitise("/abs/path"), _sanitise("a\x00b")
-        ('etc_passwd', 'abs_path', 'a_b')
-    """
-    name = _UNSAFE_CHARS.sub("_", text)
-    name = _DOTS.sub(".", name).strip("._-") or "_"
-    if name.split(".", 1)[0].lower() in _RESERVED:  # Windows device names
-        name = "_" + name
-    if len(name) > MAX_NAME:
-        digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]  # noqa: S324 - a name, not security
-        name = f"{name[: MAX_NAME - 11]}~{digest}"
-    return name
-
-
-def is_safe_name(name: str) -> bool:
-    """A name ``_unique_names`` could have made: one plain file inside the directory."""
-    return bool(_SAFE_NAME.fullmatch(name)) and ".." not in name and len(name) <= MAX_NAME + 8
-
-
-def _unique_names(paths: list[tuple[Any, ...]]) -> list[str]:
-    """Sanitised names, unique even on case-insensitive file systems (``~2`` suffixes)."""
-    used = {STRUCTURE.casefold()}
-    out = []
-    for path in paths:
-        base = _sanitise(dotted(path)) if path else "root"
-        name, n = base, 1
-        while name.casefold() in used:
-            n += 1
-            name = f"{base}~{n}"
-        used.add(name.casefold())
-        out.append(name)
-    return out
+# ------------------------------------------------------------------------------ values
 
 
 def _encode_value(value: Any) -> Any:
@@ -260,154 +497,6 @@ def _decode_value(data: Any) -> Any:
     raise FileFormatError(f"bad value in the structure: {short(data, 80)}")
 
 
-def _class_name(cls: type) -> str:
-    module = getattr(cls, "__module__", "") or ""
-    qualname = getattr(cls, "__qualname__", cls.__name__)
-    return qualname if module == "builtins" else f"{module}.{qualname}"
-
-
-_MISSING = object()
-
-
-def _children(x: Any) -> tuple[str, list[Any], list[Any], str | None] | None:
-    """How a container is stored: (tag, keys, values, class name); None for a leaf.
-
-    Mappings keep insertion order; namedtuples, ``torch.return_types``, dataclasses and
-    ``UserDict``s become mappings of their fields. A dataclass that is also a dict (HF
-    ``ModelOutput``) adds, after its items, the fields that are not keys.
-    """
-    cls = type(x)
-    name = None if cls in (dict, list, tuple) else _class_name(cls)
-    if isinstance(x, dict):
-        keys = list(x.keys())
-        values = [dict.__getitem__(x, k) for k in keys]
-        if dataclasses.is_dataclass(cls):
-            for field in dataclasses.fields(cls):
-                value = getattr(x, field.name, _MISSING)
-                if field.name not in x and value is not _MISSING:
-                    keys.append(field.name)
-                    values.append(value)
-        return "dict", keys, values, name
-    if isinstance(x, list | deque):
-        return "list", [], list(x), name
-    if isinstance(x, tuple):
-        fields = getattr(cls, "_fields", None) or getattr(cls, "__match_args__", None)
-        if isinstance(fields, tuple) and len(fields) == len(x):
-            return "dict", list(fields), list(x), name
-        if cls is tuple:
-            return "tuple", [], list(x), None
-        return None  # torch.Size and other tuple subclasses: stored as values
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        present = [f.name for f in dataclasses.fields(x) if hasattr(x, f.name)]
-        return "dict", present, [getattr(x, n) for n in present], name
-    if isinstance(x, UserDict):
-        keys = list(x.data.keys())
-        return "dict", keys, [x.data[k] for k in keys], name
-    return None
-
-
-def _source_of(leaf: Any, stored: str, known: dict[str, Any]) -> dict[str, Any]:
-    """What a leaf was before it was stored, where that differs from how it is stored."""
-    source = dict(known)
-    if isinstance(leaf, _arrays.LazyArray) and leaf.bits:
-        source.setdefault("dtype", leaf.bits)
-    if isinstance(leaf, torch.Tensor):
-        source.setdefault("dtype", str(leaf.dtype).removeprefix("torch."))
-        source.setdefault("device", str(leaf.device))
-        if leaf.requires_grad:
-            source["requires_grad"] = True
-    if source.get("dtype", stored) == stored:
-        source.pop("dtype", None)
-    if source.get("device") == "cpu":
-        source.pop("device")
-    return source
-
-
-def plan(
-    tree: Any,
-    /,
-    *,
-    ml_dtypes: bool,
-    classes: dict[tuple[Any, ...], str] | None = None,
-    sources: dict[tuple[Any, ...], dict[str, Any]] | None = None,
-) -> Plan:
-    """Walk ``tree``: its JSON structure, and its array leaves, named (converted later).
-
-    ``classes`` and ``sources`` are those a reader recorded ([`tonumpy.io.Contents`][]).
-    """
-    classes = classes or {}
-    leaves: list[Any] = []
-    nodes: list[dict[str, Any]] = []
-    paths: list[tuple[Any, ...]] = []
-    memo: dict[int, int] = {}  # id(leaf) -> array index: a tensor stored twice is stored once
-    active: set[int] = set()
-
-    def leaf_node(leaf: Any, path: tuple[Any, ...]) -> Any:
-        if id(leaf) in memo:
-            return {"t": "array", "i": memo[id(leaf)]}
-        if not _arrays.is_array(leaf):
-            return _encode_leaf(leaf, _tree.format_path(path), path)
-        if isinstance(leaf, np.ndarray) and leaf.dtype.hasobject:
-            raise ConversionError(
-                f"cannot store {_tree.format_path(path)}: an object array needs pickle; convert "
-                "it to a numeric or string array first",
-                path=path,
-            )
-        memo[id(leaf)] = len(leaves)
-        node: dict[str, Any] = {"t": "array", "i": len(leaves)}
-        leaves.append(leaf)
-        nodes.append(node)
-        paths.append(path)
-        return node
-
-    def walk(x: Any, path: tuple[Any, ...]) -> Any:
-        if x is None:
-            return None
-        parts = _children(x)
-        if parts is None:
-            return leaf_node(x, path)
-        if id(x) in active:
-            raise ConversionError(
-                f"the tree contains a cycle: {_tree.format_path(path)} is the same object as "
-                "one of its own ancestors; break the cycle before saving",
-                path=path,
-            )
-        tag, keys, values, name = parts
-        active.add(id(x))
-        try:
-            if tag == "dict":
-                children = [walk(v, (*path, k)) for k, v in zip(keys, values, strict=True)]
-                out: dict[str, Any] = {
-                    "t": "dict",
-                    "k": [_encode_key(k) for k in keys],
-                    "v": children,
-                }
-            else:
-                out = {"t": tag, "v": [walk(v, (*path, i)) for i, v in enumerate(values)]}
-        finally:
-            active.discard(id(x))
-        name = classes.get(path, name)
-        if name:
-            out["c"] = name
-        return out
-
-    try:
-        structure = walk(tree, ())
-    except RecursionError:
-        raise ConversionError(
-            "the tree is nested too deeply to save; flatten it first", path=None
-        ) from None
-    return Plan(
-        structure={"format": "tonumpy", "version": FORMAT_VERSION, "tree": structure},
-        names=_unique_names(paths),
-        leaves=leaves,
-        paths=paths,
-        nodes=nodes,
-        ml_dtypes=ml_dtypes,
-        sources=sources or {},
-    )
-
-
 def _encode_key(key: Any) -> Any:
     try:
         return _encode_value(key)
@@ -415,7 +504,7 @@ def _encode_key(key: Any) -> Any:
         return {"repr": repr(key)}
 
 
-def _encode_leaf(leaf: Any, where: str, path: tuple[Any, ...]) -> Any:
+def _encode_leaf(leaf: Any, where: Callable[[], str], path: tuple[Any, ...]) -> Any:
     if isinstance(leaf, set | frozenset):
         try:
             items = [_encode_value(v) for v in leaf]
@@ -427,7 +516,7 @@ def _encode_leaf(leaf: Any, where: str, path: tuple[Any, ...]) -> Any:
         value = _encode_value(leaf)
     except TypeError:
         raise ConversionError(
-            f"cannot store {where} ({type(leaf).__name__}) without pickle: only tensors, arrays, "
+            f"cannot store {where()} ({type(leaf).__name__}) without pickle: only tensors, arrays, "
             "containers and str/int/float/bool/None/bytes/complex values can be saved; convert "
             "it to one of those or drop it first",
             path=path,
@@ -439,6 +528,9 @@ def _encode_leaf(leaf: Any, where: str, path: tuple[Any, ...]) -> Any:
             "c": _class_name(type(leaf)),
         }
     return {"t": "value", "v": value}
+
+
+# ------------------------------------------------------------------------------ reading
 
 
 def decode(
@@ -508,7 +600,9 @@ def decode_tree(
         if isinstance(name, str):
             classes[path] = name
         if tag in ("list", "tuple"):
-            items = [walk(v, (*path, i)) for i, v in enumerate(values)]
+            items = []
+            for i, value in enumerate(values):  # a loop, not a comprehension: one frame a level
+                items.append(walk(value, (*path, i)))
             return items if tag == "list" else tuple(items)
         if tag == "dict":
             keys = node.get("k")
@@ -518,9 +612,10 @@ def decode_tree(
             for key_data, value in zip(keys, values, strict=True):
                 key = _decode_value(key_data)
                 try:
-                    out[key] = walk(value, (*path, key))
-                except TypeError:  # an unhashable key
+                    hash(key)
+                except TypeError:  # a list in a tagged tuple, say
                     raise bad(path, "a key that cannot be a dict key") from None
+                out[key] = walk(value, (*path, key))
             return out
         raise bad(path, f"unknown node type {str(tag)[:40]!r}")
 

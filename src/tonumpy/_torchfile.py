@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from . import _allowlist, _pickle_scan
-from ._fs import FileFormatError, UnsafeFileError, open_regular, short
+from ._fs import open_regular, short
+from ._names import dotted
 from ._npyzip import check_members
-from ._structure import dotted
-from .errors import TonumpyError
+from .errors import FileFormatError, TonumpyError, UnsafeFileError
 
 __all__ = ["Checksums", "read_torch"]
 
@@ -365,7 +365,7 @@ def _torch_error(path: Path, exc: BaseException) -> TonumpyError:
     if blocked:
         return UnsafeFileError(
             f"{path}: refused: its pickle calls {blocked.group(1)}, which is code, not data; "
-            "nothing was run. Load it with --unsafe-load (unsafe_load=True) only if you trust "
+            "nothing was run. Load it with unsafe_load=True only if you trust "
             "its origin"
         )
     operand = re.search(r"Unsupported operand (\d+)", text)
@@ -373,14 +373,14 @@ def _torch_error(path: Path, exc: BaseException) -> TonumpyError:
         return FileFormatError(
             f"{path}: cannot read it safely: its pickle uses opcode {operand.group(1)}, which the "
             "weights-only loader does not know (a pickle protocol above 2, or a corrupt file). "
-            "--unsafe-load (unsafe_load=True) reads it anyway, only for files you trust"
+            "unsafe_load=True reads it anyway, only for files you trust"
         )
     if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
         after = text.split("WeightsUnpickler error:", 1)[-1]
         detail = [line.strip() for line in after.splitlines() if line.strip()]
         return UnsafeFileError(
             f"{path}: refused: loading it safely failed ({(detail[0] if detail else '')[:200]}); "
-            "nothing was run. --unsafe-load (unsafe_load=True) unpickles it anyway, only for "
+            "nothing was run. unsafe_load=True unpickles it anyway, only for "
             "files you trust"
         )
     archive = re.search(r"failed reading zip archive: ([^.]+)", text)

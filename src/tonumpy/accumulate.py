@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from optree import PyTreeSpec
 
-from . import _options, _structure, _tree
+from . import _names, _options, _structure, _tree
 from ._columns import Column, check_chunk, concat_arrays, join, rows_first
 from ._pad import PadValue, check_pad_option
 from ._storage import GrowingNpy, Slabs, stored_dtype
@@ -155,7 +155,7 @@ class _Directory:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.structure = path / f"{_structure.STRUCTURE}.json"
+        self.structure = path / f"{_names.STRUCTURE}.json"
         self.plan: _structure.Plan | None = None
         self.index: dict[int, int] = {}  # accumulator leaf -> array of the plan
         self.recorded: dict[int, str] = {}  # plan array -> dtype recorded

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import itertools
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -31,6 +34,7 @@ import torch
 from . import __version__, _arrays, _dtypes, _structure
 from . import io as tio
 from ._fs import escape, short
+from ._readers import Contents, read_file
 from .convert import to_numpy
 from .errors import TonumpyError
 
@@ -224,7 +228,8 @@ def _leaf_facts(
         kind = "ndarray" if stored_as_arrays else type(leaf).__name__
         shape = tuple(leaf.shape)
     elif isinstance(leaf, np.ndarray | np.generic | _arrays.LazyArray):
-        dtype = leaf.bits if isinstance(leaf, _arrays.LazyArray) and leaf.bits else str(leaf.dtype)
+        bits = leaf.bits if isinstance(leaf, _arrays.LazyArray) else None
+        dtype = bits or _dtype_name(leaf.dtype)
         shape = tuple(leaf.shape)
         device = source.get("device", "cpu")
         if source.get("requires_grad"):
@@ -236,6 +241,12 @@ def _leaf_facts(
     if was and was != dtype:
         flags.append(f"was {escape(str(was))}")
     return kind, str(shape), escape(dtype), escape(str(device)), nbytes, flags
+
+
+@functools.lru_cache(maxsize=256)
+def _dtype_name(dtype: np.dtype[Any]) -> str:
+    """``str(dtype)``, once per dtype (NumPy builds the name in Python each time)."""
+    return str(dtype)
 
 
 def _stats(leaf: Any) -> list[str]:
@@ -303,75 +314,84 @@ def _member_chunks(leaf: _arrays.LazyArray) -> Iterator[np.ndarray]:
             yield from _array_chunks(restored)
 
 
-def _count(x: Any) -> tuple[int, int]:
-    """(arrays, bytes) under a node."""
-    if isinstance(x, dict):
-        parts = [_count(v) for v in x.values()]
-    elif isinstance(x, list | tuple):
-        parts = [_count(v) for v in x]
-    else:
-        facts = _leaf_facts(x, {})
-        return (1, facts[4]) if facts else (0, 0)
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)
-
-
 def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
+def _prefix_sums(values: Iterator[int]) -> list[int]:
+    """``[0, v0, v0 + v1, ...]``: the total of any range of leaves in O(1)."""
+    return [0, *itertools.accumulate(values)]
+
+
 def _rows(
-    contents: tio.Contents, depth: int | None, stats: bool
+    contents: Contents, depth: int | None, stats: bool
 ) -> tuple[list[tuple[str, list[str]]], dict[str, int]]:
-    """(kind, cells) for each node shown, in order; and the totals over every leaf."""
+    """(kind, cells) for each node shown, in order; and the totals over every leaf.
+
+    One pass over the tree as it is stored ([`tonumpy._structure.walk`][]): a container's
+    arrays and bytes are a range of the flat list of leaves, summed from prefix sums.
+    """
+    walked = _structure.walk(contents.tree, is_leaf=_arrays.is_lazy)
+    leaves = walked.leaves
+    is_array = [_arrays.is_array(leaf) for leaf in leaves]
+    sizes = [
+        _arrays.nbytes(leaf) if array else 0 for leaf, array in zip(leaves, is_array, strict=True)
+    ]
+    arrays_before = _prefix_sums(iter(is_array))
+    bytes_before = _prefix_sums(iter(sizes))
     rows: list[tuple[str, list[str]]] = []
-    totals = {"arrays": 0, "elements": 0, "bytes": 0, "values": 0}
+    totals = {
+        "arrays": arrays_before[-1],
+        "elements": sum(
+            math.prod(leaf.shape) for leaf, array in zip(leaves, is_array, strict=True) if array
+        ),
+        "bytes": bytes_before[-1],
+        "values": sum(
+            node.kind == "none" or (node.kind == "leaf" and not is_array[node.first])
+            for node in walked.nodes
+        ),
+    }
     arrays_only = contents.format not in ("torch", "safetensors", "hugging face checkpoint")
-    verify = contents._verify  # noqa: SLF001 - checksums, checked before values are read
-
-    def walk(x: Any, path: tuple[Any, ...]) -> None:
-        level = len(path)
-        name = "  " * level + (_key(path[-1]) if path else "(root)")
-        shown = depth is None or level <= depth
-        if isinstance(x, dict | list | tuple):
-            cls = contents.classes.get(path)
-            kind = escape(cls.rsplit(".", 1)[-1]) if cls else type(x).__name__
-            size = _plural(len(x), "key" if isinstance(x, dict) else "item")
-            if shown:
-                rows.append(("container", [name, kind, size, "", "", _size(_count(x)[1])]))
-            if depth is not None and level == depth and len(x):
-                arrays = _count(x)[0]
+    for node in walked.nodes:
+        level = len(node.path)
+        if depth is not None and level > depth:
+            continue
+        name = "  " * level + (_key(node.path[-1]) if node.path else "(root)")
+        end = node.first + node.size
+        if node.kind in ("dict", "list", "tuple"):
+            cls = contents.classes.get(node.path)
+            kind = escape(cls.rsplit(".", 1)[-1]) if cls else _type_name(node.type)
+            size = _plural(len(node.keys), "key" if node.kind == "dict" else "item")
+            nbytes = bytes_before[end] - bytes_before[node.first]
+            rows.append(("container", [name, kind, size, "", "", _size(nbytes)]))
+            if level == depth and node.keys:
+                arrays = arrays_before[end] - arrays_before[node.first]
                 rows.append(("more", ["  " * (level + 1) + "...", "", _plural(arrays, "array")]))
-            children = x.items() if isinstance(x, dict) else enumerate(x)
-            for key, child in children:
-                walk(child, (*path, key))
-            return
-        facts = _leaf_facts(x, contents.sources.get(path, {}), stored_as_arrays=arrays_only)
+            continue
+        leaf = leaves[node.first] if node.kind == "leaf" else None
+        facts = _leaf_facts(leaf, contents.sources.get(node.path, {}), stored_as_arrays=arrays_only)
         if facts is None:
-            totals["values"] += 1
-            if shown:
-                kind = "None" if x is None else type(x).__name__
-                rows.append(("value", [name, kind, "= " + short(x)]))
-            return
+            kind = "None" if leaf is None else type(leaf).__name__
+            rows.append(("value", [name, kind, "= " + short(leaf)]))
+            continue
         kind, shape, dtype, device, nbytes, flags = facts
-        totals["arrays"] += 1
-        totals["bytes"] += nbytes
-        totals["elements"] += math.prod(getattr(x, "shape", ()))
-        if shown:
-            row = [name, kind, shape, dtype, device, _size(nbytes), " ".join(flags)]
-            if stats:
-                if verify is not None:
-                    verify(x)
-                row += _stats(x)
-            rows.append(("leaf", row))
-
-    walk(contents.tree, ())
+        row = [name, kind, shape, dtype, device, _size(nbytes), " ".join(flags)]
+        if stats:
+            if contents.verify is not None:
+                contents.verify(leaf)
+            row += _stats(leaf)
+        rows.append(("leaf", row))
     return rows, totals
+
+
+def _type_name(cls: type | None) -> str:
+    return escape(cls.__name__) if cls is not None else "?"
 
 
 def _show(args: argparse.Namespace, out: TextIO) -> int:
     path = Path(args.file)
     # headers only: members of a .npz are not read, other files are memory-mapped
-    contents = tio._read(path, unsafe_load=args.unsafe_load, lazy=True)  # noqa: SLF001
+    contents = read_file(path, unsafe_load=args.unsafe_load, lazy=True)
     style = _Style(out)
     rows, totals = _rows(contents, args.depth, args.stats)
     out.write(f"{style(escape(str(path)), '1')}: {contents.format}, {_size(_disk_size(path))}\n")
@@ -433,7 +453,7 @@ def _convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     finally:
         bar.close()
-    arrays, _, widened = _summary(contents.tree)
+    arrays, widened = _arrays_in(contents)
     out.write(
         f"wrote {escape(args.dst)} ({_size(_disk_size(Path(args.dst)))}): "
         f"{_plural(arrays, 'array')} from {escape(args.src)} ({contents.format})\n"
@@ -458,20 +478,34 @@ def _disk_size(path: Path) -> int:
         )
 
 
-def _summary(tree: Any) -> tuple[int, int, set[str]]:
-    arrays, nbytes, widened = 0, 0, set()
-    for x in _structure.leaves(tree):
-        if (facts := _leaf_facts(x, {})) is not None:
-            arrays += 1
-            nbytes += facts[4]
-            if (isinstance(x, torch.Tensor) and x.dtype in _dtypes.ML_DTYPES) or (
-                isinstance(x, _arrays.LazyArray) and x.bits
-            ):
-                widened.add(facts[2])
-    return arrays, nbytes, widened
+def _arrays_in(contents: Contents) -> tuple[int, set[str]]:
+    """The number of arrays in a tree as it was written, and the bfloat16/float8 dtypes."""
+    count, widened = 0, set()
+    for leaf in _structure.walk(contents.tree, is_leaf=_arrays.is_lazy).leaves:
+        count += _arrays.is_array(leaf)
+        if isinstance(leaf, torch.Tensor) and leaf.dtype in _dtypes.ML_DTYPES:
+            widened.add(str(leaf.dtype).removeprefix("torch."))
+        elif isinstance(leaf, _arrays.LazyArray) and leaf.bits:
+            widened.add(escape(leaf.bits))
+    return count, widened
 
 
 # ---------------------------------------------------------------------------------- main
+
+
+#: The library's messages name the parameters that would help; the command names its flags.
+_FLAGS = {"overwrite": "--force", "unsafe_load": "--unsafe-load", "ml_dtypes": "--ml-dtypes"}
+_PARAMETER = re.compile(r"(?<![\w.'\"])(" + "|".join(_FLAGS) + r")=True\b")
+
+
+def _in_flags(text: str) -> str:
+    """``text`` with each ``parameter=True`` the library suggests spelt as the flag that sets it.
+
+    Examples:
+        >>> _in_flags("out.npz exists; pass overwrite=True to replace it")
+        'out.npz exists; pass --force to replace it'
+    """
+    return _PARAMETER.sub(lambda m: _FLAGS[m.group(1)], text)
 
 
 def _message(exc: BaseException) -> str:
@@ -479,7 +513,7 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
         return escape(f"{exc.filename}: {exc.strerror}")
     text = str(exc).strip().splitlines()
-    return escape(text[0]) if text else type(exc).__name__
+    return _in_flags(escape(text[0])) if text else type(exc).__name__
 
 
 class _Stopped(BaseException):

@@ -13,8 +13,10 @@ from typing import Any
 __all__ = [
     "CaptureError",
     "ConversionError",
+    "FileFormatError",
     "OptionError",
     "TonumpyError",
+    "UnsafeFileError",
     "UnsupportedLeafError",
 ]
 
@@ -62,3 +64,34 @@ class OptionError(TonumpyError, TypeError, ValueError):
 
 class CaptureError(TonumpyError, ValueError):
     """[`tonumpy.capture`][] was asked for something it cannot do: no module matches."""
+
+
+class FileFormatError(TonumpyError, ValueError):
+    """A file is not one tonumpy reads or writes: missing parts, truncated, corrupt, or unknown.
+
+    Raised by [`tonumpy.load`][], [`tonumpy.io.read`][] and [`tonumpy.io.convert`][] (and the
+    ``tonumpy`` command) for a file that is not a regular file, is truncated or damaged (a
+    CRC-32 that does not match, a header that does not describe its data, a tampered
+    structure), or is of a kind tonumpy does not read; and for a destination tonumpy cannot
+    write. The message names the file, and what is wrong with it.
+
+    Examples:
+        >>> import os, tempfile, tonumpy
+        >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write("hello")
+        >>> try:
+        ...     tonumpy.load(path)
+        ... except tonumpy.FileFormatError as exc:
+        ...     print("not a file tonumpy reads" in str(exc))
+        True
+    """
+
+
+class UnsafeFileError(TonumpyError, ValueError):
+    """A file would run code, or allocate more than it holds, to load: it was refused.
+
+    Nothing in it ran. For a ``torch.save`` file whose pickle needs code to load,
+    ``unsafe_load=True`` (``--unsafe-load`` on the command line) unpickles it anyway: only do
+    that for files whose origin you trust.
+    """

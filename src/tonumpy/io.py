@@ -20,8 +20,6 @@ the mode ``cp`` would give them (``0666 & ~umask``), replaced ones keep theirs.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 import zipfile
 from collections.abc import Callable
@@ -31,22 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _arrays, _checkpoint, _npyzip, _safetensors, _structure, _torchfile
-from ._fs import (
-    FileFormatError,
-    UnsafeFileError,
-    atomic_dir,
-    atomic_file,
-    check_input,
-    check_not_nested,
-    one_line,
-    open_entry,
-    open_regular,
-    short,
-)
-from ._structure import STRUCTURE
+from . import _arrays, _options, _safetensors, _structure, _tree
+from ._fs import atomic_dir, atomic_file, check_not_nested, exists_error, short
+from ._names import STRUCTURE, is_safe_name
+from ._readers import OUTPUT_SUFFIXES, Contents, is_stored_leaf, read_file
 from .convert import to_numpy
-from .errors import TonumpyError, UnsupportedLeafError
+from .errors import FileFormatError, UnsafeFileError, UnsupportedLeafError
 
 __all__ = [
     "Contents",
@@ -61,38 +49,6 @@ __all__ = [
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]
 
-_TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
-_OUTPUT_SUFFIXES = (".npz", ".npy", ".safetensors")
-
-
-@dataclasses.dataclass
-class Contents:
-    """What [`read`][] found in a file, before any conversion.
-
-    Attributes:
-        tree: Containers (``dict``, ``list``, ``tuple``) of leaves: torch tensors for ``torch``
-            and ``safetensors`` files and for bfloat16/float8 data stored bit-exact, NumPy
-            arrays otherwise, and plain Python values.
-        format: A short description: ``"torch"``, ``"tonumpy npz"``, ``"npz"``, ``"npy"``,
-            ``"npy directory"``, ``"tonumpy npy directory"``, ``"safetensors"`` or
-            ``"hugging face checkpoint"`` (a ``save_pretrained`` directory).
-        classes: Key path -> name of the class a container had when saved (display only).
-        sources: Key path -> what a leaf was before it was saved (``dtype``, ``device``,
-            ``requires_grad``), where the file records it.
-        metadata: The ``__metadata__`` strings of a ``.safetensors`` source (such as
-            ``{"format": "pt"}``), kept when it is converted to ``.safetensors``.
-    """
-
-    tree: Any
-    format: str
-    classes: dict[tuple[Any, ...], str] = dataclasses.field(default_factory=dict)
-    sources: dict[tuple[Any, ...], dict[str, Any]] = dataclasses.field(default_factory=dict)
-    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
-    # checks a leaf's stored checksums before its data is used (torch.save files)
-    _verify: Callable[[Any], None] | None = dataclasses.field(
-        default=None, init=False, repr=False, compare=False
-    )
-
 
 # ------------------------------------------------------------------------------- public API
 
@@ -105,13 +61,19 @@ def save(
     ml_dtypes: bool = False,
     overwrite: bool = True,
     compress: bool = False,
+    is_leaf: Callable[[Any], bool] | None = None,
 ) -> None:
     """Write ``tree`` to a ``.npz`` file: every array leaf, and the structure as JSON.
 
-    Tensors are converted as by [`tonumpy.to_numpy`][]. Containers keep their keys and key
-    order; namedtuples, dataclasses, ``ModelOutput`` and other classes are stored as mappings
-    with their class name recorded for display. ``str``, ``int``, ``float``, ``bool``, ``None``,
-    ``bytes`` and ``complex`` leaves are stored in the JSON.
+    ``save`` walks the tree as [`tonumpy.to_numpy`][] does, and converts tensors as it does:
+    every container ``to_numpy`` knows (a type registered with optree in the ``"tonumpy"``
+    namespace included) keeps its keys and key order; lists and deques are stored as lists,
+    tuples as tuples, mappings, namedtuples, dataclasses, ``ModelOutput`` and other classes as
+    mappings of their keys, fields and attributes, with their class name recorded for display.
+    ``str``, ``int``, ``float``, ``bool``, ``None``, ``bytes`` and ``complex`` leaves are
+    stored in the JSON. A tensor at several places in the tree is stored once. A
+    ``BatchEncoding`` is stored as its items: its tokenizer's ``Encoding`` objects are tokenizer
+    state, which no file holds. At most 250 levels of containers are stored.
 
     Examples:
         >>> import os, tempfile, torch
@@ -131,14 +93,21 @@ def save(
         overwrite: Replace an existing file (atomically). ``False`` raises
             ``FileExistsError`` instead.
         compress: Deflate each member, as ``numpy.savez_compressed`` does.
+        is_leaf: Called on each node, as by [`tonumpy.to_numpy`][]; a node it returns True for
+            is a leaf: stored as an array if it is one, in the JSON if it is a plain value
+            (a tuple of numbers, say), refused otherwise.
 
     Raises:
         FileExistsError: ``file`` exists and ``overwrite=False``.
         ConversionError: A leaf cannot be stored without pickle (an object array, an
-            arbitrary object); the message names its path.
+            arbitrary object), or the tree has a cycle or is too deep; the message names where.
+        UnsupportedLeafError: A tensor cannot be converted (a meta tensor, say), or an object
+            tonumpy cannot rebuild holds one; the message names where.
+        OptionError: ``ml_dtypes``, ``overwrite`` or ``compress`` is not exactly True/False.
         OSError: The file cannot be written (a full disk, say); the message names ``file``.
     """
-    plan = _structure.plan(tree, ml_dtypes=ml_dtypes)
+    _options.check_flags("save", ml_dtypes=ml_dtypes, overwrite=overwrite, compress=compress)
+    plan = _structure.plan(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
     _write_npz(Path(file), plan, overwrite=overwrite, compress=compress, progress=None)
 
 
@@ -175,7 +144,9 @@ def load(file: PathLike, /, *, ml_dtypes: bool = False, unsafe_load: bool = Fals
             unknown kind.
         UnsafeFileError: A ``torch.save`` file names code that would run on loading, or would
             allocate more than it holds.
+        OptionError: ``ml_dtypes`` or ``unsafe_load`` is not exactly True/False.
     """
+    _options.check_flags("load", ml_dtypes=ml_dtypes, unsafe_load=unsafe_load)
     contents = read(file, unsafe_load=unsafe_load)
     try:
         return to_numpy(contents.tree, ml_dtypes=ml_dtypes)
@@ -211,11 +182,14 @@ def read(file: PathLike, /, *, unsafe_load: bool = False) -> Contents:
         FileFormatError: The file is not a regular file, is truncated, corrupt, or of an
             unknown kind.
         UnsafeFileError: As for [`load`][].
+        OptionError: ``unsafe_load`` is not exactly True/False.
     """
-    contents = _read(Path(file), unsafe_load=unsafe_load, lazy=False)
-    verify = contents._verify  # noqa: SLF001 - the readers' own field
+    _options.check_flags("read", unsafe_load=unsafe_load)
+    contents = read_file(Path(file), unsafe_load=unsafe_load, lazy=False)
+    verify = contents.verify
     if verify is not None:
-        for leaf in _structure.leaves(contents.tree):
+        leaves, _ = _tree.flatten(contents.tree, is_leaf=is_stored_leaf)
+        for leaf in leaves:
             verify(leaf)
     return contents
 
@@ -273,24 +247,29 @@ def convert(
         UnsafeFileError: As for [`load`][].
         ConversionError: A leaf cannot be written in ``dst``'s format (complex128 to
             ``.safetensors``, say); the message names it and the formats that can.
+        OptionError: ``overwrite``, ``ml_dtypes`` or ``unsafe_load`` is not exactly True/False.
         OSError: ``dst`` cannot be written (a full disk, say); the message names ``dst``.
     """
+    _options.check_flags(
+        "convert", overwrite=overwrite, ml_dtypes=ml_dtypes, unsafe_load=unsafe_load
+    )
     src_path, dst_text = Path(src), os.fspath(dst)
     dst_path = Path(dst_text)
     kind = _output_kind(dst_text)  # before reading: a bad DST fails fast
     if os.path.lexists(dst_path) and not overwrite:
-        raise FileExistsError(f"{dst_path} exists; pass --force (overwrite=True) to replace it")
+        raise exists_error(dst_path)
     if os.path.lexists(src_path):
         check_not_nested(src_path, dst_path)
-    contents = _read(src_path, unsafe_load=unsafe_load, lazy=True)
+    contents = read_file(src_path, unsafe_load=unsafe_load, lazy=True)
     plan = _structure.plan(
         contents.tree,
         ml_dtypes=ml_dtypes or kind == "safetensors",
+        is_leaf=_arrays.is_lazy,
         classes=contents.classes,
         sources=contents.sources,
     )
     plan.source_file = src_path
-    plan.verify = contents._verify  # noqa: SLF001 - the readers' own field
+    plan.verify = contents.verify
     if kind == "safetensors":
         _write_safetensors(
             dst_path, plan, contents.metadata, overwrite=overwrite, progress=progress
@@ -324,7 +303,7 @@ def _output_kind(dst: str) -> str:
         )
     if dst.endswith(("/", os.sep)):
         return "dir"
-    if name.lower() in _OUTPUT_SUFFIXES:
+    if name.lower() in OUTPUT_SUFFIXES:
         raise FileFormatError(
             f"{dst}: a name that is only a suffix; name the file (out{name}, say)"
         )
@@ -334,7 +313,7 @@ def _output_kind(dst: str) -> str:
             ".npy files is named without a suffix)"
         )
     suffix = Path(dst).suffix.lower()
-    if suffix in _OUTPUT_SUFFIXES:
+    if suffix in OUTPUT_SUFFIXES:
         return suffix[1:]
     if suffix == "":
         return "dir"
@@ -342,194 +321,6 @@ def _output_kind(dst: str) -> str:
         f"{dst}: cannot write {short(suffix)} files; the destination must end in .npz, .npy or "
         ".safetensors, or have no suffix (or end in /) for a directory of .npy files"
     )
-
-
-def _kind_of(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in _TORCH_SUFFIXES:
-        return "torch"
-    if suffix in _OUTPUT_SUFFIXES:
-        return suffix[1:]
-    kind = _sniff(path)
-    if kind is None:
-        raise FileFormatError(
-            f"{path}: not a file tonumpy reads (.pt/.pth/.bin/.ckpt from torch.save, .npz, "
-            ".npy, .safetensors, or a directory of .npy files or of a checkpoint)"
-        )
-    return kind
-
-
-def _sniff(path: Path) -> str | None:
-    """Guess a file's kind from its first bytes (for names without a known suffix)."""
-    with open_regular(path) as f:
-        head = f.read(16)
-        if head.startswith(b"\x93NUMPY"):
-            return "npy"
-        if head.startswith(b"PK"):
-            f.seek(0)
-            with contextlib.suppress(Exception), zipfile.ZipFile(f) as zf:
-                names = zf.namelist()
-                if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-                    return "torch"
-                if names and all(n.endswith(".npy") for n in names):
-                    return "npz"
-            return None
-    if head[:1] == b"\x80":  # a pickle: the legacy torch.save format
-        return "torch"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    return None
-
-
-def _guard(path: Path, reader: Callable[[], Contents]) -> Contents:
-    """Run a reader; turn what a corrupt file makes the parsers raise into a FileFormatError.
-
-    MemoryError included: a corrupt size field can ask for a lot.
-    """
-    try:
-        return reader()
-    except (TonumpyError, FileNotFoundError, PermissionError, IsADirectoryError):
-        raise
-    except RecursionError:
-        raise FileFormatError(f"{path}: the structure is nested too deeply to read") from None
-    except Exception as exc:
-        raise FileFormatError(f"{path}: cannot read it: {one_line(exc)}") from exc
-
-
-# --------------------------------------------------------------------------- readers
-
-
-def _read(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
-    """Read ``path``; with ``lazy``, ``.npz`` members stay unread (``LazyArray``)."""
-    if check_input(path):
-        return _guard(path, lambda: _read_dir(path, unsafe_load=unsafe_load, lazy=lazy))
-    kind = _kind_of(path)
-    if kind == "torch":
-        return _guard(path, lambda: _read_torch(path, unsafe_load=unsafe_load))
-    if kind == "npz":
-        return _guard(path, lambda: _read_npz(path, lazy=lazy))
-    if kind == "npy":
-        return _guard(path, lambda: Contents(_npyzip.map_npy(path, str(path)), "npy"))
-    return _guard(path, lambda: _read_safetensors(path))
-
-
-def _read_torch(path: Path, *, unsafe_load: bool) -> Contents:
-    tree, classes, sources, checksums = _torchfile.read_torch(path, unsafe_load=unsafe_load)
-    contents = Contents(tree, "torch", classes, sources)
-    contents._verify = checksums.verify if checksums is not None else None  # noqa: SLF001
-    return contents
-
-
-def _read_npz(path: Path, *, lazy: bool) -> Contents:
-    archive = _npyzip.Archive(path)
-    try:
-        members: dict[str, _npyzip.Member] = {}
-        for info in archive.infos:
-            if not info.filename.endswith(".npy"):
-                raise FileFormatError(
-                    f"{path}: member {short(info.filename, 80)} is not a .npy array"
-                )
-            members[info.filename[:-4]] = archive.member(info)
-        if STRUCTURE not in members:
-            tree: Any = dict(members)
-            contents = Contents(tree, "npz")
-        else:
-            raw = members.pop(STRUCTURE)
-            if raw.dtype != np.uint8 or len(raw.shape) != 1:
-                raise FileFormatError(f"{path}: the {STRUCTURE} member is not JSON bytes")
-
-            def get_array(name: str, dtype: str | None) -> Any:
-                if name not in members:
-                    raise FileFormatError("the structure names an array that is missing")
-                return members[name].with_bits(dtype)
-
-            tree, classes, sources = _structure.decode(raw.array().tobytes(), str(path), get_array)
-            contents = Contents(tree, "tonumpy npz", classes, sources)
-        if not lazy:
-            contents.tree = _materialise(contents.tree)
-    finally:
-        if not lazy:
-            archive.close()
-    return contents
-
-
-def _materialise(tree: Any) -> Any:
-    """The tree with every lazy member read (each member once, however often it appears)."""
-    done: dict[int, Any] = {}
-
-    def walk(x: Any) -> Any:
-        if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        if isinstance(x, tuple):
-            return tuple(walk(v) for v in x)
-        if isinstance(x, _arrays.LazyArray):
-            if id(x) not in done:
-                array = x.array()
-                done[id(x)] = _arrays.from_bits(array, x.bits) if x.bits else array
-            return done[id(x)]
-        return x
-
-    return walk(tree)
-
-
-def _read_safetensors(path: Path) -> Contents:
-    tensors, metadata = _safetensors.read(path)
-    raw = metadata.pop(STRUCTURE, None)
-    if raw is None:
-        return Contents(tensors, "safetensors", metadata=metadata)
-
-    def get_array(name: str, dtype: str | None) -> Any:
-        if name not in tensors:
-            raise FileFormatError("the structure names a tensor that is missing")
-        return tensors[name]
-
-    tree, classes, sources = _structure.decode(raw.encode("utf-8"), str(path), get_array)
-    return Contents(tree, "safetensors", classes, sources, metadata)
-
-
-def _read_dir(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
-    names = sorted(entry.name for entry in path.iterdir())
-    if f"{STRUCTURE}.json" in names:
-        return _read_export(path)
-    if _checkpoint.is_checkpoint(names):
-
-        def read_shard(shard: Path) -> tuple[Any, Callable[[Any], None] | None]:
-            shard_contents = _read_torch(shard, unsafe_load=unsafe_load)
-            return shard_contents.tree, shard_contents._verify  # noqa: SLF001
-
-        tree, metadata, verify = _checkpoint.read(path, names, read_shard)
-        contents = Contents(tree, "hugging face checkpoint", metadata=metadata)
-        contents._verify = verify  # noqa: SLF001 - the readers' own field
-        return contents
-    arrays = [n for n in names if n.endswith(".npy")]
-    if not arrays:
-        raise FileFormatError(
-            f"{path}: a directory without .npy files, a tonumpy export or a checkpoint "
-            "(model.safetensors, shards with their index, or pytorch_model.bin)"
-        )
-    tree = {}
-    for name in arrays:
-        with open_entry(path, name) as f:
-            tree[name[:-4]] = _npyzip.map_npy(path / name, str(path / name), f)
-    return Contents(tree, "npy directory")
-
-
-def _read_export(path: Path) -> Contents:
-    """A directory that [`convert`][] wrote: ``.npy`` files and ``__tonumpy__.json``."""
-    with open_entry(path, f"{STRUCTURE}.json") as f:
-        raw = f.read()
-
-    def get_array(name: str, dtype: str | None) -> Any:
-        if not _structure.is_safe_name(name):  # never follow a name out of the directory
-            raise FileFormatError(f"the structure names an unsafe file {short(name, 60)}")
-        with open_entry(path, f"{name}.npy") as f:
-            array = _npyzip.map_npy(path / f"{name}.npy", str(path / f"{name}.npy"), f)
-        return _arrays.from_bits(array, dtype) if dtype else array
-
-    tree, classes, sources = _structure.decode(raw, str(path), get_array)
-    return Contents(tree, "tonumpy npy directory", classes, sources)
 
 
 # --------------------------------------------------------------------------- writers
@@ -589,7 +380,7 @@ def _write_npy_dir(
         total, done = plan.nbytes, 0
         for index, name in enumerate(plan.names):
             target = tmp / f"{name}.npy"
-            if target.parent != tmp or not _structure.is_safe_name(name):  # pragma: no cover
+            if target.parent != tmp or not is_safe_name(name):  # pragma: no cover
                 raise FileFormatError(f"unsafe file name {name!r}")
             with target.open("xb") as f:
                 plan.write(index, f)

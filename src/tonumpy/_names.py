@@ -1,0 +1,95 @@
+"""File names for the array leaves of a tree: one plain, safe, unique file per key path.
+
+Each name is the leaf's key path joined by dots, reduced to ``A-Z a-z 0-9 . _ -``, never hidden,
+never ``.``/``..``, never a Windows device name, at most ``MAX_NAME`` bytes (a hash of the full
+path ends a name that was cut), and unique even on case-insensitive file systems (``~2``,
+``~3``, ... suffixes). The structure maps every name back to its real key path, so readers
+never need to parse a name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+__all__ = ["MAX_NAME", "STRUCTURE", "dotted", "is_safe_name", "unique_names"]
+
+#: Name of the member (``.npz``) or file (``.json`` in a directory) that holds the structure.
+STRUCTURE = "__tonumpy__"
+#: Bytes of a sanitised leaf name before ``.npy`` (file systems allow 255).
+MAX_NAME = 120
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._~-]*")
+
+
+def _key_text(key: Any) -> str:
+    return key if isinstance(key, str) else repr(key)
+
+
+def dotted(path: tuple[Any, ...]) -> str:
+    """The display name of a key path: keys joined by dots (``output.hidden_states.0``).
+
+    Examples:
+        >>> dotted(("output", "hidden_states", 0))
+        'output.hidden_states.0'
+    """
+    return ".".join(_key_text(k) for k in path)
+
+
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_DOTS = re.compile(r"\.{2,}")
+_RESERVED = frozenset(
+    ["con", "prn", "aux", "nul"] + [f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)]
+)
+
+
+def _sanitise(text: str) -> str:
+    r"""A file name made of ``[A-Za-z0-9._-]`` only, never ``.``/``..``, hidden or too long.
+
+    Examples:
+        >>> _sanitise("../../etc/passwd"), _sanitise("/abs/path"), _sanitise("a\x00b")
+        ('etc_passwd', 'abs_path', 'a_b')
+    """
+    name = _UNSAFE_CHARS.sub("_", text)
+    name = _DOTS.sub(".", name).strip("._-") or "_"
+    if name.split(".", 1)[0].lower() in _RESERVED:  # Windows device names
+        name = "_" + name
+    if len(name) > MAX_NAME:
+        digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]  # noqa: S324 - a name, not security
+        name = f"{name[: MAX_NAME - 11]}~{digest}"
+    return name
+
+
+def is_safe_name(name: str) -> bool:
+    """Whether ``name`` is one [`unique_names`][tonumpy._names.unique_names] could make.
+
+    Such a name is one plain file inside the directory: no separator, no ``..``, not hidden.
+
+    Examples:
+        >>> is_safe_name("out.logits"), is_safe_name("../etc"), is_safe_name(".hidden")
+        (True, False, False)
+    """
+    return bool(_SAFE_NAME.fullmatch(name)) and ".." not in name and len(name) <= MAX_NAME + 8
+
+
+def unique_names(paths: list[tuple[Any, ...]]) -> list[str]:
+    """The file name (without ``.npy``) of the array at each key path, in order.
+
+    Keys joined by dots, sanitised (see docs/cli.md, "File names of .npy files"), unique even
+    on case-insensitive file systems (``~2`` suffixes), never the structure's own name.
+
+    Examples:
+        >>> unique_names([("out", "logits"), ("../etc",), ("A",), ("a",), ()])
+        ['out.logits', 'etc', 'A', 'a~2', 'root']
+    """
+    used = {STRUCTURE.casefold()}
+    out = []
+    for path in paths:
+        base = _sanitise(dotted(path)) if path else "root"
+        name, n = base, 1
+        while name.casefold() in used:
+            n += 1
+            name = f"{base}~{n}"
+        used.add(name.casefold())
+        out.append(name)
+    return out
