@@ -21,7 +21,7 @@ from ._numpy_args import numpy_args
 from .asynchronous import PendingTransfer, to_numpy_async
 from .convert import apply, to_numpy, to_torch
 from .errors import CaptureError, ConversionError, OptionError, TonumpyError, UnsupportedLeafError
-from .hooks import capture
+from .hooks import capture, module_names
 
 if TYPE_CHECKING:
     from .accumulate import Accumulator, concat
@@ -45,6 +45,7 @@ __all__ = [
     "concat",
     "gather",
     "load",
+    "module_names",
     "numpy_args",
     "save",
     "to_numpy",
