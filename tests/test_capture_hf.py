@@ -254,3 +254,40 @@ def test_concat_pads_calls_of_different_lengths() -> None:
         ConversionError, match=r"acts\['bert.encoder.layer.1.attention'\]\[i\]\[0\]"
     ):
         acts.concat(attention)  # no pad_value: ragged calls are an error naming the place
+
+
+def test_arrays_keeps_what_is_leaf_kept_whole() -> None:
+    """A node capture's is_leaf kept whole (here an object holding a tensor) is left out of
+    arrays(), not walked into or refused."""
+
+    class Box:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+
+    class Boxed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> Any:
+            return x + 1, Box(x)
+
+    model = Boxed()
+    with capture(model, is_leaf=lambda node: isinstance(node, Box)) as acts:
+        model(torch.zeros(3))
+    assert isinstance(acts[""][0][1], Box)
+    arrays = acts.arrays()
+    assert list(arrays) == ["[0]"]
+    np.testing.assert_array_equal(arrays["[0]"], np.ones(3, np.float32))
+
+
+@pytest.mark.usefixtures("engine_on_cpu")
+def test_arrays_and_items_through_the_engine() -> None:
+    """With the transfer engine (as on a GPU), calls are in flight until read; items(), values()
+    and arrays() wait for them and give the same arrays as torch's own outputs."""
+    model = bert()
+    acts, recorded = run(model, 4, include=["**.attention", "bert.encoder.layer.*"])
+    assert not acts.done()
+    assert [name for name, _ in acts.items()] == list(acts)
+    arrays = acts.arrays()
+    assert sorted(arrays) == sorted(k for name in acts for k in recorded.last[name])
+    for name in acts:
+        for key, value in recorded.last[name].items():
+            np.testing.assert_array_equal(arrays[key], value)
+    assert acts.done()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import ItemsView, Iterable, Iterator, Mapping, ValuesView
+from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, ValuesView
 from typing import Any
 
 import numpy as np
@@ -58,8 +58,15 @@ class Activations(Mapping[str, list[Any]]):
         (('used', 'spare'), ['used'])
     """
 
-    def __init__(self, names: Iterable[str], max_calls: int | None) -> None:
+    def __init__(
+        self,
+        names: Iterable[str],
+        max_calls: int | None,
+        *,
+        is_leaf: Callable[[Any], bool] | None = None,
+    ) -> None:
         self._calls: dict[str, deque[Any]] = {name: deque(maxlen=max_calls) for name in names}
+        self._is_leaf = is_leaf  # capture's: the nodes it kept whole stay whole in arrays()
         self._chosen = tuple(self._calls)
         self._inflight: deque[Any] = deque()  # calls whose copies may still be running
         self._lock = threading.Lock()
@@ -151,7 +158,8 @@ class Activations(Mapping[str, list[Any]]):
         alone for a call that is one array, ``name[0]`` for the first item of a tuple (an
         attention module's output), ``name['logits']`` for a ``ModelOutput`` field,
         ``name.x`` for a namedtuple or dataclass field. ``None``, strings and other leaves that
-        are not numeric are left out, so a module that returned only ``None`` gives nothing.
+        are not numeric (nodes capture's ``is_leaf`` kept whole too) are left out, so a module
+        that returned only ``None`` gives nothing.
 
         Examples:
             >>> import torch, tonumpy
@@ -186,7 +194,7 @@ class Activations(Mapping[str, list[Any]]):
                     f"Activations.arrays(call={call}): module {name!r} has {len(pending)} "
                     "captured call(s)"
                 )
-            leaves, spec = _tree.flatten(pending[call].result())
+            leaves, spec = _tree.flatten(pending[call].result(), is_leaf=self._is_leaf)
             for leaf, (path, key) in zip(leaves, _tree.leaf_paths(spec, root=name), strict=True):
                 if not isinstance(leaf, _NUMERIC):
                     continue

@@ -407,7 +407,7 @@ def capture(
     ):
         raise CaptureError(f"max_calls= must be a positive int or None, got {max_calls!r}")
     chosen = _chosen(module, include, exclude)
-    acts = Activations(chosen, max_calls)
+    acts = Activations(chosen, max_calls, is_leaf=is_leaf)
     rec = _Recorder(
         acts, every=every, reduce=reduce, ml_dtypes=ml_dtypes, scalars=scalars, is_leaf=is_leaf
     )
