@@ -1,12 +1,15 @@
 """Log activation histograms and scalar metrics of a training loop to TensorBoard.
 
-A small classifier is trained on synthetic data. Every ``log_every`` steps, ``tonumpy.capture``
-takes the outputs of the chosen layers (the full arrays, for histograms, and their RMS reduced on
-the device, for scalars); the logging functions receive NumPy through ``tonumpy.numpy_args``.
-Captured calls are read one step later: on a GPU their copies have landed by then, so logging
-never stalls the training loop.
+A tiny BERT classifier (built from a config: nothing is downloaded) is trained on synthetic token
+sequences whose length changes from batch to batch. Every ``log_every`` steps, ``tonumpy.capture``
+takes the outputs of the encoder layers and of their attention modules (which return tuples, as
+Hugging Face attention modules do): the full arrays, for histograms, and their RMS reduced on the
+device, for scalars. ``Activations.arrays()`` gives one array per tag; the logging functions
+receive NumPy through ``tonumpy.numpy_args``. Captured calls are read at the start of the next
+step: on a GPU their copies have landed by then, so logging never stalls the training loop. The
+last captured step is logged after the loop.
 
-Run it (``pip install tonumpy[tensorboard]``), then ``tensorboard --logdir runs``::
+Run it (``pip install tonumpy[tensorboard] transformers``), then ``tensorboard --logdir runs``::
 
     python examples/tensorboard_logging.py --logdir runs/demo --steps 200 --log-every 20
 """
@@ -14,42 +17,45 @@ Run it (``pip install tonumpy[tensorboard]``), then ``tensorboard --logdir runs`
 from __future__ import annotations
 
 import argparse
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+import transformers
 from torch.utils.tensorboard import SummaryWriter
 
 import tonumpy
 
-LAYERS = ["fc1", "fc2", "head"]
+#: The modules logged: the encoder layers, and their attention modules at any depth.
+PATTERNS = ["bert.encoder.layer.*", "**.attention"]
+VOCAB = 99
 
 
-def make_model(seed: int = 0) -> nn.Sequential:
-    """The classifier: two hidden layers of 32 units."""
+def make_model(seed: int = 0) -> Any:
+    """A 2-layer BERT classifier, hidden size 32 (dropout off, so that a run can be replayed)."""
     torch.manual_seed(seed)
-    return nn.Sequential(
-        OrderedDict(
-            fc1=nn.Linear(8, 32),
-            act1=nn.ReLU(),
-            fc2=nn.Linear(32, 32),
-            act2=nn.ReLU(),
-            head=nn.Linear(32, 2),
-        )
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        vocab_size=VOCAB,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
+    return transformers.BertForSequenceClassification(config)
 
 
-def make_batches(steps: int, batch: int = 64, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
-    """Synthetic data: the label is which side of a fixed hyperplane a point is on."""
+def make_batches(steps: int, batch: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Synthetic data, 4 to 12 tokens a sequence: the label is whether the first token is low."""
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(8, generator=gen)
-    out: list[tuple[torch.Tensor, ...]] = []
+    out: list[dict[str, torch.Tensor]] = []
     for _ in range(steps):
-        x = torch.randn(batch, 8, generator=gen)
-        out.append((x, (x @ w > 0).long()))
+        length = int(torch.randint(4, 13, (), generator=gen))
+        ids = torch.randint(3, VOCAB, (batch, length), generator=gen)
+        out.append({"input_ids": ids, "labels": (ids[:, 0] < VOCAB // 2).long()})
     return out
 
 
@@ -73,14 +79,13 @@ def log_captured(
     norms: tonumpy.Activations,
     record: dict[str, dict[int, Any]],
 ) -> None:
-    """Write the last captured call of each layer (histogram and RMS), then forget them."""
-    for name in LAYERS:
-        values = hists[name][-1]
+    """Write the last captured call of each module (histograms and RMS), then forget them."""
+    for name, values in hists.arrays().items():  # 'bert.encoder.layer.0.attention[0]', ...
         writer.add_histogram(f"activations/{name}", values, step)
         record.setdefault(f"activations/{name}", {})[step] = values
-        norm = norms[name][-1]
+    for name, norm in norms.arrays().items():
         writer.add_scalar(f"rms/{name}", norm, step)
-        record.setdefault(f"rms/{name}", {})[step] = float(norm)
+        record.setdefault(f"rms/{name}", {})[step] = norm
     hists.clear()
     norms.clear()
 
@@ -99,30 +104,29 @@ def train(
     record: dict[str, dict[int, Any]] = {}
     writer = SummaryWriter(str(logdir))
     captured_at: int | None = None  # the step whose calls wait to be logged
+    options: dict[str, Any] = {"include": PATTERNS, "every": log_every, "max_calls": 1}
     try:
         with (
-            tonumpy.capture(model, include=LAYERS, every=log_every, max_calls=1) as hists,
-            tonumpy.capture(
-                model, include=LAYERS, every=log_every, max_calls=1, reduce=rms, scalars=True
-            ) as norms,
+            tonumpy.capture(model, **options) as hists,
+            tonumpy.capture(model, **options, reduce=rms, scalars=True) as norms,
         ):
-            for step, (x, y) in enumerate(make_batches(steps, seed=seed)):
-                logits = model(x.to(device))
-                loss = nn.functional.cross_entropy(logits, y.to(device))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            for step, cpu_batch in enumerate(make_batches(steps, seed=seed)):
                 if captured_at is not None:  # one step later: nothing left to wait for
                     log_captured(writer, captured_at, hists, norms, record)
                     captured_at = None
+                batch = {key: value.to(device) for key, value in cpu_batch.items()}
+                out = model(**batch)
+                opt.zero_grad()
+                out.loss.backward()
+                opt.step()
                 if step % log_every == 0:
                     captured_at = step
-                    accuracy = (logits.argmax(-1) == y.to(device)).float().mean()
-                    logged = log_scalars(writer, step, {"loss": loss, "accuracy": accuracy})
+                    accuracy = (out.logits.argmax(-1) == batch["labels"]).float().mean()
+                    logged = log_scalars(writer, step, {"loss": out.loss, "accuracy": accuracy})
                     for tag, value in logged.items():
                         record.setdefault(tag, {})[step] = value
-            if captured_at is not None:
-                log_captured(writer, captured_at, hists, norms, record)
+        if captured_at is not None:  # the last step was captured: log it too
+            log_captured(writer, captured_at, hists, norms, record)
     finally:
         writer.close()
     return record
@@ -139,9 +143,9 @@ def main() -> None:
     losses = record["loss"]
     print(f"logged {len(record)} tags to {args.logdir}")
     print("loss by step:", {step: round(value, 4) for step, value in losses.items()})
-    hist = record["activations/fc1"]
+    hist = record["activations/bert.encoder.layer.0"]
     last = max(hist)
-    print(f"fc1 activations at step {last}: mean {np.mean(hist[last]):.4f}")
+    print(f"layer 0 activations at step {last}: mean {np.mean(hist[last]):.4f}")
 
 
 if __name__ == "__main__":

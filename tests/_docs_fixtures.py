@@ -78,10 +78,8 @@ def _model_names(model: torch.nn.Module, examples: list[dict[str, torch.Tensor]]
     }
 
 
-@fixture
-def bert_mlm(ctx: PageContext) -> dict[str, Any]:
-    """``model``: a tiny BERT masked LM; ``loader``/``dataset``/``batch``: token batches of
-    different lengths with ``labels`` (-100 on padding); ``optimizer``: SGD over the model."""
+def tiny_bert() -> Any:
+    """A 2-layer BERT masked LM, hidden size 32, seeded (modules ``bert.encoder.layer.N``)."""
     import transformers
 
     torch.manual_seed(0)
@@ -92,7 +90,14 @@ def bert_mlm(ctx: PageContext) -> dict[str, Any]:
         intermediate_size=37,
         vocab_size=VOCAB,
     )
-    return _model_names(transformers.BertForMaskedLM(config), _token_examples(targets=False))
+    return transformers.BertForMaskedLM(config)
+
+
+@fixture
+def bert_mlm(ctx: PageContext) -> dict[str, Any]:
+    """``model``: a tiny BERT masked LM; ``loader``/``dataset``/``batch``: token batches of
+    different lengths with ``labels`` (-100 on padding); ``optimizer``: SGD over the model."""
+    return _model_names(tiny_bert(), _token_examples(targets=False))
 
 
 @fixture

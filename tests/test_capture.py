@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy as copy_module
 import dataclasses
 import gc
+import re
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -116,21 +117,46 @@ def no_tensors(tree: Any) -> bool:
 @pytest.mark.parametrize(
     ("include", "exclude", "expected"),
     [
-        ("*", (), ["", "0", "1", "2", "2.0", "2.1", "3"]),
+        ("**", (), ["", "0", "1", "2", "2.0", "2.1", "3"]),
+        ("*", (), ["0", "1", "2", "3"]),
         ("2.*", (), ["2.0", "2.1"]),
+        ("2.**", (), ["2", "2.0", "2.1"]),
+        ("**.1", (), ["1", "2.1"]),
         (["0", "3"], (), ["0", "3"]),
-        ("*", "", ["0", "1", "2", "2.0", "2.1", "3"]),
-        ("*", ["2*", ""], ["0", "1", "3"]),
+        ("**", "", ["0", "1", "2", "2.0", "2.1", "3"]),
+        ("**", ["2.**", ""], ["0", "1", "3"]),
         ("?", (), ["0", "1", "2", "3"]),
+        ("[!2]", (), ["0", "1", "3"]),
         ("", (), [""]),
+        (re.compile(r"2\.\d"), (), ["2.0", "2.1"]),
+        (re.compile("2"), (), ["2"]),
+        ("**", re.compile(r".*\.1|1"), ["", "0", "2", "2.0", "3"]),
     ],
-    ids=["all", "glob", "list", "not-root", "exclude-list", "one-char", "root-only"],
+    ids=[
+        "all",
+        "one-segment",
+        "glob",
+        "subtree",
+        "any-depth",
+        "list",
+        "not-root",
+        "exclude-list",
+        "one-char",
+        "negated-set",
+        "root-only",
+        "regex",
+        "regex-whole-name",
+        "regex-exclude",
+    ],
 )
 def test_patterns_choose_modules(include: Any, exclude: Any, expected: list[str]) -> None:
-    """Glob patterns over named_modules() names pick the modules, in named_modules() order."""
+    """Patterns over named_modules() names pick the modules, in named_modules() order:
+    '*' within a segment, '**' any number of segments, regular expressions the whole name."""
     model = mlp()
+    assert tonumpy.module_names(model, include=include, exclude=exclude) == expected
     with capture(model, include=include, exclude=exclude) as acts:
         model(torch.randn(5, 4))
+    assert acts.chosen == tuple(expected)
     assert list(acts) == expected
     assert all(acts.num_calls(name) == 1 for name in expected)
 
@@ -334,7 +360,8 @@ def test_every_and_max_calls_property(n_forwards: int, every: int, max_calls: in
     captured = list(range(0, n_forwards, every))
     if max_calls is not None:
         captured = captured[-max_calls:]
-    assert [int(call[0]) for call in acts["0"]] == captured
+    assert [int(call[0]) for call in acts.get("0", [])] == captured
+    assert ("0" in acts) == bool(captured)
 
 
 def test_checkpoint_recomputation_is_not_captured_twice() -> None:

@@ -208,3 +208,32 @@ def test_many_threads_many_calls_stay_paired(fast_switching: None) -> None:
     for call in calls:
         np.testing.assert_array_equal(call["outputs"]["y"], call["inputs"][0] * 2)
     assert len({float(c["inputs"][0][0]) for c in calls}) == 400
+
+
+def test_items_and_values_are_snapshots_under_clear(fast_switching: None) -> None:
+    """items() and values() list each module with its calls as of one instant: while another
+    thread captures and clears, no module is listed without calls and nothing raises."""
+    model = nn.Sequential(nn.Identity(), nn.Identity())
+    done = threading.Event()
+    seen = [0]
+    with tonumpy.capture(model, exclude="") as acts:
+
+        def churn() -> None:
+            try:
+                for _ in range(3000):
+                    model(torch.ones(1))
+                    acts.clear()
+            finally:
+                done.set()
+
+        def read() -> None:
+            while not done.is_set():
+                for name, calls in acts.items():
+                    assert name in ("0", "1")
+                    assert len(calls) == 1
+                    seen[0] += 1
+                for calls in acts.values():
+                    assert len(calls) == 1
+
+        run_threads(churn, read)
+    assert seen[0] > 0

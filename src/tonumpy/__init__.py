@@ -29,7 +29,7 @@ from .errors import (
     UnsafeFileError,
     UnsupportedLeafError,
 )
-from .hooks import capture
+from .hooks import capture, module_names
 
 if TYPE_CHECKING:
     from .accumulate import Accumulator, concat
@@ -55,6 +55,7 @@ __all__ = [
     "concat",
     "gather",
     "load",
+    "module_names",
     "numpy_args",
     "save",
     "to_numpy",

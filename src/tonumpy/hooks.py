@@ -1,9 +1,10 @@
 """Logging hooks: capture what modules take and return, as NumPy, without stalling the GPU.
 
-[`capture`][] registers forward hooks on the modules of a model chosen by name, and removes
-them when its ``with`` block ends, however it ends. Each captured call is detached at once, so
-no autograd graph is kept alive, and copied, so later in-place changes made by the model
-(``ReLU(inplace=True)``, optimiser steps) cannot reach it:
+[`capture`][] registers forward hooks on the modules of a model chosen by name (patterns over
+``named_modules()`` names: ``tonumpy._module_patterns``; [`module_names`][] is the dry run), and
+removes them when its ``with`` block ends, however it ends. Each captured call is detached at
+once, so no autograd graph is kept alive, and copied, so later in-place changes made by the
+model (``ReLU(inplace=True)``, optimiser steps) cannot reach it:
 
 * CPU tensors are converted to independent arrays inside the hook (nothing to wait for);
 * CUDA tensors are handed to tonumpy's transfer engine (the one behind
@@ -24,20 +25,20 @@ half of logging, a decorator that hands a logging function NumPy wherever it got
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
-from . import _options, _tree
+from . import _module_patterns, _options, _tree
 from ._activations import Activations
+from ._module_patterns import ModulePattern
 from ._transfer import PendingTransfer
 from .convert import start
 from .errors import CaptureError
 
-__all__ = ["capture"]
+__all__ = ["capture", "module_names"]
 
 # -1 outside a backward pass; private, but what torch.utils.checkpoint itself relies on.
 _graph_task_id: Callable[[], int] = getattr(
@@ -55,33 +56,63 @@ def _in_backward() -> bool:
 # ------------------------------------------------------------------------------- the hooks
 
 
-def _patterns(value: str | Iterable[str], option: str) -> tuple[str, ...]:
-    patterns = (value,) if isinstance(value, str) else tuple(value)
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise CaptureError(
-                f"{option}= takes glob patterns (str) over module names, got {pattern!r}"
-            )
-    return patterns
-
-
-def _choose(
-    module: torch.nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]
+def _chosen(
+    module: torch.nn.Module, include: object, exclude: object
 ) -> dict[str, torch.nn.Module]:
-    chosen: dict[str, torch.nn.Module] = {}
-    for name, sub in module.named_modules():
-        if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(
-            fnmatch.fnmatchcase(name, p) for p in exclude
-        ):
-            chosen[name] = sub
-    if not chosen:
-        names = [name for name, _ in module.named_modules()]
-        shown = ", ".join(repr(n) for n in names[:12]) + (", ..." if len(names) > 12 else "")
-        raise CaptureError(
-            f"no module name matches include={list(include)!r} minus exclude={list(exclude)!r}; "
-            f"the names are: {shown} (the root module is '')"
-        )
-    return chosen
+    """The modules of ``module`` that ``include`` and ``exclude`` choose, by name, in order."""
+    modules = dict(module.named_modules())
+    names = _module_patterns.choose(
+        list(modules),
+        _module_patterns.patterns(include, "include"),
+        _module_patterns.patterns(exclude, "exclude"),
+        owner=type(module).__name__,
+    )
+    return {name: modules[name] for name in names}
+
+
+def module_names(
+    module: torch.nn.Module,
+    /,
+    *,
+    include: ModulePattern | Iterable[ModulePattern] = "**",
+    exclude: ModulePattern | Iterable[ModulePattern] = (),
+) -> list[str]:
+    r"""The names of the modules [`capture`][] would hook, with the same patterns: a dry run.
+
+    Nothing is registered and nothing runs: call it to check a pattern before a long run.
+    Inside a ``capture`` block, [`Activations.chosen`][tonumpy.Activations.chosen] gives
+    the same names.
+
+    Examples:
+        >>> import re, torch, tonumpy
+        >>> def block():
+        ...     return torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> layers = torch.nn.ModuleList(block() for _ in range(11))
+        >>> model = torch.nn.ModuleDict({"encoder": layers})
+        >>> names = tonumpy.module_names(model, include="encoder.*")  # '*': within a segment
+        >>> len(names), names[-1]
+        (11, 'encoder.10')
+        >>> tonumpy.module_names(model, include="**.10.*")  # '**': any number of segments
+        ['encoder.10.0', 'encoder.10.1']
+        >>> tonumpy.module_names(model, include=re.compile(r"encoder\.1\d"))  # the whole name
+        ['encoder.10']
+
+    Args:
+        module: The model.
+        include: As for [`capture`][]: a glob pattern or a compiled regular expression over
+            module names, or several; a module is chosen if any matches.
+        exclude: As for [`capture`][]: patterns of names to leave out of those included.
+
+    Returns:
+        The chosen names, in ``module.named_modules()`` order.
+
+    Raises:
+        CaptureError: No module is chosen (the message lists the names there are and suggests
+            a pattern), or a pattern is malformed.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise CaptureError(f"module_names() needs a torch.nn.Module, got {type(module).__name__}")
+    return list(_chosen(module, include, exclude))
 
 
 class _ThreadState:
@@ -275,8 +306,8 @@ def capture(
     module: torch.nn.Module,
     /,
     *,
-    include: str | Iterable[str] = "*",
-    exclude: str | Iterable[str] = (),
+    include: ModulePattern | Iterable[ModulePattern] = "**",
+    exclude: ModulePattern | Iterable[ModulePattern] = (),
     inputs: bool = False,
     outputs: bool = True,
     every: int = 1,
@@ -286,14 +317,17 @@ def capture(
     scalars: bool = False,
     is_leaf: Callable[[Any], bool] | None = None,
 ) -> Iterator[Activations]:
-    """Capture the outputs (and/or inputs) of chosen submodules as NumPy, inside a ``with`` block.
+    r"""Capture the outputs (and/or inputs) of chosen submodules as NumPy, inside a ``with`` block.
 
-    Modules are chosen by shell-style glob patterns (``fnmatch``, case-sensitive) over the
-    names ``module.named_modules()`` gives (``"encoder.layers.0.attn"``; the root is ``""``).
-    For each captured call the hook detaches every tensor (the autograd graph is never kept),
-    applies ``reduce`` on the tensor's device, and starts the move to the host without waiting
-    for the GPU; the arrays are ready when read from the returned [`Activations`][]. The
-    hooks are removed when the block ends, also when it ends with an exception.
+    Modules are chosen by patterns over the names ``module.named_modules()`` gives
+    (``"encoder.layers.10.attn"``; the root is ``""``): glob patterns matched segment by segment
+    (``*`` within one dotted segment, ``**`` for any number of segments), or compiled regular
+    expressions matched against the whole name. [`module_names`][] lists what a pattern
+    chooses without hooking anything. For each captured call the hook detaches every tensor
+    (the autograd graph is never kept), applies ``reduce`` on the tensor's device, and starts
+    the move to the host without waiting for the GPU; the arrays are ready when read from the
+    returned [`Activations`][]. The hooks are removed when the block ends, also when it ends
+    with an exception.
 
     Examples:
         >>> import torch, tonumpy
@@ -304,17 +338,24 @@ def capture(
         ...     logits = model(torch.randn(16, 4))
         >>> {name: calls[0].shape for name, calls in acts.items()}
         {'0': (16, 8), '2': (16, 2)}
-        >>> with tonumpy.capture(model, include="*", exclude="", reduce=torch.linalg.norm) as acts:
+        >>> with tonumpy.capture(model, exclude="", reduce=torch.linalg.norm) as acts:
         ...     _ = model(torch.randn(16, 4))
         >>> norms = acts["1"]
-        >>> sorted(acts), norms[0].shape
+        >>> list(acts), norms[0].shape
         (['0', '1', '2'], ())
 
     Args:
         module: The model; its hooks are registered on it and its submodules.
-        include: A glob pattern, or several, over module names; a module is chosen if any
-            matches. The default ``"*"`` chooses every module, the root (``""``) included.
-        exclude: Patterns of names to leave out of those included.
+        include: A pattern, or several, over module names; a module is chosen if any
+            matches. In a glob pattern (a ``str``) ``*`` matches any characters within one
+            dotted segment, ``?`` one character and ``[0-9]`` one of a set (never a dot), and a
+            segment ``**`` matches zero or more whole segments: ``"encoder.layer.*"`` chooses
+            the layers, ``"**.attention"`` every ``attention`` module at any depth,
+            ``"encoder.**"`` ``encoder`` and everything in it, ``""`` the root module. A
+            compiled regular expression (``re.compile(r"encoder\.layer\.(1[0-9]|2[0-3])")``)
+            must match the whole name. The default ``"**"`` chooses every module, the root
+            included.
+        exclude: Patterns of names to leave out of those included, as for ``include``.
         inputs: Capture what each call takes. The tree is the tuple of positional arguments,
             or ``{"args": (...), "kwargs": {...}}`` when the call passed keyword arguments.
             Inputs are taken before the forward runs, so an in-place module cannot change them.
@@ -339,11 +380,13 @@ def capture(
         is_leaf: As for [`tonumpy.to_numpy`][]: nodes to keep whole.
 
     Yields:
-        The [`Activations`][] mapping, filled as the model runs. Captured arrays never share
-        memory with the model's tensors.
+        The [`Activations`][] mapping, filled as the model runs: a module appears in it once a
+        call of it is captured ([`Activations.chosen`][tonumpy.Activations.chosen] lists every
+        hooked module). Captured arrays never share memory with the model's tensors.
 
     Raises:
-        CaptureError: No module name matches the patterns, or an option is out of range.
+        CaptureError: No module name matches the patterns (the message lists the names and
+            suggests a pattern), a pattern is malformed, or an option is out of range.
         OptionError: ``inputs``, ``outputs``, ``ml_dtypes`` or ``scalars`` is not exactly
             ``True`` or ``False``.
     """
@@ -363,8 +406,8 @@ def capture(
         isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1
     ):
         raise CaptureError(f"max_calls= must be a positive int or None, got {max_calls!r}")
-    chosen = _choose(module, _patterns(include, "include"), _patterns(exclude, "exclude"))
-    acts = Activations(chosen, max_calls)
+    chosen = _chosen(module, include, exclude)
+    acts = Activations(chosen, max_calls, is_leaf=is_leaf)
     rec = _Recorder(
         acts, every=every, reduce=reduce, ml_dtypes=ml_dtypes, scalars=scalars, is_leaf=is_leaf
     )
