@@ -20,7 +20,7 @@ from ._columns import join
 from ._pad import PadValue, check_pad_option
 from .errors import ConversionError, OptionError
 
-__all__ = ["Activations"]
+__all__ = ["Activations", "record"]
 
 # the leaves Activations.arrays gives: arrays and numbers (of scalars=True captures)
 _NUMERIC = (np.ndarray, np.number, np.bool_, int, float, complex)
@@ -356,3 +356,11 @@ class _Values(ValuesView[list[Any]]):
     def __iter__(self) -> Iterator[list[Any]]:
         for _, pending in self._acts._held():  # noqa: SLF001 - the mapping's own view
             yield [call.result() for call in pending]
+
+
+def record(acts: Activations, name: str, call: Any) -> None:
+    """Store one captured call of module ``name`` in ``acts``: the hooks' way in.
+
+    The mapping is read-only for its users; ``capture``'s hooks are its only writer.
+    """
+    acts._add(name, call)  # noqa: SLF001 - the class is this module's own

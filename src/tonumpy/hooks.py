@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import _module_patterns, _options, _tree
-from ._activations import Activations
+from ._activations import Activations, record
 from ._module_patterns import ModulePattern
 from ._transfer import PendingTransfer
 from .convert import start
@@ -233,7 +233,7 @@ class _Recorder:
             raise
 
     def add(self, name: str, call: Any) -> None:
-        self.acts._add(name, call)  # noqa: SLF001 - the recorder is the mapping's only writer
+        record(self.acts, name, call)
 
 
 def _hooks(
