@@ -875,6 +875,10 @@ def test_directory_survives_a_crash(tmp_path: Path, mid_append: bool) -> None:
     np.testing.assert_array_equal(np.load(tmp_path / "loss.npy", mmap_mode="r"), np.arange(7.0))
     if mid_append:  # the 8th batch's bytes are in the file, past the counted rows
         assert os.path.getsize(tmp_path / "labels.npy") > os.path.getsize(tmp_path / "loss.npy")
+    # tonumpy reads the directory as np.load does: the structure, and the rows counted
+    loaded = tonumpy.load(tmp_path)
+    np.testing.assert_array_equal(loaded["labels"], labels)
+    np.testing.assert_array_equal(loaded["loss"], np.arange(7.0, dtype=np.float32))
 
 
 def test_top_level_exports() -> None:

@@ -164,14 +164,18 @@ def _empty(header: NpyHeader) -> np.ndarray:
 def map_npy(path: Path, where: str, f: BinaryIO | None = None) -> np.ndarray:
     """A ``.npy`` file, checked, then memory-mapped copy-on-write (the file stays untouched).
 
+    Bytes past the declared data are not read, as ``np.load`` does not read them: they are
+    what an ``Accumulator(directory=)`` append that was cut short wrote past the rows its
+    header counts.
+
     Raises:
-        FileFormatError: The header does not describe exactly the data that follows it.
+        FileFormatError: The header declares more data than the file holds.
     """
     with f if f is not None else open_regular(path) as file:
         size = os.fstat(file.fileno()).st_size
         header = read_header(file, where)
         held = size - header.size
-        if held != header.nbytes:
+        if held < header.nbytes:
             raise FileFormatError(
                 f"{where}: declares {header.describe()} but holds {held:,} bytes of data: "
                 "truncated or corrupt"
