@@ -437,21 +437,22 @@ def outline(spec: PyTreeSpec) -> list[Node]:
             nodes.append(Node(path, None, None, first, 1))
             continue
         entries = node.entries()
-        children = node.children()
-        starts = []
-        offset = first
-        for child in children:
-            starts.append(offset)
-            offset += child.num_leaves
-        by_entry = {
-            entry: (child, start)
-            for entry, child, start in zip(entries, children, starts, strict=True)
-        }
-        keys = list(entries)
-        one_level = node.one_level()
-        if node.type in _DICTS and one_level is not None:  # optree sorted the keys:
-            keys = list(one_level.unflatten([0] * node.num_children))  # take the dict's order
+        keys = entries
+        if node.type in _DICTS:  # optree sorted the keys: take the order the dict had
+            one_level = node.one_level()
+            assert one_level is not None  # noqa: S101 - a container has one
+            keys = list(one_level.unflatten([0] * node.num_children))
         nodes.append(Node(path, tuple(keys), node.type, first, node.num_leaves))
+        if node.num_nodes == node.num_children + 1 == node.num_leaves + 1:
+            # every child is a leaf (the common case at the bottom of a tree): no child spec
+            index = {entry: first + i for i, entry in enumerate(entries)}
+            nodes.extend(Node((*path, key), None, None, index[key], 1) for key in keys)
+            continue
+        by_entry = {}
+        offset = first
+        for entry, child in zip(entries, node.children(), strict=True):
+            by_entry[entry] = (child, offset)
+            offset += child.num_leaves
         for key in reversed(keys):
             child, start = by_entry[key]
             stack.append((child, (*path, key), start))
