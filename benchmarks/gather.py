@@ -26,9 +26,10 @@ Then the destination's memory (issue 15): each rank holds predictions of an eval
 (``(rows, 128, 1000)`` float32 logits, int64 labels, a loss; rank 0 a few more rows than rank 1;
 ``--quick``: ``(rows, 64, 500)``) and ``tonumpy.gather(tree, dst=0)`` runs once per pair of fresh
 processes, with all the data in one round (``chunk_bytes`` larger than the data: how ``gather``
-worked before rounds), in rounds of ``chunk_bytes`` (64 MiB; ``--quick``: 1 MiB), and in rounds
-into ``directory=``. Reported: rank 0's peak resident memory during the call (VmHWM, reset just
-before it) above its resident memory before it, next to the result's size.
+worked before rounds), in rounds of the default ``chunk_bytes`` (64 MiB per round, 32 MiB per
+rank; ``--quick``: 1 MiB per rank), and in rounds into ``directory=``. Reported: rank 0's peak
+resident memory during the call (VmHWM, reset just before it) above its resident memory before
+it, next to the result's size.
 """
 
 from __future__ import annotations
@@ -222,6 +223,7 @@ def _memory_worker(rank: int, port: int, mode: str, quick: bool, out: Path) -> N
 
     import tonumpy
     from _memory import reset_peak, status
+    from tonumpy import distributed
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -232,8 +234,10 @@ def _memory_worker(rank: int, port: int, mode: str, quick: bool, out: Path) -> N
         "labels": torch.randint(0, width, (rows[rank], length), generator=generator),
         "loss": torch.tensor(float(rank)),
     }
-    chunk = (1 << 20) if quick else (64 << 20)
-    options: dict[str, Any] = {"chunk_bytes": chunk if mode != "one round" else 1 << 62}
+    chunk = (1 << 20) if quick else max(distributed.ROUND_BYTES // WORLD, distributed.MIN_CHUNK)
+    options: dict[str, Any] = {"chunk_bytes": chunk if quick else None}
+    if mode == "one round":
+        options["chunk_bytes"] = 1 << 62
     folder = Path(tempfile.mkdtemp(prefix="gathered-", dir=out))
     if mode == "directory":
         options["directory"] = folder / "preds"

@@ -8,11 +8,12 @@ makes *every* rank raise the same error before any data moves, instead of leavin
 waiting in a collective forever.
 
 The tensor data then moves in rounds (``tonumpy._packing``): every rank's leaves are cut into
-pieces of whole rows, at most about ``chunk_bytes`` per rank and round (bfloat16 and float8 as
+pieces of whole rows, at most ``chunk_bytes`` per rank and round (bfloat16 and float8 as
 their raw bits), packed into one ``uint8`` buffer per rank, padded to the longest buffer of the
 round (gloo rejects uneven ``all_gather``, and crashes on zero-element ones), and all-gathered
 (or gathered to ``dst``): **one** collective per round, and one round for trees up to
-``chunk_bytes`` per rank. Receivers copy each piece straight to its rows of the result
+``chunk_bytes`` per rank (by default 64 MiB per round in all, shared among the ranks).
+Receivers copy each piece straight to its rows of the result
 (``tonumpy._destination``: padded, in rank or dataset order), so they hold the result (or, with
 ``directory=``, nothing of it) plus one round. PyTorch's distributed engine (gloo on CPU, NCCL on
 GPU) does all the communication; ``torch.distributed`` is imported only when ``gather`` runs.
@@ -57,8 +58,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["gather"]
 
-#: Bytes each rank sends per round by default (a receiver holds world x this at a time).
-CHUNK_BYTES = 64 << 20
+#: Bytes of one round, all ranks together, by default: each rank sends its share (at least
+#: ``MIN_CHUNK``), so a receiver holds about this much of the data at a time, whatever the world.
+ROUND_BYTES = 64 << 20
+MIN_CHUNK = 1 << 20
 
 
 # ------------------------------------------------------------------------------ gather
@@ -77,7 +80,7 @@ def gather(
     reduce: Mapping[Pattern, Callable[[Any], Any]] | None = None,
     exclude: Pattern | list[Pattern] | None = None,
     directory: str | os.PathLike[str] | None = None,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     ml_dtypes: bool = False,
     is_leaf: Callable[[Any], bool] | None = None,
 ) -> Any:
@@ -95,10 +98,10 @@ def gather(
     every rank, in rank order, and neither reordered by ``sampler`` nor cut by ``num_items``;
     the other array leaves hold one row per sample.
 
-    The data moves in rounds of at most about ``chunk_bytes`` per rank, one collective each, and
-    each round is copied into the result as it arrives: a receiving rank's memory peaks near the
-    result plus ``world * chunk_bytes``, or, with ``directory=``, near ``world * chunk_bytes``
-    alone.
+    The data moves in rounds of at most ``chunk_bytes`` per rank (by default 64 MiB per round in
+    all), one collective each, and each round is copied into the result as it arrives: a
+    receiving rank's memory peaks near the result plus a round or two (gloo copies a round
+    through a buffer of its own), or, with ``directory=``, near a round or two alone.
 
     Examples:
         >>> import torch
@@ -138,7 +141,8 @@ def gather(
             run's), and return read-only memory-mapped arrays. Needs ``axis=0``. With
             ``dst=None`` every rank receives: give each its own directory.
         chunk_bytes: The most bytes a rank sends in one round (a row larger than that goes
-            alone); every rank must pass the same.
+            alone); every rank must pass the same. ``None``: 64 MiB divided among the ranks
+            (at least 1 MiB each).
         ml_dtypes: Return bfloat16/float8 leaves bit-exact as ``ml_dtypes`` arrays instead
             of widening them to float32.
         is_leaf: Called on each node; a node it returns True for is treated as a leaf.
@@ -155,7 +159,7 @@ def gather(
             the ranks and the path.
         ValueError: ``dst`` is not a rank of ``group``, or this process is not in ``group``.
         OptionError: ``axis``, ``num_items`` or ``chunk_bytes`` is not an int (``num_items``
-            one ``>= 0``, ``chunk_bytes`` one ``>= 1``), ``ml_dtypes`` not a bool, a
+            one ``>= 0``, ``chunk_bytes`` ``None`` or one ``>= 1``), ``ml_dtypes`` not a bool, a
             ``pad_value`` callable cannot take ``(path, dtype)``, ``reduce``/``exclude`` are
             malformed or come with an Accumulator, or ``directory`` is a file or comes with an
             axis other than 0; raised before any exchange.
@@ -215,7 +219,12 @@ def gather(
     if remote:
         exchange = _Exchange(dist, group, device, dst=dst, is_dst=is_dst, ml_dtypes=ml_dtypes)
         failure = exchange.run(
-            prep, metas, columns, destination, failure=failure, chunk_bytes=chunk_bytes
+            prep,
+            metas,
+            columns,
+            destination,
+            failure=failure,
+            chunk_bytes=chunk_bytes or max(ROUND_BYTES // world, MIN_CHUNK),
         )
     elif destination is not None and failure is None:
         _place_local(prep, columns, destination, ml_dtypes)
@@ -279,14 +288,14 @@ def _checked_arguments(
     """Check gather's options as concat and Accumulator do; return axis and num_items as ints."""
     _options.check_flag(ml_dtypes, "ml_dtypes", "gather")
     check_pad_option(pad_value, "gather")
-    if not (
+    if chunk_bytes is not None and not (
         isinstance(chunk_bytes, int | np.integer)
         and not isinstance(chunk_bytes, bool)
         and chunk_bytes >= 1
     ):
         raise OptionError(
-            f"gather(chunk_bytes={chunk_bytes!r}): chunk_bytes= takes the most bytes a rank "
-            "sends per round, an int >= 1"
+            f"gather(chunk_bytes={chunk_bytes!r}): chunk_bytes= takes None or the most bytes a "
+            "rank sends per round, an int >= 1"
         )
     return _options.check_axis(axis, "gather"), _options.check_num_items(num_items, "gather")
 
