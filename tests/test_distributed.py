@@ -640,6 +640,9 @@ def _check_accumulate_then_gather_with_loss(rank: int, world: int) -> None:
     losses = np.array([b.float().mean() for batches in per_rank for b in batches], np.float32)
     tags = [f"batch{int(b[0])}" for batches in per_rank for b in batches]
     folder = Path(tempfile.mkdtemp(prefix=f"gathered{rank}-"))
+    on_disk = tonumpy.Accumulator(pad_value={"logits": -1.0}, directory=folder / "acc")
+    for batch in loader:
+        on_disk.append(_eval_outputs(torch.as_tensor(batch)))
     try:
         runs = {
             "memory": gather(acc, dst=0, sampler=sampler, pad_value={"logits": -1.0}),
@@ -647,6 +650,7 @@ def _check_accumulate_then_gather_with_loss(rank: int, world: int) -> None:
             "directory": gather(
                 acc, dst=0, sampler=sampler, pad_value=-1.0, directory=folder / "p", chunk_bytes=40
             ),
+            "from disk": gather(on_disk, dst=0, sampler=sampler, pad_value=-1.0, chunk_bytes=64),
         }
         if rank:
             assert all(out is None for out in runs.values())
@@ -668,6 +672,16 @@ def _check_accumulate_then_gather_with_loss(rank: int, world: int) -> None:
         assert isinstance(runs["directory"]["logits"], np.memmap)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_reduce_and_exclude(rank: int, world: int) -> None:
+    """reduce= and exclude= act on each rank's tree before anything is sent."""
+    logits = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(2, 3, 5) * (rank + 1)
+    tree = {"logits": logits, "cache": [torch.ones(1, rank + 1)], "n": torch.tensor([rank] * 2)}
+    out = gather(tree, reduce={"logits": lambda t: t.argmax(-1)}, exclude="cache", chunk_bytes=8)
+    assert out["cache"] is None  # ragged across ranks, but left out: no pad value needed
+    _same(out["logits"], np.full((2 * world, 3), 4, dtype=np.int64))
+    _same(out["n"], np.repeat(np.arange(world), 2))
 
 
 def _check_accumulator_and_plain_tree_disagree(rank: int, world: int) -> None:

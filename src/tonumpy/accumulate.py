@@ -223,8 +223,12 @@ class Accumulator:
         >>> labels, loss = out["labels"], out["loss"]
         >>> labels.shape, labels[0, -1], loss
         ((4, 5), np.int64(-100), array([0.5, 0.5], dtype=float32))
-        >>> acc.result(num_items=3)["labels"].shape
+        >>> acc.result(num_items=3)["labels"].shape  # the per-batch loss keeps its 2 values
         (3, 5)
+        >>> acc = Accumulator(reduce={"logits": lambda t: t.argmax(-1)}, exclude="cache")
+        >>> acc.append({"logits": torch.eye(3)[None], "cache": [torch.ones(1, 2)]})
+        >>> acc.result()
+        {'logits': array([[0, 1, 2]]), 'cache': None}
 
     Args:
         axis: The axis to concatenate along (negative counts from the end of each leaf);
