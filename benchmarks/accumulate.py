@@ -14,6 +14,14 @@ between 20 and 40, padded with -100 (what transformers does) to the longest L. C
 transformers is imported if installed; otherwise an equivalent reimplementation of those
 functions (below, labelled as such) is used, and the output says so.
 
+A second workload is a language model's evaluation (issue 15): a GPT-2 with a 32,000-token
+vocabulary (2 layers, width 64, built from a config: nothing is downloaded) run on batches of
+token ids of varying length, its outputs (``loss``, ``(batch, L, 32000)`` logits, the KV cache)
+appended to an ``Accumulator``; once keeping everything, once with ``exclude=`` (the cache),
+once with ``exclude=`` and ``reduce={"logits": argmax}``. Reported: the bytes of the tensors
+handed to the conversion (what a GPU would copy to the host), the result's size, and the peak
+host memory (VmHWM) over the loop, above the memory before it.
+
 Every measurement runs in a fresh subprocess (so peak-memory readings are its own). Only the
 time spent inside the accumulating calls is counted, not the making of the batches (a pool of
 64 batches is generated once; each step clones one, as a model would hand out fresh tensors).
@@ -22,6 +30,7 @@ Memory is read from ``/proc/self/status`` (VmRSS, and VmHWM after resetting it t
 
     python benchmarks/accumulate.py --quick          # seconds; what CI runs
     python benchmarks/accumulate.py                  # the issue's sizes (minutes, ~6 GB RAM)
+    python benchmarks/accumulate.py --device cuda    # the language model on a GPU
     python benchmarks/accumulate.py --write          # also update docs/performance.md
 """
 
@@ -40,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from _memory import reset_peak, status
 
 ROOT = Path(__file__).resolve().parent.parent
 PAD = -100
@@ -164,18 +175,6 @@ def batches(pool: list[dict[str, Any]], n: int, hf: bool = False) -> Any:
         yield {k: (v[None] if hf and v.ndim == 0 else v).clone() for k, v in b.items()}
 
 
-def status(field: str) -> int:
-    """A VmXXX field of /proc/self/status, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-
-
 def nbytes(tree: Any) -> int:
     return sum(v.nbytes for v in tree.values())
 
@@ -259,6 +258,70 @@ def run_container(pool: Any, n: int) -> tuple[Clock, Any]:
     return clock, out
 
 
+# ---------------------------------------------------------------- language-model evaluation
+
+LM_VOCAB = 32_000
+#: (batches, batch size, shortest L, longest L): full and --quick
+LM_SIZES = {False: (16, 8, 96, 128), True: (3, 2, 8, 16)}
+LM_MODES = {
+    "everything": "everything (logits and the KV cache)",
+    "exclude": '`exclude=["cache", "past_key_values"]`',
+    "reduce": '`exclude=` and `reduce={"logits": lambda t: t.argmax(-1)}`',
+}
+
+
+def run_lm(mode: str, quick: bool, device: str) -> dict[str, Any]:
+    """One evaluation loop of the language model, accumulating in ``mode``."""
+    import torch
+    import transformers
+
+    import tonumpy
+    from tonumpy import _tree, accumulate
+
+    transformers.logging.set_verbosity_error()  # a config from scratch: no token ids, no notes
+    n, batch, shortest, longest = LM_SIZES[quick]
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=2, vocab_size=LM_VOCAB, n_positions=256, use_cache=True
+    )
+    model = transformers.GPT2LMHeadModel(config).to(device).eval()
+    gen = torch.Generator().manual_seed(1)
+    inputs = []
+    for _ in range(n):
+        length = int(torch.randint(shortest, longest + 1, (), generator=gen))
+        inputs.append(torch.randint(0, LM_VOCAB, (batch, length), generator=gen).to(device))
+    options: dict[str, Any] = {"pad_value": -100}
+    if mode != "everything":
+        options["exclude"] = ["cache", "past_key_values"]
+    if mode == "reduce":
+        options["reduce"] = {"logits": lambda t: t.argmax(-1)}
+    handed = [0]
+    original = accumulate.start
+
+    def counting(leaves: list[Any], *args: Any, **kwargs: Any) -> Any:
+        handed[0] += sum(x.nbytes for x in leaves if isinstance(x, torch.Tensor))
+        return original(leaves, *args, **kwargs)
+
+    accumulate.start = counting  # type: ignore[assignment]
+    acc = tonumpy.Accumulator(**options)
+    clock = Clock()
+    base = status("VmRSS")
+    reset_peak()
+    with torch.inference_mode():
+        for ids in inputs:
+            with clock:
+                out = model(input_ids=ids, labels=ids)
+                acc.append(out)
+            del out
+        with clock:
+            preds = acc.result()
+    peak = status("VmHWM")
+    accumulate.start = original  # type: ignore[assignment]
+    leaves, _ = _tree.flatten(preds)
+    size = sum(x.nbytes for x in leaves if isinstance(x, np.ndarray))
+    return {"handed": handed[0], "result": size, "peak": peak - base, "seconds": clock.wall}
+
+
 METHODS: dict[str, Callable[[Any, int], tuple[Clock, Any]]] = {
     "tonumpy": run_tonumpy,
     "list": run_list,
@@ -274,8 +337,10 @@ def child(task: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    pool = make_pool()
     kind, n = task["kind"], task.get("n", 0)
+    if kind == "lm":  # several modes, one after the other (quick: one process for all)
+        return {mode: run_lm(mode, task["quick"], task["device"]) for mode in task["modes"]}
+    pool = make_pool()
     if kind == "time":
         clock, out = METHODS[task["method"]](pool, n)
         return {
@@ -355,6 +420,14 @@ def _spawn_once(task: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
+
+
+def size_text(n: float) -> str:
+    """Bytes in the unit that shows them best (B, KiB, MiB)."""
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,.0f} B"
 
 
 NAMES = {
@@ -480,6 +553,58 @@ class Report:
         self.say(
             f"Memory-mapped result equal to the in-memory one ({sizes[0]:,} batches): {check}."
         )
+        self.say()
+
+    def language_model(self) -> None:
+        n, batch, shortest, longest = LM_SIZES[self.quick]
+        device = self.args.device
+        self.say(
+            f"### A language model's evaluation: `reduce=` and `exclude=` ({device}, vocabulary "
+            f"{LM_VOCAB:,})"
+        )
+        self.say()
+        self.say(
+            f"GPT-2 (2 layers, width 64) from a config, {n} batches of {batch} sequences of "
+            f"{shortest} to {longest} tokens, outputs appended as the model returns them."
+        )
+        self.say()
+        self.say(
+            "| `Accumulator` options | bytes handed to the conversion | result size | "
+            "peak host memory over the loop | seconds |"
+        )
+        self.say("|---|---:|---:|---:|---:|")
+        rows: dict[str, Any] = {}
+        task = {"kind": "lm", "quick": self.quick, "device": device}
+        if self.quick:  # one process (importing transformers takes seconds): smallest first
+            rows = spawn({**task, "modes": list(reversed(LM_MODES))}, self.timeout)
+        else:  # a process per mode: each peak its own
+            for mode in LM_MODES:
+                rows.update(spawn({**task, "modes": [mode]}, self.timeout))
+        for mode, label in LM_MODES.items():
+            r = rows[mode]
+            peak = "(one process)" if self.quick else size_text(r["peak"])
+            self.say(
+                f"| {label} | {size_text(r['handed'])} | {size_text(r['result'])} | {peak} | "
+                f"{r['seconds']:.2f} |"
+            )
+        self.say()
+        moved = rows["exclude"]["handed"] / max(rows["reduce"]["handed"], 1)
+        text = (
+            f"`reduce=` handed {moved:,.0f}x fewer bytes to the conversion than keeping the logits"
+        )
+        if self.quick:
+            text += (
+                " (--quick runs the three loops in one process, so their peaks are not "
+                "comparable and are not shown)."
+            )
+        else:
+            peak = rows["exclude"]["peak"] / max(rows["reduce"]["peak"], 1)
+            text += (
+                f", and the loop's peak host memory was {peak:.1f}x lower (what remains is the "
+                "model's own work: one batch's logits and loss, which a GPU run keeps on the "
+                "device)."
+            )
+        self.say(text)
 
 
 def main() -> None:
@@ -491,6 +616,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--hf-batches", type=int, help="batches for the transformers loops")
     parser.add_argument("--repeat", type=int, help="runs per timing, fastest kept (3; quick: 1)")
+    parser.add_argument("--device", default="cpu", help="device of the language model (cpu)")
     args = parser.parse_args()
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
@@ -503,6 +629,7 @@ def main() -> None:
     report.linearity()
     report.memory()
     report.directory()
+    report.language_model()
     if args.write:
         write_section(report.lines, args.quick)
 

@@ -21,6 +21,15 @@ Collectives are counted by wrapping ``torch.distributed``'s ``all_gather``,
 ``all_gather_into_tensor``, ``gather`` and ``broadcast`` (calls made inside
 ``all_gather_object`` included). Times are the median over the repetitions, each started after a
 barrier, on rank 0. The result is a Markdown table on standard output.
+
+Then the destination's memory (issue 15): each rank holds predictions of an evaluation
+(``(rows, 128, 1000)`` float32 logits, int64 labels, a loss; rank 0 a few more rows than rank 1;
+``--quick``: ``(rows, 64, 500)``) and ``tonumpy.gather(tree, dst=0)`` runs once per pair of fresh
+processes, with all the data in one round (``chunk_bytes`` larger than the data: how ``gather``
+worked before rounds), in rounds of the default ``chunk_bytes`` (64 MiB per round, 32 MiB per
+rank; ``--quick``: 1 MiB per rank), and in rounds into ``directory=``. Reported: rank 0's peak
+resident memory during the call (VmHWM, reset just before it) above its resident memory before
+it, next to the result's size.
 """
 
 from __future__ import annotations
@@ -43,6 +52,13 @@ from typing import Any
 
 WORLD = 2
 ROWS = (33, 29)
+#: the memory test's rows per rank, sequence length and width of the logits: full, --quick
+MEMORY_SIZES = {False: ((600, 580), 128, 1000), True: ((40, 38), 64, 500)}
+MEMORY_MODES = {
+    "one round": "all at once (one round: as before rounds)",
+    "rounds": "in rounds of `chunk_bytes`",
+    "directory": "in rounds, into `directory=`",
+}
 _COUNTED = ("all_gather", "all_gather_into_tensor", "gather", "broadcast")
 
 
@@ -198,6 +214,107 @@ def _worker(rank: int, port: int, leaves: int, repeats: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def _memory_worker(rank: int, port: int, mode: str, quick: bool, out: Path) -> None:
+    """Gather one evaluation's predictions to rank 0 in ``mode``; rank 0 reports its peak."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    import tonumpy
+    from _memory import reset_peak, status
+    from tonumpy import distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    rows, length, width = MEMORY_SIZES[quick]
+    generator = torch.Generator().manual_seed(rank)
+    tree = {
+        "logits": torch.randn(rows[rank], length, width, generator=generator),
+        "labels": torch.randint(0, width, (rows[rank], length), generator=generator),
+        "loss": torch.tensor(float(rank)),
+    }
+    chunk = (1 << 20) if quick else max(distributed.ROUND_BYTES // WORLD, distributed.MIN_CHUNK)
+    options: dict[str, Any] = {"chunk_bytes": chunk if quick else None}
+    if mode == "one round":
+        options["chunk_bytes"] = 1 << 62
+    folder = Path(tempfile.mkdtemp(prefix="gathered-", dir=out))
+    if mode == "directory":
+        options["directory"] = folder / "preds"
+    tonumpy.gather({"warm": torch.ones(1)}, dst=0)  # first-call imports and set-up, not counted
+    dist.barrier()
+    base = status("VmRSS")
+    reset_peak()
+    start = time.perf_counter()
+    result = tonumpy.gather(tree, dst=0, **options)
+    seconds = time.perf_counter() - start
+    peak = status("VmHWM") - base
+    if rank == 0:
+        assert result is not None
+        np.testing.assert_array_equal(result["logits"][: rows[0]], tree["logits"].numpy())
+        size = sum(result[key].nbytes for key in ("logits", "labels", "loss"))
+        report = {"peak": peak, "size": size, "seconds": seconds, "chunk": chunk}
+        (out / "result.json").write_text(json.dumps(report))
+    del result
+    dist.barrier()
+    shutil.rmtree(folder, ignore_errors=True)
+    dist.destroy_process_group()
+
+
+def _run(extra: list[str], timeout: float) -> dict[str, Any]:
+    """Run the two workers of this file with ``extra`` arguments; rank 0's result."""
+    out = Path(tempfile.mkdtemp(prefix="tonumpy-gather-bench-"))
+    port = _free_port()
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, *extra, str(rank), str(port), str(out)],
+            start_new_session=True,
+            env=env,
+        )
+        for rank in range(WORLD)
+    ]
+    try:
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    try:
+        if any(proc.returncode for proc in procs):
+            sys.exit("a worker failed")
+        result: dict[str, Any] = json.loads((out / "result.json").read_text())
+        return result
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _memory_report(quick: bool, timeout: float) -> None:
+    rows, length, width = MEMORY_SIZES[quick]
+    results = {}
+    for mode in MEMORY_MODES:
+        flag = ["--quick"] if quick else []
+        results[mode] = _run([*flag, "--memory-worker", mode], timeout)
+    chunk = results["rounds"]["chunk"]
+    size = results["rounds"]["size"]
+    print(
+        f"\nDestination memory: 2 CPU ranks, logits ({rows[0]} and {rows[1]}, {length}, {width}) "
+        f"float32, labels, a loss; result {_mib(size)}; chunk_bytes {_mib(chunk)}\n"
+    )
+    print("| `gather(tree, dst=0)` | peak memory on rank 0 during the call | / result | seconds |")
+    print("|---|---:|---:|---:|")
+    for mode, label in MEMORY_MODES.items():
+        r = results[mode]
+        print(f"| {label} | {_mib(r['peak'])} | {r['peak'] / size:.2f} | {r['seconds']:.2f} |")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -214,6 +331,9 @@ def main() -> None:
     parser.add_argument(
         "--worker", nargs=3, metavar=("RANK", "PORT", "OUT"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--memory-worker", nargs=4, metavar=("MODE", "RANK", "PORT", "OUT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     leaves = args.leaves or (200 if args.quick else 1000)
     repeats = args.repeats or (3 if args.quick else 20)
@@ -221,33 +341,13 @@ def main() -> None:
         rank, port, out = args.worker
         _worker(int(rank), int(port), leaves, repeats, Path(out))
         return
+    if args.memory_worker:
+        mode, rank, port, out = args.memory_worker
+        _memory_worker(int(rank), int(port), mode, args.quick, Path(out))
+        return
 
-    out = Path(tempfile.mkdtemp(prefix="tonumpy-gather-bench-"))
-    port = _free_port()
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    command = [sys.executable, __file__, "--leaves", str(leaves), "--repeats", str(repeats)]
-    procs = [
-        subprocess.Popen(
-            [*command, "--worker", str(rank), str(port), str(out)],
-            start_new_session=True,
-            env=env,
-        )
-        for rank in range(WORLD)
-    ]
-    try:
-        deadline = time.monotonic() + args.timeout
-        for proc in procs:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
-    finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if any(proc.returncode for proc in procs):
-        shutil.rmtree(out, ignore_errors=True)
-        sys.exit("a worker failed")
-    result = json.loads((out / "result.json").read_text())
-    shutil.rmtree(out, ignore_errors=True)
+    extra = ["--leaves", str(leaves), "--repeats", str(repeats), "--worker"]
+    result = _run(extra, args.timeout)
     ours, other = result["tonumpy"], result["other"]
     print(
         f"{result['leaves']} leaves, 2 CPU ranks (gloo), rows {ROWS[0]} and {ROWS[1]}, "
@@ -264,6 +364,7 @@ def main() -> None:
         f"\nCollectives ratio: {other['collectives'] / ours['collectives']:.0f}x; "
         f"time ratio: {other['seconds'] / ours['seconds']:.1f}x"
     )
+    _memory_report(args.quick, args.timeout)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,19 @@ def bert_mlm(ctx: PageContext) -> dict[str, Any]:
 
 
 @fixture
+def gpt2_lm(ctx: PageContext) -> dict[str, Any]:
+    """As ``bert_mlm``, with a tiny GPT-2 language model whose outputs carry its KV cache
+    (``cache`` in transformers 5, ``past_key_values`` before): logits, loss and cache."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, use_cache=True
+    )
+    return _model_names(transformers.GPT2LMHeadModel(config), _token_examples(targets=False))
+
+
+@fixture
 def bart_seq2seq(ctx: PageContext) -> dict[str, Any]:
     """As ``bert_mlm``, with a tiny BART encoder-decoder (modules ``model.encoder.layers.N``,
     ``model.decoder.layers.N``); ``labels`` are target sequences of their own lengths."""

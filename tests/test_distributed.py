@@ -515,6 +515,284 @@ def _check_dtensor(rank: int, world: int) -> None:
     assert_same_tree(out["local"], np.arange(world))
 
 
+# ------------------------------------------------------------------------------ issue 15
+
+
+def _counting(names: tuple[str, ...]) -> Any:
+    """A context manager counting calls of torch.distributed collectives (and their buffers)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    calls: list[tuple[str, int]] = []
+    originals = {name: getattr(c10d, name) for name in names}
+
+    def counting(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            sent = args[0] if name == "gather" else args[1]  # the buffer this rank sends
+            size = sent.numel() if isinstance(sent, torch.Tensor) else -1
+            calls.append((name, size))
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    @contextlib.contextmanager
+    def manager() -> Any:
+        for name in names:
+            for module in (c10d, torch.distributed):
+                setattr(module, name, counting(name))
+        try:
+            yield calls
+        finally:
+            for name, fn in originals.items():
+                for module in (c10d, torch.distributed):
+                    setattr(module, name, fn)
+
+    return manager()
+
+
+def _round_tree(rank: int) -> dict[str, Any]:
+    """Leaves of every kind, several rows per rank, one of them ragged: many rounds if small."""
+    tree: dict[str, Any] = dict(_dtype_tree(rank))
+    tree["ragged"] = _ragged_leaf(rank)
+    tree["names"] = np.array([f"r{rank}i{i}" for i in range(rank + 1)])  # pickled: str array
+    tree["tag"] = f"rank{rank}"
+    tree["long"] = torch.arange(40 * (rank + 1), dtype=torch.int64).reshape(-1, 4) * (rank + 1)
+    return tree
+
+
+def _check_rounds(rank: int, world: int) -> None:
+    """Small chunk_bytes: many rounds, one collective each, every buffer within the chunk;
+    the result is the one-round result, and equals the expected arrays."""
+    tree = _round_tree(rank)
+    whole = gather(tree, pad_value={"ragged": -7})
+    expected = _expected_dtypes(world, ml=False)
+    for key, value in expected.items():
+        assert_same_tree(whole[key], value)
+    assert_same_tree(whole["ragged"], _expected_ragged(world, -7))
+    assert_same_tree(
+        whole["long"], np.concatenate([_round_tree(r)["long"].numpy() for r in range(world)])
+    )
+    assert whole["tag"] == [f"rank{r}" for r in range(world)]
+    assert_same_tree(
+        whole["names"], np.concatenate([_round_tree(r)["names"] for r in range(world)])
+    )
+    for chunk in (1, 24, 200):
+        with _counting(("all_gather", "gather")) as calls:
+            out = gather(tree, pad_value={"ragged": -7}, chunk_bytes=chunk, dst=world - 1)
+        if rank == world - 1:
+            assert list(out) == list(whole)
+            for key, value in whole.items():
+                if isinstance(value, np.ndarray):
+                    assert_same_tree(out[key], value)
+                else:
+                    assert out[key] == value
+        else:
+            assert out is None
+        if world > 1:
+            data = [size for name, size in calls if name == "gather"]
+            assert len(data) > 3, data  # several rounds
+            largest_row = 4 * 8  # a row of "long": 4 int64
+            assert max(data) <= -(-max(chunk, largest_row) // 16) * 16, (chunk, data)
+
+
+def _check_rounds_with_sampler_and_axis(rank: int, world: int) -> None:
+    from torch.utils.data import DistributedSampler
+
+    dataset = list(range(11))
+    sampler = DistributedSampler(dataset, shuffle=True, seed=5)
+    items = torch.tensor(list(sampler))
+    tree = {"item": items, "emb": items[:, None].float().repeat(1, 3), "loss": torch.tensor(1.0)}
+    out = gather(tree, sampler=sampler, chunk_bytes=8)
+    assert_same_tree(out["item"], np.arange(11))
+    assert_same_tree(out["emb"], np.repeat(np.arange(11, dtype=np.float32)[:, None], 3, 1))
+    assert_same_tree(out["loss"], np.ones(world, dtype=np.float32))
+    cols = torch.full((2, rank + 1), rank, dtype=torch.int16)
+    out = gather({"c": cols}, axis=-1, chunk_bytes=2)
+    assert_same_tree(
+        out["c"], np.concatenate([np.full((2, r + 1), r, np.int16) for r in range(world)], 1)
+    )
+
+
+def _eval_outputs(items: torch.Tensor) -> dict[str, Any]:
+    """A model's output for a batch of dataset items: ragged logits, a loss, a tag."""
+    length = 2 + int(items.max()) % 4  # the batch's padded length depends on its items
+    logits = items[:, None, None].float() + torch.arange(length)[None, :, None] / 10
+    return {
+        "item": items.clone(),
+        "logits": logits.repeat(1, 1, 3),
+        "loss": items.float().mean(),
+        "tag": f"batch{int(items[0])}",
+    }
+
+
+def _check_accumulate_then_gather_with_loss(rank: int, world: int) -> None:
+    """gather(acc, sampler=): per-sample rows in dataset order, per-batch values one per batch
+    of every rank in rank order; the same with directory= and in small rounds."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    dataset = list(range(11))  # 11 items: DistributedSampler repeats some on 2 and 3 ranks
+    sampler = DistributedSampler(dataset, shuffle=True, seed=1)
+    loader = DataLoader(dataset, batch_size=2, sampler=sampler)
+    acc = tonumpy.Accumulator(pad_value={"logits": -1.0})
+    for batch in loader:
+        acc.append(_eval_outputs(torch.as_tensor(batch)))
+    with pytest.raises(ConversionError, match="sampler gives that rank"):
+        gather(acc.result(), sampler=sampler, pad_value={"logits": -1.0})
+    if world > 1:  # a rank holds its share only
+        with pytest.raises(ConversionError, match=r"gather\(acc, sampler"):
+            acc.result(num_items=len(dataset))
+    per_rank = [
+        [torch.as_tensor(b) for b in DataLoader(dataset, 2, sampler=_peer(sampler, r))]
+        for r in range(world)
+    ]
+    losses = np.array([b.float().mean() for batches in per_rank for b in batches], np.float32)
+    tags = [f"batch{int(b[0])}" for batches in per_rank for b in batches]
+    folder = Path(tempfile.mkdtemp(prefix=f"gathered{rank}-"))
+    on_disk = tonumpy.Accumulator(pad_value={"logits": -1.0}, directory=folder / "acc")
+    for batch in loader:
+        on_disk.append(_eval_outputs(torch.as_tensor(batch)))
+    try:
+        runs = {
+            "memory": gather(acc, dst=0, sampler=sampler, pad_value={"logits": -1.0}),
+            "rounds": gather(acc, dst=0, sampler=sampler, pad_value=-1.0, chunk_bytes=40),
+            "directory": gather(
+                acc, dst=0, sampler=sampler, pad_value=-1.0, directory=folder / "p", chunk_bytes=40
+            ),
+            "from disk": gather(on_disk, dst=0, sampler=sampler, pad_value=-1.0, chunk_bytes=64),
+        }
+        if rank:
+            assert all(out is None for out in runs.values())
+            assert not (folder / "p").exists()
+            return
+        for name, out in runs.items():  # np.asarray: directory= gives np.memmap arrays
+            assert_same_tree(np.asarray(out["item"]), np.arange(len(dataset)))
+            assert_same_tree(np.asarray(out["loss"]), losses)
+            assert out["tag"] == tags, name
+            width = out["logits"].shape[1]
+            for i in range(len(dataset)):
+                row = np.asarray(out["logits"][i])
+                length = int((row[:, 0] != -1).sum())
+                assert width >= length >= 2
+                expected = i + np.arange(length, dtype=np.float32)[:, None] / 10
+                assert_same_tree(row[:length], np.repeat(expected.astype(np.float32), 3, 1))
+        loaded = tonumpy.load(folder / "p")
+        assert_same_tree(np.asarray(loaded["logits"]), runs["memory"]["logits"])
+        assert isinstance(runs["directory"]["logits"], np.memmap)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_reduce_and_exclude(rank: int, world: int) -> None:
+    """reduce= and exclude= act on each rank's tree before anything is sent."""
+    logits = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(2, 3, 5) * (rank + 1)
+    tree = {"logits": logits, "cache": [torch.ones(1, rank + 1)], "n": torch.tensor([rank] * 2)}
+    out = gather(tree, reduce={"logits": lambda t: t.argmax(-1)}, exclude="cache", chunk_bytes=8)
+    assert out["cache"] is None  # ragged across ranks, but left out: no pad value needed
+    assert_same_tree(out["logits"], np.full((2 * world, 3), 4, dtype=np.int64))
+    assert_same_tree(out["n"], np.repeat(np.arange(world), 2))
+
+
+def _check_accumulator_and_plain_tree_disagree(rank: int, world: int) -> None:
+    acc = tonumpy.Accumulator()
+    acc.append({"x": torch.ones(2), "loss": torch.tensor(0.5)})
+    if world > 1:
+        mine: Any = acc if rank == 0 else acc.result()
+        _expect_raise_everywhere(
+            r"tree\['loss'\] holds one value per batch on rank 0", lambda: gather(mine)
+        )
+    with pytest.raises(tonumpy.OptionError, match="an Accumulator applies its own"):
+        gather(acc, exclude="loss")
+
+
+def _check_directory_destination_errors(rank: int, world: int) -> None:
+    """A receiver that cannot write its directory raises after the exchange; nobody hangs."""
+    folder = Path(tempfile.mkdtemp(prefix=f"taken{rank}-"))
+    try:
+        (folder / "__tonumpy__.json").write_text("{}")  # another run's structure
+        tree = {"x": torch.full((3, 2), rank)}
+        start = time.monotonic()
+        if rank == 0:
+            with pytest.raises(FileExistsError, match="never overwrites"):
+                gather(tree, dst=0, directory=folder, chunk_bytes=16)
+        else:
+            assert gather(tree, dst=0, directory=folder, chunk_bytes=16) is None
+        assert time.monotonic() - start < BOUND
+        assert (folder / "__tonumpy__.json").read_text() == "{}"
+        with pytest.raises(tonumpy.OptionError, match="needs axis=0"):
+            gather(tree, directory=folder / "new", axis=1)
+        with pytest.raises(tonumpy.OptionError, match="chunk_bytes="):
+            gather(tree, chunk_bytes=0)
+        out = gather(tree)  # the group is still usable
+        assert_same_tree(out["x"], np.concatenate([np.full((3, 2), r) for r in range(world)]))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_guide_recipe(rank: int, world: int) -> None:
+    """The distributed guide's code blocks, as written, on a tiny BERT in every rank."""
+    import _docs_fixtures
+    import test_docs_code
+
+    page = test_docs_code.ROOT / "docs" / "guides" / "distributed.md"
+
+    def process_group(ctx: Any) -> dict[str, Any]:  # the real group of this test, not a new one
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        dataset = ctx.namespace["dataset"]
+        sampler = DistributedSampler(dataset, shuffle=False)
+        loader = DataLoader(
+            dataset,
+            batch_size=_docs_fixtures.BATCH_SIZE,
+            sampler=sampler,
+            collate_fn=_docs_fixtures.collate,
+        )
+        return {"sampler": sampler, "loader": loader}
+
+    original = _docs_fixtures.FIXTURES["process_group"]
+    _docs_fixtures.FIXTURES["process_group"] = process_group
+    root = Path(tempfile.mkdtemp(prefix=f"guide{rank}-"))
+    runs = test_docs_code.Runs(root)
+    cwd = os.getcwd()
+    try:
+        run = runs.get(page)
+        os.chdir(run.directory)  # as the docs runner does: relative paths land in a temp dir
+        ran = []
+        for index, step in enumerate(run.steps):
+            block = step.block
+            if block is not None and block.runs and not block.skip and block.language == "python":
+                run.run_through(index)
+                ran.append(step.line)
+        namespace = run.module.__dict__
+        assert len(ran) >= 2, ran
+        preds = namespace["preds"]
+        if rank:
+            assert preds is None
+            return
+        model, dataset = namespace["model"], namespace["dataset"]
+        assert preds["logits"].shape[0] == len(dataset)
+        losses = []
+        for r in range(world):
+            peer = _peer(namespace["sampler"], r)
+            loader = torch.utils.data.DataLoader(
+                dataset, _docs_fixtures.BATCH_SIZE, sampler=peer, collate_fn=_docs_fixtures.collate
+            )
+            with torch.no_grad():
+                losses += [float(model(**batch).loss) for batch in loader]
+        np.testing.assert_allclose(preds["loss"], losses, rtol=1e-5)
+        with torch.no_grad():
+            for i in range(len(dataset)):
+                one = _docs_fixtures.collate([dataset[i]])
+                logits = model(**one).logits[0].numpy()
+                np.testing.assert_allclose(preds["logits"][i, : len(logits)], logits, atol=1e-4)
+                labels = preds["labels"][i]
+                assert_same_tree(np.asarray(labels[: len(logits)]), one["labels"][0].numpy())
+                assert (labels[len(logits) :] == -100).all()
+    finally:
+        os.chdir(cwd)
+        _docs_fixtures.FIXTURES["process_group"] = original
+        runs.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 CHECKS: dict[str, Callable[[int, int], None]] = {
     name.removeprefix("_check_"): fn
     for name, fn in sorted(globals().items())

@@ -1,19 +1,23 @@
-"""One rank's tree as one byte buffer for ``gather``, and the leaves back from the buffers.
+"""One rank's tree as byte buffers for ``gather``, sent in rounds, and the rows back from them.
 
-[`prepare`][tonumpy._packing.prepare] flattens a rank's tree and describes every leaf (its
-code, dtype, shape, offset and size, or its pickled value);
-[`make_pieces`][tonumpy._packing.make_pieces] reads each leaf's bytes (failing there, where
-every rank learns of it, never in a collective); [`pack_buffer`][tonumpy._packing.pack_buffer]
-lays them out in one ``uint8`` buffer, larger items first so every offset is aligned;
-[`rebuild`][tonumpy._packing.rebuild] cuts a received buffer back into one rank's leaves.
+[`prepare`][tonumpy._packing.prepare] describes every leaf of a rank's flattened tree (its
+code, dtype, shape and size, or its pickled value); [`make_pieces`][tonumpy._packing.make_pieces]
+reads each leaf's bytes (failing there, where every rank learns of it, never in a collective).
+The data then travels in **rounds**: [`plan_rounds`][tonumpy._packing.plan_rounds] cuts every
+rank's leaves, along the concatenation axis, into pieces of whole rows, at most about
+``chunk_bytes`` per rank and round (a single row larger than that travels alone), the same plan
+on every rank since it is made from the exchanged metadata alone;
+[`pack_round`][tonumpy._packing.pack_round] lays a round's pieces out in one ``uint8`` buffer
+(each piece 16-byte aligned), and [`unpack`][tonumpy._packing.unpack] cuts a received buffer
+back into rows. A receiver therefore holds one round of every rank's bytes at a time.
 """
 
 from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,14 +36,19 @@ __all__ = [
     "SENDABLE",
     "TENSOR",
     "Info",
+    "Piece",
     "Prepared",
     "info_kind",
+    "info_rows",
     "is_dtensor",
     "make_pieces",
     "numpy_dtype",
-    "pack_buffer",
+    "pack_round",
+    "plan_rounds",
     "prepare",
-    "rebuild",
+    "round_size",
+    "rows_first_bytes",
+    "unpack",
 ]
 
 # Leaf codes in the metadata.
@@ -52,26 +61,34 @@ OBJECT = "o"  # anything else: pickled into the metadata
 SENDABLE: frozenset[torch.dtype] = _dtypes.NATIVE | frozenset(_dtypes.ML_DTYPES)
 ALIGN = 16  # the largest item size sent (complex128)
 
-# One leaf's metadata: (code, dtype, shape, offset, nbytes, payload). ``dtype`` is a torch or
-# NumPy dtype (None for objects); ``payload`` is the pickled value of an object leaf.
-Info = tuple[str, Any, tuple[int, ...] | None, int, int, bytes | None]
+# One leaf's metadata: (code, dtype, shape, nbytes, payload). ``dtype`` is a torch or NumPy
+# dtype (None for objects); ``payload`` is the pickled value of an object leaf.
+Info = tuple[str, Any, tuple[int, ...] | None, int, bytes | None]
 
 
 class Prepared:
-    """One rank's tree, ready to send: leaves, metadata and the byte layout."""
+    """One rank's tree, ready to send: leaves, metadata and each leaf's bytes."""
 
-    __slots__ = ("error", "infos", "leaves", "nbytes", "order", "pieces", "sources", "spec")
+    __slots__ = ("error", "flat", "infos", "leaves", "sources", "spec")
 
     def __init__(self) -> None:
         self.leaves: list[Any] = []
         self.spec: PyTreeSpec | None = None
         self.infos: list[Info] = []
         self.sources: list[Any] = []  # per leaf: the tensor/array whose bytes are sent, or None
-        self.order: list[int] = []  # leaf indices in buffer order
-        self.nbytes = 0
         self.error: BaseException | None = None
-        # per sized leaf, in buffer order: its bytes, flat, ready to copy into the buffer
-        self.pieces: list[Any] = []
+        # per leaf: its bytes, flat (rows first once rows_first_bytes ran), or None
+        self.flat: list[Any] = []
+
+
+class Piece(NamedTuple):
+    """Rows ``start:stop`` of leaf ``leaf`` of one rank, at ``offset`` in a round's buffer."""
+
+    leaf: int
+    start: int
+    stop: int
+    offset: int
+    nbytes: int
 
 
 # ------------------------------------------------------------------------------ local side
@@ -146,37 +163,21 @@ def _itemsize(dtype: Any) -> int:
     return int(dtype.itemsize)
 
 
-def prepare(
-    tree: Any,
-    *,
-    remote: bool,
-    ml_dtypes: bool,
-    is_leaf: Callable[[Any], bool] | None,
-) -> Prepared:
-    """Flatten and classify the local tree; lay its bytes out in one buffer."""
+def prepare(leaves: list[Any], spec: PyTreeSpec, *, remote: bool, ml_dtypes: bool) -> Prepared:
+    """Classify a rank's flattened tree: every leaf's metadata, and the source of its bytes."""
     prep = Prepared()
-    prep.leaves, prep.spec = _tree.flatten(tree, is_leaf=is_leaf)
-    classified = []
-    for index, leaf in enumerate(prep.leaves):
-        classified.append(
-            _describe_leaf(leaf, index, prep.spec, remote=remote, ml_dtypes=ml_dtypes)
+    prep.leaves, prep.spec = leaves, spec
+    for index, leaf in enumerate(leaves):
+        code, dtype, shape, source, payload = _describe_leaf(
+            leaf, index, spec, remote=remote, ml_dtypes=ml_dtypes
         )
-    # Larger items first: every offset is then a multiple of its leaf's item size, with no gaps.
-    sized = [i for i, c in enumerate(classified) if c[0] != OBJECT]
-    prep.order = sorted(sized, key=lambda i: -_itemsize(classified[i][1]))
-    offsets = dict.fromkeys(range(len(classified)), 0)
-    sizes = dict.fromkeys(range(len(classified)), 0)
-    offset = 0
-    for i in prep.order:
-        _, dtype, shape, _, _ = classified[i]
-        assert shape is not None  # noqa: S101 - sized leaves have shapes
-        offsets[i] = offset
-        sizes[i] = math.prod(shape) * _itemsize(dtype)
-        offset += sizes[i]
-    prep.nbytes = offset
-    for i, (code, dtype, shape, source, payload) in enumerate(classified):
-        prep.infos.append((code, dtype, shape, offsets[i], sizes[i], payload))
+        nbytes = 0
+        if code != OBJECT:
+            assert shape is not None  # noqa: S101 - sized leaves have shapes
+            nbytes = math.prod(shape) * _itemsize(dtype)
+        prep.infos.append((code, dtype, shape, nbytes, payload))
         prep.sources.append(source)
+    prep.flat = [None] * len(leaves)
     return prep
 
 
@@ -190,7 +191,7 @@ def _byte_view(source: Any, device: torch.device) -> torch.Tensor:
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    flat: torch.Tensor = t.reshape(-1).view(torch.uint8)
+    flat: torch.Tensor = t.contiguous().reshape(-1).view(torch.uint8)
     return flat.to(device)
 
 
@@ -208,19 +209,17 @@ def make_pieces(prep: Prepared, device: torch.device, *, dtensors: bool) -> None
     """Read every sized leaf's bytes (DTensors only when ``dtensors``): flat, on ``device``.
 
     Runs before the metadata exchange for every other leaf, so that a leaf whose data cannot be
-    read fails *there*, where every rank learns of it, and not in the data collective, where
+    read fails *there*, where every rank learns of it, and not in a data collective, where
     the other ranks would wait for this one forever.
     """
     assert prep.spec is not None  # noqa: S101
-    if not prep.pieces:
-        prep.pieces = [None] * len(prep.order)
     on_host = device.type == "cpu"  # NumPy's per-leaf overhead is a fraction of torch's
-    for slot, i in enumerate(prep.order):
-        if (prep.infos[i][0] == DTENSOR) != dtensors or not prep.infos[i][4]:
+    for i, info in enumerate(prep.infos):
+        if info[0] == OBJECT or (info[0] == DTENSOR) != dtensors or not info[3]:
             continue
         source = prep.sources[i]
         try:
-            prep.pieces[slot] = _host_bytes(source) if on_host else _byte_view(source, device)
+            prep.flat[i] = _host_bytes(source) if on_host else _byte_view(source, device)
         except Exception as exc:
             path, where = _tree.leaf_path(prep.spec, i)
             raise ConversionError(
@@ -230,18 +229,89 @@ def make_pieces(prep: Prepared, device: torch.device, *, dtensors: bool) -> None
             ) from exc
 
 
-def pack_buffer(prep: Prepared, size: int, device: torch.device) -> torch.Tensor:
-    """One ``uint8`` buffer of ``size`` bytes holding every sized leaf at its offset."""
-    pieces = [piece for piece in prep.pieces if piece is not None]
-    if device.type == "cpu":
-        host = np.empty(size, dtype=np.uint8)
-        if pieces:
-            np.concatenate(pieces, out=host[: prep.nbytes])
-        return torch.from_numpy(host)
-    buffer = torch.empty(size, dtype=torch.uint8, device=device)
-    if pieces:
-        torch.cat(pieces, out=buffer[: prep.nbytes])
-    return buffer
+def rows_first_bytes(prep: Prepared, axes: Sequence[int]) -> None:
+    """Reorder the bytes of every leaf concatenated along an axis other than 0, rows first."""
+    for i, (_, dtype, shape, nbytes, _) in enumerate(prep.infos):
+        ax, flat = axes[i], prep.flat[i]
+        if not ax or flat is None or not shape or not nbytes:
+            continue
+        grid = flat.reshape(*shape, _itemsize(dtype))
+        if isinstance(flat, np.ndarray):
+            prep.flat[i] = np.ascontiguousarray(np.moveaxis(grid, ax, 0)).reshape(-1)
+        else:
+            prep.flat[i] = grid.movedim(ax, 0).contiguous().reshape(-1)
+
+
+def info_rows(info: Info, axis: int) -> int:
+    """How many rows a sized leaf has along its (normalised) concatenation axis."""
+    shape = info[2]
+    assert shape is not None  # noqa: S101
+    return shape[axis] if shape else 1
+
+
+def plan_rounds(
+    metas: Sequence[tuple[Any, ...]], axes: Sequence[int], chunk_bytes: int
+) -> list[list[list[Piece]]]:
+    """``rounds[k][rank]``: the pieces rank ``rank`` sends in round ``k`` (the same everywhere).
+
+    Each rank's sized leaves are cut, in leaf order, into pieces of whole rows that fill rounds
+    of at most ``chunk_bytes`` (a piece of one row larger than that fills a round alone). The
+    ranks send in every round until they run out; there are as many rounds as the rank that
+    needs most.
+    """
+    per_rank: list[list[list[Piece]]] = []
+    for meta in metas:
+        rounds: list[list[Piece]] = [[]]
+        used = 0
+        for i, (code, _, _, nbytes, _) in enumerate(meta[4]):
+            if code == OBJECT or not nbytes:
+                continue
+            rows = info_rows(meta[4][i], axes[i])
+            row_bytes = nbytes // rows
+            start = 0
+            while start < rows:
+                take = min(rows - start, (chunk_bytes - used) // row_bytes)
+                if take == 0 and used:
+                    rounds.append([])
+                    used = 0
+                    continue
+                take = max(take, 1)
+                size = take * row_bytes
+                rounds[-1].append(Piece(i, start, start + take, used, size))
+                used += -(-size // ALIGN) * ALIGN
+                start += take
+                if used >= chunk_bytes:
+                    rounds.append([])
+                    used = 0
+        if not rounds[-1]:
+            rounds.pop()
+        per_rank.append(rounds)
+    count = max(len(rounds) for rounds in per_rank)
+    return [[rounds[k] if k < len(rounds) else [] for rounds in per_rank] for k in range(count)]
+
+
+def round_size(pieces_by_rank: Sequence[Sequence[Piece]]) -> int:
+    """The buffer size of a round: the largest rank's, 16-byte aligned, at least 16 bytes."""
+    ends = [p.offset + p.nbytes for pieces in pieces_by_rank for p in pieces]
+    return -(-max(1, *ends) // ALIGN) * ALIGN if ends else ALIGN
+
+
+def pack_round(prep: Prepared, pieces: Sequence[Piece], out: torch.Tensor) -> None:
+    """Copy this rank's pieces of a round into ``out``, its ``uint8`` buffer for the round."""
+    if out.device.type == "cpu":
+        host = out.numpy()
+        for piece in pieces:
+            row = piece.nbytes // (piece.stop - piece.start)
+            flat = prep.flat[piece.leaf]
+            host[piece.offset : piece.offset + piece.nbytes] = flat[
+                piece.start * row : piece.stop * row
+            ]
+        return
+    for piece in pieces:
+        row = piece.nbytes // (piece.stop - piece.start)
+        flat = prep.flat[piece.leaf]
+        window = flat[piece.start * row : piece.stop * row]
+        out[piece.offset : piece.offset + piece.nbytes].copy_(window)
 
 
 def numpy_dtype(code: str, dtype: Any, ml_dtypes: bool) -> np.dtype[Any]:
@@ -260,20 +330,26 @@ def info_kind(info: Info) -> Kind:
     return "array" if info[2] else "scalar"
 
 
-def rebuild(info: Info, row: torch.Tensor, row_np: np.ndarray, ml_dtypes: bool) -> Any:
-    """One leaf of one rank: a view of its bytes in the gathered buffer, or the unpickled value.
+def unpack(
+    info: Info,
+    piece: Piece,
+    axis: int,
+    buffer: tuple[torch.Tensor, np.ndarray],
+    ml_dtypes: bool,
+) -> np.ndarray:
+    """The rows of one piece, rows first, as an array (a view of the received bytes if it can).
 
-    Tensors of dtypes NumPy has come back as arrays (what ``concat`` would make of them);
-    bfloat16/float8 as tensors, which ``concat`` widens, or as ``ml_dtypes`` arrays.
+    ``buffer`` is the sending rank's buffer of the round, as a tensor and as an array.
+    bfloat16/float8 rows come back as ``ml_dtypes`` arrays, or widened to float32.
     """
-    code, dtype, shape, offset, nbytes, payload = info
-    if code == OBJECT:
-        assert payload is not None  # noqa: S101
-        return pickle.loads(payload)  # noqa: S301 - sent by a rank of the user's own group
+    code, dtype, shape, _, _ = info
     assert shape is not None  # noqa: S101
-    if code == ARRAY:
-        return row_np[offset : offset + nbytes].view(dtype).reshape(shape)
-    if dtype not in _dtypes.ML_DTYPES or ml_dtypes:
-        np_dtype = numpy_dtype(code, dtype, ml_dtypes)
-        return row_np[offset : offset + nbytes].view(np_dtype).reshape(shape)
-    return row[offset : offset + nbytes].view(dtype).reshape(shape)
+    row, row_np = buffer
+    rows = piece.stop - piece.start
+    other = (*shape[:axis], *shape[axis + 1 :]) if shape else ()
+    window = slice(piece.offset, piece.offset + piece.nbytes)
+    if code == ARRAY or dtype not in _dtypes.ML_DTYPES or ml_dtypes:
+        out: np.ndarray = row_np[window].view(numpy_dtype(code, dtype, ml_dtypes))
+        return out.reshape(rows, *other)
+    widened: np.ndarray = row[window].view(dtype).float().numpy()  # exact: float32 holds them
+    return widened.reshape(rows, *other)

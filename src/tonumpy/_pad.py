@@ -1,9 +1,10 @@
 """The ``pad_value=`` option: which value pads which leaf, checked against the leaf's dtype.
 
 ``concat``, ``Accumulator``, ``gather`` and ``Activations.concat`` take the same option: a
-value for every leaf, a mapping from key path to value (prefixes cover whole subtrees, ``()``
-is a default), or a callable ``(path, dtype) -> value``. [`pad_value_for`][] resolves it for
-one leaf; [`check_pad_value`][] decides whether the leaf's dtype holds the value exactly,
+value for every leaf, a mapping from key-path pattern to value (the patterns of
+``tonumpy._select``: a key path or a bare key; prefixes cover whole subtrees, ``()`` is a
+default), or a callable ``(path, dtype) -> value``. [`pad_value_for`][] resolves it for one
+leaf; [`check_pad_value`][] decides whether the leaf's dtype holds the value exactly,
 because padding never changes a dtype and never wraps a value around.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from ._dtypes import is_ml_dtype
 from ._options import check_callable_signature
+from ._select import lookup
 from ._tree import format_path
 from .errors import ConversionError
 
@@ -56,17 +58,6 @@ def _is_pad_callable(pad_value: PadValue) -> bool:
         and not isinstance(pad_value, Mapping | np.generic | np.ndarray)
         and not hasattr(pad_value, "numel")  # a one-element tensor is a value
     )
-
-
-def _lookup(mapping: Mapping[Any, Any], path: tuple[Any, ...]) -> Any:
-    """The value of the longest key in ``mapping`` that is ``path`` or a prefix of it."""
-    for end in range(len(path), -1, -1):
-        prefix = path[:end]
-        if prefix in mapping:
-            return mapping[prefix]
-        if end == 1 and path[0] in mapping and not isinstance(path[0], tuple):
-            return mapping[path[0]]
-    return None
 
 
 def pad_value_for(
@@ -109,7 +100,7 @@ def pad_value_for(
     if pad_value is None:
         return None
     if isinstance(pad_value, Mapping):
-        value = _lookup(pad_value, path)
+        value = lookup(pad_value, path)
     elif _is_pad_callable(pad_value):
         value = pad_value(path, dtype)
     else:

@@ -3,7 +3,8 @@
 ``DistributedSampler`` gives rank ``r`` the items ``indices[r::world]`` of a (seeded, maybe
 shuffled) permutation, padded by repeating its start so every rank gets as many. The
 sampler's attributes, sent with every rank's metadata, are enough to rebuild that index list
-and find, for dataset item ``i``, its row in the by-rank concatenation.
+and find, for each row of the by-rank concatenation, the dataset item it holds (or that it is a
+repeat, dropped).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from . import _tree
 from ._packing import info_kind
 from .errors import ConversionError
 
-__all__ = ["check_sampler", "dataset_order", "sampler_info"]
+__all__ = ["check_sampler", "dataset_order", "sample_positions", "sampler_info"]
 
 
 def sampler_info(sampler: Any) -> tuple[Any, ...]:
@@ -53,7 +54,13 @@ def check_sampler(
     paths: list[tuple[Any, ...]],
     axes: list[int],
     world: int,
+    per_batch: Sequence[bool],
 ) -> None:
+    """Raise, on every rank, unless the samplers agree and every per-sample leaf fits them.
+
+    Per-sample leaves are the array leaves not in ``per_batch``: each must hold one row per
+    sample its rank's sampler gave it.
+    """
     infos = [meta[6] for meta in metas]
     first = infos[0]
     for rank, info in enumerate(infos):
@@ -79,15 +86,17 @@ def check_sampler(
     for i, path in enumerate(paths):
         for rank, meta in enumerate(metas):
             info = meta[4][i]
-            if info_kind(info) != "array":
+            if info_kind(info) != "array" or per_batch[i]:
                 continue
             rows = info[2][axes[i]]
             if rows != num_samples:
                 raise ConversionError(
                     f"gather(sampler=...): {_tree.format_path(path)} has {rows} rows along axis "
                     f"{axes[i]} on rank {rank}, but the sampler gives that rank {num_samples} "
-                    "samples; every array leaf must hold one row per sample (gather per-batch "
-                    "values separately, and do not drop the DataLoader's last batch)",
+                    "samples; every array leaf must hold one row per sample (do not drop the "
+                    "DataLoader's last batch). Values with one row per batch (a loss) are told "
+                    "apart when you pass the Accumulator itself: gather(acc, sampler=...); or "
+                    "gather them in a separate call without sampler=",
                     path=path,
                 )
 
@@ -116,3 +125,15 @@ def dataset_order(metas: Sequence[tuple[Any, ...]]) -> np.ndarray:
     _, first = np.unique(dataset_index, return_index=True)
     order: np.ndarray = first
     return order
+
+
+def sample_positions(metas: Sequence[tuple[Any, ...]]) -> np.ndarray:
+    """For each row of the by-rank concatenation: its row in dataset order, or -1 (a repeat).
+
+    Rank ``r``'s row ``j`` is row ``r * num_samples + j`` of the concatenation.
+    """
+    order = dataset_order(metas)
+    num_samples = metas[0][6][7]
+    positions = np.full(num_samples * len(metas), -1, dtype=np.int64)
+    positions[order] = np.arange(order.size)
+    return positions

@@ -150,6 +150,20 @@ class GrowingNpy:
         self._appended += n * self.row_bytes
         self._write_header(self.fd)
 
+    def reserve(self, rows: int) -> None:
+        """Make the (empty) file ``rows`` rows long, to be filled by ``write_rows`` in any order.
+
+        The header counts them all at once: the file is complete when every row is written.
+        """
+        self.rows = rows
+        os.ftruncate(self.fd, self._header_len + rows * self.row_bytes)
+        self._write_header(self.fd)
+
+    def write_rows(self, start: int, block: np.ndarray) -> None:
+        """Write ``block`` (rows of the file's dtype and trailing shape) at row ``start``."""
+        assert block.shape[1:] == self.trailing, (block.shape, self.trailing)  # noqa: S101
+        _write_all(self.fd, _bytes_of(block), self._header_len + start * self.row_bytes)
+
     def grow_to(self, needed: tuple[int, ...], fill: np.ndarray | None) -> None:
         """Make room for rows of trailing shape ``needed`` (rewrites the file if it must)."""
         if all(n <= t for n, t in zip(needed, self.trailing, strict=True)):

@@ -10,24 +10,27 @@ accumulated is ever copied again by a later append). With ``directory=`` each le
 
 How a leaf combines across batches (kind, rank, axis, dtype, padding) is the column policy of
 ``tonumpy._columns``, shared with ``gather`` and ``Activations.concat``; where the rows live
-is ``tonumpy._storage``; the directory's structure is ``tonumpy._structure``'s.
+is ``tonumpy._storage``; the directory format is ``tonumpy._directory``'s. ``reduce=`` and
+``exclude=`` (``tonumpy._select``) act on each batch before it is converted.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from optree import PyTreeSpec
 
-from . import _names, _options, _structure, _tree
+from . import _options, _tree
 from ._columns import Column, check_chunk, concat_arrays, join, rows_first
+from ._directory import Directory
 from ._pad import PadValue, check_pad_option
-from ._storage import GrowingNpy, Slabs, stored_dtype
+from ._select import Pattern, Selection
+from ._storage import GrowingNpy, Slabs
 from ._transfer import PendingTransfer
 from .convert import convert_flat, start
 from .errors import ConversionError, OptionError
@@ -55,6 +58,8 @@ def concat(
     *,
     axis: int = 0,
     pad_value: PadValue = None,
+    reduce: Mapping[Pattern, Callable[[Any], Any]] | None = None,
+    exclude: Pattern | list[Pattern] | None = None,
     ml_dtypes: bool = False,
     is_leaf: Callable[[Any], bool] | None = None,
 ) -> Any:
@@ -87,11 +92,24 @@ def concat(
             of one structure.
         axis: The axis to concatenate along (negative counts from the end of each leaf).
         pad_value: How to pad leaves whose batches differ in size along another axis: a value
-            for every leaf; a mapping from key path to value (a key path is the tuple that
-            ``optree.tree_paths`` gives, e.g. ``("labels",)`` or ``("hidden", 2)``; a key
+            for every leaf; a mapping from key-path pattern to value (a key path is the tuple
+            that ``optree.tree_paths`` gives, e.g. ``("labels",)`` or ``("hidden", 2)``; a key
             that is a prefix of a leaf's path covers it, ``()`` covers every leaf, and a bare
-            key ``"labels"`` means ``("labels",)``); or a callable ``(path, dtype) -> value``.
-            ``None`` (or no value for a leaf) makes ragged batches an error.
+            key ``"labels"`` means ``("labels",)``; the longest key that covers a leaf wins);
+            or a callable ``(path, dtype) -> value``. ``None`` (or no value for a leaf) makes
+            ragged batches an error.
+        reduce: A mapping from key-path pattern (as for ``pad_value``) to a function of one
+            tensor, run on every tensor (or array) leaf the pattern covers, as it is (on its
+            device), under ``torch.no_grad()``, before anything is converted:
+            ``{"logits": lambda t: t.argmax(-1)}`` turns ``(batch, seq, vocab)`` logits into
+            ``(batch, seq)`` token ids before they leave the device. The function may return a
+            container (``t.topk(5)``: values and indices). Where several patterns cover a
+            leaf, the longest wins.
+        exclude: Key-path patterns (one, or a list) naming parts of each tree to leave out,
+            as transformers' ``keys_to_ignore_at_inference`` does: ``["cache",
+            "past_key_values"]``. The node a pattern names, and everything under it, is
+            replaced by ``None`` (a dict or ``ModelOutput`` keeps the key, with ``None``);
+            patterns that name nothing in a tree are ignored. Applied before ``reduce``.
         ml_dtypes: Keep bfloat16 and float8 tensors as bit-exact ``ml_dtypes`` arrays instead
             of widening them to float32 (see [`tonumpy.to_numpy`][]).
         is_leaf: Called on each node; a node it returns True for is treated as a leaf.
@@ -104,19 +122,21 @@ def concat(
             differing path); a leaf differs in rank or kind across trees, or in dtypes no dtype
             holds exactly; or
             ragged batches have no pad value, or one their dtype cannot represent.
-        OptionError: ``axis`` is not an int, ``ml_dtypes`` not a bool, or a ``pad_value``
-            callable cannot take ``(path, dtype)``.
+        OptionError: ``axis`` is not an int, ``ml_dtypes`` not a bool, a ``pad_value``
+            callable cannot take ``(path, dtype)``, ``reduce`` is not a mapping to functions
+            of one argument, or ``exclude`` is not a pattern or a list of them.
     """
     axis = _options.check_axis(axis, "concat")
     _options.check_flag(ml_dtypes, "ml_dtypes", "concat")
     check_pad_option(pad_value, "concat")
+    selection = Selection(exclude, reduce, "concat")
     trees = list(trees)
     if not trees:
         raise ConversionError("concat() needs at least one tree; got an empty sequence")
     flat: list[list[Any]] = []
     spec0: PyTreeSpec | None = None
     for index, tree in enumerate(trees):
-        leaves, spec, leaf_types = _tree.flatten_typed(tree, is_leaf=is_leaf)
+        leaves, spec, leaf_types = selection.flatten(tree, is_leaf=is_leaf)
         if spec0 is None:
             spec0 = spec
         elif not _tree.same_structure(spec, spec0):
@@ -143,99 +163,6 @@ class _Leaf:
         self.values: list[Any] = []  # non-array leaves
         self.file: GrowingNpy | None = None  # with directory=
         self.returned: np.ndarray | None = None  # the array result() handed out and kept
-
-
-class _Directory:
-    """The directory format of ``convert``, written as batches come.
-
-    A structure (``__tonumpy__.json``) and one ``.npy`` file per array leaf. The structure is
-    created exclusively (never another run's), and rewritten (a new file renamed over it) when
-    what it records changes: a leaf's dtype, or the values of non-array leaves at ``result()``.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.structure = path / f"{_names.STRUCTURE}.json"
-        self.plan: _structure.Plan | None = None
-        self.index: dict[int, int] = {}  # accumulator leaf -> array of the plan
-        self.recorded: dict[int, str] = {}  # plan array -> dtype recorded
-
-    def start(self, spec: PyTreeSpec, leaves: list[_Leaf], ml_dtypes: bool) -> list[Path | None]:
-        """Write the structure of the first batch (exclusively); the file of each array leaf."""
-        _options.check_directory(self.path, "Accumulator")  # it may have changed meanwhile
-        self.path.mkdir(parents=True, exist_ok=True)
-        holders: list[Any] = []
-        for leaf in leaves:
-            dtype = leaf.column.dtype
-            if leaf.column.kind == "object" or dtype is None or dtype.hasobject:
-                holders.append([])  # kept in memory; written into the structure at result()
-            else:
-                holders.append(np.empty(0, dtype))
-        self.plan = _structure.plan(_tree.unflatten(spec, holders), ml_dtypes=ml_dtypes)
-        by_id = {id(h): i for i, h in enumerate(holders)}
-        self.index = {by_id[id(h)]: k for k, h in enumerate(self.plan.leaves)}
-        files: list[Path | None] = [None] * len(leaves)
-        for i, k in self.index.items():
-            files[i] = self.path / f"{self.plan.names[k]}.npy"
-        existing = [f for f in [self.structure, *files] if f is not None and f.exists()]
-        if existing:
-            raise FileExistsError(
-                f"{existing[0]} already exists; Accumulator(directory=...) never overwrites "
-                "another run's predictions: pass a new directory, or delete the old files"
-            )
-        self._record(leaves)
-        self._write(exclusive=True)
-        return files
-
-    def _record(self, leaves: list[_Leaf]) -> bool:
-        """Note each array leaf's dtype in the plan; True if anything changed."""
-        assert self.plan is not None  # noqa: S101
-        changed = False
-        for i, k in self.index.items():
-            dtype = leaves[i].column.dtype
-            if dtype is None or self.recorded.get(k) == str(dtype):
-                continue
-            self.recorded[k] = str(dtype)
-            name = dtype.name if stored_dtype(dtype) != dtype else None
-            if name is None:  # promoted from an ml_dtypes type would be an error: clear it
-                self.plan.nodes[k].pop("dtype", None)
-            self.plan.complete(k, name, str(stored_dtype(dtype)))
-            changed = True
-        return changed
-
-    def update(self, leaves: list[_Leaf]) -> None:
-        """Rewrite the structure if a leaf's dtype changed (promoted, or first rows)."""
-        if self._record(leaves):
-            self._write(exclusive=False)
-
-    def finish(self, spec: PyTreeSpec, leaves: list[_Leaf], ml_dtypes: bool) -> None:
-        """Record the non-array leaves' values in the structure (those JSON can hold)."""
-        assert self.plan is not None  # noqa: S101
-        holders: list[Any] = []
-        for i, leaf in enumerate(leaves):
-            holders.append(self.plan.leaves[self.index[i]] if i in self.index else leaf.values)
-        try:
-            final = _structure.plan(_tree.unflatten(spec, holders), ml_dtypes=ml_dtypes)
-        except ConversionError:  # a value JSON cannot hold: the structure keeps empty lists
-            return
-        for new, recorded in zip(final.nodes, self.plan.nodes, strict=True):
-            new.update(recorded)  # the same arrays, in the same order: keep their dtypes
-        self.plan.structure = final.structure
-        self.plan.nodes = final.nodes
-        self._write(exclusive=False)
-
-    def _write(self, *, exclusive: bool) -> None:
-        assert self.plan is not None  # noqa: S101
-        data = self.plan.structure_bytes()
-        if exclusive:
-            fd = os.open(self.structure, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return
-        tmp = self.structure.with_name(self.structure.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.structure)
 
 
 class Accumulator:
@@ -266,6 +193,17 @@ class Accumulator:
     written into the structure when [`result`][] is called. A directory that holds another
     run's structure is never written into.
 
+    ``reduce=`` runs a function on chosen leaves of each batch, on the device, before the batch
+    is moved (``{"logits": lambda t: t.argmax(-1)}``: token ids instead of ``vocab``-wide
+    floats, on the bus and in memory); ``exclude=`` leaves parts of each batch out (a model's
+    cache: ``["cache", "past_key_values"]``). Both name leaves by key-path patterns, the forms
+    of ``pad_value``'s mapping keys.
+
+    Leaves that are 0-d in every batch (a loss) hold **one value per batch**, not one per
+    sample: [`result`][]'s ``num_items`` never cuts them, and [`tonumpy.gather`][] given the
+    accumulator itself (``gather(acc, sampler=...)``) gathers them one per batch of every rank,
+    in rank order, while it puts the per-sample rows in dataset order.
+
     ``append``, ``len`` and ``result`` may be called from several threads at once, in memory
     and with ``directory=``. Each batch is added whole: its rows are contiguous in the result,
     never interleaved with another batch's, and the batches are in the order their ``append``
@@ -285,14 +223,23 @@ class Accumulator:
         >>> labels, loss = out["labels"], out["loss"]
         >>> labels.shape, labels[0, -1], loss
         ((4, 5), np.int64(-100), array([0.5, 0.5], dtype=float32))
-        >>> acc.result(num_items=3)["labels"].shape
+        >>> acc.result(num_items=3)["labels"].shape  # the per-batch loss keeps its 2 values
         (3, 5)
+        >>> acc = Accumulator(reduce={"logits": lambda t: t.argmax(-1)}, exclude="cache")
+        >>> acc.append({"logits": torch.eye(3)[None], "cache": [torch.ones(1, 2)]})
+        >>> acc.result()
+        {'logits': array([[0, 1, 2]]), 'cache': None}
 
     Args:
         axis: The axis to concatenate along (negative counts from the end of each leaf);
             ``directory=`` needs ``axis=0``.
         pad_value: How to pad ragged leaves, as for [`tonumpy.concat`][]: a value, a mapping
-            from key path to value, or a callable ``(path, dtype) -> value``.
+            from key-path pattern to value, or a callable ``(path, dtype) -> value``.
+        reduce: A mapping from key-path pattern to a function of one tensor, run on each
+            batch's tensors that the pattern covers, on their device and under
+            ``torch.no_grad()``, before anything is moved; as for [`tonumpy.concat`][].
+        exclude: Key-path patterns (one, or a list) of parts of each batch to leave out: each
+            node named is replaced by ``None``; as for [`tonumpy.concat`][].
         directory: Grow each array leaf in a ``.npy`` file under this directory (created if
             needed; it must not hold a structure already) and return memory-mapped arrays.
             File names are made of the key path's characters that are safe in a file name, as
@@ -306,8 +253,10 @@ class Accumulator:
 
     Raises:
         OptionError: An option has the wrong type or value (``axis=1.5``, ``ml_dtypes=1``, a
-            ``pad_value`` callable that cannot take ``(path, dtype)``), ``directory`` is or
-            lies below a file, or ``directory=`` comes with an ``axis`` other than 0.
+            ``pad_value`` callable that cannot take ``(path, dtype)``, a ``reduce`` value that
+            is not a function of one argument, an ``exclude`` that is not a pattern or a list of
+            them), ``directory`` is or lies below a file, or ``directory=`` comes with an
+            ``axis`` other than 0.
     """
 
     def __init__(
@@ -315,6 +264,8 @@ class Accumulator:
         *,
         axis: int = 0,
         pad_value: PadValue = None,
+        reduce: Mapping[Pattern, Callable[[Any], Any]] | None = None,
+        exclude: Pattern | list[Pattern] | None = None,
         directory: str | os.PathLike[str] | None = None,
         ml_dtypes: bool = False,
         scalars: bool = False,
@@ -323,6 +274,7 @@ class Accumulator:
         axis = _options.check_axis(axis, "Accumulator")
         _options.check_flags("Accumulator", ml_dtypes=ml_dtypes, scalars=scalars)
         check_pad_option(pad_value, "Accumulator")
+        self._selection = Selection(exclude, reduce, "Accumulator")
         if directory is not None:
             directory = _options.check_directory(directory, "Accumulator")
         if directory is not None and axis != 0:
@@ -332,7 +284,9 @@ class Accumulator:
             )
         self._axis = axis
         self._pad_value = pad_value
-        self._directory = _Directory(Path(directory)) if directory is not None else None
+        self._directory = (
+            Directory(Path(directory), "Accumulator") if directory is not None else None
+        )
         # Held while a batch is added (and while result() reads): appends from several threads
         # each add a whole batch, one after the other.
         self._lock = threading.Lock()
@@ -367,7 +321,7 @@ class Accumulator:
                 that fits its dtype. The batch is then not added, and the accumulator is left
                 as it was.
         """
-        leaves, spec, leaf_types = _tree.flatten_typed(tree, is_leaf=self._is_leaf)
+        leaves, spec, leaf_types = self._selection.flatten(tree, is_leaf=self._is_leaf)
         expected = self._expected  # checked again under the lock; this spares the conversion
         if expected is not None and not _tree.same_structure(spec, expected):
             raise _structure_error(expected, spec, "batch 0", f"batch {self._received}")
@@ -424,14 +378,16 @@ class Accumulator:
         for leaf, value in zip(leaves, host, strict=True):
             self._store(leaf, value)
         if self._directory is not None:
-            self._directory.update(leaves)
+            self._directory.update([leaf.column for leaf in leaves])
         self._batches += 1
 
     def _start(self, spec: PyTreeSpec, leaves: list[_Leaf]) -> None:
         """Adopt the first batch's structure; with ``directory=``, create the files."""
         if self._directory is not None:
             try:
-                files = self._directory.start(spec, leaves, self._ml_dtypes)
+                files = self._directory.start(
+                    spec, [leaf.column for leaf in leaves], self._ml_dtypes
+                )
             except BaseException:
                 for leaf in leaves:
                     leaf.column.state = type(leaf.column.state)()  # the batch is not added
@@ -508,9 +464,13 @@ class Accumulator:
         they are). Modify returned arrays in place only once you are done with the accumulator.
 
         Args:
-            num_items: Return only the first ``num_items`` rows of every leaf (leaves with
-                fewer rows, such as a per-batch loss, keep them all): typically the dataset's
-                length, to drop the samples a distributed sampler repeated to even out ranks.
+            num_items: Return only the first ``num_items`` rows of every per-sample leaf (one
+                with at least one dimension; leaves with fewer rows keep them all). Leaves that
+                hold one value per batch (0-d in every batch, such as a loss, and non-array
+                leaves) are never cut. Useful in a single process whose loader repeats samples
+                at the end to fill its last batch; in a distributed run each rank holds only
+                its share, and ``gather(acc, sampler=...)`` (or ``gather(...,
+                num_items=...)``) drops the samples the sampler repeated.
 
         Returns:
             A tree of arrays (memory-mapped with ``directory=``) and lists (non-array leaves).
@@ -521,26 +481,45 @@ class Accumulator:
         """
         num_items = _options.check_num_items(num_items, "result")
         with self._lock:
-            self._finish_pending()
-            if self._spec is None:
-                raise ConversionError(
-                    "result() was called before any append(); there is nothing to concatenate"
-                )
-            rows = self._rows()
-            if num_items is not None and num_items > rows:
-                raise ConversionError(
-                    f"num_items={num_items} but the accumulator holds {rows} rows; pass a "
-                    "number between 0 and len(accumulator)"
-                )
-            out = [self._leaf_result(leaf, num_items) for leaf in self._leaves]
-            if self._directory is not None:
-                self._directory.finish(self._spec, self._leaves, self._ml_dtypes)
+            out = self._result_leaves(num_items)
+            assert self._spec is not None  # noqa: S101 - checked by _result_leaves
             return _tree.unflatten(self._spec, out)
+
+    def _result_leaves(self, num_items: int | None) -> list[Any]:
+        """The result's leaves (under the lock): what ``result`` and ``gather`` hand out."""
+        self._finish_pending()
+        if self._spec is None:
+            raise ConversionError(
+                "result() was called before any append(); there is nothing to concatenate"
+            )
+        rows = self._rows()
+        if num_items is not None and num_items > rows:
+            raise ConversionError(
+                f"num_items={num_items} but the accumulator holds {rows} rows; pass a number "
+                "between 0 and len(accumulator). In a distributed run each rank holds only its "
+                "share of the dataset: pass the accumulator to gather(acc, sampler=...) to drop "
+                "the samples a DistributedSampler repeated (or gather(..., num_items=N) for a "
+                "sampler that shards contiguously)"
+            )
+        out = [self._leaf_result(leaf, num_items) for leaf in self._leaves]
+        if self._directory is not None:
+            values = [leaf.values for leaf in self._leaves]
+            self._directory.finish(self._spec, values, self._ml_dtypes)
+        return out
+
+    def _gather_input(self) -> tuple[list[Any], PyTreeSpec, list[bool]]:
+        """The result's leaves and structure, and which leaves hold one value per batch."""
+        with self._lock:
+            out = self._result_leaves(None)
+            assert self._spec is not None  # noqa: S101
+            per_batch = [leaf.column.kind in ("scalar", "object") for leaf in self._leaves]
+            return out, self._spec, per_batch
 
     def _leaf_result(self, leaf: _Leaf, num_items: int | None) -> Any:
         column = leaf.column
         rows = column.rows if column.kind != "object" else len(leaf.values)
-        keep = rows if num_items is None else min(rows, num_items)
+        per_batch = column.kind in ("scalar", "object")
+        keep = rows if num_items is None or per_batch else min(rows, num_items)
         if column.kind == "object":
             return leaf.values[:keep]
         if leaf.file is not None:

@@ -1,144 +1,67 @@
 """``gather``: collect a tree of predictions from every ``torch.distributed`` rank as NumPy.
 
-Every rank calls [`gather`][] with its own tree (one structure everywhere). The call costs one
-small metadata exchange (``all_gather_object``: a structure fingerprint, each leaf's shape and
-dtype, the options, and the values of non-tensor leaves) and then **one** collective for all the
-tensor data: every tensor leaf's bytes (bfloat16 and float8 as their raw bits) are packed into
-one flat ``uint8`` buffer per rank, padded to the longest buffer across ranks (gloo rejects
-uneven ``all_gather``, and crashes on zero-element ones: the buffer has at least one byte), and
-all-gathered (or gathered to ``dst``). The receivers cut each rank's buffer back into tensors and
-hand the per-rank trees to [`tonumpy.concat`][], which concatenates, pads ragged dimensions and
-converts exactly as it does for batches.
+Every rank calls [`gather`][] with its own tree (or [`tonumpy.Accumulator`][]), of one
+structure everywhere. The call costs one small metadata exchange (``all_gather_object``: a
+structure fingerprint, each leaf's shape and dtype, the options, and the values of non-tensor
+leaves), checked on every rank alike (``tonumpy._metadata``): anything that can go wrong there
+makes *every* rank raise the same error before any data moves, instead of leaving the others
+waiting in a collective forever.
 
-Everything that can go wrong is found from the metadata, on every rank, before any data moves:
-a rank whose tree differs in structure, dtype or rank of a leaf, or cannot be padded, or that
-failed to prepare its tree at all, makes *every* rank raise the same error, instead of leaving
-the others waiting in a collective forever. PyTorch's distributed engine (gloo on CPU, NCCL on
+The tensor data then moves in rounds (``tonumpy._packing``): every rank's leaves are cut into
+pieces of whole rows, at most ``chunk_bytes`` per rank and round (bfloat16 and float8 as
+their raw bits), packed into one ``uint8`` buffer per rank, padded to the longest buffer of the
+round (gloo rejects uneven ``all_gather``, and crashes on zero-element ones), and all-gathered
+(or gathered to ``dst``): **one** collective per round, and one round for trees up to
+``chunk_bytes`` per rank (by default 64 MiB per round in all, shared among the ranks).
+Receivers copy each piece straight to its rows of the result
+(``tonumpy._destination``: padded, in rank or dataset order), so they hold the result (or, with
+``directory=``, nothing of it) plus one round. PyTorch's distributed engine (gloo on CPU, NCCL on
 GPU) does all the communication; ``torch.distributed`` is imported only when ``gather`` runs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-from collections.abc import Callable, Sequence
+import os
+import pickle
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from optree import PyTreeSpec
 
-from . import _options, _tree
-from ._columns import Column, join
+from . import _metadata, _options
+from ._columns import Column, rows_first
+from ._destination import Destination
 from ._packing import (
-    ALIGN,
     DTENSOR,
+    OBJECT,
+    Piece,
     Prepared,
-    info_kind,
     make_pieces,
-    numpy_dtype,
-    pack_buffer,
+    pack_round,
+    plan_rounds,
     prepare,
-    rebuild,
+    round_size,
+    rows_first_bytes,
+    unpack,
 )
 from ._pad import PadValue, check_pad_option
-from ._sampler import check_sampler, dataset_order, sampler_info
+from ._sampler import check_sampler, sample_positions, sampler_info
+from ._select import Pattern, Selection
+from .accumulate import Accumulator
 from .convert import convert_flat
-from .errors import ConversionError
+from .errors import OptionError
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed import ProcessGroup
 
 __all__ = ["gather"]
 
-#: Bumped whenever the metadata layout changes: ranks running different tonumpy versions then
-#: raise a clear error instead of misreading each other.
-_PROTOCOL = 1
-
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-# ------------------------------------------------------------------------------ metadata
-
-
-def _fingerprint(spec: PyTreeSpec) -> bytes:
-    text = _ADDRESS.sub("", repr(spec))  # a lambda default_factory's address differs per rank
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
-
-
-def _error_payload(exc: BaseException) -> tuple[str, str, str | None]:
-    path = getattr(exc, "path", None)
-    return type(exc).__name__, str(exc), None if path is None else _tree.format_path(path)
-
-
-# ------------------------------------------------------------------------------ checks
-
-
-def _check_leaves(
-    metas: Sequence[tuple[Any, ...]],
-    spec: PyTreeSpec,
-    *,
-    axis: int,
-    pad_value: PadValue,
-    ml_dtypes: bool,
-) -> list[int]:
-    """Check every leaf across ranks by the column policy; return each leaf's normalised axis.
-
-    From the metadata alone, before any data moves, so that every rank raises the same error.
-    """
-    axes = []
-    for i, (path, where) in enumerate(_tree.leaf_paths(spec)):
-        column = Column(path, where, axis=axis, pad_value=pad_value, noun="ranks")
-        for rank, meta in enumerate(metas):
-            code, dtype, shape, *_ = meta[4][i]
-            kind = info_kind(meta[4][i])
-            np_dtype = None if kind == "object" else numpy_dtype(code, dtype, ml_dtypes)
-            column.commit(column.check(kind, np_dtype, shape, f"rank {rank}"))
-        axes.append(column.axis)
-    return axes
-
-
-def _check_options(metas: Sequence[tuple[Any, ...]]) -> None:
-    names = ("dst", "axis", "num_items", "sampler", "ml_dtypes")
-    for rank, meta in enumerate(metas):
-        for name, mine, first in zip(names, meta[5], metas[0][5], strict=True):
-            if mine != first:
-                shown = "given" if name == "sampler" else repr(first)
-                other = "given" if name == "sampler" else repr(mine)
-                if name == "sampler":
-                    shown, other = ("given", "None") if first else ("None", "given")
-                raise ConversionError(
-                    f"gather() was called with {name}={shown} on rank 0 but {name}={other} on "
-                    f"rank {rank}; every rank must pass the same {name}"
-                )
-
-
-# ------------------------------------------------------------------------------ receiving
-
-
-def _finish(
-    out: Any,
-    spec: PyTreeSpec,
-    *,
-    kinds: Sequence[str],
-    axes: list[int],
-    order: np.ndarray | None,
-    num_items: int | None,
-) -> Any:
-    """Put rows into dataset order and keep the first ``num_items`` (array leaves only)."""
-    if order is None and num_items is None:
-        return out
-    leaves: list[Any] = list(spec.flatten_up_to(out))
-    result = []
-    for leaf, kind, ax in zip(leaves, kinds, axes, strict=True):
-        if kind == "array":
-            take = order
-            rows = int(leaf.shape[ax]) if take is None else take.size
-            if num_items is not None and num_items < rows:
-                take = np.arange(num_items) if take is None else take[:num_items]
-            if take is not None:
-                leaf = np.take(leaf, take, axis=ax)  # noqa: PLW2901 - replaced by a new array
-        result.append(leaf)
-    return _tree.unflatten(spec, result)
+#: Bytes of one round, all ranks together, by default: each rank sends its share (at least
+#: ``MIN_CHUNK``), so a receiver holds about this much of the data at a time, whatever the world.
+ROUND_BYTES = 64 << 20
+MIN_CHUNK = 1 << 20
 
 
 # ------------------------------------------------------------------------------ gather
@@ -154,6 +77,10 @@ def gather(
     pad_value: PadValue = None,
     sampler: Any = None,
     num_items: int | None = None,
+    reduce: Mapping[Pattern, Callable[[Any], Any]] | None = None,
+    exclude: Pattern | list[Pattern] | None = None,
+    directory: str | os.PathLike[str] | None = None,
+    chunk_bytes: int | None = None,
     ml_dtypes: bool = False,
     is_leaf: Callable[[Any], bool] | None = None,
 ) -> Any:
@@ -166,6 +93,16 @@ def gather(
     one value per rank; non-tensor leaves become a list with one value per rank. Without an
     initialised process group (or with a group of one), it returns ``concat([tree])``.
 
+    Pass an [`tonumpy.Accumulator`][] instead of a tree to gather its result: the leaves that
+    were 0-d in every batch (a loss: one value per batch) are then gathered one per batch of
+    every rank, in rank order, and neither reordered by ``sampler`` nor cut by ``num_items``;
+    the other array leaves hold one row per sample.
+
+    The data moves in rounds of at most ``chunk_bytes`` per rank (by default 64 MiB per round in
+    all), one collective each, and each round is copied into the result as it arrives: a
+    receiving rank's memory peaks near the result plus a round or two (gloo copies a round
+    through a buffer of its own), or, with ``directory=``, near a round or two alone.
+
     Examples:
         >>> import torch
         >>> out = gather({"logits": torch.ones(2, 3), "loss": torch.tensor(0.5), "name": "a"})
@@ -175,29 +112,45 @@ def gather(
     Args:
         tree: This rank's tree: any nesting of containers holding tensors (any device, dtype
             and layout; DTensors are materialised with ``full_tensor()``, a collective every
-            rank joins), arrays and other picklable values.
+            rank joins), arrays and other picklable values; or this rank's
+            [`tonumpy.Accumulator`][] (every rank then passes one).
         dst: The global rank to return the result on (``None``, the default: every rank).
         group: The process group to gather over (default: the whole world).
         axis: The axis to concatenate along (negative counts from the end of each leaf).
         pad_value: How to pad leaves whose ranks differ in size along another axis: a value,
-            a mapping from key path to value, or a callable ``(path, dtype) -> value``, as for
-            [`tonumpy.concat`][]. ``None`` makes such leaves an error.
+            a mapping from key-path pattern to value, or a callable ``(path, dtype) ->
+            value``, as for [`tonumpy.concat`][]. ``None`` makes such leaves an error.
         sampler: The ``torch.utils.data.DistributedSampler`` that split the dataset (or any
             object with its ``num_replicas``, ``rank``, ``total_size``, ``shuffle``, ``seed``,
-            ``epoch`` and ``dataset``). Rows of array leaves are put back in dataset order and
-            the samples the sampler repeated to even out the ranks are dropped: row ``i`` is
-            dataset item ``i`` (with ``shuffle=True`` too; with ``drop_last=True`` the items
-            the sampler left out are missing and the rest are in dataset order). Every array
-            leaf must then hold one row per sample of its rank.
-        num_items: Keep only the first ``num_items`` rows of each array leaf (after
+            ``epoch`` and ``dataset``). Rows of per-sample leaves (array leaves, except an
+            Accumulator's per-batch ones) are put back in dataset order and the samples the
+            sampler repeated to even out the ranks are dropped: row ``i`` is dataset item ``i``
+            (with ``shuffle=True`` too; with ``drop_last=True`` the items the sampler left out
+            are missing and the rest are in dataset order). Every per-sample leaf must then
+            hold one row per sample of its rank.
+        num_items: Keep only the first ``num_items`` rows of each per-sample leaf (after
             reordering); for samplers that shard the dataset contiguously, the dataset size.
+        reduce: As for [`tonumpy.concat`][]: functions run on this rank's tensors, on their
+            device, before anything is sent (not with an Accumulator, which reduced its
+            batches as they came).
+        exclude: As for [`tonumpy.concat`][]: parts of the tree to leave out (replaced by
+            ``None``) before anything is sent (not with an Accumulator).
+        directory: Write the result into this directory on each receiving rank, in the
+            directory format of [`tonumpy.Accumulator`][] and ``tonumpy convert``
+            (``__tonumpy__.json`` and one ``.npy`` per array leaf, never overwriting another
+            run's), and return read-only memory-mapped arrays. Needs ``axis=0``. With
+            ``dst=None`` every rank receives: give each its own directory.
+        chunk_bytes: The most bytes a rank sends in one round (a row larger than that goes
+            alone); every rank must pass the same. ``None``: 64 MiB divided among the ranks
+            (at least 1 MiB each).
         ml_dtypes: Return bfloat16/float8 leaves bit-exact as ``ml_dtypes`` arrays instead
             of widening them to float32.
         is_leaf: Called on each node; a node it returns True for is treated as a leaf.
 
     Returns:
         On ``dst`` (or on every rank when ``dst`` is ``None``), one tree of the input's
-        structure whose arrays own their memory; ``None`` on the other ranks.
+        structure whose arrays own their memory (or map the files of ``directory``); ``None``
+        on the other ranks.
 
     Raises:
         ConversionError: On every rank, when any rank's tree differs in structure, in a leaf's
@@ -205,99 +158,145 @@ def gather(
             not be prepared; or when the ranks pass different options. The message names
             the ranks and the path.
         ValueError: ``dst`` is not a rank of ``group``, or this process is not in ``group``.
-        OptionError: ``axis`` or ``num_items`` is not an int (``num_items`` one ``>= 0``),
-            ``ml_dtypes`` not a bool, or a ``pad_value`` callable cannot take ``(path, dtype)``;
-            raised before any exchange.
+        OptionError: ``axis``, ``num_items`` or ``chunk_bytes`` is not an int (``num_items``
+            one ``>= 0``, ``chunk_bytes`` ``None`` or one ``>= 1``), ``ml_dtypes`` not a bool, a
+            ``pad_value`` callable cannot take ``(path, dtype)``, ``reduce``/``exclude`` are
+            malformed or come with an Accumulator, or ``directory`` is a file or comes with an
+            axis other than 0; raised before any exchange.
+        FileExistsError: Only on a receiving rank, after the exchange (so that no rank is left
+            waiting): ``directory`` holds another run's files. Errors writing the result are
+            raised the same way.
     """
-    axis, num_items = _checked_arguments(axis, num_items, ml_dtypes, pad_value)
+    axis, num_items = _checked_arguments(axis, num_items, ml_dtypes, pad_value, chunk_bytes)
+    selection = Selection(exclude, reduce, "gather")
+    folder = _checked_destination(tree, selection, directory, axis)
     import torch.distributed as dist  # noqa: PLC0415 - keeps `import tonumpy` light
 
     world, rank, is_dst = _locate(dist, group, dst)
     remote = world > 1
     device = _comm_device(dist, group) if remote else torch.device("cpu")
-
-    prep = Prepared()
-    signature = (dst, axis, num_items, sampler is not None, ml_dtypes)
-    try:
-        prep = prepare(tree, remote=remote, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
-        if remote:
-            make_pieces(prep, device, dtensors=False)
-        assert prep.spec is not None  # noqa: S101
-        info = sampler_info(sampler) if sampler is not None else None
-        payload: tuple[Any, ...] = (
-            _PROTOCOL,
-            None,
-            _fingerprint(prep.spec),
-            len(prep.infos),
-            prep.infos,
-            signature,
-            info,
-            prep.nbytes,
-        )
-    except Exception as exc:
-        if not remote:
-            raise
-        prep.error = exc
-        payload = (_PROTOCOL, _error_payload(exc), b"", 0, [], signature, None, 0)
-
+    signature = (dst, axis, num_items, sampler is not None, ml_dtypes, chunk_bytes)
+    prep, payload = _prepare(
+        tree, selection, is_leaf, sampler, signature, remote=remote, device=device
+    )
     if remote:
         metas: list[Any] = [None] * world
         dist.all_gather_object(metas, payload, group=group)
     else:
         metas = [payload]
-    _check_all(metas, prep, rank)
-    assert prep.spec is not None  # noqa: S101
+    _metadata.check_all(metas, prep.error, rank)
+    spec = prep.spec
+    assert spec is not None  # noqa: S101
     if remote:
-        _check_structure(metas, prep.spec, dist, group)
-
-    paths = prep.spec.paths()
-    axes = _check_leaves(metas, prep.spec, axis=axis, pad_value=pad_value, ml_dtypes=ml_dtypes)
+        _metadata.check_structure(metas, spec, dist, group)
+    columns = _metadata.check_columns(
+        metas, spec, axis=axis, pad_value=pad_value, ml_dtypes=ml_dtypes
+    )
+    per_batch = _metadata.check_per_batch(metas, spec)
     if sampler is not None:
-        check_sampler(metas, paths, axes, world)
+        check_sampler(metas, spec.paths(), [c.axis for c in columns], world, per_batch)
 
     # Every rank agrees: materialise DTensors (in leaf order, on every rank), then send.
     for i, (code, *_rest) in enumerate(prep.infos):
         if code == DTENSOR:
             prep.sources[i] = prep.sources[i].full_tensor()
+    failure: Exception | None = None
+    destination = None
+    if is_dst:
+        try:
+            destination = Destination(
+                spec,
+                columns,
+                metas,
+                per_batch=per_batch,
+                positions=sample_positions(metas) if sampler is not None else None,
+                num_items=num_items,
+                directory=folder,
+                ml_dtypes=ml_dtypes,
+            )
+        except Exception as exc:  # noqa: BLE001 - raised after the exchange, no rank waits
+            failure = exc
     if remote:
-        make_pieces(prep, device, dtensors=True)
-    if remote:
-        per_rank = _exchange(
+        exchange = _Exchange(dist, group, device, dst=dst, is_dst=is_dst, ml_dtypes=ml_dtypes)
+        failure = exchange.run(
             prep,
             metas,
-            dist=dist,
-            group=group,
-            device=device,
-            dst=dst,
-            is_dst=is_dst,
-            ml_dtypes=ml_dtypes,
+            columns,
+            destination,
+            failure=failure,
+            chunk_bytes=chunk_bytes or max(ROUND_BYTES // world, MIN_CHUNK),
         )
-    else:
-        per_rank = [list(prep.sources)]
-    if not is_dst:
+    elif destination is not None and failure is None:
+        _place_local(prep, columns, destination, ml_dtypes)
+    if failure is not None:
+        raise failure
+    return None if destination is None else destination.result()
+
+
+def _checked_destination(tree: Any, selection: Selection, directory: Any, axis: int) -> Path | None:
+    """Check the options that depend on the input and on ``directory``; the directory's path."""
+    if isinstance(tree, Accumulator) and selection.active:
+        raise OptionError(
+            "gather(reduce=..., exclude=...) act on a tree; an Accumulator applies its own as "
+            "batches are appended: pass them to Accumulator(reduce=..., exclude=...)"
+        )
+    if directory is None:
         return None
-    converted = [convert_flat(leaves, prep.spec, ml_dtypes=ml_dtypes) for leaves in per_rank]
-    del per_rank
-    out = join(
-        converted,
-        prep.spec,
-        axis=axis,
-        pad_value=pad_value,
-        name=lambda r: f"rank {r}",
-        noun="ranks",
-    )
-    del converted
-    order = dataset_order(metas) if sampler is not None else None
-    kinds = [info_kind(info) for info in prep.infos]
-    return _finish(out, prep.spec, kinds=kinds, axes=axes, order=order, num_items=num_items)
+    folder = _options.check_directory(directory, "gather")
+    if axis != 0:
+        raise OptionError(
+            f"gather(directory=...) writes each leaf as a .npy file of rows along its first "
+            f"axis, so it needs axis=0 (got axis={axis})"
+        )
+    return folder
+
+
+def _prepare(
+    tree: Any,
+    selection: Selection,
+    is_leaf: Callable[[Any], bool] | None,
+    sampler: Any,
+    signature: tuple[Any, ...],
+    *,
+    remote: bool,
+    device: torch.device,
+) -> tuple[Prepared, tuple[Any, ...]]:
+    """This rank's leaves, described and read, and its metadata (or the error it raised)."""
+    ml_dtypes = signature[_metadata.OPTIONS.index("ml_dtypes")]
+    prep = Prepared()
+    try:
+        if isinstance(tree, Accumulator):
+            leaves, spec, per_batch = tree._gather_input()  # noqa: SLF001 - one package
+        else:
+            leaves, spec, _ = selection.flatten(tree, is_leaf=is_leaf)
+            per_batch = [False] * len(leaves)
+        prep = prepare(leaves, spec, remote=remote, ml_dtypes=ml_dtypes)
+        if remote:
+            make_pieces(prep, device, dtensors=False)
+        info = sampler_info(sampler) if sampler is not None else None
+        return prep, _metadata.payload(spec, prep.infos, signature, info, per_batch)
+    except Exception as exc:
+        if not remote:
+            raise
+        prep.error = exc
+        return prep, _metadata.error_payload(exc, signature)
 
 
 def _checked_arguments(
-    axis: Any, num_items: Any, ml_dtypes: Any, pad_value: PadValue
+    axis: Any, num_items: Any, ml_dtypes: Any, pad_value: PadValue, chunk_bytes: Any
 ) -> tuple[int, int | None]:
     """Check gather's options as concat and Accumulator do; return axis and num_items as ints."""
     _options.check_flag(ml_dtypes, "ml_dtypes", "gather")
     check_pad_option(pad_value, "gather")
+    if chunk_bytes is not None and not (
+        isinstance(chunk_bytes, int | np.integer)
+        and not isinstance(chunk_bytes, bool)
+        and chunk_bytes >= 1
+    ):
+        raise OptionError(
+            f"gather(chunk_bytes={chunk_bytes!r}): chunk_bytes= takes None or the most bytes a "
+            "rank sends per round, an int >= 1"
+        )
     return _options.check_axis(axis, "gather"), _options.check_num_items(num_items, "gather")
 
 
@@ -320,29 +319,6 @@ def _locate(dist: Any, group: Any, dst: int | None) -> tuple[int, int, bool]:
     return world, rank, dst is None or dist.get_rank() == dst
 
 
-def _check_structure(
-    metas: Sequence[tuple[Any, ...]], spec: PyTreeSpec, dist: Any, group: Any
-) -> None:
-    """Raise, on every rank, if the structure fingerprints differ (one more exchange).
-
-    The ranks then exchange their structures as sketches, and every rank reports the first
-    path where the first differing rank's tree parts from rank 0's, as ``concat`` does.
-    """
-    if all(meta[2] == metas[0][2] for meta in metas):
-        return
-    sketches: list[Any] = [None] * len(metas)
-    dist.all_gather_object(sketches, _tree.sketch(spec), group=group)
-    bad = next(r for r, meta in enumerate(metas) if meta[2] != metas[0][2])
-    raise _tree.difference_error(
-        sketches[0],
-        sketches[bad],
-        "rank 0",
-        f"rank {bad}",
-        hint="every rank must pass the same keys, fields and lengths",
-        spec=spec,
-    )
-
-
 def _check_dst(dist: Any, group: Any, dst: int) -> None:
     msg = f"gather(dst={dst}): global rank {dst} is not a member of the process group"
     if group is None:
@@ -353,28 +329,6 @@ def _check_dst(dist: Any, group: Any, dst: int) -> None:
         dist.get_group_rank(group, dst)
     except (ValueError, RuntimeError) as exc:
         raise ValueError(msg) from exc
-
-
-def _check_all(metas: Sequence[tuple[Any, ...]], prep: Prepared, rank: int) -> None:
-    """Raise, on every rank, if any rank failed, runs another protocol or passed other options."""
-    failed = [r for r, meta in enumerate(metas) if meta[1] is not None]
-    if failed:
-        if prep.error is not None:
-            raise prep.error
-        name, message, where = metas[failed[0]][1]
-        ranks = ", ".join(map(str, failed))
-        raise ConversionError(
-            f"gather() failed on rank{'s' if len(failed) > 1 else ''} {ranks}, so every rank "
-            f"raises: rank {failed[0]} raised {name}: {message}"
-            + (f" (at {where})" if where else "")
-        )
-    for r, meta in enumerate(metas):
-        if meta[0] != _PROTOCOL:
-            raise ConversionError(
-                f"gather(): rank {r} speaks metadata protocol {meta[0]} but rank {rank} speaks "
-                f"{_PROTOCOL}; install the same tonumpy version on every rank"
-            )
-    _check_options(metas)
 
 
 def _comm_device(dist: Any, group: Any) -> torch.device:
@@ -391,39 +345,127 @@ def _comm_device(dist: Any, group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _exchange(
-    prep: Prepared,
-    metas: Sequence[tuple[Any, ...]],
-    *,
-    dist: Any,
-    group: Any,
-    device: torch.device,
-    dst: int | None,
-    is_dst: bool,
-    ml_dtypes: bool,
-) -> list[list[Any]]:
-    """Send every rank's bytes in one collective; rebuild the leaves of every rank on receivers."""
-    # At least one byte (gloo crashes on zero-element collectives), and a multiple of 16 so
-    # that every rank's row of the gathered buffer starts aligned for any dtype.
-    size = -(-max(1, *(int(meta[7]) for meta in metas)) // ALIGN) * ALIGN
-    buffer = pack_buffer(prep, size, device)
-    gathered = torch.empty((len(metas), size), dtype=torch.uint8, device=device) if is_dst else None
-    if dst is None:
-        assert gathered is not None  # noqa: S101
-        if device.type == "cpu":
-            dist.all_gather(list(gathered.unbind(0)), buffer, group=group)
-        else:
-            dist.all_gather_into_tensor(gathered.view(-1), buffer, group=group)
+# ------------------------------------------------------------------------------ the data
+
+
+def _place_local(
+    prep: Prepared, columns: Sequence[Column], destination: Destination, ml_dtypes: bool
+) -> None:
+    """A world of one: this rank's leaves, converted, are the result's only rows."""
+    assert prep.spec is not None  # noqa: S101
+    converted = convert_flat(list(prep.sources), prep.spec, ml_dtypes=ml_dtypes)
+    for i, (value, column) in enumerate(zip(converted, columns, strict=True)):
+        _place_whole(destination, i, 0, value, column)
+
+
+def _place_whole(destination: Destination, i: int, rank: int, value: Any, column: Column) -> None:
+    kind = column.kind
+    if kind == "object":
+        destination.place_value(i, rank, value)
     else:
-        targets = list(gathered.unbind(0)) if gathered is not None else None
-        dist.gather(buffer, targets, dst=dst, group=group)
-    del buffer
-    if gathered is None:
-        return []
-    host = gathered.cpu()
-    host_np = host.numpy()
-    per_rank = []
-    for r, meta in enumerate(metas):
-        row, row_np = host[r], host_np[r]
-        per_rank.append([rebuild(info, row, row_np, ml_dtypes) for info in meta[4]])
-    return per_rank
+        assert kind is not None  # noqa: S101
+        destination.place(i, rank, 0, rows_first(np.asarray(value), kind, column.axis))
+
+
+class _Exchange:
+    """The data collectives of one ``gather`` call, round by round."""
+
+    def __init__(
+        self,
+        dist: Any,
+        group: Any,
+        device: torch.device,
+        *,
+        dst: int | None,
+        is_dst: bool,
+        ml_dtypes: bool,
+    ) -> None:
+        self.dist, self.group, self.device = dist, group, device
+        self.dst, self.is_dst, self.ml_dtypes = dst, is_dst, ml_dtypes
+
+    def run(
+        self,
+        prep: Prepared,
+        metas: Sequence[tuple[Any, ...]],
+        columns: Sequence[Column],
+        destination: Destination | None,
+        *,
+        failure: Exception | None,
+        chunk_bytes: int,
+    ) -> Exception | None:
+        """Send every rank's bytes, round by round; receivers place each round as it arrives.
+
+        A receiver that fails to place what it received keeps taking part in every round (the
+        other ranks would wait for it forever) and returns the first error, to be raised then.
+        """
+        axes = [column.axis for column in columns]
+        make_pieces(prep, self.device, dtensors=True)
+        rows_first_bytes(prep, axes)
+        if destination is not None and failure is None:
+            try:  # leaves pickled into the metadata (not tensors, or arrays NumPy cannot view)
+                self._place_pickled(metas, columns, destination)
+            except Exception as exc:  # noqa: BLE001 - raised after the exchange
+                failure = exc
+        rounds = plan_rounds(metas, axes, chunk_bytes)
+        if not rounds:
+            return failure
+        world, rank = len(metas), self.dist.get_rank(self.group)
+        largest = max(round_size(pieces) for pieces in rounds)
+        send = torch.empty(largest, dtype=torch.uint8, device=self.device)
+        receive = (
+            torch.empty(world * largest, dtype=torch.uint8, device=self.device)
+            if self.is_dst
+            else None
+        )
+        for pieces in rounds:
+            size = round_size(pieces)
+            buffer = send[:size]
+            pack_round(prep, pieces[rank], buffer)
+            gathered = receive[: world * size].view(world, size) if receive is not None else None
+            self._collective(buffer, gathered)
+            if gathered is None or destination is None or failure is not None:
+                continue
+            try:
+                self._place_round(destination, metas, pieces, axes, gathered)
+            except Exception as exc:  # noqa: BLE001 - raised after the exchange
+                failure = exc
+        return failure
+
+    def _collective(self, buffer: torch.Tensor, gathered: torch.Tensor | None) -> None:
+        dist, group = self.dist, self.group
+        if self.dst is None:
+            assert gathered is not None  # noqa: S101
+            if self.device.type == "cpu":
+                dist.all_gather(list(gathered.unbind(0)), buffer, group=group)
+            else:
+                dist.all_gather_into_tensor(gathered.view(-1), buffer, group=group)
+        else:
+            targets = list(gathered.unbind(0)) if gathered is not None else None
+            dist.gather(buffer, targets, dst=self.dst, group=group)
+
+    @staticmethod
+    def _place_pickled(
+        metas: Sequence[tuple[Any, ...]], columns: Sequence[Column], destination: Destination
+    ) -> None:
+        for r, meta in enumerate(metas):
+            for i, info in enumerate(meta[4]):
+                if info[0] == OBJECT:
+                    value = pickle.loads(info[4])  # noqa: S301 - sent by a rank of the group
+                    _place_whole(destination, i, r, value, columns[i])
+
+    def _place_round(
+        self,
+        destination: Destination,
+        metas: Sequence[tuple[Any, ...]],
+        pieces: Sequence[Sequence[Piece]],
+        axes: Sequence[int],
+        gathered: torch.Tensor,
+    ) -> None:
+        host = gathered.cpu()
+        host_np = host.numpy()
+        for r, mine in enumerate(pieces):
+            row, row_np = host[r], host_np[r]
+            for piece in mine:
+                info = metas[r][4][piece.leaf]
+                rows = unpack(info, piece, axes[piece.leaf], (row, row_np), self.ml_dtypes)
+                destination.place(piece.leaf, r, piece.start, rows)

@@ -1,0 +1,177 @@
+"""Where ``gather``'s rows land on a receiving rank: the result's arrays, or ``.npy`` files.
+
+The rows arrive in pieces (some rows of one leaf of one rank, rows first), round after round.
+Before the first one, the metadata of every rank has told the receiver everything about the
+result: each leaf's dtype, padded shape and pad value (its [`Column`][tonumpy._columns.Column],
+the policy ``concat`` and ``Accumulator`` follow), and where every row of every rank goes. So
+a [`Destination`][tonumpy._destination.Destination] allocates each leaf's result once, in
+memory or as a ``.npy`` file of its final size in a directory (the directory format of
+``tonumpy._directory``), and copies each piece, padded, straight to its rows: a receiver
+holds the result (or nothing, with a directory) plus one round of pieces, never every rank's
+bytes and the result at once.
+
+Where a row goes:
+
+* leaves that hold one value per rank (0-d) or per batch (``Accumulator`` leaves that were 0-d
+  in every batch), and array leaves without ``sampler=``: after the rows of the ranks before
+  it, in rank order;
+* array leaves with ``sampler=``: row ``j`` of rank ``r`` is dataset item
+  ``positions[r * num_samples + j]`` (``-1``: a repeated sample, dropped);
+* ``num_items`` then keeps the first rows of every per-sample leaf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from optree import PyTreeSpec
+
+from . import _tree
+from ._columns import Column, copy_padded
+from ._directory import Directory
+from ._packing import info_rows
+from ._storage import GrowingNpy
+
+__all__ = ["Destination"]
+
+
+class _Leaf:
+    """One leaf of the result: its column, its storage, and each rank's rows' destination."""
+
+    __slots__ = ("array", "column", "file", "limit", "maps", "offsets", "values")
+
+    def __init__(self, column: Column) -> None:
+        self.column = column
+        self.array: np.ndarray | None = None  # in memory
+        self.file: GrowingNpy | None = None  # with directory=
+        self.values: list[Any] = []  # non-array leaves: one value per rank
+        self.offsets: list[int] = []  # per rank: its first row (rank order)
+        self.maps: list[np.ndarray] | None = None  # per rank: each row's destination (sampler)
+        self.limit = 0  # rows kept
+
+
+class Destination:
+    """The result of one ``gather`` on a receiving rank, filled piece by piece.
+
+    ``positions`` (from ``_sampler.sample_positions``) is given with ``sampler=``;
+    ``per_batch[i]`` says that leaf ``i`` holds one value per batch (never reordered or cut).
+    """
+
+    def __init__(
+        self,
+        spec: PyTreeSpec,
+        columns: Sequence[Column],
+        metas: Sequence[tuple[Any, ...]],
+        *,
+        per_batch: Sequence[bool],
+        positions: np.ndarray | None,
+        num_items: int | None,
+        directory: Path | None,
+        ml_dtypes: bool,
+    ) -> None:
+        self.spec = spec
+        self.ml_dtypes = ml_dtypes
+        self.leaves = [_Leaf(column) for column in columns]
+        world = len(metas)
+        num_samples = metas[0][6][7] if positions is not None else 0
+        for i, leaf in enumerate(self.leaves):
+            kind = leaf.column.kind
+            if kind == "object":
+                leaf.values = [None] * world
+                continue
+            counts = [info_rows(meta[4][i], leaf.column.axis) for meta in metas]
+            leaf.offsets = [sum(counts[:r]) for r in range(world)]
+            leaf.limit = sum(counts)
+            per_sample = kind == "array" and not per_batch[i]
+            if per_sample and positions is not None:
+                leaf.maps = [
+                    positions[r * num_samples : (r + 1) * num_samples] for r in range(world)
+                ]
+                leaf.limit = int(np.count_nonzero(positions >= 0))
+            if per_sample and num_items is not None:
+                leaf.limit = min(leaf.limit, num_items)
+        self.per_batch = per_batch
+        self.directory = Directory(directory, "gather") if directory is not None else None
+        files: list[Path | None] = [None] * len(self.leaves)
+        if self.directory is not None:
+            files = self.directory.start(spec, columns, ml_dtypes)
+        for leaf, file in zip(self.leaves, files, strict=True):
+            column = leaf.column
+            if column.kind == "object":
+                continue
+            dtype, trailing, ax = column.dtype, column.trailing or (), column.axis
+            assert dtype is not None  # noqa: S101 - every rank described the leaf
+            if file is not None:
+                leaf.file = GrowingNpy(file, dtype, trailing)
+                leaf.file.reserve(leaf.limit)
+            else:
+                leaf.array = np.empty((*trailing[:ax], leaf.limit, *trailing[ax:]), dtype)
+
+    def place_value(self, index: int, rank: int, value: Any) -> None:
+        """The value of the non-array leaf ``index`` on ``rank``."""
+        self.leaves[index].values[rank] = value
+
+    def place(self, index: int, rank: int, start: int, rows: np.ndarray) -> None:
+        """Rows ``start:start + len(rows)`` (rows first) of leaf ``index`` of ``rank``."""
+        leaf = self.leaves[index]
+        n = rows.shape[0]
+        if leaf.maps is None:  # rank order: one run of rows
+            first = leaf.offsets[rank] + start
+            n = max(0, min(n, leaf.limit - first))
+            if n:
+                self._write(leaf, np.arange(first, first + n), rows[:n], run=True)
+            return
+        target = leaf.maps[rank][start : start + n]
+        keep = (target >= 0) & (target < leaf.limit)
+        if not keep.all():
+            target, rows = target[keep], rows[keep]
+        if target.size:
+            self._write(leaf, target, rows, run=False)
+
+    def _write(self, leaf: _Leaf, target: np.ndarray, rows: np.ndarray, *, run: bool) -> None:
+        """Copy ``rows`` (padded) to rows ``target`` of the leaf's result (one run if ``run``)."""
+        column = leaf.column
+        fill = column.fill
+        trailing = column.trailing or ()
+        if leaf.array is not None:
+            view = np.moveaxis(leaf.array, column.axis, 0) if column.axis else leaf.array
+            if run:
+                copy_padded(view[target[0] : target[0] + target.size], rows, fill)
+                return
+            block = np.empty((target.size, *trailing), dtype=leaf.array.dtype)
+            copy_padded(block, rows, fill)
+            view[target] = block
+            return
+        file = leaf.file
+        assert file is not None  # noqa: S101
+        if rows.shape[1:] != trailing or rows.dtype != file.dtype or not run:
+            block = np.empty((target.size, *trailing), dtype=file.dtype)
+            copy_padded(block, rows, fill)
+            rows = block
+        if run:
+            file.write_rows(int(target[0]), rows)
+            return
+        order = np.argsort(target, kind="stable")
+        target, rows = target[order], rows[order]
+        breaks = np.flatnonzero(np.diff(target) != 1) + 1
+        for lo, hi in zip([0, *breaks], [*breaks, target.size], strict=True):
+            file.write_rows(int(target[lo]), rows[lo:hi])
+
+    def result(self) -> Any:
+        """The gathered tree: arrays (memory-mapped, read-only, with a directory) and lists."""
+        out: list[Any] = []
+        for i, leaf in enumerate(self.leaves):
+            if leaf.column.kind == "object" and self.per_batch[i]:  # one list per rank: joined
+                out.append([value for per_rank in leaf.values for value in per_rank])
+            elif leaf.column.kind == "object":
+                out.append(leaf.values)
+            elif leaf.file is not None:
+                out.append(leaf.file.open(leaf.limit))
+            else:
+                out.append(leaf.array)
+        if self.directory is not None:
+            self.directory.finish(self.spec, out, self.ml_dtypes)
+        return _tree.unflatten(self.spec, out)

@@ -1,0 +1,183 @@
+"""What every rank sends ``gather`` before any data, and the checks made on it everywhere.
+
+Each rank's metadata is one tuple (see [`payload`][tonumpy._metadata.payload]): a structure
+fingerprint, each leaf's description (``tonumpy._packing.Info``), the options, its sampler's
+attributes, and which leaves hold one value per batch. Every rank receives every rank's tuple
+and runs the same checks on the same data, so a problem anywhere (a rank that failed to prepare
+its tree, another structure, dtype or number of dimensions, a ragged leaf without a pad value,
+other options) makes *every* rank raise the same error, before any data moves, instead of
+leaving the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from optree import PyTreeSpec
+
+from . import _tree
+from ._columns import Column
+from ._packing import Info, info_kind, numpy_dtype
+from ._pad import PadValue
+from .errors import ConversionError
+
+__all__ = [
+    "OPTIONS",
+    "PROTOCOL",
+    "check_all",
+    "check_columns",
+    "check_per_batch",
+    "check_structure",
+    "error_payload",
+    "payload",
+]
+
+#: Bumped whenever the metadata layout changes: ranks running different tonumpy versions then
+#: raise a clear error instead of misreading each other.
+PROTOCOL = 2
+
+#: The options every rank must pass alike, in the order of the metadata's signature.
+OPTIONS = ("dst", "axis", "num_items", "sampler", "ml_dtypes", "chunk_bytes")
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+# Positions in a rank's metadata tuple.
+_ERROR, _FINGERPRINT, _INFOS, _SIGNATURE, _PER_BATCH = 1, 2, 4, 5, 7
+
+
+def _fingerprint(spec: PyTreeSpec) -> bytes:
+    text = _ADDRESS.sub("", repr(spec))  # a lambda default_factory's address differs per rank
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def payload(
+    spec: PyTreeSpec,
+    infos: list[Info],
+    signature: tuple[Any, ...],
+    sampler: tuple[Any, ...] | None,
+    per_batch: Sequence[bool],
+) -> tuple[Any, ...]:
+    """One rank's metadata, for ``all_gather_object``.
+
+    ``(protocol, error, fingerprint, leaves, infos, signature, sampler, per_batch)``, where
+    ``error`` is None (see ``error_payload``).
+    """
+    return (
+        PROTOCOL,
+        None,
+        _fingerprint(spec),
+        len(infos),
+        infos,
+        signature,
+        sampler,
+        tuple(per_batch),
+    )
+
+
+def error_payload(exc: BaseException, signature: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The metadata of a rank that failed to prepare its tree: what it raised, and where."""
+    path = getattr(exc, "path", None)
+    error = type(exc).__name__, str(exc), None if path is None else _tree.format_path(path)
+    return (PROTOCOL, error, b"", 0, [], signature, None, ())
+
+
+def check_all(metas: Sequence[tuple[Any, ...]], error: BaseException | None, rank: int) -> None:
+    """Raise, on every rank, if any rank failed, runs another protocol or passed other options.
+
+    ``error`` is what this rank raised while preparing its tree, if anything: re-raised as it
+    was on the rank that failed.
+    """
+    failed = [r for r, meta in enumerate(metas) if meta[_ERROR] is not None]
+    if failed:
+        if error is not None:
+            raise error
+        name, message, where = metas[failed[0]][_ERROR]
+        ranks = ", ".join(map(str, failed))
+        raise ConversionError(
+            f"gather() failed on rank{'s' if len(failed) > 1 else ''} {ranks}, so every rank "
+            f"raises: rank {failed[0]} raised {name}: {message}"
+            + (f" (at {where})" if where else "")
+        )
+    for r, meta in enumerate(metas):
+        if meta[0] != PROTOCOL:
+            raise ConversionError(
+                f"gather(): rank {r} speaks metadata protocol {meta[0]} but rank {rank} speaks "
+                f"{PROTOCOL}; install the same tonumpy version on every rank"
+            )
+    for r, meta in enumerate(metas):
+        for name, mine, first in zip(OPTIONS, meta[_SIGNATURE], metas[0][_SIGNATURE], strict=True):
+            if mine != first:
+                shown, other = repr(first), repr(mine)
+                if name == "sampler":
+                    shown, other = ("given", "None") if first else ("None", "given")
+                raise ConversionError(
+                    f"gather() was called with {name}={shown} on rank 0 but {name}={other} on "
+                    f"rank {r}; every rank must pass the same {name}"
+                )
+
+
+def check_structure(
+    metas: Sequence[tuple[Any, ...]], spec: PyTreeSpec, dist: Any, group: Any
+) -> None:
+    """Raise, on every rank, if the structure fingerprints differ (one more exchange).
+
+    The ranks then exchange their structures as sketches, and every rank reports the first
+    path where the first differing rank's tree parts from rank 0's, as ``concat`` does.
+    """
+    if all(meta[_FINGERPRINT] == metas[0][_FINGERPRINT] for meta in metas):
+        return
+    sketches: list[Any] = [None] * len(metas)
+    dist.all_gather_object(sketches, _tree.sketch(spec), group=group)
+    bad = next(r for r, meta in enumerate(metas) if meta[_FINGERPRINT] != metas[0][_FINGERPRINT])
+    raise _tree.difference_error(
+        sketches[0],
+        sketches[bad],
+        "rank 0",
+        f"rank {bad}",
+        hint="every rank must pass the same keys, fields and lengths",
+        spec=spec,
+    )
+
+
+def check_columns(
+    metas: Sequence[tuple[Any, ...]],
+    spec: PyTreeSpec,
+    *,
+    axis: int,
+    pad_value: PadValue,
+    ml_dtypes: bool,
+) -> list[Column]:
+    """Every leaf's column over the ranks (kind, dtype, padded shape, pad value), or an error.
+
+    The column policy of ``concat``, applied to the metadata alone.
+    """
+    columns = []
+    for i, (path, where) in enumerate(_tree.leaf_paths(spec)):
+        column = Column(path, where, axis=axis, pad_value=pad_value, noun="ranks")
+        for rank, meta in enumerate(metas):
+            info = meta[_INFOS][i]
+            kind = info_kind(info)
+            np_dtype = None if kind == "object" else numpy_dtype(info[0], info[1], ml_dtypes)
+            column.commit(column.check(kind, np_dtype, info[2], f"rank {rank}"))
+        columns.append(column)
+    return columns
+
+
+def check_per_batch(metas: Sequence[tuple[Any, ...]], spec: PyTreeSpec) -> list[bool]:
+    """Which leaves hold one value per batch: the same on every rank, or an error."""
+    first = metas[0][_PER_BATCH]
+    for rank, meta in enumerate(metas):
+        if meta[_PER_BATCH] == first:
+            continue
+        i = next(i for i, (a, b) in enumerate(zip(first, meta[_PER_BATCH], strict=True)) if a != b)
+        path, where = _tree.leaf_path(spec, i)
+        holds = "one value per batch" if first[i] else "one row per sample"
+        raise ConversionError(
+            f"{where} holds {holds} on rank 0 (by its Accumulator) but not on rank {rank}; "
+            "pass every rank's Accumulator (gather(acc, ...)), or a plain tree on every rank",
+            path=path,
+        )
+    return list(first)
