@@ -12,9 +12,19 @@ from typing import Any
 import torch
 import transformers
 
+import _models
 from _docs_fixtures import tiny_bert as bert
-from test_transformers_objects import _gpt2 as gpt2
-from test_transformers_objects import _t5 as t5
+from _models import tiny_t5
+
+
+def gpt2() -> Any:
+    """A tiny GPT-2 LM in eval mode."""
+    return _models.tiny_gpt2().eval()
+
+
+def t5() -> Any:
+    """A tiny T5 in eval mode."""
+    return tiny_t5().eval()
 
 
 def batch(model: Any, length: int, rows: int = 2) -> dict[str, torch.Tensor]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+import _models
+
 VOCAB = 99
 # 10 examples (not a multiple of the batch size), lengths chosen so that every batch of 4 is
 # padded to a different length: 9, 12, 6
@@ -80,17 +82,7 @@ def _model_names(model: torch.nn.Module, examples: list[dict[str, torch.Tensor]]
 
 def tiny_bert() -> Any:
     """A 2-layer BERT masked LM, hidden size 32, seeded (modules ``bert.encoder.layer.N``)."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=VOCAB,
-    )
-    return transformers.BertForMaskedLM(config)
+    return _models.tiny_bert(vocab_size=VOCAB)
 
 
 @fixture
@@ -104,36 +96,15 @@ def bert_mlm(ctx: PageContext) -> dict[str, Any]:
 def gpt2_lm(ctx: PageContext) -> dict[str, Any]:
     """As ``bert_mlm``, with a tiny GPT-2 language model whose outputs carry its KV cache
     (``cache`` in transformers 5, ``past_key_values`` before): logits, loss and cache."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, use_cache=True
-    )
-    return _model_names(transformers.GPT2LMHeadModel(config), _token_examples(targets=False))
+    model = _models.tiny_gpt2(use_cache=True)
+    return _model_names(model, _token_examples(targets=False))
 
 
 @fixture
 def bart_seq2seq(ctx: PageContext) -> dict[str, Any]:
     """As ``bert_mlm``, with a tiny BART encoder-decoder (modules ``model.encoder.layers.N``,
     ``model.decoder.layers.N``); ``labels`` are target sequences of their own lengths."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.BartConfig(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=37,
-        decoder_ffn_dim=37,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    return _model_names(
-        transformers.BartForConditionalGeneration(config), _token_examples(targets=True)
-    )
+    return _model_names(_models.tiny_bart(vocab_size=VOCAB), _token_examples(targets=True))
 
 
 @fixture

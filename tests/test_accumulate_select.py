@@ -18,6 +18,7 @@ import torch
 import transformers
 
 import tonumpy
+from _models import tiny_bert, tiny_t5
 from test_accumulator_threads import fast_switching  # noqa: F401 - a fixture used below
 from tonumpy import Accumulator, ConversionError, OptionError, concat
 
@@ -260,27 +261,8 @@ def test_reduce_runs_on_the_device() -> None:
 
 def test_bert_and_t5_outputs() -> None:
     """BERT (argmax of its MLM logits) and T5 (cache and encoder states excluded)."""
-    torch.manual_seed(0)
-    bert = transformers.BertForMaskedLM(
-        transformers.BertConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=37,
-            vocab_size=VOCAB,
-        )
-    ).eval()
-    t5 = transformers.T5ForConditionalGeneration(
-        transformers.T5Config(
-            d_model=32,
-            d_ff=37,
-            d_kv=16,
-            num_layers=2,
-            num_heads=2,
-            vocab_size=VOCAB,
-            decoder_start_token_id=0,
-        )
-    ).eval()
+    bert = tiny_bert(vocab_size=VOCAB).eval()
+    t5 = tiny_t5(vocab_size=VOCAB).eval()
     bert_acc = Accumulator(reduce={"logits": lambda t: t.argmax(-1)}, pad_value=-100)
     t5_acc = Accumulator(
         exclude=["cache", "past_key_values", "encoder_last_hidden_state"], pad_value=0.0

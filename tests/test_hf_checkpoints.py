@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tonumpy
+from _models import tiny_bert
 from tonumpy import cli
 from tonumpy import io as tio
 
@@ -29,15 +30,7 @@ def run(*argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=99,
-    )
-    torch.manual_seed(0)
-    return transformers.BertModel(config).eval()
+    return tiny_bert(transformers.BertModel).eval()
 
 
 @pytest.fixture(scope="module")

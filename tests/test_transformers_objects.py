@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from _models import tiny_gpt2, tiny_t5
 from _trees import assert_same_tree
 from tonumpy import Accumulator, UnsupportedLeafError, apply, concat, to_numpy, to_torch
 
@@ -24,21 +25,11 @@ cache_utils = pytest.importorskip("transformers.cache_utils")
 
 
 def _gpt2() -> Any:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0,
-        eos_token_id=0,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_gpt2().eval()
 
 
 def _t5() -> Any:
-    torch.manual_seed(0)
-    config = transformers.T5Config(
-        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
-    return transformers.T5ForConditionalGeneration(config).eval()
+    return tiny_t5().eval()
 
 
 def _cache_key(out: Any) -> str:

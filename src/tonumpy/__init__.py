@@ -1,8 +1,8 @@
 """tonumpy: turn any tensor, or any nested structure of tensors, into NumPy, correctly.
 
-The conversion functions, the logging hooks and the errors are imported eagerly; the modules
-behind ``concat``, ``Accumulator``, ``gather``, ``save`` and ``load`` load on first use, so
-that ``import tonumpy`` costs little more than ``import torch``.
+The conversion functions and the errors are imported eagerly; the modules behind the logging
+hooks, ``concat``, ``Accumulator``, ``gather``, ``save`` and ``load`` load on first use, so that
+``import tonumpy`` costs little more than ``import torch``.
 
 Examples:
     >>> import torch, tonumpy
@@ -16,8 +16,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import _startup  # noqa: F401 - first: Ctrl-C while the command imports torch
-from ._activations import Activations
-from ._numpy_args import numpy_args
 from .asynchronous import PendingTransfer, to_numpy_async
 from .convert import apply, to_numpy, to_torch
 from .errors import (
@@ -29,11 +27,13 @@ from .errors import (
     UnsafeFileError,
     UnsupportedLeafError,
 )
-from .hooks import capture, module_names
 
 if TYPE_CHECKING:
+    from ._activations import Activations
+    from ._numpy_args import numpy_args
     from .accumulate import Accumulator, concat
     from .distributed import gather
+    from .hooks import capture, module_names
     from .io import load, save
 
 __version__ = "0.1.0"
@@ -65,6 +65,10 @@ __all__ = [
 
 _LAZY = {
     "Accumulator": "accumulate",
+    "Activations": "_activations",
+    "capture": "hooks",
+    "module_names": "hooks",
+    "numpy_args": "_numpy_args",
     "concat": "accumulate",
     "gather": "distributed",
     "load": "io",

@@ -307,16 +307,9 @@ class Activations(Mapping[str, list[Any]]):
         root = f"acts[{name!r}][i]"
         flat = [_tree.flatten(call) for call in calls]
         spec = flat[0][1]
+        hint = f"read the calls one by one with acts[{name!r}]"
         for number, (_, other) in enumerate(flat[1:], start=1):
-            if not _tree.same_structure(other, spec):
-                raise _tree.structure_error(
-                    spec,
-                    other,
-                    "call 0",
-                    f"call {number}",
-                    hint=f"read the calls one by one with acts[{name!r}]",
-                    root=root,
-                )
+            _tree.require_same(spec, other, "call 0", f"call {number}", hint=hint, root=root)
         return join(
             [leaves for leaves, _ in flat],
             spec,

@@ -65,15 +65,25 @@ def convert(
             return [
                 leaf.numpy(force=True).copy() if type(leaf) in plain else leaf for leaf in leaves
             ]
-        forced = [leaf.numpy(force=True) if type(leaf) in plain else leaf for leaf in leaves]
+        # read-only views of tensors that require grad (see _protect), in the same pass
+        read_only = _READ_ONLY
+        return [
+            ((arr := leaf.numpy(force=True)), leaf.requires_grad and read_only(arr, False))[0]
+            if type(leaf) in plain
+            else leaf
+            for leaf in leaves
+        ]
     except Exception:  # noqa: BLE001, S110 - a dtype NumPy lacks, or another refusal
         pass
-    else:
-        return _protect(leaves, forced)
     try:
         return _low_precision(leaves, copy=copy, ml_dtypes=ml_dtypes)
     except Exception:  # noqa: BLE001 - float4, sparse, ml_dtypes missing, ...: per leaf
         return None
+
+
+#: ``ndarray.setflags`` called positionally, ``(arr, False)``: makes ``arr`` read-only (half
+#: the cost of the ``write=False`` keyword).
+_READ_ONLY: Callable[..., None] = np.ndarray.setflags
 
 
 def _protect(leaves: list[Any], out: list[Any]) -> list[Any]:

@@ -54,6 +54,7 @@ __all__ = [
     "leaf_path",
     "leaf_paths",
     "outline",
+    "require_same",
     "same_structure",
     "sketch",
     "structure_error",
@@ -613,6 +614,24 @@ def first_difference(
     # same types and keys all the way down: the containers' settings differ (a maxlen, a
     # defaultdict's factory, a class of the same name from another module...)
     return path, f"{_node_text(a)} with other settings", f"another {_node_text(b)}"
+
+
+def require_same(
+    first: PyTreeSpec,
+    other: PyTreeSpec,
+    first_name: str,
+    other_name: str,
+    *,
+    hint: str,
+    root: str = "tree",
+) -> None:
+    """Raise unless ``other`` has ``first``'s structure: trees that are joined or mapped together.
+
+    Batches, captured calls, ``apply``'s rests; the error is
+    [`structure_error`][tonumpy._tree.structure_error]'s.
+    """
+    if not same_structure(first, other):
+        raise structure_error(first, other, first_name, other_name, hint=hint, root=root)
 
 
 def structure_error(

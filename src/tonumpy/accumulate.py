@@ -139,8 +139,7 @@ def concat(
         leaves, spec, leaf_types = selection.flatten(tree, is_leaf=is_leaf)
         if spec0 is None:
             spec0 = spec
-        elif not _tree.same_structure(spec, spec0):
-            raise _structure_error(spec0, spec, "trees[0]", f"trees[{index}]")
+        _tree.require_same(spec0, spec, "trees[0]", f"trees[{index}]", hint=_SAME_STRUCTURE)
         flat.append(convert_flat(leaves, spec, ml_dtypes=ml_dtypes, leaf_types=leaf_types))
     assert spec0 is not None  # noqa: S101 - trees is not empty
     return join(
