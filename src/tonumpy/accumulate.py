@@ -507,7 +507,7 @@ class Accumulator:
         return out
 
     def _gather_input(self) -> tuple[list[Any], PyTreeSpec, list[bool]]:
-        """The result's leaves and structure, and which leaves hold one value per batch."""
+        """See [`gather_input`][tonumpy.accumulate.gather_input]."""
         with self._lock:
             out = self._result_leaves(None)
             assert self._spec is not None  # noqa: S101
@@ -540,3 +540,12 @@ class Accumulator:
         chunks.insert(0, moved)
         leaf.returned = out
         return out
+
+
+def gather_input(acc: Accumulator) -> tuple[list[Any], PyTreeSpec, list[bool]]:
+    """What ``gather(acc)`` sends: the result's leaves, its structure, and the per-batch ones.
+
+    A leaf holds one value per batch when it was 0-d or not an array in every batch: ``gather``
+    never reorders such values like per-sample rows.
+    """
+    return acc._gather_input()  # noqa: SLF001 - the class is this module's own

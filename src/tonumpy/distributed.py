@@ -49,7 +49,7 @@ from ._packing import (
 from ._pad import PadValue, check_pad_option
 from ._sampler import check_sampler, sample_positions, sampler_info
 from ._select import Pattern, Selection
-from .accumulate import Accumulator
+from .accumulate import Accumulator, gather_input
 from .convert import convert_flat
 from .errors import OptionError
 
@@ -266,7 +266,7 @@ def _prepare(
     prep = Prepared()
     try:
         if isinstance(tree, Accumulator):
-            leaves, spec, per_batch = tree._gather_input()  # noqa: SLF001 - one package
+            leaves, spec, per_batch = gather_input(tree)
         else:
             leaves, spec, _ = selection.flatten(tree, is_leaf=is_leaf)
             per_batch = [False] * len(leaves)
