@@ -16,6 +16,9 @@ A page steers the runner with HTML comments, invisible on the site. Each starts 
 
 ``<!-- docs-test: skip REASON -->``
     do not run the next block (it is shown as skipped, with the reason).
+``<!-- docs-test: covered REASON -->``
+    the next block is run elsewhere (the example file that a ``run`` block above runs, which a
+    snippet shows): no test of its own, so no skipped test either.
 ``<!-- docs-test: xfail [raises=ERROR] REASON -->``
     the next block is expected to fail, because of a known bug named in REASON, with ERROR (a
     built-in or tonumpy exception; any other error fails the test): a strict xfail, so the test
@@ -73,6 +76,7 @@ class Block:
     language: str
     code: str
     skip: str | None = None
+    covered: str | None = None  # run by another block: no test of its own
     xfail: str | None = None
     raises: type[BaseException] | None = None  # the error an xfail block must fail with
     run: bool = False
@@ -127,7 +131,7 @@ def _directive(
     """Record one docs-test comment: a step (fixtures, setup) or a mark for the next block."""
     word, rest = m.group("word"), m.group("rest")
     where = f"{_name(page)}:{line}"
-    if word in ("skip", "xfail"):
+    if word in ("skip", "xfail", "covered"):
         raises = re.match(r"\s*raises=(\w+)", rest) if word == "xfail" else None
         if raises:
             error = getattr(builtins, raises.group(1), None) or getattr(
@@ -151,8 +155,8 @@ def _directive(
         steps.append(Step("setup", line, code=rest))
     else:
         raise PageError(
-            f"{where}: unknown directive docs-test: {word} (known: skip, xfail, run, fixtures, "
-            "setup)"
+            f"{where}: unknown directive docs-test: {word} (known: skip, xfail, covered, run, "
+            "fixtures, setup)"
         )
 
 
@@ -195,6 +199,7 @@ def parse_page(page: Path) -> list[Step]:
             continue
         block, i = found
         block.skip, block.xfail = pending.pop("skip", None), pending.pop("xfail", None)
+        block.covered = pending.pop("covered", None)
         block.raises = pending.pop("raises", None)
         block.run = pending.pop("run", False)
         if block.run and block.language not in SHELL:
@@ -245,7 +250,7 @@ class PageRun:
             self.done += 1
             if step.block is None:
                 self.execute(step)  # fixtures and setup: an error there is every block's below
-            elif step.block.runs and not step.block.skip:
+            elif step.block.runs and not (step.block.skip or step.block.covered):
                 with contextlib.suppress(Exception):  # reported by that block's own test
                     self.execute(step)
         self.done = target + 1
@@ -284,7 +289,7 @@ def _collect() -> Iterator[Any]:
     for page in PAGES:
         for step in parse_page(page):
             block = step.block
-            if block is None or not (block.runs or block.skip):
+            if block is None or block.covered or not (block.runs or block.skip):
                 continue
             marks = []
             if block.skip:
