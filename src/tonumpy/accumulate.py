@@ -43,12 +43,6 @@ _SAME_STRUCTURE = (
 )
 
 
-def _structure_error(
-    first: PyTreeSpec, other: PyTreeSpec, first_name: str, other_name: str
-) -> ConversionError:
-    return _tree.structure_error(first, other, first_name, other_name, hint=_SAME_STRUCTURE)
-
-
 # ------------------------------------------------------------------------------ concat
 
 
@@ -322,8 +316,9 @@ class Accumulator:
         """
         leaves, spec, leaf_types = self._selection.flatten(tree, is_leaf=self._is_leaf)
         expected = self._expected  # checked again under the lock; this spares the conversion
-        if expected is not None and not _tree.same_structure(spec, expected):
-            raise _structure_error(expected, spec, "batch 0", f"batch {self._received}")
+        if expected is not None:
+            received = f"batch {self._received}"
+            _tree.require_same(expected, spec, "batch 0", received, hint=_SAME_STRUCTURE)
         # Before the lock, so that threads convert in parallel: CPU tensors are converted
         # (zero-copy views, copied into the accumulator's storage under the lock), CUDA
         # tensors' copies enqueued (the next call collects them).
@@ -332,8 +327,8 @@ class Accumulator:
         )
         with self._lock:
             name = f"batch {self._received}"
-            if self._expected is not None and not _tree.same_structure(spec, self._expected):
-                raise _structure_error(self._expected, spec, "batch 0", name)
+            if self._expected is not None:
+                _tree.require_same(self._expected, spec, "batch 0", name, hint=_SAME_STRUCTURE)
             self._finish_pending()
             if pending.done():
                 self._ingest(pending.result_leaves(), spec, name)
