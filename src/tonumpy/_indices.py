@@ -13,7 +13,8 @@ number of rows**. So a row whose index appears elsewhere too is taken as padding
 only when
 
 * it lies in the run of such rows that ends its rank's rows (its rank's *tail*), and
-* every rank holds the same number of rows (a padding sampler's whole purpose);
+* there are several ranks and every one holds the same number of rows (a padding sampler's
+  whole purpose; one process is never padded);
 
 the occurrence kept is the first one outside a tail (else the first one). Any other repeat (two
 occurrences outside tails, or a repeat while ranks hold different numbers of rows) is a
@@ -123,7 +124,7 @@ def resolve(
     else:
         unique, inverse, occurrences = np.unique(flat, return_inverse=True, return_counts=True)
     repeated = occurrences[inverse] > 1 if flat.size else np.zeros(0, bool)
-    padding_possible = len(set(counts)) <= 1
+    padding_possible = len(counts) > 1 and len(set(counts)) == 1
     tail = _tails(repeated, counts) if padding_possible else np.zeros(flat.size, bool)
     body_counts = np.bincount(inverse[~tail], minlength=unique.size) if flat.size else flat
     rank_of = np.repeat(np.arange(len(counts)), counts)
@@ -153,9 +154,11 @@ def resolve(
                 f"{outside.size} outside range({num_items}) ({_listed(outside)})"
             )
     if problems:
+        padded = np.unique(flat[tail & (destination < 0)])
         padding = (
             f"; {dropped} repeated row{'s' if dropped != 1 else ''} at the end of ranks that "
-            "all hold the same number of rows were taken as a sampler's padding"
+            f"all hold the same number of rows were taken as a sampler's padding (of "
+            f"{_listed(padded)})"
             if dropped
             else ""
         )

@@ -233,6 +233,9 @@ def recover(path: Path) -> Recovered | None:
     structure = path / f"{_names.STRUCTURE}.json"
     if not structure.exists():
         return None
+    if not (path / f"{SHARD}.json").exists():
+        _clear_first_batch(path)
+        return None
     meta = _read_meta(path)
     kinds = [str(k) for k in meta["kinds"]]
     if "object" in kinds:
@@ -262,6 +265,35 @@ def recover(path: Path) -> Recovered | None:
     return Recovered(
         names, kinds, files, bits, bool(meta.get("indexed")), batches, max(index_rows, 0), rows
     )
+
+
+def _clear_first_batch(path: Path) -> None:
+    """Remove what a run that died during its first batch wrote: the structure, empty files.
+
+    Raises:
+        FileFormatError: A file the structure names holds rows (this is not such a run).
+    """
+    structure = path / f"{_names.STRUCTURE}.json"
+    with open_entry(path, structure.name) as f:
+        names = _structure.parse_structure(f.read()).get("arrays")
+    if not isinstance(names, list) or not all(
+        isinstance(n, str) and _names.is_safe_name(n) for n in names
+    ):
+        raise FileFormatError(f"{structure}: the structure does not list its arrays")
+    files = [path / f"{n}.npy" for n in names if (path / f"{n}.npy").exists()]
+    for file in files:
+        if file.lstat().st_size == 0:  # died before its header
+            continue
+        with open_entry(path, file.name) as f:
+            header = _npyzip.read_header(f, str(file))
+        if header.shape[:1] != (0,):
+            raise FileFormatError(
+                f"{path}: holds rows ({file.name}) but no {SHARD}.json: not written by an "
+                "Accumulator(directory=) of this tonumpy version, so resume=True cannot "
+                "continue it; pass a new directory"
+            )
+    for file in [*files, structure]:
+        file.unlink()
 
 
 # ------------------------------------------------------------------------------ reading
@@ -326,6 +358,11 @@ def _shards_of(path: Path, names: Sequence[str]) -> list[tuple[int, Path]]:
 
 
 def _read_shard(rank: int, path: Path) -> _Shard:
+    if (path / f"{_names.STRUCTURE}.json").exists() and not (path / f"{SHARD}.json").exists():
+        raise FileFormatError(
+            f"{path} is incomplete (its rank died during its first batch): continue it with "
+            "Accumulator(directory=..., resume=True), or remove it"
+        )
     meta = _read_meta(path)
     kinds = meta["kinds"]
     if meta["batches"] == 0 and not kinds and meta.get("complete"):

@@ -456,13 +456,7 @@ class Accumulator:
         self, spec: PyTreeSpec, leaves: list[_Leaf], recovered: Recovered, indexed: bool
     ) -> None:
         """Continue the directory an earlier run left (``resume=True``) with this structure."""
-        assert self._directory is not None  # noqa: S101
-        if recovered.batches and recovered.indexed != indexed:
-            raise ConversionError(
-                f"{self._directory.path} holds rows {'with' if recovered.indexed else 'without'}"
-                f" dataset indices; resume=True must append {'with' if recovered.indexed else 'without'}"
-                " index= as the run before did"
-            )
+        assert self._directory is not None  # noqa: S101 - append checked index= against it
         if len(leaves) != len(recovered.kinds):
             raise ConversionError(
                 f"{self._directory.path} holds {len(recovered.kinds)} leaves but the batch has "
