@@ -456,7 +456,8 @@ def read_set(
 
 
 def _is_plain_leaf(x: Any) -> bool:
-    return type(x) not in (dict, list, tuple)
+    """A leaf of a decoded structure, as an Accumulator counted leaves (``None`` is none)."""
+    return x is not None and type(x) not in (dict, list, tuple)
 
 
 def _merge_leaf(
