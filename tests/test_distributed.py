@@ -48,10 +48,10 @@ def _launch(
 ) -> tuple[dict[int, dict[str, str]], list]:
     """Run ``world`` workers of ``scenario``; return each rank's results and the Popen objects.
 
-    ``script`` is the test file whose ``__main__`` runs a worker (``tests/test_shards_distributed.py``
-    launches its own). Raises TimeoutError if the workers have not all exited within ``timeout``
-    seconds. Every worker (started in its own session) has its whole process group killed in
-    any case.
+    ``script`` is the test file whose ``__main__`` runs a worker
+    (``tests/test_shards_distributed.py`` launches its own). Raises TimeoutError if the workers
+    have not all exited within ``timeout`` seconds. Every worker (started in its own session)
+    has its whole process group killed in any case.
     """
     out = Path(tempfile.mkdtemp(prefix="tonumpy-gather-"))
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONWARNINGS="error")

@@ -63,8 +63,9 @@ def test_accelerate_even_batches_padding_is_dropped() -> None:
     assert maps[1].tolist() == [2, 3, 6, -1]
     # a rank entirely made of padding (a dataset smaller than the ranks' batches)
     indices = [np.array([0, 1]), np.array([0, 1])]
-    assert_same_tree(_placed(indices, resolve(indices, num_items=2, names="ab", where="t")),
-                     np.arange(2))
+    assert_same_tree(
+        _placed(indices, resolve(indices, num_items=2, names="ab", where="t")), np.arange(2)
+    )
 
 
 def test_duplicate_in_the_body_is_reported() -> None:
@@ -94,13 +95,17 @@ def test_gap_and_padding_are_listed() -> None:
         resolve(indices, num_items=10, names=["r0", "r1"], where="t")
     message = str(info.value)
     assert "1 missing (9)" in message
-    assert "1 repeated row at the end of ranks" in message and "padding (of 7)" in message
+    assert "1 repeated row at the end of ranks" in message
+    assert "padding (of 7)" in message
 
 
 def test_long_lists_are_cut() -> None:
     """The first few indices of each problem, and how many more."""
-    with pytest.raises(ConversionError, match=r"30 missing \(0, 1, 2, 3, 4, 5, 6, 7, \.\.\. \(22 "
-                       r"more\)\); 2 outside range\(40\) \(40, 41\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"30 missing \(0, 1, 2, 3, 4, 5, 6, 7, \.\.\. \(22 "
+        r"more\)\); 2 outside range\(40\) \(40, 41\)",
+    ):
         resolve([np.arange(30, 42)], num_items=40, names=["r0"], where="t")
 
 
@@ -208,7 +213,9 @@ def test_shards_read_as_one_tree(tmp_path: Path, world: int, shuffle: bool) -> N
     expected = np.stack([np.arange(10.0), -np.arange(10.0)], 1).astype(np.float32)
     assert_same_tree(out["logits"], expected)
     assert out["tokens"].shape == (10, world)
-    assert out["loss"].shape == (sum(-(-s.size // 3) for s in _sampler_indices(10, world, shuffle)),)
+    assert out["loss"].shape == (
+        sum(-(-s.size // 3) for s in _sampler_indices(10, world, shuffle)),
+    )
 
 
 def test_shards_show_and_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -216,7 +223,8 @@ def test_shards_show_and_convert(tmp_path: Path, capsys: pytest.CaptureFixture[s
     _write_shards(tmp_path / "preds", 3, 8, shuffle=True)
     assert main(["show", str(tmp_path / "preds")]) == 0
     shown = capsys.readouterr().out
-    assert "tonumpy shards" in shown and "logits" in shown
+    assert "tonumpy shards" in shown
+    assert "logits" in shown
     assert main(["convert", str(tmp_path / "preds"), str(tmp_path / "preds.npz")]) == 0
     assert_same_tree(tonumpy.load(tmp_path / "preds.npz"), tonumpy.load(tmp_path / "preds"))
 
@@ -331,7 +339,8 @@ def test_resume_after_a_crash_mid_append(tmp_path: Path, crash_at: int) -> None:
     with pytest.raises(FileFormatError, match="rank-00000-of-00001 is incomplete"):
         tonumpy.load(tmp_path)
     acc = Accumulator(directory=tmp_path, shard=(0, 1), pad_value=-100, resume=True)
-    assert acc.batches == crash_at and len(acc) == 2 * crash_at
+    assert acc.batches == crash_at
+    assert len(acc) == 2 * crash_at
     for i in range(acc.batches, 10):
         out, items = _batch(i)
         acc.append(out, index=items)

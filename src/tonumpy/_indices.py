@@ -150,9 +150,7 @@ def resolve(
         if missing.size:
             problems.append(f"{missing.size} missing ({_listed(missing)})")
         if outside.size:
-            problems.append(
-                f"{outside.size} outside range({num_items}) ({_listed(outside)})"
-            )
+            problems.append(f"{outside.size} outside range({num_items}) ({_listed(outside)})")
     if problems:
         padded = np.unique(flat[tail & (destination < 0)])
         padding = (
@@ -162,8 +160,10 @@ def resolve(
             if dropped
             else ""
         )
-        expected = f"every index of range({num_items}) exactly once" if num_items is not None else (
-            "each dataset index at most once"
+        expected = (
+            f"every index of range({num_items}) exactly once"
+            if num_items is not None
+            else ("each dataset index at most once")
         )
         raise ConversionError(
             f"{where}(): the rows' dataset indices must hold {expected}: "

@@ -61,6 +61,7 @@ def payload(
     signature: tuple[Any, ...],
     sampler: tuple[Any, ...] | None,
     per_batch: Sequence[bool],
+    *,
     indices: np.ndarray | None = None,
 ) -> tuple[Any, ...]:
     """One rank's metadata, for ``all_gather_object``.

@@ -29,7 +29,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,8 @@ def _fill_value(data: Any) -> np.ndarray | None:
     if not (isinstance(data, list) and len(data) == 2 and all(isinstance(d, str) for d in data)):
         return None
     try:
-        return np.frombuffer(bytes.fromhex(data[1]), dtype=np.dtype(data[0]))[0]
+        value: np.ndarray = np.frombuffer(bytes.fromhex(data[1]), dtype=np.dtype(data[0]))
+        return value[:1].reshape(())
     except (ValueError, TypeError, IndexError):
         return None
 
@@ -109,6 +110,7 @@ class Progress:
         kinds: Sequence[str],
         files: Sequence[str | None],
         bits: Sequence[str | None],
+        *,
         indexed: bool,
         recovered: Recovered | None,
     ) -> None:
@@ -149,7 +151,9 @@ class Progress:
         for i, column in enumerate(columns):
             if column.kind in ("array", "scalar") and column.rows:
                 try:
-                    self.fills[i] = _fill_text(column.fill if column.fill is not None else column.pad_value())
+                    self.fills[i] = _fill_text(
+                        column.fill if column.fill is not None else column.pad_value()
+                    )
                 except Exception:  # noqa: BLE001 - no pad value: ragged shards are then refused
                     self.fills[i] = None
         self._write_meta(complete=True, batches=batches)
@@ -344,10 +348,11 @@ def _shards_of(path: Path, names: Sequence[str]) -> list[tuple[int, Path]]:
     world = worlds.pop()
     missing = [r for r in range(world) if r not in found]
     if missing:
+        expected = path / shard_name(missing[0], world)
         raise FileFormatError(
             f"{path}: rank{'s' if len(missing) > 1 else ''} "
             f"{', '.join(map(str, missing[:8]))} of {world} "
-            f"{'are' if len(missing) > 1 else 'is'} missing ({path / shard_name(missing[0], world)} "
+            f"{'are' if len(missing) > 1 else 'is'} missing ({expected} "
             "does not exist): that rank crashed before its first batch, or its directory is "
             "elsewhere"
         )
@@ -420,7 +425,10 @@ def read_set(
         if spec0 is None:
             spec0 = spec
         _tree.require_same(
-            spec0, spec, str(first.path), str(shard.path),
+            spec0,
+            spec,
+            str(first.path),
+            str(shard.path),
             hint="every rank must accumulate the same keys, fields and lengths",
         )
         if shard.meta["kinds"] != first.meta["kinds"] or len(leaves) != len(first.meta["kinds"]):
@@ -478,7 +486,9 @@ def _merge_leaf(
     def pad_value(_path: tuple[Any, ...], dtype: np.dtype[Any]) -> Any:
         return None if fill is None else fill.astype(dtype)
 
-    column = Column(path, where, axis=0, pad_value=pad_value if fill is not None else None, noun="shards")
+    column = Column(
+        path, where, axis=0, pad_value=pad_value if fill is not None else None, noun="shards"
+    )
     for shard, value in zip(shards, values, strict=True):
         if not isinstance(value, np.ndarray) or value.ndim == 0:
             raise FileFormatError(f"{shard.path}: {where} is not an array of rows")

@@ -265,7 +265,7 @@ class Accumulator:
         directory: str | os.PathLike[str] | None = None,
         shard: tuple[int, int] | None = None,
         resume: bool = False,
-        format: str = "npy",  # noqa: A002 - the word users know (tonumpy.lightning too)
+        format: str = "npy",
         ml_dtypes: bool = False,
         scalars: bool = False,
         is_leaf: Callable[[Any], bool] | None = None,
@@ -446,8 +446,8 @@ class Accumulator:
                 [leaf.column.kind or "object" for leaf in leaves],
                 [None if f is None else f.stem for f in files],
                 [_bits_name(leaf.column.dtype) for leaf in leaves],
-                indexed,
-                None,
+                indexed=indexed,
+                recovered=None,
             )
         self._spec = spec
         self._leaves = leaves
@@ -462,7 +462,9 @@ class Accumulator:
                 f"{self._directory.path} holds {len(recovered.kinds)} leaves but the batch has "
                 f"{len(leaves)}: resume=True continues a run with the same outputs"
             )
-        files = self._directory.adopt(spec, [leaf.column for leaf in leaves], self._ml_dtypes, recovered.names)
+        files = self._directory.adopt(
+            spec, [leaf.column for leaf in leaves], self._ml_dtypes, recovered.names
+        )
         for i, (leaf, file_path) in enumerate(zip(leaves, files, strict=True)):
             assert file_path is not None  # noqa: S101 - every leaf is an array leaf
             bits = recovered.bits[i]
@@ -485,8 +487,8 @@ class Accumulator:
             recovered.kinds,
             recovered.files,
             recovered.bits,
-            indexed,
-            recovered,
+            indexed=indexed,
+            recovered=recovered,
         )
         self._spec = spec
         self._leaves = leaves
@@ -714,7 +716,7 @@ def gather_input(
     return acc._gather_input()  # noqa: SLF001 - the class is this module's own
 
 
-def check_format(format: Any, where: str) -> None:  # noqa: A002 - the option's name
+def check_format(format: Any, where: str) -> None:
     """Raise unless ``format`` names a format ``directory=`` writes (``"npy"``)."""
     if format != "npy":
         raise OptionError(
@@ -745,11 +747,9 @@ def _batch_rows(leaves: list[Any], spec: PyTreeSpec, axis: int) -> int | None:
     rows: int | None = None
     first = ""
     for i, leaf in enumerate(leaves):
-        shape = getattr(leaf, "shape", None)
-        if not isinstance(shape, tuple | list) and type(shape).__name__ != "Size":
-            continue
-        if len(shape) == 0:
-            continue  # one value per batch
+        shape = getattr(leaf, "shape", None)  # torch.Size is a tuple
+        if not isinstance(shape, tuple | list) or len(shape) == 0:
+            continue  # not an array, or one value per batch
         n = int(shape[axis]) if -len(shape) <= axis < len(shape) else None
         if n is None:
             continue  # the column reports the axis

@@ -33,6 +33,7 @@ import torch
 from . import _metadata, _options
 from ._columns import Column, rows_first
 from ._destination import Destination
+from ._indices import resolve
 from ._packing import (
     DTENSOR,
     OBJECT,
@@ -47,7 +48,6 @@ from ._packing import (
     unpack,
 )
 from ._pad import PadValue, check_pad_option
-from ._indices import resolve
 from ._sampler import check_sampler, sample_positions, sampler_info
 from ._select import Pattern, Selection
 from .accumulate import Accumulator, gather_input
@@ -287,7 +287,9 @@ def _prepare(
         info = sampler_info(sampler) if sampler is not None else None
         if indices is not None:
             indices = np.array(indices)  # the memory map of a directory's index: its values
-        return prep, _metadata.payload(spec, prep.infos, signature, info, per_batch, indices)
+        return prep, _metadata.payload(
+            spec, prep.infos, signature, info, per_batch, indices=indices
+        )
     except Exception as exc:
         if not remote:
             raise

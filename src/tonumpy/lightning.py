@@ -23,21 +23,28 @@ from ._pad import PadValue
 from ._select import Pattern
 from .accumulate import Accumulator, check_format
 
-try:
-    from lightning.pytorch.callbacks import BasePredictionWriter
-except ImportError:  # pragma: no cover - the older package name
+
+def _writer_base() -> Any:
+    """Lightning's ``BasePredictionWriter`` (``lightning.pytorch``, else ``pytorch_lightning``)."""
     try:
-        from pytorch_lightning.callbacks import BasePredictionWriter
-    except ImportError:
-        raise ImportError(
-            "tonumpy.lightning needs Lightning: pip install lightning (it keeps an installed "
-            "torch that satisfies it)"
-        ) from None
+        from lightning.pytorch.callbacks import BasePredictionWriter  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - the older package name
+        try:
+            from pytorch_lightning.callbacks import (  # type: ignore[assignment] # noqa: PLC0415
+                BasePredictionWriter,
+            )
+        except ImportError:
+            raise ImportError(
+                "tonumpy.lightning needs Lightning: pip install lightning (it keeps an "
+                "installed torch that satisfies it)"
+            ) from None
+    return BasePredictionWriter
+
 
 __all__ = ["PredictionWriter"]
 
 
-class PredictionWriter(BasePredictionWriter):  # type: ignore[misc]
+class PredictionWriter(_writer_base()):  # type: ignore[misc] # Lightning's class, found on import
     """A Lightning callback that writes every rank's predictions as a set of shards.
 
     Examples:
@@ -85,7 +92,7 @@ class PredictionWriter(BasePredictionWriter):  # type: ignore[misc]
         *,
         reduce: Mapping[Pattern, Callable[[Any], Any]] | None = None,
         exclude: Pattern | list[Pattern] | None = None,
-        format: str = "npy",  # noqa: A002 - the option's name across tonumpy
+        format: str = "npy",
         pad_value: PadValue = None,
         ml_dtypes: bool = False,
     ) -> None:
@@ -119,7 +126,7 @@ class PredictionWriter(BasePredictionWriter):  # type: ignore[misc]
             self._accumulators[dataloader_idx] = acc
         return acc
 
-    def write_on_batch_end(
+    def write_on_batch_end(  # noqa: PLR0917 - Lightning's signature
         self,
         trainer: Any,
         pl_module: Any,
@@ -136,12 +143,11 @@ class PredictionWriter(BasePredictionWriter):  # type: ignore[misc]
 
     def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Close every shard of this rank (an empty one for a dataloader it had no batch of)."""
-        loaders = trainer.predict_dataloaders
-        count = len(loaders) if isinstance(loaders, list | tuple) else 1
-        for k in range(count):
-            loader = loaders[k] if isinstance(loaders, list | tuple) else loaders
+        given = trainer.predict_dataloaders
+        loaders = list(given) if isinstance(given, list | tuple) else [given]
+        for k, loader in enumerate(loaders):
             num_items = None
-            dataset = getattr(loader, "dataset", None)
+            dataset: Any = getattr(loader, "dataset", None)
             if self._indexed.get(k) and hasattr(dataset, "__len__"):
                 num_items = len(dataset)
             self._accumulator(trainer, k).close(num_items=num_items)
