@@ -18,12 +18,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.utils.data import DistributedSampler
 
+import _hostile
 import tonumpy
 from _trees import assert_same_tree
 from tonumpy import Accumulator, ConversionError, FileFormatError, OptionError, gather
-from tonumpy._indices import resolve
+from tonumpy._indices import _missing, resolve
 from tonumpy.cli import main
 
 # ---------------------------------------------------------------------------- the padding rule
@@ -107,6 +110,29 @@ def test_long_lists_are_cut() -> None:
         r"more\)\); 2 outside range\(40\) \(40, 41\)",
     ):
         resolve([np.arange(30, 42)], num_items=40, names=["r0"], where="t")
+
+
+@given(st.integers(0, 60), st.sets(st.integers(0, 59)))
+def test_missing_indices_are_listed_as_setdiff_would(num_items: int, present: set[int]) -> None:
+    """The first missing indices and their count, computed without range(num_items)."""
+    held = np.array(sorted(i for i in present if i < num_items), dtype=np.int64)
+    expected = np.setdiff1d(np.arange(num_items), held)
+    first, count = _missing(held, num_items)
+    assert count == expected.size
+    assert_same_tree(first, expected[:8].astype(np.int64))
+
+
+def test_a_huge_recorded_num_items_is_not_allocated(tmp_path: Path) -> None:
+    """A shard recording num_items=10**15 is refused in one line, in bounded memory."""
+    acc = Accumulator(directory=tmp_path / "set", shard=(0, 1))
+    acc.append(_out(np.array([0, 1])), index=[0, 1])
+    acc.close(num_items=10**15)
+    (case,) = _hostile.run_corpus([["load", str(tmp_path / "set")]], tmp_path / "run")
+    assert case["rc"] == 2, case
+    assert "999999999999998 missing (2, 3, 4, 5, 6, 7, 8, 9, ... (999999999999990 more))" in (
+        case["stderr"]
+    )
+    assert case["grew_mib"] < 200, case
 
 
 # ---------------------------------------------------------------------------- append(index=)

@@ -81,10 +81,30 @@ def as_index(index: Any, rows: int | None, where: str) -> np.ndarray:
     return array
 
 
-def _listed(values: np.ndarray) -> str:
+def _listed(values: np.ndarray, count: int | None = None) -> str:
+    """The first few ``values``, and how many more of ``count`` (default: all of them)."""
     shown = ", ".join(str(int(v)) for v in values[:_SHOWN])
-    more = values.size - _SHOWN
+    more = (values.size if count is None else count) - _SHOWN
     return f"{shown}, ... ({more} more)" if more > 0 else shown
+
+
+def _missing(present: np.ndarray, num_items: int) -> tuple[np.ndarray, int]:
+    """The first few indices of ``range(num_items)`` not in ``present`` (sorted), and how many.
+
+    Memory follows ``present``, never ``num_items`` (a file may record any number).
+    """
+    count = num_items - present.size
+    first: list[int] = []
+    gaps = np.flatnonzero(np.diff(present, prepend=-1) > 1)
+    for g in gaps[:_SHOWN]:
+        start = int(present[g - 1]) + 1 if g else 0
+        first.extend(range(start, min(int(present[g]), start + _SHOWN)))
+        if len(first) >= _SHOWN:
+            break
+    previous = int(present[-1]) if present.size else -1
+    if len(first) < _SHOWN:
+        first.extend(range(previous + 1, min(num_items, previous + 1 + _SHOWN)))
+    return np.array(first[:_SHOWN], dtype=np.int64), count
 
 
 def _tails(repeated: np.ndarray, counts: Sequence[int]) -> np.ndarray:
@@ -146,9 +166,9 @@ def resolve(
         )
     if num_items is not None:
         outside = unique[unique >= num_items]
-        missing = np.setdiff1d(np.arange(num_items, dtype=np.int64), unique, assume_unique=True)
-        if missing.size:
-            problems.append(f"{missing.size} missing ({_listed(missing)})")
+        missing, count = _missing(unique[unique < num_items], num_items)
+        if count:
+            problems.append(f"{count} missing ({_listed(missing, count)})")
         if outside.size:
             problems.append(f"{outside.size} outside range({num_items}) ({_listed(outside)})")
     if problems:

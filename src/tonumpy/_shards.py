@@ -447,10 +447,14 @@ def read_set(
     if all(indexed):
         recorded = {s.meta.get("num_items") for s in every} - {None}
         num_items = recorded.pop() if len(recorded) == 1 else None
+        if num_items is not None and (
+            not isinstance(num_items, int) or isinstance(num_items, bool) or num_items < 0
+        ):
+            raise FileFormatError(f"{path}: a shard records num_items={num_items!r}")
         try:
             maps = resolve(
                 [s.index for s in shards if s.index is not None],
-                num_items=num_items if isinstance(num_items, int) else None,
+                num_items=num_items,
                 names=[str(s.path) for s in shards],
                 where=f"tonumpy.load({str(path)!r})",
             )
