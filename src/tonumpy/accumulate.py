@@ -240,7 +240,17 @@ class Accumulator:
             needed; it must not hold a structure already) and return memory-mapped arrays.
             File names are made of the key path's characters that are safe in a file name, as
             ``tonumpy convert`` makes them; a name that would be long is cut and ends in a
-            digest of the key path.
+            digest of the key path. The directory also logs each whole batch
+            (``__progress__.npy``), each row's ``index=`` (``__index__.npy``) and whether it is
+            complete (``__shard__.json``: ``result()`` and ``close()`` mark it so).
+        shard: ``(rank, world_size)``: write into ``directory/rank-RRRRR-of-WWWWW/``, one
+            rank's shard of a set that [`tonumpy.load`][] of ``directory`` reads as one tree
+            (rows in dataset order with ``index=``; see the guide "Predictions at scale: rank
+            shards"). No collective is involved.
+        resume: Continue the directory a crashed run left (its whole batches kept, a batch
+            cut short dropped; ``batches`` and ``len`` say how far it got); a directory with
+            nothing in it is started. Only array leaves can be resumed.
+        format: The files' format: ``"npy"`` (one ``.npy`` file per leaf).
         ml_dtypes: As for [`tonumpy.to_numpy`][]: keep bfloat16/float8 bit-exact as
             ``ml_dtypes`` arrays instead of widening them to float32.
         scalars: As for [`tonumpy.to_numpy`][]: 0-d tensors become Python scalars, so such
@@ -252,7 +262,10 @@ class Accumulator:
             ``pad_value`` callable that cannot take ``(path, dtype)``, a ``reduce`` value that
             is not a function of one argument, an ``exclude`` that is not a pattern or a list of
             them), ``directory`` is or lies below a file, or ``directory=`` comes with an
-            ``axis`` other than 0.
+            ``axis`` other than 0; ``shard``/``resume`` come without ``directory``, ``shard`` is
+            not ``(rank, world_size)``, ``format`` is not ``"npy"``.
+        FileFormatError: ``resume=True`` and the directory holds files this tonumpy did not
+            write as an Accumulator directory, damaged ones, or non-array leaves.
     """
 
     def __init__(
