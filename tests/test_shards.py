@@ -129,8 +129,9 @@ def test_a_huge_recorded_num_items_is_not_allocated(tmp_path: Path) -> None:
     acc.close(num_items=10**15)
     (case,) = _hostile.run_corpus([["load", str(tmp_path / "set")]], tmp_path / "run")
     assert case["rc"] == 2, case
-    assert "999999999999998 missing (2, 3, 4, 5, 6, 7, 8, 9, ... (999999999999990 more))" in (
-        case["stderr"]
+    assert (
+        "999999999999998 missing (2, 3, 4, 5, 6, 7, 8, 9, ... (999999999999990 more))"
+        in (case["stderr"])
     )
     assert case["grew_mib"] < 200, case
 
@@ -311,6 +312,16 @@ def test_shards_without_indices_are_in_rank_order(tmp_path: Path) -> None:
     out = tonumpy.load(tmp_path)
     assert_same_tree(out["h"], np.repeat([1.5, 2.5], 2)[:, None].repeat(2, 1).astype(np.float32))
     assert tonumpy.load(tmp_path, ml_dtypes=True)["h"].dtype.name == "bfloat16"
+
+
+def test_convert_force_replaces_an_accumulator_directory(tmp_path: Path) -> None:
+    """An Accumulator directory (its log and shard files included) is an export --force replaces."""
+    acc = Accumulator(directory=tmp_path / "d")
+    acc.append(_out(np.array([0, 1])), index=[0, 1])
+    acc.close()
+    tonumpy.save(tmp_path / "x.npz", {"a": np.arange(3)})
+    assert main(["convert", str(tmp_path / "x.npz"), str(tmp_path / "d"), "--force"]) == 0
+    assert_same_tree(tonumpy.load(tmp_path / "d"), {"a": np.arange(3)})
 
 
 def test_option_errors(tmp_path: Path) -> None:

@@ -40,10 +40,11 @@ from ._columns import Column, copy_padded
 from ._fs import open_entry, short
 from ._indices import resolve
 from ._storage import GrowingNpy
-from .errors import FileFormatError
+from .errors import FileFormatError, TonumpyError
 
 __all__ = [
     "INDEX",
+    "SHARD",
     "Progress",
     "Recovered",
     "is_set",
@@ -126,7 +127,12 @@ class Progress:
             self.index = GrowingNpy(index, np.dtype(np.int64), ()) if indexed else None
         else:
             self.log = GrowingNpy.adopt(log, recovered.batches)
-            self.index = GrowingNpy.adopt(index, recovered.index_rows) if indexed else None
+            self.index = None
+            if indexed and recovered.indexed:
+                self.index = GrowingNpy.adopt(index, recovered.index_rows)
+            elif indexed:  # the run before died in its first batch, which had no index=
+                index.unlink(missing_ok=True)
+                self.index = GrowingNpy(index, np.dtype(np.int64), ())
         self.fills: list[Any] = [None] * len(kinds)
         self.num_items: int | None = None
         self.complete = False
@@ -154,7 +160,7 @@ class Progress:
                     self.fills[i] = _fill_text(
                         column.fill if column.fill is not None else column.pad_value()
                     )
-                except Exception:  # noqa: BLE001 - no pad value: ragged shards are then refused
+                except TonumpyError:  # no pad value that fits: ragged shards are then refused
                     self.fills[i] = None
         self._write_meta(complete=True, batches=batches)
 
