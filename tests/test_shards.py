@@ -378,6 +378,8 @@ def test_resume_after_a_crash_mid_append(tmp_path: Path, crash_at: int) -> None:
     acc = Accumulator(directory=tmp_path, shard=(0, 1), pad_value=-100, resume=True)
     assert acc.batches == crash_at
     assert len(acc) == 2 * crash_at
+    if crash_at:  # the indices of the whole batches, before anything is appended
+        assert_same_tree(np.asarray(acc.indices()), np.arange(2 * crash_at))
     for i in range(acc.batches, 10):
         out, items = _batch(i)
         acc.append(out, index=items)

@@ -50,6 +50,7 @@ __all__ = [
     "is_set",
     "read_set",
     "recover",
+    "recovered_index",
     "shard_name",
 ]
 
@@ -304,6 +305,15 @@ def _clear_first_batch(path: Path) -> None:
             )
     for file in [*files, structure]:
         file.unlink()
+
+
+def recovered_index(path: Path, recovered: Recovered) -> np.ndarray:
+    """The dataset indices of the rows ``recover`` found whole (a read-only copy)."""
+    with open_entry(path, f"{INDEX}.npy") as f:
+        index = _npyzip.map_npy(path / f"{INDEX}.npy", str(path / f"{INDEX}.npy"), f)
+    out: np.ndarray = np.array(index[: recovered.index_rows], dtype=np.int64)
+    out.flags.writeable = False
+    return out
 
 
 # ------------------------------------------------------------------------------ reading

@@ -32,7 +32,7 @@ from ._dtypes import is_ml_dtype, ml_dtypes_module
 from ._indices import as_index
 from ._pad import PadValue, check_pad_option
 from ._select import Pattern, Selection
-from ._shards import Progress, Recovered, recover, shard_name
+from ._shards import Progress, Recovered, recover, recovered_index, shard_name
 from ._storage import GrowingNpy, Slabs
 from ._transfer import PendingTransfer
 from .convert import convert_flat, start
@@ -637,9 +637,11 @@ class Accumulator:
         """
         with self._lock:
             self._finish_pending()
-            progress = self._progress
+            progress, recovered = self._progress, self._recovered
             if progress is not None and progress.index is not None:
                 return progress.index.open(progress.index.rows)
+            if recovered is not None and recovered.indexed and self._directory is not None:
+                return recovered_index(self._directory.path, recovered)
             if not self._indexed:
                 return None
             return np.concatenate(self._index) if self._index else np.empty(0, np.int64)
