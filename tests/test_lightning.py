@@ -7,8 +7,10 @@ dataset in dataset order (the predict dataloader's sampler splits 11 items uneve
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import tonumpy
 from _trees import assert_same_tree
@@ -47,7 +49,9 @@ class _Model(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
 
-    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, Any]:
+    def predict_step(
+        self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Any]:
         logits = self(batch)
         return {"logits": logits, "hidden": [logits * 2], "cache": logits, "mean": batch.mean()}
 
@@ -99,6 +103,33 @@ def test_predictions_in_dataset_order(
     assert out["cache"] is None
     # one mean per batch: 3 batches of 4, 4, 3 (one device), or 2 per rank of 6 and 5 items
     assert out["mean"].shape == ((3,) if devices == 1 else (4,))
+
+
+class _Stream(IterableDataset):  # type: ignore[type-arg]
+    """An iterable dataset: Lightning gives no batch indices."""
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(_Items()[i] for i in range(N))
+
+
+def test_second_dataloader_and_iterable_dataset(tmp_path: Path) -> None:
+    """A second predict dataloader goes to dataloader-1/; without indices, rows stay in order."""
+    model = _Model()
+    writer = PredictionWriter(tmp_path / "preds")
+    loaders = [DataLoader(_Items(), batch_size=4), DataLoader(_Stream(), batch_size=5)]
+    with pytest.warns(UserWarning, match="Couldn't infer the batch indices"):  # the stream's
+        _trainer(1, writer, tmp_path).predict(model, loaders, return_predictions=False)
+    first, second = tonumpy.load(tmp_path / "preds"), tonumpy.load(tmp_path / "preds/dataloader-1")
+    x = torch.stack([_Items()[i] for i in range(N)])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    for out in (first, second):
+        np.testing.assert_allclose(out["logits"], expected, rtol=1e-6)
+    assert second["mean"].shape == (3,)  # batches of 5, 5, 1
+    assert (
+        json.loads((tmp_path / "preds/rank-00000-of-00001/__shard__.json").read_text())["num_items"]
+        == N
+    )  # the map-style dataset's length, recorded to be proven on reading
 
 
 def test_a_crashed_rank_is_refused(tmp_path: Path) -> None:

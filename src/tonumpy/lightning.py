@@ -136,19 +136,31 @@ class PredictionWriter(_writer_base()):  # type: ignore[misc] # Lightning's clas
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        """Append this batch's prediction, with its dataset indices when Lightning has them."""
+        """Append this batch's prediction, with its dataset indices when Lightning has them.
+
+        Lightning records the indices in its batch sampler (map-style datasets); for a loader
+        it cannot follow (an iterable dataset) it warns and passes the previous loader's
+        indices along, so those are not used.
+        """
         acc = self._accumulator(trainer, dataloader_idx)
+        loader = _loaders(trainer)[dataloader_idx]
+        if not hasattr(getattr(loader, "batch_sampler", None), "seen_batch_indices"):
+            batch_indices = None
         self._indexed[dataloader_idx] = batch_indices is not None
         acc.append(prediction, index=list(batch_indices) if batch_indices is not None else None)
 
     def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Close every shard of this rank (an empty one for a dataloader it had no batch of)."""
-        given = trainer.predict_dataloaders
-        loaders = list(given) if isinstance(given, list | tuple) else [given]
-        for k, loader in enumerate(loaders):
+        for k, loader in enumerate(_loaders(trainer)):
             num_items = None
             dataset: Any = getattr(loader, "dataset", None)
             if self._indexed.get(k) and hasattr(dataset, "__len__"):
                 num_items = len(dataset)
             self._accumulator(trainer, k).close(num_items=num_items)
         self._accumulators.clear()
+
+
+def _loaders(trainer: Any) -> list[Any]:
+    """The trainer's prediction dataloaders, as a list."""
+    given = trainer.predict_dataloaders
+    return list(given) if isinstance(given, list | tuple) else [given]
