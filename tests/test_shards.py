@@ -193,6 +193,29 @@ def test_index_needs_one_row_per_item() -> None:
         acc.append({"a": torch.ones(2), "b": torch.ones(3)}, index=[0, 1])
 
 
+@pytest.mark.usefixtures("engine_on_cpu")
+def test_index_travels_with_a_batch_in_flight(tmp_path: Path) -> None:
+    """A batch whose copies are in flight (the device engine) keeps its indices with it."""
+    acc = Accumulator(directory=tmp_path, shard=(0, 1))
+    for items in ([2, 0], [1, 3]):
+        acc.append(_out(np.array(items)), index=torch.tensor(items))
+    assert_same_tree(np.asarray(acc.indices()), np.array([2, 0, 1, 3]))
+    acc.close(num_items=4)
+    assert_same_tree(tonumpy.load(tmp_path)["logits"][:, 0], np.arange(4, dtype=np.float32))
+
+
+@pytest.mark.cuda
+def test_cuda_outputs_and_index(tmp_path: Path) -> None:
+    """CUDA outputs with a CUDA index tensor: rows land in dataset order."""
+    acc = Accumulator(directory=tmp_path, shard=(0, 1))
+    for items in ([2, 0], [1, 3]):
+        out = {k: v.cuda() for k, v in _out(np.array(items)).items()}
+        acc.append(out, index=torch.tensor(items, device="cuda"))
+    acc.close(num_items=4)
+    assert_same_tree(tonumpy.load(tmp_path)["logits"][:, 0], np.arange(4, dtype=np.float32))
+    assert_same_tree(gather(acc, num_items=4)["logits"][:, 0], np.arange(4, dtype=np.float32))
+
+
 def test_gather_duplicate_and_gap_in_one_process() -> None:
     """gather(acc, num_items=) reports the missing and the duplicated indices."""
     acc = Accumulator()
