@@ -267,13 +267,13 @@ def convert(
         is_leaf=_arrays.is_lazy,
         classes=contents.classes,
         sources=contents.sources,
+        once=kind != "safetensors",  # it names every place: a tensor at two has two copies
     )
     plan.source_file = src_path
     plan.verify = contents.verify
     if kind == "safetensors":
-        _write_safetensors(
-            dst_path, plan, contents.metadata, overwrite=overwrite, progress=progress
-        )
+        metadata = {"format": "pt", **contents.metadata}  # as save_pretrained writes it
+        _write_safetensors(dst_path, plan, metadata, overwrite=overwrite, progress=progress)
     elif kind == "npz":
         _write_npz(dst_path, plan, overwrite=overwrite, compress=False, progress=progress)
     elif kind == "npy":
