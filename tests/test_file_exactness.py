@@ -324,6 +324,9 @@ def test_every_layout_torch_load_returns_converts(tmp_path: Path, layout: str, d
     if dst.endswith(".safetensors"):
         got = safetensors_torch.load_file(str(tmp_path / dst))
         assert_same_tensors(got, {k: v.contiguous() for k, v in want.items()})
+        for shown in (src, tmp_path / dst):
+            code, _, err = run("show", "--stats", str(shown))
+            assert code == 0, err
         return
     if dst == "one.npy":
         read = {"w": np.load(tmp_path / dst)}

@@ -95,7 +95,7 @@ def is_safe_name(name: str) -> bool:
 def unique_names(paths: list[tuple[Any, ...]]) -> list[str]:
     """The file name (without ``.npy``) of the array at each key path, in order.
 
-    Keys joined by dots, sanitised (see docs/cli.md, "File names of .npy files"), unique even
+    Keys joined by dots, sanitised (see docs/cli.md, "Names in each format"), unique even
     on case-insensitive file systems (``~2`` suffixes), never the structure's own name.
 
     Examples:
