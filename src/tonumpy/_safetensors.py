@@ -23,7 +23,7 @@ import torch
 
 from . import _arrays, _dtypes
 from ._fs import open_regular, short
-from ._names import STRUCTURE
+from ._names import STRUCTURE, tensor_name
 from ._structure import Plan
 from .errors import ConversionError, FileFormatError
 
@@ -157,11 +157,15 @@ def write(
 ) -> None:
     """Write the array leaves of ``plan`` (exact dtypes), its structure in the metadata.
 
-    ``metadata`` (the source file's, say) is kept; ``progress(i)`` follows each leaf.
+    Each tensor is named by its key path ([`tonumpy._names.tensor_name`][]): the keys of a
+    flat dict are its tensors' names. ``metadata`` (the source file's, say) is kept;
+    ``progress(i)`` follows each leaf.
 
     Raises:
-        ConversionError: A leaf has a dtype safetensors lacks (complex128, strings, ...).
+        ConversionError: A leaf has a dtype safetensors lacks (complex128, strings, ...), or
+            a name it cannot hold (not UTF-8, ``__metadata__``, the name of another leaf).
     """
+    plan.names = _tensor_names(plan)  # the structure lists the names other readers see
     entries = [_entry(plan, i) for i in range(len(plan.leaves))]
     order = sorted(range(len(entries)), key=lambda i: -_CODES[entries[i][0]].itemsize)
     header: dict[str, Any] = {}
@@ -187,6 +191,39 @@ def write(
             raise FileFormatError(f"{plan.where(i)}: {written} bytes written of {nbytes}")
         if progress is not None:
             progress(i)
+
+
+def _tensor_names(plan: Plan) -> list[str]:
+    """The name of each array leaf: its key path joined by dots; checked to be writable."""
+    names = [tensor_name(path) for path in plan.paths]
+    first: dict[str, int] = {}
+    for index, name in enumerate(names):
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConversionError(
+                f"cannot write {plan.where(index)} to .safetensors: its name {short(name)} is "
+                "not valid UTF-8 (it holds a lone surrogate), which a .safetensors tensor name "
+                "must be; rename the key, or write .npz, .npy or a directory instead",
+                path=plan.paths[index],
+            ) from None
+        if name == "__metadata__":
+            raise ConversionError(
+                f"cannot write {plan.where(index)} to .safetensors: __metadata__ is reserved "
+                "for the file's metadata, no tensor can have that name; rename the key, or "
+                "write .npz, .npy or a directory instead",
+                path=plan.paths[index],
+            )
+        other = first.setdefault(name, index)
+        if other != index:
+            raise ConversionError(
+                f"cannot write both {plan.where(other)} and {plan.where(index)} to "
+                f".safetensors: a tensor is named by its key path joined by dots, and both are "
+                f"named {short(name)}; rename one of the keys, or write .npz, .npy or a "
+                "directory, which keep both",
+                path=plan.paths[index],
+            )
+    return names
 
 
 def _entry(plan: Plan, index: int) -> tuple[str, tuple[int, ...], int, _Chunks]:
@@ -242,8 +279,13 @@ def _code(plan: Plan, index: int, dtype: torch.dtype | None) -> str:
 def _tensor_chunks(t: torch.Tensor) -> Iterator[np.ndarray]:
     step = max(_arrays.CHUNK // max(t.element_size(), 1), 1)
     for block in _arrays.blocks(t, step):
-        flat = block.resolve_conj().resolve_neg().contiguous()
-        yield flat.view(torch.uint8).numpy(force=True) if flat.numel() else np.empty(0, np.uint8)
+        if not block.numel():
+            yield np.empty(0, np.uint8)
+            continue
+        flat = block.resolve_conj().resolve_neg()
+        if flat.stride() != (1,):  # torch calls a size-1 view of stride 2 contiguous, too
+            flat = flat.clone(memory_format=torch.contiguous_format)
+        yield flat.view(torch.uint8).numpy(force=True)
 
 
 def _array_chunks(array: np.ndarray, native: np.dtype[Any]) -> Iterator[np.ndarray]:

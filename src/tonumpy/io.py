@@ -141,7 +141,8 @@ def load(file: PathLike, /, *, ml_dtypes: bool = False, unsafe_load: bool = Fals
     Raises:
         FileNotFoundError: ``file`` does not exist.
         FileFormatError: The file is not a regular file, is truncated, corrupt, or of an
-            unknown kind.
+            unknown kind, or tonumpy wrote it and it holds an array its structure does not
+            list (one added later: it would be hidden), which the message names.
         UnsafeFileError: A ``torch.save`` file names code that would run on loading, or would
             allocate more than it holds.
         OptionError: ``ml_dtypes`` or ``unsafe_load`` is not exactly True/False.
@@ -180,7 +181,8 @@ def read(file: PathLike, /, *, unsafe_load: bool = False) -> Contents:
     Raises:
         FileNotFoundError: ``file`` does not exist.
         FileFormatError: The file is not a regular file, is truncated, corrupt, or of an
-            unknown kind.
+            unknown kind, or tonumpy wrote it and it holds an array its structure does not
+            list (one added later: it would be hidden), which the message names.
         UnsafeFileError: As for [`load`][].
         OptionError: ``unsafe_load`` is not exactly True/False.
     """
@@ -207,10 +209,12 @@ def convert(
     """Read ``src`` (any kind [`load`][] reads) and write it to ``dst``, atomically.
 
     The kind of ``dst`` follows its name: ``.npz`` (the structured format of [`save`][]),
-    ``.safetensors`` (bfloat16/float8 stay exact, other leaves go into the header metadata,
-    the ``__metadata__`` of a ``.safetensors`` source is kept), ``.npy`` (a single array), or
-    a name without a suffix, or ending in ``/``, for a directory of ``.npy`` files, one per
-    leaf, named after sanitised key paths, with the structure in ``__tonumpy__.json``.
+    ``.safetensors`` (each tensor named by its exact key path, dotted: a state dict keeps its
+    keys; a tensor at several places is written at each; bfloat16/float8 stay exact, other
+    leaves go into the header metadata, the ``__metadata__`` of a ``.safetensors`` source is
+    kept, ``"format": "pt"`` added where it has none), ``.npy`` (a single array), or a name
+    without a suffix, or ending in ``/``, for a directory of ``.npy`` files, one per leaf,
+    named after sanitised key paths, with the structure in ``__tonumpy__.json``.
 
     Data is streamed: members of a ``.npz`` source are copied a chunk at a time (memory does
     not grow with their size, except for a ``.safetensors`` or ``.npy`` destination of a
@@ -242,11 +246,13 @@ def convert(
 
     Raises:
         FileExistsError: ``dst`` exists and ``overwrite`` is False.
-        FileFormatError: ``src`` cannot be read, or ``dst`` names an unsupported kind or
+        FileFormatError: ``src`` cannot be read (a file tonumpy wrote that holds an array
+            its structure does not list included), or ``dst`` names an unsupported kind or
             the source itself.
         UnsafeFileError: As for [`load`][].
         ConversionError: A leaf cannot be written in ``dst``'s format (complex128 to
-            ``.safetensors``, say); the message names it and the formats that can.
+            ``.safetensors``, say, or two leaves whose key paths give one tensor name); the
+            message names it and the formats that can.
         OptionError: ``overwrite``, ``ml_dtypes`` or ``unsafe_load`` is not exactly True/False.
         OSError: ``dst`` cannot be written (a full disk, say); the message names ``dst``.
     """
@@ -267,13 +273,13 @@ def convert(
         is_leaf=_arrays.is_lazy,
         classes=contents.classes,
         sources=contents.sources,
+        once=kind != "safetensors",  # it names every place: a tensor at two has two copies
     )
     plan.source_file = src_path
     plan.verify = contents.verify
     if kind == "safetensors":
-        _write_safetensors(
-            dst_path, plan, contents.metadata, overwrite=overwrite, progress=progress
-        )
+        metadata = {"format": "pt", **contents.metadata}  # as save_pretrained writes it
+        _write_safetensors(dst_path, plan, metadata, overwrite=overwrite, progress=progress)
     elif kind == "npz":
         _write_npz(dst_path, plan, overwrite=overwrite, compress=False, progress=progress)
     elif kind == "npy":
