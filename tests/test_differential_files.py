@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 import torch
 
+import _hostile
 import tonumpy
 import tonumpy.cli
 import tonumpy.io as tio
@@ -587,3 +588,131 @@ def test_malformed_zips_refused_by_the_reference_are_refused(tmp_path: Path) -> 
     assert not wrong, "\n".join(wrong)
     assert not any(verdict in ("memory", "crashed") for verdict, _ in verdicts), verdicts
     assert not all(expected)
+
+
+# ---------------------------------------------------------- the cases of the issue, by name
+
+_U8 = '{"dtype":"U8","shape":[%d],"data_offsets":[%d,%d]}'
+REFUSED_BY_BOTH = {  # name: (header text, data, words the one error line must hold)
+    "gap": ('{"a":%s,"b":%s}' % (_U8 % (1, 0, 1), _U8 % (1, 2, 3)), b"\x01\xee\x02", "gap"),
+    "first-not-at-0": ('{"a":%s}' % (_U8 % (1, 1, 2)), b"\xee\x01", "gap"),
+    "trailing-bytes": ('{"a":%s}' % (_U8 % (1, 0, 1)), b"\x01" + b"\xee" * 16, "after the last"),
+    "empty-inside-other": (
+        '{"e":%s,"b":%s}' % (_U8 % (0, 1, 1), _U8 % (2, 0, 2)),
+        b"\x01\x02",
+        "overlap",
+    ),
+    "duplicate-key": ('{"a":%s,"a":%s}' % (_U8 % (1, 0, 1), _U8 % (1, 1, 2)), b"\x01\x02", "gap"),
+    "metadata-list": ('{"__metadata__":[],"a":%s}' % (_U8 % (1, 0, 1)), b"\x01", "__metadata__"),
+    "metadata-zero": ('{"__metadata__":0,"a":%s}' % (_U8 % (1, 0, 1)), b"\x01", "__metadata__"),
+    "metadata-empty-string": (
+        '{"__metadata__":"","a":%s}' % (_U8 % (1, 0, 1)),
+        b"\x01",
+        "__metadata__",
+    ),
+    "metadata-twice": (
+        '{"__metadata__":{},"__metadata__":{},"a":%s}' % (_U8 % (1, 0, 1)),
+        b"\x01",
+        "twice",
+    ),
+    "lone-surrogate-name": ('{"\\ud800":%s}' % (_U8 % (1, 0, 1)), b"\x01", "surrogate"),
+    "nan-in-header": (
+        '{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":NaN}}',
+        b"\x01",
+        "not JSON",
+    ),
+    "minus-zero-shape": ('{"a":{"dtype":"U8","shape":[-0],"data_offsets":[0,0]}}', b"", "shape"),
+    "nested-128-deep": (
+        '{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":%s}}' % ("[" * 126 + "]" * 126),
+        b"\x01",
+        "nested",
+    ),
+    "shape-overflows": (
+        '{"a":{"dtype":"U8","shape":[9223372036854775808,2,0],"data_offsets":[0,0]}}',
+        b"",
+        "overflows",
+    ),
+    "nul-padding": ('{"a":%s}\x00\x00' % (_U8 % (1, 0, 1)), b"\x01", "not JSON"),
+    "field-twice": (
+        '{"a":{"dtype":"U8","dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
+        b"\x01",
+        "twice",
+    ),
+}
+ACCEPTED_BY_BOTH = {  # what serde reads and Python's json might not: tonumpy takes them too
+    "duplicate-key-last-valid": (
+        '{"a":{"dtype":"U8","shape":[1],"data_offsets":[7,9]},"a":%s}' % (_U8 % (1, 0, 1)),
+        b"\x01",
+    ),
+    "metadata-null": ('{"__metadata__":null,"a":%s}' % (_U8 % (1, 0, 1)), b"\x01"),
+    "description-as-list": ('{"a":["U8",[1],[0,1]]}', b"\x01"),
+    "space-padding": ('{"a":%s}   \t\n' % (_U8 % (1, 0, 1)), b"\x01"),
+    "nested-127-deep": (
+        '{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":%s}}' % ("[" * 125 + "]" * 125),
+        b"\x01",
+    ),
+    "unknown-field": ('{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":1e300}}', b"\x01"),
+    "empty-at-the-end": ('{"a":%s,"e":%s}' % (_U8 % (1, 0, 1), _U8 % (0, 1, 1)), b"\x01"),
+}
+# Deliberate exceptions (docs/cli.md): safe_open takes these, tonumpy refuses them, saying why
+TONUMPY_STRICTER = {
+    "packed-float4": ('{"a":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}}', b"\x01", "NumPy"),
+    "empty-shape-numpy-cannot-hold": (
+        '{"a":{"dtype":"F64","shape":[2305843009213693952,0],"data_offsets":[0,0]}}',
+        b"",
+        "NumPy cannot hold",
+    ),
+}
+
+
+def _write_cases(folder: Path, cases: dict[str, tuple[Any, ...]]) -> dict[str, Path]:
+    folder.mkdir(exist_ok=True)
+    paths = {}
+    for name, (header, data, *_) in cases.items():
+        path = folder / f"{name}.safetensors"
+        path.write_bytes(_join(header.encode("utf-8", "surrogatepass"), data))
+        paths[name] = path
+    return paths
+
+
+def test_files_the_reference_refuses_are_refused_in_one_line(tmp_path: Path) -> None:
+    """Each case of the issue (and more): safe_open refuses, `tonumpy show` exits 2 with one
+    line that names the file and the defect; the library refuses it too."""
+    paths = _write_cases(tmp_path, REFUSED_BY_BOTH)
+    assert not any(_reference_accepts(p) for p in paths.values())
+    argv = [["show", str(p)] for p in paths.values()] + [["load", str(p)] for p in paths.values()]
+    results = _hostile.run_corpus(argv, tmp_path / "run")
+    for (name, path), shown, loaded in zip(
+        paths.items(), results[: len(paths)], results[len(paths) :], strict=True
+    ):
+        for result in (shown, loaded):
+            assert result["rc"] == 2, (name, result)
+            lines = result["stderr"].splitlines()
+            assert len(lines) == 1, (name, result["stderr"])
+            assert str(path) in lines[0], lines[0]
+            assert REFUSED_BY_BOTH[name][2] in lines[0], (name, lines[0])
+
+
+def test_files_the_reference_accepts_are_read_alike(tmp_path: Path) -> None:
+    """The odd forms safe_open reads: tonumpy reads them, to the same tensors and metadata."""
+    for name, path in _write_cases(tmp_path, ACCEPTED_BY_BOTH).items():
+        with safe_open(path, "pt") as f:
+            want = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+            metadata = f.metadata() or {}
+        contents = tio.read(path)
+        assert contents.metadata == metadata, name
+        assert set(contents.tree) == set(want), name
+        for key, value in want.items():
+            _check_leaf(contents.tree[key], value, f"{name}: {key!r}")
+
+
+def test_deliberate_exceptions_are_refused_and_say_why(tmp_path: Path) -> None:
+    """Packed 4-bit floats and empty shapes NumPy cannot represent: safe_open reads them,
+    tonumpy refuses them with one line naming the file and the reason (docs/cli.md)."""
+    paths = _write_cases(tmp_path, TONUMPY_STRICTER)
+    assert all(_reference_accepts(p) for p in paths.values())
+    results = _hostile.run_corpus([["show", str(p)] for p in paths.values()], tmp_path / "run")
+    for (name, path), result in zip(paths.items(), results, strict=True):
+        assert result["rc"] == 2, (name, result)
+        assert str(path) in result["stderr"], result["stderr"]
+        assert TONUMPY_STRICTER[name][2] in result["stderr"], (name, result["stderr"])

@@ -186,12 +186,8 @@ def _check_json(header: Any, path: Path) -> None:
                     f"{path}: not a .safetensors file (its header is nested deeper than "
                     f"{_DEPTH} levels)"
                 )
-            if isinstance(value, _Object):
-                todo.extend((item, depth) for pair in value for item in pair)
-            else:
-                todo.extend((item, depth + 1) for item in value)
-        elif isinstance(value, tuple):  # a key with its value, inside an object
-            todo.extend((item, depth + 1) for item in value)
+            items = (item for pair in value for item in pair) if isinstance(value, _Object) else value
+            todo.extend((item, depth + 1) for item in items)
 
 
 def _interpret(header: _Object, path: Path) -> tuple[dict[str, str], dict[str, _Spec]]:
