@@ -393,9 +393,7 @@ _OPS: dict[int, Callable[[_Machine], bool | None]] = {
     pickle.BININT1[0]: _number(1, lambda raw: raw[0]),
     pickle.BININT2[0]: _number(2, lambda raw: int.from_bytes(raw, "little")),
     pickle.BINFLOAT[0]: _number(8, lambda raw: _DOUBLE.unpack(raw)[0]),
-    pickle.LONG1[0]: lambda m: m.push(
-        int.from_bytes(m.take(m.uint(1)), "little", signed=True)
-    ),
+    pickle.LONG1[0]: lambda m: m.push(int.from_bytes(m.take(m.uint(1)), "little", signed=True)),
     pickle.BINUNICODE[0]: lambda m: m.push(m.text(m.uint(4))),
     pickle.SHORT_BINSTRING[0]: lambda m: m.push(bytes(m.take(m.uint(1)))),
     pickle.BINPERSID[0]: _Machine.op_binpersid,

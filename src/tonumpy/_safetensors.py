@@ -150,7 +150,9 @@ def _header(f: BinaryIO, size: int, path: Path) -> tuple[_Object, int]:
             parse_constant=_json_constant,
         )
     except UnicodeDecodeError:
-        raise FileFormatError(f"{path}: not a .safetensors file (its header is not UTF-8)") from None
+        raise FileFormatError(
+            f"{path}: not a .safetensors file (its header is not UTF-8)"
+        ) from None
     except RecursionError:
         header = None  # nested beyond any limit: refused below as too deep
     except ValueError as exc:
@@ -186,7 +188,9 @@ def _check_json(header: Any, path: Path) -> None:
                     f"{path}: not a .safetensors file (its header is nested deeper than "
                     f"{_DEPTH} levels)"
                 )
-            items = (item for pair in value for item in pair) if isinstance(value, _Object) else value
+            items = (
+                (item for pair in value for item in pair) if isinstance(value, _Object) else value
+            )
             todo.extend((item, depth + 1) for item in items)
 
 
