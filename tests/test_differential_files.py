@@ -685,6 +685,11 @@ REFUSED_BY_BOTH = {  # name: (header text, data, words the one error line must h
         b"\x01",
         "not JSON",
     ),
+    "integer-beyond-a-double": (
+        '{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":1' + "0" * 309 + "}}",
+        b"\x01",
+        "out of range",
+    ),
     "minus-zero-shape": ('{"a":{"dtype":"U8","shape":[-0],"data_offsets":[0,0]}}', b"", "shape"),
     "nested-128-deep": (
         '{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":' + "[" * 126 + "]" * 126 + "}}",

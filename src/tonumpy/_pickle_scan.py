@@ -6,8 +6,11 @@ allocate whatever size they are given: ``bytearray(10**9)``, ``torch.FloatTensor
 can so ask for gigabytes before any of its data is read. ``scan`` runs the same opcodes
 without calling anything: it lists the globals the pickle names and the storages it loads, and
 refuses, before ``torch.load`` runs, every call that would allocate from a size (an int or a
-``torch.Size``) rather than from data the file holds, and every tensor that reaches outside its
-storage. Opcodes the weights-only unpickler does not know are refused too.
+``torch.Size``) rather than from data the file holds, every tensor that reaches outside its
+storage, and a storage record named with two sizes (each use is checked, not only the first).
+Opcodes the weights-only unpickler does not know are refused too. Each opcode it knows has one
+handler in ``_OPS``, which reads the opcode's argument and changes the stack as the real
+unpickler would, with calls recorded instead of made.
 """
 
 from __future__ import annotations
@@ -297,8 +300,8 @@ class _Machine:
             self.result.storages.append(storage)
         elif first.nbytes != storage.nbytes:  # torch never writes this: one size per record
             raise UnsafeFileError(
-                f"{self.where}: refused: its pickle names storage {short(key)} twice, as "
-                f"{first.nbytes:,} bytes and as {storage.nbytes:,}; nothing was run"
+                f"{self.where}: refused: its pickle names storage {short(key)} with two sizes, "
+                f"{first.nbytes:,} and {storage.nbytes:,} bytes; nothing was run"
             )
         return storage
 

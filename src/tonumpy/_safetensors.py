@@ -96,8 +96,8 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 _DEPTH = 127  # serde_json refuses JSON nested 128 levels deep
 _USIZE = 1 << 64  # a shape or offset is a Rust usize
 _INFO_FIELDS = ("dtype", "shape", "data_offsets")
-_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}  # packed codes NumPy and tonumpy cannot hold
-_KNOWN_CODES = frozenset(_BITS) | {
+_PACKED = frozenset({"F4", "F6_E2M3", "F6_E3M2"})  # sub-byte codes NumPy cannot hold
+_KNOWN_CODES = _PACKED | {
     "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
     "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
 }  # fmt: skip
@@ -117,6 +117,8 @@ class _HeaderError(ValueError):
 
 
 def _json_int(text: str) -> int | float:
+    if len(text) > 20:  # beyond 64 bits: serde_json reads it as a float, which may overflow
+        _json_float(text)
     return _NotUsize(text) if text.startswith("-") else int(text)
 
 
@@ -275,9 +277,9 @@ def _checked(name: str, spec: _Spec, path: Path) -> tuple[torch.dtype, tuple[int
         if numel >= _USIZE:
             raise FileFormatError(f"{where}: its shape {shape} overflows a 64-bit size")
     dtype = _CODES.get(code)
-    if dtype is None or code in _BITS:
+    if dtype is None or code in _PACKED:
         raise FileFormatError(
-            f"{where}: dtype {code} is not one {'NumPy' if code in _BITS else 'this torch'} "
+            f"{where}: dtype {code} is not one {'NumPy' if code in _PACKED else 'this torch'} "
             "can hold; tonumpy cannot read it"
         )
     nbytes = numel * dtype.itemsize
