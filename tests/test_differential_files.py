@@ -21,11 +21,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickletools
 import random
 import re
 import struct
 import subprocess
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -331,20 +333,30 @@ def test_npz_written_by_tonumpy_read_by_numpy(tmp_path: Path) -> None:
 _RUNNER = r"""
 import json, resource, sys
 import numpy as np
+import torch
 import tonumpy
 
 def vm():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
 
-paths, headroom = json.loads(sys.argv[1]), int(sys.argv[2])
+def out_of_memory(text):  # the allocator failing, whatever error carries it
+    return any(words in text for words in ("allocate memory", "DefaultCPUAllocator"))
+
+cases, headroom = json.loads(sys.argv[1]), int(sys.argv[2])
 limit = vm() + headroom
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 results = []
-for path in paths:
+for path, reader in cases:
     try:
-        tree = tonumpy.load(path, ml_dtypes=True)
-        leaves = tree.values() if isinstance(tree, dict) else [tree]
+        if reader == "torch":  # the reference, under the same cap
+            tree = torch.load(path, weights_only=True)
+            for value in tree.values():
+                (value.dequantize() if value.is_quantized else value).clone()
+            leaves = []
+        else:
+            tree = tonumpy.load(path, ml_dtypes=True)
+            leaves = tree.values() if isinstance(tree, dict) else [tree]
         for leaf in leaves:
             np.ascontiguousarray(leaf).tobytes()
         results.append(["accepted", ""])
@@ -352,19 +364,25 @@ for path in paths:
         results.append(["memory", repr(exc)])
     except (tonumpy.TonumpyError, OSError) as exc:
         text = str(exc)
-        results.append(["refused" if "\n" not in text and path in text else "badmessage", text])
+        ok = "\n" not in text and path in text and not out_of_memory(text)
+        results.append(["refused" if ok else "badmessage", text])
     except Exception as exc:
-        results.append(["crashed", f"{type(exc).__name__}: {exc}"])
+        text = f"{type(exc).__name__}: {exc}"
+        results.append(["memory" if out_of_memory(text) else "crashed", text])
 print(json.dumps(results))
 """
 HEADROOM = 256 << 20  # bytes of address space the reading child may add (the files are KBs)
 
 
-def _tonumpy_verdicts(paths: list[Path]) -> list[list[str]]:
-    """[verdict, message] of tonumpy.load on each path, in one memory-capped child process."""
+def _verdicts(cases: list[tuple[Path, str]]) -> list[list[str]]:
+    """[verdict, message] of each (path, reader) in one memory-capped child process.
+
+    ``reader`` is ``"tonumpy"`` (``tonumpy.load``) or ``"torch"`` (``torch.load`` with
+    ``weights_only=True``, the reference, which a malformed pickle may make allocate).
+    """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(
-        [sys.executable, "-c", _RUNNER, json.dumps([str(p) for p in paths]), str(HEADROOM)],
+        [sys.executable, "-c", _RUNNER, json.dumps([[str(p), r] for p, r in cases]), str(HEADROOM)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -543,14 +561,20 @@ Verdicts = dict[str, tuple[list[Path], list[bool], list[list[str]]]]
 def malformed(tmp_path_factory: pytest.TempPathFactory) -> Verdicts:
     """kind -> (files, whether the reference reads each, tonumpy's [verdict, message] on each).
 
-    tonumpy reads all of them in one child process, under one memory cap.
+    tonumpy reads all of them in one child process, under one memory cap; so does
+    ``torch.load`` the pickles whose numbers were changed (the reference may allocate there).
     """
     folder = tmp_path_factory.mktemp("malformed")
     kinds = {
         "safetensors": _malformed_safetensors(folder),
         "zip": _malformed_zips(folder),
     }
-    verdicts = _tonumpy_verdicts([p for paths, _ in kinds.values() for p in paths])
+    pickles = _malformed_pickles(folder)
+    cases = [(p, "tonumpy") for paths, _ in kinds.values() for p in paths]
+    cases += [(p, "tonumpy") for p in pickles] + [(p, "torch") for p in pickles]
+    verdicts = _verdicts(cases)
+    references = verdicts[-len(pickles) :]
+    kinds["pickle"] = (pickles, [verdict == "accepted" for verdict, _ in references])
     out: Verdicts = {}
     for kind, (paths, accepted) in kinds.items():
         out[kind] = (paths, accepted, verdicts[: len(paths)])
@@ -648,6 +672,78 @@ def test_malformed_zips_refused_by_the_reference_are_refused(malformed: Verdicts
     assert not wrong, "\n".join(wrong)
     assert not any(verdict in ("memory", "crashed") for verdict, _ in verdicts), verdicts
     assert not all(expected)
+
+
+def _with_pickle(blob: bytes, pickled: bytes) -> bytes:
+    """A zip ``torch.save`` file with its data.pkl replaced (CRCs and sizes made right)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(blob)) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            is_pickle = info.filename.endswith("/data.pkl")
+            zout.writestr(info, pickled if is_pickle else zin.read(info.filename))
+    return out.getvalue()
+
+
+def _mutate_pickle(rng: random.Random, pickled: bytes) -> bytes:
+    """One number of the pickle (a size, stride, offset or storage numel) or one storage key
+    changed: the file stays a well-formed zip whose checksums match."""
+    ops = list(pickletools.genops(pickled))
+    spans = [(pos, ops[i + 1][2]) for i, (_, _, pos) in enumerate(ops[:-1])]
+    numbers = [
+        (i, arg)
+        for i, (op, arg, _) in enumerate(ops)
+        if op.name in ("BININT", "BININT1", "BININT2", "LONG1")
+    ]
+    keys = [i for i, (op, arg, _) in enumerate(ops) if op.name == "BINUNICODE" and arg.isdigit()]
+    if keys and rng.random() < 0.2:
+        index = rng.choice(keys)
+        raw = str(int(ops[index][1]) + 1).encode()
+        new = b"X" + struct.pack("<I", len(raw)) + raw
+    else:
+        index, value = rng.choice(numbers)
+        value = rng.choice([value + 1, value - 1, 0, -1, 2**31 - 1, 2**32, 2**40, value * 1000])
+        raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+        new = b"\x8a" + bytes([len(raw)]) + raw  # LONG1
+    begin, end = spans[index]
+    return pickled[:begin] + new + pickled[end:]
+
+
+def _malformed_pickles(folder: Path) -> list[Path]:
+    """``torch.save`` files (views, tied weights, quantized tensors) with one number changed."""
+    rng = _rng(6)
+    paths = []
+    for case in range(48):
+        tree: dict[str, Any] = _torch_tree(rng, [torch.uint8, torch.float32, torch.int64])
+        if case % 3 == 0:
+            with warnings.catch_warnings():  # "quantized tensors are deprecated"
+                warnings.simplefilter("ignore")
+                tree["quantized"] = torch.quantize_per_tensor(torch.ones(3), 0.5, 0, torch.qint8)
+        buffer = io.BytesIO()
+        torch.save(tree, buffer)
+        blob = buffer.getvalue()
+        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+            name = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
+            pickled = zf.read(name)
+        path = folder / f"p{case}.pt"
+        path.write_bytes(_with_pickle(blob, _mutate_pickle(rng, pickled)))
+        paths.append(path)
+    return paths
+
+
+def test_pickles_the_reference_refuses_are_refused_before_allocating(
+    malformed: Verdicts,
+) -> None:
+    """A size, stride, offset, numel or storage key changed in a .pt's pickle: whatever
+    torch.load(weights_only=True) refuses (or runs out of the memory cap on), tonumpy refuses
+    in one line, and tonumpy never runs out of memory or crashes on any of them."""
+    paths, expected, verdicts = malformed["pickle"]
+    wrong = [
+        f"{path.name}: tonumpy {verdict}: {text[:200]}"
+        for path, want, (verdict, text) in zip(paths, expected, verdicts, strict=True)
+        if verdict != "refused" and (not want or verdict != "accepted")
+    ]
+    assert not wrong, "\n".join(wrong)
+    assert 0 < sum(expected) < len(expected)
 
 
 # ---------------------------------------------------------- the cases of the issue, by name
