@@ -830,6 +830,19 @@ TONUMPY_STRICTER = {
 }
 
 
+_ONE_FLOAT = _hostile._storage("FloatStorage", "0", 1)
+PICKLE_STRICTER = {  # torch.load(weights_only=True) reads these; torch.save never writes them
+    "negative-stride": (_hostile._tensor(_ONE_FLOAT, (1,), (-1,)), "bad shape"),
+    "record-with-two-sizes": (
+        b"("
+        + _hostile._tensor(_ONE_FLOAT, (1,), (1,))
+        + _hostile._tensor(_hostile._storage("FloatStorage", "0", 2), (1,), (1,))
+        + b"t",
+        "two sizes",
+    ),
+}
+
+
 def _write_cases(folder: Path, cases: dict[str, tuple[Any, ...]]) -> dict[str, Path]:
     folder.mkdir(exist_ok=True)
     paths = {}
@@ -846,6 +859,8 @@ def named(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, lis
     refused cases and the deliberate exceptions, each in a forked, memory-capped child."""
     folder = tmp_path_factory.mktemp("named")
     paths = {**_write_cases(folder, REFUSED_BY_BOTH), **_write_cases(folder, TONUMPY_STRICTER)}
+    for name, (body, _) in PICKLE_STRICTER.items():
+        paths[name] = _hostile._pt(folder / f"{name}.pt", body)
     argv = [[command, str(p)] for p in paths.values() for command in ("show", "load")]
     results = _hostile.run_corpus(argv, folder / "run")
     return {
@@ -890,6 +905,20 @@ def test_deliberate_exceptions_are_refused_and_say_why(
     for name, (_, _, words) in TONUMPY_STRICTER.items():
         path, results = named[name]
         assert _reference_accepts(path), name
+        for result in results:
+            assert result["rc"] == 2, (name, result)
+            lines = result["stderr"].splitlines()
+            assert len(lines) == 1, (name, result["stderr"])
+            assert str(path) in lines[0], lines[0]
+            assert words in lines[0], (name, lines[0])
+
+
+def test_pickle_sizes_torch_trusts_are_refused(named: dict[str, tuple[Path, list[Any]]]) -> None:
+    """A negative stride, a storage record named with two sizes: torch.load reads them (it
+    keeps the first size), tonumpy refuses them in one line before torch runs (docs/cli.md)."""
+    for name, (_, words) in PICKLE_STRICTER.items():
+        path, results = named[name]
+        torch.load(path, weights_only=True)
         for result in results:
             assert result["rc"] == 2, (name, result)
             lines = result["stderr"].splitlines()
