@@ -35,16 +35,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import _hostile
 import tonumpy
 import tonumpy.cli
 import tonumpy.io as tio
-
-safetensors = pytest.importorskip("safetensors")
-from safetensors import safe_open  # noqa: E402 - after the skip
-from safetensors.torch import save_file  # noqa: E402
 
 SEED = 19
 TREES = 40  # trees per direction; the mutations come on top
