@@ -194,11 +194,20 @@ def _structure(array_names: list[str], text: str) -> dict[str, str]:
 # ---------------------------------------------------------------- tonumpy's files, read back
 
 
-def _check_converted(src: Path, want: dict[str, torch.Tensor], tmp: Path, tag: str) -> None:
-    """``convert`` src to every format; the reference reads each back as ``want``."""
+def _check_converted(
+    src: Path,
+    want: dict[str, torch.Tensor],
+    tmp: Path,
+    tag: str,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """``convert`` src to every format; the reference reads each back as ``want`` (and the
+    ``.safetensors`` output keeps the source's ``metadata``)."""
     st_out = tmp / f"{tag}.safetensors"
     tio.convert(src, st_out, ml_dtypes=True)
     with safe_open(st_out, "pt") as f:
+        kept = f.metadata() or {}
+        assert {k: kept.get(k) for k in metadata or {}} == (metadata or {}), (tag, kept)
         assert set(f.keys()) == set(want), f"{tag}: the tensor names of {st_out.name}"
         for key, value in want.items():
             _check_leaf(f.get_tensor(key), value, f"{tag}: {key!r} in .safetensors")
@@ -268,7 +277,7 @@ def test_safetensors_written_by_the_reference_read_by_tonumpy(tmp_path: Path) ->
             _check_leaf(loaded[key], value, f"case {case}: {key!r} (load)")
         _show_stats(path, want)
         if case % 4 == 0:
-            _check_converted(path, want, tmp_path, f"st{case}")
+            _check_converted(path, want, tmp_path, f"st{case}", metadata)
 
 
 def test_npz_written_by_numpy_read_by_tonumpy(tmp_path: Path) -> None:
