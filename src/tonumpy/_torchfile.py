@@ -357,13 +357,14 @@ def _torch_error(path: Path, exc: BaseException, source: Any) -> TonumpyError:
     """
     # torch re-raises its unpickler's error with advice around it: the error itself is kept as
     # the context of the one raised
-    inner = exc.__context__ if isinstance(exc.__context__, Exception) else exc
+    unpickling = isinstance(exc, pickle.UnpicklingError)
+    inner = exc.__context__ if unpickling and isinstance(exc.__context__, Exception) else exc
     text = str(inner)
     if isinstance(source, Path):  # /proc/self/fd/N: the file as the user named it
         text = text.replace(str(source), str(path))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     first = lines[0][:300] if lines else ""
-    if isinstance(exc, pickle.UnpicklingError):
+    if unpickling:
         detail = f" ({first})" if first else ""
         return UnsafeFileError(
             f"{path}: refused: loading it safely failed{detail}; nothing was run. "
