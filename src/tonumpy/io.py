@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _arrays, _options, _safetensors, _structure, _tree
+from . import _arrays, _options, _safetensors, _structure, _torchsave, _tree
 from ._fs import atomic_dir, atomic_file, check_not_nested, exists_error, short
 from ._names import STRUCTURE, is_safe_name
 from ._readers import OUTPUT_SUFFIXES, Contents, is_stored_leaf, read_file
@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
+#: The suffixes of the ``torch.save`` files ``convert`` writes.
+_TORCH_OUTPUT = (".pt", ".pth")
 Progress = Callable[[int, int], None]
 
 
@@ -202,13 +204,16 @@ def convert(
     overwrite: bool = False,
     ml_dtypes: bool = False,
     unsafe_load: bool = False,
+    plain_containers: bool = False,
     progress: Progress | None = None,
 ) -> Contents:
     """Read ``src`` (any kind [`load`][] reads) and write it to ``dst``, atomically.
 
     The kind of ``dst`` follows its name: ``.npz`` (the structured format of [`save`][]),
     ``.safetensors`` (bfloat16/float8 stay exact, other leaves go into the header metadata,
-    the ``__metadata__`` of a ``.safetensors`` source is kept), ``.npy`` (a single array), or
+    the ``__metadata__`` of a ``.safetensors`` source is kept), ``.npy`` (a single array),
+    ``.pt``/``.pth`` (a ``torch.save`` file that ``torch.load(weights_only=True)`` reads:
+    tensors of the source's exact dtypes, bfloat16 included, in dicts, lists and tuples), or
     a name without a suffix, or ending in ``/``, for a directory of ``.npy`` files, one per
     leaf, named after sanitised key paths, with the structure in ``__tonumpy__.json``.
 
@@ -232,8 +237,14 @@ def convert(
         overwrite: Replace an existing ``dst``. A directory is only ever replaced if it is
             empty or holds a previous ``.npy`` export and nothing else.
         ml_dtypes: Keep bfloat16/float8 bit-exact in ``.npz`` and ``.npy`` output (see
-            [`save`][]); otherwise they are widened to float32.
+            [`save`][]); otherwise they are widened to float32. ``.safetensors`` and ``.pt``
+            output always keeps them exact.
         unsafe_load: As for [`load`][].
+        plain_containers: For ``.pt`` output: write a container that was another class in
+            the source (a namedtuple, a dataclass, a ``ModelOutput``, whose name the source
+            records) as a dict. Without it such a container is refused, naming its key path:
+            ``torch.load(weights_only=True)`` cannot rebuild those classes. An
+            ``OrderedDict`` is always written as one.
         progress: Called as ``progress(bytes_done, bytes_total)`` while writing.
 
     Returns:
@@ -247,11 +258,16 @@ def convert(
         UnsafeFileError: As for [`load`][].
         ConversionError: A leaf cannot be written in ``dst``'s format (complex128 to
             ``.safetensors``, say); the message names it and the formats that can.
-        OptionError: ``overwrite``, ``ml_dtypes`` or ``unsafe_load`` is not exactly True/False.
+        OptionError: ``overwrite``, ``ml_dtypes``, ``unsafe_load`` or ``plain_containers`` is
+            not exactly True/False.
         OSError: ``dst`` cannot be written (a full disk, say); the message names ``dst``.
     """
     _options.check_flags(
-        "convert", overwrite=overwrite, ml_dtypes=ml_dtypes, unsafe_load=unsafe_load
+        "convert",
+        overwrite=overwrite,
+        ml_dtypes=ml_dtypes,
+        unsafe_load=unsafe_load,
+        plain_containers=plain_containers,
     )
     src_path, dst_text = Path(src), os.fspath(dst)
     dst_path = Path(dst_text)
@@ -261,6 +277,17 @@ def convert(
     if os.path.lexists(src_path):
         check_not_nested(src_path, dst_path)
     contents = read_file(src_path, unsafe_load=unsafe_load, lazy=True)
+    if kind == "pt":
+        _torchsave.write(
+            dst_path,
+            contents.tree,
+            contents.classes,
+            overwrite=overwrite,
+            plain_containers=plain_containers,
+            verify=contents.verify,
+            progress=progress,
+        )
+        return contents
     plan = _structure.plan(
         contents.tree,
         ml_dtypes=ml_dtypes or kind == "safetensors",
@@ -303,7 +330,7 @@ def _output_kind(dst: str) -> str:
         )
     if dst.endswith(("/", os.sep)):
         return "dir"
-    if name.lower() in OUTPUT_SUFFIXES:
+    if name.lower() in (*OUTPUT_SUFFIXES, *_TORCH_OUTPUT):
         raise FileFormatError(
             f"{dst}: a name that is only a suffix; name the file (out{name}, say)"
         )
@@ -315,11 +342,13 @@ def _output_kind(dst: str) -> str:
     suffix = Path(dst).suffix.lower()
     if suffix in OUTPUT_SUFFIXES:
         return suffix[1:]
+    if suffix in _TORCH_OUTPUT:
+        return "pt"
     if suffix == "":
         return "dir"
     raise FileFormatError(
-        f"{dst}: cannot write {short(suffix)} files; the destination must end in .npz, .npy or "
-        ".safetensors, or have no suffix (or end in /) for a directory of .npy files"
+        f"{dst}: cannot write {short(suffix)} files; the destination must end in .npz, .npy, "
+        ".safetensors or .pt, or have no suffix (or end in /) for a directory of .npy files"
     )
 
 
