@@ -459,3 +459,107 @@ def test_bar_draws_percentages() -> None:
     assert " 50%" in stream.getvalue()
     bar.close()
     assert stream.getvalue().endswith("\r\033[K")
+
+
+# ----------------------------------------------------------- checkpoints, help, not torch
+
+
+def test_help_names_hugging_face_checkpoint_directories(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for command in ("show", "convert"):
+        assert run(command, "--help")[0] == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "Hugging Face checkpoint directory" in text, command
+    assert run("convert", "--help")[0] == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert ".pt/.pth" in text
+    assert "--plain-containers" in text
+
+
+def test_depth_groups_dotted_names_by_segment(tmp_path: Path) -> None:
+    """A state dict's flat names: --depth counts their segments, as it counts nested keys."""
+    state = {
+        "encoder.layer.0.weight": torch.ones(2, 2),
+        "encoder.layer.0.bias": torch.ones(2),
+        "encoder.layer.1.weight": torch.ones(2, 2),
+        "head.weight": torch.ones(3),
+        "scale": torch.ones(1),
+    }
+    torch.save(state, tmp_path / "state.pt")
+    code, out, _ = run("show", str(tmp_path / "state.pt"), "--depth", "1")
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()[2:-1]]
+    assert rows == [
+        ["(root)", "dict", "3", "keys", "56", "B"],
+        ["encoder.", "names", "1", "key", "40", "B"],
+        ["...", "3", "arrays"],
+        ["head.", "names", "1", "key", "12", "B"],
+        ["...", "1", "array"],
+        ["scale", "Tensor", "(1,)", "float32", "cpu", "4", "B"],
+    ]
+    assert out.splitlines()[-1].startswith("5 arrays")
+    code, out, _ = run("show", str(tmp_path / "state.pt"), "--depth", "3")
+    names = [line.split()[0] for line in out.splitlines()[2:-1]]
+    assert names == [
+        "(root)",
+        "encoder.",
+        "layer.",
+        "0.",
+        "...",
+        "1.",
+        "...",
+        "head.",
+        "weight",
+        "scale",
+    ]
+    # without --depth every name is listed whole, as stored
+    code, out, _ = run("show", str(tmp_path / "state.pt"))
+    assert [line.split()[0] for line in out.splitlines()[2:-1]] == ["(root)", *state]
+
+
+def test_depth_on_a_checkpoint_directory(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch.save_file(model.state_dict(), folder / "model.safetensors")
+    code, out, _ = run("show", str(folder), "--depth", "1")
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()[2:-1]]
+    assert rows[1:] == [
+        ["0.", "names", "2", "keys", "36", "B"],
+        ["...", "2", "arrays"],
+        ["2.", "names", "2", "keys", "16", "B"],
+        ["...", "2", "arrays"],
+    ]
+
+
+def test_a_pt_file_that_is_not_a_torch_save_file(tmp_path: Path) -> None:
+    """Neither a zip archive nor a pickle: said so, in one line, not an opcode number."""
+    (tmp_path / "notes.pt").write_text("not a tensor file\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    code, _, err = run("show", str(tmp_path / "notes.pt"))
+    assert code == 2
+    assert err == (
+        f"tonumpy: error: {tmp_path / 'notes.pt'}: not a torch.save file (neither a zip "
+        "archive nor a pickle: it starts with b'not a te')\n"
+    )
+    code, _, err = run("convert", str(tmp_path / "empty.pt"), str(tmp_path / "out.npz"))
+    assert code == 2
+    assert err == f"tonumpy: error: {tmp_path / 'empty.pt'}: not a torch.save file (an empty file)\n"
+    with pytest.raises(tonumpy.FileFormatError, match="not a torch.save file"):
+        tonumpy.load(tmp_path / "notes.pt")
+
+
+def test_convert_npz_back_to_pt(tmp_path: Path) -> None:
+    """`tonumpy convert x.npz out.pt`: what torch.load(weights_only=True) reads, exactly."""
+    src = tmp_path / "x.npz"
+    np.savez(src, w=np.arange(6, dtype=np.float32).reshape(2, 3), ids=np.arange(3))
+    code, out, err = run("convert", str(src), str(tmp_path / "out.pt"))
+    assert code == 0, err
+    assert "2 arrays" in out
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert list(got) == ["w", "ids"]
+    assert torch.equal(got["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    assert got["ids"].dtype == torch.int64
