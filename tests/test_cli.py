@@ -265,6 +265,43 @@ def test_readme_first_command(tmp_path: Path) -> None:
     assert loaded["model_output"]["logits"].dtype == np.float32
 
 
+def test_readme_python_example_is_the_first_commands_conversion(tmp_path: Path) -> None:
+    """examples/model_outputs.py converts examples/model_outputs.pt, with public API only."""
+    script = ROOT / "examples" / "model_outputs.py"
+    source = script.read_text()
+    assert "tonumpy._" not in source  # no private module
+    assert "model_outputs.pt" in source
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    after = result.stdout.split("converted (tonumpy.load")[1].splitlines()[1:-1]
+    assert run("convert", str(EXAMPLE), str(tmp_path / "cli.npz"))[0] == 0
+    written = tonumpy.load(tmp_path / "cli.npz")  # what the README's first command wrote
+    expected = []
+    for path, leaf in zip(*_sorted_leaves(written), strict=True):
+        kind = f"ndarray {leaf.shape} {leaf.dtype}" if isinstance(leaf, np.ndarray) else repr(leaf)
+        expected.append(f"{path} {kind}")
+    assert [" ".join(line.split()) for line in after] == [" ".join(e.split()) for e in expected]
+
+
+def _sorted_leaves(tree: object, path: str = "") -> tuple[list[str], list[object]]:
+    """Dotted key paths and leaves, dict keys sorted; None left out (it is no leaf to list)."""
+    if isinstance(tree, dict):
+        items = sorted(tree.items())
+    elif isinstance(tree, list | tuple):
+        items = list(enumerate(tree))
+    else:
+        return ([path], [tree]) if tree is not None else ([], [])
+    paths: list[str] = []
+    leaves: list[object] = []
+    for key, value in items:
+        more = _sorted_leaves(value, f"{path}.{key}" if path else str(key))
+        paths += more[0]
+        leaves += more[1]
+    return paths, leaves
+
+
 def test_python_dash_m(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tonumpy", "--version"], capture_output=True, text=True, check=False
