@@ -584,8 +584,10 @@ def test_a_pt_file_that_is_not_a_torch_save_file(tmp_path: Path) -> None:
     )
     code, _, err = run("convert", str(tmp_path / "empty.pt"), str(tmp_path / "out.npz"))
     assert code == 2
-    assert err == f"tonumpy: error: {tmp_path / 'empty.pt'}: not a torch.save file (an empty file)\n"
-    with pytest.raises(tonumpy.FileFormatError, match="not a torch.save file"):
+    assert (
+        err == f"tonumpy: error: {tmp_path / 'empty.pt'}: not a torch.save file (an empty file)\n"
+    )
+    with pytest.raises(tonumpy.FileFormatError, match=r"not a torch\.save file"):
         tonumpy.load(tmp_path / "notes.pt")
 
 

@@ -14,11 +14,10 @@ import torch
 import transformers
 
 import tonumpy
+from _models import tiny_bert
 from tonumpy import cli
 from tonumpy import io as tio
 from tonumpy.errors import ConversionError
-
-from _models import tiny_bert
 
 
 class Pair(NamedTuple):

@@ -329,9 +329,12 @@ def _links(page: Page, pages: dict[str, Page], site: Path) -> Iterator[Finding]:
         parts = urlsplit(url)
         target = page.path
         if parts.path.startswith("/"):
-            yield node, (
-                f"{url!r} is root-absolute: it breaks when the site is opened from files "
-                "(file://) or served under a sub-path; make it relative"
+            yield (
+                node,
+                (
+                    f"{url!r} is root-absolute: it breaks when the site is opened from files "
+                    "(file://) or served under a sub-path; make it relative"
+                ),
             )
         if parts.path:
             base = "" if parts.path.startswith("/") else posixpath.dirname(page.path)
@@ -404,9 +407,12 @@ def _clipped_code(page: Page, site: Path) -> Iterator[Finding]:
     if not long_lines or _code_wraps(page, site):
         return
     for node, line in long_lines:
-        yield node, (
-            f"a code line of {len(line.rstrip())} characters (more than {CODE_COLUMNS} are cut "
-            f"off, and code blocks do not wrap): {_short(line, 60)!r}"
+        yield (
+            node,
+            (
+                f"a code line of {len(line.rstrip())} characters (more than {CODE_COLUMNS} are cut "
+                f"off, and code blocks do not wrap): {_short(line, 60)!r}"
+            ),
         )
 
 

@@ -3,8 +3,8 @@
 ``tonumpy show FILE`` prints the tree in a file (key path, type, shape, dtype, device, bytes,
 and with ``--stats`` min/max/mean and NaN/Inf counts; with ``--depth``, dotted names are grouped
 by segment); ``tonumpy convert SRC DST`` writes it as ``.npz``, ``.safetensors``, ``.npy``,
-``.pt`` (for ``torch.load(weights_only=True)``) or a directory of ``.npy`` files. Errors are one line on
-stderr and exit status 2 (``--debug`` shows the traceback); output is coloured only on a
+``.pt`` (for ``torch.load(weights_only=True)``) or a directory of ``.npy`` files. Errors are one
+line on stderr and exit status 2 (``--debug`` shows the traceback); output is coloured only on a
 terminal (and never with ``NO_COLOR`` set). Text that comes from a file (keys, class names,
 values) is printed with control characters escaped. SIGTERM and SIGHUP stop a conversion as
 Ctrl-C does: nothing is left behind, and the exit status is 128 + the signal's number.
