@@ -178,3 +178,15 @@ def test_pt_output_follows_the_overwrite_rules(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt", "src.npz"]
     with pytest.raises(tonumpy.FileFormatError, match="only a suffix"):
         tio.convert(src, tmp_path / ".pt")
+
+
+@pytest.mark.parametrize("name", ["x.pt", "x.PTH", "x.bin", "x.ckpt", "x.safetensors", "x.npy"])
+def test_save_refuses_a_name_that_would_be_read_as_another_kind(tmp_path: Path, name: str) -> None:
+    """save writes .npz: under a .pt name neither torch.load nor tonumpy.load would read it."""
+    with pytest.raises(tonumpy.FileFormatError, match=r"name it x\.npz") as info:
+        tonumpy.save(tmp_path / name, {"w": torch.ones(2)})
+    assert "tonumpy.io.convert" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    tonumpy.save(tmp_path / "x.npz", {"w": torch.ones(2)})
+    tio.convert(tmp_path / "x.npz", tmp_path / "x.pt")  # the way to a .pt from a .npz
+    assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["w"], torch.ones(2))

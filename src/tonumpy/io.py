@@ -101,6 +101,9 @@ def save(
 
     Raises:
         FileExistsError: ``file`` exists and ``overwrite=False``.
+        FileFormatError: ``file`` ends in ``.pt``, ``.pth``, ``.bin``, ``.ckpt``,
+            ``.safetensors`` or ``.npy``: a ``.npz`` under such a name would be read as that
+            kind, and fail (``tonumpy.io.convert`` writes those kinds from a ``.npz``).
         ConversionError: A leaf cannot be stored without pickle (an object array, an
             arbitrary object), or the tree has a cycle or is too deep; the message names where.
         UnsupportedLeafError: A tensor cannot be converted (a meta tensor, say), or an object
@@ -109,6 +112,7 @@ def save(
         OSError: The file cannot be written (a full disk, say); the message names ``file``.
     """
     _options.check_flags("save", ml_dtypes=ml_dtypes, overwrite=overwrite, compress=compress)
+    _check_npz_name(Path(file))
     plan = _structure.plan(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
     _write_npz(Path(file), plan, overwrite=overwrite, compress=compress, progress=None)
 
@@ -308,6 +312,18 @@ def convert(
     else:
         _write_npy_dir(dst_path, plan, overwrite=overwrite, progress=progress)
     return contents
+
+
+def _check_npz_name(file: Path) -> None:
+    """Refuse a name that [`load`][] (and other tools) would read as another kind of file."""
+    suffix = file.suffix.lower()
+    if suffix not in (*_TORCH_OUTPUT, ".bin", ".ckpt", ".safetensors", ".npy"):
+        return
+    raise FileFormatError(
+        f"{file}: save writes a .npz file, which neither tonumpy.load nor the tools for "
+        f"{suffix} files would read under that name; name it {file.stem}.npz (a .pt file for "
+        "torch.load: torch.save, or tonumpy.io.convert from a .npz)"
+    )
 
 
 def _leaf_at(tree: Any, path: tuple[Any, ...] | None) -> Any:
