@@ -555,6 +555,19 @@ def test_depth_groups_dotted_names_by_segment(tmp_path: Path) -> None:
     assert [line.split()[0] for line in out.splitlines()[2:-1]] == ["(root)", *state]
 
 
+def test_depth_keeps_odd_dotted_names_whole(tmp_path: Path) -> None:
+    """Empty segments, names that clash with a group, and very long names stay as stored."""
+    deep = ".".join(["a"] * 5000)  # a hostile key: never 5,000 levels
+    torch.save({deep: torch.ones(1), "x.": torch.ones(1), "x.y": torch.ones(1)}, tmp_path / "s.pt")
+    torch.save({"p..q": torch.ones(1), "r.s": torch.ones(1)}, tmp_path / "t.pt")
+    code, out, err = run("show", str(tmp_path / "s.pt"), "--depth", "1")
+    assert code == 0, err
+    rows = [line.split()[0] for line in out.splitlines()[2:-1]]
+    assert rows == ["(root)", deep, "x.", "x.y"]  # "x." and the group "x." would clash
+    code, out, _ = run("show", str(tmp_path / "t.pt"), "--depth", "1")
+    assert [line.split()[0] for line in out.splitlines()[2:-1]] == ["(root)", "p..q", "r.", "..."]
+
+
 def test_depth_on_a_checkpoint_directory(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
     folder = tmp_path / "ckpt"

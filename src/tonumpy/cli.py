@@ -347,9 +347,14 @@ class _Entry:
         self.value = value
 
 
+#: Names of more segments than this are shown whole (a hostile file's key of 10,000 dots
+#: would otherwise nest 10,000 levels).
+_MAX_SEGMENTS = 32
+
+
 def _segments(key: Any) -> list[str] | None:
     """The segments of a dotted name (``"layer.0.weight"``); None for any other key."""
-    if not isinstance(key, str) or "." not in key:
+    if not isinstance(key, str) or "." not in key or key.count(".") >= _MAX_SEGMENTS:
         return None
     parts = key.split(".")
     return parts if all(parts) else None
