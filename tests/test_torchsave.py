@@ -190,3 +190,18 @@ def test_save_refuses_a_name_that_would_be_read_as_another_kind(tmp_path: Path, 
     tonumpy.save(tmp_path / "x.npz", {"w": torch.ones(2)})
     tio.convert(tmp_path / "x.npz", tmp_path / "x.pt")  # the way to a .pt from a .npz
     assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["w"], torch.ones(2))
+
+
+def test_numpy_scalars_become_tensors_and_other_objects_are_refused(tmp_path: Path) -> None:
+    """A torch file read with unsafe_load may hold NumPy scalars and other objects."""
+    src = tmp_path / "src.pt"
+    torch.save({"x": np.float64(1.5), "n": np.int32(3), "s": slice(1, 2)}, src)
+    with pytest.raises(ConversionError, match=r"out\.pt: s is a slice") as info:
+        tio.convert(src, tmp_path / "out.pt", unsafe_load=True)
+    assert info.value.path == ("s",)
+    torch.save({"x": np.float64(1.5), "n": np.int32(3)}, src)
+    tio.convert(src, tmp_path / "out.pt", unsafe_load=True)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert_same_tensors(
+        got, {"x": torch.tensor(1.5, dtype=torch.float64), "n": torch.tensor(3, dtype=torch.int32)}
+    )

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import _arrays, _dtypes
-from ._fs import atomic_file, escape, one_line, short
+from ._fs import atomic_file, escape, one_line
 from ._names import dotted
 from .errors import ConversionError
 
@@ -117,15 +117,15 @@ class _Builder:
     def build(self, x: Any, path: tuple[Any, ...]) -> Any:
         if type(x) in (dict, list, tuple):
             return self.container(x, path)
-        if isinstance(x, _VALUES):
-            return x
-        if _arrays.is_array(x):
+        if _arrays.is_array(x):  # NumPy scalars (np.float64 is a float) included
             return self.tensor(x, path)
+        if type(x) in _VALUES:  # exactly: a subclass (an enum, say) is pickled as its class
+            return x
         raise self.refuse(
             path,
-            f"a {short(type(x).__name__)}",
+            f"a {escape(type(x).__name__)[:80]}",
             "a .pt file for torch.load(weights_only=True) holds tensors, dicts, lists, tuples, "
-            "str, int, float, bool, None, bytes and complex only; write .npz instead",
+            "str, int, float, bool, None, bytes and complex only",
         )
 
     def container(self, x: Any, path: tuple[Any, ...]) -> Any:
