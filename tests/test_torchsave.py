@@ -205,3 +205,32 @@ def test_numpy_scalars_become_tensors_and_other_objects_are_refused(tmp_path: Pa
     assert_same_tensors(
         got, {"x": torch.tensor(1.5, dtype=torch.float64), "n": torch.tensor(3, dtype=torch.int32)}
     )
+
+
+def test_ml_dtypes_arrays_keep_their_dtype(tmp_path: Path) -> None:
+    """An ml_dtypes bfloat16/float8 array leaf becomes a tensor of that dtype, bit for bit."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from tonumpy import _torchsave
+
+    values = np.array([1.5, -2.25, 0.0], dtype=np.float32)
+    tree = {
+        "bf16": values.astype(ml_dtypes.bfloat16),
+        "f8": values.astype(ml_dtypes.float8_e4m3fn),
+    }
+    _torchsave.write(tmp_path / "x.pt", tree, {}, overwrite=False, plain_containers=False)
+    got = torch.load(tmp_path / "x.pt", weights_only=True)
+    assert_same_tensors(
+        got,
+        {
+            "bf16": torch.from_numpy(values).to(torch.bfloat16),
+            "f8": torch.from_numpy(values).to(torch.float8_e4m3fn),
+        },
+    )
+    with pytest.raises(ConversionError, match=r"i4 is an array of dtype int4"):
+        _torchsave.write(
+            tmp_path / "y.pt",
+            {"i4": np.zeros(2, dtype=ml_dtypes.int4)},
+            {},
+            overwrite=False,
+            plain_containers=False,
+        )
