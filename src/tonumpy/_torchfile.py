@@ -256,6 +256,14 @@ def read_torch(path: Path, *, unsafe_load: bool) -> tuple[Any, Classes, Sources,
                     f"{path}: a truncated or corrupt torch.save file (a zip archive without its "
                     "central directory)"
                 )
+            if not size or (not unsafe_load and whole[:1] != b"\x80"):
+                # torch.save writes a zip archive, or (legacy) a pickle of protocol 2 or more
+                detail = (
+                    f"neither a zip archive nor a pickle: it starts with {short(bytes(whole[:8]))}"
+                    if size
+                    else "an empty file"
+                )
+                raise FileFormatError(f"{path}: not a torch.save file ({detail})")
             if not unsafe_load and size:
                 found = _scan_legacy(path, whole, size)
             budget = found.end if found is not None else size
