@@ -52,6 +52,7 @@ __all__ = [
     "recover",
     "recovered_index",
     "shard_name",
+    "tree_members",
 ]
 
 INDEX = "__index__"
@@ -60,6 +61,18 @@ SHARD = "__shard__"
 _FORMAT = "tonumpy shard"
 _VERSION = 1
 _SHARD_DIR = re.compile(r"rank-(\d{5,9})-of-(\d{5,9})")
+
+
+def tree_members(names: Sequence[str]) -> list[str]:
+    """The arrays of a directory holding ``names`` that must have a place in its tree.
+
+    Every ``.npy`` file but the directory's own log (``__progress__``, ``__index__``).
+
+    Examples:
+        >>> tree_members(["__tonumpy__.json", "__progress__.npy", "logits.npy"])
+        ['logits']
+    """
+    return [n[:-4] for n in names if n.endswith(".npy") and n[:-4] not in (PROGRESS, INDEX)]
 
 
 def shard_name(rank: int, world_size: int) -> str:
@@ -409,7 +422,10 @@ def _read_shard(rank: int, path: Path) -> _Shard:
 
     with open_entry(path, f"{_names.STRUCTURE}.json") as f:
         raw = f.read()
-    tree, classes, sources = _structure.decode(raw, str(path), get_array)
+    members = tree_members(sorted(entry.name for entry in path.iterdir()))
+    tree, classes, sources = _structure.decode(
+        raw, str(path), get_array, members, f"{_names.STRUCTURE}.json"
+    )
     index = None
     if meta.get("indexed"):
         with open_entry(path, f"{INDEX}.npy") as f:
