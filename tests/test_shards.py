@@ -417,6 +417,31 @@ def test_resume_after_a_crash_mid_append(tmp_path: Path, crash_at: int) -> None:
     assert os.path.getsize(shard / "__progress__.npy") > 0
 
 
+def test_resume_trims_the_room_a_file_grew_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file grown with room to spare (longer rows every batch) resumes to the exact shape."""
+    monkeypatch.setattr(tonumpy._storage, "_REWRITE_SLACK", 0)  # grow by half again at once
+
+    def batch(i: int) -> dict[str, torch.Tensor]:  # longer rows up to 16, then short ones
+        return {"ids": torch.full((2, 1 + 3 * i if i < 6 else 2), i)}
+
+    acc = Accumulator(directory=tmp_path, shard=(0, 1), pad_value=-1)
+    for i in range(6):
+        acc.append(batch(i), index=[2 * i, 2 * i + 1])
+    grown = np.load(tmp_path / "rank-00000-of-00001" / "ids.npy", mmap_mode="r").shape[1]
+    assert grown > 16  # the file has room to spare: the test covers what it means to
+    del acc  # not closed: as after a crash between appends
+    acc = Accumulator(directory=tmp_path, shard=(0, 1), pad_value=-1, resume=True)
+    for i in range(6, 8):
+        acc.append(batch(i), index=[2 * i, 2 * i + 1])
+    acc.close(num_items=16)
+    fresh = Accumulator(pad_value=-1)
+    for i in range(8):
+        fresh.append(batch(i))
+    assert_same_tree(tonumpy.load(tmp_path)["ids"], fresh.result()["ids"])
+
+
 def test_resume_of_a_new_directory_starts_it(tmp_path: Path) -> None:
     """resume=True on a directory with nothing in it starts one (so every run may pass it)."""
     acc = Accumulator(directory=tmp_path / "d", resume=True)

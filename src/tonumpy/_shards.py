@@ -3,9 +3,11 @@
 Every ``Accumulator(directory=)`` directory keeps, beside its structure and ``.npy`` files:
 
 * ``__progress__.npy``: one ``int64`` row per complete batch, appended once the batch's rows
-  are in every file: ``(batches, index rows, rows of each leaf's file...)`` (``-1`` for a leaf
-  without a file). After a crash, the last row says which rows are whole; ``resume=True``
-  cuts every file back to it ([`recover`][tonumpy._shards.recover]);
+  are in every file: ``(batches, index rows, rows of each leaf's file..., each leaf's shape
+  after the rows...)`` (``-1`` rows for a leaf without a file; the shape is the leaf's padded
+  shape, which a file grown with room to spare exceeds until ``result()`` trims it). After a
+  crash, the last row says which rows are whole; ``resume=True`` cuts every file back to it
+  ([`recover`][tonumpy._shards.recover]);
 * ``__index__.npy``: with ``append(..., index=)``, each row's dataset index;
 * ``__shard__.json``: what the files alone do not say (each leaf's kind: per-sample ``array``,
   per-batch ``scalar``, ``object``; whether rows carry indices; each leaf's pad value) and
@@ -114,6 +116,7 @@ class Recovered:
     batches: int
     index_rows: int
     rows: list[int]  # by leaf: rows of its file that are whole (-1: no file)
+    trailing: list[tuple[int, ...]]  # by leaf: its padded shape after the rows
 
 
 class Progress:
@@ -125,6 +128,7 @@ class Progress:
         kinds: Sequence[str],
         files: Sequence[str | None],
         bits: Sequence[str | None],
+        ndims: Sequence[int],
         *,
         indexed: bool,
         recovered: Recovered | None,
@@ -133,8 +137,9 @@ class Progress:
         self.kinds = list(kinds)
         self.files = list(files)
         self.bits = list(bits)
+        self.ndims = list(ndims)  # by leaf: the number of dimensions after the rows
         self.indexed = indexed
-        width = (2 + len(kinds),)
+        width = (2 + len(kinds) + sum(ndims),)
         log, index = path / f"{PROGRESS}.npy", path / f"{INDEX}.npy"
         if recovered is None:
             self.log = GrowingNpy(log, np.dtype(np.int64), width)
@@ -152,13 +157,28 @@ class Progress:
         self.complete = False
         self._write_meta(complete=False, batches=recovered.batches if recovered else 0)
 
-    def record(self, batches: int, index: np.ndarray | None, files: Sequence[Any]) -> None:
-        """Log one more complete batch (``files``: each leaf's ``GrowingNpy`` or ``None``)."""
+    def record(
+        self,
+        batches: int,
+        index: np.ndarray | None,
+        files: Sequence[Any],
+        trailing: Sequence[tuple[int, ...] | None],
+    ) -> None:
+        """Log one more complete batch.
+
+        ``files``: each leaf's ``GrowingNpy`` or ``None``; ``trailing``: each leaf's padded
+        shape after the rows (its column's), ``None`` where not known yet.
+        """
         if self.index is not None and index is not None:
             self.index.append(index, None)
         rows = [-1 if f is None else f.rows for f in files]
         index_rows = self.index.rows if self.index is not None else -1
-        self.log.append(np.array([[batches, index_rows, *rows]], dtype=np.int64), None)
+        shapes: list[int] = []
+        for n, file, shape in zip(self.ndims, files, trailing, strict=True):
+            known = shape if shape is not None else (file.trailing if file is not None else None)
+            shapes.extend(known if known is not None and len(known) == n else [0] * n)
+        row = np.array([[batches, index_rows, *rows, *shapes]], dtype=np.int64)
+        self.log.append(row, None)
         if self.complete:
             self._write_meta(complete=False, batches=batches)
 
@@ -188,7 +208,7 @@ class Progress:
                 "overwrites them: pass a new directory, or delete the old files"
             )
         shard = Progress.__new__(Progress)
-        shard.path, shard.kinds, shard.files, shard.bits = path, [], [], []
+        shard.path, shard.kinds, shard.files, shard.bits, shard.ndims = path, [], [], [], []
         shard.indexed, shard.fills, shard.num_items = False, [], num_items
         shard._write_meta(complete=True, batches=0)  # noqa: SLF001 - its own class
 
@@ -196,12 +216,14 @@ class Progress:
         self.complete = complete
         data = {
             "format": _FORMAT,
+            "storage": "npy",  # the leaves' files (Accumulator's format=)
             "version": _VERSION,
             "complete": complete,
             "batches": batches,
             "kinds": self.kinds,
             "files": self.files,
             "bits": self.bits,
+            "ndims": self.ndims,
             "indexed": self.indexed,
             "fills": self.fills,
             "num_items": self.num_items,
@@ -237,12 +259,25 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return data
 
 
-def _last_progress(path: Path, leaves: int) -> np.ndarray | None:
+def _ndims(path: Path, meta: dict[str, Any]) -> list[int]:
+    """Each leaf's number of dimensions after the rows, as ``__shard__.json`` records them."""
+    ndims = meta.get("ndims")
+    if not (
+        isinstance(ndims, list)
+        and len(ndims) == len(meta["kinds"])
+        and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 64 for n in ndims)
+    ):
+        raise FileFormatError(f"{path / f'{SHARD}.json'}: damaged (its ndims)")
+    return ndims
+
+
+def _last_progress(path: Path, meta: dict[str, Any]) -> np.ndarray | None:
     """The last logged row, or None if no batch completed."""
+    width = 2 + len(meta["kinds"]) + sum(_ndims(path, meta))
     with open_entry(path, f"{PROGRESS}.npy") as f:
         log = _npyzip.map_npy(path / f"{PROGRESS}.npy", str(path / f"{PROGRESS}.npy"), f)
-    if log.dtype != np.int64 or log.ndim != 2 or log.shape[1] != 2 + leaves:
-        raise FileFormatError(f"{path / f'{PROGRESS}.npy'}: not a progress log of {leaves} leaves")
+    if log.dtype != np.int64 or log.ndim != 2 or log.shape[1] != width:
+        raise FileFormatError(f"{path / f'{PROGRESS}.npy'}: not a progress log of {width} columns")
     return np.array(log[-1]) if log.shape[0] else None
 
 
@@ -272,11 +307,19 @@ def recover(path: Path) -> Recovered | None:
         names = _structure.parse_structure(f.read()).get("arrays")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise FileFormatError(f"{structure}: the structure does not list its arrays")
-    last = _last_progress(path, len(kinds))
+    last = _last_progress(path, meta)
+    ndims = _ndims(path, meta)
+    trailing: list[tuple[int, ...]] = []
     if last is None:
         batches, index_rows, rows = 0, 0, [0] * len(kinds)
+        trailing = [(0,) * n for n in ndims]
     else:
-        batches, index_rows, rows = int(last[0]), int(last[1]), [int(r) for r in last[2:]]
+        batches, index_rows = int(last[0]), int(last[1])
+        rows = [int(r) for r in last[2 : 2 + len(kinds)]]
+        start = 2 + len(kinds)
+        for n in ndims:
+            trailing.append(tuple(int(d) for d in last[start : start + n]))
+            start += n
     files, bits = meta.get("files"), meta.get("bits")
     if not (
         isinstance(files, list)
@@ -287,7 +330,15 @@ def recover(path: Path) -> Recovered | None:
     ):
         raise FileFormatError(f"{path / f'{SHARD}.json'}: damaged (its files and bits)")
     return Recovered(
-        names, kinds, files, bits, bool(meta.get("indexed")), batches, max(index_rows, 0), rows
+        names,
+        kinds,
+        files,
+        bits,
+        bool(meta.get("indexed")),
+        batches,
+        max(index_rows, 0),
+        rows,
+        trailing,
     )
 
 
@@ -398,10 +449,15 @@ def _read_shard(rank: int, path: Path) -> _Shard:
             "Accumulator(directory=..., resume=True), or remove it"
         )
     meta = _read_meta(path)
+    storage = meta.get("storage", "npy")
+    if storage != "npy":  # where a reader of other shard storage (Parquet) plugs in
+        raise FileFormatError(
+            f"{path}: a shard stored as {short(str(storage), 20)}; this tonumpy reads .npy shards"
+        )
     kinds = meta["kinds"]
     if meta["batches"] == 0 and not kinds and meta.get("complete"):
         return _Shard(path, rank, None, {}, {}, {}, meta, None)  # a rank with no rows
-    last = _last_progress(path, len(kinds))
+    last = _last_progress(path, meta)
     batches = 0 if last is None else int(last[0])
     if not meta.get("complete") or meta["batches"] != batches:
         raise FileFormatError(

@@ -437,7 +437,12 @@ class Accumulator:
         if self._directory is not None:
             self._directory.update([leaf.column for leaf in leaves])
         if self._progress is not None:  # last: the batch is whole in every file
-            self._progress.record(self._batches, indices, [leaf.file for leaf in leaves])
+            self._progress.record(
+                self._batches,
+                indices,
+                [leaf.file for leaf in leaves],
+                [leaf.column.trailing for leaf in leaves],
+            )
 
     def _start(self, spec: PyTreeSpec, leaves: list[_Leaf], indexed: bool) -> None:
         """Adopt the first batch's structure; with ``directory=``, create the files."""
@@ -459,6 +464,7 @@ class Accumulator:
                 [leaf.column.kind or "object" for leaf in leaves],
                 [None if f is None else f.stem for f in files],
                 [_bits_name(leaf.column.dtype) for leaf in leaves],
+                [len(leaf.file.trailing) if leaf.file is not None else 0 for leaf in leaves],
                 indexed=indexed,
                 recovered=None,
             )
@@ -485,10 +491,15 @@ class Accumulator:
             leaf.file = GrowingNpy.adopt(file_path, recovered.rows[i], real)
             kind = recovered.kinds[i]
             file, column = leaf.file, leaf.column
+            shape = recovered.trailing[i]  # a file grown with room to spare exceeds it
+            if len(shape) != len(file.trailing) or not all(
+                0 < s <= t for s, t in zip(shape, file.trailing, strict=True)
+            ):
+                shape = file.trailing
             state = column.check(
                 "scalar" if kind == "scalar" else "array",
                 file.dtype,
-                () if kind == "scalar" else (file.rows, *file.trailing),
+                () if kind == "scalar" else (file.rows, *shape),
                 "the rows written before",
             )
             if kind == "scalar":
@@ -500,6 +511,7 @@ class Accumulator:
             recovered.kinds,
             recovered.files,
             recovered.bits,
+            [len(t) for t in recovered.trailing],
             indexed=indexed,
             recovered=recovered,
         )
