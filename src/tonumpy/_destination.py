@@ -15,8 +15,8 @@ Where a row goes:
 * leaves that hold one value per rank (0-d) or per batch (``Accumulator`` leaves that were 0-d
   in every batch), and array leaves without ``sampler=``: after the rows of the ranks before
   it, in rank order;
-* array leaves with ``sampler=``: row ``j`` of rank ``r`` is dataset item
-  ``positions[r * num_samples + j]`` (``-1``: a repeated sample, dropped);
+* array leaves with ``sampler=`` or dataset indices: row ``j`` of rank ``r`` goes to row
+  ``maps[r][j]`` (``-1``: a repeated sample, dropped);
 * ``num_items`` then keeps the first rows of every per-sample leaf.
 """
 
@@ -56,7 +56,8 @@ class _Leaf:
 class Destination:
     """The result of one ``gather`` on a receiving rank, filled piece by piece.
 
-    ``positions`` (from ``_sampler.sample_positions``) is given with ``sampler=``;
+    ``maps`` (per rank: each row's row in the result, or ``-1``) is given with ``sampler=``
+    (``_sampler.sample_positions``) or dataset indices (``_indices.resolve``);
     ``per_batch[i]`` says that leaf ``i`` holds one value per batch (never reordered or cut).
     """
 
@@ -67,7 +68,7 @@ class Destination:
         metas: Sequence[tuple[Any, ...]],
         *,
         per_batch: Sequence[bool],
-        positions: np.ndarray | None,
+        maps: Sequence[np.ndarray] | None,
         num_items: int | None,
         directory: Path | None,
         ml_dtypes: bool,
@@ -76,7 +77,7 @@ class Destination:
         self.ml_dtypes = ml_dtypes
         self.leaves = [_Leaf(column) for column in columns]
         world = len(metas)
-        num_samples = metas[0][6][7] if positions is not None else 0
+        placed = None if maps is None else sum(int(np.count_nonzero(m >= 0)) for m in maps)
         for i, leaf in enumerate(self.leaves):
             kind = leaf.column.kind
             if kind == "object":
@@ -86,11 +87,9 @@ class Destination:
             leaf.offsets = [sum(counts[:r]) for r in range(world)]
             leaf.limit = sum(counts)
             per_sample = kind == "array" and not per_batch[i]
-            if per_sample and positions is not None:
-                leaf.maps = [
-                    positions[r * num_samples : (r + 1) * num_samples] for r in range(world)
-                ]
-                leaf.limit = int(np.count_nonzero(positions >= 0))
+            if per_sample and maps is not None and placed is not None:
+                leaf.maps = list(maps)
+                leaf.limit = placed
             if per_sample and num_items is not None:
                 leaf.limit = min(leaf.limit, num_items)
         self.per_batch = per_batch

@@ -20,7 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays, _checkpoint, _npyzip, _safetensors, _structure, _torchfile, _tree
+from . import (
+    _arrays,
+    _checkpoint,
+    _npyzip,
+    _safetensors,
+    _shards,
+    _structure,
+    _torchfile,
+    _tree,
+)
 from ._fs import check_input, one_line, open_entry, open_regular, short
 from ._names import STRUCTURE, is_safe_name
 from .errors import FileFormatError, TonumpyError
@@ -41,7 +50,8 @@ class Contents:
             and ``safetensors`` files and for bfloat16/float8 data stored bit-exact, NumPy
             arrays otherwise, and plain Python values.
         format: A short description: ``"torch"``, ``"tonumpy npz"``, ``"npz"``, ``"npy"``,
-            ``"npy directory"``, ``"tonumpy npy directory"``, ``"safetensors"`` or
+            ``"npy directory"``, ``"tonumpy npy directory"``, ``"tonumpy shards"`` (a set of
+            ``Accumulator`` shards, one per rank), ``"safetensors"`` or
             ``"hugging face checkpoint"`` (a ``save_pretrained`` directory).
         classes: Key path -> name of the class a container had when saved (display only).
         sources: Key path -> what a leaf was before it was saved (``dtype``, ``device``,
@@ -247,6 +257,9 @@ def _read_dir(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
     names = sorted(entry.name for entry in path.iterdir())
     if f"{STRUCTURE}.json" in names:
         return _read_export(path, names)
+    if _shards.is_set(names):
+        tree, classes, sources = _shards.read_set(path, names)
+        return Contents(tree, "tonumpy shards", classes, sources)
     if _checkpoint.is_checkpoint(names):
 
         def read_shard(shard: Path) -> tuple[Any, Callable[[Any], None] | None]:
@@ -271,7 +284,8 @@ def _read_dir(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
 def _read_export(path: Path, names: list[str]) -> Contents:
     """A directory of ``.npy`` files with ``__tonumpy__.json`` (``convert``, ``Accumulator``).
 
-    ``names`` are the directory's entries: every ``.npy`` file must have a place in the tree.
+    ``names`` are the directory's entries: every ``.npy`` file must have a place in the tree,
+    except an ``Accumulator``'s log (``__progress__.npy``, ``__index__.npy``).
     """
     with open_entry(path, f"{STRUCTURE}.json") as f:
         raw = f.read()
@@ -283,7 +297,7 @@ def _read_export(path: Path, names: list[str]) -> Contents:
             array = _npyzip.map_npy(path / f"{name}.npy", str(path / f"{name}.npy"), f)
         return _arrays.from_bits(array, dtype) if dtype else array
 
-    members = [name[:-4] for name in names if name.endswith(".npy")]
+    members = _shards.tree_members(names)
     tree, classes, sources = _structure.decode(
         raw, str(path), get_array, members, f"{STRUCTURE}.json"
     )

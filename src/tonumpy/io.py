@@ -33,6 +33,7 @@ from . import _arrays, _options, _safetensors, _structure, _torchsave, _tree
 from ._fs import atomic_dir, atomic_file, check_not_nested, exists_error, short
 from ._names import STRUCTURE, is_safe_name
 from ._readers import OUTPUT_SUFFIXES, Contents, is_stored_leaf, read_file
+from ._shards import SHARD
 from .convert import to_numpy
 from .errors import FileFormatError, UnsafeFileError, UnsupportedLeafError
 
@@ -413,13 +414,17 @@ def _write_npy(dst: Path, plan: _structure.Plan, *, overwrite: bool) -> None:
 
 
 def _is_replaceable_dir(path: Path) -> bool:
-    """True for an empty directory or one holding a previous export and nothing else."""
+    """True for an empty directory or one holding a previous export and nothing else.
+
+    An export: the structure, ``.npy`` files, and an ``Accumulator``'s ``__shard__.json``.
+    """
     entries = list(path.iterdir())
     if not entries:
         return True
     names = {e.name for e in entries}
+    ours = (f"{STRUCTURE}.json", f"{SHARD}.json")
     return f"{STRUCTURE}.json" in names and all(
-        e.is_file() and not e.is_symlink() and (e.suffix == ".npy" or e.name == f"{STRUCTURE}.json")
+        e.is_file() and not e.is_symlink() and (e.suffix == ".npy" or e.name in ours)
         for e in entries
     )
 
