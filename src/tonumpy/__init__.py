@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .distributed import gather
     from .hooks import capture, module_names
     from .io import load, save
+    from .table import column_structure, from_columns, to_columns
 
 __version__ = "0.1.0"
 
@@ -52,12 +53,15 @@ __all__ = [
     "__version__",
     "apply",
     "capture",
+    "column_structure",
     "concat",
+    "from_columns",
     "gather",
     "load",
     "module_names",
     "numpy_args",
     "save",
+    "to_columns",
     "to_numpy",
     "to_numpy_async",
     "to_torch",
@@ -73,6 +77,9 @@ _LAZY = {
     "gather": "distributed",
     "load": "io",
     "save": "io",
+    "column_structure": "table",
+    "from_columns": "table",
+    "to_columns": "table",
 }
 
 
