@@ -20,16 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays, _checkpoint, _npyzip, _safetensors, _structure, _torchfile, _tree
+from . import _arrays, _checkpoint, _npyzip, _parquet, _safetensors, _structure, _torchfile, _tree
 from ._fs import check_input, one_line, open_entry, open_regular, short
 from ._names import STRUCTURE, is_safe_name
 from .errors import FileFormatError, TonumpyError
 
-__all__ = ["OUTPUT_SUFFIXES", "Contents", "is_stored_leaf", "read_file"]
+__all__ = ["OUTPUT_SUFFIXES", "Contents", "is_stored_leaf", "materialise", "read_file"]
 
 _TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
 #: The suffixes of the files tonumpy writes (a directory has none).
-OUTPUT_SUFFIXES = (".npz", ".npy", ".safetensors")
+OUTPUT_SUFFIXES = (".npz", ".npy", ".safetensors", ".parquet")
 
 
 @dataclasses.dataclass
@@ -106,6 +106,8 @@ def read_file(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
         return _guard(path, lambda: _read_npz(path, lazy=lazy))
     if kind == "npy":
         return _guard(path, lambda: Contents(_npyzip.map_npy(path, str(path)), "npy"))
+    if kind == "parquet":
+        return _guard(path, lambda: _read_parquet(path))
     return _guard(path, lambda: _read_safetensors(path))
 
 
@@ -119,7 +121,7 @@ def _kind_of(path: Path) -> str:
     if kind is None:
         raise FileFormatError(
             f"{path}: not a file tonumpy reads (.pt/.pth/.bin/.ckpt from torch.save, .npz, "
-            ".npy, .safetensors, or a directory of .npy files or of a checkpoint)"
+            ".npy, .safetensors, .parquet, or a directory of .npy files or of a checkpoint)"
         )
     return kind
 
@@ -139,6 +141,8 @@ def _sniff(path: Path) -> str | None:
                 if names and all(n.endswith(".npy") for n in names):
                     return "npz"
             return None
+    if head.startswith(b"PAR1"):
+        return "parquet"
     if head[:1] == b"\x80":  # a pickle: the legacy torch.save format
         return "torch"
     if len(head) >= 9 and head[8:9] == b"{":
@@ -196,14 +200,14 @@ def _read_npz(path: Path, *, lazy: bool) -> Contents:
             tree, classes, sources = _structure.decode(raw.array().tobytes(), str(path), get_array)
             contents = Contents(tree, "tonumpy npz", classes, sources)
         if not lazy:
-            contents.tree = _materialise(contents.tree)
+            contents.tree = materialise(contents.tree)
     finally:
         if not lazy:
             archive.close()
     return contents
 
 
-def _materialise(tree: Any) -> Any:
+def materialise(tree: Any) -> Any:
     """The tree with every lazy member read (each member once, however often it appears)."""
     leaves, spec = _tree.flatten(tree, is_leaf=is_stored_leaf)
     done: dict[int, Any] = {}
@@ -214,6 +218,11 @@ def _materialise(tree: Any) -> Any:
                 done[id(leaf)] = _arrays.from_bits(array, leaf.bits) if leaf.bits else array
             leaves[i] = done[id(leaf)]
     return _tree.unflatten(spec, leaves)
+
+
+def _read_parquet(path: Path) -> Contents:
+    tree, classes, sources, kind = _parquet.read(path)
+    return Contents(tree, kind, classes, sources)
 
 
 def _read_safetensors(path: Path) -> Contents:

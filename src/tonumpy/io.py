@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _arrays, _options, _safetensors, _structure, _tree
+from . import _arrays, _options, _parquet, _safetensors, _structure, _tree
 from ._fs import atomic_dir, atomic_file, check_not_nested, exists_error, short
 from ._names import STRUCTURE, is_safe_name
-from ._readers import OUTPUT_SUFFIXES, Contents, is_stored_leaf, read_file
+from ._readers import OUTPUT_SUFFIXES, Contents, is_stored_leaf, materialise, read_file
 from .convert import to_numpy
 from .errors import FileFormatError, UnsafeFileError, UnsupportedLeafError
 
@@ -107,6 +107,17 @@ def save(
         OSError: The file cannot be written (a full disk, say); the message names ``file``.
     """
     _options.check_flags("save", ml_dtypes=ml_dtypes, overwrite=overwrite, compress=compress)
+    if _output_kind(os.fspath(file)) == "parquet":
+        _parquet.write(
+            Path(file),
+            tree,
+            overwrite=overwrite,
+            compress=compress,
+            ml_dtypes=ml_dtypes,
+            is_leaf=is_leaf,
+            where="save",
+        )
+        return
     plan = _structure.plan(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
     _write_npz(Path(file), plan, overwrite=overwrite, compress=compress, progress=None)
 
@@ -261,6 +272,19 @@ def convert(
     if os.path.lexists(src_path):
         check_not_nested(src_path, dst_path)
     contents = read_file(src_path, unsafe_load=unsafe_load, lazy=True)
+    if kind == "parquet":
+        tree = materialise(contents.tree)
+        _parquet.write(
+            dst_path,
+            tree,
+            overwrite=overwrite,
+            compress=False,
+            ml_dtypes=ml_dtypes,
+            is_leaf=is_stored_leaf,
+            where="convert",
+            progress=progress,
+        )
+        return contents
     plan = _structure.plan(
         contents.tree,
         ml_dtypes=ml_dtypes or kind == "safetensors",
@@ -318,8 +342,8 @@ def _output_kind(dst: str) -> str:
     if suffix == "":
         return "dir"
     raise FileFormatError(
-        f"{dst}: cannot write {short(suffix)} files; the destination must end in .npz, .npy or "
-        ".safetensors, or have no suffix (or end in /) for a directory of .npy files"
+        f"{dst}: cannot write {short(suffix)} files; the destination must end in .npz, .npy, "
+        ".safetensors or .parquet, or have no suffix (or end in /) for a directory of .npy files"
     )
 
 
