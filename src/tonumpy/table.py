@@ -8,8 +8,8 @@ tree tonumpy converts (a ``ModelOutput``, nested ``hidden_states`` tuples, bfloa
 batches they hold, and [`column_structure`][tonumpy.column_structure] gives the structure it
 rebuilds. Parquet files written by [`tonumpy.save`][] hold the same columns.
 
-**Rows.** The batch size is the first dimension shared by most array leaves (the larger one on a
-tie), or ``batch_size=``. An array leaf whose first dimension is the batch size is a column as
+**Rows.** The batch size is the first dimension shared by most array leaves (a tie is an
+error; files take the larger), or ``batch_size=``. An array leaf whose first dimension is the batch size is a column as
 it is. Anything else is a *per-batch value*: a 0-d loss, an array whose first dimension is not
 the batch size, a plain Python number. ``per_batch="error"`` (the default) refuses it, naming
 where it is; ``per_batch="broadcast"`` repeats it on every row (a read-only view, no copy).
@@ -28,8 +28,8 @@ namedtuples and attribute names of dataclasses and ``ModelOutput`` objects), spe
 [`column_name`][tonumpy.table.column_name] and read back by
 [`key_path`][tonumpy.table.key_path]: keys are joined by ``.``; an ``int`` key is written in
 decimal (``hidden_states.0``); a ``str`` key is written as it is, with ``\\`` and ``.`` escaped
-by a backslash, and a backslash before a key that would read as an ``int`` or is empty
-(``"3"`` is ``\\3``, ``""`` is ``\\``). The root of a tree that is one array is named ``""``.
+by a backslash (``\\\\``, ``\\.``), and ``\\s`` (which stands for nothing) before a key that
+would read as an ``int`` or is empty (``"3"`` is ``\\s3``, ``""`` is ``\\s``). The root of a tree that is one array is named ``""``.
 Other keys (``None``, floats, tuples as dict keys) are refused.
 
 **Structure.** ``column_structure(tree, ...)`` is a JSON string (the structure tonumpy files
@@ -89,7 +89,7 @@ def _key_name(key: Any, path: tuple[Any, ...]) -> str:
             path=path,
         )
     text = key.replace("\\", "\\\\").replace(".", "\\.")
-    return "\\" + text if not key or _INT.match(key) else text
+    return "\\s" + text if not key or _INT.match(key) else text
 
 
 def column_name(path: tuple[Any, ...], /) -> str:
@@ -97,7 +97,7 @@ def column_name(path: tuple[Any, ...], /) -> str:
 
     Examples:
         >>> column_name(("hidden_states", 0)), column_name(("a.b", "3")), column_name(())
-        ('hidden_states.0', 'a\\.b.\\3', '')
+        ('hidden_states.0', 'a\\.b.\\s3', '')
 
     Raises:
         ConversionError: A key is neither a ``str`` nor an ``int``.
@@ -109,7 +109,7 @@ def key_path(name: str, /) -> tuple[Any, ...]:
     r"""The key path a column name spells: the inverse of [`column_name`][tonumpy.table.column_name].
 
     Examples:
-        >>> key_path("hidden_states.0"), key_path("a\\.b.\\3"), key_path("")
+        >>> key_path("hidden_states.0"), key_path("a\\.b.\\s3"), key_path("")
         (('hidden_states', 0), ('a.b', '3'), ())
     """
     if not name:
@@ -121,7 +121,8 @@ def key_path(name: str, /) -> tuple[Any, ...]:
     for char in chars:
         if char == "\\":
             escaped = True
-            text.append(next(chars, ""))
+            following = next(chars, "")
+            text.append("" if following == "s" else following)
         elif char == ".":
             parts.append(("".join(text), escaped))
             text, escaped = [], False
@@ -210,7 +211,7 @@ def _replace(
     return unflatten(meta, children)
 
 
-def _batch_size(leaves: list[Any], lengths: list[int], where: str) -> int:
+def _batch_size(leaves: list[Any], lengths: list[int], where: str, *, strict: bool) -> int:
     counts = Counter(
         leaf.shape[0] for leaf in leaves if isinstance(leaf, np.ndarray) and leaf.ndim
     )
@@ -221,7 +222,13 @@ def _batch_size(leaves: list[Any], lengths: list[int], where: str) -> int:
             "batch_size= to repeat its values on that many rows (with per_batch='broadcast')"
         )
     best = max(counts.values())
-    return max(size for size, n in counts.items() if n == best)
+    tied = sorted(size for size, n in counts.items() if n == best)
+    if strict and len(tied) > 1:
+        raise ConversionError(
+            f"{where}: as many array leaves have {tied[0]} rows as have {tied[-1]} (their first "
+            "dimension); pass batch_size= to say which is the batch"
+        )
+    return tied[-1]
 
 
 def _stack_rows(
@@ -343,7 +350,7 @@ def tabulate(
             inside[node.first + j] = (path, per_item, j)
 
     outside = [leaf for i, leaf in enumerate(walked.leaves) if i not in inside]
-    rows = batch_size if batch_size is not None else _batch_size(outside, lengths, where)
+    rows = batch_size if batch_size is not None else _batch_size(outside, lengths, where, strict=per_batch != "keep")
     for path, items in row_nodes:
         if len(items) != rows:
             raise ConversionError(
