@@ -1,0 +1,232 @@
+"""Parquet files: save/load/convert/show, the row-group writer, other readers, hostile files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import tonumpy
+import tonumpy.cli
+from _hostile import run_corpus
+from tonumpy._parquet import META_KEY, RowGroupWriter
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def _tree() -> dict[str, Any]:
+    torch.manual_seed(0)
+    return {
+        "logits": torch.randn(6, 3, 2),
+        "labels": torch.arange(6),
+        "flags": torch.tensor([True, False, True, True, False, True]),
+        "hidden": (torch.randn(6, 4).bfloat16(), torch.randn(6, 4).half()),
+        "loss": torch.tensor(0.25),
+        "per_batch": torch.ones(2),
+        "name": "run1",
+        "nothing": None,
+    }
+
+
+def _same(a: Any, b: Any) -> None:
+    la, sa = tonumpy._tree.flatten(a)  # noqa: SLF001 - the project's walker
+    lb, sb = tonumpy._tree.flatten(b)  # noqa: SLF001
+    assert sa == sb
+    for x, y in zip(la, lb, strict=True):
+        if isinstance(x, np.ndarray):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_array_equal(x, y)
+        else:
+            assert x == y
+
+
+def test_save_load_rebuilds_the_tree_exactly(tmp_path: Path) -> None:
+    """Rows, per-batch values, plain values, None, tuples and dtypes come back as saved."""
+    path = tmp_path / "x.parquet"
+    tonumpy.save(path, _tree())
+    _same(tonumpy.load(path), tonumpy.to_numpy(_tree()))
+
+
+def test_bfloat16_is_stored_as_float32_values_and_restored(tmp_path: Path) -> None:
+    """ml_dtypes=True keeps bfloat16 (stored as its float32 values), load gives it back."""
+    path = tmp_path / "x.parquet"
+    tonumpy.save(path, _tree(), ml_dtypes=True)
+    assert pq.read_table(path).schema.field("hidden.0").type.value_type == pa.float32()
+    back = tonumpy.load(path, ml_dtypes=True)
+    ref = tonumpy.to_numpy(_tree(), ml_dtypes=True)
+    assert back["hidden"][0].dtype == ref["hidden"][0].dtype
+    np.testing.assert_array_equal(back["hidden"][0].view(np.uint16), ref["hidden"][0].view(np.uint16))
+    np.testing.assert_array_equal(tonumpy.load(path)["hidden"][0], tonumpy.to_numpy(_tree())["hidden"][0])
+
+
+def test_other_readers_read_the_same_values(tmp_path: Path) -> None:
+    """pyarrow, pandas, polars, DuckDB and datasets read every column with tonumpy's values."""
+    import datasets  # noqa: PLC0415
+    import duckdb  # noqa: PLC0415
+    import polars as pl  # noqa: PLC0415
+
+    path = tmp_path / "x.parquet"
+    tonumpy.save(path, _tree())
+    back = tonumpy.load(path)
+    expected = {
+        "logits": back["logits"],
+        "labels": back["labels"],
+        "flags": back["flags"],
+        "hidden.0": back["hidden"][0],
+        "hidden.1": back["hidden"][1].astype(np.float32),  # float16 is stored as float32
+    }
+    table = pq.read_table(path)
+    frame = __import__("pandas").read_parquet(path)
+    polars = pl.read_parquet(path)
+    duck = duckdb.sql(f"select * from '{path}'").fetchnumpy()
+    ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(tmp_path / "cache"))
+    ds.set_format("numpy")
+    rows = ds[:]
+    for name, want in expected.items():
+        got = [
+            np.array(table.column(name).to_pylist()),
+            np.array([np.array(list(r)).tolist() if hasattr(r, "__len__") else r for r in frame[name]]),
+            np.array(polars[name].to_list()),
+            np.array([np.array(list(r)).tolist() if hasattr(r, "__len__") else r for r in duck[name]]),
+            np.asarray(rows[name]),
+        ]
+        for reader, value in zip(["pyarrow", "pandas", "polars", "duckdb", "datasets"], got, strict=True):
+            np.testing.assert_array_equal(value.astype(want.dtype), want, err_msg=f"{reader} {name}")
+
+
+def test_row_group_writer_ragged_rows_without_padding(tmp_path: Path) -> None:
+    """Ragged columns are variable-length lists of each row's own shape; load pads with pad_value."""
+    path = tmp_path / "r.parquet"
+    batches = [{"h": torch.randn(2, 3, 2)}, {"h": torch.randn(1, 5, 2)}]
+    with RowGroupWriter(path, ragged=["h"], pad_value=0.0) as writer:
+        for b in batches:
+            writer.write(tonumpy.to_columns(b))
+        writer.close(json.loads(tonumpy.column_structure(batches[0])))
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_row_groups == 2
+    lengths = [len(r) for r in pq.read_table(path).column("h").to_pylist()]
+    assert lengths == [3, 3, 5]  # no padding in the file
+    acc = tonumpy.Accumulator(pad_value=0.0)
+    for b in batches:
+        acc.append(b)
+    np.testing.assert_array_equal(tonumpy.load(path)["h"], acc.result()["h"])
+
+
+def test_row_group_writer_refuses_a_changed_row_shape_and_leaves_nothing(tmp_path: Path) -> None:
+    """A fixed column whose rows change shape is an error naming ragged=; no file appears."""
+    path = tmp_path / "f.parquet"
+    writer = RowGroupWriter(path)
+    writer.write({"h": np.ones((2, 3))})
+    with pytest.raises(tonumpy.ConversionError, match=r"ragged=\['h'\]"):
+        writer.write({"h": np.ones((2, 4))})
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_npy_directory_to_parquet_and_show(tmp_path: Path) -> None:
+    """tonumpy convert preds/ preds.parquet; tonumpy show preds.parquet."""
+    preds = tmp_path / "preds"
+    acc = tonumpy.Accumulator(directory=preds)
+    for i in range(3):
+        acc.append({"logits": torch.full((2, 3), float(i)), "ids": torch.arange(2) + 2 * i})
+    result = acc.result()
+    out = tmp_path / "preds.parquet"
+    assert tonumpy.cli.main(["convert", str(preds), str(out)]) == 0
+    _same(tonumpy.load(out), tonumpy.load(preds))
+    np.testing.assert_array_equal(tonumpy.load(out)["ids"], np.asarray(result["ids"]))
+    assert pq.read_table(out).num_rows == 6
+    printed = subprocess.run(
+        [sys.executable, "-m", "tonumpy", "show", str(out)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "logits" in printed and "ids" in printed
+
+
+def test_plain_parquet_files_load_as_nested_dicts(tmp_path: Path) -> None:
+    """A Parquet file tonumpy did not write: columns by key_path of their names."""
+    path = tmp_path / "plain.parquet"
+    pq.write_table(
+        pa.table({"out.a": [1, 2], "out.b": pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float64(), 2))}),
+        path,
+    )
+    tree = tonumpy.load(path)
+    np.testing.assert_array_equal(tree["out"]["a"], [1, 2])
+    assert tree["out"]["b"].shape == (2, 2)
+
+
+def test_unsupported_dtypes_are_refused_naming_the_column(tmp_path: Path) -> None:
+    """complex has no Parquet form every reader reads."""
+    with pytest.raises(tonumpy.ConversionError, match="'?z'?.*complex"):
+        tonumpy.save(tmp_path / "c.parquet", {"z": torch.ones(2, dtype=torch.complex64)})
+
+
+def test_pyarrow_is_imported_only_when_used() -> None:
+    """import tonumpy, and its file functions, do not import pyarrow."""
+    code = "import sys, tonumpy, tonumpy.io, tonumpy.table; print('pyarrow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_missing_pyarrow_names_the_extra(tmp_path: Path) -> None:
+    """Without pyarrow: import tonumpy works; Parquet raises MissingDependencyError naming the extra."""
+    code = (
+        "import sys; sys.modules['pyarrow'] = None; sys.modules['pyarrow.parquet'] = None\n"
+        "import numpy as np, tonumpy, tonumpy.io\n"
+        f"tonumpy.save({str(tmp_path / 'a.npz')!r}, {{'x': np.ones(2)}})\n"
+        "try:\n"
+        f"    tonumpy.save({str(tmp_path / 'a.parquet')!r}, {{'x': np.ones(2)}})\n"
+        "except ImportError as exc:\n"
+        "    assert isinstance(exc, tonumpy.MissingDependencyError), type(exc)\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "tonumpy[parquet]" in out.stdout
+
+
+def _with_meta(src: Path, dst: Path, change: Any) -> Path:
+    pf = pq.ParquetFile(src)
+    meta = json.loads(pf.metadata.metadata[META_KEY])
+    change(meta)
+    table = pq.read_table(src)
+    pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(meta)}), dst)
+    return dst
+
+
+def test_hostile_parquet_files_are_refused_under_a_memory_limit(tmp_path: Path) -> None:
+    """Metadata that disagrees with the columns, or asks for more than the file holds."""
+    good = tmp_path / "good.parquet"
+    tonumpy.save(good, {"x": np.ones((4, 3), np.float32), "loss": np.float32(1.0)})
+
+    def rows(meta: dict[str, Any]) -> None:
+        meta["rows"] = 10**12
+
+    def shape(meta: dict[str, Any]) -> None:
+        meta["columns"]["x"]["shape"] = [10**9]
+
+    def values(meta: dict[str, Any]) -> None:
+        meta["values"]["loss"]["shape"] = [10**10]
+
+    def dtype(meta: dict[str, Any]) -> None:
+        meta["columns"]["x"]["dtype"] = "int64"
+
+    cases = [_with_meta(good, tmp_path / f"{f.__name__}.parquet", f) for f in (rows, shape, values, dtype)]
+    bomb = tmp_path / "bomb.parquet"  # 10**8 run-length encoded zeros, with tonumpy metadata
+    column = pa.array(np.zeros(10**8, dtype=np.int64))
+    meta = {"format": "tonumpy-parquet", "version": 1, "rows": 10**8,
+            "columns": {"x": {"dtype": "int64", "shape": []}}, "values": {}, "structure": None}
+    pq.write_table(pa.table({"x": column}).replace_schema_metadata({META_KEY: json.dumps(meta)}),
+                   bomb, use_dictionary=True, compression="zstd")
+    del column
+    cases.append(bomb)
+    results = run_corpus([["load", str(p)] for p in cases], tmp_path / "run")
+    for case, result in zip(cases, results, strict=True):
+        assert result["rc"] == 2, (case.name, result)
+        assert not result["killed"], case.name
+        assert case.name in result["stderr"], result["stderr"]
+        assert result["grew_mib"] < 300, (case.name, result["grew_mib"])
