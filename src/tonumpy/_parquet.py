@@ -562,7 +562,8 @@ def read(path: Path) -> tuple[Any, dict[tuple[Any, ...], str], dict[tuple[Any, .
     """Read a Parquet file: (tree, classes, sources, format description).
 
     A file tonumpy wrote is rebuilt from its metadata; any other Parquet file gives nested
-    dicts keyed by [`tonumpy.table.key_path`][] of its column names.
+    dicts keyed by [`tonumpy.table.key_path`][] of its column names, a column whose rows
+    differ in shape a list of per-row arrays.
     """
     pa, pq = require_pyarrow()
     with open_regular(path) as f:
@@ -573,9 +574,9 @@ def read(path: Path) -> tuple[Any, dict[tuple[Any, ...], str], dict[tuple[Any, .
             raise _bad(path, "two columns have one name")
         if raw is None:
             columns = {n: _read_plain(pa, pf, path, n) for n in names}
-            from .table import from_columns  # noqa: PLC0415 - see _key_path
+            from .table import nest  # noqa: PLC0415 - see _key_path
 
-            return from_columns(columns), {}, {}, "parquet"
+            return nest(columns), {}, {}, "parquet"
         meta = _parse_meta(path, raw)
         described = meta["columns"]
         rows = meta["rows"]
@@ -596,9 +597,9 @@ def read(path: Path) -> tuple[Any, dict[tuple[Any, ...], str], dict[tuple[Any, .
         values = _decode_values(path, meta["values"])
         structure = meta["structure"]
     if structure is None:
-        from .table import from_columns  # noqa: PLC0415 - see _key_path
+        from .table import nest  # noqa: PLC0415 - see _key_path
 
-        return from_columns({**columns, **values}), {}, {}, "tonumpy parquet"
+        return nest({**columns, **values}), {}, {}, "tonumpy parquet"
 
     def get_array(name: str, dtype: str | None) -> Any:
         if name in columns:

@@ -654,16 +654,7 @@ def from_columns(
         return value
 
     if structure is None:
-        out: dict[Any, Any] = {}
-        for name in columns:
-            path = key_path(name)
-            if not path:
-                return column(name)
-            node = out
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = column(name)
-        return out
+        return nest({name: column(name) for name in columns})
     raw = structure.encode("utf-8") if isinstance(structure, str) else bytes(structure)
     tree, _, _ = _structure.decode(raw, "from_columns", lambda name, _dtype: column(name))
     data = json.loads(raw)
@@ -673,6 +664,34 @@ def from_columns(
     for stored in per_row:
         tree = _split_rows(tree, tuple(stored) if isinstance(stored, list) else ())
     return tree
+
+
+def nest(columns: Mapping[str, Any]) -> Any:
+    """Columns as nested dicts keyed by [`key_path`][tonumpy.table.key_path] of their names.
+
+    Examples:
+        >>> nest({"a.0": 1, "a.b": 2, "c": 3})
+        {'a': {0: 1, 'b': 2}, 'c': 3}
+    """
+    out: dict[Any, Any] = {}
+    for name, value in columns.items():
+        path = key_path(name)
+        if not path:
+            if len(columns) > 1:
+                raise FileFormatError("a column named '' (the root) beside other columns")
+            return value
+        node = out
+        for depth, key in enumerate(path[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise FileFormatError(
+                    f"column {name!r} is inside column {column_name(path[: depth + 1])!r}"
+                )
+            node = child
+        if path[-1] in node:
+            raise FileFormatError(f"column {name!r} holds columns inside it")
+        node[path[-1]] = value
+    return out
 
 
 def _split_rows(tree: Any, path: tuple[Any, ...]) -> Any:
