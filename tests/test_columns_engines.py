@@ -30,7 +30,9 @@ OPTIONS: dict[str, Any] = {"exclude": "attentions", "reduce": {"logits": lambda 
 def _examples() -> list[dict[str, Any]]:
     """Token ids of different lengths: each batch is padded to its own longest."""
     rng = np.random.default_rng(0)
-    return [{"idx": i, "ids": rng.integers(1, 99, size=3 + (i * 7) % 5).tolist()} for i in range(ROWS)]
+    return [
+        {"idx": i, "ids": rng.integers(1, 99, size=3 + (i * 7) % 5).tolist()} for i in range(ROWS)
+    ]
 
 
 def _pad(ids: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,14 +104,16 @@ def ray_local() -> Iterator[Any]:
 
 def test_ray_data_map_batches_equals_one_process(ray_local: Any) -> None:
     """Ray Data map_batches with to_columns; from_columns of the rows equals the Accumulator."""
-    import ray.data  # noqa: PLC0415
+    import ray.data
 
     ds = ray.data.from_items(_examples(), override_num_blocks=1)
     out = ds.map_batches(Predict, batch_size=BATCH, concurrency=1, batch_format="numpy")
     columns = out.take_batch(ROWS, batch_format="numpy")
     order = np.argsort(columns["idx"])
-    columns = {k: np.asarray(v)[order] if not isinstance(v, list) else [v[i] for i in order]
-               for k, v in columns.items()}
+    columns = {
+        k: np.asarray(v)[order] if not isinstance(v, list) else [v[i] for i in order]
+        for k, v in columns.items()
+    }
     reference, structure = _reference()
     _check(tonumpy.from_columns(columns, structure, pad_value=0.0), reference)
 
@@ -120,7 +124,10 @@ def test_datasets_map_batched_equals_one_process(tmp_path: Path) -> None:
     predict = Predict()
     ds = datasets.Dataset.from_list(_examples())
     mapped = ds.map(
-        predict, batched=True, batch_size=BATCH, remove_columns=["ids"],
+        predict,
+        batched=True,
+        batch_size=BATCH,
+        remove_columns=["ids"],
         cache_file_name=str(tmp_path / "cache.arrow"),
     )
     mapped.set_format("numpy")
@@ -131,7 +138,5 @@ def test_datasets_map_batched_equals_one_process(tmp_path: Path) -> None:
     plain = tonumpy.load(path)  # no tonumpy metadata: nested by column name, ragged as lists
     assert sorted(plain) == sorted(["idx", "last_hidden_state", "pooler_output", "hidden_states"])
     assert isinstance(plain["last_hidden_state"], list)
-    rebuilt = tonumpy.from_columns(
-        {"last_hidden_state": plain["last_hidden_state"]}, pad_value=0.0
-    )
+    rebuilt = tonumpy.from_columns({"last_hidden_state": plain["last_hidden_state"]}, pad_value=0.0)
     np.testing.assert_array_equal(rebuilt["last_hidden_state"], reference["last_hidden_state"])

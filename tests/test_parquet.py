@@ -36,12 +36,13 @@ def _tree() -> dict[str, Any]:
 
 
 def _same(a: Any, b: Any) -> None:
-    la, sa = tonumpy._tree.flatten(a)  # noqa: SLF001 - the project's walker
-    lb, sb = tonumpy._tree.flatten(b)  # noqa: SLF001
+    la, sa = tonumpy._tree.flatten(a)
+    lb, sb = tonumpy._tree.flatten(b)
     assert sa == sb
     for x, y in zip(la, lb, strict=True):
         if isinstance(x, np.ndarray):
-            assert x.dtype == y.dtype and x.shape == y.shape
+            assert x.dtype == y.dtype
+            assert x.shape == y.shape
             np.testing.assert_array_equal(x, y)
         else:
             assert x == y
@@ -62,15 +63,19 @@ def test_bfloat16_is_stored_as_float32_values_and_restored(tmp_path: Path) -> No
     back = tonumpy.load(path, ml_dtypes=True)
     ref = tonumpy.to_numpy(_tree(), ml_dtypes=True)
     assert back["hidden"][0].dtype == ref["hidden"][0].dtype
-    np.testing.assert_array_equal(back["hidden"][0].view(np.uint16), ref["hidden"][0].view(np.uint16))
-    np.testing.assert_array_equal(tonumpy.load(path)["hidden"][0], tonumpy.to_numpy(_tree())["hidden"][0])
+    np.testing.assert_array_equal(
+        back["hidden"][0].view(np.uint16), ref["hidden"][0].view(np.uint16)
+    )
+    np.testing.assert_array_equal(
+        tonumpy.load(path)["hidden"][0], tonumpy.to_numpy(_tree())["hidden"][0]
+    )
 
 
 def test_other_readers_read_the_same_values(tmp_path: Path) -> None:
     """pyarrow, pandas, polars, DuckDB and datasets read every column with tonumpy's values."""
-    import datasets  # noqa: PLC0415
-    import duckdb  # noqa: PLC0415
-    import polars as pl  # noqa: PLC0415
+    import datasets
+    import duckdb
+    import polars as pl
 
     path = tmp_path / "x.parquet"
     tonumpy.save(path, _tree())
@@ -85,24 +90,32 @@ def test_other_readers_read_the_same_values(tmp_path: Path) -> None:
     table = pq.read_table(path)
     frame = __import__("pandas").read_parquet(path)
     polars = pl.read_parquet(path)
-    duck = duckdb.sql(f"select * from '{path}'").fetchnumpy()
+    duck = duckdb.read_parquet(str(path)).fetchnumpy()
     ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(tmp_path / "cache"))
     ds.set_format("numpy")
     rows = ds[:]
     for name, want in expected.items():
         got = [
             np.array(table.column(name).to_pylist()),
-            np.array([np.array(list(r)).tolist() if hasattr(r, "__len__") else r for r in frame[name]]),
+            np.array(
+                [np.array(list(r)).tolist() if hasattr(r, "__len__") else r for r in frame[name]]
+            ),
             np.array(polars[name].to_list()),
-            np.array([np.array(list(r)).tolist() if hasattr(r, "__len__") else r for r in duck[name]]),
+            np.array(
+                [np.array(list(r)).tolist() if hasattr(r, "__len__") else r for r in duck[name]]
+            ),
             np.asarray(rows[name]),
         ]
-        for reader, value in zip(["pyarrow", "pandas", "polars", "duckdb", "datasets"], got, strict=True):
-            np.testing.assert_array_equal(value.astype(want.dtype), want, err_msg=f"{reader} {name}")
+        for reader, value in zip(
+            ["pyarrow", "pandas", "polars", "duckdb", "datasets"], got, strict=True
+        ):
+            np.testing.assert_array_equal(
+                value.astype(want.dtype), want, err_msg=f"{reader} {name}"
+            )
 
 
 def test_row_group_writer_ragged_rows_without_padding(tmp_path: Path) -> None:
-    """Ragged columns are variable-length lists of each row's own shape; load pads with pad_value."""
+    """Ragged columns: variable-length lists of each row's own shape; load pads with pad_value."""
     path = tmp_path / "r.parquet"
     batches = [{"h": torch.randn(2, 3, 2)}, {"h": torch.randn(1, 5, 2)}]
     with RowGroupWriter(path, ragged=["h"], pad_value=0.0) as writer:
@@ -143,16 +156,25 @@ def test_convert_npy_directory_to_parquet_and_show(tmp_path: Path) -> None:
     np.testing.assert_array_equal(tonumpy.load(out)["ids"], np.asarray(result["ids"]))
     assert pq.read_table(out).num_rows == 6
     printed = subprocess.run(
-        [sys.executable, "-m", "tonumpy", "show", str(out)], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "tonumpy", "show", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    assert "logits" in printed and "ids" in printed
+    assert "logits" in printed
+    assert "ids" in printed
 
 
 def test_plain_parquet_files_load_as_nested_dicts(tmp_path: Path) -> None:
     """A Parquet file tonumpy did not write: columns by key_path of their names."""
     path = tmp_path / "plain.parquet"
     pq.write_table(
-        pa.table({"out.a": [1, 2], "out.b": pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float64(), 2))}),
+        pa.table(
+            {
+                "out.a": [1, 2],
+                "out.b": pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float64(), 2)),
+            }
+        ),
         path,
     )
     tree = tonumpy.load(path)
@@ -162,7 +184,7 @@ def test_plain_parquet_files_load_as_nested_dicts(tmp_path: Path) -> None:
 
 def test_unsupported_dtypes_are_refused_naming_the_column(tmp_path: Path) -> None:
     """complex has no Parquet form every reader reads."""
-    with pytest.raises(tonumpy.ConversionError, match="'?z'?.*complex"):
+    with pytest.raises(tonumpy.ConversionError, match=r"'?z'?.*complex"):
         tonumpy.save(tmp_path / "c.parquet", {"z": torch.ones(2, dtype=torch.complex64)})
 
 
@@ -174,7 +196,7 @@ def test_pyarrow_is_imported_only_when_used() -> None:
 
 
 def test_missing_pyarrow_names_the_extra(tmp_path: Path) -> None:
-    """Without pyarrow: import tonumpy works; Parquet raises MissingDependencyError naming the extra."""
+    """Without pyarrow: .npz works; Parquet raises MissingDependencyError naming the extra."""
     code = (
         "import sys; sys.modules['pyarrow'] = None; sys.modules['pyarrow.parquet'] = None\n"
         "import numpy as np, tonumpy, tonumpy.io\n"
@@ -215,13 +237,26 @@ def test_hostile_parquet_files_are_refused_under_a_memory_limit(tmp_path: Path) 
     def dtype(meta: dict[str, Any]) -> None:
         meta["columns"]["x"]["dtype"] = "int64"
 
-    cases = [_with_meta(good, tmp_path / f"{f.__name__}.parquet", f) for f in (rows, shape, values, dtype)]
+    cases = [
+        _with_meta(good, tmp_path / f"{f.__name__}.parquet", f)
+        for f in (rows, shape, values, dtype)
+    ]
     bomb = tmp_path / "bomb.parquet"  # 10**8 run-length encoded zeros, with tonumpy metadata
     column = pa.array(np.zeros(10**8, dtype=np.int64))
-    meta = {"format": "tonumpy-parquet", "version": 1, "rows": 10**8,
-            "columns": {"x": {"dtype": "int64", "shape": []}}, "values": {}, "structure": None}
-    pq.write_table(pa.table({"x": column}).replace_schema_metadata({META_KEY: json.dumps(meta)}),
-                   bomb, use_dictionary=True, compression="zstd")
+    meta = {
+        "format": "tonumpy-parquet",
+        "version": 1,
+        "rows": 10**8,
+        "columns": {"x": {"dtype": "int64", "shape": []}},
+        "values": {},
+        "structure": None,
+    }
+    pq.write_table(
+        pa.table({"x": column}).replace_schema_metadata({META_KEY: json.dumps(meta)}),
+        bomb,
+        use_dictionary=True,
+        compression="zstd",
+    )
     del column
     cases.append(bomb)
     results = run_corpus([["load", str(p)] for p in cases], tmp_path / "run")

@@ -112,15 +112,14 @@ def test_ragged_rows_padded_or_kept() -> None:
     kept = tonumpy.to_columns(tree, per_row="boxes", ragged="object")["boxes"]
     assert kept.dtype == object
     assert [r.shape for r in kept] == [(2, 4), (1, 4), (3, 4)]
-    with pytest.raises(tonumpy.ConversionError, match="pad_value=.*ragged='object'"):
+    with pytest.raises(tonumpy.ConversionError, match=r"pad_value=.*ragged='object'"):
         tonumpy.to_columns(tree, per_row="boxes")
 
 
 def test_per_row_items_that_are_trees() -> None:
     """Detection-style outputs: a list of per-example dicts gives one column per dict key."""
     tree = [
-        {"boxes": torch.ones(n, 4) * n, "labels": torch.arange(n), "score": 0.5 * n}
-        for n in (2, 1)
+        {"boxes": torch.ones(n, 4) * n, "labels": torch.arange(n), "score": 0.5 * n} for n in (2, 1)
     ]
     structure = tonumpy.column_structure(tree, per_row=(), ragged="object")
     cols = tonumpy.to_columns(tree, per_row=(), ragged="object")

@@ -67,7 +67,9 @@ _VERSION = 1
 ROW_GROUP_BYTES = 64 << 20
 #: Bytes of per-batch values a file's metadata may hold (beyond that: exclude them).
 _MAX_VALUES = 16 << 20
-_PLAIN = frozenset("bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float32 float64".split())
+_PLAIN = frozenset(
+    ["bool", "float32", "float64", *(f"{s}int{b}" for s in ("", "u") for b in (8, 16, 32, 64))]
+)
 _WIDENED = frozenset({"float16", *_dtypes.ML_DTYPES.values()})
 _ML_BY_NAME = {name: dtype for dtype, name in _dtypes.ML_DTYPES.items()}
 
@@ -241,9 +243,7 @@ class RowGroupWriter:
             self.abort()
 
     def _is_ragged(self, name: str) -> bool:
-        return self._ragged is True or (
-            not isinstance(self._ragged, bool) and name in self._ragged
-        )
+        return self._ragged is True or (not isinstance(self._ragged, bool) and name in self._ragged)
 
     def _start(self, columns: Mapping[str, Any]) -> dict[str, _Column]:
         described: dict[str, _Column] = {}
@@ -441,9 +441,7 @@ def write(
 
     require_pyarrow()
     table = tabulate(tree, where=where, per_batch="keep", ml_dtypes=ml_dtypes, is_leaf=is_leaf)
-    per_row = sum(
-        math.prod(c.shape[1:]) * c.dtype.itemsize for c in table.columns.values()
-    )
+    per_row = sum(math.prod(c.shape[1:]) * c.dtype.itemsize for c in table.columns.values())
     step = max(1, ROW_GROUP_BYTES // max(per_row, 1))
     writer = RowGroupWriter(path, overwrite=overwrite, compression="zstd" if compress else "none")
     with writer:
@@ -514,7 +512,9 @@ def _check_sizes(path: Path, pf: Any, name: str, need_per_row: int, ragged: bool
         )
 
 
-def _fill_fixed(pa: ModuleType, chunk: Any, out: np.ndarray, at: int, shape: tuple[int, ...]) -> int:
+def _fill_fixed(
+    pa: ModuleType, chunk: Any, out: np.ndarray, at: int, shape: tuple[int, ...]
+) -> int:
     values = chunk
     for _ in shape:
         if values.null_count:
@@ -650,7 +650,7 @@ def _dims(value: Any) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-def _read_column(
+def _read_column(  # noqa: PLR0917 - one private reader of one column
     pa: ModuleType, pf: Any, path: Path, name: str, spec: dict[str, Any], rows: int
 ) -> Any:
     where = f"column {short(name, 60)}"
@@ -662,7 +662,9 @@ def _read_column(
     dtype_name = spec.get("dtype")
     if not isinstance(dtype_name, str) or dtype_name not in _PLAIN | _WIDENED:
         raise _bad(path, f"{where}: the metadata gives it no dtype tonumpy writes")
-    want = _stored_dtype(np.dtype(np.float32) if dtype_name in _WIDENED else np.dtype(dtype_name), name)
+    want = _stored_dtype(
+        np.dtype(np.float32) if dtype_name in _WIDENED else np.dtype(dtype_name), name
+    )
     if want.name != stored:
         raise _bad(path, f"{where}: the metadata says {dtype_name}, the file holds {stored}")
     if "shape" in spec:
@@ -709,9 +711,7 @@ def _read_column(
         return row_list
     from .table import _stack_rows  # noqa: PLC0415 - see _key_path
 
-    return _stack_rows(
-        row_list, _key_path(name), ragged="pad", pad_value=pad, where=str(path)
-    )
+    return _stack_rows(row_list, _key_path(name), ragged="pad", pad_value=pad, where=str(path))
 
 
 def _restore(array: np.ndarray, dtype_name: str) -> Any:

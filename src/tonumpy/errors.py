@@ -89,7 +89,7 @@ class FileFormatError(TonumpyError, ValueError):
     """
 
 
-class MissingDependencyError(TonumpyError, ImportError):
+class MissingDependencyError(TonumpyError, ImportError):  # type: ignore[misc] # both have .path
     """An optional package a feature needs is not installed; the message names the extra.
 
     Parquet files need ``pyarrow``: ``pip install 'tonumpy[parquet]'``. It is also an

@@ -1,4 +1,4 @@
-"""One batch as a table: a flat ``dict`` of columns, one row per example, and back.
+r"""One batch as a table: a flat ``dict`` of columns, one row per example, and back.
 
 Batch inference engines take columns, not trees: Ray Data's ``map_batches`` and Hugging Face
 datasets' ``map(batched=True)`` want a ``dict[str, np.ndarray]`` whose arrays all have one row
@@ -9,10 +9,11 @@ batches they hold, and [`column_structure`][tonumpy.column_structure] gives the 
 rebuilds. Parquet files written by [`tonumpy.save`][] hold the same columns.
 
 **Rows.** The batch size is the first dimension shared by most array leaves (a tie is an
-error; files take the larger), or ``batch_size=``. An array leaf whose first dimension is the batch size is a column as
-it is. Anything else is a *per-batch value*: a 0-d loss, an array whose first dimension is not
-the batch size, a plain Python number. ``per_batch="error"`` (the default) refuses it, naming
-where it is; ``per_batch="broadcast"`` repeats it on every row (a read-only view, no copy).
+error; files take the larger), or ``batch_size=``. An array leaf whose first dimension is the
+batch size is a column as it is. Anything else is a *per-batch value*: a 0-d loss, an array
+whose first dimension is not the batch size, a plain Python number. ``per_batch="error"`` (the
+default) refuses it, naming where it is; ``per_batch="broadcast"`` repeats it on every row (a
+read-only view, no copy).
 ``exclude=`` leaves it out; ``reduce=`` turns it into something else first.
 
 **Ragged rows.** A node named in ``per_row=`` (a list or tuple of one value per example, such as
@@ -27,10 +28,11 @@ length); engines keep each row as it is, and ``from_columns`` pads (or keeps) th
 namedtuples and attribute names of dataclasses and ``ModelOutput`` objects), spelled by
 [`column_name`][tonumpy.table.column_name] and read back by
 [`key_path`][tonumpy.table.key_path]: keys are joined by ``.``; an ``int`` key is written in
-decimal (``hidden_states.0``); a ``str`` key is written as it is, with ``\\`` and ``.`` escaped
-by a backslash (``\\\\``, ``\\.``), and ``\\s`` (which stands for nothing) before a key that
-would read as an ``int`` or is empty (``"3"`` is ``\\s3``, ``""`` is ``\\s``). The root of a tree that is one array is named ``""``.
-Other keys (``None``, floats, tuples as dict keys) are refused.
+decimal (``hidden_states.0``); a ``str`` key is written as it is, with ``\`` and ``.`` escaped
+by a backslash (``\\``, ``\.``), and ``\s`` (which stands for nothing) before a key that
+would read as an ``int`` or is empty (``"3"`` is ``\s3``, ``""`` is ``\s``). The root of a tree
+that is one array is named ``""``. Other keys (``None``, floats, tuples as dict keys) are
+refused.
 
 **Structure.** ``column_structure(tree, ...)`` is a JSON string (the structure tonumpy files
 hold: containers, keys and their order, plain values, plus the column names) that
@@ -106,7 +108,7 @@ def column_name(path: tuple[Any, ...], /) -> str:
 
 
 def key_path(name: str, /) -> tuple[Any, ...]:
-    r"""The key path a column name spells: the inverse of [`column_name`][tonumpy.table.column_name].
+    r"""The key path a column name spells: [`column_name`][tonumpy.table.column_name] undone.
 
     Examples:
         >>> key_path("hidden_states.0"), key_path("a\\.b.\\s3"), key_path("")
@@ -192,9 +194,7 @@ def _as_arrays(item: Any, is_leaf: Callable[[Any], bool] | None) -> Any:
     """A row's item with its plain numbers as 0-d arrays (they are the row's values)."""
     leaves, spec = _tree.flatten(item, is_leaf=is_leaf)
     plain = (bool, int, float, complex)
-    return _tree.unflatten(
-        spec, [np.asarray(x) if isinstance(x, plain) else x for x in leaves]
-    )
+    return _tree.unflatten(spec, [np.asarray(x) if isinstance(x, plain) else x for x in leaves])
 
 
 def _replace(
@@ -212,9 +212,7 @@ def _replace(
 
 
 def _batch_size(leaves: list[Any], lengths: list[int], where: str, *, strict: bool) -> int:
-    counts = Counter(
-        leaf.shape[0] for leaf in leaves if isinstance(leaf, np.ndarray) and leaf.ndim
-    )
+    counts = Counter(leaf.shape[0] for leaf in leaves if isinstance(leaf, np.ndarray) and leaf.ndim)
     counts.update(lengths)
     if not counts:
         raise ConversionError(
@@ -228,7 +226,7 @@ def _batch_size(leaves: list[Any], lengths: list[int], where: str, *, strict: bo
             f"{where}: as many array leaves have {tied[0]} rows as have {tied[-1]} (their first "
             "dimension); pass batch_size= to say which is the batch"
         )
-    return tied[-1]
+    return int(tied[-1])
 
 
 def _stack_rows(
@@ -280,6 +278,60 @@ def _stack_rows(
     return out
 
 
+def _plan_rows(
+    tree: Any,
+    per_row: Any,
+    ml_dtypes: bool,
+    is_leaf: Callable[[Any], bool] | None,
+    where: str,
+) -> tuple[
+    Any,
+    list[tuple[tuple[Any, ...], list[Any]]],
+    _structure.Plan,
+    dict[int, tuple[tuple[Any, ...], list[list[Any]], int]],
+]:
+    """Plan ``tree`` with each ``per_row`` node replaced by its first item (the template).
+
+    Returns the tree, the per-row nodes (path, items), the plan, and for each flat leaf index
+    inside a per-row node: (node path, every item's leaves, the leaf's index in an item).
+    """
+    # per-row nodes: each is replaced by its first item (the template of every row's item)
+    row_nodes: list[tuple[tuple[Any, ...], list[Any]]] = []
+    for path in _per_row_paths(per_row, where):
+        node = _node_at(tree, path, is_leaf)
+        if not isinstance(node, list | tuple) or not node:
+            raise OptionError(
+                f"{where}(per_row=...): {_tree.format_path(path)} is "
+                f"{type(node).__name__ if not isinstance(node, list | tuple) else 'empty'}; "
+                "per_row= names lists or tuples holding one value per row"
+            )
+        row_nodes.append((path, [_as_arrays(item, is_leaf) for item in node]))
+    for path, items in row_nodes:
+        tree = _replace(tree, path, items[0], is_leaf)
+
+    plan = _structure.plan(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
+    walked = plan.walked
+    inside: dict[int, tuple[tuple[Any, ...], list[list[Any]], int]] = {}
+    for path, items in row_nodes:
+        node = next(n for n in _tree.outline(walked.spec) if n.path == path)
+        template_spec = _tree.flatten(items[0], is_leaf=is_leaf)[1]
+        per_item = []
+        for i, item in enumerate(items):
+            item_leaves, item_spec = _tree.flatten(item, is_leaf=is_leaf)
+            _tree.require_same(
+                template_spec,
+                item_spec,
+                f"row 0 of {_tree.format_path(path)}",
+                f"row {i}",
+                hint=f"{where}(per_row=...) needs every row's item to have one structure",
+            )
+            per_item.append(item_leaves)
+        for j in range(node.size):
+            inside[node.first + j] = (path, per_item, j)
+
+    return tree, row_nodes, plan, inside
+
+
 def tabulate(
     tree: Any,
     /,
@@ -314,43 +366,15 @@ def tabulate(
         tree = _tree.unflatten(spec, leaves)
     tree = to_numpy(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
 
-    # per-row nodes: each is replaced by its first item (the template of every row's item)
-    row_nodes: list[tuple[tuple[Any, ...], list[Any]]] = []
-    for path in _per_row_paths(per_row, where):
-        node = _node_at(tree, path, is_leaf)
-        if not isinstance(node, list | tuple) or not node:
-            raise OptionError(
-                f"{where}(per_row=...): {_tree.format_path(path)} is "
-                f"{type(node).__name__ if not isinstance(node, list | tuple) else 'empty'}; "
-                "per_row= names lists or tuples holding one value per row"
-            )
-        row_nodes.append((path, [_as_arrays(item, is_leaf) for item in node]))
-    lengths = [len(items) for _, items in row_nodes]
-    for path, items in row_nodes:
-        tree = _replace(tree, path, items[0], is_leaf)
-
-    plan = _structure.plan(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
+    tree, row_nodes, plan, inside = _plan_rows(tree, per_row, ml_dtypes, is_leaf, where)
     walked = plan.walked
-    inside: dict[int, tuple[tuple[Any, ...], list[list[Any]], int]] = {}
-    for path, items in row_nodes:
-        node = next(n for n in _tree.outline(walked.spec) if n.path == path)
-        template_spec = _tree.flatten(items[0], is_leaf=is_leaf)[1]
-        per_item = []
-        for i, item in enumerate(items):
-            item_leaves, item_spec = _tree.flatten(item, is_leaf=is_leaf)
-            _tree.require_same(
-                template_spec,
-                item_spec,
-                f"row 0 of {_tree.format_path(path)}",
-                f"row {i}",
-                hint=f"{where}(per_row=...) needs every row's item to have one structure",
-            )
-            per_item.append(item_leaves)
-        for j in range(node.size):
-            inside[node.first + j] = (path, per_item, j)
-
+    lengths = [len(items) for _, items in row_nodes]
     outside = [leaf for i, leaf in enumerate(walked.leaves) if i not in inside]
-    rows = batch_size if batch_size is not None else _batch_size(outside, lengths, where, strict=per_batch != "keep")
+    rows = (
+        batch_size
+        if batch_size is not None
+        else _batch_size(outside, lengths, where, strict=per_batch != "keep")
+    )
     for path, items in row_nodes:
         if len(items) != rows:
             raise ConversionError(
@@ -390,7 +414,15 @@ def tabulate(
         else:
             raise _per_batch_error(where, plan.where(index), array, rows, path)
     if per_batch != "keep":
-        _check_plain_values(plan, rows, per_batch, where, columns, names, paths)
+        _check_plain_values(
+            plan,
+            rows=rows,
+            per_batch=per_batch,
+            where=where,
+            columns=columns,
+            names=names,
+            paths=paths,
+        )
     structure = dict(plan.structure, arrays=names, per_row=[list(p) for p, _ in row_nodes])
     return Table(rows, columns, values, structure, paths)
 
@@ -409,6 +441,7 @@ def _per_batch_error(
 
 def _check_plain_values(
     plan: _structure.Plan,
+    *,
     rows: int,
     per_batch: str,
     where: str,
@@ -640,7 +673,7 @@ def from_columns(
     def column(name: str) -> np.ndarray:
         if name not in columns:
             raise FileFormatError(f"the structure names a column {name!r} that is missing")
-        value = _column_array(columns[name])
+        value: Any = _column_array(columns[name])
         path = key_path(name)
         if isinstance(value, list):
             value = _stack_rows(
@@ -651,7 +684,8 @@ def from_columns(
             raise FileFormatError(
                 f"from_columns: the columns have different numbers of rows ({lengths})"
             )
-        return value
+        result: np.ndarray = value
+        return result
 
     if structure is None:
         return nest({name: column(name) for name in columns})
