@@ -612,10 +612,10 @@ def read(path: Path) -> tuple[Any, dict[tuple[Any, ...], str], dict[tuple[Any, .
     tree, classes, sources = _structure.decode(raw_structure, str(path), get_array)
     per_row = structure.get("per_row", []) if isinstance(structure, dict) else []
     if per_row:
-        from .table import _split_rows  # noqa: PLC0415 - see _key_path
+        from .table import split_rows  # noqa: PLC0415 - see _key_path
 
         for stored in per_row if isinstance(per_row, list) else []:
-            tree = _split_rows(tree, tuple(stored) if isinstance(stored, list) else ())
+            tree = split_rows(tree, tuple(stored) if isinstance(stored, list) else ())
     return tree, classes, sources, "tonumpy parquet"
 
 
@@ -709,9 +709,9 @@ def _read_column(  # noqa: PLR0917 - one private reader of one column
     pad = spec.get("pad")
     if pad is None:
         return row_list
-    from .table import _stack_rows  # noqa: PLC0415 - see _key_path
+    from .table import stack_rows  # noqa: PLC0415 - see _key_path
 
-    return _stack_rows(row_list, _key_path(name), ragged="pad", pad_value=pad, where=str(path))
+    return stack_rows(row_list, _key_path(name), ragged="pad", pad_value=pad, where=str(path))
 
 
 def _restore(array: np.ndarray, dtype_name: str) -> Any:

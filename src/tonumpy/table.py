@@ -24,7 +24,9 @@ items, the item of row ``i`` in row ``i``. Rows of different shapes are *ragged*
 column. Columns of different batches may also have different row shapes (sequences of another
 length); engines keep each row as it is, and ``from_columns`` pads (or keeps) them the same way.
 
-**Column names.** Each column is named after its leaf's key path (with the field names of
+**Column names.** A tensor at several places in the tree is one column, named after its first
+place (``from_columns`` puts it back at every place). Each column is named after its leaf's key
+path (with the field names of
 namedtuples and attribute names of dataclasses and ``ModelOutput`` objects), spelled by
 [`column_name`][tonumpy.table.column_name] and read back by
 [`key_path`][tonumpy.table.key_path]: keys are joined by ``.``; an ``int`` key is written in
@@ -70,6 +72,7 @@ from .convert import to_numpy
 from .errors import ConversionError, FileFormatError, OptionError
 
 __all__ = ["column_name", "column_structure", "from_columns", "key_path", "to_columns"]
+# tabulate, Table, nest, stack_rows and split_rows serve tonumpy._parquet, not users
 
 Ragged = Literal["pad", "object"]
 PerBatch = Literal["error", "broadcast", "keep"]
@@ -229,7 +232,7 @@ def _batch_size(leaves: list[Any], lengths: list[int], where: str, *, strict: bo
     return int(tied[-1])
 
 
-def _stack_rows(
+def stack_rows(
     rows: list[np.ndarray],
     path: tuple[Any, ...],
     *,
@@ -396,7 +399,7 @@ def tabulate(
         plan.complete(index, None, str(np.asarray(leaf).dtype))
         if flat in inside:
             _, per_item, j = inside[flat]
-            columns[name] = _stack_rows(
+            columns[name] = stack_rows(
                 [item[j] for item in per_item],
                 path,
                 ragged=ragged,
@@ -482,13 +485,9 @@ def _check_plain_values(
                 visit(child, (*path, i))
         elif tag == "dict" and isinstance(children, list):
             for key, child in zip(node.get("k", []), children, strict=False):
-                visit(child, (*path, _structure_key(key)))
+                visit(child, (*path, _structure.decode_value(key)))
 
     visit(plan.structure["tree"], ())
-
-
-def _structure_key(data: Any) -> Any:
-    return _structure._decode_value(data)  # noqa: SLF001 - the one decoder of stored keys
 
 
 # ------------------------------------------------------------------------------ public API
@@ -511,7 +510,7 @@ def to_columns(
     """One batch as columns: ``{column name: array with one row per example}``.
 
     The UDF of Ray Data's ``map_batches`` and of Hugging Face datasets' ``map(batched=True)``
-    returns this. See the module [`tonumpy.table`][] for rows, names and ragged rows.
+    returns this. The guide "Predictions at scale" explains rows, names and ragged rows.
 
     Examples:
         >>> import torch
@@ -676,7 +675,7 @@ def from_columns(
         value: Any = _column_array(columns[name])
         path = key_path(name)
         if isinstance(value, list):
-            value = _stack_rows(
+            value = stack_rows(
                 value, path, ragged=ragged, pad_value=pad_value, where="from_columns"
             )
         lengths[name] = len(value)
@@ -696,7 +695,7 @@ def from_columns(
     if not isinstance(per_row, list):
         raise FileFormatError("from_columns: the structure's per_row is not a list")
     for stored in per_row:
-        tree = _split_rows(tree, tuple(stored) if isinstance(stored, list) else ())
+        tree = split_rows(tree, tuple(stored) if isinstance(stored, list) else ())
     return tree
 
 
@@ -728,17 +727,17 @@ def nest(columns: Mapping[str, Any]) -> Any:
     return out
 
 
-def _split_rows(tree: Any, path: tuple[Any, ...]) -> Any:
+def split_rows(tree: Any, path: tuple[Any, ...]) -> Any:
     """Replace the template at ``path`` (its leaves columns) by the list of each row's item."""
     if not path:
         return _rows_of(tree)
     if isinstance(tree, dict) and path[0] in tree:
         out = dict(tree)
-        out[path[0]] = _split_rows(tree[path[0]], path[1:])
+        out[path[0]] = split_rows(tree[path[0]], path[1:])
         return out
     if isinstance(tree, list | tuple) and isinstance(path[0], int) and path[0] < len(tree):
         items = list(tree)
-        items[path[0]] = _split_rows(items[path[0]], path[1:])
+        items[path[0]] = split_rows(items[path[0]], path[1:])
         return type(tree)(items)
     raise FileFormatError(f"from_columns: the structure's per_row names a missing node {path}")
 
