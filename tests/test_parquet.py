@@ -182,6 +182,20 @@ def test_plain_parquet_files_load_as_nested_dicts(tmp_path: Path) -> None:
     assert tree["out"]["b"].shape == (2, 2)
 
 
+def test_plain_dictionary_encoded_files_load_as_pyarrow_reads_them(tmp_path: Path) -> None:
+    """The size check is for files tonumpy wrote: a plain file's dictionary columns load."""
+    path = tmp_path / "dict.parquet"
+    pq.write_table(pa.table({"x": np.zeros(200_000, np.int64)}), path, use_dictionary=True)
+    np.testing.assert_array_equal(tonumpy.load(path)["x"], np.zeros(200_000, np.int64))
+
+
+def test_a_tree_without_rows_is_refused(tmp_path: Path) -> None:
+    """Nothing with a first dimension: no rows to write; the error says what to write instead."""
+    with pytest.raises(tonumpy.ConversionError, match=r"\.npz"):
+        tonumpy.save(tmp_path / "n.parquet", {"loss": torch.tensor(1.0), "step": 3})
+    assert not (tmp_path / "n.parquet").exists()
+
+
 def test_unsupported_dtypes_are_refused_naming_the_column(tmp_path: Path) -> None:
     """complex has no Parquet form every reader reads."""
     with pytest.raises(tonumpy.ConversionError, match=r"'?z'?.*complex"):

@@ -23,8 +23,9 @@ The metadata key ``tonumpy`` holds JSON: ``{"format": "tonumpy-parquet", "versio
 "columns": {name: {"dtype", "shape" | "ndim", "pad"}}, "values": {name: {"dtype", "shape",
 "data"}}, "structure"}``. Files are hostile: a reader checks that the metadata and the
 columns agree (names, row counts, types, shapes) and that the data the columns declare
-(uncompressed) can hold what they decode to, before it reads any data; rows are read a row
-group at a time into arrays allocated once.
+(uncompressed) can hold what they decode to (tonumpy writes no dictionary or run-length
+encoded data), before it reads any data; rows are read a row group at a time into arrays
+allocated once. Files tonumpy did not write are read as pyarrow reads them.
 
 ``pyarrow`` is imported only when a Parquet file is read or written
 ([`require_pyarrow`][tonumpy._parquet.require_pyarrow]).
@@ -676,7 +677,8 @@ def _read_column(  # noqa: PLR0917 - one private reader of one column
                 f"holds {'variable-length lists' if shape is None else shape}",
             )
         need = _arrow_bytes(stored, math.prod(want_shape))
-        _check_sizes(path, pf, name, need, ragged=False)
+        if spec.get("tonumpy", True):  # a file tonumpy wrote: no dictionary or RLE data
+            _check_sizes(path, pf, name, need, ragged=False)
         out = np.empty((rows, *want_shape), dtype=stored)
         at = 0
         for rg in range(pf.metadata.num_row_groups):
@@ -741,7 +743,7 @@ def _read_plain(pa: ModuleType, pf: Any, path: Path, name: str) -> Any:
             "columns, and (fixed-size or variable-length) lists of them",
         ) from None
     rows = pf.metadata.num_rows
-    spec: dict[str, Any] = {"dtype": stored}
+    spec: dict[str, Any] = {"dtype": stored, "tonumpy": False}  # read as pyarrow reads it
     if shape is not None:
         spec["shape"] = list(shape)
     else:

@@ -41,7 +41,8 @@ class Contents:
             and ``safetensors`` files and for bfloat16/float8 data stored bit-exact, NumPy
             arrays otherwise, and plain Python values.
         format: A short description: ``"torch"``, ``"tonumpy npz"``, ``"npz"``, ``"npy"``,
-            ``"npy directory"``, ``"tonumpy npy directory"``, ``"safetensors"`` or
+            ``"npy directory"``, ``"tonumpy npy directory"``, ``"safetensors"``,
+            ``"tonumpy parquet"``, ``"parquet"`` (a Parquet file tonumpy did not write) or
             ``"hugging face checkpoint"`` (a ``save_pretrained`` directory).
         classes: Key path -> name of the class a container had when saved (display only).
         sources: Key path -> what a leaf was before it was saved (``dtype``, ``device``,

@@ -218,6 +218,11 @@ def _batch_size(leaves: list[Any], lengths: list[int], where: str, *, strict: bo
     counts = Counter(leaf.shape[0] for leaf in leaves if isinstance(leaf, np.ndarray) and leaf.ndim)
     counts.update(lengths)
     if not counts:
+        if where in ("save", "convert"):
+            raise ConversionError(
+                f"{where}: a Parquet file holds one row per example, and this tree has no array "
+                "with a first dimension to take rows from; write a .npz file instead"
+            )
         raise ConversionError(
             f"{where}: the tree has no array with a first dimension to take rows from; pass "
             "batch_size= to repeat its values on that many rows (with per_batch='broadcast')"
