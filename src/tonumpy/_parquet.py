@@ -39,7 +39,7 @@ import importlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from . import _dtypes, _pad, _structure
+from ._arrays import CHUNK, LazyArray
 from ._fs import _commit_file, _create_file, _parent_of, exists_error, open_regular, short
 from .errors import ConversionError, FileFormatError, MissingDependencyError
 
@@ -559,12 +560,16 @@ def _ragged_rows(chunk: Any, levels: int, dtype: np.dtype[Any]) -> list[np.ndarr
     return rows
 
 
-def read(path: Path) -> tuple[Any, dict[tuple[Any, ...], str], dict[tuple[Any, ...], Any], str]:
+def read(
+    path: Path, *, lazy: bool = False
+) -> tuple[Any, dict[tuple[Any, ...], str], dict[tuple[Any, ...], Any], str]:
     """Read a Parquet file: (tree, classes, sources, format description).
 
     A file tonumpy wrote is rebuilt from its metadata; any other Parquet file gives nested
     dicts keyed by [`tonumpy.table.key_path`][] of its column names, a column whose rows
-    differ in shape a list of per-row arrays.
+    differ in shape a list of per-row arrays. With ``lazy``, fixed-shape columns of a file
+    tonumpy wrote are checked but not read ([`tonumpy._arrays.LazyArray`][] leaves), unless
+    its structure has ``per_row`` nodes (their rows are split, which needs the data).
     """
     pa, pq = require_pyarrow()
     with open_regular(path) as f:
@@ -592,11 +597,13 @@ def read(path: Path) -> tuple[Any, dict[tuple[Any, ...], str], dict[tuple[Any, .
                 "the tonumpy metadata and the file name different columns: "
                 f"{short(sorted(set(described) ^ set(names)), 120)}",
             )
+        structure = meta["structure"]
+        if isinstance(structure, dict) and structure.get("per_row"):
+            lazy = False
         columns = {}
         for name in names:
-            columns[name] = _read_column(pa, pf, path, name, described[name], rows)
+            columns[name] = _read_column(pa, pf, path, name, described[name], rows, lazy=lazy)
         values = _decode_values(path, meta["values"])
-        structure = meta["structure"]
     if structure is None:
         from .table import nest  # noqa: PLC0415 - see _key_path
 
@@ -652,7 +659,14 @@ def _dims(value: Any) -> tuple[int, ...] | None:
 
 
 def _read_column(  # noqa: PLR0917 - one private reader of one column
-    pa: ModuleType, pf: Any, path: Path, name: str, spec: dict[str, Any], rows: int
+    pa: ModuleType,
+    pf: Any,
+    path: Path,
+    name: str,
+    spec: dict[str, Any],
+    rows: int,
+    *,
+    lazy: bool = False,
 ) -> Any:
     where = f"column {short(name, 60)}"
     field = pf.schema_arrow.field(name)
@@ -679,21 +693,9 @@ def _read_column(  # noqa: PLR0917 - one private reader of one column
         need = _arrow_bytes(stored, math.prod(want_shape))
         if spec.get("tonumpy", True):  # a file tonumpy wrote: no dictionary or RLE data
             _check_sizes(path, pf, name, need, ragged=False)
-        out = np.empty((rows, *want_shape), dtype=stored)
-        at = 0
-        for rg in range(pf.metadata.num_row_groups):
-            chunk_rows = pf.metadata.row_group(rg).num_rows
-            table = pf.read_row_group(rg, columns=[name])
-            if at + chunk_rows > rows or table.num_rows != chunk_rows:
-                raise _bad(path, f"{where}: its row groups hold more rows than the file")
-            for chunk in table.column(0).chunks:
-                try:
-                    at += _fill_fixed(pa, chunk, out, at, want_shape)
-                except FileFormatError as exc:
-                    raise _bad(path, f"{where}: {exc}") from None
-        if at != rows:
-            raise _bad(path, f"{where}: {at} rows, the file says {rows}")
-        return _restore(out, dtype_name)
+        if lazy:
+            return _LazyColumn(path, name, rows, want_shape, np.dtype(stored), dtype_name)
+        return _restore(_fill_column(pf, path, name, rows, want_shape, stored), dtype_name)
     ndim = spec.get("ndim")
     if not isinstance(ndim, int) or shape is not None or levels != ndim:
         raise _bad(path, f"{where}: the metadata and the file disagree on its dimensions")
@@ -714,6 +716,78 @@ def _read_column(  # noqa: PLR0917 - one private reader of one column
     from .table import stack_rows  # noqa: PLC0415 - see _key_path
 
     return stack_rows(row_list, _key_path(name), ragged="pad", pad_value=pad, where=str(path))
+
+
+def _fill_column(  # noqa: PLR0917 - one private reader of one column
+    pf: Any, path: Path, name: str, rows: int, shape: tuple[int, ...], stored: str
+) -> np.ndarray:
+    """A checked fixed-shape column, read a row group at a time into one array."""
+    pa, _ = require_pyarrow()
+    where = f"column {short(name, 60)}"
+    out = np.empty((rows, *shape), dtype=stored)
+    at = 0
+    for rg in range(pf.metadata.num_row_groups):
+        chunk_rows = pf.metadata.row_group(rg).num_rows
+        table = pf.read_row_group(rg, columns=[name])
+        if at + chunk_rows > rows or table.num_rows != chunk_rows:
+            raise _bad(path, f"{where}: its row groups hold more rows than the file")
+        for chunk in table.column(0).chunks:
+            try:
+                at += _fill_fixed(pa, chunk, out, at, shape)
+            except FileFormatError as exc:
+                raise _bad(path, f"{where}: {exc}") from None
+    if at != rows:
+        raise _bad(path, f"{where}: {at} rows, the file says {rows}")
+    return out
+
+
+class _LazyColumn(LazyArray):
+    """A fixed-shape column whose data has not been read (``tonumpy show``, ``convert``).
+
+    Its metadata was checked against the file when it was made; ``array()`` reads it then, a
+    row group at a time. A bfloat16/float8 column gives its bits (``bits`` names the type), as
+    the lazy members of other files do.
+    """
+
+    def __init__(  # noqa: PLR0917 - private, made in one place
+        self,
+        path: Path,
+        name: str,
+        rows: int,
+        shape: tuple[int, ...],
+        stored: np.dtype[Any],
+        dtype_name: str,
+    ) -> None:
+        self._path, self._name, self._stored, self._dtype_name = path, name, stored, dtype_name
+        self.shape = (rows, *shape)
+        self.fortran = False
+        self.bits = dtype_name if dtype_name in _ML_BY_NAME else None
+        if self.bits is not None:
+            self.dtype = np.dtype(f"u{_ML_BY_NAME[dtype_name].itemsize}")
+        else:
+            self.dtype = np.dtype(dtype_name)
+
+    def array(self) -> np.ndarray:
+        """The column, read now (bits for bfloat16/float8)."""
+        _, pq = require_pyarrow()
+        with open_regular(self._path) as f:
+            pf = pq.ParquetFile(f)
+            out = _fill_column(
+                pf, self._path, self._name, self.shape[0], self.shape[1:], self._stored.name
+            )
+        restored = _restore(out, self._dtype_name)
+        if self.bits is None:
+            result: np.ndarray = restored
+            return result
+        bits: np.ndarray = restored.view(_dtypes.BITS[restored.dtype.itemsize]).numpy()
+        return bits.view(self.dtype)
+
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        """The data in row order, about ``size`` bytes at a time."""
+        flat = self.array().reshape(-1)
+        step = max(1, size // max(self.dtype.itemsize, 1))
+        for start in range(0, flat.size, step):
+            yield flat[start : start + step].tobytes()
 
 
 def _restore(array: np.ndarray, dtype_name: str) -> Any:

@@ -108,7 +108,7 @@ def read_file(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
     if kind == "npy":
         return _guard(path, lambda: Contents(_npyzip.map_npy(path, str(path)), "npy"))
     if kind == "parquet":
-        return _guard(path, lambda: _read_parquet(path))
+        return _guard(path, lambda: _read_parquet(path, lazy=lazy))
     return _guard(path, lambda: _read_safetensors(path))
 
 
@@ -221,8 +221,8 @@ def materialise(tree: Any) -> Any:
     return _tree.unflatten(spec, leaves)
 
 
-def _read_parquet(path: Path) -> Contents:
-    tree, classes, sources, kind = _parquet.read(path)
+def _read_parquet(path: Path, *, lazy: bool) -> Contents:
+    tree, classes, sources, kind = _parquet.read(path, lazy=lazy)
     return Contents(tree, kind, classes, sources)
 
 

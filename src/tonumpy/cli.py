@@ -2,9 +2,9 @@
 
 ``tonumpy show FILE`` prints the tree in a file (key path, type, shape, dtype, device, bytes,
 and with ``--stats`` min/max/mean and NaN/Inf counts); ``tonumpy convert SRC DST`` writes it as
-``.npz``, ``.safetensors``, ``.npy`` or a directory of ``.npy`` files. Errors are one line on
-stderr and exit status 2 (``--debug`` shows the traceback); output is coloured only on a
-terminal (and never with ``NO_COLOR`` set). Text that comes from a file (keys, class names,
+``.npz``, ``.safetensors``, ``.parquet``, ``.npy`` or a directory of ``.npy`` files. Errors are
+one line on stderr and exit status 2 (``--debug`` shows the traceback); output is coloured only
+on a terminal (and never with ``NO_COLOR`` set). Text that comes from a file (keys, class names,
 values) is printed with control characters escaped. SIGTERM and SIGHUP stop a conversion as
 Ctrl-C does: nothing is left behind, and the exit status is 128 + the signal's number.
 """
@@ -78,8 +78,9 @@ def _parser() -> _Parser:
         "show",
         parents=[common],
         help="print the tree of tensors in a file",
-        description="Print the tree in a .pt/.pth/.bin/.ckpt, .npz, .npy, .safetensors file or "
-        "a directory of .npy files: key path, type, shape, dtype, device and bytes per leaf.",
+        description="Print the tree in a .pt/.pth/.bin/.ckpt, .npz, .npy, .safetensors, .parquet "
+        "file or a directory of .npy files: key path, type, shape, dtype, device and bytes per "
+        "leaf.",
     )
     show.add_argument("file", metavar="FILE")
     show.add_argument(
@@ -92,10 +93,11 @@ def _parser() -> _Parser:
     convert = commands.add_parser(
         "convert",
         parents=[common],
-        help="convert a file to .npz, .safetensors, .npy or a directory of .npy files",
+        help="convert a file to .npz, .safetensors, .parquet, .npy or a directory of .npy files",
         description="Convert SRC to DST. DST's kind follows its name: .npz (tree structure "
-        "kept; load it with tonumpy.load or np.load), .safetensors, .npy (one array), or a name "
-        "without suffix (or ending in /) for a directory of .npy files, one per leaf.",
+        "kept; load it with tonumpy.load or np.load), .safetensors, .parquet (one row per "
+        "example), .npy (one array), or a name without suffix (or ending in /) for a directory "
+        "of .npy files, one per leaf.",
     )
     convert.add_argument("src", metavar="SRC")
     convert.add_argument("dst", metavar="DST")
