@@ -2,7 +2,8 @@
 
 The workload is an evaluation's predictions, ``{"logits": (N, L, V) float32, "hidden": (N, H)
 float32, "labels": (N, L) int64}``, arriving in batches of 64 rows. Every route writes the same
-bytes to a fresh temporary directory, and the time is the best of ``--repeat`` runs:
+bytes to a fresh temporary directory, and the time is the best of ``--repeat`` runs (the routes
+take turns, so that a change in the machine's load hits every route):
 
 * ``np.save``: one ``np.save`` per leaf of the whole result (the baseline: the same bytes,
   written with nothing around them);
@@ -109,19 +110,19 @@ def main() -> None:
     print(f"# Write throughput, {nbytes / 2**20:.0f} MiB of predictions in batches of {BATCH}")
     print(f"torch {torch.__version__}, numpy {np.__version__}, {platform.platform()}")
     print(f"{'route':32} {'MB/s':>8} {'vs np.save':>11}")
-    baseline = None
-    for name, route in ROUTES.items():
-        best = float("inf")
-        for _ in range(repeat):
+    best = dict.fromkeys(ROUTES, float("inf"))
+    for _ in range(repeat):  # routes interleaved: a change in the machine's load hits them all
+        for name, route in ROUTES.items():
             folder = Path(tempfile.mkdtemp(prefix="tonumpy-scale-"))
             try:
                 start = time.perf_counter()
                 route(result, folder / "out", batches)
-                best = min(best, time.perf_counter() - start)
+                best[name] = min(best[name], time.perf_counter() - start)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
-        rate = nbytes / best / 1e6
-        baseline = baseline or rate
+    baseline = nbytes / best["np.save (baseline)"] / 1e6
+    for name, seconds in best.items():
+        rate = nbytes / seconds / 1e6
         print(f"{name:32} {rate:8.0f} {rate / baseline:10.2f}x")
 
 
