@@ -75,6 +75,7 @@ def test_other_readers_read_the_same_values(tmp_path: Path) -> None:
     """pyarrow, pandas, polars, DuckDB and datasets read every column with tonumpy's values."""
     import datasets
     import duckdb
+    import pandas as pd
     import polars as pl
 
     path = tmp_path / "x.parquet"
@@ -88,7 +89,7 @@ def test_other_readers_read_the_same_values(tmp_path: Path) -> None:
         "hidden.1": back["hidden"][1].astype(np.float32),  # float16 is stored as float32
     }
     table = pq.read_table(path)
-    frame = __import__("pandas").read_parquet(path)
+    frame = pd.read_parquet(path)
     polars = pl.read_parquet(path)
     duck = duckdb.read_parquet(str(path)).fetchnumpy()
     ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(tmp_path / "cache"))
@@ -130,6 +131,31 @@ def test_row_group_writer_ragged_rows_without_padding(tmp_path: Path) -> None:
     for b in batches:
         acc.append(b)
     np.testing.assert_array_equal(tonumpy.load(path)["h"], acc.result()["h"])
+
+
+def test_other_readers_read_ragged_rows_as_lists(tmp_path: Path) -> None:
+    """Variable-length lists: every reader sees each row with its own length, no padding."""
+    import datasets
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    path = tmp_path / "r.parquet"
+    rows = [
+        np.arange(3, dtype=np.int64),
+        np.arange(1, dtype=np.int64),
+        np.arange(2, dtype=np.int64),
+    ]
+    with RowGroupWriter(path, ragged=["ids"]) as writer:
+        writer.write({"ids": rows[:2]})
+        writer.write({"ids": rows[2:]})
+    want = [r.tolist() for r in rows]
+    assert [list(r) for r in pd.read_parquet(path)["ids"]] == want
+    assert pl.read_parquet(path)["ids"].to_list() == want
+    assert [list(r[0]) for r in duckdb.read_parquet(str(path)).fetchall()] == want
+    ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(tmp_path / "cache"))
+    assert ds["ids"][:] == want
+    assert [r.tolist() for r in tonumpy.load(path)["ids"]] == want
 
 
 def test_row_group_writer_refuses_a_changed_row_shape_and_leaves_nothing(tmp_path: Path) -> None:
