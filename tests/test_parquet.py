@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -156,6 +157,37 @@ def test_other_readers_read_ragged_rows_as_lists(tmp_path: Path) -> None:
     ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(tmp_path / "cache"))
     assert ds["ids"][:] == want
     assert [r.tolist() for r in tonumpy.load(path)["ids"]] == want
+
+
+def test_per_row_outputs_round_trip_through_parquet(tmp_path: Path) -> None:
+    """Detection-style outputs (a list of per-image dicts) written a batch at a time load back."""
+    path = tmp_path / "det.parquet"
+    batches = [
+        [{"boxes": torch.full((n, 4), float(n)), "labels": torch.arange(n)} for n in sizes]
+        for sizes in ((2, 0), (1,))
+    ]
+    options: dict[str, Any] = {"per_row": (), "ragged": "object"}
+    with RowGroupWriter(path, ragged=True) as writer:
+        for batch in batches:
+            writer.write(tonumpy.to_columns(batch, **options))
+        writer.close(json.loads(tonumpy.column_structure(batches[0], **options)))
+    back = tonumpy.load(path)
+    assert [len(image["labels"]) for image in back] == [2, 0, 1]
+    np.testing.assert_array_equal(back[2]["boxes"], np.ones((1, 4), np.float32))
+
+
+def test_show_reads_the_metadata_only(tmp_path: Path) -> None:
+    """show needs no column data (a damaged data page shows); load reads it and refuses."""
+    path = tmp_path / "x.parquet"
+    tonumpy.save(path, {"x": np.arange(1000, dtype=np.float64)})
+    raw = bytearray(path.read_bytes())
+    raw[4:12] = b"\xff" * 8  # the first page header, right after the magic
+    path.write_bytes(bytes(raw))
+    out = io.StringIO()
+    assert tonumpy.cli.main(["show", str(path)], stdout=out, stderr=io.StringIO()) == 0
+    assert "(1000,)" in out.getvalue()
+    with pytest.raises(tonumpy.FileFormatError, match=r"x\.parquet"):
+        tonumpy.load(path)
 
 
 def test_row_group_writer_refuses_a_changed_row_shape_and_leaves_nothing(tmp_path: Path) -> None:

@@ -616,9 +616,16 @@ def read(
             return values[name]
         raise FileFormatError("the structure names a column that is missing")
 
+    per_row = structure.get("per_row", []) if isinstance(structure, dict) else []
+    if per_row:  # ragged columns as object arrays: leaves, split into rows below
+        for name, column in columns.items():
+            if isinstance(column, list):
+                rows_array = np.empty(len(column), dtype=object)
+                for i, row in enumerate(column):  # one by one: rows of one shape stay rows
+                    rows_array[i] = row
+                columns[name] = rows_array
     raw_structure = json.dumps(structure).encode("utf-8")
     tree, classes, sources = _structure.decode(raw_structure, str(path), get_array)
-    per_row = structure.get("per_row", []) if isinstance(structure, dict) else []
     if per_row:
         from .table import split_rows  # noqa: PLC0415 - see _key_path
 
