@@ -63,7 +63,7 @@ def save(
     compress: bool = False,
     is_leaf: Callable[[Any], bool] | None = None,
 ) -> None:
-    """Write ``tree`` to a ``.npz`` file: every array leaf, and the structure as JSON.
+    """Write ``tree`` to a ``.npz`` (or ``.parquet``) file: every array leaf, and the structure.
 
     ``save`` walks the tree as [`tonumpy.to_numpy`][] does, and converts tensors as it does:
     every container ``to_numpy`` knows (a type registered with optree in the ``"tonumpy"``
@@ -74,6 +74,12 @@ def save(
     stored in the JSON. A tensor at several places in the tree is stored once. A
     ``BatchEncoding`` is stored as its items: its tokenizer's ``Encoding`` objects are tokenizer
     state, which no file holds. At most 250 levels of containers are stored.
+
+    A name ending in ``.parquet`` writes a Parquet file instead (``pip install
+    'tonumpy[parquet]'``): one row per example, a column per array leaf whose first dimension is
+    the number of rows, everything else in the file's metadata (see the guide "Predictions at
+    scale"). ``ml_dtypes`` keeps bfloat16/float8 (stored as their float32 values) for
+    ``load(ml_dtypes=True)``; ``compress`` compresses its columns with zstd.
 
     Examples:
         >>> import os, tempfile, torch
@@ -125,12 +131,12 @@ def save(
 def load(file: PathLike, /, *, ml_dtypes: bool = False, unsafe_load: bool = False) -> Any:
     """Read a file into a tree of NumPy arrays, without unpickling anything by default.
 
-    Reads what [`save`][] writes, plain NumPy ``.npz`` and ``.npy`` files, directories of
-    ``.npy`` files, ``.safetensors`` files, Hugging Face checkpoint directories (what
-    ``save_pretrained`` writes: ``model.safetensors``, or shards joined through their index)
-    and ``torch.save`` files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``). ``dict``, ``list``,
-    ``tuple``, ``None``, ``str``, ``int``, ``float`` and ``bool`` come back exactly; every other
-    container comes back as a ``dict``.
+    Reads what [`save`][] writes (``.npz`` and ``.parquet``), plain NumPy ``.npz`` and ``.npy``
+    files, directories of ``.npy`` files, ``.safetensors`` files, Parquet files, Hugging Face
+    checkpoint directories (what ``save_pretrained`` writes: ``model.safetensors``, or shards
+    joined through their index) and ``torch.save`` files (``.pt``, ``.pth``, ``.bin``,
+    ``.ckpt``). ``dict``, ``list``, ``tuple``, ``None``, ``str``, ``int``, ``float`` and ``bool``
+    come back exactly; every other container comes back as a ``dict``.
 
     Examples:
         >>> import os, tempfile, numpy as np
@@ -219,7 +225,8 @@ def convert(
 
     The kind of ``dst`` follows its name: ``.npz`` (the structured format of [`save`][]),
     ``.safetensors`` (bfloat16/float8 stay exact, other leaves go into the header metadata,
-    the ``__metadata__`` of a ``.safetensors`` source is kept), ``.npy`` (a single array), or
+    the ``__metadata__`` of a ``.safetensors`` source is kept), ``.parquet`` (one row per
+    example, as [`save`][] writes it), ``.npy`` (a single array), or
     a name without a suffix, or ending in ``/``, for a directory of ``.npy`` files, one per
     leaf, named after sanitised key paths, with the structure in ``__tonumpy__.json``.
 

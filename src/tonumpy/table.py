@@ -459,6 +459,7 @@ def _check_plain_values(
 ) -> None:
     """Plain values (numbers, strings) are per-batch values: refused, or broadcast as columns."""
     walked = plan.walked
+    first_leaf: dict[tuple[Any, ...], int] = {}  # stored path -> flat leaf index, made once
 
     def visit(node: Any, path: tuple[Any, ...]) -> None:
         if not isinstance(node, dict):
@@ -466,7 +467,9 @@ def _check_plain_values(
         tag = node.get("t")
         if tag == "value" and node.get("v") is not None:
             place = _tree.format_path(path)
-            value = walked.leaves[next(n.first for n in walked.nodes if n.path == path)]
+            if not first_leaf:
+                first_leaf.update((n.path, n.first) for n in walked.nodes)
+            value = walked.leaves[first_leaf[path]]
             if per_batch == "error":
                 raise ConversionError(
                     f"{where}: {place} is a plain value ({type(value).__name__}), not one row "
