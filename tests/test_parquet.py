@@ -72,6 +72,21 @@ def test_bfloat16_is_stored_as_float32_values_and_restored(tmp_path: Path) -> No
     )
 
 
+def test_float8_reads_as_its_float32_values_everywhere(tmp_path: Path) -> None:
+    """float8: other readers see its float32 values; load(ml_dtypes=True) gives its bits back."""
+    import polars as pl
+
+    x = torch.tensor([[0.5, -2.0], [448.0, 0.015625]]).to(torch.float8_e4m3fn)
+    path = tmp_path / "f8.parquet"
+    tonumpy.save(path, {"x": x}, ml_dtypes=True)
+    want = x.float().numpy()
+    np.testing.assert_array_equal(np.array(pl.read_parquet(path)["x"].to_list()), want)
+    np.testing.assert_array_equal(tonumpy.load(path)["x"], want)
+    exact = tonumpy.load(path, ml_dtypes=True)["x"]
+    assert exact.dtype.name == "float8_e4m3fn"
+    np.testing.assert_array_equal(exact.view(np.uint8), x.view(torch.uint8).numpy())
+
+
 def test_other_readers_read_the_same_values(tmp_path: Path) -> None:
     """pyarrow, pandas, polars, DuckDB and datasets read every column with tonumpy's values."""
     import datasets
