@@ -15,7 +15,13 @@ take turns, so that a change in the machine's load hits every route):
   ``result()``.
 
 Reported: MB/s of array bytes and the ratio to ``np.save`` (higher is faster). Timings include
-the page cache, not the disk (nothing is synced, for any route).
+the page cache, not the disk (nothing is synced, for any route). Then the peak memory of the
+two routes that write as batches arrive, each in a fresh process whose batches are made one at
+a time and dropped once written: the growth of the peak resident size (VmHWM) over the loop,
+against the size of one batch and of the whole result (Linux only), and pyarrow's own peak of
+live allocations. The resident size also counts memory the C allocator keeps for reuse after
+a batch is freed (glibc returns it on ``malloc_trim(0)``): it levels off, where pyarrow's live
+allocations stay within a few batches.
 
     python benchmarks/scale.py --quick    # small sizes, one run: seconds, for CI
     python benchmarks/scale.py            # 256 MiB of predictions, best of 3
@@ -26,10 +32,11 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +53,55 @@ BATCH = 64
 SIZES = {False: (4096, 128, 112, 64), True: (256, 16, 32, 16)}  # rows, L, V, H
 
 
-def _batches(quick: bool) -> list[dict[str, torch.Tensor]]:
+def _stream(quick: bool) -> Iterator[dict[str, torch.Tensor]]:
     rows, length, vocab, hidden = SIZES[quick]
     gen = torch.Generator().manual_seed(0)
-    return [
-        {
+    for _ in range(rows // BATCH):
+        yield {
             "logits": torch.randn(BATCH, length, vocab, generator=gen),
             "hidden": torch.randn(BATCH, hidden, generator=gen),
             "labels": torch.randint(0, vocab, (BATCH, length), generator=gen),
         }
-        for _ in range(rows // BATCH)
-    ]
+
+
+def _batches(quick: bool) -> list[dict[str, torch.Tensor]]:
+    return list(_stream(quick))
+
+
+def _memory_child(route: str, quick: bool) -> None:
+    """One streaming route, batches made one at a time: print the peak's growth in bytes."""
+    from _memory import reset_peak, status
+
+    folder = Path(tempfile.mkdtemp(prefix="tonumpy-scale-"))
+    try:
+        ROUTES[route](None, folder / "warm", _batches(True)[:1])  # code loaded, not measured
+        reset_peak()
+        base = status("VmRSS")
+        pool = require_pyarrow()[0].default_memory_pool()
+        before = pool.max_memory()
+        ROUTES[route](None, folder / "out", _stream(quick))
+        # pyarrow's own peak of live allocations (its pool), beside the process's peak RSS
+        print(status("VmHWM") - base, max(pool.max_memory() - before, 0))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _memory_report(quick: bool, nbytes: int, batch_bytes: int) -> None:
+    print(
+        f"\n# Peak memory while writing batch by batch (one batch: {batch_bytes / 2**20:.1f} MiB)"
+    )
+    print(
+        f"{'route':32} {'peak RSS growth MiB':>20} {'vs one batch':>13} {'vs result':>10} "
+        f"{'pyarrow peak MiB':>17}"
+    )
+    for route in ("Parquet row groups per batch", "Accumulator(directory=)"):
+        argv = [sys.executable, __file__, "--memory-child", route] + (["--quick"] * quick)
+        out = subprocess.run(argv, capture_output=True, text=True, check=True)
+        grown, arrow = map(int, out.stdout.strip().splitlines()[-1].split())
+        print(
+            f"{route:32} {grown / 2**20:20.1f} {grown / batch_bytes:12.1f}x "
+            f"{grown / nbytes:9.2f}x {arrow / 2**20:17.1f}"
+        )
 
 
 def _np_save(result: dict[str, np.ndarray], folder: Path, _: Any) -> None:
@@ -70,14 +115,14 @@ def _parquet_whole(result: dict[str, np.ndarray], folder: Path, _: Any) -> None:
     tonumpy.save(folder / "preds.parquet", result)
 
 
-def _parquet_batches(_: Any, folder: Path, batches: list[dict[str, torch.Tensor]]) -> None:
+def _parquet_batches(_: Any, folder: Path, batches: Iterable[dict[str, torch.Tensor]]) -> None:
     folder.mkdir()
     with RowGroupWriter(folder / "preds.parquet") as writer:
         for batch in batches:
             writer.write(tonumpy.to_columns(batch))
 
 
-def _npy_directory(_: Any, folder: Path, batches: list[dict[str, torch.Tensor]]) -> None:
+def _npy_directory(_: Any, folder: Path, batches: Iterable[dict[str, torch.Tensor]]) -> None:
     acc = tonumpy.Accumulator(directory=folder)
     for batch in batches:
         acc.append(batch)
@@ -96,7 +141,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one run")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--memory-child", metavar="ROUTE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        _memory_child(args.memory_child, args.quick)
+        return
     repeat = 1 if args.quick else args.repeat
     batches = _batches(args.quick)
     require_pyarrow()  # imported once, before any timing (about a second, cold)
@@ -124,6 +173,8 @@ def main() -> None:
     for name, seconds in best.items():
         rate = nbytes / seconds / 1e6
         print(f"{name:32} {rate:8.0f} {rate / baseline:10.2f}x")
+    del result
+    _memory_report(args.quick, nbytes, sum(t.nbytes for t in batches[0].values()))
 
 
 if __name__ == "__main__":
