@@ -625,7 +625,13 @@ def read(
                     rows_array[i] = row
                 columns[name] = rows_array
     raw_structure = json.dumps(structure).encode("utf-8")
-    tree, classes, sources = _structure.decode(raw_structure, str(path), get_array)
+    tree, classes, sources = _structure.decode(
+        raw_structure,
+        str(path),
+        get_array,
+        [*columns, *values],
+        f"the key-value metadata {META_KEY.decode()!r}",
+    )
     if per_row:
         from .table import split_rows  # noqa: PLC0415 - see _key_path
 

@@ -697,7 +697,9 @@ def from_columns(
     if structure is None:
         return nest({name: column(name) for name in columns})
     raw = structure.encode("utf-8") if isinstance(structure, str) else bytes(structure)
-    tree, _, _ = _structure.decode(raw, "from_columns", lambda name, _dtype: column(name))
+    tree, _, _ = _structure.decode(  # columns it does not name are left out: no members
+        raw, "from_columns", lambda name, _dtype: column(name), (), "the structure"
+    )
     data = json.loads(raw)
     per_row = data.get("per_row", [])
     if not isinstance(per_row, list):
