@@ -295,7 +295,8 @@ def test_missing_pyarrow_names_the_extra(tmp_path: Path) -> None:
         "    print(exc)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "tonumpy[parquet]" in out.stdout
+    assert "pip install pyarrow" in out.stdout
+    assert "'parquet' extra" in out.stdout
 
 
 def _with_meta(src: Path, dst: Path, change: Any) -> Path:

@@ -87,8 +87,9 @@ def require_pyarrow() -> tuple[ModuleType, ModuleType]:
         pq = importlib.import_module("pyarrow.parquet")
     except ImportError as exc:
         raise MissingDependencyError(
-            "Parquet files need the 'pyarrow' package: pip install 'tonumpy[parquet]' (or pip "
-            "install pyarrow); or write a .npz file or a directory of .npy files instead"
+            "Parquet files need the 'pyarrow' package: pip install pyarrow (tonumpy's 'parquet' "
+            "extra: pip install '.[parquet]' in a clone); or write a .npz file or a directory of "
+            ".npy files instead"
         ) from exc
     return pa, pq
 

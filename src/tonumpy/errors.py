@@ -92,7 +92,7 @@ class FileFormatError(TonumpyError, ValueError):
 class MissingDependencyError(TonumpyError, ImportError):  # type: ignore[misc] # both have .path
     """An optional package a feature needs is not installed; the message names the extra.
 
-    Parquet files need ``pyarrow``: ``pip install 'tonumpy[parquet]'``. It is also an
+    Parquet files need ``pyarrow`` (the ``parquet`` extra). It is also an
     ``ImportError``, so code that checks for a missing package catches it.
     """
 

@@ -77,8 +77,8 @@ def save(
     ``BatchEncoding`` is stored as its items: its tokenizer's ``Encoding`` objects are tokenizer
     state, which no file holds. At most 250 levels of containers are stored.
 
-    A name ending in ``.parquet`` writes a Parquet file instead (``pip install
-    'tonumpy[parquet]'``): one row per example, a column per array leaf whose first dimension is
+    A name ending in ``.parquet`` writes a Parquet file instead (it needs ``pyarrow``, the
+    ``parquet`` extra): one row per example, a column per array leaf whose first dimension is
     the number of rows, everything else in the file's metadata (see the guide "Predictions at
     scale"). ``ml_dtypes`` keeps bfloat16/float8 (stored as their float32 values) for
     ``load(ml_dtypes=True)``; ``compress`` compresses its columns with zstd.
