@@ -24,6 +24,7 @@ from . import (
     _arrays,
     _checkpoint,
     _npyzip,
+    _parquet,
     _safetensors,
     _shards,
     _structure,
@@ -34,11 +35,11 @@ from ._fs import check_input, one_line, open_entry, open_regular, short
 from ._names import STRUCTURE, is_safe_name
 from .errors import FileFormatError, TonumpyError
 
-__all__ = ["OUTPUT_SUFFIXES", "Contents", "is_stored_leaf", "read_file"]
+__all__ = ["OUTPUT_SUFFIXES", "Contents", "is_stored_leaf", "materialise", "read_file"]
 
 _TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
 #: The suffixes of the files tonumpy writes (a directory has none).
-OUTPUT_SUFFIXES = (".npz", ".npy", ".safetensors")
+OUTPUT_SUFFIXES = (".npz", ".npy", ".safetensors", ".parquet")
 
 
 @dataclasses.dataclass
@@ -51,7 +52,8 @@ class Contents:
             arrays otherwise, and plain Python values.
         format: A short description: ``"torch"``, ``"tonumpy npz"``, ``"npz"``, ``"npy"``,
             ``"npy directory"``, ``"tonumpy npy directory"``, ``"tonumpy shards"`` (a set of
-            ``Accumulator`` shards, one per rank), ``"safetensors"`` or
+            ``Accumulator`` shards, one per rank), ``"safetensors"``, ``"tonumpy parquet"``,
+            ``"parquet"`` (a Parquet file tonumpy did not write) or
             ``"hugging face checkpoint"`` (a ``save_pretrained`` directory).
         classes: Key path -> name of the class a container had when saved (display only).
         sources: Key path -> what a leaf was before it was saved (``dtype``, ``device``,
@@ -116,6 +118,8 @@ def read_file(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
         return _guard(path, lambda: _read_npz(path, lazy=lazy))
     if kind == "npy":
         return _guard(path, lambda: Contents(_npyzip.map_npy(path, str(path)), "npy"))
+    if kind == "parquet":
+        return _guard(path, lambda: _read_parquet(path, lazy=lazy))
     return _guard(path, lambda: _read_safetensors(path))
 
 
@@ -129,7 +133,7 @@ def _kind_of(path: Path) -> str:
     if kind is None:
         raise FileFormatError(
             f"{path}: not a file tonumpy reads (.pt/.pth/.bin/.ckpt from torch.save, .npz, "
-            ".npy, .safetensors, or a directory of .npy files or of a checkpoint)"
+            ".npy, .safetensors, .parquet, or a directory of .npy files or of a checkpoint)"
         )
     return kind
 
@@ -149,6 +153,8 @@ def _sniff(path: Path) -> str | None:
                 if names and all(n.endswith(".npy") for n in names):
                     return "npz"
             return None
+    if head.startswith(b"PAR1"):
+        return "parquet"
     if head[:1] == b"\x80":  # a pickle: the legacy torch.save format
         return "torch"
     if len(head) >= 9 and head[8:9] == b"{":
@@ -212,14 +218,14 @@ def _read_npz(path: Path, *, lazy: bool) -> Contents:
             )
             contents = Contents(tree, "tonumpy npz", classes, sources)
         if not lazy:
-            contents.tree = _materialise(contents.tree)
+            contents.tree = materialise(contents.tree)
     finally:
         if not lazy:
             archive.close()
     return contents
 
 
-def _materialise(tree: Any) -> Any:
+def materialise(tree: Any) -> Any:
     """The tree with every lazy member read (each member once, however often it appears)."""
     leaves, spec = _tree.flatten(tree, is_leaf=is_stored_leaf)
     done: dict[int, Any] = {}
@@ -230,6 +236,11 @@ def _materialise(tree: Any) -> Any:
                 done[id(leaf)] = _arrays.from_bits(array, leaf.bits) if leaf.bits else array
             leaves[i] = done[id(leaf)]
     return _tree.unflatten(spec, leaves)
+
+
+def _read_parquet(path: Path, *, lazy: bool) -> Contents:
+    tree, classes, sources, kind = _parquet.read(path, lazy=lazy)
+    return Contents(tree, kind, classes, sources)
 
 
 def _read_safetensors(path: Path) -> Contents:
