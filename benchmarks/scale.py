@@ -10,7 +10,7 @@ take turns, so that a change in the machine's load hits every route):
 * ``tonumpy.save(x.parquet)``: the whole result as a Parquet file (fixed-size lists, no
   compression), row groups of about 64 MiB;
 * Parquet row groups as batches arrive: ``to_columns`` of each batch, one row group each
-  (``tonumpy._parquet.RowGroupWriter``, what ``Accumulator(format="parquet")`` builds on);
+  (``tonumpy.io._parquet.RowGroupWriter``, what ``Accumulator(format="parquet")`` builds on);
 * ``Accumulator(directory=)``: each batch appended to ``.npy`` files that grow, then
   ``result()``.
 
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import tonumpy  # noqa: E402
-from tonumpy._parquet import RowGroupWriter, require_pyarrow  # noqa: E402
+from tonumpy.io._parquet import RowGroupWriter, require_pyarrow  # noqa: E402
 
 BATCH = 64
 SIZES = {False: (4096, 128, 112, 64), True: (256, 16, 32, 16)}  # rows, L, V, H

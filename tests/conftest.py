@@ -23,6 +23,6 @@ def engine_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     runs the engine's grouping, packing, staging and unpacking, and sees its copies in flight
     until they are waited for.
     """
-    from tonumpy import _transfer
+    from tonumpy._convert import _transfer
 
     monkeypatch.setattr(_transfer, "FORCE_CPU", True)

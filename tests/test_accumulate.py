@@ -23,9 +23,10 @@ from hypothesis.extra import numpy as hnp
 
 import tonumpy
 from _trees import assert_same_tree
-from tonumpy import Accumulator, ConversionError, _storage, concat
-from tonumpy._columns import Column, copy_padded
-from tonumpy._pad import check_pad_value, pad_value_for
+from tonumpy import Accumulator, ConversionError, concat
+from tonumpy._combine import _storage
+from tonumpy._combine._columns import Column, copy_padded
+from tonumpy._combine._pad import check_pad_value, pad_value_for
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -843,7 +844,7 @@ _CRASH_SCRIPT = textwrap.dedent(
     import os, signal, sys
     import numpy as np, torch
     from tonumpy import Accumulator
-    from tonumpy import _storage
+    from tonumpy._combine import _storage
 
     directory, crash_after, mid_append = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     acc = Accumulator(pad_value={"labels": -100}, directory=directory)

@@ -285,7 +285,7 @@ def test_every_walking_function_refuses() -> None:
 
 def test_object_too_large_to_search_is_refused() -> None:
     """An object holding more objects than the search budget is refused, not passed unchecked."""
-    big = Holder([Holder(i) for i in range(tonumpy._opaque.BUDGET + 10)])
+    big = Holder([Holder(i) for i in range(tonumpy._tree._opaque.BUDGET + 10)])
     with pytest.raises(UnsupportedLeafError, match=r"too many to check"):
         to_numpy({"big": big})
     assert to_numpy({"big": big}, is_leaf=lambda x: isinstance(x, Holder))["big"] is big
@@ -295,7 +295,7 @@ def test_large_plain_containers_of_values_are_searched_for_free() -> None:
     """A set of 200,000 ints (or an object holding a huge list of strings) holds no tensor:
     it passes, whatever the budget; one tensor among such values is still found."""
     many = set(range(200_000))
-    holder = Holder(["x"] * (tonumpy._opaque.BUDGET + 10))
+    holder = Holder(["x"] * (tonumpy._tree._opaque.BUDGET + 10))
     out = to_numpy({"many": many, "holder": holder})
     assert out["many"] is many
     assert out["holder"] is holder

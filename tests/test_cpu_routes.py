@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from _trees import assert_same_tree
-from tonumpy import UnsupportedLeafError, _bulk, _tree, convert, to_numpy
+from tonumpy import UnsupportedLeafError, _tree, convert, to_numpy
+from tonumpy._convert import _bulk
 
 # All 65,536 bfloat16 bit patterns (NaN payloads, infinities, subnormals, both zeros).
 _ALL_BF16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)

@@ -21,8 +21,8 @@ import torch
 
 import tonumpy
 from _trees import CONTAINERS
-from tonumpy import _structure
 from tonumpy import io as tio
+from tonumpy._format import _structure
 
 DATA = Path(__file__).resolve().parent / "data" / "format_v1"
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import _hostile
 import tonumpy.io
-from tonumpy import _npyzip
+from tonumpy._format import _npyzip
 
 GROWTH_MIB = 200  # a refused case may grow its process by this much at most (imports, buffers)
 

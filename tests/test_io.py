@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tonumpy
-from tonumpy import _names
 from tonumpy import io as tio
+from tonumpy._format import _names
 
 Point = namedtuple("Point", "x y")
 

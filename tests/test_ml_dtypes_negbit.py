@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tonumpy
-from tonumpy import _transfer
+from tonumpy._convert import _transfer
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 

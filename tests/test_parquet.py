@@ -16,7 +16,7 @@ import torch
 import tonumpy
 import tonumpy.cli
 from _hostile import run_corpus
-from tonumpy._parquet import META_KEY, RowGroupWriter
+from tonumpy.io._parquet import META_KEY, RowGroupWriter
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -2,12 +2,12 @@
 
 ``test_cpu_routes.py`` (the CPU routes of ``to_numpy``) and ``test_transfer.py`` (the engine)
 cover the main routes. The tests here give the remaining inputs that a CPU can take through
-the router (``tonumpy.convert``), the bulk passes (``tonumpy._bulk``), the careful converter
-(``tonumpy._leaf``), the engine (``tonumpy._transfer``, run on CPU tensors with the
-``engine_on_cpu`` fixture) and the column policy (``tonumpy._columns``), so that every line of
-those modules that a CPU can reach is run by some test (checked with ``coverage``). Each test
-checks the result against a reference built from torch or NumPy directly, never which route
-ran.
+the router (``tonumpy.convert``), the bulk passes (``tonumpy._convert._bulk``), the careful
+converter (``tonumpy._convert._leaf``), the engine (``tonumpy._convert._transfer``, run on CPU
+tensors with the ``engine_on_cpu`` fixture) and the column policy (``tonumpy._combine._columns``),
+so that every line of those modules that a CPU can reach is run by some test (checked with
+``coverage``). Each test checks the result against a reference built from torch or NumPy directly,
+never which route ran.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from _trees import assert_same_tree
 from tonumpy import (
     ConversionError,
     UnsupportedLeafError,
-    _transfer,
     concat,
     to_numpy,
     to_numpy_async,
     to_torch,
 )
+from tonumpy._convert import _transfer
 
 F32 = np.float32
 

@@ -26,7 +26,7 @@ import _hostile
 import tonumpy
 from _trees import assert_same_tree
 from tonumpy import Accumulator, ConversionError, FileFormatError, OptionError, gather
-from tonumpy._indices import _missing, resolve
+from tonumpy._combine._indices import _missing, resolve
 from tonumpy.cli import main
 
 # ---------------------------------------------------------------------------- the padding rule
@@ -367,7 +367,8 @@ _CRASH = textwrap.dedent(
     """
     import os, signal, sys
     import torch
-    from tonumpy import Accumulator, _storage
+    from tonumpy import Accumulator
+    from tonumpy._combine import _storage
     parent, crash_at = sys.argv[1], int(sys.argv[2])
     acc = Accumulator(directory=parent, shard=(0, 1), pad_value=-100)
     for i in range(10):
@@ -421,7 +422,9 @@ def test_resume_trims_the_room_a_file_grew_with(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file grown with room to spare (longer rows every batch) resumes to the exact shape."""
-    monkeypatch.setattr(tonumpy._storage, "_REWRITE_SLACK", 0)  # grow by half again at once
+    monkeypatch.setattr(
+        tonumpy._combine._storage, "_REWRITE_SLACK", 0
+    )  # grow by half again at once
 
     def batch(i: int) -> dict[str, torch.Tensor]:  # longer rows up to 16, then short ones
         return {"ids": torch.full((2, 1 + 3 * i if i < 6 else 2), i)}

@@ -210,7 +210,7 @@ def test_numpy_scalars_become_tensors_and_other_objects_are_refused(tmp_path: Pa
 def test_ml_dtypes_arrays_keep_their_dtype(tmp_path: Path) -> None:
     """An ml_dtypes bfloat16/float8 array leaf becomes a tensor of that dtype, bit for bit."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    from tonumpy import _torchsave
+    from tonumpy.io import _torchsave
 
     values = np.array([1.5, -2.25, 0.0], dtype=np.float32)
     tree = {

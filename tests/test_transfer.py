@@ -25,12 +25,12 @@ from _trees import LEAVES, assert_same_tree
 from tonumpy import (
     ConversionError,
     PendingTransfer,
-    _transfer,
     to_numpy,
     to_numpy_async,
 )
+from tonumpy._convert import _transfer
+from tonumpy._convert._staging import POOL
 from tonumpy._dtypes import widen_bfloat16_bits
-from tonumpy._staging import POOL
 
 # ------------------------------------------------------------------------------------ helpers
 

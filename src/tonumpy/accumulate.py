@@ -9,9 +9,10 @@ accumulated is ever copied again by a later append). With ``directory=`` each le
 ``.npy`` file instead, for predictions larger than RAM.
 
 How a leaf combines across batches (kind, rank, axis, dtype, padding) is the column policy of
-``tonumpy._columns``, shared with ``gather`` and ``Activations.concat``; where the rows live
-is ``tonumpy._storage``; the directory format is ``tonumpy._directory``'s. ``reduce=`` and
-``exclude=`` (``tonumpy._select``) act on each batch before it is converted.
+``tonumpy._combine._columns``, shared with ``gather`` and ``Activations.concat``; where the rows
+live is ``tonumpy._combine._storage``; the directory format is ``tonumpy._combine._directory``'s.
+``reduce=`` and ``exclude=`` (``tonumpy._combine._select``) act on each batch before it is
+converted.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ import numpy as np
 from optree import PyTreeSpec
 
 from . import _options, _tree
-from ._columns import Column, check_chunk, concat_arrays, join, rows_first
-from ._directory import Directory
+from ._combine._columns import Column, check_chunk, concat_arrays, join, rows_first
+from ._combine._directory import Directory
+from ._combine._indices import as_index
+from ._combine._pad import PadValue, check_pad_option
+from ._combine._select import Pattern, Selection
+from ._combine._shards import Progress, Recovered, recover, recovered_index, shard_name
+from ._combine._storage import GrowingNpy, Slabs
+from ._convert._transfer import PendingTransfer
 from ._dtypes import is_ml_dtype, ml_dtypes_module
-from ._indices import as_index
-from ._pad import PadValue, check_pad_option
-from ._select import Pattern, Selection
-from ._shards import Progress, Recovered, recover, recovered_index, shard_name
-from ._storage import GrowingNpy, Slabs
-from ._transfer import PendingTransfer
 from .convert import convert_flat, start
 from .errors import ConversionError, OptionError
 

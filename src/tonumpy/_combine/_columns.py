@@ -2,8 +2,8 @@
 
 [`tonumpy.concat`][], [`tonumpy.Accumulator`][] (in memory and with ``directory=``),
 [`tonumpy.gather`][] and [`tonumpy.Activations.concat`][] all join, for every place in a tree,
-the values it holds in each chunk. A [`Column`][tonumpy._columns.Column] decides, the same way
-for all of them, chunk by chunk:
+the values it holds in each chunk. A [`Column`][tonumpy._combine._columns.Column] decides, the same
+way for all of them, chunk by chunk:
 
 * **kind**: an array with at least one dimension (concatenated along ``axis``), a 0-d value
   (one row per chunk: a loss) or anything else (a list with one value per chunk); a leaf keeps
@@ -17,11 +17,11 @@ for all of them, chunk by chunk:
   ``int64`` and ``uint64``, ``bool`` and ``float16``... where values would be rounded) is an
   error naming the leaf. Chunks with no rows decide nothing, unless every chunk is empty;
 * **shape**: every dimension but ``axis`` is padded to its largest size over the chunks (chunks
-  with no rows take no part), with the leaf's ``pad_value`` (``tonumpy._pad``), which must
+  with no rows take no part), with the leaf's ``pad_value`` (``tonumpy._combine._pad``), which must
   fit the result dtype exactly: padding never changes a dtype. Without a pad value, chunks that
   differ there are an error naming the leaf and the shapes.
 
-[`concat_arrays`][tonumpy._columns.concat_arrays] then builds the result in one allocation,
+[`concat_arrays`][tonumpy._combine._columns.concat_arrays] then builds the result in one allocation,
 every byte written once.
 """
 
@@ -33,10 +33,10 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from optree import PyTreeSpec
 
-from . import _tree
-from ._dtypes import is_ml_dtype
+from .. import _tree
+from .._dtypes import is_ml_dtype
+from ..errors import ConversionError
 from ._pad import PadValue, pad_value_for
-from .errors import ConversionError
 
 __all__ = [
     "Column",
@@ -208,7 +208,7 @@ class Column:
 
     # -- adding a chunk
     def commit(self, state: _State) -> None:
-        """Adopt the state [`check`][tonumpy._columns.Column.check] returned."""
+        """Adopt the state [`check`][tonumpy._combine._columns.Column.check] returned."""
         self.state = state
 
     def check(self, kind: Kind, dtype: Any, shape: tuple[int, ...] | None, name: str) -> _State:

@@ -2,11 +2,11 @@
 
 A directory holds a structure (``__tonumpy__.json``: the tree's containers, keys, each array
 leaf's file name and exact dtype, the values of the other leaves) and one ``.npy`` file per
-array leaf. [`Directory`][tonumpy._directory.Directory] writes the structure of a tree whose
-leaves are [`Column`][tonumpy._columns.Column]s (created exclusively: never another run's
-structure), rewrites it (a new file renamed over it) when a column's dtype changes, and records
-the values of the non-array leaves at the end. The ``.npy`` files themselves are
-``tonumpy._storage``'s.
+array leaf. [`Directory`][tonumpy._combine._directory.Directory] writes the structure of a tree
+whose leaves are [`Column`][tonumpy._combine._columns.Column]s (created exclusively: never another
+run's structure), rewrites it (a new file renamed over it) when a column's dtype changes, and
+records the values of the non-array leaves at the end. The ``.npy`` files themselves are
+``tonumpy._combine._storage``'s.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 from optree import PyTreeSpec
 
-from . import _names, _options, _structure, _tree
+from .. import _options, _tree
+from .._format import _names, _structure
+from ..errors import ConversionError
 from ._columns import Column
 from ._storage import stored_dtype
-from .errors import ConversionError
 
 __all__ = ["Directory"]
 

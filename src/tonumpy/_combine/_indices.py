@@ -1,10 +1,11 @@
 """Dataset indices: every row's item number, rows put back in dataset order, and the proof.
 
 ``Accumulator.append(batch, index=...)`` keeps one dataset index per row. ``gather`` (every
-rank's indices travel with its metadata) and the reader of a set of shards (``tonumpy._shards``)
-then call [`resolve`][tonumpy._indices.resolve] on the indices of every rank, in rank order, to
-learn where each row goes: rows sorted by index, repeats dropped, and, with ``num_items``, a
-check that every index of ``range(num_items)`` appears exactly once.
+rank's indices travel with its metadata) and the reader of a set of shards
+(``tonumpy._combine._shards``) then call [`resolve`][tonumpy._combine._indices.resolve] on the
+indices of every rank, in rank order, to learn where each row goes: rows sorted by index, repeats
+dropped, and, with ``num_items``, a check that every index of ``range(num_items)`` appears exactly
+once.
 
 Telling the padding of a sampler from a genuine duplicate (the rule, documented in
 ``docs/guides/scale-shards.md``): padding samplers (``DistributedSampler``, accelerate's
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConversionError
+from ..errors import ConversionError
 
 __all__ = ["as_index", "resolve"]
 

@@ -2,7 +2,7 @@
 
 ``concat``, ``Accumulator``, ``gather`` and ``Activations.concat`` take the same option: a
 value for every leaf, a mapping from key-path pattern to value (the patterns of
-``tonumpy._select``: a key path or a bare key; prefixes cover whole subtrees, ``()`` is a
+``tonumpy._combine._select``: a key path or a bare key; prefixes cover whole subtrees, ``()`` is a
 default), or a callable ``(path, dtype) -> value``. [`pad_value_for`][] resolves it for one
 leaf; [`check_pad_value`][] decides whether the leaf's dtype holds the value exactly,
 because padding never changes a dtype and never wraps a value around.
@@ -16,11 +16,11 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from ._dtypes import is_ml_dtype
-from ._options import check_callable_signature
+from .._dtypes import is_ml_dtype
+from .._options import check_callable_signature
+from .._tree import format_path
+from ..errors import ConversionError
 from ._select import lookup
-from ._tree import format_path
-from .errors import ConversionError
 
 __all__ = ["PadValue", "check_pad_option", "check_pad_value", "pad_value_for"]
 

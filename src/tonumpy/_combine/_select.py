@@ -10,12 +10,12 @@ per leaf (``pad_value``'s mappings, ``reduce``, ``exclude``):
 * ``()``: the whole tree.
 
 A leaf is covered by a pattern when the pattern is its key path or a prefix of it; where several
-patterns of a mapping cover a leaf, the longest wins ([`lookup`][tonumpy._select.lookup]).
+patterns of a mapping cover a leaf, the longest wins ([`lookup`][tonumpy._combine._select.lookup]).
 
-[`Selection`][tonumpy._select.Selection] applies ``exclude=`` (the nodes the patterns name are
-replaced by ``None``, as if the model had returned nothing there) and then ``reduce=`` (a function
-runs on each tensor a pattern covers, on its device, before anything is converted) to each batch,
-for ``concat``, ``Accumulator`` and ``gather``.
+[`Selection`][tonumpy._combine._select.Selection] applies ``exclude=`` (the nodes the patterns name
+are replaced by ``None``, as if the model had returned nothing there) and then ``reduce=`` (a
+function runs on each tensor a pattern covers, on its device, before anything is converted) to each
+batch, for ``concat``, ``Accumulator`` and ``gather``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import optree
 import torch
 from optree import PyTreeSpec
 
-from . import _tree
-from ._options import check_callable_signature
-from .errors import OptionError
+from .. import _tree
+from .._options import check_callable_signature
+from ..errors import OptionError
 
 __all__ = [
     "Pattern",

@@ -7,21 +7,21 @@ Every ``Accumulator(directory=)`` directory keeps, beside its structure and ``.n
   after the rows...)`` (``-1`` rows for a leaf without a file; the shape is the leaf's padded
   shape, which a file grown with room to spare exceeds until ``result()`` trims it). After a
   crash, the last row says which rows are whole; ``resume=True`` cuts every file back to it
-  ([`recover`][tonumpy._shards.recover]);
+  ([`recover`][tonumpy._combine._shards.recover]);
 * ``__index__.npy``: with ``append(..., index=)``, each row's dataset index;
 * ``__shard__.json``: what the files alone do not say (each leaf's kind: per-sample ``array``,
   per-batch ``scalar``, ``object``; whether rows carry indices; each leaf's pad value) and
   whether the directory is **complete**: ``result()`` or ``close()`` marks it so, with the
   number of batches then; a later ``append`` makes it incomplete again.
 
-Leaf file names never start with ``_`` (``tonumpy._names``), so these names are free.
+Leaf file names never start with ``_`` (``tonumpy._format._names``), so these names are free.
 
 A *set of shards* is a directory holding ``rank-RRRRR-of-WWWWW/`` directories, one per rank,
-each such a directory ([`shard_name`][tonumpy._shards.shard_name]). ``tonumpy.load`` (and
-``show``, ``convert``) read it as one tree ([`read_set`][tonumpy._shards.read_set]): every
+each such a directory ([`shard_name`][tonumpy._combine._shards.shard_name]). ``tonumpy.load`` (and
+``show``, ``convert``) read it as one tree ([`read_set`][tonumpy._combine._shards.read_set]): every
 rank present, every shard complete, one structure; per-sample rows in dataset order (by their
-indices, padding dropped and ``num_items`` verified by ``tonumpy._indices``; without indices,
-in rank order), per-batch values in rank order.
+indices, padding dropped and ``num_items`` verified by ``tonumpy._combine._indices``; without
+indices, in rank order), per-batch values in rank order.
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays, _names, _npyzip, _structure, _tree
+from .. import _tree
+from .._format import _arrays, _names, _npyzip, _structure
+from .._format._fs import open_entry, short
+from ..errors import FileFormatError, TonumpyError
 from ._columns import Column, copy_padded
-from ._fs import open_entry, short
 from ._indices import resolve
 from ._storage import GrowingNpy
-from .errors import FileFormatError, TonumpyError
 
 __all__ = [
     "INDEX",
@@ -106,7 +107,7 @@ def _fill_value(data: Any) -> np.ndarray | None:
 
 @dataclasses.dataclass
 class Recovered:
-    """What [`recover`][tonumpy._shards.recover] found in an incomplete directory."""
+    """What [`recover`][tonumpy._combine._shards.recover] found in an incomplete directory."""
 
     names: list[str]  # the array leaves' file names, in the structure's order
     kinds: list[str]  # each leaf's kind (by leaf of the tree)

@@ -1,12 +1,13 @@
 """Where accumulated rows live: large slabs in memory, or a ``.npy`` file that grows.
 
-[`tonumpy.Accumulator`][] copies each batch of a leaf once, into a [`Slabs`][tonumpy._storage.Slabs]
-(in memory) or a [`GrowingNpy`][tonumpy._storage.GrowingNpy] (with ``directory=``), and never
-touches it again until ``result()``. Both are about bytes and memory, not about trees: the
-column policy (``tonumpy._columns``) has already decided each batch's dtype and padded shape.
+[`tonumpy.Accumulator`][] copies each batch of a leaf once, into a
+[`Slabs`][tonumpy._combine._storage.Slabs] (in memory) or a
+[`GrowingNpy`][tonumpy._combine._storage.GrowingNpy] (with ``directory=``), and never touches it
+again until ``result()``. Both are about bytes and memory, not about trees: the column policy
+(``tonumpy._combine._columns``) has already decided each batch's dtype and padded shape.
 
 ``bfloat16``/``float8`` rows (``ml_dtypes``) are stored in files as their bits, unsigned
-integers of the same size ([`stored_dtype`][tonumpy._storage.stored_dtype]), the one bit
+integers of the same size ([`stored_dtype`][tonumpy._combine._storage.stored_dtype]), the one bit
 representation of every tonumpy file; the directory's structure names the real dtype.
 """
 
@@ -21,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from .._dtypes import is_ml_dtype
 from ._columns import copy_padded
-from ._dtypes import is_ml_dtype
 
 __all__ = ["GrowingNpy", "Slabs", "stored_dtype"]
 

@@ -1,7 +1,7 @@
 """The measured CPU passes: a whole flat list of plain CPU tensors converted at once.
 
-Per leaf, the careful converter (``tonumpy._leaf``) costs several torch calls; most trees are
-made of plain CPU tensors for which one call is the whole conversion. [`convert`][] tries that
+Per leaf, the careful converter (``tonumpy._convert._leaf``) costs several torch calls; most trees
+are made of plain CPU tensors for which one call is the whole conversion. [`convert`][] tries that
 in one list comprehension, and declines (returns ``None``) for anything it does not handle, so
 that the router's per-leaf loop converts the leaves instead, with errors that name the path.
 Each pass is kept because ``benchmarks/run.py`` shows what it buys:
@@ -10,7 +10,7 @@ Each pass is kept because ``benchmarks/run.py`` shows what it buys:
   ``cpu``/``resolve_conj``/``resolve_neg`` dispatcher round trips that ``force=True`` adds. It
   refuses tensors that require grad, so a tree whose first tensor requires grad (W3: they
   usually all do) starts with ``t.numpy(force=True)`` instead, and such arrays are made
-  read-only (see ``tonumpy._leaf.tensor_to_numpy``);
+  read-only (see ``tonumpy._convert._leaf.tensor_to_numpy``);
 * **the low-precision pass** (W6: 1.5x -> 1.0x the float32 baseline): bfloat16 leaves of one
   shape are stacked and widened with one cast, float8/bfloat16 viewed as ``ml_dtypes`` with
   ``ml_dtypes=True``.
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _dtypes
+from .. import _dtypes
 from ._leaf import PLAIN, LeafError
 
 __all__ = ["convert"]

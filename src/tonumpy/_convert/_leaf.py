@@ -5,8 +5,8 @@ dtype: it detaches, unwraps ordinary subclasses, densifies sparse layouts, dequa
 resolves conjugate/negative bits, widens the dtypes NumPy lacks (or views their bits as
 ``ml_dtypes``), brings the data to the host, and refuses what has no data to read (meta, fake
 and functorch-wrapped tensors) with a reason. It knows nothing of trees: the router
-([`tonumpy.convert`][]) and the engine (``tonumpy._transfer``) call it per leaf, and
-[`convert_checked`][tonumpy._leaf.convert_checked] turns a refusal into an error naming the
+([`tonumpy.convert`][]) and the engine (``tonumpy._convert._transfer``) call it per leaf, and
+[`convert_checked`][tonumpy._convert._leaf.convert_checked] turns a refusal into an error naming the
 leaf's path.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from optree import PyTreeSpec
 
-from . import _dtypes, _tree
-from ._options import Copy
-from .errors import ConversionError, TonumpyError, UnsupportedLeafError
+from .. import _dtypes, _tree
+from .._options import Copy
+from ..errors import ConversionError, TonumpyError, UnsupportedLeafError
 
 __all__ = [
     "PLAIN",
@@ -43,8 +43,8 @@ _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # noqa:
 class LeafError(Exception):
     """A refusal raised by per-leaf code, which does not know the leaf's path.
 
-    [`convert_checked`][tonumpy._leaf.convert_checked] (or the caller that knows the path) turns
-    it into an [`UnsupportedLeafError`][tonumpy.UnsupportedLeafError] (``unsupported``) or a
+    [`convert_checked`][tonumpy._convert._leaf.convert_checked] (or the caller that knows the path)
+    turns it into an [`UnsupportedLeafError`][tonumpy.UnsupportedLeafError] (``unsupported``) or a
     [`ConversionError`][tonumpy.ConversionError].
     """
 

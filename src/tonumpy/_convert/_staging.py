@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import OptionError
+from ..errors import OptionError
 
 __all__ = ["POOL", "empty_pinned_pool", "set_pinned_pool_limit"]
 

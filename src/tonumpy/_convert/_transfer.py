@@ -26,7 +26,7 @@ whole flat list of leaves in one go:
 
 This module is the engine only: the router in [`tonumpy.convert`][] decides which leaves come
 here. Only CUDA tensors (ROCm reports itself as CUDA) do; MPS and every other device take the
-careful, blocking per-leaf converter (``tonumpy._leaf``; C18: MPS races both ways). Leaves
+careful, blocking per-leaf converter (``tonumpy._convert._leaf``; C18: MPS races both ways). Leaves
 the engine does not handle (sparse, quantized, nested, float4, subclasses, ...) are listed in
 the batch's ``careful`` and converted by that converter too, so the results are always the
 ones [`tonumpy.to_numpy`][] gives.
@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from optree import PyTreeSpec
 
-from . import _dtypes, _tree
-from ._options import Copy
+from .. import _dtypes, _tree
+from .._options import Copy
 from ._staging import POOL
 
 __all__ = ["CHUNK_BYTES", "FORCE_CPU", "SMALL_BYTES", "PendingTransfer", "enqueue", "finish"]

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _dtypes
-from .convert import to_numpy
-from .errors import ConversionError, FileFormatError, TonumpyError
+from .. import _dtypes
+from ..convert import to_numpy
+from ..errors import ConversionError, FileFormatError, TonumpyError
 
 __all__ = [
     "CHUNK",

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import FileFormatError
+from ..errors import FileFormatError
 
 __all__ = [
     "atomic_dir",

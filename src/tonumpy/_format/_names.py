@@ -81,7 +81,7 @@ def _sanitise(text: str) -> str:
 
 
 def is_safe_name(name: str) -> bool:
-    """Whether ``name`` is one [`unique_names`][tonumpy._names.unique_names] could make.
+    """Whether ``name`` is one [`unique_names`][tonumpy._format._names.unique_names] could make.
 
     Such a name is one plain file inside the directory: no separator, no ``..``, not hidden.
 

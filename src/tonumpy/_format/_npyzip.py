@@ -31,9 +31,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ..errors import FileFormatError
 from ._arrays import CHUNK, LazyArray
 from ._fs import open_regular, short
-from .errors import FileFormatError
 
 __all__ = ["Archive", "Member", "NpyHeader", "check_members", "map_npy", "read_header"]
 

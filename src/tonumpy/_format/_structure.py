@@ -1,27 +1,28 @@
 """A tree's structure as JSON: containers, keys and their order, plain values, class names.
 
 Writers store every array leaf under a file name made from its key path and the rest of the
-tree as JSON; readers rebuild the tree from that JSON ([`decode`][tonumpy._structure.decode]),
-checking every part of it: a tampered structure is a [`FileFormatError`][tonumpy.FileFormatError],
-never a crash. The structure is walked with tonumpy's one walker ([`tonumpy._tree.flatten`][]
-and [`tonumpy._tree.outline`][]), so a file holds what [`tonumpy.to_numpy`][] walks: every
-container it knows (registered with optree in the ``"tonumpy"`` namespace included), stored as
-a ``dict`` (its keys: mapping keys, namedtuple and ``torch.return_types`` fields, dataclass
-fields and other attributes), a ``list`` (lists, deques, ``UserList``) or a ``tuple`` (tuples,
-transformers caches), with its class name.
+tree as JSON; readers rebuild the tree from that JSON
+([`decode`][tonumpy._format._structure.decode]), checking every part of it: a tampered structure is
+a [`FileFormatError`][tonumpy.FileFormatError], never a crash. The structure is walked with
+tonumpy's one walker ([`tonumpy._tree.flatten`][] and [`tonumpy._tree.outline`][]), so a file holds
+what [`tonumpy.to_numpy`][] walks: every container it knows (registered with optree in the
+``"tonumpy"`` namespace included), stored as a ``dict`` (its keys: mapping keys, namedtuple and
+``torch.return_types`` fields, dataclass fields and other attributes), a ``list`` (lists, deques,
+``UserList``) or a ``tuple`` (tuples, transformers caches), with its class name.
 
 What a writer outside ``io`` (``Accumulator(directory=)``) uses, the small public API of this
 module:
 
-* [`plan(tree, ml_dtypes=..., is_leaf=...)`][tonumpy._structure.plan] walks a tree once and
-  returns a [`Plan`][tonumpy._structure.Plan]: ``Plan.names`` (the unique, safe file name of
+* [`plan(tree, ml_dtypes=..., is_leaf=...)`][tonumpy._format._structure.plan] walks a tree once and
+  returns a [`Plan`][tonumpy._format._structure.Plan]: ``Plan.names`` (the unique, safe file name of
   each array leaf, without ``.npy``), ``Plan.paths`` (their key paths), ``Plan.leaves``,
   ``Plan.flat`` (each array leaf's index in [`tonumpy._tree.flatten`][]'s list),
   ``Plan.complete(index, dtype_name, stored)`` (record how array ``index`` is stored: the
   ``ml_dtypes`` name when it holds bits, the stored dtype) and ``Plan.structure_bytes()`` (the
   JSON, once every array is complete).
-* [`tonumpy._names.unique_names(paths)`][tonumpy._names.unique_names]: the file names alone.
-* ``STRUCTURE`` (from [`tonumpy._names`][]): the structure file is ``STRUCTURE + ".json"``
+* [`tonumpy._format._names.unique_names(paths)`][tonumpy._format._names.unique_names]: the file
+  names alone.
+* ``STRUCTURE`` (from [`tonumpy._format._names`][]): the structure file is ``STRUCTURE + ".json"``
   in a directory, the member ``STRUCTURE + ".npy"`` of a ``.npz``.
 
 Names depend only on the key paths of the array leaves, in order: a writer that grows arrays
@@ -59,10 +60,11 @@ import optree
 import torch
 from optree import PyTreeSpec
 
-from . import _arrays, _containers, _dtypes, _hf, _tree
+from .. import _dtypes, _tree
+from ..errors import ConversionError, FileFormatError
+from . import _arrays
 from ._fs import one_line, short
 from ._names import dotted, unique_names
-from .errors import ConversionError, FileFormatError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -101,7 +103,7 @@ def meta_error(file: Path, path: tuple[Any, ...], leaf: torch.Tensor) -> FileFor
 
 
 class Node(NamedTuple):
-    """One node of a tree as it is stored, as [`walk`][tonumpy._structure.walk] lists them.
+    """One node of a tree as it is stored, as [`walk`][tonumpy._format._structure.walk] lists them.
 
     ``path`` holds the stored keys from the root (field names for namedtuples); ``kind`` is
     ``"dict"``, ``"list"`` or ``"tuple"`` for a container, ``"none"`` for ``None`` and
@@ -123,7 +125,7 @@ class Walk:
     """A tree walked once: its leaves, its treespec and every node, in stored order.
 
     ``leaves`` and ``spec`` are what [`tonumpy._tree.flatten`][] gives; ``nodes`` lists every
-    node, parents first, as [`walk`][tonumpy._structure.walk] describes them.
+    node, parents first, as [`walk`][tonumpy._format._structure.walk] describes them.
     """
 
     leaves: list[Any]
@@ -141,8 +143,8 @@ _LISTS = (list, deque, UserList)
 def _kind_of(cls: type) -> str:
     if optree.is_namedtuple_class(cls) or optree.is_structseq_class(cls):
         return "fields"
-    if _hf.is_batch_encoding(cls):
-        return "items"  # its tokenizer's Encoding objects are tokenizer state, not data
+    if _tree.attributes_are_state(cls):
+        return "items"  # e.g. a BatchEncoding's Encoding objects: tokenizer state, not data
     if issubclass(cls, Mapping):
         return "dict"
     if issubclass(cls, _LISTS):
@@ -161,7 +163,7 @@ def _container(cls: type, keys: tuple[Any, ...], kinds: dict[type, str]) -> tupl
     if kind == "dict":
         return kind, keys
     if kind == "items":
-        return "dict", tuple(None if isinstance(k, _containers.Attr) else k for k in keys)
+        return "dict", tuple(None if isinstance(k, _tree.Attr) else k for k in keys)
     if kind == "fields":
         fields = (
             optree.namedtuple_fields(cls)
@@ -244,7 +246,7 @@ class Plan:
         structure: The JSON structure (``{"format", "version", "tree"}``).
         names: The file name of each array leaf (unique, safe, without ``.npy``); the
             structure lists them. A ``.safetensors`` writer puts the exact tensor names
-            ([`tonumpy._names.tensor_name`][]) in their place before it writes.
+            ([`tonumpy._format._names.tensor_name`][]) in their place before it writes.
         leaves: The array leaves, in stored order (the order of ``names``).
         paths: The key path of each array leaf (stored keys: field names for namedtuples).
         flat: The index of each array leaf in the list [`tonumpy._tree.flatten`][] gives.

@@ -2,13 +2,15 @@
 
 Every tonumpy function that takes a tree walks it here. optree knows dict, OrderedDict,
 defaultdict, list, tuple, namedtuple, deque and ``torch.return_types``; the other containers
-(``tonumpy._containers``, and the transformers objects of ``tonumpy._hf``) are registered
+(``_tree._containers``, and what an integration registers through ``_tree._integrations``,
+such as the transformers objects of ``tonumpy.integrations``) are registered
 lazily, and only inside the ``"tonumpy"`` namespace, the first time one shows up as a leaf: the
 leaves' types are checked after each flatten, and the tree is flattened again if a new node type
 was registered. Every other leaf type is classified once: *atomic* types (tensors, arrays,
 strings, numbers, ``None``, C types with no Python-visible state, ...) cost nothing from then
 on; instances of other types are searched, and one that holds a tensor is refused
-(``tonumpy._opaque``), so that no tensor leaves tonumpy unconverted unless ``is_leaf`` kept it.
+(``tonumpy._tree._opaque``), so that no tensor leaves tonumpy unconverted unless ``is_leaf`` kept
+it.
 
 Threads: classification and registration happen under one lock, and a type is published as a
 node only once optree knows it. A flatten that ran while another thread registered (or evicted)
@@ -37,15 +39,19 @@ import optree
 import torch
 from optree import PyTreeSpec
 
-from . import _containers, _hf, _opaque
-from ._containers import NAMESPACE, NodeError
-from .errors import ConversionError, UnsupportedLeafError
+from ..errors import ConversionError, UnsupportedLeafError
+from . import _containers, _integrations, _opaque
+from ._containers import NAMESPACE, Attr, NodeError
+from ._integrations import Integration, attributes_are_state, register_integration
 
 __all__ = [
     "MAX_NODE_TYPES",
     "NAMESPACE",
+    "Attr",
+    "Integration",
     "Node",
     "Sketch",
+    "attributes_are_state",
     "difference_error",
     "first_difference",
     "flatten",
@@ -54,6 +60,7 @@ __all__ = [
     "leaf_path",
     "leaf_paths",
     "outline",
+    "register_integration",
     "require_same",
     "same_structure",
     "sketch",
@@ -121,12 +128,7 @@ def _decide(cls: type[Any]) -> str:
         return _FOREIGN
     if issubclass(cls, (torch.Tensor, *_opaque.ATOMIC_BASES)):
         return _ATOMIC
-    if _hf.is_cache(cls):
-        register: Callable[[type[Any]], None] | None = _hf.register_cache
-    elif _hf.is_batch_encoding(cls):
-        register = _hf.register_batch_encoding
-    else:
-        register = _containers.registrar(cls)
+    register = _integrations.registrar(cls) or _containers.registrar(cls)
     if register is None:
         return _ATOMIC if _opaque.is_atomic(cls) else _SEARCH
     try:

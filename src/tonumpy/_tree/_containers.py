@@ -422,7 +422,7 @@ def register_userdict(
     ``config`` names attributes kept in the metadata (compared, never converted); ``wrap`` may
     replace extra attribute values by leaves of its own before the walk (it gets the names and
     the values list) and ``unwrap`` turns them back on the rebuilt instance: the hooks
-    ``tonumpy._hf`` uses for ``BatchEncoding``'s per-row state.
+    ``tonumpy.integrations._transformers`` uses for ``BatchEncoding``'s per-row state.
     """
     layout = _Layout(cls, ("data", *config))
 

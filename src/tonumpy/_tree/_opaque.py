@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UnsupportedLeafError
 from ._containers import has_instance_dict, slot_names
-from .errors import UnsupportedLeafError
 
 # Value types (and their subclasses) that never hold a tensor worth finding.
 ATOMIC_BASES: tuple[type, ...] = (

@@ -3,20 +3,21 @@
 Every rank calls [`gather`][] with its own tree (or [`tonumpy.Accumulator`][]), of one
 structure everywhere. The call costs one small metadata exchange (``all_gather_object``: a
 structure fingerprint, each leaf's shape and dtype, the options, and the values of non-tensor
-leaves), checked on every rank alike (``tonumpy._metadata``): anything that can go wrong there
-makes *every* rank raise the same error before any data moves, instead of leaving the others
+leaves), checked on every rank alike (``tonumpy.distributed._metadata``): anything that can go wrong
+there makes *every* rank raise the same error before any data moves, instead of leaving the others
 waiting in a collective forever.
 
-The tensor data then moves in rounds (``tonumpy._packing``): every rank's leaves are cut into
-pieces of whole rows, at most ``chunk_bytes`` per rank and round (bfloat16 and float8 as
+The tensor data then moves in rounds (``tonumpy.distributed._packing``): every rank's leaves are cut
+into pieces of whole rows, at most ``chunk_bytes`` per rank and round (bfloat16 and float8 as
 their raw bits), packed into one ``uint8`` buffer per rank, padded to the longest buffer of the
 round (gloo rejects uneven ``all_gather``, and crashes on zero-element ones), and all-gathered
 (or gathered to ``dst``): **one** collective per round, and one round for trees up to
 ``chunk_bytes`` per rank (by default 64 MiB per round in all, shared among the ranks).
 Receivers copy each piece straight to its rows of the result
-(``tonumpy._destination``: padded, in rank or dataset order), so they hold the result (or, with
-``directory=``, nothing of it) plus one round. PyTorch's distributed engine (gloo on CPU, NCCL on
-GPU) does all the communication; ``torch.distributed`` is imported only when ``gather`` runs.
+(``tonumpy.distributed._destination``: padded, in rank or dataset order), so they hold the result
+(or, with ``directory=``, nothing of it) plus one round. PyTorch's distributed engine (gloo on CPU,
+NCCL on GPU) does all the communication; ``torch.distributed`` is imported only when ``gather``
+runs.
 """
 
 from __future__ import annotations
@@ -30,10 +31,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import _metadata, _options
-from ._columns import Column, rows_first
+from .. import _options
+from .._combine._columns import Column, rows_first
+from .._combine._indices import resolve
+from .._combine._pad import PadValue, check_pad_option
+from .._combine._select import Pattern, Selection
+from ..accumulate import Accumulator, gather_input
+from ..convert import convert_flat
+from ..errors import OptionError
+from . import _metadata
 from ._destination import Destination
-from ._indices import resolve
 from ._packing import (
     DTENSOR,
     OBJECT,
@@ -47,12 +54,7 @@ from ._packing import (
     rows_first_bytes,
     unpack,
 )
-from ._pad import PadValue, check_pad_option
 from ._sampler import check_sampler, sample_positions, sampler_info
-from ._select import Pattern, Selection
-from .accumulate import Accumulator, gather_input
-from .convert import convert_flat
-from .errors import OptionError
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed import ProcessGroup

@@ -2,13 +2,14 @@
 
 The rows arrive in pieces (some rows of one leaf of one rank, rows first), round after round.
 Before the first one, the metadata of every rank has told the receiver everything about the
-result: each leaf's dtype, padded shape and pad value (its [`Column`][tonumpy._columns.Column],
-the policy ``concat`` and ``Accumulator`` follow), and where every row of every rank goes. So
-a [`Destination`][tonumpy._destination.Destination] allocates each leaf's result once, in
+result: each leaf's dtype, padded shape and pad value (its
+[`Column`][tonumpy._combine._columns.Column], the policy ``concat`` and ``Accumulator`` follow), and
+where every row of every rank goes. So a
+[`Destination`][tonumpy.distributed._destination.Destination] allocates each leaf's result once, in
 memory or as a ``.npy`` file of its final size in a directory (the directory format of
-``tonumpy._directory``), and copies each piece, padded, straight to its rows: a receiver
-holds the result (or nothing, with a directory) plus one round of pieces, never every rank's
-bytes and the result at once.
+``tonumpy._combine._directory``), and copies each piece, padded, straight to its rows: a receiver
+holds the result (or nothing, with a directory) plus one round of pieces, never every rank's bytes
+and the result at once.
 
 Where a row goes:
 
@@ -29,11 +30,11 @@ from typing import Any
 import numpy as np
 from optree import PyTreeSpec
 
-from . import _tree
-from ._columns import Column, copy_padded
-from ._directory import Directory
+from .. import _tree
+from .._combine._columns import Column, copy_padded
+from .._combine._directory import Directory
+from .._combine._storage import GrowingNpy
 from ._packing import info_rows
-from ._storage import GrowingNpy
 
 __all__ = ["Destination"]
 

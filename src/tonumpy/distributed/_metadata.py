@@ -1,11 +1,11 @@
 """What every rank sends ``gather`` before any data, and the checks made on it everywhere.
 
-Each rank's metadata is one tuple (see [`payload`][tonumpy._metadata.payload]): a structure
-fingerprint, each leaf's description (``tonumpy._packing.Info``), the options, its sampler's
-attributes, and which leaves hold one value per batch. Every rank receives every rank's tuple
-and runs the same checks on the same data, so a problem anywhere (a rank that failed to prepare
-its tree, another structure, dtype or number of dimensions, a ragged leaf without a pad value,
-other options) makes *every* rank raise the same error, before any data moves, instead of
+Each rank's metadata is one tuple (see [`payload`][tonumpy.distributed._metadata.payload]): a
+structure fingerprint, each leaf's description (``tonumpy.distributed._packing.Info``), the options,
+its sampler's attributes, and which leaves hold one value per batch. Every rank receives every
+rank's tuple and runs the same checks on the same data, so a problem anywhere (a rank that failed to
+prepare its tree, another structure, dtype or number of dimensions, a ragged leaf without a pad
+value, other options) makes *every* rank raise the same error, before any data moves, instead of
 leaving the others waiting in a collective.
 """
 
@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 from optree import PyTreeSpec
 
-from . import _tree
-from ._columns import Column
+from .. import _tree
+from .._combine._columns import Column
+from .._combine._pad import PadValue
+from ..errors import ConversionError
 from ._packing import Info, info_kind, info_rows, numpy_dtype
-from ._pad import PadValue
-from .errors import ConversionError
 
 __all__ = [
     "OPTIONS",

@@ -1,15 +1,16 @@
 """One rank's tree as byte buffers for ``gather``, sent in rounds, and the rows back from them.
 
-[`prepare`][tonumpy._packing.prepare] describes every leaf of a rank's flattened tree (its
-code, dtype, shape and size, or its pickled value); [`make_pieces`][tonumpy._packing.make_pieces]
-reads each leaf's bytes (failing there, where every rank learns of it, never in a collective).
-The data then travels in **rounds**: [`plan_rounds`][tonumpy._packing.plan_rounds] cuts every
-rank's leaves, along the concatenation axis, into pieces of whole rows, at most about
-``chunk_bytes`` per rank and round (a single row larger than that travels alone), the same plan
-on every rank since it is made from the exchanged metadata alone;
-[`pack_round`][tonumpy._packing.pack_round] lays a round's pieces out in one ``uint8`` buffer
-(each piece 16-byte aligned), and [`unpack`][tonumpy._packing.unpack] cuts a received buffer
-back into rows. A receiver therefore holds one round of every rank's bytes at a time.
+[`prepare`][tonumpy.distributed._packing.prepare] describes every leaf of a rank's flattened tree
+(its code, dtype, shape and size, or its pickled value);
+[`make_pieces`][tonumpy.distributed._packing.make_pieces] reads each leaf's bytes (failing there,
+where every rank learns of it, never in a collective). The data then travels in **rounds**:
+[`plan_rounds`][tonumpy.distributed._packing.plan_rounds] cuts every rank's leaves, along the
+concatenation axis, into pieces of whole rows, at most about ``chunk_bytes`` per rank and round (a
+single row larger than that travels alone), the same plan on every rank since it is made from the
+exchanged metadata alone; [`pack_round`][tonumpy.distributed._packing.pack_round] lays a round's
+pieces out in one ``uint8`` buffer (each piece 16-byte aligned), and
+[`unpack`][tonumpy.distributed._packing.unpack] cuts a received buffer back into rows. A receiver
+therefore holds one round of every rank's bytes at a time.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import numpy as np
 import torch
 from optree import PyTreeSpec
 
-from . import _dtypes, _tree
-from ._columns import Kind
-from ._leaf import PLAIN, convert_checked
-from .errors import ConversionError
+from .. import _dtypes, _tree
+from .._combine._columns import Kind
+from .._convert._leaf import PLAIN, convert_checked
+from ..errors import ConversionError
 
 __all__ = [
     "ALIGN",

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _tree
+from .. import _tree
+from ..errors import ConversionError
 from ._packing import info_kind
-from .errors import ConversionError
 
 __all__ = ["check_sampler", "dataset_order", "sample_positions", "sampler_info"]
 

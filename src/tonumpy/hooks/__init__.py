@@ -1,8 +1,8 @@
 """Logging hooks: capture what modules take and return, as NumPy, without stalling the GPU.
 
 [`capture`][] registers forward hooks on the modules of a model chosen by name (patterns over
-``named_modules()`` names: ``tonumpy._module_patterns``; [`module_names`][] is the dry run), and
-removes them when its ``with`` block ends, however it ends. Each captured call is detached at
+``named_modules()`` names: ``tonumpy.hooks._module_patterns``; [`module_names`][] is the dry run),
+and removes them when its ``with`` block ends, however it ends. Each captured call is detached at
 once, so no autograd graph is kept alive, and copied, so later in-place changes made by the
 model (``ReLU(inplace=True)``, optimiser steps) cannot reach it:
 
@@ -18,7 +18,7 @@ model (``ReLU(inplace=True)``, optimiser steps) cannot reach it:
 crosses the bus instead of the whole activation.
 
 What was captured is read from an [`Activations`][tonumpy.Activations] mapping
-(``tonumpy._activations``); [`tonumpy.numpy_args`][] (``tonumpy._numpy_args``) is the other
+(``tonumpy.hooks._activations``); [`tonumpy.numpy_args`][] (``tonumpy._numpy_args``) is the other
 half of logging, a decorator that hands a logging function NumPy wherever it got tensors.
 """
 
@@ -31,14 +31,15 @@ from typing import Any
 
 import torch
 
-from . import _module_patterns, _options, _tree
+from .. import _options, _tree
+from .._convert._transfer import PendingTransfer
+from ..convert import start
+from ..errors import CaptureError
+from . import _module_patterns
 from ._activations import Activations, record
 from ._module_patterns import ModulePattern
-from ._transfer import PendingTransfer
-from .convert import start
-from .errors import CaptureError
 
-__all__ = ["capture", "module_names"]
+__all__ = ["Activations", "capture", "module_names"]
 
 # -1 outside a backward pass; private, but what torch.utils.checkpoint itself relies on.
 _graph_task_id: Callable[[], int] = getattr(

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _options, _tree
-from ._columns import join
-from ._pad import PadValue, check_pad_option
-from .errors import ConversionError, OptionError
+from .. import _options, _tree
+from .._combine._columns import join
+from .._combine._pad import PadValue, check_pad_option
+from ..errors import ConversionError, OptionError
 
 __all__ = ["Activations", "record"]
 

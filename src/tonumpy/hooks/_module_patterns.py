@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeAlias
 
-from .errors import CaptureError
+from ..errors import CaptureError
 
 __all__ = ["ModulePattern", "choose", "matcher", "patterns"]
 

@@ -25,13 +25,14 @@ the result's ``encodings`` is ``None`` rather than another batch's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import _containers
-from ._containers import NodeError, NodeMeta
+from .._tree import _containers
+from .._tree._containers import NodeError, NodeMeta
 
 _CACHE_MODULE = "transformers.cache_utils"
 _ENCODING_MODULE = "transformers.tokenization_utils_base"
@@ -154,3 +155,12 @@ def _unwrap(new: Any, meta: NodeMeta) -> None:
 def register_batch_encoding(cls: type[Any]) -> None:
     """A ``UserDict`` whose per-row ``encodings`` travel as a 1-d object array (see above)."""
     _containers.register_userdict(cls, wrap=_wrap, unwrap=_unwrap, config=("_n_sequences",))
+
+
+def registrar(cls: type[Any]) -> Callable[[type[Any]], None] | None:
+    """How the walker registers ``cls`` if it is a cache or a ``BatchEncoding``, else ``None``."""
+    if is_cache(cls):
+        return register_cache
+    if is_batch_encoding(cls):
+        return register_batch_encoding
+    return None

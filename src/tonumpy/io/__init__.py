@@ -29,13 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _arrays, _options, _parquet, _safetensors, _structure, _torchsave, _tree
-from ._fs import atomic_dir, atomic_file, check_not_nested, exists_error, short
-from ._names import STRUCTURE, is_safe_name
+from .. import _options, _tree
+from .._combine._shards import SHARD
+from .._format import _arrays, _structure
+from .._format._fs import atomic_dir, atomic_file, check_not_nested, exists_error, short
+from .._format._names import STRUCTURE, is_safe_name
+from ..convert import to_numpy
+from ..errors import FileFormatError, UnsafeFileError, UnsupportedLeafError
+from . import _parquet, _safetensors, _torchsave
 from ._readers import OUTPUT_SUFFIXES, Contents, is_stored_leaf, materialise, read_file
-from ._shards import SHARD
-from .convert import to_numpy
-from .errors import FileFormatError, UnsafeFileError, UnsupportedLeafError
 
 __all__ = [
     "Contents",

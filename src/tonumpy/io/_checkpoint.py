@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._format._fs import check_entry, open_entry, short
+from ..errors import FileFormatError
 from . import _safetensors
-from ._fs import check_entry, open_entry, short
-from .errors import FileFormatError
 
 __all__ = ["is_checkpoint", "read"]
 

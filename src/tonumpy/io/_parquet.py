@@ -28,7 +28,7 @@ encoded data), before it reads any data; rows are read a row group at a time int
 allocated once. Files tonumpy did not write are read as pyarrow reads them.
 
 ``pyarrow`` is imported only when a Parquet file is read or written
-([`require_pyarrow`][tonumpy._parquet.require_pyarrow]).
+([`require_pyarrow`][tonumpy.io._parquet.require_pyarrow]).
 """
 
 from __future__ import annotations
@@ -46,10 +46,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _dtypes, _pad, _structure
-from ._arrays import CHUNK, LazyArray
-from ._fs import _commit_file, _create_file, _parent_of, exists_error, open_regular, short
-from .errors import ConversionError, FileFormatError, MissingDependencyError
+from .. import _dtypes
+from .._combine import _pad
+from .._format import _structure
+from .._format._arrays import CHUNK, LazyArray
+from .._format._fs import _commit_file, _create_file, _parent_of, exists_error, open_regular, short
+from ..errors import ConversionError, FileFormatError, MissingDependencyError
 
 __all__ = [
     "FORMAT",
@@ -392,7 +394,7 @@ class RowGroupWriter:
 
 
 def _key_path(name: str) -> tuple[Any, ...]:
-    from .table import key_path  # noqa: PLC0415 - table imports convert; this module is lighter
+    from ..table import key_path  # noqa: PLC0415 - table imports convert; this module is lighter
 
     return key_path(name)
 
@@ -440,7 +442,7 @@ def write(
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Write a whole tree: row groups of about [`ROW_GROUP_BYTES`][] each, then the metadata."""
-    from .table import tabulate  # noqa: PLC0415 - see _key_path
+    from ..table import tabulate  # noqa: PLC0415 - see _key_path
 
     require_pyarrow()
     table = tabulate(tree, where=where, per_batch="keep", ml_dtypes=ml_dtypes, is_leaf=is_leaf)
@@ -569,7 +571,7 @@ def read(
     A file tonumpy wrote is rebuilt from its metadata; any other Parquet file gives nested
     dicts keyed by [`tonumpy.table.key_path`][] of its column names, a column whose rows
     differ in shape a list of per-row arrays. With ``lazy``, fixed-shape columns of a file
-    tonumpy wrote are checked but not read ([`tonumpy._arrays.LazyArray`][] leaves), unless
+    tonumpy wrote are checked but not read ([`tonumpy._format._arrays.LazyArray`][] leaves), unless
     its structure has ``per_row`` nodes (their rows are split, which needs the data).
     """
     pa, pq = require_pyarrow()
@@ -581,7 +583,7 @@ def read(
             raise _bad(path, "two columns have one name")
         if raw is None:
             columns = {n: _read_plain(pa, pf, path, n) for n in names}
-            from .table import nest  # noqa: PLC0415 - see _key_path
+            from ..table import nest  # noqa: PLC0415 - see _key_path
 
             return nest(columns), {}, {}, "parquet"
         meta = _parse_meta(path, raw)
@@ -606,7 +608,7 @@ def read(
             columns[name] = _read_column(pa, pf, path, name, described[name], rows, lazy=lazy)
         values = _decode_values(path, meta["values"])
     if structure is None:
-        from .table import nest  # noqa: PLC0415 - see _key_path
+        from ..table import nest  # noqa: PLC0415 - see _key_path
 
         return nest({**columns, **values}), {}, {}, "tonumpy parquet"
 
@@ -634,7 +636,7 @@ def read(
         f"the key-value metadata {META_KEY.decode()!r}",
     )
     if per_row:
-        from .table import split_rows  # noqa: PLC0415 - see _key_path
+        from ..table import split_rows  # noqa: PLC0415 - see _key_path
 
         for stored in per_row if isinstance(per_row, list) else []:
             tree = split_rows(tree, tuple(stored) if isinstance(stored, list) else ())
@@ -727,7 +729,7 @@ def _read_column(  # noqa: PLR0917 - one private reader of one column
     pad = spec.get("pad")
     if pad is None:
         return row_list
-    from .table import stack_rows  # noqa: PLC0415 - see _key_path
+    from ..table import stack_rows  # noqa: PLC0415 - see _key_path
 
     return stack_rows(row_list, _key_path(name), ragged="pad", pad_value=pad, where=str(path))
 

@@ -1,10 +1,10 @@
 """Reading every kind of file tonumpy reads into [`Contents`][tonumpy.io.Contents], safely.
 
-``torch.save`` files ([`tonumpy._torchfile`][]), ``.npz`` and ``.npy`` files
-([`tonumpy._npyzip`][]), ``.safetensors`` files ([`tonumpy._safetensors`][]), directories of
-``.npy`` files (with the structure in ``__tonumpy__.json``, as ``convert`` and
+``torch.save`` files ([`tonumpy.io._torch`][]), ``.npz`` and ``.npy`` files
+([`tonumpy._format._npyzip`][]), ``.safetensors`` files ([`tonumpy.io._safetensors`][]), directories
+of ``.npy`` files (with the structure in ``__tonumpy__.json``, as ``convert`` and
 ``Accumulator(directory=)`` write them, or without), and Hugging Face checkpoint directories
-([`tonumpy._checkpoint`][]). [`read_file`][tonumpy._readers.read_file] is the one entry; the
+([`tonumpy.io._checkpoint`][]). [`read_file`][tonumpy.io._readers.read_file] is the one entry; the
 public functions of [`tonumpy.io`][] and the command line call it. Whatever a parser raises on
 a damaged file becomes a [`FileFormatError`][tonumpy.FileFormatError] naming the file.
 """
@@ -20,20 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from . import (
-    _arrays,
-    _checkpoint,
-    _npyzip,
-    _parquet,
-    _safetensors,
-    _shards,
-    _structure,
-    _torchfile,
-    _tree,
-)
-from ._fs import check_input, one_line, open_entry, open_regular, short
-from ._names import STRUCTURE, is_safe_name
-from .errors import FileFormatError, TonumpyError
+from .. import _tree
+from .._combine import _shards
+from .._format import _arrays, _npyzip, _structure
+from .._format._fs import check_input, one_line, open_entry, open_regular, short
+from .._format._names import STRUCTURE, is_safe_name
+from ..errors import FileFormatError, TonumpyError
+from . import _checkpoint, _parquet, _safetensors
+from ._torch import read_torch
 
 __all__ = ["OUTPUT_SUFFIXES", "Contents", "is_stored_leaf", "materialise", "read_file"]
 
@@ -91,7 +85,7 @@ def is_stored_leaf(x: Any) -> bool:
 def read_file(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
     """Read ``path``, any kind tonumpy reads.
 
-    With ``lazy``, the members of a ``.npz`` stay unread ([`tonumpy._arrays.LazyArray`][]:
+    With ``lazy``, the members of a ``.npz`` stay unread ([`tonumpy._format._arrays.LazyArray`][]:
     their headers only, for ``show`` and for streaming copies); otherwise every member is read
     and checked, and the leaves of a ``torch.save`` file are not yet verified
     (``Contents.verify``).
@@ -181,7 +175,7 @@ def _guard(path: Path, reader: Callable[[], Contents]) -> Contents:
 
 
 def _read_torch(path: Path, *, unsafe_load: bool) -> Contents:
-    tree, classes, sources, checksums = _torchfile.read_torch(path, unsafe_load=unsafe_load)
+    tree, classes, sources, checksums = read_torch(path, unsafe_load=unsafe_load)
     verify = checksums.verify if checksums is not None else None
     return Contents(tree, "torch", classes, sources, verify=verify)
 

@@ -20,11 +20,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from . import _arrays, _dtypes
-from ._fs import open_regular, short
-from ._names import STRUCTURE, tensor_name
-from ._structure import Plan
-from .errors import ConversionError, FileFormatError
+from .. import _dtypes
+from .._format import _arrays
+from .._format._fs import open_regular, short
+from .._format._names import STRUCTURE, tensor_name
+from .._format._structure import Plan
+from ..errors import ConversionError, FileFormatError
 
 __all__ = ["read", "write"]
 
@@ -345,7 +346,7 @@ def write(
 ) -> None:
     """Write the array leaves of ``plan`` (exact dtypes), its structure in the metadata.
 
-    Each tensor is named by its key path ([`tonumpy._names.tensor_name`][]): the keys of a
+    Each tensor is named by its key path ([`tonumpy._format._names.tensor_name`][]): the keys of a
     flat dict are its tensors' names. ``metadata`` (the source file's, say) is kept;
     ``progress(i)`` follows each leaf.
 

@@ -1,6 +1,6 @@
 """Writing ``.pt`` files that ``torch.load(weights_only=True)`` reads: back to PyTorch.
 
-A tree that a reader made ([`tonumpy._readers`][]: ``dict``, ``list`` and ``tuple`` containers)
+A tree that a reader made ([`tonumpy.io._readers`][]: ``dict``, ``list`` and ``tuple`` containers)
 is written with ``torch.save``: every array leaf as a tensor of its exact dtype (bfloat16 and
 float8 stored as bits come back as those dtypes), ``str``, ``int``, ``float``, ``bool``,
 ``None``, ``bytes`` and ``complex`` as they are. A tensor at several places in the tree is
@@ -9,7 +9,7 @@ dataclass, a ``ModelOutput``: the class name recorded in ``Contents.classes``) c
 by the weights-only unpickler; they are refused, naming the key path, unless the caller asks
 for plain containers (they are then written as dicts). An ``OrderedDict`` stays one.
 
-The file is written atomically ([`tonumpy._fs.atomic_file`][]) and loaded back with
+The file is written atomically ([`tonumpy._format._fs.atomic_file`][]) and loaded back with
 ``torch.load(weights_only=True, mmap=True)`` before it is renamed into place: what cannot be
 read that way is never written.
 """
@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _arrays, _dtypes
-from ._fs import atomic_file, escape, one_line
-from ._names import dotted
-from .errors import ConversionError
+from .. import _dtypes
+from .._format import _arrays
+from .._format._fs import atomic_file, escape, one_line
+from .._format._names import dotted
+from ..errors import ConversionError
 
 __all__ = ["write"]
 

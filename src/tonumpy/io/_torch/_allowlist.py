@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._fs import short
-from .errors import UnsafeFileError
+from ..._format._fs import short
+from ...errors import UnsafeFileError
 
 __all__ = ["Name", "Refused", "allowed", "allowed_names", "classify", "qualified", "stand_in"]
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from ._fs import short
-from .errors import FileFormatError, UnsafeFileError
+from ..._format._fs import short
+from ...errors import FileFormatError, UnsafeFileError
 
 __all__ = ["Scan", "Storage", "scan"]
 

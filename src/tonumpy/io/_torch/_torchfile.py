@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..._format._fs import open_regular, short
+from ..._format._names import dotted
+from ..._format._npyzip import check_members
+from ...errors import FileFormatError, TonumpyError, UnsafeFileError
 from . import _allowlist, _pickle_scan
-from ._fs import open_regular, short
-from ._names import dotted
-from ._npyzip import check_members
-from .errors import FileFormatError, TonumpyError, UnsafeFileError
 
 __all__ = ["Checksums", "read_torch"]
 
