@@ -1,7 +1,8 @@
 """Tiny Hugging Face models from configs, their batches, and a reference recorder of outputs.
 
-For the capture tests (tests/test_capture_hf.py, tests/test_tensorboard.py): what each module
-did is recorded by plain forward hooks, so expected values come from torch itself, not tonumpy.
+For the capture tests (tests/hooks/test_capture_hf.py, tests/hooks/test_tensorboard.py): what each
+module did is recorded by plain forward hooks, so expected values come from torch itself, not
+tonumpy.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import Any
 import torch
 import transformers
 
-import _models
-from _docs_fixtures import tiny_bert as bert
-from _models import tiny_t5
+from _helpers import models as _models
+from _helpers.docs_fixtures import tiny_bert as bert
+from _helpers.models import tiny_t5
 
 
 def gpt2() -> Any:

@@ -1,4 +1,4 @@
-"""Named fixtures for the code blocks of the docs (see tests/test_docs_code.py).
+"""Named fixtures for the code blocks of the docs (see tests/docs/test_docs_code.py).
 
 A page asks for them with ``<!-- docs-test: fixtures NAME ... -->``; each is a function of a
 `PageContext` that returns the names it defines in the page's namespace. The models are tiny
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-import _models
+from _helpers import models as _models
 
 VOCAB = 99
 # 10 examples (not a multiple of the batch size), lengths chosen so that every batch of 4 is

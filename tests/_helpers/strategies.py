@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-from _trees import Plain, Point
+from _helpers.trees import Plain, Point
 
 # dtypes that survive to_torch(to_numpy(x, ml_dtypes=True)) exactly
 ROUND_TRIP_DTYPES = [

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import tonumpy
-from _trees import assert_same_tree
+from _helpers.trees import assert_same_tree
 from tonumpy import Accumulator, ConversionError, concat
 from tonumpy._combine import _storage
 from tonumpy._combine._columns import Column, copy_padded

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from test_accumulator_threads import fast_switching  # noqa: F401 - a fixture used below
 
 import tonumpy
-from _models import tiny_bert, tiny_t5
-from test_accumulator_threads import fast_switching  # noqa: F401 - a fixture used below
+from _helpers.models import tiny_bert, tiny_t5
 from tonumpy import Accumulator, ConversionError, OptionError, concat
 
 LENGTHS = (5, 9, 3, 7)  # sequence lengths of the batches: every batch ragged against another

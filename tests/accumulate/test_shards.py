@@ -1,7 +1,7 @@
 """Tests of dataset indices (``append(index=)``), rank shards merged on read, and ``resume=True``.
 
 The gloo runs (1-4 ranks: ``gather(acc)`` with indices, shards written with no collective) are
-in ``tests/test_shards_distributed.py``; these run in one process.
+in ``tests/distributed/test_shards_distributed.py``; these run in one process.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DistributedSampler
 
-import _hostile
 import tonumpy
-from _trees import assert_same_tree
+from _helpers import hostile as _hostile
+from _helpers.trees import assert_same_tree
 from tonumpy import Accumulator, ConversionError, FileFormatError, OptionError, gather
 from tonumpy._combine._indices import _missing, resolve
 from tonumpy.cli import main

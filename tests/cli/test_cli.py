@@ -17,7 +17,7 @@ import tonumpy
 from tonumpy import cli
 from tonumpy import io as tio
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "model_outputs.pt"
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-import _hostile
 import tonumpy
+from _helpers import hostile as _hostile
 from tonumpy import cli
 from tonumpy import io as tio
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tonumpy
-from _trees import (
+from _helpers.trees import (
     CONTAINERS,
     LEAVES,
     Frozen,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from _trees import assert_same_tree
+from _helpers.trees import assert_same_tree
 from tonumpy import UnsupportedLeafError, _tree, convert, to_numpy
 from tonumpy._convert import _bulk
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 
-from _trees import assert_same_tree
-from strategies import reference_to_numpy, trees
+from _helpers.strategies import reference_to_numpy, trees
+from _helpers.trees import assert_same_tree
 from tonumpy import to_numpy, to_torch
 
 _SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from _trees import assert_same_tree
+from _helpers.trees import assert_same_tree
 from tonumpy import (
     ConversionError,
     UnsupportedLeafError,

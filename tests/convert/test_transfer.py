@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tonumpy
-from _trees import LEAVES, assert_same_tree
+from _helpers.trees import LEAVES, assert_same_tree
 from tonumpy import (
     ConversionError,
     PendingTransfer,

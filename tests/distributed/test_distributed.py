@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import tonumpy
-from _trees import assert_same_tree
+from _helpers.trees import assert_same_tree
 from tonumpy import ConversionError, gather
 
 WORLDS = (1, 2, 3)
@@ -49,12 +49,14 @@ def _launch(
     """Run ``world`` workers of ``scenario``; return each rank's results and the Popen objects.
 
     ``script`` is the test file whose ``__main__`` runs a worker
-    (``tests/test_shards_distributed.py`` launches its own). Raises TimeoutError if the workers
-    have not all exited within ``timeout`` seconds. Every worker (started in its own session)
-    has its whole process group killed in any case.
+    (``tests/distributed/test_shards_distributed.py`` launches its own). Raises TimeoutError if the
+    workers have not all exited within ``timeout`` seconds. Every worker (started in its own
+    session) has its whole process group killed in any case.
     """
     out = Path(tempfile.mkdtemp(prefix="tonumpy-gather-"))
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONWARNINGS="error")
+    tests = str(Path(__file__).resolve().parents[1])  # the workers import tests/_helpers
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
     procs = []
     try:
         for rank in range(world):
@@ -733,8 +735,9 @@ def _check_directory_destination_errors(rank: int, world: int) -> None:
 
 def _check_guide_recipe(rank: int, world: int) -> None:
     """The distributed guide's code blocks, as written, on a tiny BERT in every rank."""
-    import _docs_fixtures
     import test_docs_code
+
+    from _helpers import docs_fixtures as _docs_fixtures
 
     page = test_docs_code.ROOT / "docs" / "guides" / "distributed.md"
 

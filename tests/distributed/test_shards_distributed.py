@@ -1,7 +1,7 @@
 """Dataset indices and rank shards over real gloo process groups of 1 to 4 ranks.
 
-As in ``tests/test_distributed.py`` (whose launcher this file uses): each world size is one
-launch of that many workers (this file run as a script) that run every check in ``CHECKS``.
+As in ``tests/distributed/test_distributed.py`` (whose launcher this file uses): each world size is
+one launch of that many workers (this file run as a script) that run every check in ``CHECKS``.
 Every rank evaluates a tiny "model" on its share of an 11-item dataset (an uneven last batch)
 and appends each batch with its dataset indices: from an iterable dataset split by rank (no
 sampler), or from a ``DistributedSampler`` (padded to even ranks), shuffled and not.
@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from test_distributed import RUN_TIMEOUT, _init, _launch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 import tonumpy
-from _trees import assert_same_tree
-from test_distributed import RUN_TIMEOUT, _init, _launch
+from _helpers.trees import assert_same_tree
 from tonumpy import Accumulator, ConversionError, gather
 
 WORLDS = (1, 2, 3, 4)

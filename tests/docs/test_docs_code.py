@@ -27,7 +27,7 @@ A page steers the runner with HTML comments, invisible on the site. Each starts 
     run the next block although it is not Python: a ``bash``/``sh``/``shell`` block runs with
     ``bash -euo pipefail`` in the page's directory.
 ``<!-- docs-test: fixtures NAME ... -->``
-    define the names that the fixtures of tests/_docs_fixtures.py return (tiny Hugging Face
+    define the names that the fixtures of tests/_helpers/docs_fixtures.py return (tiny Hugging Face
     models from configs, loaders of variable-length batches, a one-rank process group, ...).
 ``<!-- docs-test: setup`` (newline) ``CODE`` (newline) ``-->``
     run hidden Python ``CODE`` in the page's namespace at this point (definitions a block
@@ -55,9 +55,9 @@ from typing import Any
 import pytest
 
 import tonumpy
-from _docs_fixtures import FIXTURES, PageContext
+from _helpers.docs_fixtures import FIXTURES, PageContext
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 PYTHON = {"python", "py", "python3", "py3"}

@@ -17,7 +17,7 @@ import pytest
 
 import tonumpy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import mkdocs_hooks  # noqa: E402

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import tonumpy
-from _trees import Point, ToyOutput
+from _helpers.trees import Point, ToyOutput
 from tonumpy import (
     Activations,
     CaptureError,

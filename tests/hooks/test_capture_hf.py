@@ -17,7 +17,7 @@ import tonumpy
 from tonumpy import CaptureError, ConversionError, capture
 
 transformers = pytest.importorskip("transformers")
-from _capture_models import MODELS, Recorded, Unknown, batch, bert, gpt2  # noqa: E402
+from _helpers.capture_models import MODELS, Recorded, Unknown, batch, bert, gpt2  # noqa: E402
 
 
 def run(model: Any, *lengths: int, **options: Any) -> tuple[tonumpy.Activations, Recorded]:

@@ -22,11 +22,11 @@ pytest.importorskip("transformers")
 from tensorboard.backend.event_processing.event_accumulator import (
     EventAccumulator,
 )
-
-from _capture_models import Recorded
 from test_docs_code import PageRun, parse_page
 
-ROOT = Path(__file__).resolve().parent.parent
+from _helpers.capture_models import Recorded
+
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tensorboard_logging.py"
 GUIDE = ROOT / "docs" / "guides" / "logging-hooks.md"
 STEPS, EVERY, BATCH = 21, 10, 16  # step 20, the last, is captured: logged after the loop

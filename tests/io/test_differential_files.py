@@ -40,10 +40,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import _hostile
 import tonumpy
 import tonumpy.cli
 import tonumpy.io as tio
+from _helpers import hostile as _hostile
 
 SEED = 19
 TREES = 40  # trees per direction; the mutations come on top

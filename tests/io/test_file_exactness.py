@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import tonumpy
-from _models import tiny_bert
+from _helpers.models import tiny_bert
 from tonumpy import _dtypes, cli
 from tonumpy import io as tio
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 import tonumpy
-from _trees import CONTAINERS
+from _helpers.trees import CONTAINERS
 from tonumpy import io as tio
 from tonumpy._format import _structure
 
-DATA = Path(__file__).resolve().parent / "data" / "format_v1"
+DATA = Path(__file__).resolve().parents[1] / "data" / "format_v1"
 
 
 def structure_of(path: Path) -> Any:

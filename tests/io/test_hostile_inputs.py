@@ -22,8 +22,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import _hostile
 import tonumpy.io
+from _helpers import hostile as _hostile
 from tonumpy._format import _npyzip
 
 GROWTH_MIB = 200  # a refused case may grow its process by this much at most (imports, buffers)

@@ -15,7 +15,7 @@ import torch
 
 import tonumpy
 import tonumpy.cli
-from _hostile import run_corpus
+from _helpers.hostile import run_corpus
 from tonumpy.io._parquet import META_KEY, RowGroupWriter
 
 pa = pytest.importorskip("pyarrow")

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 import tonumpy
-from _models import tiny_bert
+from _helpers.models import tiny_bert
 from tonumpy import cli
 from tonumpy import io as tio
 from tonumpy.errors import ConversionError

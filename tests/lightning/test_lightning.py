@@ -21,7 +21,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import tonumpy
-from _trees import assert_same_tree
+from _helpers.trees import assert_same_tree
 from tonumpy import FileFormatError, OptionError
 from tonumpy.lightning import PredictionWriter
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import tonumpy
-from _models import tiny_bert
+from _helpers.models import tiny_bert
 
 # Ray Data's own settings warn about their deprecations when it starts (not tonumpy's business)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
@@ -89,8 +89,10 @@ def _check(rebuilt: Any, reference: Any) -> None:
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[Any]:
     ray = pytest.importorskip("ray")
-    # workers import this module (the UDF's class) and _models: they need tests/ on their path
-    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    # workers import this module (the UDF's class) and _helpers.models: they need its folder
+    # and tests/ on their path
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
     ray.init(
         num_cpus=2,
         include_dashboard=False,

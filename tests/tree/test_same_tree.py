@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from _trees import Plain, Point, _tagged, assert_same_tree
+from _helpers.trees import Plain, Point, _tagged, assert_same_tree
 
 _NAN_PAYLOAD = np.array([0x7FC00001], dtype=np.uint32).view(np.float32)
 _TEXT = "kept"

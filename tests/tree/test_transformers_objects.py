@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from _models import tiny_gpt2, tiny_t5
-from _trees import assert_same_tree
+from _helpers.models import tiny_gpt2, tiny_t5
+from _helpers.trees import assert_same_tree
 from tonumpy import Accumulator, UnsupportedLeafError, apply, concat, to_numpy, to_torch
 
 transformers = pytest.importorskip("transformers")
