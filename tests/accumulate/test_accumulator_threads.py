@@ -78,6 +78,7 @@ def check_against_sequential(out: dict[str, Any]) -> None:
 
 
 def test_in_memory() -> None:
+    """Appends from many threads into an in-memory Accumulator keep every row, as if sequential."""
     acc = tonumpy.Accumulator(pad_value={"ids": -1, "scores": 0.0})
     append_from_threads(acc)
     assert len(acc) == 2 * THREADS * PER_THREAD

@@ -74,6 +74,7 @@ def test_show_example_file() -> None:
 
 
 def test_show_is_coloured_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """show colours dtypes on a terminal only, and never when NO_COLOR is set."""
     monkeypatch.delenv("NO_COLOR", raising=False)
     code, out, _ = run("show", str(EXAMPLE), stdout=Terminal())
     assert code == 0
@@ -84,6 +85,7 @@ def test_show_is_coloured_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_show_stats_counts_nan_and_inf(checkpoint: Path) -> None:
+    """show --stats gives min/max/mean over finite values and counts NaN and Inf apart."""
     code, out, _ = run("show", str(checkpoint), "--stats")
     assert code == 0
     header = out.splitlines()[1].split()
@@ -94,6 +96,7 @@ def test_show_stats_counts_nan_and_inf(checkpoint: Path) -> None:
 
 
 def test_show_depth_summarises_deeper_levels(checkpoint: Path) -> None:
+    """show --depth N folds deeper levels into one row per name; the totals still count all."""
     code, out, _ = run("show", str(checkpoint), "--depth", "1")
     assert code == 0
     assert "layer.weight" not in out
@@ -106,6 +109,7 @@ def test_show_depth_summarises_deeper_levels(checkpoint: Path) -> None:
 
 
 def test_show_converted_npz_records_what_leaves_were(tmp_path: Path) -> None:
+    """show of a converted .npz says what each widened leaf was ("was bfloat16")."""
     dst = tmp_path / "out.npz"
     assert run("convert", str(EXAMPLE), str(dst))[0] == 0
     code, out, _ = run("show", str(dst))
@@ -118,6 +122,7 @@ def test_show_converted_npz_records_what_leaves_were(tmp_path: Path) -> None:
 
 
 def test_show_plain_npy_directory_and_legacy_torch_file(tmp_path: Path) -> None:
+    """show reads a plain folder of .npy files (in name order) and a legacy torch.save file."""
     folder = tmp_path / "plain"
     folder.mkdir()
     np.save(folder / "b.npy", np.zeros((2, 2), np.float16))
@@ -134,6 +139,7 @@ def test_show_plain_npy_directory_and_legacy_torch_file(tmp_path: Path) -> None:
 
 
 def test_show_npy_directory_and_safetensors(tmp_path: Path, checkpoint: Path) -> None:
+    """show reads what convert wrote as a .npy directory and as .safetensors."""
     assert run("convert", str(checkpoint), str(tmp_path / "dir"))[0] == 0
     code, out, _ = run("show", str(tmp_path / "dir"))
     assert code == 0
@@ -303,6 +309,7 @@ def _sorted_leaves(tree: object, path: str = "") -> tuple[list[str], list[object
 
 
 def test_python_dash_m(tmp_path: Path) -> None:
+    """python -m tonumpy runs the command (--version prints the package version)."""
     result = subprocess.run(
         [sys.executable, "-m", "tonumpy", "--version"], capture_output=True, text=True, check=False
     )
@@ -311,6 +318,7 @@ def test_python_dash_m(tmp_path: Path) -> None:
 
 
 def test_convert_ml_dtypes_keeps_bits(tmp_path: Path) -> None:
+    """convert --ml-dtypes keeps bfloat16 bits; without it the leaf is widened, with a note."""
     dst = tmp_path / "exact.npz"
     code, _, err = run("convert", str(EXAMPLE), str(dst), "--ml-dtypes")
     assert code == 0
@@ -323,6 +331,7 @@ def test_convert_ml_dtypes_keeps_bits(tmp_path: Path) -> None:
 
 
 def test_existing_destination_needs_force(tmp_path: Path, checkpoint: Path) -> None:
+    """convert refuses to replace an existing file unless --force, in one line naming the flag."""
     dst = tmp_path / "out.npz"
     dst.write_bytes(b"precious")
     code, out, err = run("convert", str(checkpoint), str(dst))
@@ -389,6 +398,7 @@ def test_errors_are_one_line_with_status_2(
     argv: list[str],
     message: str,
 ) -> None:
+    """Every error (bad file, bad arguments) is one line on stderr with exit status 2."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("hello")
     code, out, err = run(*argv)
@@ -401,6 +411,7 @@ def test_errors_are_one_line_with_status_2(
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    """--debug, before or after the command, adds the traceback to the error."""
     code, _, err = run("--debug", "show", str(tmp_path / "missing.pt"))
     assert code == 2
     assert "Traceback" in err
@@ -432,6 +443,7 @@ def test_malicious_pickle_is_refused_by_the_cli(tmp_path: Path) -> None:
 
 
 def test_unsafe_load_warns(tmp_path: Path) -> None:
+    """A pickle the weights-only loader cannot read is refused naming --unsafe-load, which reads it."""
     src = tmp_path / "p4.pt"
     torch.save({"a": np.ones(2)}, src, pickle_protocol=4)  # beyond the weights-only loader
     code, _, err = run("convert", str(src), str(tmp_path / "a.npz"))
@@ -476,6 +488,7 @@ def test_show_and_convert_agree_on_unpickled_objects(
 def test_progress_bar_only_on_a_terminal_and_for_large_inputs(
     tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """convert draws a progress bar on a terminal only, for inputs above the size threshold."""
     code, _, err = run("convert", str(checkpoint), str(tmp_path / "a.npz"), stderr=Terminal())
     assert code == 0
     assert "converting" not in err  # small input: no bar
@@ -490,6 +503,7 @@ def test_progress_bar_only_on_a_terminal_and_for_large_inputs(
 
 
 def test_bar_draws_percentages() -> None:
+    """The progress bar shows the fraction done as a percentage and clears its line when closed."""
     stream = Terminal()
     bar = cli._Bar(stream, "converting")
     bar(cli.PROGRESS_MIN_BYTES // 2, cli.PROGRESS_MIN_BYTES)
@@ -504,6 +518,7 @@ def test_bar_draws_percentages() -> None:
 def test_help_names_hugging_face_checkpoint_directories(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """The help of show/convert names checkpoint folders, .pt/.pth and --plain-containers."""
     for command in ("show", "convert"):
         assert run(command, "--help")[0] == 0
         text = " ".join(capsys.readouterr().out.split())
@@ -569,6 +584,7 @@ def test_depth_keeps_odd_dotted_names_whole(tmp_path: Path) -> None:
 
 
 def test_depth_on_a_checkpoint_directory(tmp_path: Path) -> None:
+    """show --depth groups the tensors of a Hugging Face checkpoint directory by name segment."""
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
     folder = tmp_path / "ckpt"
     folder.mkdir()

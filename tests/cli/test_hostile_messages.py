@@ -43,6 +43,7 @@ def one_error(err: str) -> str:
 
 
 def test_complex128_to_safetensors_says_which_formats_keep_it(tmp_path: Path) -> None:
+    """complex128 to .safetensors is refused naming the leaf, the dtype and .npz as the way."""
     src = tmp_path / "c.pt"
     torch.save({"spectrum": torch.ones(2, dtype=torch.complex128), "w": torch.ones(2)}, src)
     code, _, err = run("convert", str(src), str(tmp_path / "c.safetensors"))
@@ -59,6 +60,7 @@ def test_complex128_to_safetensors_says_which_formats_keep_it(tmp_path: Path) ->
 
 @pytest.mark.parametrize("name", ["random.npz", "random.npy"])
 def test_random_bytes_get_no_pickle_advice(tmp_path: Path, name: str) -> None:
+    """A file of random bytes is reported as not a known format, with no advice about pickles."""
     path = tmp_path / name
     path.write_bytes(np.random.default_rng(0).bytes(1000))
     code, _, err = run("show", str(path))
@@ -69,6 +71,7 @@ def test_random_bytes_get_no_pickle_advice(tmp_path: Path, name: str) -> None:
 
 
 def test_huge_declared_npy_shape_prints_no_numpy_warnings(tmp_path: Path) -> None:
+    """A .npy declaring an absurd shape gives one error line and no NumPy warning on stderr."""
     path = tmp_path / "huge.npy"
     path.write_bytes(_hostile._npy_header((10**12, 10**12)) + bytes(8))
     result = subprocess.run(
@@ -84,6 +87,7 @@ def test_huge_declared_npy_shape_prints_no_numpy_warnings(tmp_path: Path) -> Non
 
 
 def test_bad_structure_in_safetensors_names_the_file(tmp_path: Path) -> None:
+    """A .safetensors with malformed tonumpy structure metadata is refused naming the file."""
     path = tmp_path / "bad.safetensors"
     header = {
         "__metadata__": {"__tonumpy__": "{not json"},
@@ -97,6 +101,7 @@ def test_bad_structure_in_safetensors_names_the_file(tmp_path: Path) -> None:
 
 
 def test_meta_tensor_advice_fits_a_file(tmp_path: Path) -> None:
+    """A meta tensor in a file is reported at its key path with file advice, not to_empty()."""
     src = tmp_path / "empty_model.pt"
     torch.save({"weight": torch.empty(4, 4, device="meta")}, src)
     code, _, err = run("convert", str(src), str(tmp_path / "out.npz"))
@@ -148,6 +153,7 @@ STARTUP = textwrap.dedent(
 
 
 def test_ctrl_c_during_start_up_is_one_line() -> None:
+    """Ctrl-C while the command imports torch prints one line, no traceback, status interrupted."""
     result = subprocess.run(
         [sys.executable, "-c", STARTUP, "show", "x.pt"], capture_output=True, text=True, check=False
     )
@@ -182,6 +188,7 @@ def test_library_warnings_never_reach_the_terminal(tmp_path: Path) -> None:
 
 
 def test_sparse_leaves_show_their_real_size(tmp_path: Path) -> None:
+    """show gives a sparse tensor's dense shape and its real stored size, not the dense bytes."""
     src = tmp_path / "sparse.pt"
     indices = torch.tensor([[0, 1, 2], [2, 0, 1]])
     torch.save(

@@ -31,6 +31,7 @@ def bounds(dtype: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("dtype", INTEGER_DTYPES)
 def test_bounds_are_accepted_exactly(dtype: str) -> None:
+    """An integer dtype's smallest and largest values (and 0) pad exactly."""
     low, high = bounds(dtype)
     for value in (low, high, 0):
         out = padded_with(value, dtype)
@@ -40,6 +41,7 @@ def test_bounds_are_accepted_exactly(dtype: str) -> None:
 
 @pytest.mark.parametrize("dtype", INTEGER_DTYPES)
 def test_one_past_the_bounds_is_refused(dtype: str) -> None:
+    """A pad value one past an integer dtype's range is refused, never wrapped."""
     low, high = bounds(dtype)
     for value in (low - 1, high + 1, -100 if low == 0 else high * 2):
         with pytest.raises(ConversionError, match=f"cannot be represented in {dtype}"):
@@ -69,6 +71,7 @@ def test_one_past_the_bounds_is_refused(dtype: str) -> None:
     ids=repr,
 )
 def test_64_bit_values_that_used_to_wrap_are_refused(value: Any, dtype: str) -> None:
+    """64-bit pad values that once wrapped around are refused for dtypes that cannot hold them."""
     with pytest.raises(ConversionError, match=f"cannot be represented in {dtype}"):
         padded_with(value, dtype)
 
@@ -94,6 +97,7 @@ def test_64_bit_values_that_used_to_wrap_are_refused(value: Any, dtype: str) -> 
 def test_exact_integral_values_of_any_type_are_accepted(
     value: Any, dtype: str, expected: int
 ) -> None:
+    """Integral pad values of any type (3.0, NumPy scalars, bool) pad with their exact value."""
     out = padded_with(value, dtype)
     assert out.dtype == np.dtype(dtype)
     assert int(out) == expected
@@ -104,6 +108,7 @@ def test_exact_integral_values_of_any_type_are_accepted(
 )
 @pytest.mark.parametrize("dtype", ["int8", "int64", "uint64"])
 def test_non_integral_values_are_refused(value: Any, dtype: str) -> None:
+    """Non-integral pad values for integer leaves are refused; None asks for pad_value=."""
     if value is None:  # None means: this leaf has no pad value
         with pytest.raises(ConversionError, match="pass pad_value="):
             padded_with(value, dtype)
@@ -118,6 +123,7 @@ def test_non_integral_values_are_refused(value: Any, dtype: str) -> None:
     ids=repr,
 )
 def test_bool_accepts_exactly_false_and_true(value: Any, expected: bool) -> None:
+    """A bool leaf pads with exactly False/True (and their integral equals 0/1)."""
     out = padded_with(value, "bool")
     assert out.dtype == np.bool_
     assert bool(out) is expected
@@ -125,6 +131,7 @@ def test_bool_accepts_exactly_false_and_true(value: Any, expected: bool) -> None
 
 @pytest.mark.parametrize("value", [2, -1, -100, 0.5, 2**64, np.int64(-1), np.uint64(2**64 - 1)])
 def test_bool_refuses_everything_else(value: Any) -> None:
+    """A bool leaf refuses any pad value other than False/True and 0/1."""
     with pytest.raises(ConversionError, match="cannot be represented in bool"):
         padded_with(value, "bool")
 
@@ -141,6 +148,7 @@ class TestMlDtypes:
     def test_integral_ml_dtypes_values_fit_integers(
         self, value: str, dtype: str, expected: int
     ) -> None:
+        """An ml_dtypes scalar with an integral value pads an integer leaf exactly."""
         out = padded_with(getattr(self.ml_dtypes, value)(3.0), dtype)
         assert int(out) == expected
 
@@ -149,6 +157,7 @@ class TestMlDtypes:
         [(0.5, "int16"), (-1.0, "uint8"), (256.0, "uint8"), (float("nan"), "int64")],
     )
     def test_other_ml_dtypes_values_are_refused(self, value: float, dtype: str) -> None:
+        """An ml_dtypes scalar that is non-integral or out of range is refused for an integer leaf."""
         with pytest.raises(ConversionError, match=f"cannot be represented in {dtype}"):
             padded_with(self.ml_dtypes.bfloat16(value), dtype)
 
@@ -157,6 +166,7 @@ class TestMlDtypes:
         [(torch.bfloat16, -1.5, 1e39), (torch.float8_e4m3fn, 448.0, 1000.0)],
     )
     def test_ml_dtypes_leaves(self, torch_dtype: torch.dtype, ok: float, too_big: float) -> None:
+        """ml_dtypes leaves pad with values their dtype holds and refuse others."""
         batches = [torch.ones(1, 1, dtype=torch_dtype), torch.ones(1, 2, dtype=torch_dtype)]
         out = tonumpy.concat(batches, pad_value=ok, ml_dtypes=True)
         assert out.dtype.name == str(torch_dtype).removeprefix("torch.")
@@ -184,6 +194,7 @@ def test_accumulator_refuses_what_used_to_wrap() -> None:
 
 
 def test_mapping_and_callable_values_are_checked_too() -> None:
+    """Pad values from a mapping or a callable are range-checked like a single value."""
     with pytest.raises(ConversionError, match=r"pad_value 18446744073709551615 .* int64"):
         tonumpy.concat(ragged("int64"), pad_value={(): 2**64 - 1})
     with pytest.raises(ConversionError, match=r"int64"):

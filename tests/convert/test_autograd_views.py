@@ -62,6 +62,7 @@ ROUTES: dict[str, Callable[[torch.Tensor], Any]] = {
 
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_every_route_returns_a_read_only_view(route: str) -> None:
+    """Every route gives a tensor saved for backward as a read-only zero-copy view."""
     _, y = saved_result()
     a = _first(ROUTES[route](y))
     assert np.shares_memory(a, y.detach().numpy()), "the conversion must stay zero-copy"
@@ -83,6 +84,7 @@ def test_other_arrays_of_the_tree_stay_writable() -> None:
 
 
 def test_components_of_a_nested_tensor_that_requires_grad() -> None:
+    """The components of a nested tensor that requires grad come back read-only."""
     nt = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], requires_grad=True)
     parts = tonumpy.to_numpy(nt)
     assert [p.shape for p in parts] == [(2,), (3,)]
@@ -90,6 +92,7 @@ def test_components_of_a_nested_tensor_that_requires_grad() -> None:
 
 
 def test_ml_dtypes_bit_view_of_a_bfloat16_that_requires_grad() -> None:
+    """The ml_dtypes bit view of a bfloat16 that requires grad is zero-copy and read-only."""
     pytest.importorskip("ml_dtypes")
     t = torch.ones(3, dtype=torch.bfloat16, requires_grad=True) * 2
     a = tonumpy.to_numpy(t, ml_dtypes=True)
@@ -109,6 +112,7 @@ def test_ml_dtypes_bit_view_of_a_bfloat16_that_requires_grad() -> None:
     ids=["to_numpy list", "to_numpy lone", "to_numpy_async", "numpy_args", "concat"],
 )
 def test_copies_are_writable_and_independent(convert: Callable[[torch.Tensor], Any]) -> None:
+    """A copy is writable, and writing to it leaves the saved tensor and its gradient intact."""
     x, y = saved_result()
     a = convert(y)
     assert a.flags.writeable
@@ -128,6 +132,7 @@ def test_widened_arrays_of_grad_tensors_are_fresh_and_writable() -> None:
 
 
 def test_capture_and_accumulator_hold_writable_copies() -> None:
+    """capture and Accumulator keep writable copies that share no memory with the outputs."""
     model = torch.nn.Linear(2, 2)
     with tonumpy.capture(model) as acts:
         out = model(torch.ones(1, 2))

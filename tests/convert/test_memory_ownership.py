@@ -92,6 +92,7 @@ ROUTES: dict[str, Callable[[Callable[[], torch.Tensor]], tuple[Any, Any]]] = {
 @pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_converted_arrays_hold_exactly_their_own_data(kind: str, route: str) -> None:
+    """Each route's array keeps alive exactly its own bytes, sharing none with the input."""
     t, arr = ROUTES[route](KINDS[kind])
     assert isinstance(arr, np.ndarray)
     assert kept_alive(arr) == arr.nbytes, f"keeps {kept_alive(arr)} bytes for {arr.nbytes}"
@@ -101,6 +102,7 @@ def test_converted_arrays_hold_exactly_their_own_data(kind: str, route: str) -> 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_arrays_of_one_result_share_nothing(kind: str) -> None:
+    """The arrays of one result never share memory with each other."""
     make = KINDS[kind]
     out = tonumpy.to_numpy([make(), make(), make()])
     for i, a in enumerate(out):

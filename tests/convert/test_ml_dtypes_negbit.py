@@ -50,6 +50,7 @@ def negated(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_negative_bit_is_resolved_with_ml_dtypes(dtype: torch.dtype, route: str) -> None:
+    """A negative-bit view converts with ml_dtypes=True to the negated bits on every route."""
     view, resolved = negated(dtype)
     out = ROUTES[route](view, True)
     assert out.dtype == np.dtype(getattr(ml_dtypes, str(dtype).removeprefix("torch.")))
@@ -61,6 +62,7 @@ def test_negative_bit_is_resolved_with_ml_dtypes(dtype: torch.dtype, route: str)
 @pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_ml_dtypes_true_and_false_agree(dtype: torch.dtype, route: str) -> None:
+    """ml_dtypes=True and the float32 widening give the same values for a negative-bit view."""
     view, _ = negated(dtype)
     widened = ROUTES[route](view, False)
     exact = ROUTES[route](view, True)
@@ -69,6 +71,7 @@ def test_ml_dtypes_true_and_false_agree(dtype: torch.dtype, route: str) -> None:
 
 
 def test_copy_false_names_the_copy_the_negative_bit_needs() -> None:
+    """copy=False on a negative-bit view is a ConversionError naming the leaf and the copy."""
     view, _ = negated(torch.bfloat16)
     with pytest.raises(tonumpy.ConversionError, match=r"tree\['w'\].*copy=False") as info:
         tonumpy.to_numpy({"w": view}, ml_dtypes=True, copy=False)
@@ -77,6 +80,7 @@ def test_copy_false_names_the_copy_the_negative_bit_needs() -> None:
 
 
 def test_the_input_is_left_as_it_was() -> None:
+    """Converting a negative-bit view leaves the input tensor and its storage unchanged."""
     for dtype in LOW_PRECISION:
         view, _ = negated(dtype)
         tonumpy.to_numpy(view, ml_dtypes=True)
@@ -96,6 +100,7 @@ def test_the_input_is_left_as_it_was() -> None:
     ],
 )
 def test_float8_zero_and_nan_bytes(dtype: str, stored: list[int], read: list[int]) -> None:
+    """Negating float8 zeros and NaNs gives the bytes the format defines for them."""
     torch_dtype = getattr(torch, dtype, None)
     if torch_dtype is None:
         pytest.skip(f"this torch has no {dtype}")
@@ -105,6 +110,7 @@ def test_float8_zero_and_nan_bytes(dtype: str, stored: list[int], read: list[int
 
 
 def test_float8_e8m0fnu_negative_view_is_refused_naming_the_leaf() -> None:
+    """A negative view of float8_e8m0fnu (no sign bit) is refused, naming the leaf."""
     dtype = getattr(torch, "float8_e8m0fnu", None)
     if dtype is None:
         pytest.skip("this torch has no float8_e8m0fnu")
@@ -117,6 +123,7 @@ def test_float8_e8m0fnu_negative_view_is_refused_naming_the_leaf() -> None:
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_cuda_negative_view(dtype: torch.dtype) -> None:
+    """Negative-bit views on CUDA convert to the negated values, with and without ml_dtypes."""
     view = torch._neg_view(torch.tensor([1.5, -2.0], device="cuda").to(dtype))
     other = torch.ones(2, device="cuda").to(dtype)
     for ml in (True, False):

@@ -48,5 +48,6 @@ def test_the_documented_wheel_install_is_what_ci_runs() -> None:
 
 
 def test_build_is_in_the_dev_extra() -> None:
+    """The dev extra holds `build`, which the documented wheel install needs."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert any(req.startswith("build") for req in project["optional-dependencies"]["dev"])

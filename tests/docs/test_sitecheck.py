@@ -85,6 +85,7 @@ BROKEN = {
 
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_each_rule_fails_its_broken_page(tmp_path: Path, case: str) -> None:
+    """Each sitecheck rule reports the page built to break it."""
     rule, html = BROKEN[case]
     site = write_site(tmp_path, {"index.html": html})
     assert rule in rules_of(site)
@@ -103,6 +104,7 @@ LINKS = {
 
 @pytest.mark.parametrize("case", list(LINKS))
 def test_broken_internal_links_fail(tmp_path: Path, case: str) -> None:
+    """Links to missing pages or anchors inside the site are reported."""
     tag, why = LINKS[case]
     site = write_site(
         tmp_path,
@@ -151,6 +153,7 @@ a line of exactly eighty characters, as wide as the theme shows without clipping
 
 
 def test_a_clean_page_passes(tmp_path: Path) -> None:
+    """A page with valid links, images and code blocks gives no problem."""
     site = write_site(
         tmp_path,
         {
@@ -164,6 +167,7 @@ def test_a_clean_page_passes(tmp_path: Path) -> None:
 
 
 def test_problems_name_page_and_line(tmp_path: Path) -> None:
+    """A problem names its page and the line of the rendered HTML."""
     site = write_site(tmp_path, {"guide/index.html": render("text\n\nUse :func:`f`.")})
     (problem,) = sitecheck.check_site(site)
     assert problem.page == "guide/index.html"
@@ -172,10 +176,12 @@ def test_problems_name_page_and_line(tmp_path: Path) -> None:
 
 
 def test_a_directory_without_pages_is_an_error(tmp_path: Path) -> None:
+    """A site directory with no HTML pages is itself reported."""
     assert rules_of(tmp_path) == ["no-pages"]
 
 
 def test_cli_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """sitecheck exits 0 on a clean site, 1 with problems printed, and refuses no arguments."""
     clean = write_site(tmp_path / "clean", {"index.html": render("# Fine\n\nAll good.")})
     broken = write_site(tmp_path / "broken", {"index.html": render("x\n>>> y")})
     assert sitecheck.main([str(clean)]) == 0
@@ -187,6 +193,7 @@ def test_cli_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_parser_keeps_structure() -> None:
+    """The HTML parser keeps nesting and text through void and stray closing tags."""
     root = sitecheck.parse("<div><p>a<br>b<img src=x></p><p>c</span></p></div>")
     (div,) = [n for n in root.iter() if n.tag == "div"]
     assert [c.tag for c in div.children if isinstance(c, sitecheck.Node)] == ["p", "p"]
@@ -225,6 +232,7 @@ def code_site(root: Path, css: str | None) -> Path:
 
 
 def test_long_code_lines_fail_unless_code_blocks_wrap(tmp_path: Path) -> None:
+    """Code lines wider than the page are reported unless the theme wraps code on screen."""
     assert len(LONG) > sitecheck.CODE_COLUMNS
     (problem,) = sitecheck.check_site(code_site(tmp_path / "plain", None))
     assert problem.rule == "clipped-code"

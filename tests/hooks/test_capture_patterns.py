@@ -168,6 +168,7 @@ def test_no_match_suggests_double_star_and_lists_names() -> None:
 
 
 def test_exclude_that_leaves_nothing_says_so() -> None:
+    """An exclude= that removes every module include= matched is an error saying so."""
     model = Deep()
     with pytest.raises(CaptureError, match=r"matches 12 module\(s\) of Deep .* leaves none"):
         module_names(model, include="encoder.layers.*", exclude=re.compile(r".*\.\d+"))
@@ -199,12 +200,14 @@ def test_malformed_patterns(include: Any, message: str) -> None:
 
 
 def test_regex_written_as_a_string_gets_a_hint() -> None:
+    """A regex passed as a plain string gets an error suggesting re.compile(...)."""
     model = Deep()
     with pytest.raises(CaptureError, match=re.escape(r"re.compile('encoder\\.layers\\.\\d+')")):
         module_names(model, include=r"encoder\.layers\.\d+")
 
 
 def test_module_names_needs_a_module() -> None:
+    """module_names of something that is not an nn.Module is a CaptureError; it is public."""
     with pytest.raises(CaptureError, match=r"needs a torch\.nn\.Module"):
         module_names(torch.ones(1))  # type: ignore[arg-type]
     assert "module_names" in tonumpy.__all__

@@ -71,10 +71,12 @@ def test_a_bound_method_passed_in_converts_its_first_argument() -> None:
 
 
 def test_a_plain_function_with_a_first_parameter_named_self() -> None:
+    """A plain function whose first parameter is named self converts that argument too."""
     assert module_level(t, t) == (A, A)
 
 
 def test_methods_decorated_in_the_class_body_keep_their_instance() -> None:
+    """A method decorated in its class keeps self unconverted, bound or called on the class."""
     logger = Logger()
     assert logger.method(t, t) == ("Logger", A, A)
     assert Logger.method(logger, t) == ("Logger", A, "NoneType")  # the unbound call
@@ -82,22 +84,26 @@ def test_methods_decorated_in_the_class_body_keep_their_instance() -> None:
 
 
 def test_a_method_called_on_the_class_with_something_else_converts_it() -> None:
+    """A method called on the class with a tensor in place of self converts that tensor."""
     assert Logger.method(t, t) == (A, A, "NoneType")
 
 
 @pytest.mark.parametrize("name", ["static_inner", "static_outer"])
 def test_staticmethods_convert_every_argument(name: str) -> None:
+    """A staticmethod converts every argument, called on the class or an instance."""
     for owner in (Logger, Logger()):
         assert getattr(owner, name)(t, t) == (A, A)
 
 
 @pytest.mark.parametrize("name", ["class_inner", "class_outer"])
 def test_classmethods_keep_their_class(name: str) -> None:
+    """A classmethod keeps its class argument and converts the others."""
     for owner in (Logger, Logger()):
         assert getattr(owner, name)(t) == ("Logger", A)
 
 
 def test_partials() -> None:
+    """A partial converts the arguments of the call, not the ones it already holds."""
     logger = Logger()
     assert numpy_args(functools.partial(Logger.log, logger))(t) == ("Logger", A, "NoneType")
     # what the partial itself holds is not an argument of the call: it stays as it is
@@ -105,6 +111,8 @@ def test_partials() -> None:
 
 
 def test_a_callable_object() -> None:
+    """A callable object is decorated like a function: its call's arguments convert."""
+
     class Sink:
         def __call__(self, value: Any) -> str:
             return type(value).__name__
@@ -113,6 +121,8 @@ def test_a_callable_object() -> None:
 
 
 def test_options_apply_on_every_binding() -> None:
+    """The decorator's options (scalars=True) hold for methods and bound methods alike."""
+
     class Metrics:
         @numpy_args(scalars=True)
         def record(self, loss: Any) -> Any:
@@ -123,6 +133,7 @@ def test_options_apply_on_every_binding() -> None:
 
 
 def test_the_wrapper_looks_like_the_function() -> None:
+    """The wrapper keeps the function's name, docstring, signature and bound instance."""
     logger = Logger()
     assert Logger.method.__name__ == "method"
     assert logger.method.__name__ == "method"
@@ -133,10 +144,12 @@ def test_the_wrapper_looks_like_the_function() -> None:
 
 
 def test_module_level_wrappers_pickle_by_reference() -> None:
+    """A decorated module-level function pickles by reference, as the function would."""
     assert pickle.loads(pickle.dumps(module_level)) is module_level
 
 
 def test_arrays_and_other_arguments_pass_as_they_are() -> None:
+    """Arrays and non-tensor arguments are passed through as the same objects."""
     arr = np.ones(2)
     meta = {"name": "run"}
     out = numpy_args(lambda a, b: (a, b))(arr, meta)
@@ -145,11 +158,14 @@ def test_arrays_and_other_arguments_pass_as_they_are() -> None:
 
 
 def test_not_a_callable() -> None:
+    """Decorating something that is not callable is an OptionError."""
     with pytest.raises(tonumpy.OptionError, match="decorates a callable"):
         numpy_args(3)  # type: ignore[call-overload]
 
 
 def test_decorating_twice_applies_both_options() -> None:
+    """Two stacked numpy_args decorators apply both their options, on every call."""
+
     class Metrics:
         @numpy_args(copy=True)
         @numpy_args(scalars=True)

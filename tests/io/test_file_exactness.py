@@ -118,6 +118,7 @@ def test_a_nested_tree_gets_dotted_key_paths(tmp_path: Path) -> None:
 
 
 def test_a_lone_tensor_is_named_root(tmp_path: Path) -> None:
+    """A file holding one bare tensor converts to .safetensors as the tensor named 'root'."""
     torch.save(torch.arange(3), tmp_path / "t.pt")
     tio.convert(tmp_path / "t.pt", tmp_path / "t.safetensors")
     assert names_in(tmp_path / "t.safetensors") == ["root"]
@@ -152,6 +153,7 @@ def test_two_places_with_one_name_are_refused(
     ids=["reserved", "surrogate"],
 )
 def test_names_safetensors_cannot_hold_are_refused(tmp_path: Path, key: str, why: str) -> None:
+    """Key paths that .safetensors cannot name are refused before any file is written."""
     tonumpy.save(tmp_path / "t.npz", {key: torch.ones(1), "ok": torch.ones(1)})
     with pytest.raises(tonumpy.ConversionError, match=why):
         tio.convert(tmp_path / "t.npz", tmp_path / "t.safetensors")
@@ -416,6 +418,7 @@ def test_a_member_the_structure_does_not_list_is_refused(tmp_path: Path, kind: s
 
 @pytest.mark.parametrize("kind", ["safetensors", "npz", "dir"])
 def test_many_unlisted_members_are_counted(tmp_path: Path, kind: str) -> None:
+    """Arrays the structure does not place are refused, the first few named and the rest counted."""
     path = _tonumpy_files(tmp_path)[kind]
     for i in range(12):
         _add_member(path, kind, f"hidden{i:02d}", np.zeros(1))

@@ -222,6 +222,7 @@ def test_errors_name_the_place_as_to_numpy_does(tmp_path: Path) -> None:
 
 
 def test_cycles_and_depth_are_named_by_the_walker(tmp_path: Path) -> None:
+    """save refuses a cycle and a tree too deep, naming the path where the walker met them."""
     loop: list[Any] = [torch.ones(1)]
     loop.append({"again": loop})
     with pytest.raises(tonumpy.ConversionError, match="cycle") as info:
@@ -267,6 +268,7 @@ def test_a_shared_tensor_is_stored_once_and_keeps_its_dtype_everywhere(tmp_path:
 
 
 def test_save_checks_its_flags(tmp_path: Path) -> None:
+    """save, convert and load refuse non-boolean flags, naming the call, and write nothing."""
     with pytest.raises(tonumpy.OptionError, match=r"save\(ml_dtypes=1"):
         tonumpy.save(tmp_path / "t.npz", {"a": torch.ones(1)}, ml_dtypes=1)  # type: ignore[arg-type]
     with pytest.raises(tonumpy.OptionError, match=r"convert\(overwrite='yes'"):

@@ -74,6 +74,7 @@ def test_sharded_checkpoint_is_one_tree(sharded: Path) -> None:
 
 
 def test_single_file_checkpoint(model: torch.nn.Module, tmp_path: Path) -> None:
+    """A save_pretrained folder with one model.safetensors reads as a checkpoint, metadata kept."""
     model.save_pretrained(tmp_path / "bert")
     assert sorted(os.listdir(tmp_path / "bert")) == ["config.json", "model.safetensors"]
     contents = tio.read(tmp_path / "bert")
@@ -98,6 +99,7 @@ def test_checkpoint_to_safetensors_keeps_metadata(sharded: Path) -> None:
 
 
 def test_safetensors_to_safetensors_keeps_metadata(tmp_path: Path) -> None:
+    """Converting .safetensors to .safetensors keeps the source's own metadata."""
     src = tmp_path / "in.safetensors"
     safetensors_torch.save_file(
         {"w": torch.ones(2, dtype=torch.bfloat16)}, str(src), metadata={"format": "pt", "by": "me"}
@@ -132,6 +134,7 @@ def test_bin_shards_with_their_index(model: torch.nn.Module, tmp_path: Path) -> 
 
 
 def test_index_and_shards_must_agree(sharded: Path, tmp_path: Path) -> None:
+    """A sharded checkpoint whose index names a shard that is not there is refused."""
     broken = tmp_path / "broken"
     broken.mkdir()
     for entry in sharded.iterdir():

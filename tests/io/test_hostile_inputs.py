@@ -107,6 +107,7 @@ def test_hostile_file_is_refused_in_one_line(
 
 
 def test_corpus_covers_every_case(corpus: tuple[dict[str, Any], dict[str, str]]) -> None:
+    """The hostile corpus ran every case listed, no more and no fewer."""
     results, _ = corpus
     assert sorted(results) == sorted(CASES)
 

@@ -122,6 +122,7 @@ def test_checkpoint_and_safetensors_to_pt(tmp_path: Path) -> None:
 
 
 def test_torch_file_to_pt_keeps_ordered_dicts(tmp_path: Path) -> None:
+    """Converting a torch file to .pt keeps OrderedDicts, loadable with weights_only=True."""
     state = collections.OrderedDict(w=torch.ones(2, 2), b=torch.zeros(2))
     torch.save({"state": state, "step": 4}, tmp_path / "ckpt.pt")
     tio.convert(tmp_path / "ckpt.pt", tmp_path / "copy.pt")
@@ -150,6 +151,7 @@ def test_classes_torch_load_cannot_rebuild_are_refused_or_made_plain(tmp_path: P
 
 
 def test_arrays_torch_has_no_dtype_for_are_refused(tmp_path: Path) -> None:
+    """Arrays of a dtype torch lacks (strings) are refused for .pt, naming the leaf; no file."""
     src, dst = tmp_path / "src.npz", tmp_path / "out.pt"
     np.savez(src, names=np.array(["a", "b"]), ok=np.ones(2))
     with pytest.raises(ConversionError, match=r"names is an array of dtype <U1") as info:

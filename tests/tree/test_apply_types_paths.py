@@ -50,6 +50,7 @@ def test_types_dict_hands_each_outermost_dict_whole() -> None:
 
 
 def test_the_root_is_matched_too() -> None:
+    """apply(types=) matches the root itself when it is of the asked type."""
     data = {"x": torch.ones(1)}
     assert apply(len, data, types=dict) == 1
     assert apply(type, data, types=object) is dict
@@ -69,6 +70,7 @@ def test_the_root_is_matched_too() -> None:
     ids=str,
 )
 def test_every_container_kind_can_be_asked_for(types: Any, expected: dict[str, str]) -> None:
+    """apply(types=) hands fn each container kind asked for, at its path, and rebuilds around it."""
     data = {**tree(), "rec": Record(x=torch.ones(1))}
     found: dict[str, str] = {}
 
@@ -91,6 +93,7 @@ def test_every_container_kind_can_be_asked_for(types: Any, expected: dict[str, s
 
 
 def test_tensors_and_containers_together() -> None:
+    """types= may mix tensors and containers: the outermost match is handed to fn whole."""
     data = {"a": [torch.ones(1), {"k": torch.ones(1)}], "b": torch.ones(2)}
     assert apply(type, data, types=(torch.Tensor, dict)) is dict  # the root: handed whole
     out = apply(
@@ -102,6 +105,7 @@ def test_tensors_and_containers_together() -> None:
 
 
 def test_is_leaf_still_applies_with_container_types() -> None:
+    """is_leaf= still keeps nodes whole (and untouched) when types= names containers."""
     data = {"keep": [torch.ones(1)], "map": [{"x": 1}]}
     out = apply(len, data["map"], types=dict, is_leaf=lambda node: node is data["keep"])
     assert out == [1]
@@ -112,6 +116,7 @@ def test_is_leaf_still_applies_with_container_types() -> None:
 
 
 def test_same_results_as_lightning_apply_to_collection() -> None:
+    """apply(fn, tree, types=T) gives what Lightning's apply_to_collection gives."""
     apply_func = pytest.importorskip("lightning_utilities.core.apply_func")
     data = {"a": [{"x": torch.ones(1)}, {"y": 2}], "b": ({"z": 3},), "c": "s"}
     for dtype in (dict, torch.Tensor, int, str):
@@ -121,6 +126,7 @@ def test_same_results_as_lightning_apply_to_collection() -> None:
 
 
 def test_unmatched_trees_come_back_equal_and_fresh() -> None:
+    """A tree with nothing matched comes back equal in new containers; the input is untouched."""
     data = tree()
     assert apply(lambda x: x, data, types=dict) is data  # the root dict, handed to fn whole
     out = apply(lambda t: t + 1, data)
@@ -131,11 +137,13 @@ def test_unmatched_trees_come_back_equal_and_fresh() -> None:
 
 @pytest.mark.parametrize("types", ["dict", (dict, "list"), (), 3, [dict]])
 def test_types_must_be_types(types: Any) -> None:
+    """types= that is not a type or a tuple of types is an OptionError."""
     with pytest.raises(OptionError, match=r"apply\(types=.*takes a type or a tuple of types"):
         apply(len, {"a": 1}, types=types)
 
 
 def test_fn_must_be_callable() -> None:
+    """apply with an fn that is not callable is an OptionError."""
     with pytest.raises(OptionError, match="fn must be callable"):
         apply("len", {"a": torch.ones(1)})  # type: ignore[arg-type]
 
@@ -144,6 +152,7 @@ def test_fn_must_be_callable() -> None:
 
 
 def test_fn_sees_each_leafs_key_path() -> None:
+    """with_path=True hands fn each leaf's key path as optree spells it."""
     out = apply(lambda path, t: path, tree(), with_path=True)
     assert out["out"].logits == ("out", "logits")
     assert out["out"].hidden == [("out", "hidden", 0), {"deep": ("out", "hidden", 1, "deep")}]
@@ -162,6 +171,7 @@ def test_paths_are_optrees_paths() -> None:
 
 
 def test_paths_match_error_paths_and_pad_value_keys() -> None:
+    """The paths apply gives are the keys pad_value= mappings take."""
     data = {"labels": [torch.ones(1, 1), torch.ones(1, 2)]}
     out = apply(lambda path, t: path, data, with_path=True)
     padded = tonumpy.concat([data, data], pad_value={out["labels"][1]: -1})
@@ -169,6 +179,7 @@ def test_paths_match_error_paths_and_pad_value_keys() -> None:
 
 
 def test_several_trees() -> None:
+    """apply over several trees passes fn matching leaves; other values come from the first tree."""
     a = {"x": torch.ones(2), "y": [torch.zeros(1)], "name": "a"}
     b = {"x": torch.full((2,), 2.0), "y": [torch.ones(1)], "name": "b"}
     c = {"x": np.full(2, 10.0), "y": [np.ones(1)], "name": "c"}
@@ -179,12 +190,14 @@ def test_several_trees() -> None:
 
 
 def test_several_trees_with_paths() -> None:
+    """apply over several trees with with_path=True passes the path, then each tree's leaf."""
     a = {"x": torch.ones(1), "y": (torch.ones(1),)}
     out = apply(lambda path, p, q: (path, float(p + q)), a, a, with_path=True)
     assert out == {"x": (("x",), 2.0), "y": ((("y", 0), 2.0),)}
 
 
 def test_dict_key_order_does_not_matter_between_trees() -> None:
+    """Dicts with the same keys in another order match by key; the first tree's order is kept."""
     a = {"x": torch.ones(1), "y": torch.zeros(1)}
     b = {"y": torch.full((1,), 5.0), "x": torch.full((1,), 7.0)}
     out = apply(torch.add, a, b)
@@ -207,6 +220,7 @@ def test_dict_key_order_does_not_matter_between_trees() -> None:
 def test_differing_structures_name_the_first_differing_path(
     other: Any, path: tuple[Any, ...], words: str
 ) -> None:
+    """Trees of different structures are refused before fn runs, naming the first differing path."""
     first = {"x": torch.ones(1), "y": [torch.ones(1)], "z": 1}
     calls: list[Any] = []
     with pytest.raises(ConversionError, match=words) as info:
@@ -217,6 +231,8 @@ def test_differing_structures_name_the_first_differing_path(
 
 
 def test_fn_errors_name_the_path() -> None:
+    """An error raised by fn carries a note naming the leaf's path."""
+
     def boom(t: torch.Tensor) -> None:
         raise RuntimeError("bad leaf")
 
@@ -226,6 +242,7 @@ def test_fn_errors_name_the_path() -> None:
 
 
 def test_tree_is_positional_only_and_options_keyword_only() -> None:
+    """The tree is positional-only, and options are checked (with_path=1 is refused)."""
     with pytest.raises(TypeError):
         apply(len, tree={"a": 1})  # type: ignore[call-arg]
     with pytest.raises(OptionError, match=r"apply\(with_path=1"):
