@@ -443,7 +443,7 @@ def test_malicious_pickle_is_refused_by_the_cli(tmp_path: Path) -> None:
 
 
 def test_unsafe_load_warns(tmp_path: Path) -> None:
-    """A pickle the weights-only loader cannot read is refused naming --unsafe-load, which reads it."""
+    """A pickle the weights-only loader cannot read is refused naming --unsafe-load."""
     src = tmp_path / "p4.pt"
     torch.save({"a": np.ones(2)}, src, pickle_protocol=4)  # beyond the weights-only loader
     code, _, err = run("convert", str(src), str(tmp_path / "a.npz"))

@@ -157,7 +157,7 @@ class TestMlDtypes:
         [(0.5, "int16"), (-1.0, "uint8"), (256.0, "uint8"), (float("nan"), "int64")],
     )
     def test_other_ml_dtypes_values_are_refused(self, value: float, dtype: str) -> None:
-        """An ml_dtypes scalar that is non-integral or out of range is refused for an integer leaf."""
+        """An ml_dtypes scalar non-integral or out of range is refused for an integer leaf."""
         with pytest.raises(ConversionError, match=f"cannot be represented in {dtype}"):
             padded_with(self.ml_dtypes.bfloat16(value), dtype)
 
