@@ -793,6 +793,30 @@ def _check_guide_recipe(rank: int, world: int) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _check_gather_uses_the_accumulators_options(rank: int, world: int) -> None:
+    """gather(acc) pads with the Accumulator's pad_value (and uses its axis and ml_dtypes)
+    unless the call passes its own."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    dataset = list(range(11))
+    sampler = DistributedSampler(dataset, shuffle=True, seed=3)
+    acc = tonumpy.Accumulator(pad_value={"logits": -1.0})
+    for batch in DataLoader(dataset, batch_size=2, sampler=sampler):
+        acc.append(_eval_outputs(torch.as_tensor(batch)))
+    inherited = gather(acc, sampler=sampler)  # raised on every rank before: no pad value
+    given = gather(acc, sampler=sampler, pad_value={"logits": -1.0})
+    assert_same_tree(inherited, given)
+    assert (inherited["logits"] == -1.0).any()  # the batches differ in length: padded
+    overridden = gather(acc, sampler=sampler, pad_value=-5.0)["logits"]
+    differ = overridden != inherited["logits"]  # padding between ranks only: -5, not -1
+    assert (overridden[differ] == -5.0).all()
+    columns = tonumpy.Accumulator(axis=1, ml_dtypes=True)
+    columns.append({"x": torch.full((2, rank + 1), rank, dtype=torch.bfloat16)})
+    out = gather(columns)["x"]
+    assert out.shape == (2, sum(r + 1 for r in range(world)))
+    assert out.dtype.name == "bfloat16"  # kept bit-exact, as the Accumulator was asked
+
+
 CHECKS: dict[str, Callable[[int, int], None]] = {
     name.removeprefix("_check_"): fn
     for name, fn in sorted(globals().items())

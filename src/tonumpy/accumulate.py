@@ -544,3 +544,9 @@ def gather_input(acc: Accumulator) -> tuple[list[Any], PyTreeSpec, list[bool]]:
     never reorders such values like per-sample rows.
     """
     return acc._gather_input()  # noqa: SLF001 - the class is this module's own
+
+
+def accumulator_options(acc: Accumulator) -> dict[str, Any]:
+    """The options ``acc`` was made with that ``gather(acc)`` uses unless the call overrides
+    them: ``axis``, ``pad_value`` and ``ml_dtypes``."""
+    return {"axis": acc._axis, "pad_value": acc._pad_value, "ml_dtypes": acc._ml_dtypes}  # noqa: SLF001
