@@ -123,7 +123,7 @@ def concat(
     axis = _options.check_axis(axis, "concat")
     _options.check_flag(ml_dtypes, "ml_dtypes", "concat")
     check_pad_option(pad_value, "concat")
-    selection = Selection(exclude, reduce, "concat")
+    selection = Selection(exclude, reduce, "concat", first="trees[0]")
     trees = list(trees)
     if not trees:
         raise ConversionError("concat() needs at least one tree; got an empty sequence")
@@ -419,6 +419,27 @@ class Accumulator:
         file.append(chunk, fill)
 
     # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def matched(self) -> dict[str, dict[Any, list[tuple[Any, ...]]]]:
+        """What each ``exclude=`` and ``reduce=`` pattern matched in the batches so far.
+
+        ``{"exclude": {pattern: [key path]}, "reduce": {pattern: [key path, ...]}}``, each
+        pattern as it was given: an exclude pattern lists the node it names (none if the
+        batches have no such node), a reduce pattern the leaves it reduces (where several
+        patterns cover a leaf, the longest takes it). A pattern with no key path matched
+        nothing; the first batch warned about it (``UnmatchedPatternWarning``).
+
+        Examples:
+            >>> import torch, warnings
+            >>> acc = Accumulator(reduce={"logits": len, ("out", "logits"): len})
+            >>> with warnings.catch_warnings():
+            ...     warnings.simplefilter("ignore")
+            ...     acc.append({"out": {"logits": torch.ones(2, 3), "hidden": torch.ones(2)}})
+            >>> acc.matched["reduce"]
+            {'logits': [], ('out', 'logits'): [('out', 'logits')]}
+        """
+        return self._selection.matched()
 
     def __repr__(self) -> str:
         with self._lock:

@@ -174,7 +174,7 @@ def gather(
     """
     axis, pad_value, ml_dtypes = _defaults(tree, axis, pad_value, ml_dtypes)
     axis, num_items = _checked_arguments(axis, num_items, ml_dtypes, pad_value, chunk_bytes)
-    selection = Selection(exclude, reduce, "gather")
+    selection = Selection(exclude, reduce, "gather", first="this rank's tree", stacklevel=5)
     folder = _checked_destination(tree, selection, directory, axis)
     import torch.distributed as dist  # noqa: PLC0415 - keeps `import tonumpy` light
 
