@@ -26,7 +26,7 @@ import numpy as np
 from optree import PyTreeSpec
 
 from . import _options, _tree
-from ._columns import Column, check_chunk, concat_arrays, join, rows_first
+from ._columns import Column, Jagged, check_chunk, concat_arrays, join, mark_jagged, rows_first
 from ._directory import Directory
 from ._pad import PadValue, check_pad_option
 from ._select import Pattern, Selection
@@ -134,7 +134,8 @@ def concat(
         if spec0 is None:
             spec0 = spec
         _tree.require_same(spec0, spec, "trees[0]", f"trees[{index}]", hint=_SAME_STRUCTURE)
-        flat.append(convert_flat(leaves, spec, ml_dtypes=ml_dtypes, leaf_types=leaf_types))
+        converted = convert_flat(leaves, spec, ml_dtypes=ml_dtypes, leaf_types=leaf_types)
+        flat.append(mark_jagged(leaves, converted))
     assert spec0 is not None  # noqa: S101 - trees is not empty
     return join(
         flat, spec0, axis=axis, pad_value=pad_value, name=lambda i: f"trees[{i}]", noun="batches"
@@ -290,8 +291,10 @@ class Accumulator:
         self._expected: PyTreeSpec | None = None  # set once a batch is accepted
         self._leaves: list[_Leaf] = []
         self._batches = 0  # batches added
+        self._sizes: list[int] = []  # rows each batch added to len(self)
         self._received = 0  # batches accepted (added, or in flight)
-        self._pending: tuple[PendingTransfer, PyTreeSpec, str] | None = None
+        # a batch whose copies are in flight: its transfer, structure, name and leaves
+        self._pending: tuple[PendingTransfer, PyTreeSpec, str, list[Any]] | None = None
 
     # -- appending -----------------------------------------------------------------------
 
@@ -331,9 +334,9 @@ class Accumulator:
                 _tree.require_same(self._expected, spec, "batch 0", name, hint=_SAME_STRUCTURE)
             self._finish_pending()
             if pending.done():
-                self._ingest(pending.result_leaves(), spec, name)
+                self._ingest(mark_jagged(leaves, pending.result_leaves()), spec, name)
             else:
-                self._pending = (pending, spec, name)
+                self._pending = (pending, spec, name, leaves)
             if self._expected is None:
                 self._expected = spec
             self._received += 1
@@ -342,10 +345,10 @@ class Accumulator:
         """Wait for the batch whose copies are in flight, and add it."""
         if self._pending is None:
             return
-        pending, spec, name = self._pending
+        pending, spec, name, leaves = self._pending
         self._pending = None
         try:
-            self._ingest(pending.result_leaves(), spec, name)
+            self._ingest(mark_jagged(leaves, pending.result_leaves()), spec, name)
         except BaseException:
             if self._spec is None:  # the first batch failed: the next one sets the structure
                 self._expected = None
@@ -365,6 +368,7 @@ class Accumulator:
         states = [
             check_chunk(leaf.column, value, name) for leaf, value in zip(leaves, host, strict=True)
         ]
+        before = self._rows()
         for leaf, state in zip(leaves, states, strict=True):
             leaf.column.commit(state)
         if first:
@@ -374,6 +378,7 @@ class Accumulator:
         if self._directory is not None:
             self._directory.update([leaf.column for leaf in leaves])
         self._batches += 1
+        self._sizes.append(self._rows() - before)
 
     def _start(self, spec: PyTreeSpec, leaves: list[_Leaf]) -> None:
         """Adopt the first batch's structure; with ``directory=``, create the files."""
@@ -399,6 +404,9 @@ class Accumulator:
         kind = column.kind
         if kind == "object":
             leaf.values.append(value)
+            return
+        if kind == "jagged":  # a nested tensor's rows join the rows of the batches before
+            leaf.values.extend(value)
             return
         assert kind is not None  # noqa: S101
         chunk = rows_first(value, kind, column.axis)
@@ -454,15 +462,41 @@ class Accumulator:
     def __len__(self) -> int:
         """The number of rows so far: those of the first leaf with a rows axis.
 
-        That is the first array leaf (in the tree's leaf order), else the first 0-d leaf (one
-        row per batch); for a tree with neither, the number of batches.
+        That is the first array leaf (in the tree's leaf order), else the first nested-tensor
+        leaf, else the first 0-d leaf (one row per batch); for a tree with none, the number of
+        batches.
         """
         with self._lock:
             self._finish_pending()
             return self._rows()
 
+    @property
+    def batch_sizes(self) -> np.ndarray:
+        """How many rows each batch added, in the order the batches were added (``int64``).
+
+        A batch's size is what it added to ``len(self)``: the size along ``axis`` (dim 0 by
+        default) of its first array leaf (else of its first nested-tensor leaf), the leaves
+        that hold one row per sample; 1 for a tree with neither. ``batch_sizes.sum() ==
+        len(acc)``. Kept beside the values that are one per batch (a 0-d loss), to weight them:
+        the mean loss per sample, as ``Trainer`` reports it, is ``(loss * sizes).sum() /
+        sizes.sum()``. Across ranks, ``tonumpy.gather(acc.batch_sizes)`` lines the sizes up with
+        the per-batch values ``gather(acc, ...)`` gives (both in rank order).
+
+        Examples:
+            >>> import torch
+            >>> acc = Accumulator()
+            >>> acc.append({"x": torch.ones(4, 2), "loss": torch.tensor(1.0)})
+            >>> acc.append({"x": torch.ones(1, 2), "loss": torch.tensor(6.0)})
+            >>> sizes, loss = acc.batch_sizes, acc.result()["loss"]
+            >>> sizes, float((loss * sizes).sum() / sizes.sum())
+            (array([4, 1]), 2.0)
+        """
+        with self._lock:
+            self._finish_pending()
+            return np.array(self._sizes, dtype=np.int64)
+
     def _rows(self) -> int:
-        for kind in ("array", "scalar"):
+        for kind in ("array", "jagged", "scalar"):
             for leaf in self._leaves:
                 if leaf.column.kind == kind:
                     return leaf.column.rows
@@ -528,6 +562,10 @@ class Accumulator:
             out = self._result_leaves(None)
             assert self._spec is not None  # noqa: S101
             per_batch = [leaf.column.kind in ("scalar", "object") for leaf in self._leaves]
+            out = [
+                Jagged(value) if leaf.column.kind == "jagged" else value
+                for leaf, value in zip(self._leaves, out, strict=True)
+            ]
             return out, self._spec, per_batch
 
     def _leaf_result(self, leaf: _Leaf, num_items: int | None) -> Any:
@@ -537,6 +575,8 @@ class Accumulator:
         keep = rows if num_items is None or per_batch else min(rows, num_items)
         if column.kind == "object":
             return leaf.values[:keep]
+        if column.kind == "jagged":
+            return leaf.values[:keep]  # a new list of the rows
         if leaf.file is not None:
             file, trailing = leaf.file, column.trailing
             if file.rows and trailing is not None and file.trailing != trailing:

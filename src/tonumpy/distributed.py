@@ -382,7 +382,7 @@ def _place_local(
 
 def _place_whole(destination: Destination, i: int, rank: int, value: Any, column: Column) -> None:
     kind = column.kind
-    if kind == "object":
+    if kind in ("object", "jagged"):
         destination.place_value(i, rank, value)
     else:
         assert kind is not None  # noqa: S101
