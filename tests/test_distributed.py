@@ -769,7 +769,8 @@ def _check_guide_recipe(rank: int, world: int) -> None:
             return
         model, dataset = namespace["model"], namespace["dataset"]
         assert preds["logits"].shape[0] == len(dataset)
-        losses = []
+        losses: list[float] = []
+        batch_sizes: list[int] = []
         for r in range(world):
             peer = _peer(namespace["sampler"], r)
             loader = torch.utils.data.DataLoader(
@@ -777,7 +778,13 @@ def _check_guide_recipe(rank: int, world: int) -> None:
             )
             with torch.no_grad():
                 losses += [float(model(**batch).loss) for batch in loader]
+            batch_sizes += [len(batch["input_ids"]) for batch in loader]
         np.testing.assert_allclose(preds["loss"], losses, rtol=1e-5)
+        sizes = namespace["sizes"]
+        assert sizes.tolist() == batch_sizes  # beside the losses, in their order
+        assert sizes.sum() == world * len(namespace["sampler"])  # every sample of every rank
+        expected_mean = float((np.asarray(losses) * batch_sizes).sum() / sum(batch_sizes))
+        assert namespace["mean_loss"] == pytest.approx(expected_mean)
         with torch.no_grad():
             for i in range(len(dataset)):
                 one = _docs_fixtures.collate([dataset[i]])
@@ -815,6 +822,64 @@ def _check_gather_uses_the_accumulators_options(rank: int, world: int) -> None:
     out = gather(columns)["x"]
     assert out.shape == (2, sum(r + 1 for r in range(world)))
     assert out.dtype.name == "bfloat16"  # kept bit-exact, as the Accumulator was asked
+
+
+def _jagged(items: torch.Tensor) -> torch.Tensor:
+    """A nested tensor with one row per dataset item: item i has i % 3 + 1 values, all i."""
+    rows = [torch.full((int(i) % 3 + 1,), float(i)) for i in items]
+    return torch.nested.nested_tensor(rows, layout=torch.jagged)
+
+
+def _check_nested_tensor_rows_join_across_ranks(rank: int, world: int) -> None:
+    """A nested tensor's rows join across batches and ranks into one list: in rank order, or
+    in dataset order with sampler=, repeats dropped; from a tree or an Accumulator (20.3)."""
+    import warnings
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    warnings.filterwarnings("ignore", "The PyTorch API of nested tensors", UserWarning)
+    mine = torch.arange(rank * 10, rank * 10 + rank + 1)
+    out = gather({"nt": _jagged(mine)})
+    order = [i for r in range(world) for i in range(r * 10, r * 10 + r + 1)]
+    assert_same_tree(out["nt"], [np.full(i % 3 + 1, i, np.float32) for i in order])
+    dataset = list(range(11))
+    sampler = DistributedSampler(dataset, shuffle=True, seed=2)
+    acc = tonumpy.Accumulator()
+    for batch in DataLoader(dataset, batch_size=2, sampler=sampler):
+        items = torch.as_tensor(batch)
+        acc.append({"nt": _jagged(items), "item": items, "loss": items.float().mean()})
+    expected = [np.full(i % 3 + 1, i, np.float32) for i in dataset]
+    result = gather(acc, sampler=sampler)
+    assert type(result["nt"]) is list
+    assert_same_tree(result["nt"], expected)
+    assert_same_tree(result["item"], np.arange(len(dataset)))
+    plain = gather({"nt": _jagged(torch.tensor(list(sampler)))}, sampler=sampler)
+    assert_same_tree(plain["nt"], expected)
+    cut = gather({"nt": _jagged(torch.tensor(list(sampler)))}, sampler=sampler, num_items=4)
+    assert_same_tree(cut["nt"], expected[:4])
+
+
+def _check_batch_sizes_line_up_with_per_batch_values(rank: int, world: int) -> None:
+    """gather(acc.batch_sizes) gives each batch's size in the order gather(acc, sampler=) gives
+    the per-batch losses: their weighted mean is the per-sample mean loss (20.4)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    dataset = list(range(11))
+    sampler = DistributedSampler(dataset, shuffle=False)
+    acc = tonumpy.Accumulator(pad_value={"logits": -1.0})
+    for batch in DataLoader(dataset, batch_size=3, sampler=sampler):  # the last batch is smaller
+        acc.append(_eval_outputs(torch.as_tensor(batch)))
+    out = gather(acc, sampler=sampler)
+    sizes = gather(acc.batch_sizes)
+    per_rank = [
+        [torch.as_tensor(b) for b in DataLoader(dataset, 3, sampler=_peer(sampler, r))]
+        for r in range(world)
+    ]
+    assert sizes.tolist() == [len(b) for batches in per_rank for b in batches]
+    assert out["loss"].shape == sizes.shape
+    seen = np.concatenate([b.numpy() for batches in per_rank for b in batches])  # repeats too
+    mean = float((out["loss"] * sizes).sum() / sizes.sum())
+    assert mean == pytest.approx(seen.mean())
 
 
 CHECKS: dict[str, Callable[[int, int], None]] = {
