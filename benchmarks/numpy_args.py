@@ -91,7 +91,7 @@ def main() -> None:
     calls, repeats = (200, 5) if args.quick else (2_000, 15)
     writers: list[tuple[str, Any]] = []
     try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional
+        from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         print("tensorboard is not installed: the SummaryWriter case is skipped")
     else:
@@ -99,7 +99,9 @@ def main() -> None:
     sizes = (10_000, 200_000) if args.quick else (10_000, 60_000, 200_000)
     writers += [(f"history logger, {n:,} entries", HistoryLogger(n)) for n in sizes]
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, CPU")
-    print(f"{calls} calls per run, best of {repeats} (3 metrics per call: two 0-d tensors, a float)")
+    print(
+        f"{calls} calls per run, best of {repeats} (3 metrics per call: two 0-d tensors, a float)"
+    )
     print()
     print("| logger | `float()` by hand | `@numpy_args(scalars=True)` | ratio |")
     print("|---|---:|---:|---:|")

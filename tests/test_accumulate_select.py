@@ -389,7 +389,7 @@ def test_num_items_beyond_a_ranks_share_points_to_gather() -> None:
 
 
 def _nested_batch() -> dict[str, Any]:
-    """A batch whose logits sit under ``out`` (a model family where ``"logits"`` is not top-level)."""
+    """A batch whose logits sit under ``out`` (where ``"logits"`` is not a top-level key)."""
     return {"out": {"logits": torch.ones(2, 3, 5), "past_key_values": [torch.ones(2, 1)]}}
 
 
@@ -397,8 +397,11 @@ def test_a_reduce_pattern_matching_nothing_warns_at_the_first_batch() -> None:
     """reduce={"logits": ...} on batches whose logits sit under "out" keeps the full logits: the
     first append says so, naming the pattern and the leaves there are (issue 20.1)."""
     acc = Accumulator(reduce={"logits": lambda t: t.argmax(-1)})
-    with pytest.warns(UnmatchedPatternWarning, match=r"reduce=.*'logits' matches no leaf of "
-                      r"batch 0 \(its leaves: tree\['out'\]\['logits'\]"):
+    with pytest.warns(
+        UnmatchedPatternWarning,
+        match=r"reduce=.*'logits' matches no leaf of "
+        r"batch 0 \(its leaves: tree\['out'\]\['logits'\]",
+    ):
         acc.append(_nested_batch())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once, not at every batch

@@ -223,9 +223,11 @@ def test_include_and_exclude_patterns_that_match_nothing_warn_by_name() -> None:
         tonumpy.UnmatchedPatternWarning, match=r"include='encoder\.\*', 'decoder\.\*': these"
     ):
         assert module_names(model, include=include) == ["0"]
-    with pytest.warns(tonumpy.UnmatchedPatternWarning, match=r"exclude='2'.*no included module"):
-        with capture(model, include=["0", "1"], exclude=["1", "2"]) as acts:
-            model(torch.ones(1, 2))
+    with (
+        pytest.warns(tonumpy.UnmatchedPatternWarning, match=r"exclude='2'.*no included module"),
+        capture(model, include=["0", "1"], exclude=["1", "2"]) as acts,
+    ):
+        model(torch.ones(1, 2))
     assert list(acts.arrays()) == ["0"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # patterns that all match: no warning

@@ -727,6 +727,27 @@ def _check_directory_destination_errors(rank: int, world: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _check_mean_loss(namespace: dict[str, Any], losses: list[float], world: int) -> None:
+    """The guide's gathered batch sizes line up with its per-batch losses, weighting them."""
+    import _docs_fixtures
+
+    batch_sizes = [
+        len(batch["input_ids"])
+        for r in range(world)
+        for batch in torch.utils.data.DataLoader(
+            namespace["dataset"],
+            _docs_fixtures.BATCH_SIZE,
+            sampler=_peer(namespace["sampler"], r),
+            collate_fn=_docs_fixtures.collate,
+        )
+    ]
+    sizes = namespace["sizes"]
+    assert sizes.tolist() == batch_sizes  # beside the losses, in their order
+    assert sizes.sum() == world * len(namespace["sampler"])  # every sample of every rank
+    expected_mean = float((np.asarray(losses) * batch_sizes).sum() / sum(batch_sizes))
+    assert namespace["mean_loss"] == pytest.approx(expected_mean)
+
+
 def _check_guide_recipe(rank: int, world: int) -> None:
     """The distributed guide's code blocks, as written, on a tiny BERT in every rank."""
     import _docs_fixtures
@@ -770,7 +791,6 @@ def _check_guide_recipe(rank: int, world: int) -> None:
         model, dataset = namespace["model"], namespace["dataset"]
         assert preds["logits"].shape[0] == len(dataset)
         losses: list[float] = []
-        batch_sizes: list[int] = []
         for r in range(world):
             peer = _peer(namespace["sampler"], r)
             loader = torch.utils.data.DataLoader(
@@ -778,13 +798,8 @@ def _check_guide_recipe(rank: int, world: int) -> None:
             )
             with torch.no_grad():
                 losses += [float(model(**batch).loss) for batch in loader]
-            batch_sizes += [len(batch["input_ids"]) for batch in loader]
         np.testing.assert_allclose(preds["loss"], losses, rtol=1e-5)
-        sizes = namespace["sizes"]
-        assert sizes.tolist() == batch_sizes  # beside the losses, in their order
-        assert sizes.sum() == world * len(namespace["sampler"])  # every sample of every rank
-        expected_mean = float((np.asarray(losses) * batch_sizes).sum() / sum(batch_sizes))
-        assert namespace["mean_loss"] == pytest.approx(expected_mean)
+        _check_mean_loss(namespace, losses, world)
         with torch.no_grad():
             for i in range(len(dataset)):
                 one = _docs_fixtures.collate([dataset[i]])

@@ -240,14 +240,26 @@ def _object_array(*items: Any) -> np.ndarray:
         (lambda t: Opaque(_object_array(t)), ".value[0]"),
         (lambda t: Opaque({"a": t}.values()), ".value (its element 0)"),
     ],
-    ids=["object-array", "2d-object-array", "deep", "values", "items", "keys", "in-obj-array",
-         "in-obj-view"],
+    ids=[
+        "object-array",
+        "2d-object-array",
+        "deep",
+        "values",
+        "items",
+        "keys",
+        "in-obj-array",
+        "in-obj-view",
+    ],
 )
 def test_object_arrays_and_dict_views_holding_tensors_are_refused(make: Any, inner: str) -> None:
     """A tensor inside a NumPy object array or a dict view never comes back unconverted: the
     leaf is refused naming where the tensor is (issue 20.2); is_leaf= keeps it on purpose."""
     leaf = make(torch.ones(2))
-    for fn in (to_numpy, lambda tree: tonumpy.concat([tree]), lambda tree: apply(lambda t: t, tree)):
+    for fn in (
+        to_numpy,
+        lambda tree: tonumpy.concat([tree]),
+        lambda tree: apply(lambda t: t, tree),
+    ):
         with pytest.raises(UnsupportedLeafError) as info:
             fn({"x": leaf})
         assert f"tree['x']{inner}" in str(info.value)

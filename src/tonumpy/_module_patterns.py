@@ -21,7 +21,7 @@ import functools
 import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from .errors import CaptureError, UnmatchedPatternWarning
 
@@ -159,8 +159,9 @@ def choose(
     chosen = [name for name in included if not any(match(name) for match in unwanted)]
     if not chosen:
         raise _nothing_error(names, include, exclude, included, owner)
-    _warn_unmatched(names, include, wanted, "include", owner, stacklevel + 1)
-    _warn_unmatched(included, exclude, unwanted, "exclude", owner, stacklevel + 1)
+    where = {"owner": owner, "stacklevel": stacklevel + 1}
+    _warn_unmatched(names, include, wanted, "include", **where)
+    _warn_unmatched(included, exclude, unwanted, "exclude", **where)
     return chosen
 
 
@@ -169,8 +170,9 @@ def _warn_unmatched(
     given: tuple[ModulePattern, ...],
     matchers: list[Callable[[str], bool]],
     option: str,
-    owner: str,
-    stacklevel: int,
+    *,
+    owner: Any,
+    stacklevel: Any,
 ) -> None:
     """Warn about the patterns of ``option`` that match none of ``names``, naming them all."""
     missing = [
@@ -184,8 +186,9 @@ def _warn_unmatched(
     among = "module of" if option == "include" else "included module of"
     warnings.warn(
         UnmatchedPatternWarning(
-            f"{option}={', '.join(missing)}: {'these patterns match' if several else 'the pattern matches'} "
-            f"no {among} {owner}; {'they are' if several else 'it is'} ignored "
+            f"{option}={', '.join(missing)}: "
+            f"{'these patterns match' if several else 'the pattern matches'} no {among} {owner}; "
+            f"{'they are' if several else 'it is'} ignored "
             "(tonumpy.module_names(model, include=...) lists what a pattern matches)"
         ),
         stacklevel=stacklevel + 1,

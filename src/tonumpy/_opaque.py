@@ -133,7 +133,8 @@ def _parts(node: Any) -> list[tuple[str, Any]]:
         parts += [(_index(index), value) for index, value in np.ndenumerate(node)]
         return parts
     elif isinstance(node, DICT_VIEWS):
-        parts += [(f" (its element {i})", value) for i, value in enumerate(list(node))]
+        items: list[Any] = list(node)  # type: ignore[call-overload] # a keys/values/items view
+        parts += [(f" (its element {i})", value) for i, value in enumerate(items)]
         return parts
     return parts + _attributes(node)
 
@@ -198,9 +199,10 @@ def find_tensor(obj: Any, atomic: frozenset[type]) -> str | None:
             if isinstance(child, np.ndarray):
                 skip = not child.dtype.hasobject
             else:
-                skip = known.get(cls)
-                if skip is None:
-                    skip = known[cls] = is_atomic(cls)
+                known_skip = known.get(cls)
+                if known_skip is None:
+                    known_skip = known[cls] = is_atomic(cls)
+                skip = known_skip
             if skip or id(child) in seen:
                 continue
             seen.add(id(child))

@@ -82,8 +82,10 @@ def lookup(mapping: Mapping[Any, Any], path: tuple[Any, ...]) -> Any:
 
 
 def lookup_key(mapping: Mapping[Any, Any], path: tuple[Any, ...]) -> Any:
-    """The key of ``mapping`` that [`lookup`][tonumpy._select.lookup] takes the value of, or
-    ``_MISSING`` when none covers ``path``."""
+    """The key of ``mapping`` that [`lookup`][tonumpy._select.lookup] takes the value of.
+
+    ``_MISSING`` when none covers ``path``.
+    """
     for end in range(len(path), -1, -1):
         prefix = path[:end]
         if prefix in mapping:
@@ -179,8 +181,11 @@ def check_reduce(reduce: Any, where: str) -> dict[Any, Callable[[Any], Any]]:
 
 
 class _Plan:
-    """What a selection does to trees of one structure: the nodes to cut, the leaves to reduce,
-    and what each pattern matched there (pattern as given -> key paths)."""
+    """What a selection does to trees of one structure.
+
+    The nodes to cut, the leaves to reduce, and what each pattern matched there (pattern as
+    given -> key paths).
+    """
 
     __slots__ = ("cuts", "matched", "reductions", "spec")
 
@@ -244,9 +249,11 @@ class Selection:
         return bool(self._exclude or self._reduce)
 
     def matched(self) -> dict[str, dict[Any, list[tuple[Any, ...]]]]:
-        """What each pattern matched so far: ``{"exclude": {pattern: [key path, ...]},
-        "reduce": {pattern: [key path, ...]}}`` (an exclude pattern: the node it names; a
-        reduce pattern: the leaves it reduces)."""
+        """What each pattern matched so far, by option, pattern as given.
+
+        ``{"exclude": {pattern: [key path, ...]}, "reduce": {pattern: [key path, ...]}}``: an
+        exclude pattern lists the node it names, a reduce pattern the leaves it reduces.
+        """
         with self._lock:
             return {
                 option: {pattern: list(paths) for pattern, paths in found.items()}
@@ -300,7 +307,9 @@ class Selection:
         if last is not None and last.spec == spec:
             return last
         if which == 0:
-            plan = _Plan(spec, _cuts(spec, self._exclude), [], _exclude_matches(spec, self._patterns))
+            plan = _Plan(
+                spec, _cuts(spec, self._exclude), [], _exclude_matches(spec, self._patterns)
+            )
         else:
             reductions, matched = _reductions(spec, self._reduce)
             plan = _Plan(spec, [], reductions, matched)
@@ -327,7 +336,9 @@ class Selection:
                 for option, found in self._matched.items()
             }
         leaves = [where for _, where in _tree.leaf_paths(spec)]
-        shown = ", ".join(leaves[:6]) + (f", ... ({len(leaves) - 6} more)" if len(leaves) > 6 else "")
+        shown = ", ".join(leaves[:6]) + (
+            f", ... ({len(leaves) - 6} more)" if len(leaves) > 6 else ""
+        )
         for option, what in (("exclude", "node"), ("reduce", "leaf")):
             missing = unmatched[option]
             if not missing:
@@ -371,14 +382,18 @@ def _given_patterns(exclude: Any) -> list[Any]:
 def _exclude_matches(spec: PyTreeSpec, patterns: list[Any]) -> dict[Any, list[tuple[Any, ...]]]:
     """For each exclude pattern, the node of ``spec`` it names (a list of one path, or none)."""
     nodes = {node.path for node in _tree.outline(spec)}
-    return {pattern: [as_path(pattern)] if as_path(pattern) in nodes else [] for pattern in patterns}
+    return {
+        pattern: [as_path(pattern)] if as_path(pattern) in nodes else [] for pattern in patterns
+    }
 
 
 def _reductions(
     spec: PyTreeSpec, reduce: Mapping[Any, Callable[[Any], Any]]
 ) -> tuple[list[tuple[int, Callable[[Any], Any]]], dict[Any, list[tuple[Any, ...]]]]:
-    """``(leaf index, function)`` for every leaf a pattern of ``reduce`` covers, and the leaf
-    paths each pattern covers (the longest pattern covering a leaf takes it)."""
+    """``(leaf index, function)`` for every leaf a pattern of ``reduce`` covers.
+
+    Also the leaf paths each pattern takes (the longest pattern covering a leaf takes it).
+    """
     found = []
     matched: dict[Any, list[tuple[Any, ...]]] = {pattern: [] for pattern in reduce}
     for index, raw in enumerate(spec.paths()):

@@ -257,9 +257,7 @@ def flatten(
             did not keep it); the message names the path and the fix.
         TypeError: ``is_leaf`` returned something other than ``True`` or ``False``.
     """
-    leaves, spec, _ = flatten_typed(
-        tree, is_leaf=is_leaf, none_is_leaf=none_is_leaf, search=search
-    )
+    leaves, spec, _ = flatten_typed(tree, is_leaf=is_leaf, none_is_leaf=none_is_leaf, search=search)
     return leaves, spec
 
 

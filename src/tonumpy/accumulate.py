@@ -608,6 +608,9 @@ def gather_input(acc: Accumulator) -> tuple[list[Any], PyTreeSpec, list[bool]]:
 
 
 def accumulator_options(acc: Accumulator) -> dict[str, Any]:
-    """The options ``acc`` was made with that ``gather(acc)`` uses unless the call overrides
-    them: ``axis``, ``pad_value`` and ``ml_dtypes``."""
-    return {"axis": acc._axis, "pad_value": acc._pad_value, "ml_dtypes": acc._ml_dtypes}  # noqa: SLF001
+    """The options of ``acc`` that ``gather(acc)`` uses unless the call passes its own.
+
+    ``axis``, ``pad_value`` and ``ml_dtypes``.
+    """
+    own = acc._axis, acc._pad_value, acc._ml_dtypes  # noqa: SLF001 - this module's own class
+    return dict(zip(("axis", "pad_value", "ml_dtypes"), own, strict=True))

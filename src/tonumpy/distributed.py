@@ -242,8 +242,10 @@ def gather(
 def _defaults(
     tree: Any, axis: int | None, pad_value: PadValue, ml_dtypes: bool | None
 ) -> tuple[Any, PadValue, Any]:
-    """``axis``, ``pad_value`` and ``ml_dtypes``: those given, else the Accumulator's, else
-    the defaults of ``concat`` (0, None, False)."""
+    """``axis``, ``pad_value`` and ``ml_dtypes``: given, else the Accumulator's, else defaults.
+
+    The defaults are ``concat``'s: 0, None, False.
+    """
     if isinstance(tree, Accumulator):
         options = accumulator_options(tree)
         if axis is None:
