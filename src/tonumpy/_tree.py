@@ -25,6 +25,7 @@ rebuild and compare equal under ``same_structure``.
 from __future__ import annotations
 
 import contextlib
+import operator
 import sys
 import threading
 import warnings
@@ -281,7 +282,7 @@ def flatten_typed(
             atomic = _atomic
             if leaf_types <= atomic:  # tensors, arrays, strings, numbers, ...: nothing to do
                 if search and _arrays_possible(leaf_types):
-                    _refuse_object_arrays(leaves, spec, check, atomic)
+                    _refuse_object_arrays(leaves, leaf_types, spec, check, atomic)
                 return leaves, spec, leaf_types
             again = opaque = False
             for cls in leaf_types - atomic:
@@ -298,7 +299,7 @@ def flatten_typed(
                 if opaque and search:
                     _refuse_opaque(leaves, spec, check, protect)
                 elif search and _arrays_possible(leaf_types):
-                    _refuse_object_arrays(leaves, spec, check, _atomic)
+                    _refuse_object_arrays(leaves, leaf_types, spec, check, _atomic)
                 return leaves, spec, leaf_types
         attempt += 1
 
@@ -319,18 +320,30 @@ def _flatten_once(
         raise _node_error(tree, bad, check, none_is_leaf) from None
 
 
+_ONLY_ARRAYS = {np.ndarray}
+_IS_ARRAY: Callable[[Any], bool] = np.ndarray.__instancecheck__  # isinstance(x, np.ndarray), in C
+_DTYPE = operator.attrgetter("dtype")
+
+
 def _arrays_possible(leaf_types: set[type]) -> bool:
     """Whether some leaf may be a NumPy array (the leaves to look at for object arrays)."""
     return np.ndarray in leaf_types or not leaf_types <= _BASE_ATOMIC
 
 
 def _refuse_object_arrays(
-    leaves: list[Any], spec: PyTreeSpec, check: Callable[[Any], bool] | None, atomic: Any
+    leaves: list[Any],
+    leaf_types: set[type],
+    spec: PyTreeSpec,
+    check: Callable[[Any], bool] | None,
+    atomic: Any,
 ) -> None:
     """Raise for the first NumPy array of Python objects that holds a tensor.
 
-    Numeric arrays are never looked into: their dtype says they hold no object.
+    Numeric arrays are never looked into: their dtypes (collected in C) say they hold no object.
     """
+    arrays = leaves if leaf_types == _ONLY_ARRAYS else filter(_IS_ARRAY, leaves)
+    if not any(dtype.hasobject for dtype in set(map(_DTYPE, arrays))):
+        return
     searchable = _opaque.searchable_array
     for index, leaf in enumerate(leaves):
         if searchable(leaf) and not (check is not None and check(leaf)):
