@@ -11,7 +11,7 @@ wherever they are, also as leaves of the tree themselves.
 
 The search is bounded: it looks at no more than ``BUDGET`` objects (plain containers of plain
 values, such as a list of 100,000 floats, count as none). Breadth first, a tensor held directly
-(an attribute, a slot, an element) is always among the first objects looked at. An object too
+(in an attribute or a slot) is always among the first objects looked at. An object too
 large to search to its end is passed on as it is, with an [`UncheckedObjectWarning`][]: an
 object that grows (a logger's history) never turns a call that worked into one that fails.
 
