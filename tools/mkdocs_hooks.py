@@ -56,10 +56,7 @@ def _default(value: Any) -> str:
 
 def _parameters(obj: Any) -> str:
     """``(a, /, *, b=1)``: parameter names, kinds and defaults, without annotations."""
-    try:
-        sig = inspect.signature(obj)
-    except ValueError:  # a class whose constructor is a builtin's (a warning): BaseException's
-        return "(*args)"
+    sig = inspect.signature(obj)
     out: list[str] = []
     star = slash = False
     params = list(sig.parameters.values())

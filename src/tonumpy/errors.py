@@ -105,7 +105,14 @@ class UnsafeFileError(TonumpyError, ValueError):
 
 
 class TonumpyWarning(UserWarning):
-    """Base class of every warning tonumpy gives."""
+    """Base class of every warning tonumpy gives.
+
+    Args:
+        message: What was found, where, and how to silence it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
 
 
 class UnmatchedPatternWarning(TonumpyWarning):
