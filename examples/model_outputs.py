@@ -1,80 +1,61 @@
-"""Convert a tiny model's outputs, with grad and bfloat16, to NumPy: before and after.
+"""The README's first command in Python: examples/model_outputs.pt to NumPy, before and after.
 
-Run: python examples/model_outputs.py
+``tonumpy convert examples/model_outputs.pt model_outputs.npz`` reads the file with
+``weights_only=True`` (nothing it names is imported or run) and converts every tensor. Here the
+same file is read the same way: ``tonumpy.io.read`` gives its tree as stored (tensors, with
+grad and bfloat16), ``tonumpy.load`` gives it converted, exactly as ``tonumpy.load`` gives back
+the ``.npz`` the command writes. Key paths come from ``tonumpy.apply(..., with_path=True)``,
+which visits a dict's keys in sorted order (as optree does); ``tonumpy show`` lists them as stored.
+
+Run from anywhere: python examples/model_outputs.py
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
 
 import tonumpy
+import tonumpy.io
 
-
-@dataclass
-class Output:
-    """What many models return: a dataclass of tensors and plain values."""
-
-    logits: torch.Tensor
-    hidden_states: tuple[torch.Tensor, ...]
-    loss: torch.Tensor
-    note: str = "tiny"
-
-
-class TinyModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(10, 8)
-        self.layer = nn.Linear(8, 8)
-        self.head = nn.Linear(8, 3).to(torch.bfloat16)
-
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-        h0 = self.embed(ids)
-        h1 = torch.relu(self.layer(h0))
-        logits = self.head(h1.to(torch.bfloat16))
-        loss = nn.functional.cross_entropy(logits.float().mean(1), labels)
-        return {
-            "output": Output(logits, (h0, h1), loss),
-            "labels": labels,
-            "top": torch.max(logits, dim=-1),
-        }
+EXAMPLE = Path(__file__).with_name("model_outputs.pt")
+#: The leaves to list: tensors, arrays and plain values (containers are walked into).
+LEAVES = (torch.Tensor, np.ndarray, str, int, float)
 
 
 def describe(tree: Any) -> str:
-    paths, leaves = _paths(tree)
-    return "\n".join(
-        f"  {path:<34} {_kind(leaf)}" for path, leaf in zip(paths, leaves, strict=True)
-    )
+    """One line per leaf: its key path and what it is."""
+    lines: list[str] = []
 
+    def line(path: tuple[Any, ...], leaf: Any) -> Any:
+        lines.append(f"  {'.'.join(map(str, path)):<28} {_kind(leaf)}")
+        return leaf
 
-def _paths(tree: Any) -> tuple[list[str], list[Any]]:
-    leaves, spec = tonumpy._tree.flatten(tree)  # noqa: SLF001 - the example shows key paths
-    return [tonumpy._tree.leaf_path(spec, i)[1] for i in range(len(leaves))], leaves  # noqa: SLF001
+    tonumpy.apply(line, tree, types=LEAVES, with_path=True)
+    return "\n".join(lines)
 
 
 def _kind(leaf: Any) -> str:
     if isinstance(leaf, torch.Tensor):
         grad = ", grad" if leaf.requires_grad else ""
         return f"Tensor {tuple(leaf.shape)} {leaf.dtype}{grad}"
-    if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
-        return f"{type(leaf).__name__} {leaf.shape} {leaf.dtype}"
+    if isinstance(leaf, np.ndarray):
+        return f"ndarray {leaf.shape} {leaf.dtype}"
     return repr(leaf)
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    model = TinyModel()
-    outputs = model(torch.randint(0, 10, (2, 4)), torch.tensor([0, 2]))
-    print("before:")
-    print(describe(outputs))
-    arrays = tonumpy.to_numpy(outputs)
-    print("after tonumpy.to_numpy(outputs):")
+    stored = tonumpy.io.read(EXAMPLE).tree
+    print(f"{EXAMPLE.name}, as stored (tonumpy.io.read):")
+    print(describe(stored))
+    arrays = tonumpy.load(EXAMPLE)
+    print("converted (tonumpy.load, as `tonumpy convert` converts it):")
     print(describe(arrays))
-    exact = tonumpy.to_numpy(outputs, ml_dtypes=True)
-    print(f"with ml_dtypes=True the logits stay {exact['output'].logits.dtype}, bit for bit")
+    exact = tonumpy.load(EXAMPLE, ml_dtypes=True)["model_output"]["logits"]
+    print(f"with ml_dtypes=True (--ml-dtypes) the logits stay {exact.dtype}, bit for bit")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,23 @@ def _tensor(storage: bytes, size: tuple[int, ...], stride: tuple[int, ...]) -> b
     )
 
 
+def _qtensor(storage: bytes, numel: int, qparams: bytes) -> bytes:
+    """A 1-d quantized tensor of ``numel`` items over ``storage``."""
+    hooks = _global("collections", "OrderedDict") + b")R"
+    return (
+        _global("torch._utils", "_rebuild_qtensor")
+        + b"("
+        + storage
+        + _long(0)
+        + _ints(numel)
+        + _ints(1)
+        + qparams
+        + b"\x89"
+        + hooks
+        + b"tR"
+    )
+
+
 def _billion_laughs(levels: int) -> bytes:
     body = b"]" + _text("x" * 64) + b"aq\x00"
     for level in range(1, levels + 1):
@@ -373,6 +390,12 @@ def _pickles(f: Path, cases: Cases) -> None:
             hooks,
         ),
         "storage-lies": _tensor(_storage("FloatStorage", "0", 10**9), (10**9,), (1,)),
+        # record "0" named twice: its true 4 bytes, then 4 GiB (a quantized tensor is
+        # allocated at its full size before its storage is attached)
+        "storage-twice": b"("
+        + _qtensor(_storage("QInt8Storage", "0", 4), 4, qparams)
+        + _qtensor(_storage("QInt8Storage", "0", 2**32), 2**32, qparams)
+        + b"t",
         "stride-zero": _tensor(_storage("FloatStorage", "0", 1), (10**6, 10**6), (0, 0)),
         "billion-laughs": _billion_laughs(40),
     }

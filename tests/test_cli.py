@@ -265,6 +265,43 @@ def test_readme_first_command(tmp_path: Path) -> None:
     assert loaded["model_output"]["logits"].dtype == np.float32
 
 
+def test_readme_python_example_is_the_first_commands_conversion(tmp_path: Path) -> None:
+    """examples/model_outputs.py converts examples/model_outputs.pt, with public API only."""
+    script = ROOT / "examples" / "model_outputs.py"
+    source = script.read_text()
+    assert "tonumpy._" not in source  # no private module
+    assert "model_outputs.pt" in source
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    after = result.stdout.split("converted (tonumpy.load")[1].splitlines()[1:-1]
+    assert run("convert", str(EXAMPLE), str(tmp_path / "cli.npz"))[0] == 0
+    written = tonumpy.load(tmp_path / "cli.npz")  # what the README's first command wrote
+    expected = []
+    for path, leaf in zip(*_sorted_leaves(written), strict=True):
+        kind = f"ndarray {leaf.shape} {leaf.dtype}" if isinstance(leaf, np.ndarray) else repr(leaf)
+        expected.append(f"{path} {kind}")
+    assert [" ".join(line.split()) for line in after] == [" ".join(e.split()) for e in expected]
+
+
+def _sorted_leaves(tree: object, path: str = "") -> tuple[list[str], list[object]]:
+    """Dotted key paths and leaves, dict keys sorted; None left out (it is no leaf to list)."""
+    if isinstance(tree, dict):
+        items = sorted(tree.items())
+    elif isinstance(tree, list | tuple):
+        items = list(enumerate(tree))
+    else:
+        return ([path], [tree]) if tree is not None else ([], [])
+    paths: list[str] = []
+    leaves: list[object] = []
+    for key, value in items:
+        more = _sorted_leaves(value, f"{path}.{key}" if path else str(key))
+        paths += more[0]
+        leaves += more[1]
+    return paths, leaves
+
+
 def test_python_dash_m(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tonumpy", "--version"], capture_output=True, text=True, check=False
@@ -459,3 +496,122 @@ def test_bar_draws_percentages() -> None:
     assert " 50%" in stream.getvalue()
     bar.close()
     assert stream.getvalue().endswith("\r\033[K")
+
+
+# ----------------------------------------------------------- checkpoints, help, not torch
+
+
+def test_help_names_hugging_face_checkpoint_directories(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for command in ("show", "convert"):
+        assert run(command, "--help")[0] == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "Hugging Face checkpoint directory" in text, command
+    assert run("convert", "--help")[0] == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert ".pt/.pth" in text
+    assert "--plain-containers" in text
+
+
+def test_depth_groups_dotted_names_by_segment(tmp_path: Path) -> None:
+    """A state dict's flat names: --depth counts their segments, as it counts nested keys."""
+    state = {
+        "encoder.layer.0.weight": torch.ones(2, 2),
+        "encoder.layer.0.bias": torch.ones(2),
+        "encoder.layer.1.weight": torch.ones(2, 2),
+        "head.weight": torch.ones(3),
+        "scale": torch.ones(1),
+    }
+    torch.save(state, tmp_path / "state.pt")
+    code, out, _ = run("show", str(tmp_path / "state.pt"), "--depth", "1")
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()[2:-1]]
+    assert rows == [
+        ["(root)", "dict", "3", "keys", "56", "B"],
+        ["encoder.", "names", "1", "key", "40", "B"],
+        ["...", "3", "arrays"],
+        ["head.", "names", "1", "key", "12", "B"],
+        ["...", "1", "array"],
+        ["scale", "Tensor", "(1,)", "float32", "cpu", "4", "B"],
+    ]
+    assert out.splitlines()[-1].startswith("5 arrays")
+    code, out, _ = run("show", str(tmp_path / "state.pt"), "--depth", "3")
+    names = [line.split()[0] for line in out.splitlines()[2:-1]]
+    assert names == [
+        "(root)",
+        "encoder.",
+        "layer.",
+        "0.",
+        "...",
+        "1.",
+        "...",
+        "head.",
+        "weight",
+        "scale",
+    ]
+    # without --depth every name is listed whole, as stored
+    code, out, _ = run("show", str(tmp_path / "state.pt"))
+    assert [line.split()[0] for line in out.splitlines()[2:-1]] == ["(root)", *state]
+
+
+def test_depth_keeps_odd_dotted_names_whole(tmp_path: Path) -> None:
+    """Empty segments, names that clash with a group, and very long names stay as stored."""
+    deep = ".".join(["a"] * 5000)  # a hostile key: never 5,000 levels
+    torch.save({deep: torch.ones(1), "x.": torch.ones(1), "x.y": torch.ones(1)}, tmp_path / "s.pt")
+    torch.save({"p..q": torch.ones(1), "r.s": torch.ones(1)}, tmp_path / "t.pt")
+    code, out, err = run("show", str(tmp_path / "s.pt"), "--depth", "1")
+    assert code == 0, err
+    rows = [line.split()[0] for line in out.splitlines()[2:-1]]
+    assert rows == ["(root)", deep, "x.", "x.y"]  # "x." and the group "x." would clash
+    code, out, _ = run("show", str(tmp_path / "t.pt"), "--depth", "1")
+    assert [line.split()[0] for line in out.splitlines()[2:-1]] == ["(root)", "p..q", "r.", "..."]
+
+
+def test_depth_on_a_checkpoint_directory(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch.save_file(model.state_dict(), folder / "model.safetensors")
+    code, out, _ = run("show", str(folder), "--depth", "1")
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()[2:-1]]
+    assert rows[1:] == [
+        ["0.", "names", "2", "keys", "36", "B"],
+        ["...", "2", "arrays"],
+        ["2.", "names", "2", "keys", "16", "B"],
+        ["...", "2", "arrays"],
+    ]
+
+
+def test_a_pt_file_that_is_not_a_torch_save_file(tmp_path: Path) -> None:
+    """Neither a zip archive nor a pickle: said so, in one line, not an opcode number."""
+    (tmp_path / "notes.pt").write_text("not a tensor file\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    code, _, err = run("show", str(tmp_path / "notes.pt"))
+    assert code == 2
+    assert err == (
+        f"tonumpy: error: {tmp_path / 'notes.pt'}: not a torch.save file (neither a zip "
+        "archive nor a pickle: it starts with b'not a te')\n"
+    )
+    code, _, err = run("convert", str(tmp_path / "empty.pt"), str(tmp_path / "out.npz"))
+    assert code == 2
+    assert (
+        err == f"tonumpy: error: {tmp_path / 'empty.pt'}: not a torch.save file (an empty file)\n"
+    )
+    with pytest.raises(tonumpy.FileFormatError, match=r"not a torch\.save file"):
+        tonumpy.load(tmp_path / "notes.pt")
+
+
+def test_convert_npz_back_to_pt(tmp_path: Path) -> None:
+    """`tonumpy convert x.npz out.pt`: what torch.load(weights_only=True) reads, exactly."""
+    src = tmp_path / "x.npz"
+    np.savez(src, w=np.arange(6, dtype=np.float32).reshape(2, 3), ids=np.arange(3))
+    code, out, err = run("convert", str(src), str(tmp_path / "out.pt"))
+    assert code == 0, err
+    assert "2 arrays" in out
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert list(got) == ["w", "ids"]
+    assert torch.equal(got["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    assert got["ids"].dtype == torch.int64

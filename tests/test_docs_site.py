@@ -118,6 +118,40 @@ def test_home_page_shows_the_three_jobs(site: Path) -> None:
     assert "img/peers.png" in images
 
 
+def test_home_page_explains_its_chart_labels(site: Path) -> None:
+    """Each workload label on the chart (W1-W6) is explained on the home page, in its own item."""
+    root = sitecheck.parse((site / "index.html").read_text())
+    labels = set(re.findall(r"\bW\d\b", root.text()))
+    assert labels == {f"W{n}" for n in range(1, 7)}
+    explained = {}
+    for item in (n for n in root.iter() if n.tag == "li"):
+        strong = next((c for c in item.children if getattr(c, "tag", "") == "strong"), None)
+        if strong is not None and re.fullmatch(r"W\d", strong.text()):
+            explained[strong.text()] = " ".join(item.text().split())
+    assert set(explained) == labels
+    assert all(len(text) > 40 for text in explained.values()), explained
+
+
+def test_guides_do_not_tell_history_the_reader_never_saw() -> None:
+    """Version 0.1.0 is the first release: a guide says what holds, the changelog what changed."""
+    for page in (ROOT / "docs").rglob("*.md"):
+        if page.name == "changelog.md":
+            continue
+        text = page.read_text()
+        for phrase in ("before the first release", "used to match", "changed before"):
+            assert phrase not in text, (page, phrase)
+
+
+def test_404_page_links_are_relative(site: Path) -> None:
+    """404.html works opened from files: its links to the site are relative (site check too)."""
+    root = sitecheck.parse((site / "404.html").read_text())
+    links = [n.attrs.get("href") or n.attrs.get("src") or "" for n in root.iter()]
+    internal = [u for u in links if u and not re.match(r"[a-z]+:|//", u)]
+    assert internal
+    assert not [u for u in internal if u.startswith("/")]
+    assert '"base": "/"' not in (site / "404.html").read_text()
+
+
 def test_docs_test_comments_stay_hidden(site: Path) -> None:
     """The runner's <!-- docs-test: ... --> comments never show on a page."""
     for file in site.rglob("*.html"):

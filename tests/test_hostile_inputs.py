@@ -65,6 +65,7 @@ CASES = [
     "pickle-np-ndarray",
     "pickle-qtensor",
     "pickle-storage-lies",
+    "pickle-storage-twice",
     "pickle-stride-zero",
     "pickle-billion-laughs",
     "pickle-bytes-load",

@@ -96,7 +96,7 @@ LINKS = {
     "a missing anchor on another page": ('<a href="other/#nowhere">x</a>', "no anchor"),
     "a missing anchor on this page": ('<a href="#nowhere">x</a>', "no anchor"),
     "a missing image": ('<img src="img/none.png" alt="">', "no file"),
-    "a missing stylesheet": ('<link rel="stylesheet" href="/assets/none.css">', "no file"),
+    "a missing stylesheet": ('<link rel="stylesheet" href="assets/none.css">', "no file"),
     "a link out of the site": ('<a href="../../etc/passwd">x</a>', "outside the site"),
 }
 
@@ -141,8 +141,12 @@ Sphinx itself writes :func:`to_numpy`.
 | 1 | 2 |
 
 See [the other page](other/index.html#there), [this section](#a-clean-page),
-[the top](other/), [absolute](/other/#there), [the web](https://example.org/#x) and
+[the top](other/), [the web](https://example.org/#x), [protocol-relative](//example.org/) and
 ![a figure](img/fig.png).
+
+```text
+a line of exactly eighty characters, as wide as the theme shows without clipping
+```
 """
 
 
@@ -187,3 +191,64 @@ def test_parser_keeps_structure() -> None:
     (div,) = [n for n in root.iter() if n.tag == "div"]
     assert [c.tag for c in div.children if isinstance(c, sitecheck.Node)] == ["p", "p"]
     assert div.text() == "abc"
+
+
+# --------------------------------------------------------- links and code as the theme shows them
+
+
+def test_root_absolute_links_fail_even_when_the_file_exists(tmp_path: Path) -> None:
+    """As 404.html without site_url: /assets/... works from a server's root, nowhere else."""
+    page = html_page(
+        '<link rel="stylesheet" href="/assets/main.css"><a href="/other/">other</a>'
+        '<script src="/assets/app.js"></script><a href="other/">relative</a>'
+    )
+    site = write_site(
+        tmp_path,
+        {"404.html": page, "other/index.html": html_page("<p>x</p>"), "assets/main.css": ""},
+    )
+    (tmp_path / "assets" / "app.js").write_text("")
+    problems = sitecheck.check_site(site)
+    assert [p.rule for p in problems] == ["root-absolute-link"] * 3
+    assert all(p.page == "404.html" and "file://" in p.detail for p in problems)
+
+
+LONG = "tonumpy: error: out.pickle: cannot write '.pickle' files; the destination must end in .npz"
+
+
+def code_site(root: Path, css: str | None) -> Path:
+    head = '<link rel="stylesheet" href="../assets/extra.css">' if css is not None else ""
+    page = f"<!doctype html><html><head>{head}</head><body><pre><code>{LONG}</code></pre>"
+    site = write_site(root, {"guide/index.html": page + "</body></html>"})
+    if css is not None:
+        write_site(root, {"assets/extra.css": css})
+    return site
+
+
+def test_long_code_lines_fail_unless_code_blocks_wrap(tmp_path: Path) -> None:
+    assert len(LONG) > sitecheck.CODE_COLUMNS
+    (problem,) = sitecheck.check_site(code_site(tmp_path / "plain", None))
+    assert problem.rule == "clipped-code"
+    assert f"{len(LONG)} characters" in problem.detail
+    # the theme's own rule wraps only when printing: still clipped on screen
+    printing = "@media print{.md-typeset pre{white-space:pre-wrap}}"
+    assert rules_of(code_site(tmp_path / "print", printing)) == ["clipped-code"]
+    scrolls = ".md-typeset pre>code{overflow:auto;white-space:pre}"
+    assert rules_of(code_site(tmp_path / "scroll", scrolls)) == ["clipped-code"]
+    wraps = "/* wrap */\n.md-typeset pre > code {\n  white-space: pre-wrap;\n}"
+    assert rules_of(code_site(tmp_path / "wraps", wraps)) == []
+
+
+def test_404_links_are_made_relative() -> None:
+    """The hook that rewrites 404.html: links from the site's root, whatever site_url's path."""
+    import mkdocs_hooks
+
+    html = (
+        '<link href="/docs/assets/main.css"><a href="/docs/">home</a>'
+        '<a href="https://example.org/docs/">web</a>'
+        '{"base": "/docs/", "search": "/docs/assets/search.js"}'
+    )
+    assert mkdocs_hooks.relative_404(html, "/docs/") == (
+        '<link href="assets/main.css"><a href=".">home</a>'
+        '<a href="https://example.org/docs/">web</a>'
+        '{"base": ".", "search": "assets/search.js"}'
+    )

@@ -1,4 +1,4 @@
-"""MkDocs hooks (mkdocs.yml ``hooks:``): the API page's index of every public name.
+"""MkDocs hooks (mkdocs.yml ``hooks:``): the API page's index of every public name; 404.html.
 
 ``docs/api.md`` holds the line ``<!-- public-names -->``; at build time it is replaced by a list of
 every name in ``tonumpy.__all__``, grouped by topic, each with its parameters (names and
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit
 
 MARKER = "<!-- public-names -->"
 
@@ -167,3 +168,33 @@ def on_page_markdown(markdown: str, *, page: Any, config: Any, files: Any) -> st
         msg = f"docs/api.md lost its {MARKER} line: the index of public names has nowhere to go"
         raise RuntimeError(msg)
     return markdown.replace(MARKER, public_names(_package(config)))
+
+
+def relative_404(html: str, base: str) -> str:
+    """``404.html`` with its links to the site relative to the site's root, not root-absolute.
+
+    MkDocs writes them from the root of ``site_url`` (``/`` without one), because the page is
+    served for missing paths at any depth; those links break when the site is opened from files
+    (``file://``) or served under another path. Relative links work from the site's root, where
+    ``404.html`` is (and where a static host serves it for a missing top-level page).
+
+    Examples:
+        >>> relative_404('<a href="/cli/">x</a><link href="/."> {"base": "/"}', "/")
+        '<a href="cli/">x</a><link href="."> {"base": "."}'
+    """
+    prefix = re.escape(base)
+
+    def attribute(match: re.Match[str]) -> str:
+        return f'{match.group(1)}="{match.group(2) or "."}"'
+
+    html = re.sub(rf'\b(href|src)="{prefix}([^"]*)"', attribute, html)
+    html = re.sub(rf'"base": "{prefix}"', '"base": "."', html)
+    return re.sub(rf'"search": "{prefix}', '"search": "', html)
+
+
+def on_post_template(output_content: str, *, template_name: str, config: Any) -> str:
+    """Make the links of ``404.html`` relative (see [`relative_404`][])."""
+    if template_name != "404.html":
+        return output_content
+    base = urlsplit(config.site_url or "/").path or "/"
+    return relative_404(output_content, base if base.endswith("/") else base + "/")

@@ -25,6 +25,20 @@ renders wrong there, however it got there (a docstring, a formatter, a generated
     found), or an internal link (``<a href>``, ``<img src>``, ``<link href>``, ``<script src>``)
     to a file that is not in the site, or to an anchor that the target page does not have. Links
     with a scheme (``https:``, ``mailto:``) or starting with ``//`` are external, not checked.
+``root-absolute-link``
+    an internal link that starts with ``/`` (``href="/assets/main.css"``, as MkDocs writes in
+    ``404.html`` without ``site_url``): it resolves against the host's root, so it breaks when the
+    site is opened from files (``file://``) or served under a sub-path. Relative links work in
+    both.
+``clipped-code``
+    a line of a code block longer than the theme shows at its widest layout
+    (``CODE_COLUMNS`` characters), on a page whose stylesheets do not wrap code blocks
+    (``white-space: pre-wrap`` or ``break-spaces`` for ``pre``/``pre > code``, outside
+    ``@media print``): the end of the line is cut off behind a scrollbar. Wrap code blocks in
+    the site's CSS, or break the line in the source.
+
+Not checked (a rule cannot tell): whether a label in a chart or table (``W1``) is explained on
+the page that shows it; ``tests/test_docs_site.py`` checks the home page's labels by name.
 
 Command line (from the repository root, the project's environment active)::
 
@@ -37,6 +51,7 @@ Exit status 0 when the site is clean, 1 with one line per problem otherwise.
 from __future__ import annotations
 
 import argparse
+import functools
 import posixpath
 import re
 import subprocess
@@ -73,6 +88,12 @@ _REFERENCE = re.compile(r"\[[^\[\]\n]+\]\[[^\[\]\n]*\]")
 _SNIPPET = re.compile(r"(?:--|[\u2013\u2014])\s*8\s*<\s*(?:--|[\u2013\u2014])")
 _PROMPT_LINE = re.compile(r"^\s*(?:>>>|\.\.\.(?:\s|$))", re.MULTILINE)
 _QUOTE_START = re.compile(r"^\s*[=<>0-9]")
+#: Characters of a code line that mkdocs-material shows without scrolling at its widest layout:
+#: a content column of about 690 px (61rem grid less both sidebars and padding, at 20 px/rem)
+#: over 13.6 px Roboto Mono (0.6 em a character, 8.2 px) is 84, less the block's padding.
+CODE_COLUMNS = 80
+_CSS_RULE = re.compile(r"([^{}]+)\{([^{}]*)\}")
+_WRAPS = re.compile(r"white-space\s*:\s*(?:pre-wrap|break-spaces)")
 
 
 @dataclass
@@ -307,6 +328,14 @@ def _links(page: Page, pages: dict[str, Page], site: Path) -> Iterator[Finding]:
             continue
         parts = urlsplit(url)
         target = page.path
+        if parts.path.startswith("/"):
+            yield (
+                node,
+                (
+                    f"{url!r} is root-absolute: it breaks when the site is opened from files "
+                    "(file://) or served under a sub-path; make it relative"
+                ),
+            )
         if parts.path:
             base = "" if parts.path.startswith("/") else posixpath.dirname(page.path)
             target = posixpath.normpath(posixpath.join(base, unquote(parts.path).lstrip("/")))
@@ -323,10 +352,77 @@ def _links(page: Page, pages: dict[str, Page], site: Path) -> Iterator[Finding]:
             yield node, f"{url!r}: page {target!r} has no anchor {anchor!r}"
 
 
+def _without_print(css: str) -> str:
+    """A stylesheet without its ``@media print { ... }`` blocks (they do not apply on screen)."""
+    out, i = [], 0
+    for match in re.finditer(r"@media\s+print\s*\{", css):
+        if match.start() < i:
+            continue
+        out.append(css[i : match.start()])
+        depth, j = 1, match.end()
+        while j < len(css) and depth:
+            depth += {"{": 1, "}": -1}.get(css[j], 0)
+            j += 1
+        i = j
+    out.append(css[i:])
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _css_wraps_code(file: Path) -> bool:
+    """Whether a stylesheet makes code blocks wrap on screen."""
+    try:
+        css = _without_print(file.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return False
+    css = re.sub(r"/\*.*?\*/", "", css, flags=re.DOTALL)
+    return any(
+        re.search(r"\bpre\b", selector) and _WRAPS.search(body)
+        for selector, body in _CSS_RULE.findall(css)
+    )
+
+
+def _code_wraps(page: Page, site: Path) -> bool:
+    for node in page.root.iter():
+        if node.tag != "link" or "stylesheet" not in node.attrs.get("rel", "").split():
+            continue
+        href = urlsplit(node.attrs.get("href", "")).path
+        if not href or re.match(r"[A-Za-z][A-Za-z0-9+.-]*:|//", node.attrs.get("href", "")):
+            continue
+        base = "" if href.startswith("/") else posixpath.dirname(page.path)
+        target = posixpath.normpath(posixpath.join(base, unquote(href).lstrip("/")))
+        if _css_wraps_code(site / target):
+            return True
+    return False
+
+
+def _clipped_code(page: Page, site: Path) -> Iterator[Finding]:
+    long_lines = [
+        (node, line)
+        for node in page.root.iter()
+        if node.tag == "pre"
+        for line in node.text().split("\n")
+        if len(line.rstrip()) > CODE_COLUMNS
+    ]
+    if not long_lines or _code_wraps(page, site):
+        return
+    for node, line in long_lines:
+        yield (
+            node,
+            (
+                f"a code line of {len(line.rstrip())} characters (more than {CODE_COLUMNS} are cut "
+                f"off, and code blocks do not wrap): {_short(line, 60)!r}"
+            ),
+        )
+
+
 def check_page(page: Page, pages: dict[str, Page], site: Path) -> list[Problem]:
     """Every problem on one page (``pages``: all pages of the site, by path, for anchors)."""
     found = [(name, f) for name, rule in _RULES.items() for f in rule(page)]
-    found += [("broken-link", f) for f in _links(page, pages, site)]
+    for finding in _links(page, pages, site):
+        root_absolute = "is root-absolute" in finding[1]
+        found.append(("root-absolute-link" if root_absolute else "broken-link", finding))
+    found += [("clipped-code", f) for f in _clipped_code(page, site)]
     return [Problem(page.path, node.line, name, detail) for name, (node, detail) in found]
 
 

@@ -113,8 +113,8 @@ def from_bits(bits: np.ndarray, name: str) -> Any:
     if isinstance(torch_dtype, torch.dtype) and torch_dtype in _dtypes.ML_DTYPES:
         if bits.dtype.itemsize != torch_dtype.itemsize or bits.dtype.kind not in "iu":
             raise FileFormatError(f"bits of {bits.dtype} cannot hold {name}")
-        wide = np.ascontiguousarray(bits).view(f"i{bits.dtype.itemsize}")
-        return torch.from_numpy(wide.copy()).view(torch_dtype)
+        wide = np.array(bits, order="C").view(f"i{bits.dtype.itemsize}")  # a copy, 0-d kept
+        return torch.from_numpy(wide).view(torch_dtype)
     module = _dtypes.ml_dtypes_module()
     ml_type = getattr(module, name, None) if re.fullmatch(r"[a-z0-9_]+", name) else None
     if ml_type is None:

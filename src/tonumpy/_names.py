@@ -1,10 +1,12 @@
-"""File names for the array leaves of a tree: one plain, safe, unique file per key path.
+"""Names of the array leaves of a tree: safe file names, and exact tensor names.
 
-Each name is the leaf's key path joined by dots, reduced to ``A-Z a-z 0-9 . _ -``, never hidden,
-never ``.``/``..``, never a Windows device name, at most ``MAX_NAME`` bytes (a hash of the full
-path ends a name that was cut), and unique even on case-insensitive file systems (``~2``,
-``~3``, ... suffixes). The structure maps every name back to its real key path, so readers
-never need to parse a name.
+A file name (a ``.npz`` member, a ``.npy`` file of a directory) is the leaf's key path joined by
+dots, reduced to ``A-Z a-z 0-9 . _ -``, never hidden, never ``.``/``..``, never a Windows device
+name, at most ``MAX_NAME`` bytes (a hash of the full path ends a name that was cut), and unique
+even on case-insensitive file systems (``~2``, ``~3``, ... suffixes). A tensor name (in a
+``.safetensors`` file, which allows any UTF-8 name) is the key path joined by dots, unchanged:
+a state dict's keys are its tensors' names. The structure maps every name back to its real key
+path, so readers never need to parse a name.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import hashlib
 import re
 from typing import Any
 
-__all__ = ["MAX_NAME", "STRUCTURE", "dotted", "is_safe_name", "unique_names"]
+__all__ = ["MAX_NAME", "ROOT", "STRUCTURE", "dotted", "is_safe_name", "tensor_name", "unique_names"]
 
 #: Name of the member (``.npz``) or file (``.json`` in a directory) that holds the structure.
 STRUCTURE = "__tonumpy__"
+#: The name of an array that is the whole tree (it has no key path).
+ROOT = "root"
 #: Bytes of a sanitised leaf name before ``.npy`` (file systems allow 255).
 MAX_NAME = 120
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._~-]*")
@@ -34,6 +38,22 @@ def dotted(path: tuple[Any, ...]) -> str:
         'output.hidden_states.0'
     """
     return ".".join(_key_text(k) for k in path)
+
+
+def tensor_name(path: tuple[Any, ...]) -> str:
+    """The name of the tensor at ``path`` in a ``.safetensors`` file: its keys joined by dots.
+
+    Keys are kept as they are (a ``str`` key unchanged, any other key as its ``repr``): the
+    keys of a flat dict are its tensors' names, nested keys read as torch and Hugging Face
+    name weights. The array that is the whole tree is named ``root``.
+
+    Examples:
+        >>> tensor_name(("_orig_mod.layer.weight",)), tensor_name(("dense/kernel:0",))
+        ('_orig_mod.layer.weight', 'dense/kernel:0')
+        >>> tensor_name(("model", "layers", 0, "weight")), tensor_name(())
+        ('model.layers.0.weight', 'root')
+    """
+    return dotted(path) if path else ROOT
 
 
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -75,7 +95,7 @@ def is_safe_name(name: str) -> bool:
 def unique_names(paths: list[tuple[Any, ...]]) -> list[str]:
     """The file name (without ``.npy``) of the array at each key path, in order.
 
-    Keys joined by dots, sanitised (see docs/cli.md, "File names of .npy files"), unique even
+    Keys joined by dots, sanitised (see docs/cli.md, "Names in each format"), unique even
     on case-insensitive file systems (``~2`` suffixes), never the structure's own name.
 
     Examples:
@@ -85,7 +105,7 @@ def unique_names(paths: list[tuple[Any, ...]]) -> list[str]:
     used = {STRUCTURE.casefold()}
     out = []
     for path in paths:
-        base = _sanitise(dotted(path)) if path else "root"
+        base = _sanitise(dotted(path)) if path else ROOT
         name, n = base, 1
         while name.casefold() in used:
             n += 1

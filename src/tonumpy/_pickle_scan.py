@@ -6,8 +6,11 @@ allocate whatever size they are given: ``bytearray(10**9)``, ``torch.FloatTensor
 can so ask for gigabytes before any of its data is read. ``scan`` runs the same opcodes
 without calling anything: it lists the globals the pickle names and the storages it loads, and
 refuses, before ``torch.load`` runs, every call that would allocate from a size (an int or a
-``torch.Size``) rather than from data the file holds, and every tensor that reaches outside its
-storage. Opcodes the weights-only unpickler does not know are refused too.
+``torch.Size``) rather than from data the file holds, every tensor that reaches outside its
+storage, and a storage record named with two sizes (each use is checked, not only the first).
+Opcodes the weights-only unpickler does not know are refused too. Each opcode it knows has one
+handler in ``_OPS``, which reads the opcode's argument and changes the stack as the real
+unpickler would, with calls recorded instead of made.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import pickle
 import struct
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -109,8 +114,6 @@ except ImportError:  # pragma: no cover - an older torch
     pass
 
 _INT = struct.Struct("<i")
-_UINT = struct.Struct("<I")
-_USHORT = struct.Struct("<H")
 _DOUBLE = struct.Struct(">d")
 
 
@@ -141,7 +144,7 @@ class _Machine:
         self.marks: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
         self.result = Scan(set(), [], start)
-        self.keys: set[str] = set()
+        self.keys: dict[str, Storage] = {}  # the first use of each record
 
     # reading ----------------------------------------------------------------------------
 
@@ -190,99 +193,98 @@ class _Machine:
 
     # running ----------------------------------------------------------------------------
 
-    def run(self) -> Scan:  # noqa: PLR0915 - one branch per opcode, as in torch's own loop
+    def run(self) -> Scan:
         while True:
             op = self.take(1)[0]
-            push = self.stack.append  # the stack changes at each MARK
-            if op == 0x63:  # GLOBAL
-                module, name = self.line(), self.line()
-                module, name = _NAME_FIXES.get((module, name), (module, name))
-                module = _MODULE_FIXES.get(module, module)
-                self.result.globals.add(f"{module}.{name}")
-                push(_Global(f"{module}.{name}"))
-            elif op == 0x81:  # NEWOBJ
-                args = self.pop()
-                push(self.call(self.pop(), args))
-            elif op == 0x52:  # REDUCE
-                args = self.pop()
-                self.stack[-1] = self.call(self.top(), args)
-            elif op == 0x62:  # BUILD
-                self.pop()
-                self.top()
-            elif op == 0x61:  # APPEND
-                item = self.pop()
-                if isinstance(self.top(), list):
-                    self.top().append(item)
-            elif op == 0x65:  # APPENDS
-                items = self.pop_mark()
-                if isinstance(self.top(), list):
-                    self.top().extend(items)
-            elif op == 0x73:  # SETITEM
-                self.pop()
-                self.pop()
-                self.top()
-            elif op == 0x75:  # SETITEMS
-                self.pop_mark()
-                self.top()
-            elif op == 0x28:  # MARK
-                self.marks.append(self.stack)
-                self.stack = []
-            elif op == 0x74:  # TUPLE
-                items = self.pop_mark()
-                self.stack.append(tuple(items))
-            elif op in (0x85, 0x86, 0x87):  # TUPLE1, TUPLE2, TUPLE3
-                n = op - 0x84
-                if len(self.stack) < n:
-                    raise FileFormatError(f"{self.where}: a damaged pickle (its stack runs empty)")
-                group = tuple(self.stack[-n:])
-                del self.stack[-n:]
-                push(group)
-            elif op == 0x4E:  # NONE
-                push(None)
-            elif op in (0x88, 0x89):  # NEWTRUE, NEWFALSE
-                push(op == 0x88)
-            elif op == 0x29:  # EMPTY_TUPLE
-                push(())
-            elif op == 0x5D:  # EMPTY_LIST
-                push([])
-            elif op in (0x7D, 0x8F):  # EMPTY_DICT, EMPTY_SET
-                push(_Dict())
-            elif op == 0x4A:  # BININT
-                push(_INT.unpack(self.take(4))[0])
-            elif op == 0x4B:  # BININT1
-                push(self.take(1)[0])
-            elif op == 0x4D:  # BININT2
-                push(_USHORT.unpack(self.take(2))[0])
-            elif op == 0x47:  # BINFLOAT
-                push(_DOUBLE.unpack(self.take(8))[0])
-            elif op == 0x58:  # BINUNICODE
-                push(self.text(_UINT.unpack(self.take(4))[0]))
-            elif op == 0x55:  # SHORT_BINSTRING
-                push(bytes(self.take(self.take(1)[0])))
-            elif op == 0x51:  # BINPERSID
-                push(self.storage(self.pop()))
-            elif op in (0x68, 0x6A):  # BINGET, LONG_BINGET
-                index = self.take(1)[0] if op == 0x68 else _UINT.unpack(self.take(4))[0]
-                if index not in self.memo:
-                    raise FileFormatError(f"{self.where}: a damaged pickle (a missing memo)")
-                push(self.memo[index])
-            elif op in (0x71, 0x72):  # BINPUT, LONG_BINPUT
-                index = self.take(1)[0] if op == 0x71 else _UINT.unpack(self.take(4))[0]
-                self.memo[index] = self.top()
-            elif op == 0x8A:  # LONG1
-                push(int.from_bytes(self.take(self.take(1)[0]), "little", signed=True))
-            elif op == 0x80:  # PROTO
-                self.take(1)
-            elif op == 0x2E:  # STOP
-                self.result.end = self.pos
-                return self.result
-            else:
+            handler = _OPS.get(op)
+            if handler is None:
                 raise FileFormatError(
                     f"{self.where}: cannot read it safely: its pickle uses opcode {op}, which "
                     "the weights-only loader does not know (a pickle protocol above 2, or a "
                     "corrupt file). unsafe_load=True reads it anyway, only for "
                     "files you trust"
                 )
+            if handler(self):
+                self.result.end = self.pos
+                return self.result
+
+    def push(self, value: Any) -> None:
+        self.stack.append(value)
+
+    def skip(self, size: int) -> None:
+        self.take(size)
+
+    def uint(self, size: int) -> int:
+        return int.from_bytes(self.take(size), "little")
+
+    # the opcodes torch's weights-only unpickler knows: see _OPS
+
+    def op_global(self) -> None:
+        module, name = self.line(), self.line()
+        module, name = _NAME_FIXES.get((module, name), (module, name))
+        module = _MODULE_FIXES.get(module, module)
+        self.result.globals.add(f"{module}.{name}")
+        self.push(_Global(f"{module}.{name}"))
+
+    def op_newobj(self) -> None:
+        args = self.pop()
+        self.push(self.call(self.pop(), args))
+
+    def op_reduce(self) -> None:
+        args = self.pop()
+        self.stack[-1] = self.call(self.top(), args)
+
+    def op_build(self) -> None:
+        self.pop()
+        self.top()
+
+    def op_append(self) -> None:
+        item = self.pop()
+        if isinstance(self.top(), list):
+            self.top().append(item)
+
+    def op_appends(self) -> None:
+        items = self.pop_mark()
+        if isinstance(self.top(), list):
+            self.top().extend(items)
+
+    def op_setitem(self) -> None:
+        self.pop()
+        self.pop()
+        self.top()
+
+    def op_setitems(self) -> None:
+        self.pop_mark()
+        self.top()
+
+    def op_mark(self) -> None:
+        self.marks.append(self.stack)
+        self.stack = []
+
+    def op_tuple(self) -> None:
+        items = self.pop_mark()
+        self.push(tuple(items))
+
+    def tuple_of(self, n: int) -> None:
+        if len(self.stack) < n:
+            raise FileFormatError(f"{self.where}: a damaged pickle (its stack runs empty)")
+        group = tuple(self.stack[-n:])
+        del self.stack[-n:]
+        self.push(group)
+
+    def op_binpersid(self) -> None:
+        self.push(self.storage(self.pop()))
+
+    def get(self, index: int) -> None:
+        if index not in self.memo:
+            raise FileFormatError(f"{self.where}: a damaged pickle (a missing memo)")
+        self.push(self.memo[index])
+
+    def put(self, index: int) -> None:
+        self.memo[index] = self.top()
+
+    def op_stop(self) -> bool:
+        return True
 
     def storage(self, pid: Any) -> Any:
         """A persistent id: a storage record, with its dtype and declared size."""
@@ -293,9 +295,14 @@ class _Machine:
         if dtype is None or not isinstance(key, str) or type(numel) is not int or numel < 0:
             raise FileFormatError(f"{self.where}: a damaged pickle (a bad storage {short(pid)})")
         storage = Storage(key, dtype, numel)
-        if key not in self.keys:
-            self.keys.add(key)
+        first = self.keys.setdefault(key, storage)
+        if first is storage:
             self.result.storages.append(storage)
+        elif first.nbytes != storage.nbytes:  # torch never writes this: one size per record
+            raise UnsafeFileError(
+                f"{self.where}: refused: its pickle names storage {short(key)} with two sizes, "
+                f"{first.nbytes:,} and {storage.nbytes:,} bytes; nothing was run"
+            )
         return storage
 
     def call(self, func: Any, args: Any) -> _Call:
@@ -353,6 +360,53 @@ class _Machine:
                 f"{self.where}: refused: its pickle builds a {size} tensor over a storage of "
                 f"{held:,} items, reaching past the data the file holds; nothing was run"
             )
+
+
+# each opcode's handler: it reads the opcode's argument and changes the stack (True: the end)
+def _constant(value: Any) -> Callable[[_Machine], None]:
+    return lambda machine: machine.push(value)
+
+
+def _number(size: int, unpack: Callable[[bytes], Any]) -> Callable[[_Machine], None]:
+    return lambda machine: machine.push(unpack(bytes(machine.take(size))))
+
+
+_OPS: dict[int, Callable[[_Machine], bool | None]] = {
+    pickle.GLOBAL[0]: _Machine.op_global,
+    pickle.NEWOBJ[0]: _Machine.op_newobj,
+    pickle.REDUCE[0]: _Machine.op_reduce,
+    pickle.BUILD[0]: _Machine.op_build,
+    pickle.APPEND[0]: _Machine.op_append,
+    pickle.APPENDS[0]: _Machine.op_appends,
+    pickle.SETITEM[0]: _Machine.op_setitem,
+    pickle.SETITEMS[0]: _Machine.op_setitems,
+    pickle.MARK[0]: _Machine.op_mark,
+    pickle.TUPLE[0]: _Machine.op_tuple,
+    pickle.TUPLE1[0]: lambda m: m.tuple_of(1),
+    pickle.TUPLE2[0]: lambda m: m.tuple_of(2),
+    pickle.TUPLE3[0]: lambda m: m.tuple_of(3),
+    pickle.NONE[0]: _constant(None),
+    pickle.NEWTRUE[0]: _constant(True),
+    pickle.NEWFALSE[0]: _constant(False),
+    pickle.EMPTY_TUPLE[0]: _constant(()),
+    pickle.EMPTY_LIST[0]: lambda m: m.push([]),
+    pickle.EMPTY_DICT[0]: lambda m: m.push(_Dict()),
+    pickle.EMPTY_SET[0]: lambda m: m.push(_Dict()),
+    pickle.BININT[0]: _number(4, lambda raw: _INT.unpack(raw)[0]),
+    pickle.BININT1[0]: _number(1, lambda raw: raw[0]),
+    pickle.BININT2[0]: _number(2, lambda raw: int.from_bytes(raw, "little")),
+    pickle.BINFLOAT[0]: _number(8, lambda raw: _DOUBLE.unpack(raw)[0]),
+    pickle.LONG1[0]: lambda m: m.push(int.from_bytes(m.take(m.uint(1)), "little", signed=True)),
+    pickle.BINUNICODE[0]: lambda m: m.push(m.text(m.uint(4))),
+    pickle.SHORT_BINSTRING[0]: lambda m: m.push(bytes(m.take(m.uint(1)))),
+    pickle.BINPERSID[0]: _Machine.op_binpersid,
+    pickle.BINGET[0]: lambda m: m.get(m.uint(1)),
+    pickle.LONG_BINGET[0]: lambda m: m.get(m.uint(4)),
+    pickle.BINPUT[0]: lambda m: m.put(m.uint(1)),
+    pickle.LONG_BINPUT[0]: lambda m: m.put(m.uint(4)),
+    pickle.PROTO[0]: lambda m: m.skip(1),
+    pickle.STOP[0]: _Machine.op_stop,
+}
 
 
 def _is_size(value: Any) -> bool:

@@ -193,7 +193,13 @@ def _read_npz(path: Path, *, lazy: bool) -> Contents:
                     raise FileFormatError("the structure names an array that is missing")
                 return members[name].with_bits(dtype)
 
-            tree, classes, sources = _structure.decode(raw.array().tobytes(), str(path), get_array)
+            tree, classes, sources = _structure.decode(
+                raw.array().tobytes(),
+                str(path),
+                get_array,
+                members,
+                f"the member {STRUCTURE}.npy",
+            )
             contents = Contents(tree, "tonumpy npz", classes, sources)
         if not lazy:
             contents.tree = _materialise(contents.tree)
@@ -227,14 +233,20 @@ def _read_safetensors(path: Path) -> Contents:
             raise FileFormatError("the structure names a tensor that is missing")
         return tensors[name]
 
-    tree, classes, sources = _structure.decode(raw.encode("utf-8"), str(path), get_array)
+    tree, classes, sources = _structure.decode(
+        raw.encode("utf-8"),
+        str(path),
+        get_array,
+        tensors,
+        f"the {STRUCTURE} entry of its __metadata__",
+    )
     return Contents(tree, "safetensors", classes, sources, metadata)
 
 
 def _read_dir(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
     names = sorted(entry.name for entry in path.iterdir())
     if f"{STRUCTURE}.json" in names:
-        return _read_export(path)
+        return _read_export(path, names)
     if _checkpoint.is_checkpoint(names):
 
         def read_shard(shard: Path) -> tuple[Any, Callable[[Any], None] | None]:
@@ -256,8 +268,11 @@ def _read_dir(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
     return Contents(tree, "npy directory")
 
 
-def _read_export(path: Path) -> Contents:
-    """A directory of ``.npy`` files with ``__tonumpy__.json`` (``convert``, ``Accumulator``)."""
+def _read_export(path: Path, names: list[str]) -> Contents:
+    """A directory of ``.npy`` files with ``__tonumpy__.json`` (``convert``, ``Accumulator``).
+
+    ``names`` are the directory's entries: every ``.npy`` file must have a place in the tree.
+    """
     with open_entry(path, f"{STRUCTURE}.json") as f:
         raw = f.read()
 
@@ -268,5 +283,8 @@ def _read_export(path: Path) -> Contents:
             array = _npyzip.map_npy(path / f"{name}.npy", str(path / f"{name}.npy"), f)
         return _arrays.from_bits(array, dtype) if dtype else array
 
-    tree, classes, sources = _structure.decode(raw, str(path), get_array)
+    members = [name[:-4] for name in names if name.endswith(".npy")]
+    tree, classes, sources = _structure.decode(
+        raw, str(path), get_array, members, f"{STRUCTURE}.json"
+    )
     return Contents(tree, "tonumpy npy directory", classes, sources)

@@ -50,7 +50,7 @@ import functools
 import json
 import math
 from collections import UserList, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -241,7 +241,9 @@ class Plan:
 
     Attributes:
         structure: The JSON structure (``{"format", "version", "tree"}``).
-        names: The file name of each array leaf (unique, safe, without ``.npy``).
+        names: The file name of each array leaf (unique, safe, without ``.npy``); the
+            structure lists them. A ``.safetensors`` writer puts the exact tensor names
+            ([`tonumpy._names.tensor_name`][]) in their place before it writes.
         leaves: The array leaves, in stored order (the order of ``names``).
         paths: The key path of each array leaf (stored keys: field names for namedtuples).
         flat: The index of each array leaf in the list [`tonumpy._tree.flatten`][] gives.
@@ -374,11 +376,14 @@ def plan(
     is_leaf: Callable[[Any], bool] | None = None,
     classes: dict[tuple[Any, ...], str] | None = None,
     sources: dict[tuple[Any, ...], dict[str, Any]] | None = None,
+    once: bool = True,
 ) -> Plan:
     """Walk ``tree`` once: its JSON structure, and its array leaves, named (converted later).
 
-    A tensor (or array) at several places in the tree is stored once, every place naming it.
-    ``classes`` and ``sources`` are those a reader recorded ([`tonumpy.io.Contents`][]).
+    A tensor (or array) at several places in the tree is stored once, every place naming it;
+    with ``once=False``, once per place (a format that names every place and shares no data
+    between names: ``.safetensors``). ``classes`` and ``sources`` are those a reader recorded
+    ([`tonumpy.io.Contents`][]).
 
     Raises:
         ConversionError: A leaf cannot be stored without pickle (an object array, an
@@ -409,7 +414,7 @@ def plan(
             out = None
         elif node.kind == "leaf":
             leaf = leaves[node.first]
-            known = memo.get(id(leaf))
+            known = memo.get(id(leaf)) if once else None
             if known is not None:
                 out = known  # the same node: "dtype" and "from" hold for every place
             elif _arrays.is_array(leaf):
@@ -534,27 +539,40 @@ def _encode_leaf(leaf: Any, where: Callable[[], str], path: tuple[Any, ...]) -> 
 
 
 def decode(
-    raw: bytes, where: str, get_array: Callable[[str, str | None], Any]
+    raw: bytes,
+    where: str,
+    get_array: Callable[[str, str | None], Any],
+    members: Iterable[str],
+    holder: str,
 ) -> tuple[Any, dict[tuple[Any, ...], str], dict[tuple[Any, ...], dict[str, Any]]]:
     """Rebuild a tree from its stored structure: (tree, classes, sources).
 
     ``get_array(name, dtype)`` gives the array stored under ``name`` (``dtype``: the
-    ``ml_dtypes`` name when it holds bits). Every error names ``where`` (the file).
+    ``ml_dtypes`` name when it holds bits). ``members`` names every array the file holds: each
+    must have a place in the tree, or the file is refused (an array added to a file that
+    tonumpy wrote would otherwise be hidden from ``show``, ``load`` and ``convert``). Every
+    error names ``where`` (the file); ``holder`` is what holds the structure (``the member
+    __tonumpy__``), for the message.
     """
     try:
         data = parse_structure(raw)
         names = data.get("arrays")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise FileFormatError("the structure does not list its arrays")
+        placed: set[str] = set()
 
         def by_index(index: int, dtype: str | None) -> Any:
             if not 0 <= index < len(names):
                 raise FileFormatError("the structure names an array that is missing")
+            placed.add(names[index])
             return get_array(names[index], dtype)
 
         classes: dict[tuple[Any, ...], str] = {}
         sources: dict[tuple[Any, ...], dict[str, Any]] = {}
         tree = decode_tree(data.get("tree"), by_index, classes, sources)
+        unlisted = sorted(set(members) - placed)
+        if unlisted:
+            raise _unlisted_error(unlisted, holder)
     except FileFormatError as exc:
         if str(exc).startswith(where):  # an array's own error names its file already
             raise
@@ -562,6 +580,19 @@ def decode(
     except RecursionError:
         raise FileFormatError(f"{where}: the structure is nested too deeply to read") from None
     return tree, classes, sources
+
+
+def _unlisted_error(unlisted: list[str], holder: str) -> FileFormatError:
+    shown = ", ".join(short(name) for name in unlisted[:5])
+    more = f" and {len(unlisted) - 5:,} more" if len(unlisted) > 5 else ""
+    many = len(unlisted) > 1
+    count = f"{len(unlisted):,} array{'s' if many else ''}"
+    return FileFormatError(
+        f"holds {count} that its tonumpy structure does not list ({shown}{more}): the file was "
+        f"changed after tonumpy wrote it, and show, load and convert would not see "
+        f"{'them' if many else 'it'}; refused. Remove {holder} to read every array, without "
+        "the tree"
+    )
 
 
 def decode_tree(

@@ -21,7 +21,6 @@ import math
 import mmap
 import os
 import pickle
-import re
 import threading
 import warnings
 import weakref
@@ -47,9 +46,7 @@ __all__ = ["Checksums", "read_torch"]
 #: dense, as it is converted.
 EXPANSION = 4
 _EXPANSION_SLACK = 64 << 20
-_MAX_RETRIES = 256
 _REGISTRY = threading.Lock()
-_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module)")
 
 # ------------------------------------------------------------------------------- checks
 
@@ -259,6 +256,14 @@ def read_torch(path: Path, *, unsafe_load: bool) -> tuple[Any, Classes, Sources,
                     f"{path}: a truncated or corrupt torch.save file (a zip archive without its "
                     "central directory)"
                 )
+            if not size or (not unsafe_load and whole[:1] != b"\x80"):
+                # torch.save writes a zip archive, or (legacy) a pickle of protocol 2 or more
+                detail = (
+                    f"neither a zip archive nor a pickle: it starts with {short(bytes(whole[:8]))}"
+                    if size
+                    else "an empty file"
+                )
+                raise FileFormatError(f"{path}: not a torch.save file ({detail})")
             if not unsafe_load and size:
                 found = _scan_legacy(path, whole, size)
             budget = found.end if found is not None else size
@@ -312,31 +317,23 @@ def _load(
         try:
             obj = _torch_load(path, source, map_location, mmap=mmap, weights_only=False)
         except pickle.UnpicklingError as exc:
-            raise _torch_error(path, exc) from None
+            raise _torch_error(path, exc, source) from None
         return obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
     allowed = _allowlist.allowed()
     known = _allowlist.allowed_names(allowed)
     names = {name for name in found.globals if name not in known} if found else set()
-    for _ in range(_MAX_RETRIES):
-        for name in names:
-            _allowlist.classify(name, path)
-        stand_ins = [(_allowlist.stand_in(n, records), n) for n in sorted(names)]
-        if checksums is not None:
-            checksums.loaded.clear()
-        try:
-            if not isinstance(source, Path):
-                source.seek(0)
-            # torch keeps safe globals in one process-wide set, which a concurrent load's exit
-            # would take ours out of: one tonumpy load registers at a time
-            with _REGISTRY, torch.serialization.safe_globals(allowed + stand_ins):
-                return _torch_load(path, source, map_location, mmap=mmap, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            unknown = _UNSUPPORTED_GLOBAL.search(str(exc))
-            if unknown is None or unknown.group(1) in names:
-                raise _torch_error(path, exc) from None
-            names.add(unknown.group(1))
-            records.clear()
-    raise FileFormatError(f"{path}: its pickle names too many classes")
+    for name in names:  # every global the pickle names was listed by the scan, before torch
+        _allowlist.classify(name, path)
+    stand_ins = [(_allowlist.stand_in(n, records), n) for n in sorted(names)]
+    try:
+        if not isinstance(source, Path):
+            source.seek(0)
+        # torch keeps safe globals in one process-wide set, which a concurrent load's exit
+        # would take ours out of: one tonumpy load registers at a time
+        with _REGISTRY, torch.serialization.safe_globals(allowed + stand_ins):
+            return _torch_load(path, source, map_location, mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _torch_error(path, exc, source) from None
 
 
 def _torch_load(
@@ -356,40 +353,32 @@ def _torch_load(
     except RecursionError:
         raise FileFormatError(f"{path}: the structure is nested too deeply to read") from None
     except Exception as exc:
-        raise _torch_error(path, exc) from exc
+        raise _torch_error(path, exc, source) from exc
 
 
-def _torch_error(path: Path, exc: BaseException) -> TonumpyError:
-    text = re.sub(r"/proc/self/fd/\d+", str(path), str(exc))  # the file as the user named it
-    blocked = re.search(r"GLOBAL ([\w.]+) whose module", text)
-    if blocked:
+def _torch_error(path: Path, exc: BaseException, source: Any) -> TonumpyError:
+    """``torch.load``'s failure, as a tonumpy error naming the file as the user named it.
+
+    Everything torch's messages used to be read for (code the pickle names, opcodes it does
+    not know, a damaged zip, sizes that do not match) is checked before torch runs; what is
+    left is only reported, never parsed: the wording changes between torch releases.
+    """
+    # torch re-raises its unpickler's error with advice around it: the error itself is kept as
+    # the context of the one raised
+    unpickling = isinstance(exc, pickle.UnpicklingError)
+    inner = exc.__context__ if unpickling and isinstance(exc.__context__, Exception) else exc
+    text = str(inner)
+    if isinstance(source, Path):  # /proc/self/fd/N: the file as the user named it
+        text = text.replace(str(source), str(path))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0][:300] if lines else ""
+    if unpickling:
+        detail = f" ({first})" if first else ""
         return UnsafeFileError(
-            f"{path}: refused: its pickle calls {blocked.group(1)}, which is code, not data; "
-            "nothing was run. Load it with unsafe_load=True only if you trust "
-            "its origin"
+            f"{path}: refused: loading it safely failed{detail}; nothing was run. "
+            "unsafe_load=True unpickles it anyway, only for files you trust"
         )
-    operand = re.search(r"Unsupported operand (\d+)", text)
-    if operand:
-        return FileFormatError(
-            f"{path}: cannot read it safely: its pickle uses opcode {operand.group(1)}, which the "
-            "weights-only loader does not know (a pickle protocol above 2, or a corrupt file). "
-            "unsafe_load=True reads it anyway, only for files you trust"
-        )
-    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
-        after = text.split("WeightsUnpickler error:", 1)[-1]
-        detail = [line.strip() for line in after.splitlines() if line.strip()]
-        return UnsafeFileError(
-            f"{path}: refused: loading it safely failed ({(detail[0] if detail else '')[:200]}); "
-            "nothing was run. unsafe_load=True unpickles it anyway, only for "
-            "files you trust"
-        )
-    archive = re.search(r"failed reading zip archive: ([^.]+)", text)
-    if archive:
-        return FileFormatError(
-            f"{path}: a truncated or corrupt torch.save file ({archive.group(1).strip()})"
-        )
-    first = text.strip().splitlines()
-    described = f"{type(exc).__name__}: {first[0][:300]}" if first else type(exc).__name__
+    described = f"{type(inner).__name__}: {first}" if first else type(inner).__name__
     return FileFormatError(f"{path}: cannot read it as a torch.save file: {described}")
 
 

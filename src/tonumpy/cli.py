@@ -1,9 +1,10 @@
 """The ``tonumpy`` command: look inside tensor files and convert them to NumPy files.
 
 ``tonumpy show FILE`` prints the tree in a file (key path, type, shape, dtype, device, bytes,
-and with ``--stats`` min/max/mean and NaN/Inf counts); ``tonumpy convert SRC DST`` writes it as
-``.npz``, ``.safetensors``, ``.npy`` or a directory of ``.npy`` files. Errors are one line on
-stderr and exit status 2 (``--debug`` shows the traceback); output is coloured only on a
+and with ``--stats`` min/max/mean and NaN/Inf counts; with ``--depth``, dotted names are grouped
+by segment); ``tonumpy convert SRC DST`` writes it as ``.npz``, ``.safetensors``, ``.npy``,
+``.pt`` (for ``torch.load(weights_only=True)``) or a directory of ``.npy`` files. Errors are one
+line on stderr and exit status 2 (``--debug`` shows the traceback); output is coloured only on a
 terminal (and never with ``NO_COLOR`` set). Text that comes from a file (keys, class names,
 values) is printed with control characters escaped. SIGTERM and SIGHUP stop a conversion as
 Ctrl-C does: nothing is left behind, and the exit status is 128 + the signal's number.
@@ -78,12 +79,19 @@ def _parser() -> _Parser:
         "show",
         parents=[common],
         help="print the tree of tensors in a file",
-        description="Print the tree in a .pt/.pth/.bin/.ckpt, .npz, .npy, .safetensors file or "
-        "a directory of .npy files: key path, type, shape, dtype, device and bytes per leaf.",
+        description="Print the tree in a .pt/.pth/.bin/.ckpt, .npz, .npy, .safetensors file, "
+        "a directory of .npy files, or a Hugging Face checkpoint directory (what "
+        "save_pretrained writes: model.safetensors, pytorch_model.bin, or shards with their "
+        "index): key path, type, shape, dtype, device and bytes per leaf.",
     )
     show.add_argument("file", metavar="FILE")
     show.add_argument(
-        "--depth", type=_depth, default=None, metavar="N", help="show N levels of keys at most"
+        "--depth",
+        type=_depth,
+        default=None,
+        metavar="N",
+        help="show N levels of keys at most; dotted names (encoder.layer.0.weight, as in a "
+        "state dict or checkpoint) are grouped by segment, one level per segment",
     )
     show.add_argument(
         "--stats", action="store_true", help="add min, max, mean and NaN/Inf counts per array"
@@ -92,10 +100,12 @@ def _parser() -> _Parser:
     convert = commands.add_parser(
         "convert",
         parents=[common],
-        help="convert a file to .npz, .safetensors, .npy or a directory of .npy files",
-        description="Convert SRC to DST. DST's kind follows its name: .npz (tree structure "
-        "kept; load it with tonumpy.load or np.load), .safetensors, .npy (one array), or a name "
-        "without suffix (or ending in /) for a directory of .npy files, one per leaf.",
+        help="convert a file to .npz, .safetensors, .npy, .pt or a directory of .npy files",
+        description="Convert SRC (any file show reads, a Hugging Face checkpoint directory "
+        "included) to DST. DST's kind follows its name: .npz (tree structure kept; load it "
+        "with tonumpy.load or np.load), .safetensors, .npy (one array), .pt/.pth (tensors in "
+        "dicts, lists and tuples, for torch.load(weights_only=True)), or a name without suffix "
+        "(or ending in /) for a directory of .npy files, one per leaf.",
     )
     convert.add_argument("src", metavar="SRC")
     convert.add_argument("dst", metavar="DST")
@@ -105,6 +115,12 @@ def _parser() -> _Parser:
         action="store_true",
         help="keep bfloat16/float8 bit-exact (stored as their bits, the dtype in the structure) "
         "instead of widening them to float32",
+    )
+    convert.add_argument(
+        "--plain-containers",
+        action="store_true",
+        help="for .pt output: write containers that were a class in SRC (namedtuple, "
+        "dataclass, ModelOutput) as dicts, which torch.load(weights_only=True) reads",
     )
     for sub in (show, convert):
         sub.add_argument(
@@ -323,15 +339,106 @@ def _prefix_sums(values: Iterator[int]) -> list[int]:
     return [0, *itertools.accumulate(values)]
 
 
+class _Entry:
+    """A value under its original key, while dotted names are grouped."""
+
+    def __init__(self, key: str, value: Any) -> None:
+        self.key = key
+        self.value = value
+
+
+#: Names of more segments than this are shown whole (a hostile file's key of 10,000 dots
+#: would otherwise nest 10,000 levels).
+_MAX_SEGMENTS = 32
+
+
+def _segments(key: Any) -> list[str] | None:
+    """The segments of a dotted name (``"layer.0.weight"``); None for any other key."""
+    if not isinstance(key, str) or "." not in key or key.count(".") >= _MAX_SEGMENTS:
+        return None
+    parts = key.split(".")
+    return parts if all(parts) else None
+
+
+def _nest(mapping: dict[Any, Any]) -> dict[Any, Any] | None:
+    """A dict's items nested by the segments of dotted names; None if two names would clash.
+
+    A group is keyed by its segment and a dot (``"encoder."``), so a group and a key without
+    dots never share a name; a key that is not a dotted name stays as it is.
+    """
+    nested: dict[Any, Any] = {}
+    for key, value in mapping.items():
+        parts = _segments(key)
+        target, name = nested, key
+        if parts is not None:
+            for part in parts[:-1]:
+                group = target.setdefault(f"{part}.", {})
+                if not isinstance(group, dict):
+                    return None
+                target = group
+            name = parts[-1]
+        if name in target:
+            return None
+        target[name] = _Entry(key, value)
+    return nested
+
+
+class _Grouped:
+    """A tree for display, its dotted names grouped by segment; where each node came from.
+
+    Examples:
+        >>> shown = _Grouped({"enc.a.w": 1, "enc.b": 2, "head": 3})
+        >>> shown.tree
+        {'enc.': {'a.': {'w': 1}, 'b': 2}, 'head': 3}
+        >>> sorted(shown.groups), shown.origin[("enc.", "a.", "w")]
+        ([('enc.',), ('enc.', 'a.')], ('enc.a.w',))
+    """
+
+    def __init__(self, tree: Any) -> None:
+        self.groups: set[tuple[Any, ...]] = set()
+        self.origin: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self.tree = self._walk(tree, (), ())
+
+    def _walk(self, x: Any, old: tuple[Any, ...], new: tuple[Any, ...]) -> Any:
+        if old != new:
+            self.origin[new] = old
+        if type(x) in (list, tuple):
+            items = [self._walk(v, (*old, i), (*new, i)) for i, v in enumerate(x)]
+            return items if type(x) is list else tuple(items)
+        if type(x) is not dict:
+            return x
+        nested = _nest(x)
+        if nested is None:
+            return {k: self._walk(v, (*old, k), (*new, k)) for k, v in x.items()}
+        return self._build(nested, old, new)
+
+    def _build(self, nested: dict[Any, Any], old: tuple[Any, ...], new: tuple[Any, ...]) -> Any:
+        result = {}
+        for name, item in nested.items():
+            path = (*new, name)
+            if isinstance(item, _Entry):
+                result[name] = self._walk(item.value, (*old, item.key), path)
+            else:
+                self.groups.add(path)
+                result[name] = self._build(item, old, path)
+        return result
+
+
 def _rows(
     contents: Contents, depth: int | None, stats: bool
 ) -> tuple[list[tuple[str, list[str]]], dict[str, int]]:
     """(kind, cells) for each node shown, in order; and the totals over every leaf.
 
     One pass over the tree as it is stored ([`tonumpy._structure.walk`][]): a container's
-    arrays and bytes are a range of the flat list of leaves, summed from prefix sums.
+    arrays and bytes are a range of the flat list of leaves, summed from prefix sums. With a
+    ``depth``, dotted names are grouped by segment first ([`_Grouped`][]), each segment a level.
     """
-    walked = _structure.walk(contents.tree, is_leaf=_arrays.is_lazy)
+    shown = _Grouped(contents.tree) if depth is not None else None
+    walked = _structure.walk(
+        shown.tree if shown is not None else contents.tree, is_leaf=_arrays.is_lazy
+    )
+    groups = shown.groups if shown is not None else set()
+    origin = shown.origin if shown is not None else {}
     leaves = walked.leaves
     is_array = [_arrays.is_array(leaf) for leaf in leaves]
     sizes = [
@@ -358,8 +465,9 @@ def _rows(
             continue
         name = "  " * level + (_key(node.path[-1]) if node.path else "(root)")
         end = node.first + node.size
+        stored = origin.get(node.path, node.path)
         if node.kind in ("dict", "list", "tuple"):
-            cls = contents.classes.get(node.path)
+            cls = contents.classes.get(stored) if node.path not in groups else "names"
             kind = escape(cls.rsplit(".", 1)[-1]) if cls else _type_name(node.type)
             size = _plural(len(node.keys), "key" if node.kind == "dict" else "item")
             nbytes = bytes_before[end] - bytes_before[node.first]
@@ -369,7 +477,7 @@ def _rows(
                 rows.append(("more", ["  " * (level + 1) + "...", "", _plural(arrays, "array")]))
             continue
         leaf = leaves[node.first] if node.kind == "leaf" else None
-        facts = _leaf_facts(leaf, contents.sources.get(node.path, {}), stored_as_arrays=arrays_only)
+        facts = _leaf_facts(leaf, contents.sources.get(stored, {}), stored_as_arrays=arrays_only)
         if facts is None:
             kind = "None" if leaf is None else type(leaf).__name__
             rows.append(("value", [name, kind, "= " + short(leaf)]))
@@ -449,6 +557,7 @@ def _convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             overwrite=args.force,
             ml_dtypes=args.ml_dtypes,
             unsafe_load=args.unsafe_load,
+            plain_containers=args.plain_containers,
             progress=bar,
         )
     finally:
@@ -458,7 +567,8 @@ def _convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         f"wrote {escape(args.dst)} ({_size(_disk_size(Path(args.dst)))}): "
         f"{_plural(arrays, 'array')} from {escape(args.src)} ({contents.format})\n"
     )
-    if widened and not args.ml_dtypes and not args.dst.endswith(".safetensors"):
+    exact = args.ml_dtypes or args.dst.lower().endswith((".safetensors", ".pt", ".pth"))
+    if widened and not exact:
         err.write(
             f"tonumpy: note: {', '.join(sorted(widened))} widened to float32 (exactly); "
             "--ml-dtypes keeps them bit-exact\n"
@@ -494,7 +604,12 @@ def _arrays_in(contents: Contents) -> tuple[int, set[str]]:
 
 
 #: The library's messages name the parameters that would help; the command names its flags.
-_FLAGS = {"overwrite": "--force", "unsafe_load": "--unsafe-load", "ml_dtypes": "--ml-dtypes"}
+_FLAGS = {
+    "overwrite": "--force",
+    "unsafe_load": "--unsafe-load",
+    "ml_dtypes": "--ml-dtypes",
+    "plain_containers": "--plain-containers",
+}
 _PARAMETER = re.compile(r"(?<![\w.'\"])(" + "|".join(_FLAGS) + r")=True\b")
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _arrays, _options, _safetensors, _structure, _tree
+from . import _arrays, _options, _safetensors, _structure, _torchsave, _tree
 from ._fs import atomic_dir, atomic_file, check_not_nested, exists_error, short
 from ._names import STRUCTURE, is_safe_name
 from ._readers import OUTPUT_SUFFIXES, Contents, is_stored_leaf, read_file
@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
+#: The suffixes of the ``torch.save`` files ``convert`` writes.
+_TORCH_OUTPUT = (".pt", ".pth")
 Progress = Callable[[int, int], None]
 
 
@@ -99,6 +101,9 @@ def save(
 
     Raises:
         FileExistsError: ``file`` exists and ``overwrite=False``.
+        FileFormatError: ``file`` ends in ``.pt``, ``.pth``, ``.bin``, ``.ckpt``,
+            ``.safetensors`` or ``.npy``: a ``.npz`` under such a name would be read as that
+            kind, and fail (``tonumpy.io.convert`` writes those kinds from a ``.npz``).
         ConversionError: A leaf cannot be stored without pickle (an object array, an
             arbitrary object), or the tree has a cycle or is too deep; the message names where.
         UnsupportedLeafError: A tensor cannot be converted (a meta tensor, say), or an object
@@ -107,6 +112,7 @@ def save(
         OSError: The file cannot be written (a full disk, say); the message names ``file``.
     """
     _options.check_flags("save", ml_dtypes=ml_dtypes, overwrite=overwrite, compress=compress)
+    _check_npz_name(Path(file))
     plan = _structure.plan(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
     _write_npz(Path(file), plan, overwrite=overwrite, compress=compress, progress=None)
 
@@ -141,7 +147,8 @@ def load(file: PathLike, /, *, ml_dtypes: bool = False, unsafe_load: bool = Fals
     Raises:
         FileNotFoundError: ``file`` does not exist.
         FileFormatError: The file is not a regular file, is truncated, corrupt, or of an
-            unknown kind.
+            unknown kind, or tonumpy wrote it and it holds an array its structure does not
+            list (one added later: it would be hidden), which the message names.
         UnsafeFileError: A ``torch.save`` file names code that would run on loading, or would
             allocate more than it holds.
         OptionError: ``ml_dtypes`` or ``unsafe_load`` is not exactly True/False.
@@ -180,7 +187,8 @@ def read(file: PathLike, /, *, unsafe_load: bool = False) -> Contents:
     Raises:
         FileNotFoundError: ``file`` does not exist.
         FileFormatError: The file is not a regular file, is truncated, corrupt, or of an
-            unknown kind.
+            unknown kind, or tonumpy wrote it and it holds an array its structure does not
+            list (one added later: it would be hidden), which the message names.
         UnsafeFileError: As for [`load`][].
         OptionError: ``unsafe_load`` is not exactly True/False.
     """
@@ -202,13 +210,18 @@ def convert(
     overwrite: bool = False,
     ml_dtypes: bool = False,
     unsafe_load: bool = False,
+    plain_containers: bool = False,
     progress: Progress | None = None,
 ) -> Contents:
     """Read ``src`` (any kind [`load`][] reads) and write it to ``dst``, atomically.
 
     The kind of ``dst`` follows its name: ``.npz`` (the structured format of [`save`][]),
-    ``.safetensors`` (bfloat16/float8 stay exact, other leaves go into the header metadata,
-    the ``__metadata__`` of a ``.safetensors`` source is kept), ``.npy`` (a single array), or
+    ``.safetensors`` (each tensor named by its exact key path, dotted: a state dict keeps its
+    keys; a tensor at several places is written at each; bfloat16/float8 stay exact, other
+    leaves go into the header metadata, the ``__metadata__`` of a ``.safetensors`` source is
+    kept, ``"format": "pt"`` added where it has none), ``.npy`` (a single array),
+    ``.pt``/``.pth`` (a ``torch.save`` file that ``torch.load(weights_only=True)`` reads:
+    tensors of the source's exact dtypes, bfloat16 included, in dicts, lists and tuples), or
     a name without a suffix, or ending in ``/``, for a directory of ``.npy`` files, one per
     leaf, named after sanitised key paths, with the structure in ``__tonumpy__.json``.
 
@@ -232,8 +245,14 @@ def convert(
         overwrite: Replace an existing ``dst``. A directory is only ever replaced if it is
             empty or holds a previous ``.npy`` export and nothing else.
         ml_dtypes: Keep bfloat16/float8 bit-exact in ``.npz`` and ``.npy`` output (see
-            [`save`][]); otherwise they are widened to float32.
+            [`save`][]); otherwise they are widened to float32. ``.safetensors`` and ``.pt``
+            output always keeps them exact.
         unsafe_load: As for [`load`][].
+        plain_containers: For ``.pt`` output: write a container that was another class in
+            the source (a namedtuple, a dataclass, a ``ModelOutput``, whose name the source
+            records) as a dict. Without it such a container is refused, naming its key path:
+            ``torch.load(weights_only=True)`` cannot rebuild those classes. An
+            ``OrderedDict`` is always written as one.
         progress: Called as ``progress(bytes_done, bytes_total)`` while writing.
 
     Returns:
@@ -242,16 +261,23 @@ def convert(
 
     Raises:
         FileExistsError: ``dst`` exists and ``overwrite`` is False.
-        FileFormatError: ``src`` cannot be read, or ``dst`` names an unsupported kind or
+        FileFormatError: ``src`` cannot be read (a file tonumpy wrote that holds an array
+            its structure does not list included), or ``dst`` names an unsupported kind or
             the source itself.
         UnsafeFileError: As for [`load`][].
         ConversionError: A leaf cannot be written in ``dst``'s format (complex128 to
-            ``.safetensors``, say); the message names it and the formats that can.
-        OptionError: ``overwrite``, ``ml_dtypes`` or ``unsafe_load`` is not exactly True/False.
+            ``.safetensors``, say, or two leaves whose key paths give one tensor name); the
+            message names it and the formats that can.
+        OptionError: ``overwrite``, ``ml_dtypes``, ``unsafe_load`` or ``plain_containers`` is
+            not exactly True/False.
         OSError: ``dst`` cannot be written (a full disk, say); the message names ``dst``.
     """
     _options.check_flags(
-        "convert", overwrite=overwrite, ml_dtypes=ml_dtypes, unsafe_load=unsafe_load
+        "convert",
+        overwrite=overwrite,
+        ml_dtypes=ml_dtypes,
+        unsafe_load=unsafe_load,
+        plain_containers=plain_containers,
     )
     src_path, dst_text = Path(src), os.fspath(dst)
     dst_path = Path(dst_text)
@@ -261,19 +287,30 @@ def convert(
     if os.path.lexists(src_path):
         check_not_nested(src_path, dst_path)
     contents = read_file(src_path, unsafe_load=unsafe_load, lazy=True)
+    if kind == "pt":
+        _torchsave.write(
+            dst_path,
+            contents.tree,
+            contents.classes,
+            overwrite=overwrite,
+            plain_containers=plain_containers,
+            verify=contents.verify,
+            progress=progress,
+        )
+        return contents
     plan = _structure.plan(
         contents.tree,
         ml_dtypes=ml_dtypes or kind == "safetensors",
         is_leaf=_arrays.is_lazy,
         classes=contents.classes,
         sources=contents.sources,
+        once=kind != "safetensors",  # it names every place: a tensor at two has two copies
     )
     plan.source_file = src_path
     plan.verify = contents.verify
     if kind == "safetensors":
-        _write_safetensors(
-            dst_path, plan, contents.metadata, overwrite=overwrite, progress=progress
-        )
+        metadata = {"format": "pt", **contents.metadata}  # as save_pretrained writes it
+        _write_safetensors(dst_path, plan, metadata, overwrite=overwrite, progress=progress)
     elif kind == "npz":
         _write_npz(dst_path, plan, overwrite=overwrite, compress=False, progress=progress)
     elif kind == "npy":
@@ -281,6 +318,18 @@ def convert(
     else:
         _write_npy_dir(dst_path, plan, overwrite=overwrite, progress=progress)
     return contents
+
+
+def _check_npz_name(file: Path) -> None:
+    """Refuse a name that [`load`][] (and other tools) would read as another kind of file."""
+    suffix = file.suffix.lower()
+    if suffix not in (*_TORCH_OUTPUT, ".bin", ".ckpt", ".safetensors", ".npy"):
+        return
+    raise FileFormatError(
+        f"{file}: save writes a .npz file, which neither tonumpy.load nor the tools for "
+        f"{suffix} files would read under that name; name it {file.stem}.npz (a .pt file for "
+        "torch.load: torch.save, or tonumpy.io.convert from a .npz)"
+    )
 
 
 def _leaf_at(tree: Any, path: tuple[Any, ...] | None) -> Any:
@@ -303,7 +352,7 @@ def _output_kind(dst: str) -> str:
         )
     if dst.endswith(("/", os.sep)):
         return "dir"
-    if name.lower() in OUTPUT_SUFFIXES:
+    if name.lower() in (*OUTPUT_SUFFIXES, *_TORCH_OUTPUT):
         raise FileFormatError(
             f"{dst}: a name that is only a suffix; name the file (out{name}, say)"
         )
@@ -315,11 +364,13 @@ def _output_kind(dst: str) -> str:
     suffix = Path(dst).suffix.lower()
     if suffix in OUTPUT_SUFFIXES:
         return suffix[1:]
+    if suffix in _TORCH_OUTPUT:
+        return "pt"
     if suffix == "":
         return "dir"
     raise FileFormatError(
-        f"{dst}: cannot write {short(suffix)} files; the destination must end in .npz, .npy or "
-        ".safetensors, or have no suffix (or end in /) for a directory of .npy files"
+        f"{dst}: cannot write {short(suffix)} files; the destination must end in .npz, .npy, "
+        ".safetensors or .pt, or have no suffix (or end in /) for a directory of .npy files"
     )
 
 
