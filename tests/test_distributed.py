@@ -727,7 +727,7 @@ def _check_directory_destination_errors(rank: int, world: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _check_mean_loss(namespace: dict[str, Any], losses: list[float], world: int) -> None:
+def _assert_mean_loss(namespace: dict[str, Any], losses: list[float], world: int) -> None:
     """The guide's gathered batch sizes line up with its per-batch losses, weighting them."""
     import _docs_fixtures
 
@@ -799,7 +799,7 @@ def _check_guide_recipe(rank: int, world: int) -> None:
             with torch.no_grad():
                 losses += [float(model(**batch).loss) for batch in loader]
         np.testing.assert_allclose(preds["loss"], losses, rtol=1e-5)
-        _check_mean_loss(namespace, losses, world)
+        _assert_mean_loss(namespace, losses, world)
         with torch.no_grad():
             for i in range(len(dataset)):
                 one = _docs_fixtures.collate([dataset[i]])
