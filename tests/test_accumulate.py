@@ -835,7 +835,7 @@ def test_directory_file_names_are_unique(tmp_path: Path) -> None:
     acc = Accumulator(directory=tmp_path)
     acc.append({"a b": np.ones(1), "a/b": np.zeros(1), "h": [np.ones(1), np.ones(1)]})
     names = sorted(p.name for p in tmp_path.glob("*.npy"))
-    assert names == ["a_b.npy", "a_b~2.npy", "h.0.npy", "h.1.npy"]
+    assert names == ["__progress__.npy", "a_b.npy", "a_b~2.npy", "h.0.npy", "h.1.npy"]
 
 
 _CRASH_SCRIPT = textwrap.dedent(

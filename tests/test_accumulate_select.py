@@ -314,6 +314,8 @@ def test_directory_with_reduce_and_exclude(gpt2_outputs: list[Any], tmp_path: Pa
     _append_all(acc, gpt2_outputs)
     preds = acc.result()
     assert sorted(p.name for p in (tmp_path / "preds").iterdir()) == [
+        "__progress__.npy",  # the log of whole batches (resume=True)
+        "__shard__.json",  # complete: result() was called
         "__tonumpy__.json",
         "logits.npy",
         "loss.npy",

@@ -201,7 +201,8 @@ def _check_converted(
     tag: str,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """``convert`` src to every format; the reference reads each back as ``want`` (and the
+    """``convert`` src to every format (``.pt`` read back by ``torch.load(weights_only=True)``);
+    the reference reads each back as ``want`` (and the
     ``.safetensors`` output keeps the source's ``metadata``)."""
     st_out = tmp / f"{tag}.safetensors"
     tio.convert(src, st_out, ml_dtypes=True)
@@ -229,7 +230,13 @@ def _check_converted(
             f"{tag}: {key!r} in a directory",
             npy=True,
         )
-    for out in (st_out, npz_out, out_dir):
+    pt_out = tmp / f"{tag}.pt"
+    tio.convert(src, pt_out, ml_dtypes=True)
+    back_pt = torch.load(pt_out, weights_only=True)
+    assert set(back_pt) == set(want), f"{tag}: the keys torch.load reads from {pt_out.name}"
+    for key, value in want.items():
+        _check_leaf(back_pt[key], value, f"{tag}: {key!r} in .pt")
+    for out in (st_out, npz_out, out_dir, pt_out):
         back = tonumpy.load(out, ml_dtypes=True)
         assert set(back) == set(want), f"{tag}: tonumpy.load of {out.name}"
         for key, value in want.items():

@@ -43,11 +43,15 @@ BOUND = 10.0  # an error that must be raised on every rank is raised within this
 # ------------------------------------------------------------------------------ launching
 
 
-def _launch(world: int, scenario: str, timeout: float) -> tuple[dict[int, dict[str, str]], list]:
+def _launch(
+    world: int, scenario: str, timeout: float, script: str = __file__
+) -> tuple[dict[int, dict[str, str]], list]:
     """Run ``world`` workers of ``scenario``; return each rank's results and the Popen objects.
 
-    Raises TimeoutError if the workers have not all exited within ``timeout`` seconds. Every
-    worker (started in its own session) has its whole process group killed in any case.
+    ``script`` is the test file whose ``__main__`` runs a worker
+    (``tests/test_shards_distributed.py`` launches its own). Raises TimeoutError if the workers
+    have not all exited within ``timeout`` seconds. Every worker (started in its own session)
+    has its whole process group killed in any case.
     """
     out = Path(tempfile.mkdtemp(prefix="tonumpy-gather-"))
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONWARNINGS="error")
@@ -57,7 +61,7 @@ def _launch(world: int, scenario: str, timeout: float) -> tuple[dict[int, dict[s
             log = (out / f"rank{rank}.log").open("w")
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, __file__, scenario, str(rank), str(world), str(out)],
+                    [sys.executable, script, scenario, str(rank), str(world), str(out)],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,

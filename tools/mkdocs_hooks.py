@@ -33,6 +33,7 @@ TOPICS = {
     "tonumpy._numpy_args": "Logging hooks",
     "tonumpy.distributed": "Gathering across ranks",
     "tonumpy.io": "Files",
+    "tonumpy.table": "Predictions at scale",
 }
 ERRORS = "Errors"
 

@@ -22,6 +22,7 @@ from .errors import (
     CaptureError,
     ConversionError,
     FileFormatError,
+    MissingDependencyError,
     OptionError,
     TonumpyError,
     TonumpyWarning,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from .distributed import gather
     from .hooks import capture, module_names
     from .io import load, save
+    from .table import column_structure, from_columns, to_columns
 
 __version__ = "0.1.0"
 
@@ -47,6 +49,7 @@ __all__ = [
     "CaptureError",
     "ConversionError",
     "FileFormatError",
+    "MissingDependencyError",
     "OptionError",
     "PendingTransfer",
     "TonumpyError",
@@ -58,12 +61,15 @@ __all__ = [
     "__version__",
     "apply",
     "capture",
+    "column_structure",
     "concat",
+    "from_columns",
     "gather",
     "load",
     "module_names",
     "numpy_args",
     "save",
+    "to_columns",
     "to_numpy",
     "to_numpy_async",
     "to_torch",
@@ -79,6 +85,9 @@ _LAZY = {
     "gather": "distributed",
     "load": "io",
     "save": "io",
+    "column_structure": "table",
+    "from_columns": "table",
+    "to_columns": "table",
 }
 
 

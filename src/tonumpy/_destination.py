@@ -15,10 +15,10 @@ Where a row goes:
 * leaves that hold one value per rank (0-d) or per batch (``Accumulator`` leaves that were 0-d
   in every batch), and array leaves without ``sampler=``: after the rows of the ranks before
   it, in rank order;
-* array leaves with ``sampler=``: row ``j`` of rank ``r`` is dataset item
-  ``positions[r * num_samples + j]`` (``-1``: a repeated sample, dropped);
-* nested (jagged) tensors: their rows (one array each) join in one list, in rank order, or in
-  dataset order with ``sampler=``, as array rows do;
+* array leaves with ``sampler=`` or dataset indices: row ``j`` of rank ``r`` goes to row
+  ``maps[r][j]`` (``-1``: a repeated sample, dropped);
+* nested (jagged) tensors: their rows (one array each) join in one list, in rank order, or
+  where ``maps`` puts them, as array rows;
 * ``num_items`` then keeps the first rows of every per-sample leaf.
 """
 
@@ -58,7 +58,8 @@ class _Leaf:
 class Destination:
     """The result of one ``gather`` on a receiving rank, filled piece by piece.
 
-    ``positions`` (from ``_sampler.sample_positions``) is given with ``sampler=``;
+    ``maps`` (per rank: each row's row in the result, or ``-1``) is given with ``sampler=``
+    (``_sampler.sample_positions``) or dataset indices (``_indices.resolve``);
     ``per_batch[i]`` says that leaf ``i`` holds one value per batch (never reordered or cut).
     """
 
@@ -69,7 +70,7 @@ class Destination:
         metas: Sequence[tuple[Any, ...]],
         *,
         per_batch: Sequence[bool],
-        positions: np.ndarray | None,
+        maps: Sequence[np.ndarray] | None,
         num_items: int | None,
         directory: Path | None,
         ml_dtypes: bool,
@@ -77,10 +78,10 @@ class Destination:
         self.spec = spec
         self.ml_dtypes = ml_dtypes
         self.leaves = [_Leaf(column) for column in columns]
-        self.positions = positions
         self.num_items = num_items
         world = len(metas)
-        num_samples = metas[0][6][7] if positions is not None else 0
+        placed = None if maps is None else sum(int(np.count_nonzero(m >= 0)) for m in maps)
+        self.maps, self.placed = maps, placed  # for nested tensors' rows
         for i, leaf in enumerate(self.leaves):
             kind = leaf.column.kind
             if kind in ("object", "jagged"):
@@ -90,11 +91,9 @@ class Destination:
             leaf.offsets = [sum(counts[:r]) for r in range(world)]
             leaf.limit = sum(counts)
             per_sample = kind == "array" and not per_batch[i]
-            if per_sample and positions is not None:
-                leaf.maps = [
-                    positions[r * num_samples : (r + 1) * num_samples] for r in range(world)
-                ]
-                leaf.limit = int(np.count_nonzero(positions >= 0))
+            if per_sample and maps is not None and placed is not None:
+                leaf.maps = list(maps)
+                leaf.limit = placed
             if per_sample and num_items is not None:
                 leaf.limit = min(leaf.limit, num_items)
         self.per_batch = per_batch
@@ -116,13 +115,14 @@ class Destination:
 
     def _rows(self, per_rank: list[Any]) -> list[Any]:
         """A nested tensor's rows of every rank, in rank (or dataset) order, ``num_items`` kept."""
-        rows = [row for values in per_rank for row in values]
-        if self.positions is not None:
-            ordered: list[Any] = [None] * int(np.count_nonzero(self.positions >= 0))
-            for row, position in zip(rows, self.positions.tolist(), strict=True):
-                if position >= 0:
-                    ordered[position] = row
-            rows = ordered
+        if self.maps is None or self.placed is None:
+            rows = [row for values in per_rank for row in values]
+        else:
+            rows = [None] * self.placed
+            for values, targets in zip(per_rank, self.maps, strict=True):
+                for row, position in zip(values, targets.tolist(), strict=True):
+                    if position >= 0:
+                        rows[position] = row
         return rows if self.num_items is None else rows[: self.num_items]
 
     def place_value(self, index: int, rank: int, value: Any) -> None:

@@ -52,19 +52,7 @@ class Directory:
         """
         _options.check_directory(self.path, self.where)  # it may have changed meanwhile
         self.path.mkdir(parents=True, exist_ok=True)
-        holders: list[Any] = []
-        for column in columns:
-            dtype = column.dtype
-            if column.kind == "object" or dtype is None or dtype.hasobject:
-                holders.append([])  # kept in memory; written into the structure at the end
-            else:
-                holders.append(np.empty(0, dtype))
-        self.plan = _structure.plan(_tree.unflatten(spec, holders), ml_dtypes=ml_dtypes)
-        by_id = {id(h): i for i, h in enumerate(holders)}
-        self.index = {by_id[id(h)]: k for k, h in enumerate(self.plan.leaves)}
-        files: list[Path | None] = [None] * len(columns)
-        for i, k in self.index.items():
-            files[i] = self.path / f"{self.plan.names[k]}.npy"
+        files = self._plan(spec, columns, ml_dtypes)
         existing = [f for f in [self.structure, *files] if f is not None and f.exists()]
         if existing:
             raise FileExistsError(
@@ -73,6 +61,52 @@ class Directory:
             )
         self._record(columns)
         self._write(exclusive=True)
+        return files
+
+    def adopt(
+        self, spec: PyTreeSpec, columns: Sequence[Column], ml_dtypes: bool, names: list[str]
+    ) -> list[Path | None]:
+        """As ``start``, for a directory written before (``resume=True``) with array ``names``.
+
+        Every leaf is an array leaf (``resume`` refuses others); the structure is rewritten
+        by the first ``update``.
+
+        Raises:
+            ConversionError: The tree's array leaves are not the ones the directory holds.
+        """
+        files = self._plan(spec, [None] * len(columns), ml_dtypes)
+        assert self.plan is not None  # noqa: S101
+        if self.plan.names != names:
+            raise ConversionError(
+                f"{self.path} holds the arrays {names[:6]} but the batch's array leaves are "
+                f"{self.plan.names[:6]}: resume=True continues a run with the same outputs; "
+                "pass the same reduce=/exclude= and model, or a new directory"
+            )
+        return files
+
+    def _plan(
+        self, spec: PyTreeSpec, arrays: Sequence[Column | None], ml_dtypes: bool
+    ) -> list[Path | None]:
+        """Plan the structure of a tree of columns (``None``: an array leaf, dtype not known).
+
+        Returns the file of each array leaf (else None).
+        """
+        holders: list[Any] = []
+        for column in arrays:
+            if column is None:
+                holders.append(np.empty(0, np.uint8))
+                continue
+            dtype = column.dtype
+            if column.kind == "object" or dtype is None or dtype.hasobject:
+                holders.append([])  # kept in memory; written into the structure at the end
+            else:
+                holders.append(np.empty(0, dtype))
+        self.plan = _structure.plan(_tree.unflatten(spec, holders), ml_dtypes=ml_dtypes)
+        by_id = {id(h): i for i, h in enumerate(holders)}
+        self.index = {by_id[id(h)]: k for k, h in enumerate(self.plan.leaves)}
+        files: list[Path | None] = [None] * len(arrays)
+        for i, k in self.index.items():
+            files[i] = self.path / f"{self.plan.names[k]}.npy"
         return files
 
     def _record(self, columns: Sequence[Column]) -> bool:

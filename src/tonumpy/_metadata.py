@@ -16,11 +16,12 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from optree import PyTreeSpec
 
 from . import _tree
 from ._columns import Column
-from ._packing import Info, info_kind, numpy_dtype
+from ._packing import Info, info_kind, info_rows, numpy_dtype
 from ._pad import PadValue
 from .errors import ConversionError
 
@@ -29,6 +30,7 @@ __all__ = [
     "PROTOCOL",
     "check_all",
     "check_columns",
+    "check_indices",
     "check_per_batch",
     "check_structure",
     "error_payload",
@@ -37,7 +39,7 @@ __all__ = [
 
 #: Bumped whenever the metadata layout changes: ranks running different tonumpy versions then
 #: raise a clear error instead of misreading each other.
-PROTOCOL = 2
+PROTOCOL = 3
 
 #: The options every rank must pass alike, in the order of the metadata's signature.
 OPTIONS = ("dst", "axis", "num_items", "sampler", "ml_dtypes", "chunk_bytes")
@@ -45,7 +47,7 @@ OPTIONS = ("dst", "axis", "num_items", "sampler", "ml_dtypes", "chunk_bytes")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 # Positions in a rank's metadata tuple.
-_ERROR, _FINGERPRINT, _INFOS, _SIGNATURE, _PER_BATCH = 1, 2, 4, 5, 7
+_ERROR, _FINGERPRINT, _INFOS, _SIGNATURE, _PER_BATCH, _INDICES = 1, 2, 4, 5, 7, 8
 
 
 def _fingerprint(spec: PyTreeSpec) -> bytes:
@@ -59,11 +61,14 @@ def payload(
     signature: tuple[Any, ...],
     sampler: tuple[Any, ...] | None,
     per_batch: Sequence[bool],
+    *,
+    indices: np.ndarray | None = None,
 ) -> tuple[Any, ...]:
     """One rank's metadata, for ``all_gather_object``.
 
-    ``(protocol, error, fingerprint, leaves, infos, signature, sampler, per_batch)``, where
-    ``error`` is None (see ``error_payload``).
+    ``(protocol, error, fingerprint, leaves, infos, signature, sampler, per_batch, indices)``,
+    where ``error`` is None (see ``error_payload``) and ``indices`` the rows' dataset indices
+    of an ``Accumulator`` given ``index=`` (8 bytes a row), else None.
     """
     return (
         PROTOCOL,
@@ -74,6 +79,7 @@ def payload(
         signature,
         sampler,
         tuple(per_batch),
+        indices,
     )
 
 
@@ -81,7 +87,7 @@ def error_payload(exc: BaseException, signature: tuple[Any, ...]) -> tuple[Any, 
     """The metadata of a rank that failed to prepare its tree: what it raised, and where."""
     path = getattr(exc, "path", None)
     error = type(exc).__name__, str(exc), None if path is None else _tree.format_path(path)
-    return (PROTOCOL, error, b"", 0, [], signature, None, ())
+    return (PROTOCOL, error, b"", 0, [], signature, None, (), None)
 
 
 def check_all(metas: Sequence[tuple[Any, ...]], error: BaseException | None, rank: int) -> None:
@@ -182,3 +188,49 @@ def check_per_batch(metas: Sequence[tuple[Any, ...]], spec: PyTreeSpec) -> list[
             path=path,
         )
     return list(first)
+
+
+def check_indices(
+    metas: Sequence[tuple[Any, ...]],
+    spec: PyTreeSpec,
+    axes: Sequence[int],
+    per_batch: Sequence[bool],
+    sampler: bool,
+) -> list[np.ndarray] | None:
+    """Every rank's rows' dataset indices (``None`` if no rank has any), checked everywhere.
+
+    Every rank's Accumulator carries indices, or none does; each per-sample leaf holds one row
+    per index.
+    """
+    indexed = [meta[_INDICES] is not None for meta in metas]
+    if not any(indexed):
+        return None
+    if not all(indexed):
+        odd = indexed.index(not indexed[0])
+        raise ConversionError(
+            f"gather(): rank 0's rows {'carry' if indexed[0] else 'do not carry'} dataset "
+            f"indices (Accumulator.append(..., index=)) but rank {odd}'s "
+            f"{'do not' if indexed[0] else 'do'}; pass index= on every rank or on none"
+        )
+    if sampler:
+        raise ConversionError(
+            "gather(acc, sampler=...): the Accumulators' rows carry dataset indices (append(..., "
+            "index=)), which place every row already; drop sampler="
+        )
+    for i, kind_rows in enumerate(zip(per_batch, axes, strict=True)):
+        if kind_rows[0]:
+            continue
+        for rank, meta in enumerate(metas):
+            info = meta[_INFOS][i]
+            if info_kind(info) != "array":
+                continue
+            rows, count = info_rows(info, kind_rows[1]), meta[_INDICES].size
+            if rows != count:
+                path, where = _tree.leaf_path(spec, i)
+                raise ConversionError(
+                    f"gather(): {where} has {rows} rows on rank {rank} but that rank's "
+                    f"Accumulator holds {count} dataset indices; every per-sample leaf holds "
+                    "one row per index",
+                    path=path,
+                )
+    return [meta[_INDICES] for meta in metas]

@@ -20,16 +20,26 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays, _checkpoint, _npyzip, _safetensors, _structure, _torchfile, _tree
+from . import (
+    _arrays,
+    _checkpoint,
+    _npyzip,
+    _parquet,
+    _safetensors,
+    _shards,
+    _structure,
+    _torchfile,
+    _tree,
+)
 from ._fs import check_input, one_line, open_entry, open_regular, short
 from ._names import STRUCTURE, is_safe_name
 from .errors import FileFormatError, TonumpyError
 
-__all__ = ["OUTPUT_SUFFIXES", "Contents", "is_stored_leaf", "read_file"]
+__all__ = ["OUTPUT_SUFFIXES", "Contents", "is_stored_leaf", "materialise", "read_file"]
 
 _TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
 #: The suffixes of the files tonumpy writes (a directory has none).
-OUTPUT_SUFFIXES = (".npz", ".npy", ".safetensors")
+OUTPUT_SUFFIXES = (".npz", ".npy", ".safetensors", ".parquet")
 
 
 @dataclasses.dataclass
@@ -41,7 +51,9 @@ class Contents:
             and ``safetensors`` files and for bfloat16/float8 data stored bit-exact, NumPy
             arrays otherwise, and plain Python values.
         format: A short description: ``"torch"``, ``"tonumpy npz"``, ``"npz"``, ``"npy"``,
-            ``"npy directory"``, ``"tonumpy npy directory"``, ``"safetensors"`` or
+            ``"npy directory"``, ``"tonumpy npy directory"``, ``"tonumpy shards"`` (a set of
+            ``Accumulator`` shards, one per rank), ``"safetensors"``, ``"tonumpy parquet"``,
+            ``"parquet"`` (a Parquet file tonumpy did not write) or
             ``"hugging face checkpoint"`` (a ``save_pretrained`` directory).
         classes: Key path -> name of the class a container had when saved (display only).
         sources: Key path -> what a leaf was before it was saved (``dtype``, ``device``,
@@ -106,6 +118,8 @@ def read_file(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
         return _guard(path, lambda: _read_npz(path, lazy=lazy))
     if kind == "npy":
         return _guard(path, lambda: Contents(_npyzip.map_npy(path, str(path)), "npy"))
+    if kind == "parquet":
+        return _guard(path, lambda: _read_parquet(path, lazy=lazy))
     return _guard(path, lambda: _read_safetensors(path))
 
 
@@ -119,7 +133,7 @@ def _kind_of(path: Path) -> str:
     if kind is None:
         raise FileFormatError(
             f"{path}: not a file tonumpy reads (.pt/.pth/.bin/.ckpt from torch.save, .npz, "
-            ".npy, .safetensors, or a directory of .npy files or of a checkpoint)"
+            ".npy, .safetensors, .parquet, or a directory of .npy files or of a checkpoint)"
         )
     return kind
 
@@ -139,6 +153,8 @@ def _sniff(path: Path) -> str | None:
                 if names and all(n.endswith(".npy") for n in names):
                     return "npz"
             return None
+    if head.startswith(b"PAR1"):
+        return "parquet"
     if head[:1] == b"\x80":  # a pickle: the legacy torch.save format
         return "torch"
     if len(head) >= 9 and head[8:9] == b"{":
@@ -202,14 +218,14 @@ def _read_npz(path: Path, *, lazy: bool) -> Contents:
             )
             contents = Contents(tree, "tonumpy npz", classes, sources)
         if not lazy:
-            contents.tree = _materialise(contents.tree)
+            contents.tree = materialise(contents.tree)
     finally:
         if not lazy:
             archive.close()
     return contents
 
 
-def _materialise(tree: Any) -> Any:
+def materialise(tree: Any) -> Any:
     """The tree with every lazy member read (each member once, however often it appears)."""
     leaves, spec = _tree.flatten(tree, is_leaf=is_stored_leaf)
     done: dict[int, Any] = {}
@@ -220,6 +236,11 @@ def _materialise(tree: Any) -> Any:
                 done[id(leaf)] = _arrays.from_bits(array, leaf.bits) if leaf.bits else array
             leaves[i] = done[id(leaf)]
     return _tree.unflatten(spec, leaves)
+
+
+def _read_parquet(path: Path, *, lazy: bool) -> Contents:
+    tree, classes, sources, kind = _parquet.read(path, lazy=lazy)
+    return Contents(tree, kind, classes, sources)
 
 
 def _read_safetensors(path: Path) -> Contents:
@@ -247,6 +268,9 @@ def _read_dir(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
     names = sorted(entry.name for entry in path.iterdir())
     if f"{STRUCTURE}.json" in names:
         return _read_export(path, names)
+    if _shards.is_set(names):
+        tree, classes, sources = _shards.read_set(path, names)
+        return Contents(tree, "tonumpy shards", classes, sources)
     if _checkpoint.is_checkpoint(names):
 
         def read_shard(shard: Path) -> tuple[Any, Callable[[Any], None] | None]:
@@ -271,7 +295,8 @@ def _read_dir(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
 def _read_export(path: Path, names: list[str]) -> Contents:
     """A directory of ``.npy`` files with ``__tonumpy__.json`` (``convert``, ``Accumulator``).
 
-    ``names`` are the directory's entries: every ``.npy`` file must have a place in the tree.
+    ``names`` are the directory's entries: every ``.npy`` file must have a place in the tree,
+    except an ``Accumulator``'s log (``__progress__.npy``, ``__index__.npy``).
     """
     with open_entry(path, f"{STRUCTURE}.json") as f:
         raw = f.read()
@@ -283,7 +308,7 @@ def _read_export(path: Path, names: list[str]) -> Contents:
             array = _npyzip.map_npy(path / f"{name}.npy", str(path / f"{name}.npy"), f)
         return _arrays.from_bits(array, dtype) if dtype else array
 
-    members = [name[:-4] for name in names if name.endswith(".npy")]
+    members = _shards.tree_members(names)
     tree, classes, sources = _structure.decode(
         raw, str(path), get_array, members, f"{STRUCTURE}.json"
     )

@@ -12,6 +12,7 @@ representation of every tonumpy file; the directory's structure names the real d
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import weakref
@@ -121,6 +122,48 @@ class GrowingNpy:
         self._header_len = -(-(len(probe) + 10 + 16) // 64) * 64  # room for any row count
         os.ftruncate(self.fd, 0)
         self._write_header(self.fd)
+
+    @classmethod
+    def adopt(cls, path: Path, rows: int, dtype: np.dtype[Any] | None = None) -> GrowingNpy:
+        """Continue a file this class wrote (``resume=True``): keep ``rows`` rows, cut the rest.
+
+        ``dtype``: the rows' real dtype where the file holds its bits (``ml_dtypes``).
+
+        Raises:
+            OSError: The file is not one this class wrote, or holds fewer than ``rows`` rows.
+        """
+        self = cls.__new__(cls)
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+        self._finalizer = weakref.finalize(self, os.close, self.fd)
+        size = os.fstat(self.fd).st_size
+        head = _pread(self.fd, min(size, 1 << 16), 0)
+        if not head.startswith(_MAGIC) or len(head) < 10:
+            raise OSError(f"{path}: not a .npy file this tonumpy wrote (format 1.0)")
+        header_len = 10 + int.from_bytes(head[8:10], "little")
+        try:
+            header = ast.literal_eval(head[10:header_len].decode("latin1"))
+            stored = np.dtype(np.lib.format.descr_to_dtype(header["descr"]))
+            shape = tuple(int(n) for n in header["shape"])
+        except (ValueError, SyntaxError, KeyError, TypeError) as exc:
+            raise OSError(f"{path}: unreadable .npy header ({exc})") from None
+        if header.get("fortran_order") or not shape or shape[0] < rows:
+            raise OSError(f"{path}: holds {shape[:1]} rows in C order, not the {rows} logged")
+        self.dtype = dtype if dtype is not None else stored
+        self.trailing = shape[1:]
+        self._descr = np.lib.format.dtype_to_descr(stored)
+        self._header_len = header_len
+        if size < header_len + rows * self.row_bytes:
+            raise OSError(f"{path}: holds fewer bytes than its {rows} logged rows")
+        probe = self._header_text(self._descr, (2**63, *(2**63 for _ in self.trailing)))
+        if len(probe) > header_len - 11:
+            raise OSError(f"{path}: its header has no room to grow (not written by tonumpy)")
+        self.rows = rows
+        self._appended = rows * self.row_bytes
+        self._rewritten = 0
+        os.ftruncate(self.fd, header_len + rows * self.row_bytes)
+        self._write_header(self.fd)
+        return self
 
     @staticmethod
     def _header_text(descr: Any, shape: tuple[int, ...]) -> str:

@@ -72,6 +72,7 @@ __all__ = [
     "Walk",
     "decode",
     "decode_tree",
+    "decode_value",
     "meta_error",
     "parse_structure",
     "plan",
@@ -484,7 +485,8 @@ def _encode_value(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
-def _decode_value(data: Any) -> Any:
+def decode_value(data: Any) -> Any:
+    """A plain value (or a key) as the structure's JSON holds it, decoded."""
     if data is None or isinstance(data, bool | str | int | float):
         return data
     if isinstance(data, dict) and len(data) == 1:
@@ -494,9 +496,9 @@ def _decode_value(data: Any) -> Any:
         if tag == "bytes" and isinstance(inner, str):
             return base64.b64decode(inner, validate=True)
         if tag == "complex" and isinstance(inner, list) and len(inner) == 2:
-            return complex(_decode_value(inner[0]), _decode_value(inner[1]))
+            return complex(decode_value(inner[0]), decode_value(inner[1]))
         if tag == "tuple" and isinstance(inner, list):
-            return tuple(_decode_value(v) for v in inner)
+            return tuple(decode_value(v) for v in inner)
         if tag == "repr" and isinstance(inner, str):
             return inner
     raise FileFormatError(f"bad value in the structure: {short(data, 80)}")
@@ -613,7 +615,7 @@ def decode_tree(
             raise bad(path, f"expected a node, got {type(node).__name__}")
         tag = node.get("t")
         if tag == "value":
-            return _decode_value(node.get("v"))
+            return decode_value(node.get("v"))
         if tag == "array":
             index, dtype = node.get("i"), node.get("dtype")
             if not isinstance(index, int) or isinstance(index, bool):
@@ -641,7 +643,7 @@ def decode_tree(
                 raise bad(path, "a mapping whose keys and values do not match")
             out: dict[Any, Any] = {}
             for key_data, value in zip(keys, values, strict=True):
-                key = _decode_value(key_data)
+                key = decode_value(key_data)
                 try:
                     hash(key)
                 except TypeError:  # a list in a tagged tuple, say

@@ -28,8 +28,11 @@ from optree import PyTreeSpec
 from . import _options, _tree
 from ._columns import Column, Jagged, check_chunk, concat_arrays, join, mark_jagged, rows_first
 from ._directory import Directory
+from ._dtypes import is_ml_dtype, ml_dtypes_module
+from ._indices import as_index
 from ._pad import PadValue, check_pad_option
 from ._select import Pattern, Selection
+from ._shards import Progress, Recovered, recover, recovered_index, shard_name
 from ._storage import GrowingNpy, Slabs
 from ._transfer import PendingTransfer
 from .convert import convert_flat, start
@@ -238,7 +241,17 @@ class Accumulator:
             needed; it must not hold a structure already) and return memory-mapped arrays.
             File names are made of the key path's characters that are safe in a file name, as
             ``tonumpy convert`` makes them; a name that would be long is cut and ends in a
-            digest of the key path.
+            digest of the key path. The directory also logs each whole batch
+            (``__progress__.npy``), each row's ``index=`` (``__index__.npy``) and whether it is
+            complete (``__shard__.json``: ``result()`` and ``close()`` mark it so).
+        shard: ``(rank, world_size)``: write into ``directory/rank-RRRRR-of-WWWWW/``, one
+            rank's shard of a set that [`tonumpy.load`][] of ``directory`` reads as one tree
+            (rows in dataset order with ``index=``; see the guide "Predictions at scale: rank
+            shards"). No collective is involved.
+        resume: Continue the directory a crashed run left (its whole batches kept, a batch
+            cut short dropped; ``batches`` and ``len`` say how far it got); a directory with
+            nothing in it is started. Only array leaves can be resumed.
+        format: The files' format: ``"npy"`` (one ``.npy`` file per leaf).
         ml_dtypes: As for [`tonumpy.to_numpy`][]: keep bfloat16/float8 bit-exact as
             ``ml_dtypes`` arrays instead of widening them to float32.
         scalars: As for [`tonumpy.to_numpy`][]: 0-d tensors become Python scalars, so such
@@ -250,7 +263,10 @@ class Accumulator:
             ``pad_value`` callable that cannot take ``(path, dtype)``, a ``reduce`` value that
             is not a function of one argument, an ``exclude`` that is not a pattern or a list of
             them), ``directory`` is or lies below a file, or ``directory=`` comes with an
-            ``axis`` other than 0.
+            ``axis`` other than 0; ``shard``/``resume`` come without ``directory``, ``shard`` is
+            not ``(rank, world_size)``, ``format`` is not ``"npy"``.
+        FileFormatError: ``resume=True`` and the directory holds files this tonumpy did not
+            write as an Accumulator directory, damaged ones, or non-array leaves.
     """
 
     def __init__(
@@ -261,11 +277,23 @@ class Accumulator:
         reduce: Mapping[Pattern, Callable[[Any], Any]] | None = None,
         exclude: Pattern | list[Pattern] | None = None,
         directory: str | os.PathLike[str] | None = None,
+        shard: tuple[int, int] | None = None,
+        resume: bool = False,
+        format: str = "npy",
         ml_dtypes: bool = False,
         scalars: bool = False,
         is_leaf: Callable[[Any], bool] | None = None,
     ) -> None:
         axis = _options.check_axis(axis, "Accumulator")
+        _options.check_flags("Accumulator", resume=resume)
+        check_format(format, "Accumulator")
+        if (shard is not None or resume) and directory is None:
+            raise OptionError(
+                "Accumulator(shard=..., resume=True) act on a directory: pass directory= too"
+            )
+        if directory is not None and shard is not None:
+            rank, world_size = check_shard(shard, "Accumulator")
+            directory = Path(directory) / shard_name(rank, world_size)
         _options.check_flags("Accumulator", ml_dtypes=ml_dtypes, scalars=scalars)
         check_pad_option(pad_value, "Accumulator")
         self._selection = Selection(exclude, reduce, "Accumulator")
@@ -293,12 +321,23 @@ class Accumulator:
         self._batches = 0  # batches added
         self._sizes: list[int] = []  # rows each batch added to len(self)
         self._received = 0  # batches accepted (added, or in flight)
-        # a batch whose copies are in flight: its transfer, structure, name and leaves
-        self._pending: tuple[PendingTransfer, PyTreeSpec, str, list[Any]] | None = None
+        # a batch whose copies are in flight: its transfer, structure, name, indices and leaves
+        self._pending: (
+            tuple[PendingTransfer, PyTreeSpec, str, np.ndarray | None, list[Any]] | None
+        ) = None
+        self._indexed: bool | None = None  # whether rows carry dataset indices (the first says)
+        self._index: list[np.ndarray] = []  # in memory: each batch's indices
+        self._progress: Progress | None = None  # with directory=: the log of complete batches
+        self._recovered: Recovered | None = None
+        if self._directory is not None and resume:
+            self._recovered = recover(self._directory.path)
+        if self._recovered is not None:
+            self._batches = self._received = self._recovered.batches
+            self._indexed = self._recovered.indexed if self._recovered.batches else None
 
     # -- appending -----------------------------------------------------------------------
 
-    def append(self, tree: Any, /) -> None:
+    def append(self, tree: Any, /, *, index: Any = None) -> None:
         """Add one batch and start moving it to the host.
 
         CPU batches are converted (and copied) before this returns. A batch with CUDA tensors
@@ -309,19 +348,29 @@ class Accumulator:
 
         Args:
             tree: The batch: the same structure as every other batch.
+            index: Each row's dataset index (``batch["idx"]``, or the indices the sampler
+                gave the batch): a 1-d tensor, array or list of ints ``>= 0``, one per row of
+                every per-sample leaf (array leaves; 0-d leaves hold one value per batch).
+                Pass it with every batch or with none. ``result()`` keeps the rows in the
+                order appended; ``gather(acc)`` and a set of shards read with
+                ``tonumpy.load`` put them in dataset order, drop padding and, with
+                ``num_items``, prove every index of ``range(num_items)`` is there once.
 
         Raises:
             ConversionError: The batch's structure differs from the first batch's (the message
                 names the first differing path), a leaf changes kind or rank, its dtype and
                 the earlier batches' have no common dtype, or it is ragged and has no pad value
-                that fits its dtype. The batch is then not added, and the accumulator is left
-                as it was.
+                that fits its dtype; or ``index`` is not one int ``>= 0`` per row, or is given
+                for some batches and not others. The batch is then not added, and the
+                accumulator is left as it was.
         """
         leaves, spec, leaf_types = self._selection.flatten(tree, is_leaf=self._is_leaf)
         expected = self._expected  # checked again under the lock; this spares the conversion
         if expected is not None:
             received = f"batch {self._received}"
             _tree.require_same(expected, spec, "batch 0", received, hint=_SAME_STRUCTURE)
+        rows = None if index is None else _batch_rows(leaves, spec, self._axis)
+        indices = None if index is None else as_index(index, rows, "append")
         # Before the lock, so that threads convert in parallel: CPU tensors are converted
         # (zero-copy views, copied into the accumulator's storage under the lock), CUDA
         # tensors' copies enqueued (the next call collects them).
@@ -332,29 +381,39 @@ class Accumulator:
             name = f"batch {self._received}"
             if self._expected is not None:
                 _tree.require_same(self._expected, spec, "batch 0", name, hint=_SAME_STRUCTURE)
+            if self._indexed is not None and self._indexed != (indices is not None):
+                raise ConversionError(
+                    f"append(): {name} comes {'without' if self._indexed else 'with'} index= "
+                    f"but the batches before it came {'with' if self._indexed else 'without'}: "
+                    "pass each batch's dataset indices with every batch, or with none"
+                )
             self._finish_pending()
             if pending.done():
-                self._ingest(mark_jagged(leaves, pending.result_leaves()), spec, name)
+                self._ingest(mark_jagged(leaves, pending.result_leaves()), spec, name, indices)
             else:
-                self._pending = (pending, spec, name, leaves)
+                self._pending = (pending, spec, name, indices, leaves)
             if self._expected is None:
                 self._expected = spec
+            self._indexed = indices is not None
             self._received += 1
 
     def _finish_pending(self) -> None:
         """Wait for the batch whose copies are in flight, and add it."""
         if self._pending is None:
             return
-        pending, spec, name, leaves = self._pending
+        pending, spec, name, indices, leaves = self._pending
         self._pending = None
         try:
-            self._ingest(mark_jagged(leaves, pending.result_leaves()), spec, name)
+            self._ingest(mark_jagged(leaves, pending.result_leaves()), spec, name, indices)
         except BaseException:
             if self._spec is None:  # the first batch failed: the next one sets the structure
                 self._expected = None
+                self._indexed = None
             raise
 
-    def _ingest(self, host: list[Any], spec: PyTreeSpec, name: str) -> None:
+    def _ingest(
+        self, host: list[Any], spec: PyTreeSpec, name: str, indices: np.ndarray | None
+    ) -> None:
         """Check every leaf of one batch against its column, then add them all."""
         first = self._spec is None
         leaves = self._leaves
@@ -365,6 +424,9 @@ class Accumulator:
                 )
                 for path, where in _tree.leaf_paths(spec)
             ]
+            if self._recovered is not None:
+                self._adopt(spec, leaves, self._recovered, indices is not None)
+                first = False
         states = [
             check_chunk(leaf.column, value, name) for leaf, value in zip(leaves, host, strict=True)
         ]
@@ -372,15 +434,24 @@ class Accumulator:
         for leaf, state in zip(leaves, states, strict=True):
             leaf.column.commit(state)
         if first:
-            self._start(spec, leaves)
+            self._start(spec, leaves, indices is not None)
         for leaf, value in zip(leaves, host, strict=True):
             self._store(leaf, value)
+        self._batches += 1
+        if indices is not None and self._progress is None:
+            self._index.append(indices)
         if self._directory is not None:
             self._directory.update([leaf.column for leaf in leaves])
-        self._batches += 1
+        if self._progress is not None:  # last: the batch is whole in every file
+            self._progress.record(
+                self._batches,
+                indices,
+                [leaf.file for leaf in leaves],
+                [leaf.column.trailing for leaf in leaves],
+            )
         self._sizes.append(self._rows() - before)
 
-    def _start(self, spec: PyTreeSpec, leaves: list[_Leaf]) -> None:
+    def _start(self, spec: PyTreeSpec, leaves: list[_Leaf], indexed: bool) -> None:
         """Adopt the first batch's structure; with ``directory=``, create the files."""
         if self._directory is not None:
             try:
@@ -395,8 +466,65 @@ class Accumulator:
                 column = leaf.column
                 if file_path is not None and column.dtype is not None:
                     leaf.file = GrowingNpy(file_path, column.dtype, column.trailing or ())
+            self._progress = Progress(
+                self._directory.path,
+                [leaf.column.kind or "object" for leaf in leaves],
+                [None if f is None else f.stem for f in files],
+                [_bits_name(leaf.column.dtype) for leaf in leaves],
+                [len(leaf.file.trailing) if leaf.file is not None else 0 for leaf in leaves],
+                indexed=indexed,
+                recovered=None,
+            )
         self._spec = spec
         self._leaves = leaves
+
+    def _adopt(
+        self, spec: PyTreeSpec, leaves: list[_Leaf], recovered: Recovered, indexed: bool
+    ) -> None:
+        """Continue the directory an earlier run left (``resume=True``) with this structure."""
+        assert self._directory is not None  # noqa: S101 - append checked index= against it
+        if len(leaves) != len(recovered.kinds):
+            raise ConversionError(
+                f"{self._directory.path} holds {len(recovered.kinds)} leaves but the batch has "
+                f"{len(leaves)}: resume=True continues a run with the same outputs"
+            )
+        files = self._directory.adopt(
+            spec, [leaf.column for leaf in leaves], self._ml_dtypes, recovered.names
+        )
+        for i, (leaf, file_path) in enumerate(zip(leaves, files, strict=True)):
+            assert file_path is not None  # noqa: S101 - every leaf is an array leaf
+            bits = recovered.bits[i]
+            real = np.dtype(getattr(ml_dtypes_module(), bits)) if bits else None
+            leaf.file = GrowingNpy.adopt(file_path, recovered.rows[i], real)
+            kind = recovered.kinds[i]
+            file, column = leaf.file, leaf.column
+            shape = recovered.trailing[i]  # a file grown with room to spare exceeds it
+            if len(shape) != len(file.trailing) or not all(
+                0 < s <= t for s, t in zip(shape, file.trailing, strict=True)
+            ):
+                shape = file.trailing
+            state = column.check(
+                "scalar" if kind == "scalar" else "array",
+                file.dtype,
+                () if kind == "scalar" else (file.rows, *shape),
+                "the rows written before",
+            )
+            if kind == "scalar":
+                state = state._replace(rows=file.rows)
+            column.commit(state)
+        self._directory.update([leaf.column for leaf in leaves])
+        self._progress = Progress(
+            self._directory.path,
+            recovered.kinds,
+            recovered.files,
+            recovered.bits,
+            [len(t) for t in recovered.trailing],
+            indexed=indexed,
+            recovered=recovered,
+        )
+        self._spec = spec
+        self._leaves = leaves
+        self._recovered = None
 
     def _store(self, leaf: _Leaf, value: Any) -> None:
         """Copy one batch's value of a leaf into its storage (the column has accepted it)."""
@@ -496,6 +624,12 @@ class Accumulator:
             return np.array(self._sizes, dtype=np.int64)
 
     def _rows(self) -> int:
+        recovered = self._recovered
+        if recovered is not None:  # resume=True, before the first append: the run before's
+            for kind in ("array", "scalar"):
+                for k, rows in zip(recovered.kinds, recovered.rows, strict=True):
+                    if k == kind:
+                        return rows
         for kind in ("array", "jagged", "scalar"):
             for leaf in self._leaves:
                 if leaf.column.kind == kind:
@@ -554,9 +688,71 @@ class Accumulator:
         if self._directory is not None:
             values = [leaf.values for leaf in self._leaves]
             self._directory.finish(self._spec, values, self._ml_dtypes)
+        if self._progress is not None:
+            self._progress.finish(self._batches, [leaf.column for leaf in self._leaves], None)
         return out
 
-    def _gather_input(self) -> tuple[list[Any], PyTreeSpec, list[bool]]:
+    @property
+    def batches(self) -> int:
+        """The number of batches added (with ``resume=True``, those of the run before too)."""
+        with self._lock:
+            self._finish_pending()
+            return self._batches
+
+    def indices(self) -> np.ndarray | None:
+        """Every row's dataset index, in the order appended (``None`` without ``index=``).
+
+        With ``directory=``, a read-only memory map of the directory's ``__index__.npy``.
+        """
+        with self._lock:
+            self._finish_pending()
+            progress, recovered = self._progress, self._recovered
+            if progress is not None and progress.index is not None:
+                return progress.index.open(progress.index.rows)
+            if recovered is not None and recovered.indexed and self._directory is not None:
+                return recovered_index(self._directory.path, recovered)
+            if not self._indexed:
+                return None
+            return np.concatenate(self._index) if self._index else np.empty(0, np.int64)
+
+    def close(self, *, num_items: int | None = None) -> None:
+        """Mark the ``directory=`` complete: a set of shards reads only complete shards.
+
+        ``result()`` marks it complete too; ``close`` also works on a rank that appended
+        nothing (an empty shard, which the set reads as holding no rows) and records
+        ``num_items``: with ``index=``, readers of the set then prove that every index of
+        ``range(num_items)`` appears exactly once. Appending after ``close`` makes the
+        directory incomplete again until the next ``close`` or ``result``.
+
+        Raises:
+            OptionError: The accumulator has no ``directory=``, or ``num_items`` is not an
+                int ``>= 0``.
+        """
+        num_items = _options.check_num_items(num_items, "close")
+        if self._directory is None:
+            raise OptionError(
+                "close() marks an Accumulator(directory=...) complete; this one keeps its "
+                "rows in memory: call result()"
+            )
+        with self._lock:
+            self._finish_pending()
+            if self._spec is None and self._recovered is None:
+                Progress.empty(self._directory.path, num_items)
+                return
+            if self._spec is not None:
+                self._result_leaves(None)
+            assert self._progress is not None or self._recovered is not None  # noqa: S101
+            if self._progress is not None:
+                columns = [leaf.column for leaf in self._leaves]
+                self._progress.finish(self._batches, columns, num_items)
+                return
+            raise ConversionError(
+                f"close(): nothing was appended since resume=True; {self._directory.path} "
+                "stays as the run before left it. Append the batches it lacks (skip the first "
+                "acc.batches of the loader), then close()"
+            )
+
+    def _gather_input(self) -> tuple[list[Any], PyTreeSpec, list[bool], np.ndarray | None]:
         """See [`gather_input`][tonumpy.accumulate.gather_input]."""
         with self._lock:
             out = self._result_leaves(None)
@@ -566,7 +762,7 @@ class Accumulator:
                 Jagged(value) if leaf.column.kind == "jagged" else value
                 for leaf, value in zip(self._leaves, out, strict=True)
             ]
-            return out, self._spec, per_batch
+        return out, self._spec, per_batch, self.indices()
 
     def _leaf_result(self, leaf: _Leaf, num_items: int | None) -> Any:
         column = leaf.column
@@ -598,11 +794,14 @@ class Accumulator:
         return out
 
 
-def gather_input(acc: Accumulator) -> tuple[list[Any], PyTreeSpec, list[bool]]:
-    """What ``gather(acc)`` sends: the result's leaves, its structure, and the per-batch ones.
+def gather_input(
+    acc: Accumulator,
+) -> tuple[list[Any], PyTreeSpec, list[bool], np.ndarray | None]:
+    """What ``gather(acc)`` sends: the leaves, structure, per-batch leaves and rows' indices.
 
     A leaf holds one value per batch when it was 0-d or not an array in every batch: ``gather``
-    never reorders such values like per-sample rows.
+    never reorders such values like per-sample rows. The indices are those ``append(...,
+    index=)`` was given (``None`` without).
     """
     return acc._gather_input()  # noqa: SLF001 - the class is this module's own
 
@@ -614,3 +813,57 @@ def accumulator_options(acc: Accumulator) -> dict[str, Any]:
     """
     own = acc._axis, acc._pad_value, acc._ml_dtypes  # noqa: SLF001 - this module's own class
     return dict(zip(("axis", "pad_value", "ml_dtypes"), own, strict=True))
+
+
+def check_format(format: Any, where: str) -> None:
+    """Raise unless ``format`` names a format ``directory=`` writes (``"npy"``)."""
+    if format != "npy":
+        raise OptionError(
+            f"{where}(format={format!r}): format= takes 'npy' (a .npy file per leaf, the "
+            "directory format tonumpy.load reads)"
+        )
+
+
+def check_shard(shard: Any, where: str) -> tuple[int, int]:
+    """``shard`` as ``(rank, world_size)``, ``0 <= rank < world_size``, or an error."""
+    ok = (
+        isinstance(shard, tuple)
+        and len(shard) == 2
+        and all(isinstance(n, int | np.integer) and not isinstance(n, bool) for n in shard)
+        and 0 <= shard[0] < shard[1]
+    )
+    if not ok:
+        raise OptionError(
+            f"{where}(shard={shard!r}): shard= takes (rank, world_size), two ints with "
+            "0 <= rank < world_size (torch.distributed's get_rank() and get_world_size(), or "
+            "trainer.global_rank and trainer.world_size)"
+        )
+    return int(shard[0]), int(shard[1])
+
+
+def _batch_rows(leaves: list[Any], spec: PyTreeSpec, axis: int) -> int | None:
+    """The rows of a batch's per-sample leaves (those with a shape), all alike, or an error."""
+    rows: int | None = None
+    first = ""
+    for i, leaf in enumerate(leaves):
+        shape = getattr(leaf, "shape", None)  # torch.Size is a tuple
+        if not isinstance(shape, tuple | list) or len(shape) == 0:
+            continue  # not an array, or one value per batch
+        n = int(shape[axis]) if -len(shape) <= axis < len(shape) else None
+        if n is None:
+            continue  # the column reports the axis
+        where = _tree.leaf_path(spec, i)[1]
+        if rows is None:
+            rows, first = n, where
+        elif n != rows:
+            raise ConversionError(
+                f"append(index=...): {first} has {rows} rows but {where} has {n}; with index= "
+                "every array leaf holds one row per dataset item (compute per-token values per "
+                "item, or accumulate them in another Accumulator)"
+            )
+    return rows
+
+
+def _bits_name(dtype: np.dtype[Any] | None) -> str | None:
+    """The ``ml_dtypes`` name of rows stored as their bits, else None."""
+    return dtype.name if dtype is not None and is_ml_dtype(dtype) else None

@@ -2,12 +2,13 @@
 
 ``tonumpy show FILE`` prints the tree in a file (key path, type, shape, dtype, device, bytes,
 and with ``--stats`` min/max/mean and NaN/Inf counts; with ``--depth``, dotted names are grouped
-by segment); ``tonumpy convert SRC DST`` writes it as ``.npz``, ``.safetensors``, ``.npy``,
-``.pt`` (for ``torch.load(weights_only=True)``) or a directory of ``.npy`` files. Errors are one
-line on stderr and exit status 2 (``--debug`` shows the traceback); output is coloured only on a
-terminal (and never with ``NO_COLOR`` set). Text that comes from a file (keys, class names,
-values) is printed with control characters escaped. SIGTERM and SIGHUP stop a conversion as
-Ctrl-C does: nothing is left behind, and the exit status is 128 + the signal's number.
+by segment); ``tonumpy convert SRC DST`` writes it as ``.npz``, ``.safetensors``, ``.parquet``,
+``.npy``, ``.pt`` (for ``torch.load(weights_only=True)``) or a directory of ``.npy`` files.
+Errors are one line on stderr and exit status 2 (``--debug`` shows the traceback); output is
+coloured only on a terminal (and never with ``NO_COLOR`` set). Text that comes from a file
+(keys, class names, values) is printed with control characters escaped. SIGTERM and SIGHUP stop
+a conversion as Ctrl-C does: nothing is left behind, and the exit status is 128 + the signal's
+number.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def _parser() -> _Parser:
         "show",
         parents=[common],
         help="print the tree of tensors in a file",
-        description="Print the tree in a .pt/.pth/.bin/.ckpt, .npz, .npy, .safetensors file, "
-        "a directory of .npy files, or a Hugging Face checkpoint directory (what "
+        description="Print the tree in a .pt/.pth/.bin/.ckpt, .npz, .npy, .safetensors, .parquet "
+        "file, a directory of .npy files, or a Hugging Face checkpoint directory (what "
         "save_pretrained writes: model.safetensors, pytorch_model.bin, or shards with their "
         "index): key path, type, shape, dtype, device and bytes per leaf.",
     )
@@ -100,12 +101,14 @@ def _parser() -> _Parser:
     convert = commands.add_parser(
         "convert",
         parents=[common],
-        help="convert a file to .npz, .safetensors, .npy, .pt or a directory of .npy files",
+        help="convert a file to .npz, .safetensors, .parquet, .npy, .pt or a directory of .npy "
+        "files",
         description="Convert SRC (any file show reads, a Hugging Face checkpoint directory "
         "included) to DST. DST's kind follows its name: .npz (tree structure kept; load it "
-        "with tonumpy.load or np.load), .safetensors, .npy (one array), .pt/.pth (tensors in "
-        "dicts, lists and tuples, for torch.load(weights_only=True)), or a name without suffix "
-        "(or ending in /) for a directory of .npy files, one per leaf.",
+        "with tonumpy.load or np.load), .safetensors, .parquet (one row per example), .npy (one "
+        "array), .pt/.pth (tensors in dicts, lists and tuples, for "
+        "torch.load(weights_only=True)), or a name without suffix (or ending in /) for a "
+        "directory of .npy files, one per leaf.",
     )
     convert.add_argument("src", metavar="SRC")
     convert.add_argument("dst", metavar="DST")

@@ -33,6 +33,7 @@ import torch
 from . import _metadata, _options
 from ._columns import Column, rows_first
 from ._destination import Destination
+from ._indices import resolve
 from ._packing import (
     DTENSOR,
     OBJECT,
@@ -199,8 +200,17 @@ def gather(
         metas, spec, axis=axis, pad_value=pad_value, ml_dtypes=ml_dtypes
     )
     per_batch = _metadata.check_per_batch(metas, spec)
-    if sampler is not None:
-        check_sampler(metas, spec.paths(), [c.axis for c in columns], world, per_batch)
+    axes = [c.axis for c in columns]
+    indices = _metadata.check_indices(metas, spec, axes, per_batch, sampler is not None)
+    maps: list[np.ndarray] | None = None
+    if indices is not None:
+        maps = resolve(
+            indices, num_items=num_items, names=[f"rank {r}" for r in range(world)], where="gather"
+        )
+    elif sampler is not None:
+        check_sampler(metas, spec.paths(), axes, world, per_batch)
+        positions, num_samples = sample_positions(metas), metas[0][6][7]
+        maps = [positions[r * num_samples : (r + 1) * num_samples] for r in range(world)]
 
     # Every rank agrees: materialise DTensors (in leaf order, on every rank), then send.
     for i, (code, *_rest) in enumerate(prep.infos):
@@ -215,7 +225,7 @@ def gather(
                 columns,
                 metas,
                 per_batch=per_batch,
-                positions=sample_positions(metas) if sampler is not None else None,
+                maps=maps,
                 num_items=num_items,
                 directory=folder,
                 ml_dtypes=ml_dtypes,
@@ -289,8 +299,9 @@ def _prepare(
     ml_dtypes = signature[_metadata.OPTIONS.index("ml_dtypes")]
     prep = Prepared()
     try:
+        indices = None
         if isinstance(tree, Accumulator):
-            leaves, spec, per_batch = gather_input(tree)
+            leaves, spec, per_batch, indices = gather_input(tree)
         else:
             leaves, spec, _ = selection.flatten(tree, is_leaf=is_leaf)
             per_batch = [False] * len(leaves)
@@ -298,7 +309,11 @@ def _prepare(
         if remote:
             make_pieces(prep, device, dtensors=False)
         info = sampler_info(sampler) if sampler is not None else None
-        return prep, _metadata.payload(spec, prep.infos, signature, info, per_batch)
+        if indices is not None:
+            indices = np.array(indices)  # the memory map of a directory's index: its values
+        return prep, _metadata.payload(
+            spec, prep.infos, signature, info, per_batch, indices=indices
+        )
     except Exception as exc:
         if not remote:
             raise

@@ -18,6 +18,7 @@ __all__ = [
     "CaptureError",
     "ConversionError",
     "FileFormatError",
+    "MissingDependencyError",
     "OptionError",
     "TonumpyError",
     "TonumpyWarning",
@@ -92,6 +93,14 @@ class FileFormatError(TonumpyError, ValueError):
         ... except tonumpy.FileFormatError as exc:
         ...     print("not a file tonumpy reads" in str(exc))
         True
+    """
+
+
+class MissingDependencyError(TonumpyError, ImportError):  # type: ignore[misc] # both have .path
+    """An optional package a feature needs is not installed; the message names the extra.
+
+    Parquet files need ``pyarrow`` (the ``parquet`` extra). It is also an
+    ``ImportError``, so code that checks for a missing package catches it.
     """
 
 

@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _arrays, _options, _safetensors, _structure, _torchsave, _tree
+from . import _arrays, _options, _parquet, _safetensors, _structure, _torchsave, _tree
 from ._fs import atomic_dir, atomic_file, check_not_nested, exists_error, short
 from ._names import STRUCTURE, is_safe_name
-from ._readers import OUTPUT_SUFFIXES, Contents, is_stored_leaf, read_file
+from ._readers import OUTPUT_SUFFIXES, Contents, is_stored_leaf, materialise, read_file
+from ._shards import SHARD
 from .convert import to_numpy
 from .errors import FileFormatError, UnsafeFileError, UnsupportedLeafError
 
@@ -65,7 +66,7 @@ def save(
     compress: bool = False,
     is_leaf: Callable[[Any], bool] | None = None,
 ) -> None:
-    """Write ``tree`` to a ``.npz`` file: every array leaf, and the structure as JSON.
+    """Write ``tree`` to a ``.npz`` (or ``.parquet``) file: every array leaf, and the structure.
 
     ``save`` walks the tree as [`tonumpy.to_numpy`][] does, and converts tensors as it does:
     every container ``to_numpy`` knows (a type registered with optree in the ``"tonumpy"``
@@ -76,6 +77,12 @@ def save(
     stored in the JSON. A tensor at several places in the tree is stored once. A
     ``BatchEncoding`` is stored as its items: its tokenizer's ``Encoding`` objects are tokenizer
     state, which no file holds. At most 250 levels of containers are stored.
+
+    A name ending in ``.parquet`` writes a Parquet file instead (it needs ``pyarrow``, the
+    ``parquet`` extra): one row per example, a column per array leaf whose first dimension is
+    the number of rows, everything else in the file's metadata (see the guide "Predictions at
+    scale"). ``ml_dtypes`` keeps bfloat16/float8 (stored as their float32 values) for
+    ``load(ml_dtypes=True)``; ``compress`` compresses its columns with zstd.
 
     Examples:
         >>> import os, tempfile, torch
@@ -112,6 +119,17 @@ def save(
         OSError: The file cannot be written (a full disk, say); the message names ``file``.
     """
     _options.check_flags("save", ml_dtypes=ml_dtypes, overwrite=overwrite, compress=compress)
+    if Path(file).suffix.lower() == ".parquet":
+        _parquet.write(
+            Path(file),
+            tree,
+            overwrite=overwrite,
+            compress=compress,
+            ml_dtypes=ml_dtypes,
+            is_leaf=is_leaf,
+            where="save",
+        )
+        return
     _check_npz_name(Path(file))
     plan = _structure.plan(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
     _write_npz(Path(file), plan, overwrite=overwrite, compress=compress, progress=None)
@@ -120,12 +138,12 @@ def save(
 def load(file: PathLike, /, *, ml_dtypes: bool = False, unsafe_load: bool = False) -> Any:
     """Read a file into a tree of NumPy arrays, without unpickling anything by default.
 
-    Reads what [`save`][] writes, plain NumPy ``.npz`` and ``.npy`` files, directories of
-    ``.npy`` files, ``.safetensors`` files, Hugging Face checkpoint directories (what
-    ``save_pretrained`` writes: ``model.safetensors``, or shards joined through their index)
-    and ``torch.save`` files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``). ``dict``, ``list``,
-    ``tuple``, ``None``, ``str``, ``int``, ``float`` and ``bool`` come back exactly; every other
-    container comes back as a ``dict``.
+    Reads what [`save`][] writes (``.npz`` and ``.parquet``), plain NumPy ``.npz`` and ``.npy``
+    files, directories of ``.npy`` files, ``.safetensors`` files, Parquet files, Hugging Face
+    checkpoint directories (what ``save_pretrained`` writes: ``model.safetensors``, or shards
+    joined through their index) and ``torch.save`` files (``.pt``, ``.pth``, ``.bin``,
+    ``.ckpt``). ``dict``, ``list``, ``tuple``, ``None``, ``str``, ``int``, ``float`` and ``bool``
+    come back exactly; every other container comes back as a ``dict``.
 
     Examples:
         >>> import os, tempfile, numpy as np
@@ -221,7 +239,8 @@ def convert(
     leaves go into the header metadata, the ``__metadata__`` of a ``.safetensors`` source is
     kept, ``"format": "pt"`` added where it has none), ``.npy`` (a single array),
     ``.pt``/``.pth`` (a ``torch.save`` file that ``torch.load(weights_only=True)`` reads:
-    tensors of the source's exact dtypes, bfloat16 included, in dicts, lists and tuples), or
+    tensors of the source's exact dtypes, bfloat16 included, in dicts, lists and tuples),
+    ``.parquet`` (one row per example, as [`save`][] writes it), or
     a name without a suffix, or ending in ``/``, for a directory of ``.npy`` files, one per
     leaf, named after sanitised key paths, with the structure in ``__tonumpy__.json``.
 
@@ -287,6 +306,19 @@ def convert(
     if os.path.lexists(src_path):
         check_not_nested(src_path, dst_path)
     contents = read_file(src_path, unsafe_load=unsafe_load, lazy=True)
+    if kind == "parquet":
+        tree = materialise(contents.tree)
+        _parquet.write(
+            dst_path,
+            tree,
+            overwrite=overwrite,
+            compress=False,
+            ml_dtypes=ml_dtypes,
+            is_leaf=is_stored_leaf,
+            where="convert",
+            progress=progress,
+        )
+        return contents
     if kind == "pt":
         _torchsave.write(
             dst_path,
@@ -370,7 +402,8 @@ def _output_kind(dst: str) -> str:
         return "dir"
     raise FileFormatError(
         f"{dst}: cannot write {short(suffix)} files; the destination must end in .npz, .npy, "
-        ".safetensors or .pt, or have no suffix (or end in /) for a directory of .npy files"
+        ".safetensors, .pt or .parquet, or have no suffix (or end in /) for a directory of .npy "
+        "files"
     )
 
 
@@ -413,13 +446,17 @@ def _write_npy(dst: Path, plan: _structure.Plan, *, overwrite: bool) -> None:
 
 
 def _is_replaceable_dir(path: Path) -> bool:
-    """True for an empty directory or one holding a previous export and nothing else."""
+    """True for an empty directory or one holding a previous export and nothing else.
+
+    An export: the structure, ``.npy`` files, and an ``Accumulator``'s ``__shard__.json``.
+    """
     entries = list(path.iterdir())
     if not entries:
         return True
     names = {e.name for e in entries}
+    ours = (f"{STRUCTURE}.json", f"{SHARD}.json")
     return f"{STRUCTURE}.json" in names and all(
-        e.is_file() and not e.is_symlink() and (e.suffix == ".npy" or e.name == f"{STRUCTURE}.json")
+        e.is_file() and not e.is_symlink() and (e.suffix == ".npy" or e.name in ours)
         for e in entries
     )
 
