@@ -608,7 +608,9 @@ class Accumulator:
         len(acc)``. Kept beside the values that are one per batch (a 0-d loss), to weight them:
         the mean loss per sample, as ``Trainer`` reports it, is ``(loss * sizes).sum() /
         sizes.sum()``. Across ranks, ``tonumpy.gather(acc.batch_sizes)`` lines the sizes up with
-        the per-batch values ``gather(acc, ...)`` gives (both in rank order).
+        the per-batch values ``gather(acc, ...)`` gives (both in rank order). After
+        ``resume=True`` only the batches appended since are listed: the sizes of the run
+        before's batches are not recorded in the directory.
 
         Examples:
             >>> import torch
