@@ -959,3 +959,15 @@ def test_batch_sizes_weight_per_batch_values() -> None:
     scalars.append({"loss": torch.tensor(1.0)})
     assert scalars.batch_sizes.tolist() == [1]
     assert tonumpy.Accumulator().batch_sizes.tolist() == []
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_nested_tensor_with_directory_is_refused_at_the_first_append(tmp_path: Path) -> None:
+    """directory= keeps rows in .npy files of one shape: a nested tensor is refused, naming the
+    leaf and the fix, by the first append (it crashed at result()); nothing is written."""
+    acc = tonumpy.Accumulator(directory=tmp_path / "preds")
+    with pytest.raises(tonumpy.ConversionError, match=r"tree\['nt'\] is a nested.*padded") as info:
+        acc.append({"nt": _nested([1, 2], 0.0), "x": torch.ones(2)})
+    assert info.value.path == ("nt",)
+    acc.append({"x": torch.ones(2), "nt": torch.ones(2, 1)})  # the accumulator is still usable
+    assert acc.result()["x"].shape == (2,)

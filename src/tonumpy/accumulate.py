@@ -455,6 +455,7 @@ class Accumulator:
         """Adopt the first batch's structure; with ``directory=``, create the files."""
         if self._directory is not None:
             try:
+                _refuse_jagged(leaves)
                 files = self._directory.start(
                     spec, [leaf.column for leaf in leaves], self._ml_dtypes
                 )
@@ -806,6 +807,18 @@ def gather_input(
     index=)`` was given (``None`` without).
     """
     return acc._gather_input()  # noqa: SLF001 - the class is this module's own
+
+
+def _refuse_jagged(leaves: list[_Leaf]) -> None:
+    """Raise for a nested tensor leaf: ``directory=`` stores rows in ``.npy`` files of one shape."""
+    for leaf in leaves:
+        if leaf.column.kind == "jagged":
+            raise ConversionError(
+                f"Accumulator(directory=...) grows each leaf in a .npy file of equal-length "
+                f"rows, but {leaf.column.where} is a nested (jagged) tensor; pad it first "
+                "(t.to_padded_tensor(0.0)) or accumulate without directory=",
+                path=leaf.column.path,
+            )
 
 
 def accumulator_options(acc: Accumulator) -> dict[str, Any]:
