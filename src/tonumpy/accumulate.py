@@ -22,15 +22,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from optree import PyTreeSpec
 
 from . import _options, _tree
-from ._columns import Column, check_chunk, concat_arrays, join, rows_first
+from ._columns import Column, check_chunk, join, rows_first
 from ._directory import Directory
 from ._pad import PadValue, check_pad_option
 from ._select import Pattern, Selection
-from ._storage import GrowingNpy, Slabs
+from ._storage import GrowingNpy, Rows
 from ._transfer import PendingTransfer
 from .convert import convert_flat, start
 from .errors import ConversionError, OptionError
@@ -147,15 +146,13 @@ def concat(
 class _Leaf:
     """What the accumulator holds for one leaf: its column, and where its rows live."""
 
-    __slots__ = ("chunks", "column", "file", "returned", "slabs", "values")
+    __slots__ = ("column", "file", "rows", "values")
 
     def __init__(self, column: Column) -> None:
         self.column = column
-        self.chunks: list[np.ndarray] = []  # rows first, in memory
-        self.slabs = Slabs()
+        self.rows = Rows()  # in memory
         self.values: list[Any] = []  # non-array leaves
         self.file: GrowingNpy | None = None  # with directory=
-        self.returned: np.ndarray | None = None  # the array result() handed out and kept
 
 
 class Accumulator:
@@ -402,11 +399,14 @@ class Accumulator:
             return
         assert kind is not None  # noqa: S101
         chunk = rows_first(value, kind, column.axis)
-        if leaf.file is None:
-            leaf.chunks.append(leaf.slabs.store(chunk))
-            return
         dtype, trailing = column.dtype, column.trailing
         if chunk.shape[0] == 0 or dtype is None or trailing is None:
+            return
+        if leaf.file is None:
+            fill = column.fill
+            if fill is None and trailing != chunk.shape[1:]:
+                fill = column.pad_value()
+            leaf.rows.append(chunk, dtype, trailing, fill)
             return
         file = leaf.file
         if file.rows == 0 and (file.dtype != dtype or file.trailing != trailing):
@@ -521,20 +521,7 @@ class Accumulator:
             if file.rows and trailing is not None and file.trailing != trailing:
                 file.relayout(trailing, column.fill)  # trim a geometric surplus
             return file.open(keep)
-        chunks = leaf.chunks
-        returned = leaf.returned
-        if (
-            returned is not None
-            and keep == rows
-            and len(chunks) == 1
-            and (chunks[0] is returned or chunks[0].base is returned)
-        ):
-            return returned
-        out = concat_arrays(chunks, column, rows=keep, consume=True)
-        moved = np.moveaxis(out, column.axis, 0) if column.axis else out
-        chunks.insert(0, moved)
-        leaf.returned = out
-        return out
+        return leaf.rows.result(column, keep)
 
 
 def gather_input(acc: Accumulator) -> tuple[list[Any], PyTreeSpec, list[bool]]:
