@@ -67,9 +67,9 @@ def accumulate(batches: list[Any], **options: Any) -> Accumulator:
 
 def assert_equal_trees(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
     assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for key, value in a.items():
+        assert value.dtype == b[key].dtype, key
+        np.testing.assert_array_equal(value, b[key], err_msg=key)
 
 
 @pytest.mark.usefixtures("buffers")
@@ -92,7 +92,7 @@ def test_geometric_growth_is_trimmed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_storage, "_REWRITE_SLACK", 0)
     batches = [{"x": np.full((2, n, 3), n, dtype=np.int32)} for n in range(1, 40)]
     acc = accumulate(batches, pad_value=-1)
-    assert acc._leaves[0].rows.trailing[0] > 39  # noqa: SLF001 - grown geometrically
+    assert acc._leaves[0].rows.trailing[0] > 39
     out = acc.result()
     np.testing.assert_array_equal(out["x"], concat(batches, pad_value=-1)["x"])
 
