@@ -191,3 +191,38 @@ def test_no_view_blocks_growth(monkeypatch: pytest.MonkeyPatch) -> None:
     batches = [{"x": np.full((5, 3 + i % 4), i, np.float32)} for i in range(200)]
     out = accumulate(batches, pad_value=-1.0).result()
     np.testing.assert_array_equal(out["x"], concat(batches, pad_value=-1.0)["x"])
+
+
+# ------------------------------------------------------------------ directory= (pwritev)
+
+
+@pytest.mark.parametrize("short", [False, True], ids=["whole", "short-writes"])
+def test_directory_rows_padded_without_a_copy(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, short: bool
+) -> None:
+    """(B, L, V) batches shorter than the file along L are written row by row with their
+    padding (pwritev); the file and the result equal the padded concatenation, also when the
+    system writes fewer bytes than asked."""
+    if not hasattr(_storage.os, "pwritev"):
+        pytest.skip("no os.pwritev on this platform")
+    calls: list[int] = []
+    original = _storage.os.pwritev
+
+    def pwritev(fd: int, buffers: list[Any], offset: int) -> int:
+        calls.append(len(buffers))
+        if short:  # at most 7 bytes of the first buffer, or the first two buffers whole
+            first = len(buffers[0])
+            if first > 7:
+                return int(original(fd, [buffers[0][:7]], offset))
+            return int(original(fd, buffers[:2], offset))
+        return int(original(fd, buffers, offset))
+
+    monkeypatch.setattr(_storage.os, "pwritev", pwritev)
+    batches = ragged([6, 2, 5, 6, 1])
+    acc = accumulate(batches, pad_value=PAD, directory=tmp_path)
+    out = acc.result()
+    want = concat(batches, pad_value=PAD)
+    assert calls  # the rows went through pwritev
+    for key in ("logits", "labels"):
+        np.testing.assert_array_equal(out[key], want[key])
+        np.testing.assert_array_equal(np.load(tmp_path / f"{key}.npy", mmap_mode="r"), want[key])

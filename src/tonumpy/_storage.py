@@ -83,6 +83,23 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
         offset += written
 
 
+#: The most buffers one ``pwritev`` call takes (POSIX guarantees at least 16; Linux: 1024).
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024) or 16
+
+
+def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> int:
+    """Write ``buffers`` one after the other at ``offset``; the offset after them."""
+    while buffers:
+        written = os.pwritev(fd, buffers, offset)
+        offset += written
+        while buffers and written >= len(buffers[0]):
+            written -= len(buffers[0])
+            buffers = buffers[1:]
+        if buffers and written:  # a short write ended inside a buffer
+            buffers = [buffers[0][written:], *buffers[1:]]
+    return offset
+
+
 def _bytes_of(arr: np.ndarray) -> memoryview:
     flat: np.ndarray = np.ascontiguousarray(arr).reshape(-1)
     return flat.view(np.uint8).data
@@ -144,14 +161,46 @@ class GrowingNpy:
     def append(self, chunk: np.ndarray, fill: np.ndarray | None) -> None:
         """Write ``chunk`` (rows first, at most the file's trailing shape) after the last row."""
         n = chunk.shape[0]
-        if chunk.shape[1:] != self.trailing or chunk.dtype != self.dtype:
-            padded = np.empty((n, *self.trailing), dtype=self.dtype)
-            copy_padded(padded, chunk, fill)
-            chunk = padded
-        _write_all(self.fd, _bytes_of(chunk), self._header_len + self.rows * self.row_bytes)
+        offset = self._header_len + self.rows * self.row_bytes
+        if not self._write_padded_rows(chunk, fill, offset):
+            if chunk.shape[1:] != self.trailing or chunk.dtype != self.dtype:
+                padded = np.empty((n, *self.trailing), dtype=self.dtype)
+                copy_padded(padded, chunk, fill)
+                chunk = padded
+            _write_all(self.fd, _bytes_of(chunk), offset)
         self.rows += n
         self._appended += n * self.row_bytes
         self._write_header(self.fd)
+
+    def _write_padded_rows(self, chunk: np.ndarray, fill: np.ndarray | None, offset: int) -> bool:
+        """Write rows that are short only along their first axis, without a padded copy.
+
+        ``(L, vocab)`` rows into ``(width, vocab)`` ones: each row's bytes, then the same
+        padding bytes, gathered by ``pwritev``. False when the rows are not of that form (or
+        the platform lacks ``pwritev``): the caller pads a copy.
+        """
+        trailing = self.trailing
+        if (
+            not hasattr(os, "pwritev")
+            or fill is None
+            or chunk.dtype != self.dtype
+            or not trailing
+            or chunk.shape[2:] != trailing[1:]
+            or chunk.shape[1] >= trailing[0]
+            or not chunk.flags.c_contiguous
+        ):
+            return False
+        inner = math.prod(trailing[1:])
+        pad = np.full((trailing[0] - chunk.shape[1]) * inner, fill, dtype=self.dtype)
+        pad_bytes = pad.view(np.uint8).data
+        rows = chunk.reshape(chunk.shape[0], -1).view(np.uint8)
+        step = max(1, _IOV_MAX // 2)
+        for start in range(0, chunk.shape[0], step):
+            buffers: list[memoryview] = []
+            for row in rows[start : start + step]:
+                buffers += (row.data, pad_bytes)
+            offset = _pwritev_all(self.fd, buffers, offset)
+        return True
 
     def reserve(self, rows: int) -> None:
         """Make the (empty) file ``rows`` rows long, to be filled by ``write_rows`` in any order.
