@@ -3,10 +3,11 @@
 An evaluation loop produces one nested output per batch; the user wants one NumPy array per leaf
 at the end. [`concat`][] does it for a list of trees that is already there; an
 [`Accumulator`][] takes the batches one at a time, moves each to the host at once (so that
-device memory is freed), and keeps them as separate chunks until [`Accumulator.result`][]
-copies every chunk once into the final array (amortised O(batch) per append; nothing
-accumulated is ever copied again by a later append). With ``directory=`` each leaf grows in a
-``.npy`` file instead, for predictions larger than RAM.
+device memory is freed), and writes each leaf's rows once, padded, into one buffer laid out as
+the final array, which [`Accumulator.result`][] hands out without a copy (amortised O(batch)
+per append: rows written are moved again only, in place, when a longer batch widens them).
+With ``directory=`` each leaf grows in a ``.npy`` file instead, for predictions larger than
+RAM.
 
 How a leaf combines across batches (kind, rank, axis, dtype, padding) is the column policy of
 ``tonumpy._columns``, shared with ``gather`` and ``Activations.concat``; where the rows live
@@ -162,9 +163,10 @@ class Accumulator:
     structure every time. Each batch is moved to the host right away (a batch with CUDA
     tensors asynchronously: its copies overlap the next step, and the next call collects
     them), so device memory is freed as the loop goes. Appending is amortised O(size of the
-    batch): each batch is copied once into the accumulator's storage and not touched again
-    until [`result`][] copies it, once, into the final arrays, releasing the storage as it
-    goes, so that memory peaks near the result's size. Leaves that differ between batches in a
+    batch): each batch is copied once, padded, into a buffer per leaf laid out as the final
+    array (a longer batch moves the rows before it to the wider layout, in place), and
+    [`result`][] hands that buffer out as the result's memory, so that memory peaks at the
+    result's size and nothing is copied twice. Leaves that differ between batches in a
     dimension other than ``axis`` are padded to the largest size with ``pad_value``, without
     changing their dtype; a missing or unrepresentable pad value is reported by the
     ``append`` that brings the first differing batch, not at the end of the loop.
@@ -450,12 +452,15 @@ class Accumulator:
     def result(self, *, num_items: int | None = None) -> Any:
         """The concatenated tree (of the first batch's structure).
 
-        In memory, each array is built in one allocation, and the chunks it is built from are
-        released while it fills, so memory peaks near the result's size, not twice it. The
-        returned arrays own their memory and are also kept as the accumulator's storage:
-        calling ``result()`` again returns the same arrays if nothing was appended since, and
-        appending more then calling ``result()`` builds new arrays (the old ones are left as
-        they are). Modify returned arrays in place only once you are done with the accumulator.
+        In memory (with ``axis=0``), each array is the accumulator's buffer for that leaf,
+        handed over without a copy: memory peaks at the result's size. Every returned array is
+        writable, shares memory with no input and no other array, and alone keeps its memory
+        alive (exactly its own bytes: a large one's ``.base`` chain ends in the anonymous
+        memory map that holds them), so it outlives the accumulator. The returned arrays are
+        also kept as the accumulator's storage: calling ``result()`` again returns the same
+        arrays if nothing was appended since, and appending more then calling ``result()``
+        builds new arrays (the old ones are left as they are). Modify returned arrays in place
+        only once you are done with the accumulator.
 
         Args:
             num_items: Return only the first ``num_items`` rows of every per-sample leaf (one
