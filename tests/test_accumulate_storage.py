@@ -98,6 +98,20 @@ def test_geometric_growth_is_trimmed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("buffers")
+@pytest.mark.parametrize("slack", [0, 1 << 20], ids=["no-slack", "1MiB-slack"])
+def test_relayouts_stay_linear(monkeypatch: pytest.MonkeyPatch, slack: int) -> None:
+    """Every batch longer than the last: the bytes moved by re-layouts stay within a constant
+    times the bytes appended (exact widths alone would move O(batches^2) bytes)."""
+    monkeypatch.setattr(_storage, "_REWRITE_SLACK", slack)
+    acc = Accumulator(pad_value=0)
+    for n in range(1, 400):
+        acc.append({"x": np.ones((4, n, 8), np.int32)})
+    rows = acc._leaves[0].rows
+    assert rows._rewritten <= 4 * rows._appended + slack
+    assert acc.result()["x"].shape == (4 * 399, 399, 8)
+
+
+@pytest.mark.usefixtures("buffers")
 def test_promoted_dtypes_are_widened_in_place() -> None:
     """int8, then int16, then int32 rows (and a wider batch at the same time)."""
     batches = [
