@@ -17,6 +17,8 @@ import contextlib
 import math
 import mmap
 import os
+import platform
+import sys
 import weakref
 from pathlib import Path
 from typing import Any
@@ -313,6 +315,36 @@ def _advise(mm: mmap.mmap) -> None:
             mm.madvise(advice)
 
 
+#: ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14): fault a range in with one call, not one trap
+#: per page. Python's ``mmap`` module names it from 3.13 on; before, its value (23, from the
+#: kernel's generic ``mman-common.h``) is used on the architectures that take those values.
+_POPULATE_WRITE: int | None = getattr(
+    mmap,
+    "MADV_POPULATE_WRITE",
+    23
+    if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
+    else None,
+)
+
+
+def _populate(mm: mmap.mmap, start: int, nbytes: int) -> None:
+    """Fault in the whole pages of ``mm`` within ``[start, start + nbytes)``, if the kernel can.
+
+    Only pages past ``start`` are named, never one holding earlier bytes. A kernel older than
+    5.14 refuses the advice once and is not asked again (the writes fault the pages in).
+    """
+    global _POPULATE_WRITE  # noqa: PLW0603 - learnt once per process
+    advice = _POPULATE_WRITE
+    page = mmap.PAGESIZE
+    low = -(-start // page) * page
+    if advice is None or start + nbytes - low < page:
+        return
+    try:
+        mm.madvise(advice, low, start + nbytes - low)
+    except OSError:
+        _POPULATE_WRITE = None
+
+
 class _Buffer:
     """Bytes that grow geometrically without copying where the platform allows.
 
@@ -363,6 +395,11 @@ class _Buffer:
             del target
         self.release()
         self.map = grown_map
+
+    def prefault(self, start: int, nbytes: int) -> None:
+        """Fault in the pages of bytes ``[start, start + nbytes)`` (of a map) at once."""
+        if self.map is not None:
+            _populate(self.map, start, min(nbytes, len(self.map) - start))
 
     def bytes(self, nbytes: int) -> np.ndarray:
         """The first ``nbytes`` bytes, as a ``uint8`` array (a view: drop it before growing)."""
@@ -481,6 +518,7 @@ class Rows:
             self._grow(dtype, trailing, fill)
         row_bytes = self._row_bytes
         self._buf.reserve((self.rows + n) * row_bytes, self.rows * row_bytes)
+        self._buf.prefault(self.rows * row_bytes, n * row_bytes)
         assert self.dtype is not None  # noqa: S101
         view = self._buf.view(self.dtype, (self.rows + n, *self.trailing))
         copy_padded(view[self.rows :], chunk, fill)
