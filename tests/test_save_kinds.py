@@ -94,7 +94,7 @@ def test_safetensors_keeps_keys_dtypes_and_bytes(tmp_path: Path, suffix: str) ->
 
 def test_safetensors_state_dict_loads_strictly_into_the_model(tmp_path: Path) -> None:
     """model.load_state_dict(safetensors load_file(...), strict=True) takes what save wrote."""
-    from safetensors.torch import load_file  # noqa: PLC0415 - test-only dependency
+    from safetensors.torch import load_file
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
