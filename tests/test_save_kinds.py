@@ -168,6 +168,42 @@ def test_torch_file_refuses_what_weights_only_cannot_read(tmp_path: Path) -> Non
     assert torch.load(tmp_path / "x.pt", weights_only=True) == {"out": {"a": torch.ones(1), "b": 2}}
 
 
+def test_torch_file_of_a_model_output_as_plain_dicts(tmp_path: Path) -> None:
+    """A ModelOutput (attribute keys) becomes a dict of plain str keys, as convert writes it."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    out = BaseModelOutput(last_hidden_state=torch.ones(1, 2), hidden_states=(torch.zeros(1),))
+    tonumpy.save(tmp_path / "o.npz", out)
+    with pytest.raises(ConversionError, match="BaseModelOutput") as info:
+        tonumpy.save(tmp_path / "o.pt", out)
+    assert info.value.path == ()
+    tonumpy.save(tmp_path / "o.pt", out, plain_containers=True)
+    back = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert list(back) == list(tonumpy.load(tmp_path / "o.npz"))  # the fields the .npz keeps
+    assert [type(k) for k in back] == [str, str, str]  # not the walker's key-path entries
+    assert torch.equal(back["last_hidden_state"], torch.ones(1, 2))
+    assert type(back["hidden_states"]) is tuple
+
+
+def test_option_refusals_read_well_on_the_command_line(tmp_path: Path) -> None:
+    """convert --plain-containers to a .npz: one line naming the flag, nothing written."""
+    import io
+
+    from tonumpy import cli
+
+    torch.save({"a": torch.ones(1)}, tmp_path / "x.pt")
+    err = io.StringIO()
+    code = cli.main(
+        ["convert", str(tmp_path / "x.pt"), str(tmp_path / "o.npz"), "--plain-containers"],
+        stdout=io.StringIO(),
+        stderr=err,
+    )
+    assert code == 2
+    assert "convert(--plain-containers): a .npz file records the class" in err.getvalue()
+    assert "plain_containers" not in err.getvalue()
+    assert not (tmp_path / "o.npz").exists()
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         return {name: z[name] for name in z.files if name != "__tonumpy__"}

@@ -20,6 +20,7 @@ the mode ``cp`` would give them (``0666 & ~umask``), replaced ones keep theirs.
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from collections.abc import Callable
@@ -404,14 +405,13 @@ def _output_kind(dst: str, where: str, *, compress: bool, plain_containers: bool
     what = f"{suffix} file" if suffix else "directory of .npy files"
     if compress and kind not in ("npz", "parquet"):
         raise OptionError(
-            f"{where}(compress=True): a {what} stores its data uncompressed; compress= applies "
-            f"to .npz and .parquet files only: pass compress=False, or write {dst}.npz"
+            f"{where}(compress=True): a {what} stores its data uncompressed; only .npz and "
+            ".parquet files are compressed: pass compress=False, or write one of those"
         )
     if plain_containers and kind != "torch":
         raise OptionError(
             f"{where}(plain_containers=True): a {what} records the class of every container; "
-            "plain_containers= applies to torch.save files (.pt, .pth, .bin, .ckpt) only: pass "
-            "plain_containers=False"
+            "only torch.save files (.pt, .pth, .bin, .ckpt) need plain containers: leave it out"
         )
     return kind
 
@@ -490,7 +490,7 @@ def _write(
 def _plain(tree: Any, is_leaf: Callable[[Any], bool] | None) -> tuple[Any, dict[Any, str]]:
     """A tree in memory as a reader gives it: plain containers, array leaves, class names.
 
-    The containers are those the ``.npz`` of the tree holds (its structure, decoded), the
+    The containers are those the ``.npz`` of the tree holds (its JSON structure, decoded), the
     leaves its converted arrays (bfloat16/float8 tensors as tensors of their dtype), each
     converted once: a tensor at several places stays one.
     """
@@ -504,7 +504,8 @@ def _plain(tree: Any, is_leaf: Callable[[Any], bool] | None) -> tuple[Any, dict[
         return arrays[index]
 
     classes: dict[tuple[Any, ...], str] = {}
-    plain = _structure.decode_tree(plan.structure["tree"], get_array, classes, {})
+    stored = json.loads(plan.structure_bytes())["tree"]  # as stored: keys, values, plain
+    plain = _structure.decode_tree(stored, get_array, classes, {})
     return plain, classes
 
 
