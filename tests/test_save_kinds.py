@@ -330,3 +330,33 @@ def test_ml_dtypes_keeps_bits_in_numpy_kinds(tmp_path: Path) -> None:
         back = tonumpy.load(tmp_path / name, ml_dtypes=True)["t"]
         assert back.dtype.name == "bfloat16"
         assert _bytes(back) == _bytes(t)
+
+
+@pytest.mark.parametrize("name", ["x.pt", "x.safetensors"])
+def test_lazy_views_are_written_as_their_values(tmp_path: Path, name: str) -> None:
+    """A conjugate or negative view, a transposed tensor: their values, as torch shows them."""
+    z = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)
+    tree = {"conj": z.conj(), "neg": z.conj().imag, "t": torch.arange(6.0).reshape(2, 3).T}
+    tonumpy.save(tmp_path / name, tree)
+    if name.endswith(".pt"):
+        back = torch.load(tmp_path / name, weights_only=True)
+    else:
+        with safe_open(str(tmp_path / name), "pt") as f:
+            back = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open's API
+    for key, t in tree.items():
+        assert torch.equal(back[key], t.resolve_conj().resolve_neg()), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["x.pt", "x.safetensors", "x.npz"])
+def test_device_tensors_are_written_from_the_cpu(tmp_path: Path, name: str) -> None:
+    """Tensors of a GPU: the file holds their values; torch.load gives CPU tensors."""
+    tree = {"w": torch.arange(4.0, device="cuda"), "b": torch.ones(2, device="cuda").bfloat16()}
+    tonumpy.save(tmp_path / name, tree, ml_dtypes=True)  # bfloat16 bits in the .npz too
+    if name.endswith(".pt"):
+        back = torch.load(tmp_path / name, weights_only=True)
+        assert all(t.device.type == "cpu" for t in back.values())
+        for key, t in tree.items():
+            assert torch.equal(back[key], t.cpu()), key
+    for key, value in tonumpy.load(tmp_path / name, ml_dtypes=True).items():
+        assert _bytes(value) == _bytes(tree[key].cpu()), key
