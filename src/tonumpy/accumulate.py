@@ -6,7 +6,8 @@ at the end. [`concat`][] does it for a list of trees that is already there; an
 device memory is freed), and keeps them as separate chunks until [`Accumulator.result`][]
 copies every chunk once into the final array (amortised O(batch) per append; nothing
 accumulated is ever copied again by a later append). With ``directory=`` each leaf grows in a
-``.npy`` file instead, for predictions larger than RAM.
+``.npy`` file instead, for predictions larger than RAM (or, with ``format="parquet"``, each
+batch is a row group of one Parquet file: ``tonumpy._parquet_sink``).
 
 How a leaf combines across batches (kind, rank, axis, dtype, padding) is the column policy of
 ``tonumpy._columns``, shared with ``gather`` and ``Activations.concat``; where the rows live
@@ -253,7 +254,15 @@ class Accumulator:
         resume: Continue the directory a crashed run left (its whole batches kept, a batch
             cut short dropped; ``batches`` and ``len`` say how far it got); a directory with
             nothing in it is started. Only array leaves can be resumed.
-        format: The files' format: ``"npy"`` (one ``.npy`` file per leaf).
+        format: The files' format: ``"npy"`` (one ``.npy`` file per leaf) or ``"parquet"``:
+            ``directory/predictions.parquet``, one row per example, a row group written per
+            batch (memory holds one batch), readable by every Parquet reader once
+            ``result()`` or ``close()`` has closed it (``tonumpy.load`` of the directory gives
+            what ``result()`` gives in memory; each row's ``index=`` is a column
+            ``__index__``). Rows whose shape changes between batches become variable-length
+            lists, per-batch and non-array values go in the file's metadata. A closed file
+            takes no more batches, and with ``resume=True`` an incomplete one (no footer: its
+            rows were never readable) is started over.
         ml_dtypes: As for [`tonumpy.to_numpy`][]: keep bfloat16/float8 bit-exact as
             ``ml_dtypes`` arrays instead of widening them to float32.
         scalars: As for [`tonumpy.to_numpy`][]: 0-d tensors become Python scalars, so such
@@ -266,7 +275,8 @@ class Accumulator:
             is not a function of one argument, an ``exclude`` that is not a pattern or a list of
             them), ``directory`` is or lies below a file, or ``directory=`` comes with an
             ``axis`` other than 0; ``shard``/``resume`` come without ``directory``, ``shard`` is
-            not ``(rank, world_size)``, ``format`` is not ``"npy"``.
+            not ``(rank, world_size)``, ``format`` is not ``"npy"`` or ``"parquet"``, or
+            ``format="parquet"`` comes without ``directory``.
         FileFormatError: ``resume=True`` and the directory holds files this tonumpy did not
             write as an Accumulator directory, damaged ones, or non-array leaves.
     """
