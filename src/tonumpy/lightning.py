@@ -84,8 +84,8 @@ class PredictionWriter(_writer_base()):  # type: ignore[misc] # Lightning's clas
         ml_dtypes: Keep bfloat16/float8 bit-exact (see [`tonumpy.to_numpy`][]).
 
     Raises:
-        OptionError: ``format`` is not ``"npy"`` or ``"parquet"`` (the other options are checked by the first
-            batch's ``Accumulator``).
+        OptionError: ``format`` is not ``"npy"`` or ``"parquet"`` (the other options are
+            checked by the first batch's ``Accumulator``).
     """
 
     def __init__(
