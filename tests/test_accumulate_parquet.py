@@ -296,3 +296,37 @@ def test_options_are_checked() -> None:
         Accumulator(directory="x", format="csv")
     with pytest.raises(OptionError, match="pass directory="):
         Accumulator(format="parquet")
+
+
+def test_appends_from_several_threads_write_whole_batches(tmp_path: Path) -> None:
+    """Each batch is one row group, its rows contiguous, whatever thread appended it."""
+    import threading
+
+    acc = Accumulator(directory=tmp_path, format="parquet")
+
+    def work(t: int) -> None:
+        for i in range(5):
+            acc.append({"who": torch.full((3,), 10 * t + i), "x": torch.ones(3, 2) * t})
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    acc.close()
+    who = tonumpy.load(tmp_path)["who"].reshape(-1, 3)
+    assert (who == who[:, :1]).all()
+    assert sorted(who[:, 0].tolist()) == sorted(10 * t + i for t in range(4) for i in range(5))
+    assert pq.ParquetFile(tmp_path / "predictions.parquet").metadata.num_row_groups == 20
+
+
+def test_a_shard_that_claims_an_index_it_lacks_is_refused(tmp_path: Path) -> None:
+    """__shard__.json and the file must agree: an indexed shard without its column is refused."""
+    acc = Accumulator(directory=tmp_path, shard=(0, 1), format="parquet")
+    acc.append({"y": torch.arange(2)})
+    acc.close()
+    meta_path = tmp_path / "rank-00000-of-00001" / "__shard__.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(meta | {"indexed": True}))
+    with pytest.raises(FileFormatError, match="has no index"):
+        tonumpy.load(tmp_path)
