@@ -330,3 +330,14 @@ def test_a_shard_that_claims_an_index_it_lacks_is_refused(tmp_path: Path) -> Non
     meta_path.write_text(json.dumps(meta | {"indexed": True}))
     with pytest.raises(FileFormatError, match="has no index"):
         tonumpy.load(tmp_path)
+
+
+def test_a_nested_tensor_is_refused_at_the_first_append(tmp_path: Path) -> None:
+    """A jagged (nested) tensor has no column form here: refused, naming it, nothing added."""
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)
+    acc = Accumulator(directory=tmp_path, format="parquet")
+    with pytest.raises(ConversionError, match=r"\['rows'\] is a nested \(jagged\) tensor"):
+        acc.append({"rows": nested, "y": torch.ones(2)})
+    acc.append({"rows": torch.ones(2, 3), "y": torch.ones(2)})
+    acc.close()
+    assert tonumpy.load(tmp_path)["rows"].shape == (2, 3)

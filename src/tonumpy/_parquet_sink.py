@@ -94,6 +94,13 @@ class ParquetSink:
             )
         counts: dict[int, str] = {}
         for column, state, value in zip(columns, states, host, strict=True):
+            if state.kind == "jagged":
+                raise ConversionError(
+                    f"{name}: Accumulator(format='parquet') stores rows of one number of "
+                    f"dimensions per column, but {column.where} is a nested (jagged) tensor; pad "
+                    "it first (t.to_padded_tensor(0.0)) or accumulate without directory=",
+                    path=column.path,
+                )
             if column.dtype is not None and state.dtype is not None and state.dtype != column.dtype:
                 raise ConversionError(
                     f"{name}: {column.where} holds {state.dtype} after {column.dtype} in the "

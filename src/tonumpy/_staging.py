@@ -1,9 +1,10 @@
 """The host staging pool: pinned blocks the transfer engine copies into, reused and bounded.
 
-Pinning memory is slow (PITFALLS C19) and page-locked memory is scarce, so blocks are kept and
-lent again, in power-of-two sizes; a block comes back when the last array built on it is gone,
-and is reused only once the copies into it have landed. [`set_pinned_pool_limit`][] bounds the
-idle bytes kept; [`empty_pinned_pool`][] releases them.
+Pinning memory is slow (a ``pin_memory()`` costs far more than the copy it serves) and
+page-locked memory is scarce, so blocks are kept and lent again, in power-of-two sizes; a block
+comes back when the last array built on it is gone, and is reused only once the copies into it
+have landed. [`set_pinned_pool_limit`][] bounds the idle bytes kept; [`empty_pinned_pool`][]
+releases them.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ whole flat list of leaves in one go:
 
 1. Leaves are grouped by source device (one group per GPU).
 2. On the device, each leaf is detached (the work runs under ``no_grad``), its
-   conjugate/negative bits are resolved and it is made contiguous (PITFALLS C20: an async
-   copy of a flagged tensor gives wrong values).
+   conjugate/negative bits are resolved and it is made contiguous (pytorch/pytorch#146286: an
+   async copy of a flagged tensor gives wrong values).
 3. Small leaves (at most ``SMALL_BYTES``) are packed into one contiguous byte buffer per
    device with a single ``torch.cat`` per dtype plus one over the dtype groups (chunked at
    ``CHUNK_BYTES`` so packing never doubles a huge output in device memory). Leaves are
