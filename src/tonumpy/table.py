@@ -73,7 +73,7 @@ from .convert import to_numpy
 from .errors import ConversionError, FileFormatError, OptionError
 
 __all__ = ["column_name", "column_structure", "from_columns", "key_path", "to_columns"]
-# tabulate, Table, nest, stack_rows and split_rows serve tonumpy.io._parquet, not users
+# tabulate, Table, nest, stack_rows and split_rows serve tonumpy._rowfiles._parquet, not users
 
 Ragged = Literal["pad", "object"]
 PerBatch = Literal["error", "broadcast", "keep"]

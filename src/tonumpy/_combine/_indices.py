@@ -2,7 +2,7 @@
 
 ``Accumulator.append(batch, index=...)`` keeps one dataset index per row. ``gather`` (every
 rank's indices travel with its metadata) and the reader of a set of shards
-(``tonumpy._combine._shards``) then call [`resolve`][tonumpy._combine._indices.resolve] on the
+(``tonumpy._rowfiles._shards``) then call [`resolve`][tonumpy._combine._indices.resolve] on the
 indices of every rank, in rank order, to learn where each row goes: rows sorted by index, repeats
 dropped, and, with ``num_items``, a check that every index of ``range(num_items)`` appears exactly
 once.
