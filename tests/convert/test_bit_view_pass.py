@@ -49,6 +49,7 @@ TREES: dict[str, Callable[[], list[torch.Tensor]]] = {
 
 @pytest.mark.parametrize("name", list(TREES))
 def test_same_values_as_each_leaf_alone(name: str) -> None:
+    """The bit-view pass gives each leaf the dtype, shape and bits it gets converted alone."""
     tree = TREES[name]()
     out = tonumpy.to_numpy(tree, ml_dtypes=True)
     for t, arr in zip(tree, out, strict=True):

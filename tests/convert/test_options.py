@@ -27,6 +27,7 @@ COPY_TAKERS: dict[str, Callable[[Any], Any]] = {
 @pytest.mark.parametrize("copy", [0, 1, 0.0, "never", "no", "", np.True_, np.False_, [], "None"])
 @pytest.mark.parametrize("function", list(COPY_TAKERS))
 def test_copy_takes_exactly_none_true_false(function: str, copy: Any) -> None:
+    """copy= takes exactly None, True or False: anything else is an OptionError (a TypeError)."""
     with pytest.raises(OptionError, match=rf"{function}\(copy=.*None.*True.*False") as info:
         COPY_TAKERS[function](copy)
     assert isinstance(info.value, TypeError)
@@ -35,6 +36,7 @@ def test_copy_takes_exactly_none_true_false(function: str, copy: Any) -> None:
 
 @pytest.mark.parametrize("copy", [None, True, False])
 def test_valid_copy_values_still_work(copy: Any) -> None:
+    """copy=None/True/False are accepted by to_numpy, to_numpy_async, numpy_args and to_torch."""
     t = torch.arange(3)
     assert tonumpy.to_numpy(t, copy=copy).tolist() == [0, 1, 2]
     assert tonumpy.to_numpy_async([t], copy=copy).result()[0].tolist() == [0, 1, 2]
@@ -69,13 +71,14 @@ FLAG_TAKERS: dict[str, Callable[[str, Any], Any]] = {
     ],
 )
 def test_boolean_options_take_exactly_true_or_false(function: str, name: str, value: Any) -> None:
+    """Boolean options refuse values other than True and False, naming function and option."""
     with pytest.raises(OptionError, match=rf"{function}\({name}=.*takes True or False"):
         FLAG_TAKERS[function](name, value)
 
 
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_concat_and_gather_ml_dtypes(value: Any) -> None:
-    """gather's ml_dtypes=None is its default (the Accumulator's, else False), no error."""
+    """concat and gather refuse a non-boolean ml_dtypes=; gather takes None as its default."""
     with pytest.raises(OptionError, match=r"concat\(ml_dtypes="):
         tonumpy.concat(ragged, ml_dtypes=value)
     if value is None:
@@ -105,7 +108,7 @@ def _activations() -> tonumpy.Activations:
 @pytest.mark.parametrize("axis", [1.5, "0", True, False, None, 1.0, np.bool_(True)])
 @pytest.mark.parametrize("function", list(AXIS_TAKERS))
 def test_axis_must_be_an_int(function: str, axis: Any) -> None:
-    """gather's axis=None is its default (the Accumulator's, else 0), no error."""
+    """axis= must be an int (else an OptionError, a TypeError); gather takes None as its default."""
     if function == "gather" and axis is None:
         assert AXIS_TAKERS[function](axis) is not None
         return
@@ -115,6 +118,7 @@ def test_axis_must_be_an_int(function: str, axis: Any) -> None:
 
 
 def test_numpy_integer_axes_are_ints() -> None:
+    """NumPy integer scalars are accepted as axis= by concat and Accumulator."""
     batches = [np.ones((2, 1)), np.ones((2, 3))]
     assert tonumpy.concat(batches, axis=np.int64(1)).shape == (2, 4)
     assert tonumpy.concat(batches, axis=np.int32(-1)).shape == (2, 4)
@@ -142,6 +146,7 @@ def filled() -> tonumpy.Accumulator:
 
 @pytest.mark.parametrize("num_items", [2.5, "2", True, -1, 2.0, np.float64(1)])
 def test_num_items(filled: tonumpy.Accumulator, num_items: Any) -> None:
+    """num_items= refuses what is not None or a row count, in result() and gather."""
     with pytest.raises(OptionError, match=r"result\(num_items=.*None or a number of rows"):
         filled.result(num_items=num_items)
     with pytest.raises(OptionError, match=r"gather\(num_items="):
@@ -149,6 +154,7 @@ def test_num_items(filled: tonumpy.Accumulator, num_items: Any) -> None:
 
 
 def test_numpy_integer_num_items(filled: tonumpy.Accumulator) -> None:
+    """NumPy integer num_items= are row counts; a count above the rows held is refused."""
     assert filled.result(num_items=np.int64(2)).shape == (2, 2)
     assert tonumpy.gather(torch.ones(3, 2), num_items=np.uint8(1)).shape == (1, 2)
     with pytest.raises(tonumpy.ConversionError, match="holds 3 rows"):
@@ -169,6 +175,7 @@ def test_numpy_integer_num_items(filled: tonumpy.Accumulator) -> None:
     ids=["one parameter", "three parameters", "keyword-only", "str.upper"],
 )
 def test_a_pad_value_callable_must_take_path_and_dtype(pad_value: Any) -> None:
+    """A callable pad_value that cannot take (path, dtype) is refused when the option is given."""
     match = r"\(pad_value=\.\.\.\): a callable pad_value is called as pad_value\(path, dtype\)"
     with pytest.raises(OptionError, match=match):
         tonumpy.concat(ragged, pad_value=pad_value)
@@ -189,11 +196,13 @@ def test_a_pad_value_callable_must_take_path_and_dtype(pad_value: Any) -> None:
     ids=["two parameters", "*args", "defaults", "callable object"],
 )
 def test_callables_that_take_path_and_dtype_are_accepted(pad_value: Any) -> None:
+    """Callables taking (path, dtype), however declared, are used as pad_value."""
     out = tonumpy.concat(ragged, pad_value=pad_value)["x"]
     assert out.tolist() == [[1.0, -1.0], [1.0, 1.0]]
 
 
 def test_values_that_happen_to_be_callable_are_values() -> None:
+    """A value that is callable (a 0-d tensor) is used as the pad value, not called."""
     out = tonumpy.concat(ragged, pad_value=torch.tensor(-2.0))["x"]
     assert out[0, 1] == -2.0
     out = tonumpy.concat(ragged, pad_value=np.float32(-3.0))["x"]
@@ -204,6 +213,7 @@ def test_values_that_happen_to_be_callable_are_values() -> None:
 
 
 def test_directory_that_is_a_file(tmp_path: Path) -> None:
+    """Accumulator(directory=) naming a file is refused, and the file is left as it was."""
     file = tmp_path / "preds"
     file.write_text("not a directory")
     with pytest.raises(OptionError, match=r"Accumulator\(directory=.*is a file, not a directory"):
@@ -212,6 +222,7 @@ def test_directory_that_is_a_file(tmp_path: Path) -> None:
 
 
 def test_directory_below_a_file(tmp_path: Path) -> None:
+    """Accumulator(directory=) below a file is refused, naming the file in the way."""
     file = tmp_path / "preds"
     file.write_text("x")
     with pytest.raises(OptionError, match=r"lies below .*preds.*which is a file"):
@@ -219,6 +230,7 @@ def test_directory_below_a_file(tmp_path: Path) -> None:
 
 
 def test_directory_that_became_a_file_before_the_first_append(tmp_path: Path) -> None:
+    """A directory= path that became a file before the first append is refused at that append."""
     acc = tonumpy.Accumulator(directory=tmp_path / "preds")
     (tmp_path / "preds").write_text("x")
     with pytest.raises(OptionError, match="is a file"):
@@ -226,11 +238,13 @@ def test_directory_that_became_a_file_before_the_first_append(tmp_path: Path) ->
 
 
 def test_directory_of_another_type() -> None:
+    """directory= of a type that is not a path is an OptionError."""
     with pytest.raises(OptionError, match=r"directory= takes a path"):
         tonumpy.Accumulator(directory=3)  # type: ignore[arg-type]
 
 
 def test_directory_needs_axis_0(tmp_path: Path) -> None:
+    """directory= with an axis other than 0 is refused (rows grow along axis 0 only)."""
     with pytest.raises(OptionError, match="needs axis=0"):
         tonumpy.Accumulator(directory=tmp_path, axis=1)
 

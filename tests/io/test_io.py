@@ -79,6 +79,7 @@ def test_round_trip_keeps_structure_values_and_key_order(tmp_path: Path) -> None
 
 
 def test_nan_survives(tmp_path: Path) -> None:
+    """A NaN leaf is saved and loaded back as NaN."""
     path = tmp_path / "t.npz"
     tonumpy.save(path, {"x": float("nan")})
     assert np.isnan(tonumpy.load(path)["x"])
@@ -110,6 +111,7 @@ def test_classes_come_back_as_dicts_with_their_names_recorded(tmp_path: Path) ->
 
 
 def test_input_tree_is_not_mutated(tmp_path: Path) -> None:
+    """save leaves the input tree, its tensors and their requires_grad as they were."""
     t = torch.ones(2, requires_grad=True)
     tree = {"t": t, "l": [1]}
     tonumpy.save(tmp_path / "t.npz", tree)
@@ -136,6 +138,7 @@ def test_low_precision_floats_survive_exactly_with_ml_dtypes(tmp_path: Path, nam
 
 
 def test_low_precision_floats_widen_by_default(tmp_path: Path) -> None:
+    """bfloat16 leaves are saved as float32 by default, the original dtype kept in the structure."""
     t = torch.tensor([1.5, 2.0], dtype=torch.bfloat16)
     path = tmp_path / "t.npz"
     tonumpy.save(path, {"t": t})
@@ -158,6 +161,7 @@ def test_large_low_precision_tensors_widen_in_chunks_exactly(tmp_path: Path, dst
 
 
 def test_widening_keeps_special_values_bit_for_bit(tmp_path: Path) -> None:
+    """Widening bfloat16 keeps NaN, infinities, signed zeros and subnormals exactly."""
     specials = [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -3.0e38]
     t = torch.tensor(specials).to(torch.bfloat16)
     path = tmp_path / "t.npz"
@@ -170,6 +174,7 @@ def test_widening_keeps_special_values_bit_for_bit(tmp_path: Path) -> None:
 
 
 def test_ml_dtypes_arrays_are_stored_exactly(tmp_path: Path) -> None:
+    """ml_dtypes arrays are stored as their bits and loaded back identical with ml_dtypes=True."""
     arr = np.array([1.5, -3.0], dtype=ml_dtypes.bfloat16)
     path = tmp_path / "t.npz"
     tonumpy.save(path, [arr])
@@ -179,6 +184,7 @@ def test_ml_dtypes_arrays_are_stored_exactly(tmp_path: Path) -> None:
 
 
 def test_plain_numpy_npz_and_npy_load(tmp_path: Path) -> None:
+    """Plain NumPy .npz (member order kept) and .npy files load."""
     np.savez(tmp_path / "p.npz", b=np.arange(2), a=np.ones(3))
     out = tonumpy.load(tmp_path / "p.npz")
     assert list(out) == ["b", "a"]
@@ -197,6 +203,7 @@ def test_tonumpy_npz_is_a_plain_npz(tmp_path: Path) -> None:
 
 
 def test_shared_leaf_is_stored_once(tmp_path: Path) -> None:
+    """A leaf that appears twice in a tree is stored once and loaded at both places."""
     t = torch.arange(4)
     path = tmp_path / "t.npz"
     tonumpy.save(path, {"a": t, "b": t})
@@ -207,6 +214,7 @@ def test_shared_leaf_is_stored_once(tmp_path: Path) -> None:
 
 
 def test_unstorable_leaf_names_its_path(tmp_path: Path) -> None:
+    """An unstorable leaf (object, object array) is refused naming its path; nothing is left."""
     path = tmp_path / "t.npz"
     with pytest.raises(tonumpy.ConversionError, match=r"tree\['cache'\]\[1\].*object"):
         tonumpy.save(path, {"cache": [torch.ones(1), object()]})
@@ -217,6 +225,7 @@ def test_unstorable_leaf_names_its_path(tmp_path: Path) -> None:
 
 
 def test_cycle_is_a_clean_error(tmp_path: Path) -> None:
+    """Saving a tree with a cycle is a ConversionError, not a recursion crash."""
     loop: list[Any] = [torch.ones(1)]
     loop.append(loop)
     with pytest.raises(tonumpy.ConversionError, match="cycle"):
@@ -224,6 +233,7 @@ def test_cycle_is_a_clean_error(tmp_path: Path) -> None:
 
 
 def test_compressed_npz(tmp_path: Path) -> None:
+    """compress=True writes a compressed .npz that loads back the same values."""
     path = tmp_path / "t.npz"
     tonumpy.save(path, {"z": torch.zeros(10_000)}, compress=True)
     assert path.stat().st_size < 10_000
@@ -234,6 +244,7 @@ def test_compressed_npz(tmp_path: Path) -> None:
 
 
 def test_save_never_overwrites_without_permission(tmp_path: Path) -> None:
+    """save(overwrite=False) keeps an existing file; the default replaces it atomically."""
     path = tmp_path / "t.npz"
     path.write_bytes(b"precious")
     with pytest.raises(FileExistsError):
@@ -267,6 +278,7 @@ def _torch_file(folder: Path, obj: Any, name: str = "src.pt", **kwargs: Any) -> 
 
 
 def test_convert_refuses_existing_destination(tmp_path: Path) -> None:
+    """convert refuses an existing destination naming overwrite=True (no CLI flag), keeping it."""
     src = _torch_file(tmp_path, {"a": torch.ones(1)})
     dst = tmp_path / "out.npz"
     dst.write_bytes(b"keep")
@@ -279,6 +291,7 @@ def test_convert_refuses_existing_destination(tmp_path: Path) -> None:
 
 
 def test_convert_refuses_same_file(tmp_path: Path) -> None:
+    """convert onto its own source file is refused, even with overwrite=True."""
     path = tmp_path / "t.npz"
     tonumpy.save(path, {"a": np.ones(1)})
     with pytest.raises(tio.FileFormatError, match="source file"):
@@ -286,6 +299,7 @@ def test_convert_refuses_same_file(tmp_path: Path) -> None:
 
 
 def test_force_never_replaces_a_directory_with_other_files(tmp_path: Path) -> None:
+    """overwrite=True never replaces a directory holding files tonumpy did not write."""
     src = _torch_file(tmp_path, {"a": torch.ones(1)})
     home = tmp_path / "home"
     home.mkdir()
@@ -301,12 +315,14 @@ def test_force_never_replaces_a_directory_with_other_files(tmp_path: Path) -> No
 
 
 def test_unsupported_destination_fails_before_reading(tmp_path: Path) -> None:
+    """An unsupported destination is refused, listing the formats, before the source is read."""
     expected = r"\.npz, \.npy, \.safetensors, \.parquet, or \.pt, \.pth, \.bin or \.ckpt"
     with pytest.raises(tio.FileFormatError, match=expected):
         tio.convert(tmp_path / "missing.pt", tmp_path / "out.pkl")
 
 
 def test_npy_destination_holds_one_array(tmp_path: Path) -> None:
+    """A .npy destination takes a tree of exactly one array; more is refused, nothing written."""
     src = _torch_file(tmp_path, torch.arange(3))
     tio.convert(src, tmp_path / "one.npy")
     np.testing.assert_array_equal(np.load(tmp_path / "one.npy"), np.arange(3))
@@ -364,6 +380,7 @@ def test_npy_directory_names_are_contained_and_unique(tmp_path: Path) -> None:
 @given(st.text(max_size=300))
 @settings(max_examples=200, deadline=None)
 def test_sanitised_names_are_always_safe(text: str) -> None:
+    """File names made from any key are safe: ASCII, no leading dot or dash, no '..', bounded."""
     (name,) = _names.unique_names([(text,)])
     assert _names.is_safe_name(name)
     assert all(c.isascii() and (c.isalnum() or c in "._-~") for c in name)
@@ -389,6 +406,7 @@ def test_a_directory_structure_cannot_point_outside(tmp_path: Path) -> None:
 def test_torch_file_loads_with_weights_only_and_mmap(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Reading a torch file calls torch.load with weights_only=True and mmap."""
     calls: list[dict[str, Any]] = []
     real = torch.load
 
@@ -480,6 +498,7 @@ def test_common_standard_library_containers_in_checkpoints(tmp_path: Path) -> No
 
 
 def test_pickled_object_arrays_in_npz_are_refused(tmp_path: Path) -> None:
+    """A .npz holding pickled object arrays is refused, saying only pickle could read it."""
     path = tmp_path / "obj.npz"
     np.savez(path, o=np.array([{"a": 1}], dtype=object))
     with pytest.raises(tio.FileFormatError, match="only pickle can read"):
@@ -504,6 +523,7 @@ class _RunsCommand:
 @pytest.mark.parametrize("how", ["system", "popen", "exec", "eval"])
 @pytest.mark.parametrize("fmt", ["zip", "legacy", "raw-pickle"])
 def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path: Path, how: str, fmt: str) -> None:
+    """A pickle that would run a command is refused and the command never runs."""
     marker = tmp_path / "PWNED"
     payload = {"weights": torch.ones(2), "evil": _RunsCommand(marker, how)}
     path = tmp_path / "evil.pt"
@@ -538,6 +558,7 @@ def test_unsafe_load_reads_what_safe_loading_cannot(tmp_path: Path) -> None:
 
 
 def test_cycles_in_a_pickle_are_clean_errors(tmp_path: Path) -> None:
+    """A pickled tree with a cycle is a FileFormatError naming the cycle."""
     loop: list[Any] = [torch.ones(1)]
     loop.append(loop)
     with pytest.raises(tio.FileFormatError, match="cycle"):
@@ -545,6 +566,7 @@ def test_cycles_in_a_pickle_are_clean_errors(tmp_path: Path) -> None:
 
 
 def test_unknown_and_missing_files(tmp_path: Path) -> None:
+    """A missing file is FileNotFoundError; a file of no known format says so."""
     with pytest.raises(FileNotFoundError):
         tonumpy.load(tmp_path / "missing.pt")
     (tmp_path / "notes.txt").write_text("hello")
@@ -553,6 +575,7 @@ def test_unknown_and_missing_files(tmp_path: Path) -> None:
 
 
 def test_sniffs_files_without_a_known_suffix(tmp_path: Path) -> None:
+    """Files without a known suffix are recognised by their content (torch, npz)."""
     torch.save({"a": torch.ones(1)}, tmp_path / "checkpoint")
     np.savez(tmp_path / "arrays.npz", a=np.ones(1))
     os.rename(tmp_path / "arrays.npz", tmp_path / "arrays.data")
@@ -562,6 +585,7 @@ def test_sniffs_files_without_a_known_suffix(tmp_path: Path) -> None:
 
 @pytest.mark.cuda
 def test_device_of_a_cuda_checkpoint_is_recorded(tmp_path: Path) -> None:
+    """A CUDA checkpoint reads onto the CPU, its original device recorded per leaf."""
     src = _torch_file(tmp_path, {"w": torch.ones(2, device="cuda")})
     contents = tio.read(src)
     assert contents.tree["w"].device.type == "cpu"
@@ -572,6 +596,7 @@ def test_device_of_a_cuda_checkpoint_is_recorded(tmp_path: Path) -> None:
 
 
 def test_safetensors_round_trip_is_exact(tmp_path: Path) -> None:
+    """A tree through .safetensors comes back with its keys, values, dtypes and plain values."""
     tree = {
         "layer.weight": torch.randn(3, 2).to(torch.bfloat16),
         "scale": torch.tensor(2.0),
@@ -594,6 +619,7 @@ def test_safetensors_round_trip_is_exact(tmp_path: Path) -> None:
 
 
 def test_plain_safetensors_file_loads(tmp_path: Path) -> None:
+    """A .safetensors file written by the reference library loads (bfloat16 widened)."""
     safetensors_torch = pytest.importorskip("safetensors.torch")
     path = tmp_path / "plain.safetensors"
     safetensors_torch.save_file({"w": torch.ones(2, dtype=torch.bfloat16)}, str(path))
@@ -618,6 +644,7 @@ def test_safetensors_need_no_safetensors_package(
 
 
 def test_import_tonumpy_stays_light() -> None:
+    """import tonumpy loads neither safetensors, ml_dtypes nor the CLI."""
     code = (
         "import sys, tonumpy; "
         "print([m for m in ('safetensors', 'ml_dtypes', 'tonumpy.cli') if m in sys.modules])"
