@@ -85,13 +85,23 @@ def convert_through(engine: HostEngine, tree: Any, **options: Any) -> Any:
 
 
 class CudaSpy(_transfer.CudaEngine):
-    """The production CUDA engine, recording each copy as ``(source device, nbytes)``."""
+    """The production CUDA engine, in use (as once any CUDA tensor exists), recording each
+    copy as ``(source device, nbytes)``."""
 
     __slots__ = ("copies",)
 
     def __init__(self) -> None:
         self.copies: list[tuple[str, int]] = []
 
+    def active(self) -> bool:  # type: ignore[override]
+        return True
+
     def copy(self, dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> None:  # type: ignore[override]
         self.copies.append((str(device), dst.numel()))
         super().copy(dst, src, device)
+
+
+def accumulating(acc: Any, engine: HostEngine) -> Any:
+    """``acc`` (an ``Accumulator``), with ``engine`` as the device side of its transfers."""
+    acc._engine = engine
+    return acc

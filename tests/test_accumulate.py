@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import tonumpy
+from _engine import HostEngine, accumulating
 from _trees import assert_same_tree
 from tonumpy import Accumulator, ConversionError, _storage, concat
 from tonumpy._columns import Column, copy_padded
@@ -635,11 +636,10 @@ def test_accumulator_namedtuple_and_dataclass_outputs() -> None:
     np.testing.assert_array_equal(out.logits.x, [1, 1])
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_asynchronous_path_matches() -> None:
+def test_asynchronous_path_matches(host_engine: HostEngine) -> None:
     """Batches sent through the asynchronous engine give the synchronous result."""
     batches = eval_batches(5)
-    acc = Accumulator(pad_value=PAD)
+    acc = accumulating(Accumulator(pad_value=PAD), host_engine)
     for batch in batches:
         acc.append(batch)
     assert "in_flight=1" in repr(acc)  # the last batch is still in flight
@@ -648,10 +648,9 @@ def test_asynchronous_path_matches() -> None:
     assert acc.result()["logits"].base is None
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_asynchronous_errors_come_from_the_next_call() -> None:
+def test_asynchronous_errors_come_from_the_next_call(host_engine: HostEngine) -> None:
     """A problem in an in-flight batch is raised by the next call, naming that batch."""
-    acc = Accumulator()
+    acc = accumulating(Accumulator(), host_engine)
     acc.append(torch.ones(2, 3))
     acc.append(torch.ones(2, 4))  # ragged, no pad value: found when it lands
     with pytest.raises(ConversionError, match="pass pad_value="):
@@ -661,10 +660,9 @@ def test_asynchronous_errors_come_from_the_next_call() -> None:
     assert acc.result().shape == (3, 3)
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_asynchronous_first_batch_failure_resets_structure() -> None:
+def test_asynchronous_first_batch_failure_resets_structure(host_engine: HostEngine) -> None:
     """If the first batch fails once it lands, the next batch may set another structure."""
-    acc = Accumulator(axis=1)
+    acc = accumulating(Accumulator(axis=1), host_engine)
     acc.append({"a": torch.ones(3)})  # axis=1 does not exist
     with pytest.raises(ConversionError, match="axis=1 is out of bounds"):
         len(acc)

@@ -36,9 +36,7 @@ from tonumpy._staging import POOL
 # ------------------------------------------------------------------------------------ helpers
 
 
-def forced_pending(
-    tree: Any, engine: HostEngine | None = None, **options: Any
-) -> PendingTransfer:
+def forced_pending(tree: Any, engine: HostEngine | None = None, **options: Any) -> PendingTransfer:
     """``to_numpy_async(tree)`` with the engine taking CPU tensors (``engine`` or a new one)."""
     return pending_through(HostEngine() if engine is None else engine, tree, **options)
 
@@ -89,9 +87,7 @@ SHAPES: dict[str, Callable[[torch.dtype], torch.Tensor]] = {
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "alone"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", ENGINE_DTYPES, ids=str)
-def test_forced_engine_every_dtype_and_stride(
-    dtype: torch.dtype, shape: str, packed: bool
-) -> None:
+def test_forced_engine_every_dtype_and_stride(dtype: torch.dtype, shape: str, packed: bool) -> None:
     """Every dtype, shape and stride, packed or sent alone, converts as the plain path."""
     engine = HostEngine(small_bytes=_transfer.SMALL_BYTES if packed else 0)
     with warnings.catch_warnings():
