@@ -732,22 +732,32 @@ def test_directory_num_items_and_len(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out["labels"], concat(batches, pad_value=PAD)["labels"][:5])
 
 
-@pytest.mark.parametrize("slack", [0, 64 << 20], ids=["geometric", "exact"])
-def test_directory_growing_lengths(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slack: int
-) -> None:
-    """Steadily longer batches (re-laid out exactly, or geometrically and trimmed at the end)."""
-    monkeypatch.setattr(_storage, "_REWRITE_SLACK", slack)
+def test_directory_growing_lengths(tmp_path: Path) -> None:
+    """Steadily longer batches: small files are re-laid out exactly to the widest batch."""
     acc = Accumulator(pad_value=-1, directory=tmp_path)
     batches = [np.full((2, n, 2), n, dtype=np.int32) for n in range(1, 30)]
     for batch in batches:
         acc.append({"x": batch})
-    widest = np.load(tmp_path / "x.npy", mmap_mode="r").shape[1]
-    assert widest == 29 if slack else widest > 29
+    assert np.load(tmp_path / "x.npy", mmap_mode="r").shape[1] == 29
     out = acc.result()
     np.testing.assert_array_equal(out["x"], reference_concat(batches, -1))
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), reference_concat(batches, -1))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_growing_file_turns_geometric_past_its_rewrite_slack(tmp_path: Path) -> None:
+    """Once re-layouts have rewritten more than the slack (0 here), dimensions grow by half
+    instead of exactly, and the rows written keep their values and padding."""
+    batches = [np.full((2, n, 2), n, dtype=np.int32) for n in range(1, 30)]
+    fill = np.array(-1, np.int32)
+    grown = _storage.GrowingNpy(tmp_path / "x.npy", np.dtype(np.int32), (1, 2), rewrite_slack=0)
+    for batch in batches:
+        grown.grow_to(batch.shape[1:], fill)
+        grown.append(batch, fill)
+    stored = np.load(tmp_path / "x.npy")
+    assert stored.shape[1] > 29
+    np.testing.assert_array_equal(stored[:, :29], reference_concat(batches, -1))
+    assert (stored[:, 29:] == -1).all()
 
 
 def test_directory_bfloat16_files(tmp_path: Path) -> None:

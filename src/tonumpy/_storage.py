@@ -43,9 +43,6 @@ def stored_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 _MAGIC = b"\x93NUMPY\x01\x00"
 _BLOCK_BYTES = 16 << 20  # re-layouts copy about this much at a time
-#: Re-layouts may rewrite this many bytes, plus twice the bytes appended, before growing
-#: dimensions geometrically instead of exactly (rewriting small files early costs nothing).
-_REWRITE_SLACK = 64 << 20
 
 
 def _pwrite(fd: int, data: memoryview, offset: int) -> int:
@@ -103,8 +100,20 @@ class GrowingNpy:
     when the result is read.
     """
 
-    def __init__(self, path: Path, dtype: np.dtype[Any], trailing: tuple[int, ...]) -> None:
+    #: Re-layouts may rewrite this many bytes, plus twice the bytes appended, before growing
+    #: dimensions geometrically instead of exactly (rewriting small files early costs nothing).
+    rewrite_slack = 64 << 20
+
+    def __init__(
+        self,
+        path: Path,
+        dtype: np.dtype[Any],
+        trailing: tuple[int, ...],
+        *,
+        rewrite_slack: int = rewrite_slack,
+    ) -> None:
         self.path = path
+        self.rewrite_slack = rewrite_slack
         # O_EXCL: never another run's file; 0o666 & ~umask, as any new file
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         self._finalizer = weakref.finalize(self, os.close, self.fd)
@@ -212,7 +221,7 @@ class GrowingNpy:
         if all(n <= t for n, t in zip(needed, self.trailing, strict=True)):
             return
         cost = self._rewritten + self.rows * self.row_bytes
-        exact = cost <= 2 * self._appended + _REWRITE_SLACK
+        exact = cost <= 2 * self._appended + self.rewrite_slack
         new = tuple(
             t if n <= t else (n if exact else max(n, t + t // 2))
             for n, t in zip(needed, self.trailing, strict=True)
