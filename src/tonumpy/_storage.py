@@ -127,9 +127,6 @@ class GrowingNpy:
     when the result is read.
     """
 
-    #: Re-layouts may rewrite this many bytes, plus twice the bytes appended, before growing
-    #: dimensions geometrically instead of exactly (rewriting small files early costs nothing).
-    rewrite_slack = _REWRITE_SLACK
 
     def __init__(
         self,
@@ -137,10 +134,12 @@ class GrowingNpy:
         dtype: np.dtype[Any],
         trailing: tuple[int, ...],
         *,
-        rewrite_slack: int = rewrite_slack,
+        rewrite_slack: int | None = None,
     ) -> None:
         self.path = path
-        self.rewrite_slack = rewrite_slack
+        #: Re-layouts may rewrite this many bytes, plus twice the bytes appended, before
+        #: growing dimensions geometrically (default ``_REWRITE_SLACK``).
+        self.rewrite_slack = _REWRITE_SLACK if rewrite_slack is None else rewrite_slack
         # O_EXCL: never another run's file; 0o666 & ~umask, as any new file
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         self._finalizer = weakref.finalize(self, os.close, self.fd)
@@ -170,6 +169,7 @@ class GrowingNpy:
         """
         self = cls.__new__(cls)
         self.path = path
+        self.rewrite_slack = _REWRITE_SLACK
         self.fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
         self._finalizer = weakref.finalize(self, os.close, self.fd)
         size = os.fstat(self.fd).st_size
