@@ -127,7 +127,6 @@ class GrowingNpy:
     when the result is read.
     """
 
-
     def __init__(
         self,
         path: Path,
