@@ -62,7 +62,8 @@ class Contents:
             arrays otherwise, and plain Python values.
         format: A short description: ``"torch"``, ``"tonumpy npz"``, ``"npz"``, ``"npy"``,
             ``"npy directory"``, ``"tonumpy npy directory"``, ``"tonumpy shards"`` (a set of
-            ``Accumulator`` shards, one per rank), ``"safetensors"``, ``"tonumpy parquet"``,
+            ``Accumulator`` shards, one per rank), ``"tonumpy parquet directory"`` (an
+            ``Accumulator(format="parquet")`` directory), ``"safetensors"``, ``"tonumpy parquet"``,
             ``"parquet"`` (a Parquet file tonumpy did not write) or
             ``"hugging face checkpoint"`` (a ``save_pretrained`` directory).
         classes: Key path -> name of the class a container had when saved (display only).
@@ -276,6 +277,10 @@ def _read_dir(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
     if _shards.is_set(names):
         tree, classes, sources = _shards.read_set(path, names)
         return Contents(tree, "tonumpy shards", classes, sources)
+    parquet = _shards.read_parquet_dir(path, names)
+    if parquet is not None:
+        tree, classes, sources = parquet
+        return Contents(tree, "tonumpy parquet directory", classes, sources)
     if _checkpoint.is_checkpoint(names):
 
         def read_shard(shard: Path) -> tuple[Any, Callable[[Any], None] | None]:

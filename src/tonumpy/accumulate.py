@@ -7,7 +7,8 @@ device memory is freed), and writes each leaf's rows once, padded, into one buff
 the final array, which [`Accumulator.result`][] hands out without a copy (amortised O(batch)
 per append: rows written are moved again only, in place, when a longer batch widens them).
 With ``directory=`` each leaf grows in a ``.npy`` file instead, for predictions larger than
-RAM.
+RAM (or, with ``format="parquet"``, each batch is a row group of one Parquet file:
+``tonumpy._parquet_sink``).
 
 How a leaf combines across batches (kind, rank, axis, dtype, padding) is the column policy of
 ``tonumpy._columns``, shared with ``gather`` and ``Activations.concat``; where the rows live
@@ -21,7 +22,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from optree import PyTreeSpec
@@ -38,6 +39,9 @@ from ._storage import GrowingNpy, Rows
 from ._transfer import CUDA, CudaEngine, PendingTransfer
 from .convert import convert_flat, start
 from .errors import ConversionError, OptionError
+
+if TYPE_CHECKING:
+    from ._parquet_sink import ParquetSink
 
 __all__ = ["Accumulator", "concat"]
 
@@ -251,7 +255,15 @@ class Accumulator:
         resume: Continue the directory a crashed run left (its whole batches kept, a batch
             cut short dropped; ``batches`` and ``len`` say how far it got); a directory with
             nothing in it is started. Only array leaves can be resumed.
-        format: The files' format: ``"npy"`` (one ``.npy`` file per leaf).
+        format: The files' format: ``"npy"`` (one ``.npy`` file per leaf) or ``"parquet"``:
+            ``directory/predictions.parquet``, one row per example, a row group written per
+            batch (memory holds one batch), readable by every Parquet reader once
+            ``result()`` or ``close()`` has closed it (``tonumpy.load`` of the directory gives
+            what ``result()`` gives in memory; each row's ``index=`` is a column
+            ``__index__``). Rows whose shape changes between batches become variable-length
+            lists, per-batch and non-array values go in the file's metadata. A closed file
+            takes no more batches, and with ``resume=True`` an incomplete one (no footer: its
+            rows were never readable) is started over.
         ml_dtypes: As for [`tonumpy.to_numpy`][]: keep bfloat16/float8 bit-exact as
             ``ml_dtypes`` arrays instead of widening them to float32.
         scalars: As for [`tonumpy.to_numpy`][]: 0-d tensors become Python scalars, so such
@@ -264,7 +276,8 @@ class Accumulator:
             is not a function of one argument, an ``exclude`` that is not a pattern or a list of
             them), ``directory`` is or lies below a file, or ``directory=`` comes with an
             ``axis`` other than 0; ``shard``/``resume`` come without ``directory``, ``shard`` is
-            not ``(rank, world_size)``, ``format`` is not ``"npy"``.
+            not ``(rank, world_size)``, ``format`` is not ``"npy"`` or ``"parquet"``, or
+            ``format="parquet"`` comes without ``directory``.
         FileFormatError: ``resume=True`` and the directory holds files this tonumpy did not
             write as an Accumulator directory, damaged ones, or non-array leaves.
     """
@@ -306,8 +319,11 @@ class Accumulator:
             )
         self._axis = axis
         self._pad_value = pad_value
+        self._sink = _parquet_sink(directory, format, resume)
         self._directory = (
-            Directory(Path(directory), "Accumulator") if directory is not None else None
+            Directory(Path(directory), "Accumulator")
+            if directory is not None and self._sink is None
+            else None
         )
         # Held while a batch is added (and while result() reads): appends from several threads
         # each add a whole batch, one after the other.
@@ -438,13 +454,18 @@ class Accumulator:
         states = [
             check_chunk(leaf.column, value, name) for leaf, value in zip(leaves, host, strict=True)
         ]
+        if self._sink is not None:
+            self._sink.check([leaf.column for leaf in leaves], states, host, name)
         before = self._rows()
         for leaf, state in zip(leaves, states, strict=True):
             leaf.column.commit(state)
         if first:
             self._start(spec, leaves, indices is not None)
-        for leaf, value in zip(leaves, host, strict=True):
-            self._store(leaf, value)
+        if self._sink is not None:  # one row group
+            self._sink.write(spec, [leaf.column for leaf in leaves], host, indices)
+        else:
+            for leaf, value in zip(leaves, host, strict=True):
+                self._store(leaf, value)
         self._batches += 1
         if indices is not None and self._progress is None:
             self._index.append(indices)
@@ -595,8 +616,9 @@ class Accumulator:
             in_flight = self._pending is not None
         if in_flight:
             parts.append("in_flight=1")
-        if self._directory is not None:
-            parts.append(f"directory={str(self._directory.path)!r}")
+        if self._directory is not None or self._sink is not None:
+            where = self._sink.path if self._sink is not None else self._directory.path  # type: ignore[union-attr]
+            parts.append(f"directory={str(where)!r}")
         return f"Accumulator({', '.join(parts)})"
 
     def __len__(self) -> int:
@@ -701,6 +723,10 @@ class Accumulator:
                 "the samples a DistributedSampler repeated (or gather(..., num_items=N) for a "
                 "sampler that shards contiguously)"
             )
+        if self._sink is not None:
+            columns = [leaf.column for leaf in self._leaves]
+            self._sink.close(self._spec, columns, self._batches, None, self._ml_dtypes)
+            return self._sink.result(columns, num_items)
         out = [self._leaf_result(leaf, num_items) for leaf in self._leaves]
         if self._directory is not None:
             values = [leaf.values for leaf in self._leaves]
@@ -746,6 +772,15 @@ class Accumulator:
                 int ``>= 0``.
         """
         num_items = _options.check_num_items(num_items, "close")
+        if self._sink is not None:
+            with self._lock:
+                self._finish_pending()
+                if self._spec is None:
+                    Progress.empty(self._sink.path, num_items)
+                    return
+                columns = [leaf.column for leaf in self._leaves]
+                self._sink.close(self._spec, columns, self._batches, num_items, self._ml_dtypes)
+            return
         if self._directory is None:
             raise OptionError(
                 "close() marks an Accumulator(directory=...) complete; this one keeps its "
@@ -832,12 +867,29 @@ def accumulator_options(acc: Accumulator) -> dict[str, Any]:
 
 
 def check_format(format: Any, where: str) -> None:
-    """Raise unless ``format`` names a format ``directory=`` writes (``"npy"``)."""
-    if format != "npy":
+    """Raise unless ``format`` names a format ``directory=`` writes (``"npy"``, ``"parquet"``)."""
+    if format not in ("npy", "parquet"):
         raise OptionError(
             f"{where}(format={format!r}): format= takes 'npy' (a .npy file per leaf, the "
-            "directory format tonumpy.load reads)"
+            "directory format tonumpy.load reads) or 'parquet' (one Parquet file, a row group "
+            "per batch)"
         )
+
+
+def _parquet_sink(
+    directory: str | os.PathLike[str] | None, format: str, resume: bool
+) -> ParquetSink | None:
+    """The Parquet file of ``directory=`` with ``format="parquet"`` (else ``None``)."""
+    if format != "parquet":
+        return None
+    if directory is None:
+        raise OptionError(
+            "Accumulator(format='parquet') names the files of directory=: pass directory= too "
+            "(in memory, save the result with tonumpy.save('x.parquet', acc.result()))"
+        )
+    from ._parquet_sink import ParquetSink  # noqa: PLC0415 - pyarrow only when asked for
+
+    return ParquetSink(Path(directory), resume=resume)
 
 
 def check_shard(shard: Any, where: str) -> tuple[int, int]:
