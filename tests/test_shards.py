@@ -24,6 +24,7 @@ from torch.utils.data import DistributedSampler
 
 import _hostile
 import tonumpy
+from _engine import HostEngine, accumulating
 from _trees import assert_same_tree
 from tonumpy import Accumulator, ConversionError, FileFormatError, OptionError, gather
 from tonumpy._indices import _missing, resolve
@@ -193,10 +194,9 @@ def test_index_needs_one_row_per_item() -> None:
         acc.append({"a": torch.ones(2), "b": torch.ones(3)}, index=[0, 1])
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_index_travels_with_a_batch_in_flight(tmp_path: Path) -> None:
+def test_index_travels_with_a_batch_in_flight(tmp_path: Path, host_engine: HostEngine) -> None:
     """A batch whose copies are in flight (the device engine) keeps its indices with it."""
-    acc = Accumulator(directory=tmp_path, shard=(0, 1))
+    acc = accumulating(Accumulator(directory=tmp_path, shard=(0, 1)), host_engine)
     for items in ([2, 0], [1, 3]):
         acc.append(_out(np.array(items)), index=torch.tensor(items))
     assert_same_tree(np.asarray(acc.indices()), np.array([2, 0, 1, 3]))
