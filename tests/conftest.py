@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -16,13 +18,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def engine_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run the transfer engine on CPU tensors, as if they were on a GPU (the one switch).
+def host_engine() -> Any:
+    """A transfer engine that takes CPU tensors, as if they were on a GPU
+    (``tests/_helpers/engine.py``).
 
-    Every caller's asynchronous path (``to_numpy_async``, ``capture``, ``Accumulator``) then
-    runs the engine's grouping, packing, staging and unpacking, and sees its copies in flight
-    until they are waited for.
+    Passed in explicitly to ``to_numpy_async``'s flat form, ``capture`` and ``Accumulator``, it
+    runs the engine's grouping, packing, staging and unpacking, and their asynchronous paths.
     """
-    from tonumpy._convert import _transfer
+    from _helpers.engine import HostEngine
 
-    monkeypatch.setattr(_transfer, "FORCE_CPU", True)
+    return HostEngine()

@@ -35,7 +35,7 @@ from ._combine._indices import as_index
 from ._combine._pad import PadValue, check_pad_option
 from ._combine._select import Pattern, Selection
 from ._combine._storage import GrowingNpy, Rows
-from ._convert._transfer import PendingTransfer
+from ._convert._transfer import CUDA, CudaEngine, PendingTransfer
 from ._dtypes import is_ml_dtype, ml_dtypes_module
 from ._rowfiles._shards import Progress, Recovered, recover, recovered_index, shard_name
 from .convert import convert_flat, start
@@ -332,6 +332,9 @@ class Accumulator:
         self._ml_dtypes = ml_dtypes
         self._scalars = scalars
         self._is_leaf = is_leaf
+        # The device side of the transfer engine (the tests give an accumulator a double that
+        # sends CPU tensors through it, to run the in-flight path without a GPU).
+        self._engine: CudaEngine = CUDA
         self._spec: PyTreeSpec | None = None  # set once a batch is added
         self._expected: PyTreeSpec | None = None  # set once a batch is accepted
         self._leaves: list[_Leaf] = []
@@ -392,7 +395,12 @@ class Accumulator:
         # (zero-copy views, copied into the accumulator's storage under the lock), CUDA
         # tensors' copies enqueued (the next call collects them).
         pending = start(
-            leaves, spec, ml_dtypes=self._ml_dtypes, scalars=self._scalars, leaf_types=leaf_types
+            leaves,
+            spec,
+            ml_dtypes=self._ml_dtypes,
+            scalars=self._scalars,
+            leaf_types=leaf_types,
+            engine=self._engine,
         )
         with self._lock:
             name = f"batch {self._received}"

@@ -47,8 +47,6 @@ _PLAIN_TYPES: frozenset[type] = frozenset(PLAIN)
 _IS_TENSOR: Callable[[Any], bool] = torch.Tensor.__instancecheck__
 # from about this many leaves on, sorting ids beats a set of them (W1: 380 vs 510 us)
 _MANY = 256
-# False until the first CUDA tensor exists (always False on CPU-only builds).
-_cuda_initialized: Callable[[], bool] = torch.cuda.is_initialized
 # A lone CUDA leaf of at most this size, when waited for at once, takes one blocking .cpu():
 # that is one sync as well, and skips the engine's fixed host-side work (event, staging
 # lease), which would otherwise make a single tiny leaf slower than naive.
@@ -64,6 +62,7 @@ def _route(
     scalars: bool,
     types: set[type] | None,
     wait: bool,
+    engine: _transfer.CudaEngine,
 ) -> tuple[list[Any], Any]:
     """Convert ``leaves`` now, or enqueue their device copies: ``(out, batch or None)``.
 
@@ -72,8 +71,8 @@ def _route(
     of the leaves' types, if the caller has it. The one place that decides how each leaf travels
     (the routes are listed in this module's docstring).
     """
-    engine_on = _transfer.FORCE_CPU or _cuda_initialized()
-    if copy is not False and not scalars and not _transfer.FORCE_CPU:
+    engine_on = engine.active()
+    if copy is not False and not scalars and not engine.takes_cpu:
         if types is None:
             types = set(map(type, leaves))
         if _distinct_tensors(leaves, types):
@@ -83,7 +82,12 @@ def _route(
             if out is not None:
                 return out, None
     out, moved = _per_leaf(
-        leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars, engine_on=engine_on
+        leaves,
+        spec,
+        copy=copy,
+        ml_dtypes=ml_dtypes,
+        scalars=scalars,
+        takes=engine.takes if engine_on else None,
     )
     if not moved:
         return out, None
@@ -94,7 +98,7 @@ def _route(
                 lone, moved[0], spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars
             )
             return out, None
-    batch = _transfer.enqueue(leaves, moved)
+    batch = _transfer.enqueue(leaves, moved, engine)
     memo: dict[int, Any] = {}
     for position in batch.careful:
         leaf = leaves[position]
@@ -128,7 +132,7 @@ def _per_leaf(
     copy: Copy,
     ml_dtypes: bool,
     scalars: bool,
-    engine_on: bool,
+    takes: Callable[[torch.Tensor], bool] | None,
 ) -> tuple[list[Any], list[int]]:
     """Convert leaf by leaf; set CUDA tensors aside for the engine: ``(out, their positions)``.
 
@@ -142,15 +146,15 @@ def _per_leaf(
     memo: dict[int, Any] = {}
     plain = PLAIN
     quick = copy is None and not scalars
-    take = engine_on and copy is not False  # copy=False: the careful path raises for them
-    force = _transfer.FORCE_CPU
+    if copy is False:  # the careful path raises for the engine's leaves
+        takes = None
     for index, leaf in enumerate(leaves):
         key = id(leaf)
         if key in memo:
             append(memo[key])
             continue
         if type(leaf) in plain:
-            if take and (force or leaf.is_cuda):
+            if takes is not None and takes(leaf):
                 moved.append(index)
                 append(None)
                 continue
@@ -180,6 +184,7 @@ def convert_flat(
     ml_dtypes: bool = False,
     scalars: bool = False,
     leaf_types: set[type] | None = None,
+    engine: _transfer.CudaEngine = _transfer.CUDA,
 ) -> list[Any]:
     """Convert a flat list of leaves (as ``_tree.flatten`` gives them) to NumPy, now.
 
@@ -187,7 +192,14 @@ def convert_flat(
     caller has it (``_tree.flatten_typed``), saves a pass.
     """
     out, batch = _route(
-        leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars, types=leaf_types, wait=True
+        leaves,
+        spec,
+        copy=copy,
+        ml_dtypes=ml_dtypes,
+        scalars=scalars,
+        types=leaf_types,
+        wait=True,
+        engine=engine,
     )
     if batch is not None:
         _transfer.finish(batch, out, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
@@ -202,6 +214,7 @@ def start(
     ml_dtypes: bool = False,
     scalars: bool = False,
     leaf_types: set[type] | None = None,
+    engine: _transfer.CudaEngine = _transfer.CUDA,
 ) -> PendingTransfer:
     """Start converting a flat list of leaves: CUDA tensors' copies are enqueued, not waited for.
 
@@ -209,7 +222,14 @@ def start(
     ``result()`` rebuilds the tree of ``spec``; ``result_leaves()`` gives the flat list.
     """
     out, batch = _route(
-        leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars, types=leaf_types, wait=False
+        leaves,
+        spec,
+        copy=copy,
+        ml_dtypes=ml_dtypes,
+        scalars=scalars,
+        types=leaf_types,
+        wait=False,
+        engine=engine,
     )
     return PendingTransfer(out, spec, batch, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
 
@@ -284,7 +304,6 @@ def to_numpy(
         and not tree.requires_grad
         and not tree.is_cuda
         and tree.dtype in _dtypes.NATIVE
-        and not _transfer.FORCE_CPU
     ):  # a lone CPU tensor (W5): skip the walk; conj/neg bits and meta refuse and go on below
         try:
             return tree.numpy()

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import tonumpy
+from _helpers.engine import HostEngine, accumulating
 from _helpers.trees import assert_same_tree
 from tonumpy import Accumulator, ConversionError, concat
 from tonumpy._combine import _storage
@@ -636,11 +637,10 @@ def test_accumulator_namedtuple_and_dataclass_outputs() -> None:
     np.testing.assert_array_equal(out.logits.x, [1, 1])
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_asynchronous_path_matches() -> None:
+def test_asynchronous_path_matches(host_engine: HostEngine) -> None:
     """Batches sent through the asynchronous engine give the synchronous result."""
     batches = eval_batches(5)
-    acc = Accumulator(pad_value=PAD)
+    acc = accumulating(Accumulator(pad_value=PAD), host_engine)
     for batch in batches:
         acc.append(batch)
     assert "in_flight=1" in repr(acc)  # the last batch is still in flight
@@ -649,10 +649,9 @@ def test_asynchronous_path_matches() -> None:
     assert acc.result()["logits"].base is None
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_asynchronous_errors_come_from_the_next_call() -> None:
+def test_asynchronous_errors_come_from_the_next_call(host_engine: HostEngine) -> None:
     """A problem in an in-flight batch is raised by the next call, naming that batch."""
-    acc = Accumulator()
+    acc = accumulating(Accumulator(), host_engine)
     acc.append(torch.ones(2, 3))
     acc.append(torch.ones(2, 4))  # ragged, no pad value: found when it lands
     with pytest.raises(ConversionError, match="pass pad_value="):
@@ -662,10 +661,9 @@ def test_asynchronous_errors_come_from_the_next_call() -> None:
     assert acc.result().shape == (3, 3)
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_asynchronous_first_batch_failure_resets_structure() -> None:
+def test_asynchronous_first_batch_failure_resets_structure(host_engine: HostEngine) -> None:
     """If the first batch fails once it lands, the next batch may set another structure."""
-    acc = Accumulator(axis=1)
+    acc = accumulating(Accumulator(axis=1), host_engine)
     acc.append({"a": torch.ones(3)})  # axis=1 does not exist
     with pytest.raises(ConversionError, match="axis=1 is out of bounds"):
         len(acc)
@@ -735,22 +733,32 @@ def test_directory_num_items_and_len(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out["labels"], concat(batches, pad_value=PAD)["labels"][:5])
 
 
-@pytest.mark.parametrize("slack", [0, 64 << 20], ids=["geometric", "exact"])
-def test_directory_growing_lengths(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slack: int
-) -> None:
-    """Steadily longer batches (re-laid out exactly, or geometrically and trimmed at the end)."""
-    monkeypatch.setattr(_storage, "_REWRITE_SLACK", slack)
+def test_directory_growing_lengths(tmp_path: Path) -> None:
+    """Steadily longer batches: small files are re-laid out exactly to the widest batch."""
     acc = Accumulator(pad_value=-1, directory=tmp_path)
     batches = [np.full((2, n, 2), n, dtype=np.int32) for n in range(1, 30)]
     for batch in batches:
         acc.append({"x": batch})
-    widest = np.load(tmp_path / "x.npy", mmap_mode="r").shape[1]
-    assert widest == 29 if slack else widest > 29
+    assert np.load(tmp_path / "x.npy", mmap_mode="r").shape[1] == 29
     out = acc.result()
     np.testing.assert_array_equal(out["x"], reference_concat(batches, -1))
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), reference_concat(batches, -1))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_growing_file_turns_geometric_past_its_rewrite_slack(tmp_path: Path) -> None:
+    """Once re-layouts have rewritten more than the slack (0 here), dimensions grow by half
+    instead of exactly, and the rows written keep their values and padding."""
+    batches = [np.full((2, n, 2), n, dtype=np.int32) for n in range(1, 30)]
+    fill = np.array(-1, np.int32)
+    grown = _storage.GrowingNpy(tmp_path / "x.npy", np.dtype(np.int32), (1, 2), rewrite_slack=0)
+    for batch in batches:
+        grown.grow_to(batch.shape[1:], fill)
+        grown.append(batch, fill)
+    stored = np.load(tmp_path / "x.npy")
+    assert stored.shape[1] > 29
+    np.testing.assert_array_equal(stored[:, :29], reference_concat(batches, -1))
+    assert (stored[:, 29:] == -1).all()
 
 
 def test_directory_bfloat16_files(tmp_path: Path) -> None:

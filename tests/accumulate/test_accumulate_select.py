@@ -20,6 +20,7 @@ import transformers
 from test_accumulator_threads import fast_switching  # noqa: F401 - a fixture used below
 
 import tonumpy
+from _helpers.engine import HostEngine, accumulating
 from _helpers.models import tiny_bert, tiny_t5
 from tonumpy import Accumulator, ConversionError, OptionError, UnmatchedPatternWarning, concat
 
@@ -188,9 +189,14 @@ def test_reduce_gets_the_batch_tensor_itself_without_grad(gpt2: torch.nn.Module)
     np.testing.assert_array_equal(acc.result().logits, out.logits.argmax(-1).numpy())
 
 
-def test_reduce_with_the_asynchronous_engine(gpt2_outputs: list[Any], engine_on_cpu: None) -> None:
+def test_reduce_with_the_asynchronous_engine(
+    gpt2_outputs: list[Any], host_engine: HostEngine
+) -> None:
     """Through the transfer engine (as on a GPU), the reduced leaves are what travels."""
-    acc = Accumulator(reduce={"logits": lambda t: t.max(-1).values}, exclude="cache", pad_value=0)
+    acc = accumulating(
+        Accumulator(reduce={"logits": lambda t: t.max(-1).values}, exclude="cache", pad_value=0),
+        host_engine,
+    )
     for output in gpt2_outputs:
         acc.append(output)
     expected = _padded([o.logits.max(-1).values.numpy() for o in gpt2_outputs], 0.0)

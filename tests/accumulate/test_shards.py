@@ -1,7 +1,7 @@
 """Tests of dataset indices (``append(index=)``), rank shards merged on read, and ``resume=True``.
 
 The gloo runs (1-4 ranks: ``gather(acc)`` with indices, shards written with no collective) are
-in ``tests/distributed/test_shards_distributed.py``; these run in one process.
+in ``tests/test_shards_distributed.py``; these run in one process.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch.utils.data import DistributedSampler
 
 import tonumpy
 from _helpers import hostile as _hostile
+from _helpers.engine import HostEngine, accumulating
 from _helpers.trees import assert_same_tree
 from tonumpy import Accumulator, ConversionError, FileFormatError, OptionError, gather
 from tonumpy._combine._indices import _missing, resolve
@@ -193,10 +194,9 @@ def test_index_needs_one_row_per_item() -> None:
         acc.append({"a": torch.ones(2), "b": torch.ones(3)}, index=[0, 1])
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_index_travels_with_a_batch_in_flight(tmp_path: Path) -> None:
+def test_index_travels_with_a_batch_in_flight(tmp_path: Path, host_engine: HostEngine) -> None:
     """A batch whose copies are in flight (the device engine) keeps its indices with it."""
-    acc = Accumulator(directory=tmp_path, shard=(0, 1))
+    acc = accumulating(Accumulator(directory=tmp_path, shard=(0, 1)), host_engine)
     for items in ([2, 0], [1, 3]):
         acc.append(_out(np.array(items)), index=torch.tensor(items))
     assert_same_tree(np.asarray(acc.indices()), np.array([2, 0, 1, 3]))
@@ -422,9 +422,8 @@ def test_resume_trims_the_room_a_file_grew_with(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file grown with room to spare (longer rows every batch) resumes to the exact shape."""
-    monkeypatch.setattr(
-        tonumpy._combine._storage, "_REWRITE_SLACK", 0
-    )  # grow by half again at once
+    # grow by half again at once
+    monkeypatch.setattr(tonumpy._combine._storage, "_REWRITE_SLACK", 0)
 
     def batch(i: int) -> dict[str, torch.Tensor]:  # longer rows up to 16, then short ones
         return {"ids": torch.full((2, 1 + 3 * i if i < 6 else 2), i)}

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers.engine import CudaSpy, convert_through
 from _helpers.trees import assert_same_tree
-from tonumpy import UnsupportedLeafError, _tree, convert, to_numpy
+from tonumpy import UnsupportedLeafError, _tree, to_numpy
 from tonumpy._convert import _bulk
 
 # All 65,536 bfloat16 bit patterns (NaN payloads, infinities, subnormals, both zeros).
@@ -180,7 +181,7 @@ def test_lone_meta_tensor_is_refused() -> None:
         to_numpy(torch.empty(3, device="meta"))
 
 
-def test_once_cuda_is_in_use_cpu_trees_stay_zero_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_once_cuda_is_in_use_cpu_trees_stay_zero_copy() -> None:
     """With CUDA initialised (as on any GPU machine), CPU trees convert as before: the same
     values, and views of the tensors' memory where copy=None allows it."""
     trees = {
@@ -189,9 +190,8 @@ def test_once_cuda_is_in_use_cpu_trees_stay_zero_copy(monkeypatch: pytest.Monkey
         "bf16": [torch.randn(4).bfloat16() for _ in range(3)],
     }
     want = {name: to_numpy(tree) for name, tree in trees.items()}
-    monkeypatch.setattr(convert, "_cuda_initialized", lambda: True)
     for name, tree in trees.items():
-        got = to_numpy(tree)
+        got = convert_through(CudaSpy(), tree)
         assert_same_tree(got, want[name], identical_objects=True)
         for g, t in zip(_tree.flatten(got)[0], _tree.flatten(tree)[0], strict=True):
             if isinstance(t, torch.Tensor) and t.dtype != torch.bfloat16:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tonumpy
-from tonumpy._convert import _transfer
+from _helpers.engine import HostEngine, pending_through
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -33,10 +33,9 @@ ROUTES: dict[str, Callable[[torch.Tensor, bool], Any]] = {
 
 def _through_engine(t: torch.Tensor, ml: bool) -> Any:
     """The CUDA route (flags resolved on the device, bits moved), driven with a CPU tensor."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_transfer, "FORCE_CPU", True)
-        pending = tonumpy.to_numpy_async([t], ml_dtypes=ml)
-    assert pending.plan, "the leaf must go through the engine"
+    engine = HostEngine()
+    pending = pending_through(engine, [t], ml_dtypes=ml)
+    assert engine.copies, "the leaf must go through the engine"
     return pending.result()[0]
 
 

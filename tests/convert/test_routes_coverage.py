@@ -4,10 +4,11 @@
 cover the main routes. The tests here give the remaining inputs that a CPU can take through
 the router (``tonumpy.convert``), the bulk passes (``tonumpy._convert._bulk``), the careful
 converter (``tonumpy._convert._leaf``), the engine (``tonumpy._convert._transfer``, run on CPU
-tensors with the ``engine_on_cpu`` fixture) and the column policy (``tonumpy._combine._columns``),
-so that every line of those modules that a CPU can reach is run by some test (checked with
-``coverage``). Each test checks the result against a reference built from torch or NumPy directly,
-never which route ran.
+tensors through the ``HostEngine`` double of ``tests/_helpers/engine.py``) and the column policy
+(``tonumpy._combine._columns``), so that every line of those modules that a CPU can reach is run by
+some test (checked with ``coverage``). Each test
+checks the result against a reference built from torch or NumPy directly, never which route
+ran.
 """
 
 from __future__ import annotations
@@ -19,16 +20,15 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers.engine import HostEngine, convert_through, pending_through
 from _helpers.trees import assert_same_tree
 from tonumpy import (
     ConversionError,
     UnsupportedLeafError,
     concat,
     to_numpy,
-    to_numpy_async,
     to_torch,
 )
-from tonumpy._convert import _transfer
 
 F32 = np.float32
 
@@ -55,8 +55,7 @@ def _owns_its_memory(arr: np.ndarray, *inputs: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------- the router
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_repeated_leaves_the_engine_leaves_to_the_careful_path() -> None:
+def test_repeated_leaves_the_engine_leaves_to_the_careful_path(host_engine: HostEngine) -> None:
     """A sparse or quantized tensor met twice among engine leaves converts once: one array,
     at both places, with the densified (dequantized) values."""
     sparse = torch.eye(3).to_sparse()
@@ -64,7 +63,7 @@ def test_repeated_leaves_the_engine_leaves_to_the_careful_path() -> None:
     tree = {"a": sparse, "b": [sparse, torch.ones(2)], "q": quantized, "q2": quantized}
     eye, values = np.eye(3, dtype=F32), np.arange(4, dtype=F32)
     want = {"a": eye, "b": [eye, np.ones(2, F32)], "q": values, "q2": values}
-    for out in (to_numpy(tree), to_numpy_async(tree).result()):
+    for out in (convert_through(host_engine, tree), pending_through(host_engine, tree).result()):
         assert_same_tree(out, want)
         assert out["a"] is out["b"][0]
         assert out["q"] is out["q2"]
@@ -81,10 +80,11 @@ LONE = {
 }
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
 @pytest.mark.parametrize("options", [{}, {"copy": True}, {"ml_dtypes": True}, {"scalars": True}])
 @pytest.mark.parametrize("kind", LONE)
-def test_lone_engine_leaf_waited_for_at_once(kind: str, options: dict[str, Any]) -> None:
+def test_lone_engine_leaf_waited_for_at_once(
+    kind: str, options: dict[str, Any], host_engine: HostEngine
+) -> None:
     """A tree with one device tensor: converted at once by to_numpy, sent through the engine
     by to_numpy_async; both give the tensor's own values, dtype and shape."""
     t = LONE[kind]()
@@ -94,7 +94,10 @@ def test_lone_engine_leaf_waited_for_at_once(kind: str, options: dict[str, Any])
         "name": tree["name"],
         "step": 3,
     }
-    for out in (to_numpy(tree, **options), to_numpy_async(tree, **options).result()):
+    for out in (
+        convert_through(host_engine, tree, **options),
+        pending_through(host_engine, tree, **options).result(),
+    ):
         assert_same_tree(out, want, identical_objects=True)
         if options.get("copy") and isinstance(out["x"], np.ndarray):
             _owns_its_memory(out["x"], t)
@@ -168,8 +171,7 @@ def test_bfloat16_trees_with_copy_true_copy_the_other_leaves_too() -> None:
 # --------------------------------------------------------------------------------- the engine
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_engine_leaves_that_are_all_empty() -> None:
+def test_engine_leaves_that_are_all_empty(host_engine: HostEngine) -> None:
     """Only empty tensors on the device: nothing to copy, arrays of the right dtype and shape."""
     tree = {
         "a": torch.empty(0),
@@ -181,22 +183,21 @@ def test_engine_leaves_that_are_all_empty() -> None:
         "b": np.empty((0, 3), F32),
         "c": np.empty((2, 0), np.int64),
     }
-    assert_same_tree(to_numpy(tree), want)
-    pending = to_numpy_async(tree)
+    assert_same_tree(convert_through(host_engine, tree), want)
+    pending = pending_through(host_engine, tree)
     assert pending.done()
     assert_same_tree(pending.result(), want)
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_packed_chunk_full_exactly_where_a_dtype_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_packed_chunk_full_exactly_where_a_dtype_ends() -> None:
     """A chunk that fills up with the last leaf of one dtype: the next dtype starts a new one;
     values are unchanged and no packed copy exceeds the chunk size."""
-    monkeypatch.setattr(_transfer, "CHUNK_BYTES", 96)
+    engine = HostEngine(chunk_bytes=96)
     doubles = [torch.arange(4.0, dtype=torch.float64) + i for i in range(3)]  # 3 x 32 bytes
     shorts = [torch.arange(3, dtype=torch.int16) - i for i in range(5)]  # 6 bytes each
     tree = {"doubles": doubles, "shorts": shorts}
-    pending = to_numpy_async(tree)
-    assert all(nbytes <= 96 for _, _, nbytes in pending.plan)
+    pending = pending_through(engine, tree)
+    assert all(nbytes <= 96 for _, nbytes in engine.copies)
     assert_same_tree(
         pending.result(),
         {"doubles": [t.numpy() for t in doubles], "shorts": [t.numpy() for t in shorts]},

@@ -1,8 +1,8 @@
 """The batched device-to-host engine: packing, pinned staging, events, and its public face.
 
-CPU tests force the engine onto CPU tensors (``_transfer.FORCE_CPU``, the one switch, through
-``forced`` here and the ``engine_on_cpu`` fixture), which runs the same grouping, packing,
-staging and unpacking code with pageable blocks.
+CPU tests pass the engine a double that takes CPU tensors (``HostEngine`` of
+``tests/_helpers/engine.py``, through ``forced`` here and the ``host_engine`` fixture), which runs
+the same grouping, packing, staging and unpacking code with pageable blocks.
 CUDA tests (``@pytest.mark.cuda``) check what only a GPU can: races, streams, pinned memory.
 """
 
@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tonumpy
+from _helpers.engine import CudaSpy, HostEngine, convert_through, pending_through
 from _helpers.trees import LEAVES, assert_same_tree
 from tonumpy import (
     ConversionError,
@@ -35,16 +36,14 @@ from tonumpy._dtypes import widen_bfloat16_bits
 # ------------------------------------------------------------------------------------ helpers
 
 
-def forced_pending(tree: Any, **options: Any) -> PendingTransfer:
-    """``to_numpy_async(tree)`` with the engine forced onto CPU tensors (for this call only)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_transfer, "FORCE_CPU", True)
-        return to_numpy_async(tree, **options)
+def forced_pending(tree: Any, engine: HostEngine | None = None, **options: Any) -> PendingTransfer:
+    """``to_numpy_async(tree)`` with the engine taking CPU tensors (``engine`` or a new one)."""
+    return pending_through(HostEngine() if engine is None else engine, tree, **options)
 
 
-def forced(tree: Any, **options: Any) -> Any:
-    """Convert ``tree`` with the engine forced onto CPU tensors."""
-    return forced_pending(tree, **options).result()
+def forced(tree: Any, engine: HostEngine | None = None, **options: Any) -> Any:
+    """Convert ``tree`` with the engine taking CPU tensors."""
+    return forced_pending(tree, engine, **options).result()
 
 
 ENGINE_DTYPES = sorted(_transfer._WIRE, key=str)
@@ -88,19 +87,18 @@ SHAPES: dict[str, Callable[[torch.dtype], torch.Tensor]] = {
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "alone"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", ENGINE_DTYPES, ids=str)
-def test_forced_engine_every_dtype_and_stride(
-    dtype: torch.dtype, shape: str, packed: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_forced_engine_every_dtype_and_stride(dtype: torch.dtype, shape: str, packed: bool) -> None:
     """Every dtype, shape and stride, packed or sent alone, converts as the plain path."""
-    if not packed:
-        monkeypatch.setattr(_transfer, "SMALL_BYTES", 0)
+    engine = HostEngine(small_bytes=_transfer.SMALL_BYTES if packed else 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # complex32 is experimental
         t = SHAPES[shape](dtype)
         tree = {"t": t, "other": sample(torch.float32, (2,)), "big": torch.zeros(3)}
         for options in ({}, {"copy": True}, {"ml_dtypes": True}, {"scalars": True}):
             assert_same_tree(
-                forced(tree, **options), to_numpy(tree, **options), identical_objects=True
+                forced(tree, engine, **options),
+                to_numpy(tree, **options),
+                identical_objects=True,
             )
 
 
@@ -117,10 +115,10 @@ def test_forced_engine_packs_small_leaves_into_one_copy() -> None:
     """Small leaves of many dtypes cross as one packed copy; a large one goes alone."""
     small = [sample(d, (5,), seed=i) for i, d in enumerate(ENGINE_DTYPES * 3)]
     large = torch.arange(_transfer.SMALL_BYTES // 4 + 1, dtype=torch.float32)
-    pending = forced_pending([*small, large])
-    kinds = [kind for _, kind, _ in pending.plan]
-    assert kinds == ["packed", "single"]
-    assert pending.plan[1][2] == large.nbytes
+    engine = HostEngine()
+    pending = forced_pending([*small, large], engine)
+    assert len(engine.copies) == 2  # the small leaves packed together, the large one alone
+    assert engine.copies[1] == ("cpu", large.nbytes)
     assert_same_tree(pending.result(), to_numpy([*small, large]), identical_objects=True)
 
 
@@ -139,32 +137,25 @@ def test_packed_views_are_aligned_and_share_one_block() -> None:
         assert arr.__array_interface__["data"][0] % arr.dtype.itemsize == 0
 
 
-def test_chunks_bound_the_packed_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunks_bound_the_packed_buffer() -> None:
     """With a small chunk size, packing splits into several copies; values are unchanged."""
-    monkeypatch.setattr(_transfer, "CHUNK_BYTES", 100)
+    engine = HostEngine(chunk_bytes=100)
     tree = [sample(torch.float64, (4,), seed=i) for i in range(10)]  # 32 bytes each
     tree += [sample(torch.int16, (3,), seed=i) for i in range(10)]
-    pending = forced_pending(tree)
-    sizes = [n for _, _, n in pending.plan]
+    pending = forced_pending(tree, engine)
+    sizes = [n for _, n in engine.copies]
     assert len(sizes) > 3
     assert max(sizes) <= 100
     assert sum(sizes) == sum(t.nbytes for t in tree)
     assert_same_tree(pending.result(), to_numpy(tree), identical_objects=True)
 
 
-def test_per_device_grouping(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_per_device_grouping() -> None:
     """Leaves are grouped by source device: one packed copy and one host block per device."""
-    devices = {}
-
-    def pretend(t: torch.Tensor) -> torch.device:
-        return devices.get(id(t), t.device)
-
     tree = [sample(torch.float32, (4,), seed=i) for i in range(9)]
-    for i, t in enumerate(tree):
-        devices[id(t)] = torch.device("cpu", i % 3)
-    monkeypatch.setattr(_transfer, "_device_of", pretend)
-    pending = forced_pending(tree)
-    assert sorted(pending.plan) == [(f"cpu:{i}", "packed", 48) for i in range(3)]
+    engine = HostEngine(devices={id(t): torch.device("cpu", i % 3) for i, t in enumerate(tree)})
+    pending = forced_pending(tree, engine)
+    assert sorted(engine.copies) == [(f"cpu:{i}", 48) for i in range(3)]
     out = pending.result()
     assert_same_tree(out, to_numpy(tree), identical_objects=True)
     for i in range(9):
@@ -358,15 +349,20 @@ def test_c18_only_cuda_tensors_are_engine_leaves() -> None:
     quantized and nested ones not even then: no copy is enqueued for them."""
     tree = {"a": torch.ones(3), "b": [torch.zeros(2, dtype=torch.bfloat16)], "c": 1}
     for options in ({}, {"copy": True}, {"scalars": True}):
-        pending = to_numpy_async(tree, **options)
-        assert pending.plan == []
+        spy = CudaSpy()
+        pending = pending_through(spy, tree, **options)
+        assert spy.copies == []
         assert pending.done()
         assert_same_tree(pending.result(), to_numpy(tree, **options), identical_objects=True)
     odd = [torch.ones(2).to_sparse(), torch.quantize_per_tensor(torch.ones(2), 0.5, 0, torch.qint8)]
-    pending = forced_pending(odd)
-    assert pending.plan == []
+    engine = HostEngine()
+    pending = forced_pending(odd, engine)
+    assert engine.copies == []
+    assert pending.done()
     assert_same_tree(pending.result(), to_numpy(odd), identical_objects=True)
-    assert forced_pending([torch.ones(2)]).plan == [("cpu", "single", 8)]
+    engine = HostEngine()
+    forced_pending([torch.ones(2)], engine)
+    assert engine.copies == [("cpu", 8)]
 
 
 def test_functorch_wrapped_leaf_takes_the_careful_path() -> None:
@@ -481,12 +477,11 @@ def test_to_numpy_integration_batches_device_leaves(options: dict[str, Any]) -> 
         tree["dup"] = [tree["float32"], tree["float32"]]
         tree["text"] = "keep"
         want = to_numpy(tree, **options)
-        pending = forced_pending(tree, **options)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(_transfer, "FORCE_CPU", True)
-            got = to_numpy(tree, **options)
+        engine = HostEngine()
+        pending = forced_pending(tree, engine, **options)
+        got = convert_through(HostEngine(), tree, **options)
         # copy=False: every engine leaf would need a copy, so none is enqueued
-        assert bool(pending.plan) is (options.get("copy") is not False)
+        assert bool(engine.copies) is (options.get("copy") is not False)
         assert_same_tree(got, want, identical_objects=True)
         assert_same_tree(pending.result(), want, identical_objects=True)
     if not options.get("scalars"):
@@ -496,15 +491,16 @@ def test_to_numpy_integration_batches_device_leaves(options: dict[str, Any]) -> 
 def test_lone_device_leaf_converts_as_the_plain_path() -> None:
     """A single leaf, waited for at once, gives the plain path's result (small or large)."""
     big = torch.arange(2 << 14, dtype=torch.float32)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_transfer, "FORCE_CPU", True)
-        assert_same_tree(
-            to_numpy({"x": torch.ones(3)}), {"x": np.ones(3, np.float32)}, identical_objects=True
-        )
-        half = to_numpy(torch.tensor(1.5, dtype=torch.bfloat16))
-        assert_same_tree(half, np.array(1.5, np.float32), identical_objects=True)
-        assert to_numpy(torch.tensor(2), scalars=True) == 2
-        np.testing.assert_array_equal(to_numpy(big), big.numpy())
+    engine = HostEngine()
+    assert_same_tree(
+        convert_through(engine, {"x": torch.ones(3)}),
+        {"x": np.ones(3, np.float32)},
+        identical_objects=True,
+    )
+    half = convert_through(engine, torch.tensor(1.5, dtype=torch.bfloat16))
+    assert_same_tree(half, np.array(1.5, np.float32), identical_objects=True)
+    assert convert_through(engine, torch.tensor(2), scalars=True) == 2
+    np.testing.assert_array_equal(convert_through(engine, big), big.numpy())
 
 
 # ----------------------------------------------------------------------- to_numpy_async (CPU)
@@ -685,8 +681,9 @@ def test_cuda_staging_is_pinned_and_reused() -> None:
 def test_cuda_packs_ten_thousand_leaves_into_one_copy() -> None:
     """10,000 small leaves: one packed copy, one event, values right."""
     tree = [torch.full((16,), float(i), device="cuda") for i in range(10_000)]
-    pending = to_numpy_async(tree)
-    assert [kind for _, kind, _ in pending.plan] == ["packed"]
+    spy = CudaSpy()
+    pending = pending_through(spy, tree)
+    assert spy.copies == [("cuda:0", 16 * 4 * 10_000)]
     assert len(pending._batch.events) == 1
     out = pending.result()
     assert all(arr[0] == i for i, arr in enumerate(out))
@@ -698,9 +695,10 @@ def test_cuda_two_devices_one_event_each() -> None:
     """C21: leaves on two GPUs: one packed copy and one event per device."""
     tree = {f"d{d}": [torch.full((8,), float(d), device=f"cuda:{d}")] * 3 for d in range(2)}
     tree["x"] = [torch.arange(4, device="cuda:1"), torch.arange(4, device="cuda:0")]
-    pending = to_numpy_async(tree)
+    spy = CudaSpy()
+    pending = pending_through(spy, tree)
     assert len(pending._batch.events) == 2
-    assert sorted(d for d, _, _ in pending.plan) == ["cuda:0", "cuda:1"]
+    assert sorted(d for d, _ in spy.copies) == ["cuda:0", "cuda:1"]
     assert_same_tree(pending.result(), _naive(tree), identical_objects=True)
 
 

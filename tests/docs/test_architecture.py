@@ -58,13 +58,16 @@ def test_every_module_of_the_package_is_named_once() -> None:
 
 
 def test_every_module_named_in_the_text_exists() -> None:
-    """Each dotted module the page's prose names (`_combine._columns`, `io._torch`) exists."""
-    modules = _package_modules()
-    short = {m.removeprefix("tonumpy.") for m in modules}
+    """Each dotted private name the page gives (`_combine._columns`, `hooks._capturing`) exists."""
+    short = {m.removeprefix("tonumpy.") for m in _package_modules()}
     for found in re.findall(r"`((?:_?[a-z]+\.)*_[a-z_]+|io\._[a-z_]+)`", PAGE):
         name = found.removeprefix("tonumpy.")
-        if "." in name:
-            assert name in short, f"the page names {name!r}, which is not a module"
+        if "." not in name or name in short:
+            continue
+        owner, attribute = name.rsplit(".", 1)
+        assert owner in short, f"the page names {name!r}: {owner!r} is not a module"
+        module = importlib.import_module(f"tonumpy.{owner}")
+        assert hasattr(module, attribute), f"the page names {name!r}, which does not exist"
 
 
 def test_the_contract_shown_is_the_contract_checked() -> None:

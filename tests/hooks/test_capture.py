@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import tonumpy
+from _helpers.engine import HostEngine
 from _helpers.trees import Point, ToyOutput
 from tonumpy import (
     Activations,
@@ -27,6 +28,7 @@ from tonumpy import (
     capture,
     numpy_args,
 )
+from tonumpy.hooks import _capturing
 
 # ------------------------------------------------------------------------------------ models
 
@@ -574,12 +576,11 @@ def test_concat_errors() -> None:
 # ---------------------------------------------------------------------- the pending (GPU) path
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_engine_path_values_and_structure() -> None:
+def test_engine_path_values_and_structure(host_engine: HostEngine) -> None:
     """Through the engine, calls are in flight until read, and read back as the same trees."""
     model = Structured()
     x = torch.randn(4, 2)
-    with capture(model, include=["lin", "mo", "dct"], inputs=True) as acts:
+    with _capturing(model, engine=host_engine, include=["lin", "mo", "dct"], inputs=True) as acts:
         model(x)
         model(x)
     assert not acts.done()
@@ -594,14 +595,13 @@ def test_engine_path_values_and_structure() -> None:
         assert no_tensors(calls)
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_engine_path_snapshots_before_inplace_changes() -> None:
+def test_engine_path_snapshots_before_inplace_changes(host_engine: HostEngine) -> None:
     """Through the engine too, a later in-place ReLU does not reach the captured output."""
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(inplace=True))
     x = torch.randn(8, 4)
     expected = model[0](x).detach().numpy().copy()
-    with capture(model, include="0", reduce=lambda t: t[:, :3]) as acts:
+    with _capturing(model, engine=host_engine, include="0", reduce=lambda t: t[:, :3]) as acts:
         model(x)
     assert (expected[:, :3] < 0).any()
     np.testing.assert_array_equal(acts["0"][0], expected[:, :3])

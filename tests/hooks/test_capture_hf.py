@@ -14,14 +14,21 @@ import pytest
 import torch
 
 import tonumpy
+from _helpers.engine import HostEngine
 from tonumpy import CaptureError, ConversionError, capture
+from tonumpy.hooks import _capturing
 
 transformers = pytest.importorskip("transformers")
 from _helpers.capture_models import MODELS, Recorded, Unknown, batch, bert, gpt2  # noqa: E402
 
 
-def run(model: Any, *lengths: int, **options: Any) -> tuple[tonumpy.Activations, Recorded]:
-    with capture(model, **options) as acts:
+def run(
+    model: Any, *lengths: int, engine: HostEngine | None = None, **options: Any
+) -> tuple[tonumpy.Activations, Recorded]:
+    hooked = (
+        capture(model, **options) if engine is None else _capturing(model, engine=engine, **options)
+    )
+    with hooked as acts:
         recorded = Recorded(model)
         try:
             for length in lengths:
@@ -277,12 +284,13 @@ def test_arrays_keeps_what_is_leaf_kept_whole() -> None:
     np.testing.assert_array_equal(arrays["[0]"], np.ones(3, np.float32))
 
 
-@pytest.mark.usefixtures("engine_on_cpu")
-def test_arrays_and_items_through_the_engine() -> None:
+def test_arrays_and_items_through_the_engine(host_engine: HostEngine) -> None:
     """With the transfer engine (as on a GPU), calls are in flight until read; items(), values()
     and arrays() wait for them and give the same arrays as torch's own outputs."""
     model = bert()
-    acts, recorded = run(model, 4, include=["**.attention", "bert.encoder.layer.*"])
+    acts, recorded = run(
+        model, 4, engine=host_engine, include=["**.attention", "bert.encoder.layer.*"]
+    )
     assert not acts.done()
     assert [name for name, _ in acts.items()] == list(acts)
     arrays = acts.arrays()

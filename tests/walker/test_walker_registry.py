@@ -121,16 +121,18 @@ def test_registered_types_are_bounded_and_released() -> None:
     assert _Stable in tonumpy._tree.registered_types()
 
 
-def test_threads_and_evictions_together(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threads_and_evictions_together() -> None:
     """Threads convert trees of their own types while another churns through many more."""
-    monkeypatch.setattr(tonumpy._tree, "MAX_NODE_TYPES", 16)  # evict often
     stop = threading.Event()
     failures: list[str] = []
+    churned = [0]
+    enough = 2 * tonumpy._tree.MAX_NODE_TYPES + 100  # the registry evicts during the work
 
     def churn() -> None:
         while not stop.is_set():
             cls = type("Churn", (list,), {})
             to_numpy(cls([torch.ones(1)]))
+            churned[0] += 1
 
     def work(seed: int) -> None:
         try:
@@ -141,13 +143,15 @@ def test_threads_and_evictions_together(monkeypatch: pytest.MonkeyPatch) -> None
     def convert_and_accumulate(seed: int) -> None:
         acc = Accumulator()
         kinds = [type(f"Own{seed}", (dict,), {}), dataclasses.make_dataclass("Own", [("x", Any)])]
-        for step in range(60):
+        step = 0
+        while step < 60 or churned[0] < enough:
+            step += 1
             tree = {"a": kinds[0](v=torch.ones(2)), "b": kinds[1](torch.ones(1, 2))}
             out = to_numpy(tree)
             if not (isinstance(out["a"]["v"], np.ndarray) and isinstance(out["b"].x, np.ndarray)):
                 failures.append(f"thread {seed} step {step}: {out!r}")
             acc.append(tree)
-        if acc.result()["b"].x.shape != (60, 2):
+        if acc.result()["b"].x.shape != (step, 2):
             failures.append(f"thread {seed}: {acc.result()!r}")
 
     evictions = tonumpy._tree._snapshot.evictions

@@ -48,9 +48,6 @@ def stored_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 _MAGIC = b"\x93NUMPY\x01\x00"
 _BLOCK_BYTES = 16 << 20  # re-layouts copy about this much at a time
-#: Re-layouts may rewrite this many bytes, plus twice the bytes appended, before growing
-#: dimensions geometrically instead of exactly (rewriting small files early costs nothing).
-_REWRITE_SLACK = 64 << 20
 
 
 def _pwrite(fd: int, data: memoryview, offset: int) -> int:
@@ -108,6 +105,11 @@ def _bytes_of(arr: np.ndarray) -> memoryview:
     return flat.view(np.uint8).data
 
 
+#: Re-layouts may rewrite this many bytes, plus twice the bytes appended, before growing
+#: dimensions geometrically instead of exactly (rewriting small data early costs nothing).
+_REWRITE_SLACK = 64 << 20
+
+
 class GrowingNpy:
     """One leaf growing along its first axis in a ``.npy`` file (format version 1.0).
 
@@ -125,8 +127,18 @@ class GrowingNpy:
     when the result is read.
     """
 
-    def __init__(self, path: Path, dtype: np.dtype[Any], trailing: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        dtype: np.dtype[Any],
+        trailing: tuple[int, ...],
+        *,
+        rewrite_slack: int | None = None,
+    ) -> None:
         self.path = path
+        #: Re-layouts may rewrite this many bytes, plus twice the bytes appended, before
+        #: growing dimensions geometrically (default ``_REWRITE_SLACK``).
+        self.rewrite_slack = _REWRITE_SLACK if rewrite_slack is None else rewrite_slack
         # O_EXCL: never another run's file; 0o666 & ~umask, as any new file
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         self._finalizer = weakref.finalize(self, os.close, self.fd)
@@ -156,6 +168,7 @@ class GrowingNpy:
         """
         self = cls.__new__(cls)
         self.path = path
+        self.rewrite_slack = _REWRITE_SLACK
         self.fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
         self._finalizer = weakref.finalize(self, os.close, self.fd)
         size = os.fstat(self.fd).st_size
@@ -266,7 +279,7 @@ class GrowingNpy:
         if all(n <= t for n, t in zip(needed, self.trailing, strict=True)):
             return
         cost = self._rewritten + self.rows * self.row_bytes
-        exact = cost <= 2 * self._appended + _REWRITE_SLACK
+        exact = cost <= 2 * self._appended + self.rewrite_slack
         new = tuple(
             t if n <= t else (n if exact else max(n, t + t // 2))
             for n, t in zip(needed, self.trailing, strict=True)

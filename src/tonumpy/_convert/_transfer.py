@@ -48,12 +48,15 @@ from .. import _dtypes, _tree
 from .._options import Copy
 from ._staging import POOL
 
-__all__ = ["CHUNK_BYTES", "FORCE_CPU", "SMALL_BYTES", "PendingTransfer", "enqueue", "finish"]
-
-#: Send CPU tensors through the engine too (pageable blocks, no events), as if they were on a
-#: GPU. The one switch the test suite uses to run the engine's grouping, packing, staging and
-#: unpacking on a machine without CUDA; nothing in the library sets it.
-FORCE_CPU = False
+__all__ = [
+    "CHUNK_BYTES",
+    "CUDA",
+    "SMALL_BYTES",
+    "CudaEngine",
+    "PendingTransfer",
+    "enqueue",
+    "finish",
+]
 
 # Leaves of at most this many bytes are packed; larger ones get a copy of their own.
 #
@@ -128,9 +131,50 @@ def _never(t: torch.Tensor) -> bool:
 # ------------------------------------------------------------------------------- planning
 
 
-#: How [`enqueue`][] reads a leaf's device: a C-level getter, and the seam where a test poses
-#: CPU tensors as several devices.
-_device_of: Callable[[torch.Tensor], torch.device] = operator.attrgetter("device")
+class CudaEngine:
+    """The device side of the engine: which tensors it takes, and how it copies them.
+
+    [`enqueue`][] reads from it, so that every caller passes the device side in explicitly:
+    ``takes_cpu`` (whether CPU tensors are sent too: the router then skips the CPU bulk
+    pass), ``takes(t)`` (a C-level getter: does this tensor go through the engine),
+    ``device_of(t)`` (the source device a leaf is grouped by), ``copy(dst, src, device)`` (one
+    device-to-host copy), ``small_bytes`` and ``chunk_bytes`` (the packing limits),
+    ``pinned`` (whether the host blocks are page-locked) and ``record(device)`` (the event
+    waited for before the arrays are built, recorded after that device's last copy on its
+    current stream). ``active()`` says whether the engine may hold anything at all: false
+    until the first CUDA tensor exists, so a CPU-only program never touches CUDA.
+
+    Only CUDA tensors (ROCm reports itself as CUDA) are taken. The test suite passes a double
+    that takes CPU tensors, to run the grouping, packing, staging and unpacking without a GPU.
+    """
+
+    __slots__ = ()
+
+    takes_cpu = False
+    pinned = True
+    #: Leaves of at most this many bytes are packed ([`SMALL_BYTES`][]).
+    small_bytes = SMALL_BYTES
+    #: Packed buffers are built and copied in chunks of at most this size ([`CHUNK_BYTES`][]).
+    chunk_bytes = CHUNK_BYTES
+    takes: Callable[[torch.Tensor], bool] = operator.attrgetter("is_cuda")
+    device_of: Callable[[torch.Tensor], torch.device] = operator.attrgetter("device")
+    active: Callable[[], bool] = staticmethod(torch.cuda.is_initialized)
+
+    @staticmethod
+    def copy(dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> None:
+        """Enqueue the copy of ``src`` (bytes on ``device``) into the host block ``dst``."""
+        dst.copy_(src, non_blocking=True)
+
+    @staticmethod
+    def record(device: torch.device) -> Any:
+        """Record an event on ``device``'s current stream, after the copies enqueued there."""
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+
+#: The engine every public entry point uses.
+CUDA = CudaEngine()
 
 
 def _device_form(t: torch.Tensor) -> torch.Tensor:
@@ -185,7 +229,6 @@ class _Batch:
         "leases",
         "nbytes",
         "offsets",
-        "plan",
         "positions",
         "shapes",
         "sources",
@@ -204,26 +247,6 @@ class _Batch:
         self.events: list[Any] = []
         self.sources: list[torch.Tensor] = []  # kept alive until the copies have landed
         self.careful: list[int] = []  # positions the engine left to the careful path
-        self.plan: list[tuple[str, str, int]] = []
-
-
-class _SyncedCopy:
-    """The event of a forced CPU job ([`FORCE_CPU`][]): its copies were made synchronously.
-
-    It reports them in flight until it is waited for, as a device's event does before the
-    copies land, so that the asynchronous paths of every caller run on a machine without CUDA.
-    """
-
-    __slots__ = ("_synced",)
-
-    def __init__(self) -> None:
-        self._synced = False
-
-    def query(self) -> bool:
-        return self._synced
-
-    def synchronize(self) -> None:
-        self._synced = True
 
 
 class _DeviceJob:
@@ -236,41 +259,35 @@ class _DeviceJob:
         self.buckets: dict[torch.dtype, tuple[list[torch.Tensor], list[int]]] = {}
         self.large: list[tuple[torch.Tensor, int]] = []
 
-    def enqueue(self, batch: _Batch) -> None:
+    def enqueue(self, batch: _Batch, engine: CudaEngine) -> None:
         """Pack, copy into one leased host block, record one event."""
-        chunks, total = self._lay_out(batch)
+        chunks, total = self._lay_out(batch, engine.chunk_bytes)
         if total == 0:
             return
         nbytes, offsets = batch.nbytes, batch.offsets
-        is_cuda = self.device.type == "cuda"
-        staging, lease, guard = POOL.lease(total, pinned=is_cuda)
-        where, plan = str(self.device), batch.plan
+        staging, lease, guard = POOL.lease(total, pinned=engine.pinned)
+        device, copy = self.device, engine.copy
         offset = 0
         try:
             for chunk_runs, chunk_size in chunks:
                 if len(chunk_runs) == 1 and len(chunk_runs[0]) == 1:
                     src = _flat_bytes(chunk_runs[0][0])
-                    plan.append((where, "single", chunk_size))
                 else:
                     src = _pack_runs(chunk_runs)
-                    plan.append((where, "packed", chunk_size))
-                staging[offset : offset + chunk_size].copy_(src, non_blocking=True)
+                copy(staging[offset : offset + chunk_size], src, device)
                 offset = _align(offset + chunk_size)
             for t, i in self.large:
-                dst = staging[offsets[i] : offsets[i] + nbytes[i]]
-                dst.copy_(_flat_bytes(t), non_blocking=True)
-                plan.append((where, "single", nbytes[i]))
+                copy(staging[offsets[i] : offsets[i] + nbytes[i]], _flat_bytes(t), device)
         finally:  # even after an error (out of memory...): copies already enqueued guard the block
-            event: Any = _SyncedCopy()  # CPU copies (FORCE_CPU) are done already
-            if is_cuda:
-                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-                event.record(torch.cuda.current_stream(self.device))
-                guard.append(event)
+            event = engine.record(self.device)
+            guard.append(event)
             batch.events.append(event)
         batch.leases.append(lease)
         batch.guards.append(guard)
 
-    def _lay_out(self, batch: _Batch) -> tuple[list[tuple[list[list[torch.Tensor]], int]], int]:
+    def _lay_out(
+        self, batch: _Batch, limit: int
+    ) -> tuple[list[tuple[list[list[torch.Tensor]], int]], int]:
         """Assign each leaf its host offset; return the chunks to pack and the block size.
 
         Chunks are runs of same-dtype tensors, dtypes in decreasing item size (see ``_pack_runs``).
@@ -281,7 +298,6 @@ class _DeviceJob:
         runs: list[list[torch.Tensor]] = []
         total = 0  # host offset of the current chunk
         size = 0  # bytes in the current chunk
-        limit = CHUNK_BYTES
         for dtype in sorted(self.buckets, key=lambda d: -d.itemsize):
             tensors, indices = self.buckets[dtype]
             start = 0
@@ -307,21 +323,21 @@ class _DeviceJob:
 
 
 def enqueue(  # noqa: PLR0915 - one hot loop, kept inline: every call costs per leaf
-    leaves: Sequence[Any], positions: Sequence[int]
+    leaves: Sequence[Any], positions: Sequence[int], engine: CudaEngine
 ) -> _Batch:
     """Start the copies of the plain tensors ``leaves[i] for i in positions``.
 
-    The engine takes CUDA tensors (CPU ones too under [`FORCE_CPU`][]) of a dtype that
+    The engine takes the tensors ``engine.takes`` (CUDA ones, see [`CudaEngine`][]) of a dtype that
     crosses the bus as bytes, strided and not functorch-wrapped; the others' positions are
     listed in the returned batch's ``careful``, for the careful per-leaf converter. A tensor
     met twice is copied once (``dups``). The hot loop: kept lean.
     """
-    force = FORCE_CPU
     batch = _Batch()
     jobs: dict[torch.device, _DeviceJob] = {}
     seen: dict[int, int] = {}
-    small = SMALL_BYTES
-    wire, strided, device_of = _WIRE, torch.strided, _device_of
+    small = engine.small_bytes
+    wire, strided = _WIRE, torch.strided
+    takes, device_of = engine.takes, engine.device_of
     careful = batch.careful
     engine_positions, dtypes, shapes = batch.positions, batch.dtypes, batch.shapes
     nbytes_of, sources = batch.nbytes, batch.sources
@@ -340,7 +356,7 @@ def enqueue(  # noqa: PLR0915 - one hot loop, kept inline: every call costs per 
             dtype = t.dtype
             if (
                 dtype not in wire
-                or not (t.is_cuda or (force and t.device.type == "cpu"))
+                or not takes(t)
                 or t.layout != strided
                 or t.is_nested
                 or wrapped(t)
@@ -377,7 +393,7 @@ def enqueue(  # noqa: PLR0915 - one hot loop, kept inline: every call costs per 
         batch.offsets = [0] * n
         batch.blocks = [-1] * n
         for job in jobs.values():
-            job.enqueue(batch)
+            job.enqueue(batch, engine)
     return batch
 
 
@@ -402,7 +418,7 @@ class PendingTransfer:
         {'x': array([0, 1, 2])}
     """
 
-    __slots__ = ("_batch", "_copy", "_ml_dtypes", "_out", "_scalars", "_spec", "_tree", "plan")
+    __slots__ = ("_batch", "_copy", "_ml_dtypes", "_out", "_scalars", "_spec", "_tree")
 
     _NO_TREE: Any = object()
 
@@ -423,9 +439,6 @@ class PendingTransfer:
         self._ml_dtypes = ml_dtypes
         self._scalars = scalars
         self._tree: Any = self._NO_TREE
-        #: The copies enqueued, as ``(device, "packed" | "single", nbytes)``: how the engine
-        #: moved the leaves (packed small leaves, large ones alone), for tuning.
-        self.plan: list[tuple[str, str, int]] = [] if batch is None else batch.plan
 
     def done(self) -> bool:
         """True when every copy has arrived: [`result`][] will not wait. Never blocks."""

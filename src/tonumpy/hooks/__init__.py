@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .. import _options, _tree
-from .._convert._transfer import PendingTransfer
+from .._convert._transfer import CUDA, CudaEngine, PendingTransfer
 from ..convert import start
 from ..errors import CaptureError
 from . import _module_patterns
@@ -149,8 +149,10 @@ class _Recorder:
         ml_dtypes: bool,
         scalars: bool,
         is_leaf: Callable[[Any], bool] | None,
+        engine: CudaEngine,
     ) -> None:
         self.acts = acts
+        self.engine = engine
         self.every = every
         self.reduce = reduce
         self.ml_dtypes = ml_dtypes
@@ -231,6 +233,7 @@ class _Recorder:
                 ml_dtypes=self.ml_dtypes,
                 scalars=self.scalars,
                 leaf_types=leaf_types,
+                engine=self.engine,
             )
         except Exception as exc:
             if hasattr(exc, "add_note"):
@@ -395,6 +398,40 @@ def capture(
         OptionError: ``inputs``, ``outputs``, ``ml_dtypes`` or ``scalars`` is not exactly
             ``True`` or ``False``.
     """
+    with _capturing(
+        module,
+        include=include,
+        exclude=exclude,
+        inputs=inputs,
+        outputs=outputs,
+        every=every,
+        max_calls=max_calls,
+        reduce=reduce,
+        ml_dtypes=ml_dtypes,
+        scalars=scalars,
+        is_leaf=is_leaf,
+        engine=CUDA,
+    ) as acts:
+        yield acts
+
+
+@contextlib.contextmanager
+def _capturing(
+    module: torch.nn.Module,
+    *,
+    include: ModulePattern | Iterable[ModulePattern] = "**",
+    exclude: ModulePattern | Iterable[ModulePattern] = (),
+    inputs: bool = False,
+    outputs: bool = True,
+    every: int = 1,
+    max_calls: int | None = None,
+    reduce: Callable[[torch.Tensor], Any] | None = None,
+    ml_dtypes: bool = False,
+    scalars: bool = False,
+    is_leaf: Callable[[Any], bool] | None = None,
+    engine: CudaEngine,
+) -> Iterator[Activations]:
+    """[`capture`][] with the device side of the transfer engine passed in (see ``CudaEngine``)."""
     if not isinstance(module, torch.nn.Module):
         raise CaptureError(
             f"capture() needs a torch.nn.Module, got {type(module).__name__}; "
@@ -414,7 +451,13 @@ def capture(
     chosen = _chosen(module, include, exclude, stacklevel=3)  # under contextlib's __enter__
     acts = Activations(chosen, max_calls, is_leaf=is_leaf)
     rec = _Recorder(
-        acts, every=every, reduce=reduce, ml_dtypes=ml_dtypes, scalars=scalars, is_leaf=is_leaf
+        acts,
+        every=every,
+        reduce=reduce,
+        ml_dtypes=ml_dtypes,
+        scalars=scalars,
+        is_leaf=is_leaf,
+        engine=engine,
     )
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
