@@ -20,7 +20,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from optree import PyTreeSpec
@@ -695,13 +695,20 @@ class Accumulator:
                 "acc.batches of the loader), then close()"
             )
 
-    def _gather_input(self) -> tuple[list[Any], PyTreeSpec, list[bool], np.ndarray | None]:
-        """See [`gather_input`][tonumpy.accumulate.gather_input]."""
+    def __tonumpy_gather__(self) -> GatherInput:
+        """What ``gather(acc)`` sends: tonumpy's internal protocol between the two features.
+
+        The leaves, structure, per-batch leaves and rows' dataset indices, as a
+        [`GatherInput`][tonumpy.accumulate.GatherInput]. A leaf holds one value per batch when
+        it was 0-d or not an array in every batch: ``gather`` never reorders such values like
+        per-sample rows. The indices are those ``append(..., index=)`` was given (``None``
+        without).
+        """
         with self._lock:
             out = self._result_leaves(None)
             assert self._spec is not None  # noqa: S101
             per_batch = [leaf.column.kind in ("scalar", "object") for leaf in self._leaves]
-        return out, self._spec, per_batch, self.indices()
+        return GatherInput(out, self._spec, per_batch, self.indices())
 
     def _leaf_result(self, leaf: _Leaf, num_items: int | None) -> Any:
         column = leaf.column
@@ -731,16 +738,13 @@ class Accumulator:
         return out
 
 
-def gather_input(
-    acc: Accumulator,
-) -> tuple[list[Any], PyTreeSpec, list[bool], np.ndarray | None]:
-    """What ``gather(acc)`` sends: the leaves, structure, per-batch leaves and rows' indices.
+class GatherInput(NamedTuple):
+    """What [`Accumulator.__tonumpy_gather__`][] gives ``gather``: one rank's input, described."""
 
-    A leaf holds one value per batch when it was 0-d or not an array in every batch: ``gather``
-    never reorders such values like per-sample rows. The indices are those ``append(...,
-    index=)`` was given (``None`` without).
-    """
-    return acc._gather_input()  # noqa: SLF001 - the class is this module's own
+    leaves: list[Any]  #: the result's leaves, in leaf order
+    spec: PyTreeSpec  #: the result's structure
+    per_batch: list[bool]  #: for each leaf, whether it holds one value per batch
+    indices: np.ndarray | None  #: the rows' dataset indices (``append(..., index=)``), or None
 
 
 def check_format(format: Any, where: str) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import _module_patterns, _options, _tree
-from ._activations import Activations, record
+from ._activations import Activations, open_activations
 from ._module_patterns import ModulePattern
 from ._transfer import PendingTransfer
 from .convert import start
@@ -137,7 +137,7 @@ class _Recorder:
 
     def __init__(
         self,
-        acts: Activations,
+        add: Callable[[str, Any], None],
         *,
         every: int,
         reduce: Callable[[torch.Tensor], Any] | None,
@@ -145,7 +145,7 @@ class _Recorder:
         scalars: bool,
         is_leaf: Callable[[Any], bool] | None,
     ) -> None:
-        self.acts = acts
+        self.add = add  # stores one captured call in the Activations the user holds
         self.every = every
         self.reduce = reduce
         self.ml_dtypes = ml_dtypes
@@ -231,9 +231,6 @@ class _Recorder:
             if hasattr(exc, "add_note"):
                 exc.add_note(f"tonumpy.capture: while capturing the {what} of module {name!r}")
             raise
-
-    def add(self, name: str, call: Any) -> None:
-        record(self.acts, name, call)
 
 
 def _hooks(
@@ -407,9 +404,9 @@ def capture(
     ):
         raise CaptureError(f"max_calls= must be a positive int or None, got {max_calls!r}")
     chosen = _chosen(module, include, exclude)
-    acts = Activations(chosen, max_calls, is_leaf=is_leaf)
+    acts, add = open_activations(chosen, max_calls, is_leaf=is_leaf)
     rec = _Recorder(
-        acts, every=every, reduce=reduce, ml_dtypes=ml_dtypes, scalars=scalars, is_leaf=is_leaf
+        add, every=every, reduce=reduce, ml_dtypes=ml_dtypes, scalars=scalars, is_leaf=is_leaf
     )
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
