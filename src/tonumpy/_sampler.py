@@ -105,9 +105,10 @@ def check_sampler(
     for i, path in enumerate(paths):
         for rank, leaves in enumerate(infos):
             info = leaves[i]
-            if info_kind(info) != "array" or per_batch[i]:
+            kind = info_kind(info)
+            if kind not in ("array", "jagged") or per_batch[i]:
                 continue
-            rows = info_rows(info, axes[i])
+            rows = info_rows(info, axes[i] if kind == "array" else 0)
             if rows != num_samples:
                 raise ConversionError(
                     f"gather(sampler=...): {_tree.format_path(path)} has {rows} rows along axis "
