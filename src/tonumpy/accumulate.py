@@ -3,10 +3,11 @@
 An evaluation loop produces one nested output per batch; the user wants one NumPy array per leaf
 at the end. [`concat`][] does it for a list of trees that is already there; an
 [`Accumulator`][] takes the batches one at a time, moves each to the host at once (so that
-device memory is freed), and keeps them as separate chunks until [`Accumulator.result`][]
-copies every chunk once into the final array (amortised O(batch) per append; nothing
-accumulated is ever copied again by a later append). With ``directory=`` each leaf grows in a
-``.npy`` file instead, for predictions larger than RAM.
+device memory is freed), and writes each leaf's rows once, padded, into one buffer laid out as
+the final array, which [`Accumulator.result`][] hands out without a copy (amortised O(batch)
+per append: rows written are moved again only, in place, when a longer batch widens them).
+With ``directory=`` each leaf grows in a ``.npy`` file instead, for predictions larger than
+RAM.
 
 How a leaf combines across batches (kind, rank, axis, dtype, padding) is the column policy of
 ``tonumpy._columns``, shared with ``gather`` and ``Activations.concat``; where the rows live
@@ -26,14 +27,14 @@ import numpy as np
 from optree import PyTreeSpec
 
 from . import _options, _tree
-from ._columns import Column, Jagged, check_chunk, concat_arrays, join, mark_jagged, rows_first
+from ._columns import Column, Jagged, check_chunk, join, mark_jagged, rows_first
 from ._directory import Directory
 from ._dtypes import is_ml_dtype, ml_dtypes_module
 from ._indices import as_index
 from ._pad import PadValue, check_pad_option
 from ._select import Pattern, Selection
 from ._shards import Progress, Recovered, recover, recovered_index, shard_name
-from ._storage import GrowingNpy, Slabs
+from ._storage import GrowingNpy, Rows
 from ._transfer import PendingTransfer
 from .convert import convert_flat, start
 from .errors import ConversionError, OptionError
@@ -151,15 +152,13 @@ def concat(
 class _Leaf:
     """What the accumulator holds for one leaf: its column, and where its rows live."""
 
-    __slots__ = ("chunks", "column", "file", "returned", "slabs", "values")
+    __slots__ = ("column", "file", "rows", "values")
 
     def __init__(self, column: Column) -> None:
         self.column = column
-        self.chunks: list[np.ndarray] = []  # rows first, in memory
-        self.slabs = Slabs()
+        self.rows = Rows()  # in memory
         self.values: list[Any] = []  # non-array leaves
         self.file: GrowingNpy | None = None  # with directory=
-        self.returned: np.ndarray | None = None  # the array result() handed out and kept
 
 
 class Accumulator:
@@ -169,9 +168,10 @@ class Accumulator:
     structure every time. Each batch is moved to the host right away (a batch with CUDA
     tensors asynchronously: its copies overlap the next step, and the next call collects
     them), so device memory is freed as the loop goes. Appending is amortised O(size of the
-    batch): each batch is copied once into the accumulator's storage and not touched again
-    until [`result`][] copies it, once, into the final arrays, releasing the storage as it
-    goes, so that memory peaks near the result's size. Leaves that differ between batches in a
+    batch): each batch is copied once, padded, into a buffer per leaf laid out as the final
+    array (a longer batch moves the rows before it to the wider layout, in place), and
+    [`result`][] hands that buffer out as the result's memory, so that memory peaks at the
+    result's size and nothing is copied twice. Leaves that differ between batches in a
     dimension other than ``axis`` are padded to the largest size with ``pad_value``, without
     changing their dtype; a missing or unrepresentable pad value is reported by the
     ``append`` that brings the first differing batch, not at the end of the loop.
@@ -539,11 +539,14 @@ class Accumulator:
             return
         assert kind is not None  # noqa: S101
         chunk = rows_first(value, kind, column.axis)
-        if leaf.file is None:
-            leaf.chunks.append(leaf.slabs.store(chunk))
-            return
         dtype, trailing = column.dtype, column.trailing
         if chunk.shape[0] == 0 or dtype is None or trailing is None:
+            return
+        if leaf.file is None:
+            fill = column.fill
+            if fill is None and trailing != chunk.shape[1:]:
+                fill = column.pad_value()
+            leaf.rows.append(chunk, dtype, trailing, fill)
             return
         file = leaf.file
         if file.rows == 0 and (file.dtype != dtype or file.trailing != trailing):
@@ -642,12 +645,15 @@ class Accumulator:
     def result(self, *, num_items: int | None = None) -> Any:
         """The concatenated tree (of the first batch's structure).
 
-        In memory, each array is built in one allocation, and the chunks it is built from are
-        released while it fills, so memory peaks near the result's size, not twice it. The
-        returned arrays own their memory and are also kept as the accumulator's storage:
-        calling ``result()`` again returns the same arrays if nothing was appended since, and
-        appending more then calling ``result()`` builds new arrays (the old ones are left as
-        they are). Modify returned arrays in place only once you are done with the accumulator.
+        In memory (with ``axis=0``), each array is the accumulator's buffer for that leaf,
+        handed over without a copy: memory peaks at the result's size. Every returned array is
+        writable, shares memory with no input and no other array, and alone keeps its memory
+        alive (exactly its own bytes: a large one's ``.base`` chain ends in the anonymous
+        memory map that holds them), so it outlives the accumulator. The returned arrays are
+        also kept as the accumulator's storage: calling ``result()`` again returns the same
+        arrays if nothing was appended since, and appending more then calling ``result()``
+        builds new arrays (the old ones are left as they are). Modify returned arrays in place
+        only once you are done with the accumulator.
 
         Args:
             num_items: Return only the first ``num_items`` rows of every per-sample leaf (one
@@ -795,20 +801,7 @@ class Accumulator:
             if file.rows and trailing is not None and file.trailing != trailing:
                 file.relayout(trailing, column.fill)  # trim a geometric surplus
             return file.open(keep)
-        chunks = leaf.chunks
-        returned = leaf.returned
-        if (
-            returned is not None
-            and keep == rows
-            and len(chunks) == 1
-            and (chunks[0] is returned or chunks[0].base is returned)
-        ):
-            return returned
-        out = concat_arrays(chunks, column, rows=keep, consume=True)
-        moved = np.moveaxis(out, column.axis, 0) if column.axis else out
-        chunks.insert(0, moved)
-        leaf.returned = out
-        return out
+        return leaf.rows.result(column, keep)
 
 
 class GatherInput(NamedTuple):
