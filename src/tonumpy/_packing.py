@@ -39,6 +39,7 @@ __all__ = [
     "Info",
     "Piece",
     "Prepared",
+    "full_tensors",
     "info_kind",
     "info_rows",
     "is_dtensor",
@@ -255,6 +256,13 @@ def rows_first_bytes(prep: Prepared, axes: Sequence[int]) -> None:
             prep.flat[i] = grid.movedim(ax, 0).contiguous().reshape(-1)
 
 
+def full_tensors(prep: Prepared) -> None:
+    """Materialise the DTensor leaves (a collective each, in leaf order, on every rank)."""
+    for i, info in enumerate(prep.infos):
+        if info[0] == DTENSOR:
+            prep.sources[i] = prep.sources[i].full_tensor()
+
+
 def info_rows(info: Info, axis: int) -> int:
     """How many rows a sized leaf has along its (normalised) concatenation axis."""
     shape = info[2]
@@ -263,7 +271,7 @@ def info_rows(info: Info, axis: int) -> int:
 
 
 def plan_rounds(
-    metas: Sequence[tuple[Any, ...]], axes: Sequence[int], chunk_bytes: int
+    infos: Sequence[Sequence[Info]], axes: Sequence[int], chunk_bytes: int
 ) -> list[list[list[Piece]]]:
     """``rounds[k][rank]``: the pieces rank ``rank`` sends in round ``k`` (the same everywhere).
 
@@ -273,13 +281,14 @@ def plan_rounds(
     needs most.
     """
     per_rank: list[list[list[Piece]]] = []
-    for meta in metas:
+    for leaves in infos:
         rounds: list[list[Piece]] = [[]]
         used = 0
-        for i, (code, _, _, nbytes, _) in enumerate(meta[4]):
+        for i, info in enumerate(leaves):
+            code, nbytes = info[0], info[3]
             if code == OBJECT or not nbytes:
                 continue
-            rows = info_rows(meta[4][i], axes[i])
+            rows = info_rows(info, axes[i])
             row_bytes = nbytes // rows
             start = 0
             while start < rows:
