@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from . import _dtypes
-from ._leaf import PLAIN, LeafError
+from ._dtypes import PLAIN
+from ._leaf import LeafError, read_only
 
 __all__ = ["convert"]
 
@@ -66,9 +67,8 @@ def convert(
                 leaf.numpy(force=True).copy() if type(leaf) in plain else leaf for leaf in leaves
             ]
         # read-only views of tensors that require grad (see _protect), in the same pass
-        read_only = _READ_ONLY
         return [
-            ((arr := leaf.numpy(force=True)), leaf.requires_grad and read_only(arr, False))[0]
+            ((arr := leaf.numpy(force=True)), leaf.requires_grad and read_only(arr))[0]
             if type(leaf) in plain
             else leaf
             for leaf in leaves
@@ -81,11 +81,6 @@ def convert(
         return None
 
 
-#: ``ndarray.setflags`` called positionally, ``(arr, False)``: makes ``arr`` read-only (half
-#: the cost of the ``write=False`` keyword).
-_READ_ONLY: Callable[..., None] = np.ndarray.setflags
-
-
 def _protect(leaves: list[Any], out: list[Any]) -> list[Any]:
     """Make the views of the tensors among ``leaves`` that require grad read-only; ``out``.
 
@@ -94,7 +89,7 @@ def _protect(leaves: list[Any], out: list[Any]) -> list[Any]:
     plain = PLAIN
     for leaf, arr in zip(leaves, out, strict=True):
         if type(leaf) in plain and leaf.requires_grad:
-            arr.setflags(False)  # write=False; positional: half the cost of the keyword
+            read_only(arr)
     return out
 
 
@@ -116,9 +111,7 @@ def _low_precision(leaves: list[Any], *, copy: bool, ml_dtypes: bool) -> list[An
         arr = t.numpy(force=True)
         if copy:
             return arr.copy()
-        if t.requires_grad:
-            arr.setflags(write=False)  # see _protect
-        return arr
+        return read_only(arr) if t.requires_grad else arr
 
     def upcast(t: torch.Tensor) -> Any:
         if wrapped(t) or not t.is_contiguous():  # keep .float()'s strides: per leaf

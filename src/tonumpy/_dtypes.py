@@ -15,6 +15,11 @@ import torch
 
 from .errors import UnsupportedLeafError
 
+#: The plain tensor types: exactly these (not subclasses) take ``numpy(force=True)`` as the
+#: whole conversion when it succeeds, and are written to files as they are. A frozenset, so
+#: that ``type(x) in PLAIN`` and ``types <= PLAIN`` are both one hash lookup.
+PLAIN: frozenset[type] = frozenset({torch.Tensor, torch.nn.Parameter})
+
 #: torch dtypes that ``Tensor.numpy()`` supports as they are.
 NATIVE: frozenset[torch.dtype] = frozenset(
     getattr(torch, name)

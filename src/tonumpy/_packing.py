@@ -25,7 +25,8 @@ from optree import PyTreeSpec
 
 from . import _dtypes, _tree
 from ._columns import Kind
-from ._leaf import PLAIN, convert_checked
+from ._dtypes import PLAIN
+from ._leaf import convert_checked
 from .errors import ConversionError
 
 __all__ = [
