@@ -174,6 +174,32 @@ def torch_dtype_of(dtype: np.dtype[Any]) -> torch.dtype | None:
     return None
 
 
+def widened(t: torch.Tensor) -> np.ndarray:
+    """A bfloat16/float8 tensor's values as a new float32 array on the host.
+
+    The one widening of a whole tensor (the converter, gather's unpacking, the file writers):
+    exact, since float32 holds every bfloat16 and float8 value. A negative view is the
+    caller's to resolve first (``resolve_neg``).
+
+    Examples:
+        >>> widened(torch.tensor([0.5, -2.0], dtype=torch.bfloat16))
+        array([ 0.5, -2. ], dtype=float32)
+    """
+    return t.to(device="cpu", dtype=torch.float32).numpy()
+
+
+def bit_view(t: torch.Tensor) -> np.ndarray:
+    """A host bfloat16/float8 tensor as its ``ml_dtypes`` array over the same bytes (no copy).
+
+    The one bit view (the converter, the file writers store the same bits as unsigned ints).
+
+    Examples:
+        >>> bit_view(torch.tensor([1.5], dtype=torch.bfloat16)).dtype.name
+        'bfloat16'
+    """
+    return t.view(BITS[t.dtype.itemsize]).numpy().view(ml_numpy_dtype(t.dtype))
+
+
 def widen_bfloat16_bits(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32 values of bfloat16 bit patterns (``uint16``): exact, NaN payloads included.
 

@@ -196,13 +196,11 @@ def _strided_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool) -> tuple[np.
             needs_copy(
                 copy, f"{dtype} is widened to float32, which copies (ml_dtypes=True does not)"
             )
-            return t.cpu().float().numpy(), True
-        np_dtype = _dtypes.ml_numpy_dtype(dtype)
-        bits = t.view(_dtypes.BITS[dtype.itemsize])
+            return _dtypes.widened(t), True
         if not on_cpu:
             needs_copy(copy, f"it must be copied from {t.device} to the host")
-            bits, fresh = bits.cpu(), True
-        return bits.numpy().view(np_dtype), fresh
+            t, fresh = t.cpu(), True
+        return _dtypes.bit_view(t), fresh
     if dtype == _dtypes.FLOAT4_X2:
         needs_copy(copy, "float4_e2m1fn_x2 values are unpacked, one per element, which copies")
         codes = t.view(torch.uint8).cpu().numpy()
