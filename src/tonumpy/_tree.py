@@ -54,12 +54,13 @@ __all__ = [
     "leaf_path",
     "leaf_paths",
     "outline",
+    "place",
+    "render",
     "require_same",
     "same_structure",
     "sketch",
     "structure_error",
     "unflatten",
-    "where",
 ]
 
 #: At most this many container classes stay registered (about 10 KiB each, class included).
@@ -355,7 +356,7 @@ def render(steps: tuple[optree.PyTreeEntry, ...], root: str = "tree") -> str:
 
     Fields and namedtuple entries read as attributes (``.y``, as users read them), mapping
     and sequence items by subscript, tonumpy's attribute and method nodes as ``.name`` and
-    ``.name()``. [`where`][tonumpy._tree.where] and the walker's errors render through it;
+    ``.name()``. [`place`][tonumpy._tree.place] and the walker's errors render through it;
     [`format_path`][tonumpy._tree.format_path] is for a key path whose containers are gone.
 
     Examples:
@@ -423,7 +424,7 @@ def leaf_paths(spec: PyTreeSpec, root: str = "tree") -> list[tuple[tuple[Any, ..
     return [(tuple(a.path), a.codify(root)) for a in spec.accessors()]
 
 
-def where(spec: PyTreeSpec, path: tuple[Any, ...] | None, root: str = "tree") -> str:
+def place(spec: PyTreeSpec, path: tuple[Any, ...] | None, root: str = "tree") -> str:
     """How a user reads the node at key path ``path`` of ``spec``'s tree: ``tree['o'].logits``.
 
     The one rendering of places in a tree: fields read as attributes, namedtuple entries by
@@ -544,10 +545,10 @@ def _answer_error(
     def keeps(node: Any) -> bool:
         return is_leaf is not None and bool(is_leaf(node))
 
-    _, place = _path_to(tree, bad.node, keeps, none_is_leaf)
+    _, at = _path_to(tree, bad.node, keeps, none_is_leaf)
     return TypeError(
         f"is_leaf must return True or False, but it returned {bad.answer!r} "
-        f"({type(bad.answer).__name__}) for {place} ({type(bad.node).__name__}); "
+        f"({type(bad.answer).__name__}) for {at} ({type(bad.node).__name__}); "
         "return a bool (wrap the expression in bool(...) if its truthiness is what you mean)"
     )
 
@@ -555,10 +556,10 @@ def _answer_error(
 def _node_error(
     tree: Any, bad: NodeError, check: Callable[[Any], bool] | None, none_is_leaf: bool
 ) -> UnsupportedLeafError:
-    path, place = _path_to(tree, bad.node, check, none_is_leaf)
+    path, at = _path_to(tree, bad.node, check, none_is_leaf)
     name = type(bad.node).__name__
     return UnsupportedLeafError(
-        f"cannot convert {place} ({name}): {bad.reason}; pass "
+        f"cannot convert {at} ({name}): {bad.reason}; pass "
         f"is_leaf=lambda x: isinstance(x, {name}) to keep it as it is, or leave it out (for a "
         "model's cache: use_cache=False)",
         path=path,
@@ -723,9 +724,9 @@ def difference_error(
     ``spec``, the structure of a tree that has the place, renders its path.
     """
     path, has_a, has_b = first_difference(first, other)
-    place = where(spec, path, root) if spec is not None else format_path(path, root)
+    at = place(spec, path, root) if spec is not None else format_path(path, root)
     return ConversionError(
-        f"{other_name} does not have the structure of {first_name}: at {place}, "
+        f"{other_name} does not have the structure of {first_name}: at {at}, "
         f"{first_name} has {has_a} but {other_name} has {has_b}; {hint}",
         path=path,
     )
