@@ -886,3 +886,88 @@ def test_top_level_exports() -> None:
     assert tonumpy.concat is concat
     assert tonumpy.Accumulator is Accumulator
     assert {"concat", "Accumulator"} <= set(tonumpy.__all__)
+
+
+# ------------------------------------------------------------------------------ nested tensors
+
+
+def _nested(lengths: list[int], start: float, *, jagged: bool = True) -> torch.Tensor:
+    """A nested tensor with one row per length; row i holds ``start + i`` repeated."""
+    rows = [torch.full((n, 2), start + i) for i, n in enumerate(lengths)]
+    return torch.nested.nested_tensor(rows, layout=torch.jagged if jagged else torch.strided)
+
+
+def _rows_of(*nts: torch.Tensor) -> list[np.ndarray]:
+    return [row.numpy() for nt in nts for row in nt.unbind()]
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+@pytest.mark.parametrize("jagged", [True, False], ids=["jagged-layout", "strided-layout"])
+def test_nested_tensor_rows_join_across_batches(jagged: bool) -> None:
+    """concat and Accumulator join a nested tensor's rows across batches into one list, as
+    joining nested tensors along dim 0 does, not a list of per-batch lists (issue 20.3)."""
+    a, b = _nested([1, 3], 0.0, jagged=jagged), _nested([2], 10.0, jagged=jagged)
+    expected = _rows_of(a, b)  # the rows of both batches, in order
+    batches = [{"nt": a, "x": torch.ones(2)}, {"nt": b, "x": torch.ones(1)}]
+    out = tonumpy.concat(batches)
+    assert type(out["nt"]) is list
+    assert_same_tree(out["nt"], expected)
+    acc = tonumpy.Accumulator()
+    for batch in batches:
+        acc.append(batch)
+    assert_same_tree(acc.result()["nt"], expected)
+    assert type(acc.result()["nt"]) is list
+    assert_same_tree(acc.result(num_items=2)["nt"], expected[:2])  # rows, cut per sample
+    only = tonumpy.Accumulator()
+    for batch in batches:
+        only.append({"nt": batch["nt"]})
+    assert len(only) == 3  # a tree of nested tensors only: their rows
+    assert list(only.batch_sizes) == [2, 1]
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_a_leaf_that_is_nested_in_one_batch_only_is_an_error() -> None:
+    """A nested tensor in one batch and a plain tensor in the next is a kind change, named."""
+    with pytest.raises(tonumpy.ConversionError, match=r"tree\['nt'\] is a nested"):
+        tonumpy.concat([{"nt": _nested([1], 0.0)}, {"nt": torch.ones(1, 2)}])
+
+
+# ------------------------------------------------------------------------------ batch sizes
+
+
+def test_batch_sizes_weight_per_batch_values() -> None:
+    """Each batch's size (rows along axis of the per-sample leaves) is kept beside its 0-d loss:
+    the per-sample mean loss is the size-weighted mean of the per-batch losses (issue 20.4)."""
+    losses_per_sample = np.arange(10, dtype=np.float64)
+    acc = tonumpy.Accumulator(pad_value=0)
+    start = 0
+    for size in (4, 4, 2):  # the last batch is smaller: a plain mean of the batch losses is off
+        chunk = losses_per_sample[start : start + size]
+        acc.append({"ids": torch.ones(size, size), "loss": torch.tensor(chunk.mean())})
+        start += size
+    sizes, loss = acc.batch_sizes, acc.result()["loss"]
+    assert sizes.dtype == np.int64
+    assert sizes.tolist() == [4, 4, 2]
+    assert sizes.sum() == len(acc)
+    assert (loss * sizes).sum() / sizes.sum() == pytest.approx(losses_per_sample.mean())
+    assert loss.mean() != pytest.approx(losses_per_sample.mean())
+    columns = tonumpy.Accumulator(axis=1)
+    columns.append({"x": torch.ones(2, 3)})
+    columns.append({"x": torch.ones(2, 5)})
+    assert columns.batch_sizes.tolist() == [3, 5]  # along axis
+    scalars = tonumpy.Accumulator()
+    scalars.append({"loss": torch.tensor(1.0)})
+    assert scalars.batch_sizes.tolist() == [1]
+    assert tonumpy.Accumulator().batch_sizes.tolist() == []
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_nested_tensor_with_directory_is_refused_at_the_first_append(tmp_path: Path) -> None:
+    """directory= keeps rows in .npy files of one shape: a nested tensor is refused, naming the
+    leaf and the fix, by the first append (it crashed at result()); nothing is written."""
+    acc = tonumpy.Accumulator(directory=tmp_path / "preds")
+    with pytest.raises(tonumpy.ConversionError, match=r"tree\['nt'\] is a nested.*padded") as info:
+        acc.append({"nt": _nested([1, 2], 0.0), "x": torch.ones(2)})
+    assert info.value.path == ("nt",)
+    acc.append({"x": torch.ones(2), "nt": torch.ones(2, 1)})  # the accumulator is still usable
+    assert acc.result()["x"].shape == (2,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -208,3 +209,26 @@ def test_module_names_needs_a_module() -> None:
     with pytest.raises(CaptureError, match=r"needs a torch\.nn\.Module"):
         module_names(torch.ones(1))  # type: ignore[arg-type]
     assert "module_names" in tonumpy.__all__
+
+
+# ------------------------------------------------------------------------------- unmatched patterns
+
+
+def test_include_and_exclude_patterns_that_match_nothing_warn_by_name() -> None:
+    """Of several patterns, each one that matches no module is named in a warning (issue 20.1),
+    by capture and by module_names alike; what matched is what module_names lists."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    include = ["0", "encoder.*", "decoder.*"]  # one list for several model families
+    with pytest.warns(
+        tonumpy.UnmatchedPatternWarning, match=r"include='encoder\.\*', 'decoder\.\*': these"
+    ):
+        assert module_names(model, include=include) == ["0"]
+    with (
+        pytest.warns(tonumpy.UnmatchedPatternWarning, match=r"exclude='2'.*no included module"),
+        capture(model, include=["0", "1"], exclude=["1", "2"]) as acts,
+    ):
+        model(torch.ones(1, 2))
+    assert list(acts.arrays()) == ["0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # patterns that all match: no warning
+        assert module_names(model, include=["0", "2"], exclude="2") == ["0"]

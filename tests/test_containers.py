@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import gc
 import types
+import warnings
 import weakref
 from collections import ChainMap, OrderedDict, UserDict, UserList, deque
 from typing import Any
@@ -283,12 +284,36 @@ def test_every_walking_function_refuses() -> None:
         apply(lambda t: t, tree)
 
 
-def test_object_too_large_to_search_is_refused() -> None:
-    """An object holding more objects than the search budget is refused, not passed unchecked."""
+def test_object_too_large_to_search_is_passed_on_with_a_warning() -> None:
+    """An object holding more objects than the search budget is returned as it is, with an
+    UncheckedObjectWarning naming it, not refused: growing never makes a call fail."""
     big = Holder([Holder(i) for i in range(tonumpy._opaque.BUDGET + 10)])
-    with pytest.raises(UnsupportedLeafError, match=r"too many to check"):
-        to_numpy({"big": big})
+    with pytest.warns(tonumpy.UncheckedObjectWarning, match=r"tree\['big'\] \(Holder\).*is_leaf"):
+        assert to_numpy({"big": big})["big"] is big
     assert to_numpy({"big": big}, is_leaf=lambda x: isinstance(x, Holder))["big"] is big
+
+
+class History:
+    """An object that grows as a run goes on: a logger's history, and maybe a tensor of its own."""
+
+    def __init__(self, entries: int, tensor: Any = None) -> None:
+        self.history = [{"step": i, "value": Holder(float(i))} for i in range(entries)]
+        self.last = tensor
+
+
+@pytest.mark.parametrize("entries", [10, tonumpy._opaque.BUDGET + 10], ids=["small", "large"])
+def test_growth_of_an_unknown_object_does_not_change_the_outcome(entries: int) -> None:
+    """Without a tensor the object comes back as itself at every size; with a tensor held
+    directly (an attribute) it is refused at every size: the search is breadth first, so what an
+    object holds directly is looked at before its history, however long."""
+    plain = History(entries)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tonumpy.UncheckedObjectWarning)  # the large case warns
+        assert to_numpy({"log": plain, "t": torch.ones(1)})["log"] is plain
+    holding = History(entries, torch.ones(2))
+    with pytest.raises(UnsupportedLeafError, match=r"tree\['log'\]\.last") as info:
+        to_numpy({"log": holding})
+    assert info.value.path == ("log",)
 
 
 def test_large_plain_containers_of_values_are_searched_for_free() -> None:

@@ -731,6 +731,27 @@ def _check_directory_destination_errors(rank: int, world: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _assert_mean_loss(namespace: dict[str, Any], losses: list[float], world: int) -> None:
+    """The guide's gathered batch sizes line up with its per-batch losses, weighting them."""
+    import _docs_fixtures
+
+    batch_sizes = [
+        len(batch["input_ids"])
+        for r in range(world)
+        for batch in torch.utils.data.DataLoader(
+            namespace["dataset"],
+            _docs_fixtures.BATCH_SIZE,
+            sampler=_peer(namespace["sampler"], r),
+            collate_fn=_docs_fixtures.collate,
+        )
+    ]
+    sizes = namespace["sizes"]
+    assert sizes.tolist() == batch_sizes  # beside the losses, in their order
+    assert sizes.sum() == world * len(namespace["sampler"])  # every sample of every rank
+    expected_mean = float((np.asarray(losses) * batch_sizes).sum() / sum(batch_sizes))
+    assert namespace["mean_loss"] == pytest.approx(expected_mean)
+
+
 def _check_guide_recipe(rank: int, world: int) -> None:
     """The distributed guide's code blocks, as written, on a tiny BERT in every rank."""
     import _docs_fixtures
@@ -773,7 +794,7 @@ def _check_guide_recipe(rank: int, world: int) -> None:
             return
         model, dataset = namespace["model"], namespace["dataset"]
         assert preds["logits"].shape[0] == len(dataset)
-        losses = []
+        losses: list[float] = []
         for r in range(world):
             peer = _peer(namespace["sampler"], r)
             loader = torch.utils.data.DataLoader(
@@ -782,6 +803,7 @@ def _check_guide_recipe(rank: int, world: int) -> None:
             with torch.no_grad():
                 losses += [float(model(**batch).loss) for batch in loader]
         np.testing.assert_allclose(preds["loss"], losses, rtol=1e-5)
+        _assert_mean_loss(namespace, losses, world)
         with torch.no_grad():
             for i in range(len(dataset)):
                 one = _docs_fixtures.collate([dataset[i]])
@@ -795,6 +817,88 @@ def _check_guide_recipe(rank: int, world: int) -> None:
         _docs_fixtures.FIXTURES["process_group"] = original
         runs.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _check_gather_uses_the_accumulators_options(rank: int, world: int) -> None:
+    """gather(acc) pads with the Accumulator's pad_value (and uses its axis and ml_dtypes)
+    unless the call passes its own."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    dataset = list(range(11))
+    sampler = DistributedSampler(dataset, shuffle=True, seed=3)
+    acc = tonumpy.Accumulator(pad_value={"logits": -1.0})
+    for batch in DataLoader(dataset, batch_size=2, sampler=sampler):
+        acc.append(_eval_outputs(torch.as_tensor(batch)))
+    inherited = gather(acc, sampler=sampler)  # raised on every rank before: no pad value
+    given = gather(acc, sampler=sampler, pad_value={"logits": -1.0})
+    assert_same_tree(inherited, given)
+    assert (inherited["logits"] == -1.0).any()  # the batches differ in length: padded
+    overridden = gather(acc, sampler=sampler, pad_value=-5.0)["logits"]
+    differ = overridden != inherited["logits"]  # padding between ranks only: -5, not -1
+    assert (overridden[differ] == -5.0).all()
+    columns = tonumpy.Accumulator(axis=1, ml_dtypes=True)
+    columns.append({"x": torch.full((2, rank + 1), rank, dtype=torch.bfloat16)})
+    out = gather(columns)["x"]
+    assert out.shape == (2, sum(r + 1 for r in range(world)))
+    assert out.dtype.name == "bfloat16"  # kept bit-exact, as the Accumulator was asked
+
+
+def _jagged(items: torch.Tensor) -> torch.Tensor:
+    """A nested tensor with one row per dataset item: item i has i % 3 + 1 values, all i."""
+    rows = [torch.full((int(i) % 3 + 1,), float(i)) for i in items]
+    return torch.nested.nested_tensor(rows, layout=torch.jagged)
+
+
+def _check_nested_tensor_rows_join_across_ranks(rank: int, world: int) -> None:
+    """A nested tensor's rows join across batches and ranks into one list: in rank order, or
+    in dataset order with sampler=, repeats dropped; from a tree or an Accumulator (20.3)."""
+    import warnings
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    warnings.filterwarnings("ignore", "The PyTorch API of nested tensors", UserWarning)
+    mine = torch.arange(rank * 10, rank * 10 + rank + 1)
+    out = gather({"nt": _jagged(mine)})
+    order = [i for r in range(world) for i in range(r * 10, r * 10 + r + 1)]
+    assert_same_tree(out["nt"], [np.full(i % 3 + 1, i, np.float32) for i in order])
+    dataset = list(range(11))
+    sampler = DistributedSampler(dataset, shuffle=True, seed=2)
+    acc = tonumpy.Accumulator()
+    for batch in DataLoader(dataset, batch_size=2, sampler=sampler):
+        items = torch.as_tensor(batch)
+        acc.append({"nt": _jagged(items), "item": items, "loss": items.float().mean()})
+    expected = [np.full(i % 3 + 1, i, np.float32) for i in dataset]
+    result = gather(acc, sampler=sampler)
+    assert type(result["nt"]) is list
+    assert_same_tree(result["nt"], expected)
+    assert_same_tree(result["item"], np.arange(len(dataset)))
+    plain = gather({"nt": _jagged(torch.tensor(list(sampler)))}, sampler=sampler)
+    assert_same_tree(plain["nt"], expected)
+    cut = gather({"nt": _jagged(torch.tensor(list(sampler)))}, sampler=sampler, num_items=4)
+    assert_same_tree(cut["nt"], expected[:4])
+
+
+def _check_batch_sizes_line_up_with_per_batch_values(rank: int, world: int) -> None:
+    """gather(acc.batch_sizes) gives each batch's size in the order gather(acc, sampler=) gives
+    the per-batch losses: their weighted mean is the per-sample mean loss (20.4)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    dataset = list(range(11))
+    sampler = DistributedSampler(dataset, shuffle=False)
+    acc = tonumpy.Accumulator(pad_value={"logits": -1.0})
+    for batch in DataLoader(dataset, batch_size=3, sampler=sampler):  # the last batch is smaller
+        acc.append(_eval_outputs(torch.as_tensor(batch)))
+    out = gather(acc, sampler=sampler)
+    sizes = gather(acc.batch_sizes)
+    per_rank = [
+        [torch.as_tensor(b) for b in DataLoader(dataset, 3, sampler=_peer(sampler, r))]
+        for r in range(world)
+    ]
+    assert sizes.tolist() == [len(b) for batches in per_rank for b in batches]
+    assert out["loss"].shape == sizes.shape
+    seen = np.concatenate([b.numpy() for batches in per_rank for b in batches])  # repeats too
+    mean = float((out["loss"] * sizes).sum() / sizes.sum())
+    assert mean == pytest.approx(seen.mean())
 
 
 CHECKS: dict[str, Callable[[int, int], None]] = {

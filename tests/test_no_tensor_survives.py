@@ -13,13 +13,14 @@ import types
 from collections import ChainMap, OrderedDict, UserDict, UserList, defaultdict, deque
 from typing import Any, NamedTuple
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tonumpy
-from tonumpy import UnsupportedLeafError, to_numpy
+from tonumpy import UnsupportedLeafError, apply, to_numpy
 
 
 class Pt(NamedTuple):
@@ -219,3 +220,59 @@ def test_an_object_holding_a_tensor_anywhere_is_refused(tree: Any, where: int) -
     assert info.value.path == ("leaves", index)
     kept = to_numpy({"leaves": holder}, is_leaf=lambda x: isinstance(x, Opaque))
     assert tensors_in(kept, kept=(Opaque,)) == []
+
+
+def _object_array(*items: Any) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    out[:] = list(items)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("make", "inner"),
+    [
+        (lambda t: _object_array(None, t), "[1]"),
+        (lambda t: _object_array(None, t).reshape(1, 2), "[0, 1]"),
+        (lambda t: _object_array("a", [1, t]), "[1][1]"),
+        (lambda t: {"a": t}.values(), " (its element 0)"),
+        (lambda t: {"a": t}.items(), " (its element 0)[1]"),
+        (lambda t: {t: 1}.keys(), " (its element 0)"),
+        (lambda t: Opaque(_object_array(t)), ".value[0]"),
+        (lambda t: Opaque({"a": t}.values()), ".value (its element 0)"),
+    ],
+    ids=[
+        "object-array",
+        "2d-object-array",
+        "deep",
+        "values",
+        "items",
+        "keys",
+        "in-obj-array",
+        "in-obj-view",
+    ],
+)
+def test_object_arrays_and_dict_views_holding_tensors_are_refused(make: Any, inner: str) -> None:
+    """A tensor inside a NumPy object array or a dict view never comes back unconverted: the
+    leaf is refused naming where the tensor is (issue 20.2); is_leaf= keeps it on purpose."""
+    leaf = make(torch.ones(2))
+    for fn in (
+        to_numpy,
+        lambda tree: tonumpy.concat([tree]),
+        lambda tree: apply(lambda t: t, tree),
+    ):
+        with pytest.raises(UnsupportedLeafError) as info:
+            fn({"x": leaf})
+        assert f"tree['x']{inner}" in str(info.value)
+        assert info.value.path == ("x",)
+    kept = to_numpy({"x": leaf}, is_leaf=lambda x: isinstance(x, type(leaf)))
+    assert kept["x"] is leaf
+
+
+def test_object_arrays_and_dict_views_without_tensors_pass() -> None:
+    """Object arrays and dict views that hold no tensor come back as themselves; numeric
+    arrays are never looked into."""
+    objects, view, numbers = _object_array("a", None, [1, 2]), {"a": 1}.values(), np.ones(3)
+    out = to_numpy({"o": objects, "v": view, "n": numbers, "t": torch.ones(1)})
+    assert out["o"] is objects
+    assert out["v"] is view
+    assert out["n"] is numbers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import pickle
+import warnings
 from typing import Any
 
 import numpy as np
@@ -161,3 +162,37 @@ def test_decorating_twice_applies_both_options() -> None:
         loss, values = metrics.record(torch.tensor(0.5), torch.ones(2))
         assert loss == 0.5
         assert isinstance(values, np.ndarray)
+
+
+class GrowingLogger:
+    """A logger whose history grows with training (every call adds an entry)."""
+
+    def __init__(self, entries: int) -> None:
+        self.history: list[dict[str, Any]] = [{"value": 0.1, "step": i} for i in range(entries)]
+        self.weights = torch.ones(2)  # a tensor of its own: not an argument's data
+
+    def add_scalar(self, tag: str, value: Any, step: int) -> str:
+        self.history.append({"tag": tag, "value": value, "step": step})
+        return type(value).__name__
+
+
+@pytest.mark.parametrize("entries", [10, 200_000], ids=["small", "large"])
+def test_a_logger_argument_is_passed_on_unsearched(entries: int) -> None:
+    """A logger, a module and an optimizer are passed on as themselves, never searched: a
+    history of 200,000 entries (past the to_numpy search budget) changes nothing (issue 20.5)."""
+    logger = GrowingLogger(entries)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    @numpy_args(scalars=True)
+    def log(writer: Any, module: Any, opt: Any, step: int, metrics: dict[str, Any]) -> Any:
+        assert writer is logger
+        assert module is model
+        assert opt is optimizer
+        return [writer.add_scalar(k, v, step) for k, v in metrics.items()]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no UncheckedObjectWarning either: nothing is searched
+        assert log(logger, model, optimizer, 3, {"loss": torch.tensor(0.5)}) == ["float"]
+    assert isinstance(logger.weights, torch.Tensor)
+    assert logger.history[-1]["value"] == 0.5

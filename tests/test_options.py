@@ -75,8 +75,12 @@ def test_boolean_options_take_exactly_true_or_false(function: str, name: str, va
 
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_concat_and_gather_ml_dtypes(value: Any) -> None:
+    """gather's ml_dtypes=None is its default (the Accumulator's, else False), no error."""
     with pytest.raises(OptionError, match=r"concat\(ml_dtypes="):
         tonumpy.concat(ragged, ml_dtypes=value)
+    if value is None:
+        assert tonumpy.gather(ragged[0], ml_dtypes=value) is not None
+        return
     with pytest.raises(OptionError, match=r"gather\(ml_dtypes="):
         tonumpy.gather(ragged[0], ml_dtypes=value)
 
@@ -101,6 +105,10 @@ def _activations() -> tonumpy.Activations:
 @pytest.mark.parametrize("axis", [1.5, "0", True, False, None, 1.0, np.bool_(True)])
 @pytest.mark.parametrize("function", list(AXIS_TAKERS))
 def test_axis_must_be_an_int(function: str, axis: Any) -> None:
+    """gather's axis=None is its default (the Accumulator's, else 0), no error."""
+    if function == "gather" and axis is None:
+        assert AXIS_TAKERS[function](axis) is not None
+        return
     with pytest.raises(OptionError, match=rf"{function}\(axis=.*takes an int") as info:
         AXIS_TAKERS[function](axis)
     assert isinstance(info.value, TypeError)

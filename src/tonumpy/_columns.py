@@ -6,8 +6,10 @@ the values it holds in each chunk. A [`Column`][tonumpy._columns.Column] decides
 for all of them, chunk by chunk:
 
 * **kind**: an array with at least one dimension (concatenated along ``axis``), a 0-d value
-  (one row per chunk: a loss) or anything else (a list with one value per chunk); a leaf keeps
-  its kind in every chunk;
+  (one row per chunk: a loss), a nested (jagged) tensor (converted to a list of arrays, one per
+  row: the rows of all chunks join into one list, as ``torch.cat`` joins nested tensors along
+  dim 0) or anything else (a list with one value per chunk); a leaf keeps its kind in every
+  chunk;
 * **rank and axis**: an array leaf keeps its number of dimensions, and ``axis`` (negative counts
   from the end) must be one of them;
 * **dtype**: chunks may differ in dtype only where one dtype holds every value of the others
@@ -31,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import torch
 from optree import PyTreeSpec
 
 from . import _tree
@@ -40,26 +43,60 @@ from .errors import ConversionError
 
 __all__ = [
     "Column",
+    "Jagged",
     "Kind",
     "check_chunk",
     "concat_arrays",
     "copy_padded",
     "join",
     "kind_of",
+    "mark_jagged",
     "rows_first",
 ]
 
-Kind = Literal["array", "scalar", "object"]
+Kind = Literal["array", "scalar", "jagged", "object"]
 
-_KIND_TEXT = {"array": "an array", "scalar": "a 0-d value", "object": "a non-array value"}
+_KIND_TEXT = {
+    "array": "an array",
+    "scalar": "a 0-d value",
+    "jagged": "a nested (jagged) tensor",
+    "object": "a non-array value",
+}
+
+
+class Jagged(list):  # type: ignore[type-arg]
+    """A converted nested tensor: its rows (one array each), marked as such while it is joined.
+
+    Only the joining code sees this type; results hold plain lists.
+    """
+
+    __slots__ = ()
+
+
+def mark_jagged(originals: Sequence[Any], converted: list[Any]) -> list[Any]:
+    """``converted`` with each converted nested tensor (a list, from a tensor) marked ``Jagged``.
+
+    Examples:
+        >>> import torch
+        >>> nt = torch.nested.nested_tensor([torch.ones(1), torch.ones(2)], layout=torch.jagged)
+        >>> [type(v).__name__ for v in mark_jagged([nt, [1]], [[1, 2], [1]])]
+        ['Jagged', 'list']
+    """
+    for i, value in enumerate(converted):
+        if type(value) is list and isinstance(originals[i], torch.Tensor):
+            converted[i] = Jagged(value)
+    return converted
 
 
 def kind_of(leaf: Any) -> Kind:
     """A leaf's kind: ``"array"``, ``"scalar"`` or ``"object"``.
 
     An array has at least one dimension; a scalar is a 0-d array or a NumPy scalar; anything
-    else (Python numbers included: they are collected in a list) is an object.
+    else (Python numbers included: they are collected in a list) is an object; a converted
+    nested tensor marked [`Jagged`][tonumpy._columns.Jagged] is ``"jagged"``.
     """
+    if isinstance(leaf, Jagged):
+        return "jagged"
     if isinstance(leaf, np.ndarray):
         return "array" if leaf.ndim else "scalar"
     if isinstance(leaf, np.generic):
@@ -239,6 +276,8 @@ class Column:
             )
         if kind == "object":
             return state._replace(rows=state.rows + 1)
+        if kind == "jagged":  # ``shape`` is (rows,): a list of per-row arrays
+            return state._replace(rows=state.rows + (shape[0] if shape else 0))
         dtype = np.dtype(dtype)
         trailing: tuple[int, ...] = ()
         if kind == "scalar":
@@ -403,6 +442,8 @@ def check_chunk(column: Column, value: Any, name: str) -> _State:
     kind = kind_of(value)
     if kind == "object":
         return column.check(kind, None, None, name)
+    if kind == "jagged":
+        return column.check(kind, None, (len(value),), name)
     return column.check(kind, value.dtype, value.shape, name)
 
 
@@ -431,6 +472,9 @@ def join(
             column.commit(check_chunk(column, value, name(number)))
         if column.kind == "object":
             out.append(values)
+            continue
+        if column.kind == "jagged":  # the rows of every chunk, in one list
+            out.append([row for rows in values for row in rows])
             continue
         kind, ax = column.kind, column.axis
         assert kind is not None  # noqa: S101 - one chunk at least

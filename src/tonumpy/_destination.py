@@ -17,6 +17,8 @@ Where a row goes:
   it, in rank order;
 * array leaves with ``sampler=`` or dataset indices: row ``j`` of rank ``r`` goes to row
   ``maps[r][j]`` (``-1``: a repeated sample, dropped);
+* nested (jagged) tensors: their rows (one array each) join in one list, in rank order, or
+  where ``maps`` puts them, as array rows;
 * ``num_items`` then keeps the first rows of every per-sample leaf.
 """
 
@@ -76,11 +78,13 @@ class Destination:
         self.spec = spec
         self.ml_dtypes = ml_dtypes
         self.leaves = [_Leaf(column) for column in columns]
+        self.num_items = num_items
         world = len(metas)
         placed = None if maps is None else sum(int(np.count_nonzero(m >= 0)) for m in maps)
+        self.maps, self.placed = maps, placed  # for nested tensors' rows
         for i, leaf in enumerate(self.leaves):
             kind = leaf.column.kind
-            if kind == "object":
+            if kind in ("object", "jagged"):
                 leaf.values = [None] * world
                 continue
             counts = [info_rows(meta[4][i], leaf.column.axis) for meta in metas]
@@ -99,7 +103,7 @@ class Destination:
             files = self.directory.start(spec, columns, ml_dtypes)
         for leaf, file in zip(self.leaves, files, strict=True):
             column = leaf.column
-            if column.kind == "object":
+            if column.kind in ("object", "jagged"):
                 continue
             dtype, trailing, ax = column.dtype, column.trailing or (), column.axis
             assert dtype is not None  # noqa: S101 - every rank described the leaf
@@ -108,6 +112,18 @@ class Destination:
                 leaf.file.reserve(leaf.limit)
             else:
                 leaf.array = np.empty((*trailing[:ax], leaf.limit, *trailing[ax:]), dtype)
+
+    def _rows(self, per_rank: list[Any]) -> list[Any]:
+        """A nested tensor's rows of every rank, in rank (or dataset) order, ``num_items`` kept."""
+        if self.maps is None or self.placed is None:
+            rows = [row for values in per_rank for row in values]
+        else:
+            rows = [None] * self.placed
+            for values, targets in zip(per_rank, self.maps, strict=True):
+                for row, position in zip(values, targets.tolist(), strict=True):
+                    if position >= 0:
+                        rows[position] = row
+        return rows if self.num_items is None else rows[: self.num_items]
 
     def place_value(self, index: int, rank: int, value: Any) -> None:
         """The value of the non-array leaf ``index`` on ``rank``."""
@@ -165,6 +181,8 @@ class Destination:
         for i, leaf in enumerate(self.leaves):
             if leaf.column.kind == "object" and self.per_batch[i]:  # one list per rank: joined
                 out.append([value for per_rank in leaf.values for value in per_rank])
+            elif leaf.column.kind == "jagged":
+                out.append(self._rows(leaf.values))
             elif leaf.column.kind == "object":
                 out.append(leaf.values)
             elif leaf.file is not None:

@@ -166,7 +166,8 @@ def check_columns(
         for rank, meta in enumerate(metas):
             info = meta[_INFOS][i]
             kind = info_kind(info)
-            np_dtype = None if kind == "object" else numpy_dtype(info[0], info[1], ml_dtypes)
+            jagged_or_object = kind in ("object", "jagged")
+            np_dtype = None if jagged_or_object else numpy_dtype(info[0], info[1], ml_dtypes)
             column.commit(column.check(kind, np_dtype, info[2], f"rank {rank}"))
         columns.append(column)
     return columns

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
-from .errors import CaptureError
+from .errors import CaptureError, UnmatchedPatternWarning
 
 __all__ = ["ModulePattern", "choose", "matcher", "patterns"]
 
@@ -145,6 +146,7 @@ def choose(
     exclude: tuple[ModulePattern, ...],
     *,
     owner: str,
+    stacklevel: int = 2,
 ) -> list[str]:
     """The ``names`` that match a pattern of ``include`` and none of ``exclude``, in order.
 
@@ -157,7 +159,40 @@ def choose(
     chosen = [name for name in included if not any(match(name) for match in unwanted)]
     if not chosen:
         raise _nothing_error(names, include, exclude, included, owner)
+    where = {"owner": owner, "stacklevel": stacklevel + 1}
+    _warn_unmatched(names, include, wanted, "include", **where)
+    _warn_unmatched(included, exclude, unwanted, "exclude", **where)
     return chosen
+
+
+def _warn_unmatched(
+    names: Sequence[str],
+    given: tuple[ModulePattern, ...],
+    matchers: list[Callable[[str], bool]],
+    option: str,
+    *,
+    owner: Any,
+    stacklevel: Any,
+) -> None:
+    """Warn about the patterns of ``option`` that match none of ``names``, naming them all."""
+    missing = [
+        _text(pattern)
+        for pattern, match in zip(given, matchers, strict=True)
+        if not any(match(name) for name in names)
+    ]
+    if not missing:
+        return
+    several = len(missing) > 1
+    among = "module of" if option == "include" else "included module of"
+    warnings.warn(
+        UnmatchedPatternWarning(
+            f"{option}={', '.join(missing)}: "
+            f"{'these patterns match' if several else 'the pattern matches'} no {among} {owner}; "
+            f"{'they are' if several else 'it is'} ignored "
+            "(tonumpy.module_names(model, include=...) lists what a pattern matches)"
+        ),
+        stacklevel=stacklevel + 1,
+    )
 
 
 def _shown(names: Sequence[str], limit: int) -> str:

@@ -117,8 +117,12 @@ def numpy_args(
     """Decorate a logging function so that it receives NumPy wherever it was passed tensors.
 
     Every argument, positional or keyword, is converted with [`tonumpy.to_numpy`][] at any
-    depth (a dict of metrics, a list of tensors, a dataclass). An argument that holds no tensor
-    is passed as the very same object. Use it bare (``@numpy_args``) or with options.
+    depth of the containers tonumpy rebuilds (a dict of metrics, a list of tensors, a
+    dataclass). An argument that holds no tensor is passed as the very same object. Any other
+    object (a logger, a ``SummaryWriter``, a module, an optimizer) is passed on untouched and
+    unsearched, at a cost independent of its size, unlike ``to_numpy``, which refuses such
+    an object when it holds a tensor: here it is the logging function's own argument, not data
+    leaving tonumpy. Use it bare (``@numpy_args``) or with options.
 
     Which arguments are "the function's own" follows how it is bound, not parameter names:
 
@@ -160,7 +164,9 @@ def numpy_args(
     _options.check_flags("numpy_args", ml_dtypes=ml_dtypes, scalars=scalars)
 
     def convert(value: Any) -> Any:
-        leaves, spec = _tree.flatten(value, is_leaf=is_leaf)
+        if _tree.is_opaque_type(type(value)):
+            return value  # a logger, a writer, a module, a step number: a leaf, as it is
+        leaves, spec = _tree.flatten(value, is_leaf=is_leaf, search=False)
         if not any(isinstance(leaf, torch.Tensor) for leaf in leaves):
             return value
         converted = convert_flat(leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)

@@ -24,7 +24,7 @@ import torch
 from optree import PyTreeSpec
 
 from . import _dtypes, _tree
-from ._columns import Kind
+from ._columns import Jagged, Kind
 from ._dtypes import PLAIN
 from ._leaf import convert_checked
 from .errors import ConversionError
@@ -33,6 +33,7 @@ __all__ = [
     "ALIGN",
     "ARRAY",
     "DTENSOR",
+    "JAGGED",
     "OBJECT",
     "SENDABLE",
     "TENSOR",
@@ -57,6 +58,8 @@ TENSOR = "t"  # a tensor sent as raw bytes, rebuilt as a tensor of the same dtyp
 ARRAY = "n"  # an ndarray sent as raw bytes, rebuilt as an ndarray of the same dtype
 DTENSOR = "d"  # a DTensor: materialised with full_tensor() after the checks, then sent as bytes
 OBJECT = "o"  # anything else: pickled into the metadata
+#: The ``dtype`` of an OBJECT leaf that is a converted nested tensor (its ``shape``: ``(rows,)``).
+JAGGED = "jagged"
 
 #: torch dtypes sent as raw bytes (others are converted on their rank first, then sent).
 SENDABLE: frozenset[torch.dtype] = _dtypes.NATIVE | frozenset(_dtypes.ML_DTYPES)
@@ -136,7 +139,14 @@ def _describe_leaf(
     if t is not None:
         return TENSOR, t.dtype, tuple(t.shape), t, None
     if isinstance(leaf, torch.Tensor):  # sparse, quantized, nested, subclasses: convert here
-        leaf = convert_checked(leaf, index, spec, copy=None, ml_dtypes=ml_dtypes, scalars=False)
+        converted = convert_checked(
+            leaf, index, spec, copy=None, ml_dtypes=ml_dtypes, scalars=False
+        )
+        leaf = Jagged(converted) if type(converted) is list else converted  # a nested tensor
+    if isinstance(leaf, Jagged):  # rows: joined with the other ranks' (and put in order)
+        if not remote:
+            return OBJECT, JAGGED, (len(leaf),), leaf, None
+        return OBJECT, JAGGED, (len(leaf),), None, _pickled(list(leaf), index, spec)
     arr = _sendable_array(leaf)
     if arr is not None:
         return ARRAY, arr.dtype, arr.shape, arr, None
@@ -147,8 +157,12 @@ def _describe_leaf(
         dtype, shape = np.asarray(leaf).dtype, np.shape(leaf)
     if not remote:
         return OBJECT, dtype, shape, leaf, None
+    return OBJECT, dtype, shape, None, _pickled(leaf, index, spec)
+
+
+def _pickled(leaf: Any, index: int, spec: PyTreeSpec) -> bytes:
     try:
-        payload = pickle.dumps(leaf, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(leaf, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         path, where = _tree.leaf_path(spec, index)
         raise ConversionError(
@@ -157,7 +171,6 @@ def _describe_leaf(
             "drop it from the tree or turn it into a picklable value",
             path=path,
         ) from exc
-    return OBJECT, dtype, shape, None, payload
 
 
 def _itemsize(dtype: Any) -> int:
@@ -328,6 +341,8 @@ def numpy_dtype(code: str, dtype: Any, ml_dtypes: bool) -> np.dtype[Any]:
 def info_kind(info: Info) -> Kind:
     if info[2] is None:  # an object leaf that is not an array
         return "object"
+    if isinstance(info[1], str) and info[1] == JAGGED:
+        return "jagged"
     return "array" if info[2] else "scalar"
 
 

@@ -86,9 +86,10 @@ def check_sampler(
     for i, path in enumerate(paths):
         for rank, meta in enumerate(metas):
             info = meta[4][i]
-            if info_kind(info) != "array" or per_batch[i]:
+            kind = info_kind(info)
+            if kind not in ("array", "jagged") or per_batch[i]:
                 continue
-            rows = info[2][axes[i]]
+            rows = info[2][axes[i] if kind == "array" else 0]
             if rows != num_samples:
                 raise ConversionError(
                     f"gather(sampler=...): {_tree.format_path(path)} has {rows} rows along axis "

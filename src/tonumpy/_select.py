@@ -15,12 +15,16 @@ patterns of a mapping cover a leaf, the longest wins ([`lookup`][tonumpy._select
 [`Selection`][tonumpy._select.Selection] applies ``exclude=`` (the nodes the patterns name are
 replaced by ``None``, as if the model had returned nothing there) and then ``reduce=`` (a function
 runs on each tensor a pattern covers, on its device, before anything is converted) to each batch,
-for ``concat``, ``Accumulator`` and ``gather``.
+for ``concat``, ``Accumulator`` and ``gather``. It records what each pattern matched, and warns
+([`UnmatchedPatternWarning`][tonumpy.UnmatchedPatternWarning]) once, with the first tree, about
+every pattern that matched nothing in it: every tree must share the first one's structure (what
+``exclude`` leaves of it), so a pattern that matches nothing there matches nothing later.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
@@ -31,7 +35,7 @@ from optree import PyTreeSpec
 
 from . import _tree
 from ._options import check_callable_signature
-from .errors import OptionError
+from .errors import OptionError, UnmatchedPatternWarning
 
 __all__ = [
     "Pattern",
@@ -40,6 +44,7 @@ __all__ = [
     "check_exclude",
     "check_reduce",
     "lookup",
+    "lookup_key",
 ]
 
 #: A key-path pattern: a key path (a tuple), or a bare key standing for the 1-tuple.
@@ -74,6 +79,23 @@ def lookup(mapping: Mapping[Any, Any], path: tuple[Any, ...]) -> Any:
         if end == 1 and path[0] in mapping and not isinstance(path[0], tuple):
             return mapping[path[0]]
     return None
+
+
+def lookup_key(mapping: Mapping[Any, Any], path: tuple[Any, ...]) -> Any:
+    """The key of ``mapping`` that [`lookup`][tonumpy._select.lookup] takes the value of.
+
+    ``_MISSING`` when none covers ``path``.
+    """
+    for end in range(len(path), -1, -1):
+        prefix = path[:end]
+        if prefix in mapping:
+            return prefix
+        if end == 1 and path[0] in mapping and not isinstance(path[0], tuple):
+            return path[0]
+    return _MISSING
+
+
+_MISSING = object()
 
 
 def _hashable(pattern: Any) -> bool:
@@ -159,19 +181,25 @@ def check_reduce(reduce: Any, where: str) -> dict[Any, Callable[[Any], Any]]:
 
 
 class _Plan:
-    """What a selection does to trees of one structure: the nodes to cut, the leaves to reduce."""
+    """What a selection does to trees of one structure.
 
-    __slots__ = ("cuts", "reductions", "spec")
+    The nodes to cut, the leaves to reduce, and what each pattern matched there (pattern as
+    given -> key paths).
+    """
+
+    __slots__ = ("cuts", "matched", "reductions", "spec")
 
     def __init__(
         self,
         spec: PyTreeSpec,
         cuts: list[tuple[Any, ...]],
         reductions: list[tuple[int, Callable[[Any], Any]]],
+        matched: dict[Any, list[tuple[Any, ...]]],
     ) -> None:
         self.spec = spec
         self.cuts = cuts
         self.reductions = reductions
+        self.matched = matched
 
 
 class Selection:
@@ -184,19 +212,53 @@ class Selection:
     and kept for the next tree of that structure (batches usually share one).
     """
 
-    __slots__ = ("_exclude", "_last", "_lock", "_reduce", "where")
+    __slots__ = (
+        "_exclude",
+        "_last",
+        "_lock",
+        "_matched",
+        "_patterns",
+        "_reduce",
+        "_reported",
+        "first",
+        "stacklevel",
+        "where",
+    )
 
-    def __init__(self, exclude: Any, reduce: Any, where: str) -> None:
+    def __init__(
+        self, exclude: Any, reduce: Any, where: str, *, first: str = "batch 0", stacklevel: int = 4
+    ) -> None:
         self._exclude = check_exclude(exclude, where)
         self._reduce = check_reduce(reduce, where)
         self.where = where
+        self.first = first  # how warnings name the first tree
+        self.stacklevel = stacklevel  # of the warnings: the user's call
         self._last: tuple[_Plan | None, _Plan | None] = (None, None)  # (exclude, reduce)
         self._lock = threading.Lock()
+        # the patterns as given (a bare key stays bare), for what they matched
+        self._patterns = _given_patterns(exclude)
+        self._matched: dict[str, dict[Any, dict[tuple[Any, ...], None]]] = {
+            "exclude": {pattern: {} for pattern in self._patterns},
+            "reduce": {pattern: {} for pattern in self._reduce},
+        }
+        self._reported = False
 
     @property
     def active(self) -> bool:
         """Whether anything is excluded or reduced."""
         return bool(self._exclude or self._reduce)
+
+    def matched(self) -> dict[str, dict[Any, list[tuple[Any, ...]]]]:
+        """What each pattern matched so far, by option, pattern as given.
+
+        ``{"exclude": {pattern: [key path, ...]}, "reduce": {pattern: [key path, ...]}}``: an
+        exclude pattern lists the node it names, a reduce pattern the leaves it reduces.
+        """
+        with self._lock:
+            return {
+                option: {pattern: list(paths) for pattern, paths in found.items()}
+                for option, found in self._matched.items()
+            }
 
     def flatten(
         self, tree: Any, /, *, is_leaf: Callable[[Any], bool] | None
@@ -209,8 +271,12 @@ class Selection:
                 tree = _cut(tree, cuts, is_leaf)
                 leaves, spec, leaf_types = _tree.flatten_typed(tree, is_leaf=is_leaf)
         if not self._reduce:
+            if self._exclude and not self._reported:
+                self._report(spec)
             return leaves, spec, leaf_types
         reductions = self._plan(spec, 1).reductions
+        if not self._reported:
+            self._report(spec)
         if not reductions:
             return leaves, spec, leaf_types
         leaves = list(leaves)
@@ -241,14 +307,52 @@ class Selection:
         if last is not None and last.spec == spec:
             return last
         if which == 0:
-            plan = _Plan(spec, _cuts(spec, self._exclude), [])
+            plan = _Plan(
+                spec, _cuts(spec, self._exclude), [], _exclude_matches(spec, self._patterns)
+            )
         else:
-            plan = _Plan(spec, [], _reductions(spec, self._reduce))
+            reductions, matched = _reductions(spec, self._reduce)
+            plan = _Plan(spec, [], reductions, matched)
         with self._lock:  # replaced whole: other threads see the old pair or the new one
             pair = list(self._last)
             pair[which] = plan
             self._last = (pair[0], pair[1])
+            found = self._matched["exclude" if which == 0 else "reduce"]
+            for pattern, paths in plan.matched.items():
+                found[pattern].update(dict.fromkeys(paths))
         return plan
+
+    def _report(self, spec: PyTreeSpec) -> None:
+        """Warn, once, about the patterns that matched nothing in the first tree.
+
+        ``spec`` is that tree's structure after ``exclude`` (what ``reduce`` sees).
+        """
+        with self._lock:
+            if self._reported:
+                return
+            self._reported = True
+            unmatched = {
+                option: [pattern for pattern, paths in found.items() if not paths]
+                for option, found in self._matched.items()
+            }
+        leaves = [where for _, where in _tree.leaf_paths(spec)]
+        shown = ", ".join(leaves[:6]) + (
+            f", ... ({len(leaves) - 6} more)" if len(leaves) > 6 else ""
+        )
+        for option, what in (("exclude", "node"), ("reduce", "leaf")):
+            missing = unmatched[option]
+            if not missing:
+                continue
+            names = ", ".join(map(repr, missing))
+            several = len(missing) > 1
+            warnings.warn(
+                UnmatchedPatternWarning(
+                    f"{self.where}({option}=...): the pattern{'s' if several else ''} {names} "
+                    f"match{'' if several else 'es'} no {what} of {self.first} (its leaves: "
+                    f"{shown or 'none'}); {'they are' if several else 'it is'} ignored"
+                ),
+                stacklevel=self.stacklevel,
+            )
 
 
 def _describe(leaf: Any) -> str:
@@ -267,16 +371,38 @@ def _cuts(spec: PyTreeSpec, exclude: frozenset[tuple[Any, ...]]) -> list[tuple[A
     return cuts
 
 
+def _given_patterns(exclude: Any) -> list[Any]:
+    """The patterns of a checked ``exclude=`` as the user gave them, without repeats."""
+    if exclude is None:
+        return []
+    given = [exclude] if isinstance(exclude, str | tuple) else list(exclude)
+    return list(dict.fromkeys(given))
+
+
+def _exclude_matches(spec: PyTreeSpec, patterns: list[Any]) -> dict[Any, list[tuple[Any, ...]]]:
+    """For each exclude pattern, the node of ``spec`` it names (a list of one path, or none)."""
+    nodes = {node.path for node in _tree.outline(spec)}
+    return {
+        pattern: [as_path(pattern)] if as_path(pattern) in nodes else [] for pattern in patterns
+    }
+
+
 def _reductions(
     spec: PyTreeSpec, reduce: Mapping[Any, Callable[[Any], Any]]
-) -> list[tuple[int, Callable[[Any], Any]]]:
-    """``(leaf index, function)`` for every leaf a pattern of ``reduce`` covers."""
+) -> tuple[list[tuple[int, Callable[[Any], Any]]], dict[Any, list[tuple[Any, ...]]]]:
+    """``(leaf index, function)`` for every leaf a pattern of ``reduce`` covers.
+
+    Also the leaf paths each pattern takes (the longest pattern covering a leaf takes it).
+    """
     found = []
-    for index, path in enumerate(spec.paths()):
-        fn = lookup(reduce, tuple(path))
-        if fn is not None:
-            found.append((index, fn))
-    return found
+    matched: dict[Any, list[tuple[Any, ...]]] = {pattern: [] for pattern in reduce}
+    for index, raw in enumerate(spec.paths()):
+        path = tuple(raw)
+        key = lookup_key(reduce, path)
+        if key is not _MISSING:
+            found.append((index, reduce[key]))
+            matched[key].append(path)
+    return found, matched
 
 
 def _cut(tree: Any, cuts: list[tuple[Any, ...]], is_leaf: Callable[[Any], bool] | None) -> Any:

@@ -25,6 +25,7 @@ rebuild and compare equal under ``same_structure``.
 from __future__ import annotations
 
 import contextlib
+import operator
 import sys
 import threading
 import warnings
@@ -51,6 +52,7 @@ __all__ = [
     "flatten",
     "flatten_typed",
     "format_path",
+    "is_opaque_type",
     "leaf_path",
     "leaf_paths",
     "outline",
@@ -188,6 +190,23 @@ def _evict(protect: set[type]) -> None:
         optree.unregister_pytree_node(cls, namespace=NAMESPACE)
 
 
+_PLAIN_VALUES = frozenset({str, int, float, bool, complex, bytes, type(None)})
+
+
+def is_opaque_type(cls: type[Any]) -> bool:
+    """Whether instances of ``cls`` are leaves tonumpy neither converts nor walks into.
+
+    True for the types tonumpy cannot rebuild (loggers, modules, optimizers) and for values
+    such as strings and numbers; False for tensors, arrays and containers. Classified once.
+    """
+    if cls in _PLAIN_VALUES:
+        return True
+    if cls in _NATIVE or issubclass(cls, torch.Tensor | np.ndarray | np.generic):
+        return False
+    kind = _roles.get(cls) or _classify(cls, set())
+    return kind is _ATOMIC or kind is _SEARCH
+
+
 def registered_types() -> tuple[type, ...]:
     """The container classes tonumpy has registered with optree, oldest first."""
     with _lock:
@@ -226,8 +245,12 @@ def flatten(
     *,
     is_leaf: Callable[[Any], bool] | None = None,
     none_is_leaf: bool = False,
+    search: bool = True,
 ) -> tuple[list[Any], PyTreeSpec]:
     """Flatten ``tree`` in the tonumpy namespace, registering unseen container types lazily.
+
+    ``search=False`` leaves the leaves tonumpy cannot rebuild unsearched (``numpy_args``: they
+    are passed on as they are, at a cost independent of their size).
 
     Raises:
         ConversionError: The tree contains a cycle or is deeper than optree can walk; the message
@@ -236,7 +259,7 @@ def flatten(
             did not keep it); the message names the path and the fix.
         TypeError: ``is_leaf`` returned something other than ``True`` or ``False``.
     """
-    leaves, spec, _ = flatten_typed(tree, is_leaf=is_leaf, none_is_leaf=none_is_leaf)
+    leaves, spec, _ = flatten_typed(tree, is_leaf=is_leaf, none_is_leaf=none_is_leaf, search=search)
     return leaves, spec
 
 
@@ -246,6 +269,7 @@ def flatten_typed(
     *,
     is_leaf: Callable[[Any], bool] | None = None,
     none_is_leaf: bool = False,
+    search: bool = True,
 ) -> tuple[list[Any], PyTreeSpec, set[type]]:
     """``flatten``, also returning the set of the leaves' types (computed anyway)."""
     check = None if is_leaf is None else _strict(is_leaf)
@@ -258,8 +282,10 @@ def flatten_typed(
             leaf_types = set(map(type, leaves))
             atomic = _atomic
             if leaf_types <= atomic:  # tensors, arrays, strings, numbers, ...: nothing to do
+                if search and _arrays_possible(leaf_types):
+                    _refuse_object_arrays(leaves, leaf_types, spec, check, atomic)
                 return leaves, spec, leaf_types
-            again = search = False
+            again = opaque = False
             for cls in leaf_types - atomic:
                 kind = _classify(cls, protect)
                 if kind is _NODE:
@@ -269,10 +295,12 @@ def flatten_typed(
                     if cls not in snapshot.nodes or _snapshot.evictions != snapshot.evictions:
                         again = True
                 elif kind is _SEARCH:
-                    search = True
+                    opaque = True
             if not again:
-                if search:
+                if opaque and search:
                     _refuse_opaque(leaves, spec, check, protect)
+                elif search and _arrays_possible(leaf_types):
+                    _refuse_object_arrays(leaves, leaf_types, spec, check, _atomic)
                 return leaves, spec, leaf_types
         attempt += 1
 
@@ -293,26 +321,63 @@ def _flatten_once(
         raise _node_error(tree, bad, check, none_is_leaf) from None
 
 
+_ONLY_ARRAYS = {np.ndarray}
+_IS_ARRAY: Callable[[Any], bool] = np.ndarray.__instancecheck__  # isinstance(x, np.ndarray), in C
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _arrays_possible(leaf_types: set[type]) -> bool:
+    """Whether some leaf may be a NumPy array (the leaves to look at for object arrays)."""
+    return np.ndarray in leaf_types or not leaf_types <= _BASE_ATOMIC
+
+
+def _refuse_object_arrays(
+    leaves: list[Any],
+    leaf_types: set[type],
+    spec: PyTreeSpec,
+    check: Callable[[Any], bool] | None,
+    atomic: Any,
+) -> None:
+    """Raise for the first NumPy array of Python objects that holds a tensor.
+
+    Numeric arrays are never looked into: their dtypes (collected in C) say they hold no object.
+    """
+    arrays = leaves if leaf_types == _ONLY_ARRAYS else filter(_IS_ARRAY, leaves)
+    if not any(dtype.hasobject for dtype in set(map(_DTYPE, arrays))):
+        return
+    searchable = _opaque.searchable_array
+    for index, leaf in enumerate(leaves):
+        if searchable(leaf) and not (check is not None and check(leaf)):
+            _search(leaf, index, spec, atomic)
+
+
+def _search(leaf: Any, index: int, spec: PyTreeSpec, atomic: Any) -> None:
+    """Raise if ``leaf`` holds a tensor; warn if it is too large to tell."""
+    try:
+        inner = _opaque.find_tensor(leaf, atomic)
+    except _opaque.TooLargeError:
+        warnings.warn(_opaque.unchecked(leaf, leaf_path(spec, index)[1]), stacklevel=5)
+        return
+    if inner is not None:
+        path, where = leaf_path(spec, index)
+        raise _opaque.refusal(leaf, where, path, inner)
+
+
 def _refuse_opaque(
     leaves: list[Any], spec: PyTreeSpec, check: Callable[[Any], bool] | None, protect: set[type]
 ) -> None:
-    """Raise for the first leaf of a type tonumpy cannot rebuild that holds a tensor."""
+    """Raise for the first leaf tonumpy cannot rebuild (or object array) that holds a tensor."""
     atomic = _atomic
+    searchable = _opaque.searchable_array
     for index, leaf in enumerate(leaves):
         cls = type(leaf)
-        if cls in atomic or _classify(cls, protect) is not _SEARCH:
+        if searchable(leaf):
+            pass
+        elif cls in atomic or _classify(cls, protect) is not _SEARCH:
             continue
         if check is not None and check(leaf):
             continue
-        try:
-            inner = _opaque.find_tensor(leaf, atomic)
-        except _opaque.TooLargeError:
-            inner = None
-        else:
-            if inner is None:
-                continue
-        path, where = leaf_path(spec, index)
-        raise _opaque.refusal(leaf, where, path, inner)
+        _search(leaf, index, spec, atomic)
 
 
 def unflatten(spec: PyTreeSpec, leaves: Iterable[Any]) -> Any:

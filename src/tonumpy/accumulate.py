@@ -26,7 +26,7 @@ import numpy as np
 from optree import PyTreeSpec
 
 from . import _options, _tree
-from ._columns import Column, check_chunk, concat_arrays, join, rows_first
+from ._columns import Column, Jagged, check_chunk, concat_arrays, join, mark_jagged, rows_first
 from ._directory import Directory
 from ._dtypes import is_ml_dtype, ml_dtypes_module
 from ._indices import as_index
@@ -126,7 +126,7 @@ def concat(
     axis = _options.check_axis(axis, "concat")
     _options.check_flag(ml_dtypes, "ml_dtypes", "concat")
     check_pad_option(pad_value, "concat")
-    selection = Selection(exclude, reduce, "concat")
+    selection = Selection(exclude, reduce, "concat", first="trees[0]")
     trees = list(trees)
     if not trees:
         raise ConversionError("concat() needs at least one tree; got an empty sequence")
@@ -137,7 +137,8 @@ def concat(
         if spec0 is None:
             spec0 = spec
         _tree.require_same(spec0, spec, "trees[0]", f"trees[{index}]", hint=_SAME_STRUCTURE)
-        flat.append(convert_flat(leaves, spec, ml_dtypes=ml_dtypes, leaf_types=leaf_types))
+        converted = convert_flat(leaves, spec, ml_dtypes=ml_dtypes, leaf_types=leaf_types)
+        flat.append(mark_jagged(leaves, converted))
     assert spec0 is not None  # noqa: S101 - trees is not empty
     return join(
         flat, spec0, axis=axis, pad_value=pad_value, name=lambda i: f"trees[{i}]", noun="batches"
@@ -318,8 +319,12 @@ class Accumulator:
         self._expected: PyTreeSpec | None = None  # set once a batch is accepted
         self._leaves: list[_Leaf] = []
         self._batches = 0  # batches added
+        self._sizes: list[int] = []  # rows each batch added to len(self)
         self._received = 0  # batches accepted (added, or in flight)
-        self._pending: tuple[PendingTransfer, PyTreeSpec, str, np.ndarray | None] | None = None
+        # a batch whose copies are in flight: its transfer, structure, name, indices and leaves
+        self._pending: (
+            tuple[PendingTransfer, PyTreeSpec, str, np.ndarray | None, list[Any]] | None
+        ) = None
         self._indexed: bool | None = None  # whether rows carry dataset indices (the first says)
         self._index: list[np.ndarray] = []  # in memory: each batch's indices
         self._progress: Progress | None = None  # with directory=: the log of complete batches
@@ -384,9 +389,9 @@ class Accumulator:
                 )
             self._finish_pending()
             if pending.done():
-                self._ingest(pending.result_leaves(), spec, name, indices)
+                self._ingest(mark_jagged(leaves, pending.result_leaves()), spec, name, indices)
             else:
-                self._pending = (pending, spec, name, indices)
+                self._pending = (pending, spec, name, indices, leaves)
             if self._expected is None:
                 self._expected = spec
             self._indexed = indices is not None
@@ -396,10 +401,10 @@ class Accumulator:
         """Wait for the batch whose copies are in flight, and add it."""
         if self._pending is None:
             return
-        pending, spec, name, indices = self._pending
+        pending, spec, name, indices, leaves = self._pending
         self._pending = None
         try:
-            self._ingest(pending.result_leaves(), spec, name, indices)
+            self._ingest(mark_jagged(leaves, pending.result_leaves()), spec, name, indices)
         except BaseException:
             if self._spec is None:  # the first batch failed: the next one sets the structure
                 self._expected = None
@@ -425,6 +430,7 @@ class Accumulator:
         states = [
             check_chunk(leaf.column, value, name) for leaf, value in zip(leaves, host, strict=True)
         ]
+        before = self._rows()
         for leaf, state in zip(leaves, states, strict=True):
             leaf.column.commit(state)
         if first:
@@ -443,11 +449,13 @@ class Accumulator:
                 [leaf.file for leaf in leaves],
                 [leaf.column.trailing for leaf in leaves],
             )
+        self._sizes.append(self._rows() - before)
 
     def _start(self, spec: PyTreeSpec, leaves: list[_Leaf], indexed: bool) -> None:
         """Adopt the first batch's structure; with ``directory=``, create the files."""
         if self._directory is not None:
             try:
+                _refuse_jagged(leaves)
                 files = self._directory.start(
                     spec, [leaf.column for leaf in leaves], self._ml_dtypes
                 )
@@ -526,6 +534,9 @@ class Accumulator:
         if kind == "object":
             leaf.values.append(value)
             return
+        if kind == "jagged":  # a nested tensor's rows join the rows of the batches before
+            leaf.values.extend(value)
+            return
         assert kind is not None  # noqa: S101
         chunk = rows_first(value, kind, column.axis)
         if leaf.file is None:
@@ -546,6 +557,27 @@ class Accumulator:
 
     # -- reading ---------------------------------------------------------------------------
 
+    @property
+    def matched(self) -> dict[str, dict[Any, list[tuple[Any, ...]]]]:
+        """What each ``exclude=`` and ``reduce=`` pattern matched in the batches so far.
+
+        ``{"exclude": {pattern: [key path]}, "reduce": {pattern: [key path, ...]}}``, each
+        pattern as it was given: an exclude pattern lists the node it names (none if the
+        batches have no such node), a reduce pattern the leaves it reduces (where several
+        patterns cover a leaf, the longest takes it). A pattern with no key path matched
+        nothing; the first batch warned about it (``UnmatchedPatternWarning``).
+
+        Examples:
+            >>> import torch, warnings
+            >>> acc = Accumulator(reduce={"logits": len, ("out", "logits"): len})
+            >>> with warnings.catch_warnings():
+            ...     warnings.simplefilter("ignore")
+            ...     acc.append({"out": {"logits": torch.ones(2, 3), "hidden": torch.ones(2)}})
+            >>> acc.matched["reduce"]
+            {'logits': [], ('out', 'logits'): [('out', 'logits')]}
+        """
+        return self._selection.matched()
+
     def __repr__(self) -> str:
         with self._lock:
             parts = [f"batches={self._batches}", f"leaves={len(self._leaves)}"]
@@ -559,12 +591,40 @@ class Accumulator:
     def __len__(self) -> int:
         """The number of rows so far: those of the first leaf with a rows axis.
 
-        That is the first array leaf (in the tree's leaf order), else the first 0-d leaf (one
-        row per batch); for a tree with neither, the number of batches.
+        That is the first array leaf (in the tree's leaf order), else the first nested-tensor
+        leaf, else the first 0-d leaf (one row per batch); for a tree with none, the number of
+        batches.
         """
         with self._lock:
             self._finish_pending()
             return self._rows()
+
+    @property
+    def batch_sizes(self) -> np.ndarray:
+        """How many rows each batch added, in the order the batches were added (``int64``).
+
+        A batch's size is what it added to ``len(self)``: the size along ``axis`` (dim 0 by
+        default) of its first array leaf (else of its first nested-tensor leaf), the leaves
+        that hold one row per sample; 1 for a tree with neither. ``batch_sizes.sum() ==
+        len(acc)``. Kept beside the values that are one per batch (a 0-d loss), to weight them:
+        the mean loss per sample, as ``Trainer`` reports it, is ``(loss * sizes).sum() /
+        sizes.sum()``. Across ranks, ``tonumpy.gather(acc.batch_sizes)`` lines the sizes up with
+        the per-batch values ``gather(acc, ...)`` gives (both in rank order). After
+        ``resume=True`` only the batches appended since are listed: the sizes of the run
+        before's batches are not recorded in the directory.
+
+        Examples:
+            >>> import torch
+            >>> acc = Accumulator()
+            >>> acc.append({"x": torch.ones(4, 2), "loss": torch.tensor(1.0)})
+            >>> acc.append({"x": torch.ones(1, 2), "loss": torch.tensor(6.0)})
+            >>> sizes, loss = acc.batch_sizes, acc.result()["loss"]
+            >>> sizes, float((loss * sizes).sum() / sizes.sum())
+            (array([4, 1]), 2.0)
+        """
+        with self._lock:
+            self._finish_pending()
+            return np.array(self._sizes, dtype=np.int64)
 
     def _rows(self) -> int:
         recovered = self._recovered
@@ -573,7 +633,7 @@ class Accumulator:
                 for k, rows in zip(recovered.kinds, recovered.rows, strict=True):
                     if k == kind:
                         return rows
-        for kind in ("array", "scalar"):
+        for kind in ("array", "jagged", "scalar"):
             for leaf in self._leaves:
                 if leaf.column.kind == kind:
                     return leaf.column.rows
@@ -701,6 +761,10 @@ class Accumulator:
             out = self._result_leaves(None)
             assert self._spec is not None  # noqa: S101
             per_batch = [leaf.column.kind in ("scalar", "object") for leaf in self._leaves]
+            out = [
+                Jagged(value) if leaf.column.kind == "jagged" else value
+                for leaf, value in zip(self._leaves, out, strict=True)
+            ]
         return out, self._spec, per_batch, self.indices()
 
     def _leaf_result(self, leaf: _Leaf, num_items: int | None) -> Any:
@@ -710,6 +774,8 @@ class Accumulator:
         keep = rows if num_items is None or per_batch else min(rows, num_items)
         if column.kind == "object":
             return leaf.values[:keep]
+        if column.kind == "jagged":
+            return leaf.values[:keep]  # a new list of the rows
         if leaf.file is not None:
             file, trailing = leaf.file, column.trailing
             if file.rows and trailing is not None and file.trailing != trailing:
@@ -741,6 +807,27 @@ def gather_input(
     index=)`` was given (``None`` without).
     """
     return acc._gather_input()  # noqa: SLF001 - the class is this module's own
+
+
+def _refuse_jagged(leaves: list[_Leaf]) -> None:
+    """Raise for a nested tensor leaf: ``directory=`` stores rows in ``.npy`` files of one shape."""
+    for leaf in leaves:
+        if leaf.column.kind == "jagged":
+            raise ConversionError(
+                f"Accumulator(directory=...) grows each leaf in a .npy file of equal-length "
+                f"rows, but {leaf.column.where} is a nested (jagged) tensor; pad it first "
+                "(t.to_padded_tensor(0.0)) or accumulate without directory=",
+                path=leaf.column.path,
+            )
+
+
+def accumulator_options(acc: Accumulator) -> dict[str, Any]:
+    """The options of ``acc`` that ``gather(acc)`` uses unless the call passes its own.
+
+    ``axis``, ``pad_value`` and ``ml_dtypes``.
+    """
+    own = acc._axis, acc._pad_value, acc._ml_dtypes  # noqa: SLF001 - this module's own class
+    return dict(zip(("axis", "pad_value", "ml_dtypes"), own, strict=True))
 
 
 def check_format(format: Any, where: str) -> None:

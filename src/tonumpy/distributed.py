@@ -50,7 +50,7 @@ from ._packing import (
 from ._pad import PadValue, check_pad_option
 from ._sampler import check_sampler, sample_positions, sampler_info
 from ._select import Pattern, Selection
-from .accumulate import Accumulator, gather_input
+from .accumulate import Accumulator, accumulator_options, gather_input
 from .convert import convert_flat
 from .errors import OptionError
 
@@ -74,7 +74,7 @@ def gather(
     *,
     dst: int | None = None,
     group: ProcessGroup | None = None,
-    axis: int = 0,
+    axis: int | None = None,
     pad_value: PadValue = None,
     sampler: Any = None,
     num_items: int | None = None,
@@ -82,7 +82,7 @@ def gather(
     exclude: Pattern | list[Pattern] | None = None,
     directory: str | os.PathLike[str] | None = None,
     chunk_bytes: int | None = None,
-    ml_dtypes: bool = False,
+    ml_dtypes: bool | None = None,
     is_leaf: Callable[[Any], bool] | None = None,
 ) -> Any:
     """Gather a tree from every rank, concatenated over the ranks, as NumPy.
@@ -97,7 +97,9 @@ def gather(
     Pass an [`tonumpy.Accumulator`][] instead of a tree to gather its result: the leaves that
     were 0-d in every batch (a loss: one value per batch) are then gathered one per batch of
     every rank, in rank order, and neither reordered by ``sampler`` nor cut by ``num_items``;
-    the other array leaves hold one row per sample.
+    the other array leaves hold one row per sample. The accumulator's ``axis``, ``pad_value``
+    and ``ml_dtypes`` are used unless the call passes its own (its ``reduce`` and ``exclude``
+    were applied as the batches came).
 
     The data moves in rounds of at most ``chunk_bytes`` per rank (by default 64 MiB per round in
     all), one collective each, and each round is copied into the result as it arrives: a
@@ -118,9 +120,11 @@ def gather(
         dst: The global rank to return the result on (``None``, the default: every rank).
         group: The process group to gather over (default: the whole world).
         axis: The axis to concatenate along (negative counts from the end of each leaf).
+            ``None`` (the default): the Accumulator's ``axis`` when ``tree`` is one, else 0.
         pad_value: How to pad leaves whose ranks differ in size along another axis: a value,
             a mapping from key-path pattern to value, or a callable ``(path, dtype) ->
-            value``, as for [`tonumpy.concat`][]. ``None`` makes such leaves an error.
+            value``, as for [`tonumpy.concat`][]. ``None`` (the default): the Accumulator's
+            ``pad_value`` when ``tree`` is one; otherwise such leaves are an error.
         sampler: The ``torch.utils.data.DistributedSampler`` that split the dataset (or any
             object with its ``num_replicas``, ``rank``, ``total_size``, ``shuffle``, ``seed``,
             ``epoch`` and ``dataset``). Rows of per-sample leaves (array leaves, except an
@@ -145,7 +149,8 @@ def gather(
             alone); every rank must pass the same. ``None``: 64 MiB divided among the ranks
             (at least 1 MiB each).
         ml_dtypes: Return bfloat16/float8 leaves bit-exact as ``ml_dtypes`` arrays instead
-            of widening them to float32.
+            of widening them to float32. ``None`` (the default): the Accumulator's
+            ``ml_dtypes`` when ``tree`` is one, else ``False``.
         is_leaf: Called on each node; a node it returns True for is treated as a leaf.
 
     Returns:
@@ -168,8 +173,9 @@ def gather(
             waiting): ``directory`` holds another run's files. Errors writing the result are
             raised the same way.
     """
+    axis, pad_value, ml_dtypes = _defaults(tree, axis, pad_value, ml_dtypes)
     axis, num_items = _checked_arguments(axis, num_items, ml_dtypes, pad_value, chunk_bytes)
-    selection = Selection(exclude, reduce, "gather")
+    selection = Selection(exclude, reduce, "gather", first="this rank's tree", stacklevel=5)
     folder = _checked_destination(tree, selection, directory, axis)
     import torch.distributed as dist  # noqa: PLC0415 - keeps `import tonumpy` light
 
@@ -241,6 +247,24 @@ def gather(
     if failure is not None:
         raise failure
     return None if destination is None else destination.result()
+
+
+def _defaults(
+    tree: Any, axis: int | None, pad_value: PadValue, ml_dtypes: bool | None
+) -> tuple[Any, PadValue, Any]:
+    """``axis``, ``pad_value`` and ``ml_dtypes``: given, else the Accumulator's, else defaults.
+
+    The defaults are ``concat``'s: 0, None, False.
+    """
+    if isinstance(tree, Accumulator):
+        options = accumulator_options(tree)
+        if axis is None:
+            axis = options["axis"]
+        if pad_value is None:
+            pad_value = options["pad_value"]
+        if ml_dtypes is None:
+            ml_dtypes = options["ml_dtypes"]
+    return (0 if axis is None else axis), pad_value, (False if ml_dtypes is None else ml_dtypes)
 
 
 def _checked_destination(tree: Any, selection: Selection, directory: Any, axis: int) -> Path | None:
@@ -375,7 +399,7 @@ def _place_local(
 
 def _place_whole(destination: Destination, i: int, rank: int, value: Any, column: Column) -> None:
     kind = column.kind
-    if kind == "object":
+    if kind in ("object", "jagged"):
         destination.place_value(i, rank, value)
     else:
         assert kind is not None  # noqa: S101

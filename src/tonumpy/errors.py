@@ -1,9 +1,13 @@
-"""Exceptions raised by tonumpy.
+"""Exceptions raised by tonumpy, and the warnings it gives.
 
 Every exception carries ``.path``, the key path (a tuple of keys, indices and field names, as
 ``optree.tree_paths`` gives it) of the leaf or node where the problem was found, or ``None``
 when the problem is not tied to one place in the tree. Each also subclasses the built-in exception
 that code written before tonumpy would catch.
+
+Warnings are [`TonumpyWarning`][] subclasses (so ``UserWarning``s): silence one kind with
+``warnings.filterwarnings("ignore", category=...)`` or make it an error with
+``warnings.filterwarnings("error", category=...)`` (or ``python -W error::UserWarning``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ __all__ = [
     "MissingDependencyError",
     "OptionError",
     "TonumpyError",
+    "TonumpyWarning",
+    "UncheckedObjectWarning",
+    "UnmatchedPatternWarning",
     "UnsafeFileError",
     "UnsupportedLeafError",
 ]
@@ -103,4 +110,48 @@ class UnsafeFileError(TonumpyError, ValueError):
     Nothing in it ran. For a ``torch.save`` file whose pickle needs code to load,
     ``unsafe_load=True`` (``--unsafe-load`` on the command line) unpickles it anyway: only do
     that for files whose origin you trust.
+    """
+
+
+class TonumpyWarning(UserWarning):
+    """Base class of every warning tonumpy gives.
+
+    Args:
+        message: What was found, where, and how to silence it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class UnmatchedPatternWarning(TonumpyWarning):
+    """A ``reduce=``/``exclude=`` pattern, or a ``capture`` module pattern, matched nothing.
+
+    One list of patterns may serve several model families, so a pattern that matches nothing
+    is not an error; but it is often a typo (``"past_key_value"``) or a key under another
+    parent (``"logits"`` when the batches hold ``out.logits``), and then the memory saving
+    asked for is silently lost. The message names every such pattern. See what each pattern
+    matched with ``Accumulator.matched`` (or [`tonumpy.module_names`][] for ``capture``).
+
+    Examples:
+        >>> import warnings, torch, tonumpy
+        >>> acc = tonumpy.Accumulator(reduce={"logits": lambda t: t.argmax(-1)})
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     acc.append({"out": {"logits": torch.zeros(2, 3)}})
+        >>> "the pattern 'logits' matches no leaf of batch 0" in str(caught[0].message)
+        True
+        >>> with warnings.catch_warnings():  # one list for several model families: silence it
+        ...     warnings.simplefilter("ignore", tonumpy.UnmatchedPatternWarning)
+        ...     tonumpy.Accumulator(exclude="cache").append({"x": torch.ones(1)})
+    """
+
+
+class UncheckedObjectWarning(TonumpyWarning):
+    """An object tonumpy cannot rebuild was too large to search for tensors; it was passed on.
+
+    tonumpy looks for tensors in such an object (breadth first: its attributes, then what they
+    hold, and so on) through at most 100,000 objects. An object larger than that is returned
+    as it is, with this warning, instead of failing a call that worked while the object was
+    small. Keep such objects with ``is_leaf=`` to skip the search (and this warning).
     """

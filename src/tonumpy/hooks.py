@@ -57,15 +57,19 @@ def _in_backward() -> bool:
 
 
 def _chosen(
-    module: torch.nn.Module, include: object, exclude: object
+    module: torch.nn.Module, include: object, exclude: object, *, stacklevel: int
 ) -> dict[str, torch.nn.Module]:
-    """The modules of ``module`` that ``include`` and ``exclude`` choose, by name, in order."""
+    """The modules of ``module`` that ``include`` and ``exclude`` choose, by name, in order.
+
+    A pattern that matches nothing is warned about (``stacklevel``: the user's call).
+    """
     modules = dict(module.named_modules())
     names = _module_patterns.choose(
         list(modules),
         _module_patterns.patterns(include, "include"),
         _module_patterns.patterns(exclude, "exclude"),
         owner=type(module).__name__,
+        stacklevel=stacklevel + 1,
     )
     return {name: modules[name] for name in names}
 
@@ -112,7 +116,7 @@ def module_names(
     """
     if not isinstance(module, torch.nn.Module):
         raise CaptureError(f"module_names() needs a torch.nn.Module, got {type(module).__name__}")
-    return list(_chosen(module, include, exclude))
+    return list(_chosen(module, include, exclude, stacklevel=2))
 
 
 class _ThreadState:
@@ -406,7 +410,7 @@ def capture(
         isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1
     ):
         raise CaptureError(f"max_calls= must be a positive int or None, got {max_calls!r}")
-    chosen = _chosen(module, include, exclude)
+    chosen = _chosen(module, include, exclude, stacklevel=3)  # under contextlib's __enter__
     acts = Activations(chosen, max_calls, is_leaf=is_leaf)
     rec = _Recorder(
         acts, every=every, reduce=reduce, ml_dtypes=ml_dtypes, scalars=scalars, is_leaf=is_leaf
