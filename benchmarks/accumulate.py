@@ -32,6 +32,20 @@ Memory is read from ``/proc/self/status`` (VmRSS, and VmHWM after resetting it t
     python benchmarks/accumulate.py                  # the issue's sizes (minutes, ~6 GB RAM)
     python benchmarks/accumulate.py --device cuda    # the language model on a GPU
     python benchmarks/accumulate.py --write          # also update docs/performance.md
+
+The first section is issue 22's workload: a tiny GPT-2's full logits (2,000 sequences of 8 to
+64 tokens, batches of 16, vocabulary 1,024, ``pad_value=-100``) accumulated by the plain idiom
+(``.detach().cpu()``, pad per batch, ``torch.cat``, ``.numpy()``), transformers'
+``EvalLoopContainer`` and ``nested_concat``, and ``tonumpy.Accumulator`` in memory and with
+``directory=``, with and without ``reduce=`` (argmax on the device): time, peak RSS and the
+bytes handed to the conversion, each method in its own process, every method once per round
+(``--repeat`` rounds, medians and ranges). ``--baseline-src OTHER/src`` adds tonumpy's rows
+with tonumpy imported from another checkout (before/after in one run). Then W1-W7 of
+``benchmarks/run.py`` (its own processes; ``--no-peers`` skips them), and the asked ratios
+against their limits: the exit status is 1 when one is missed, 2 when the methods' results
+differ. ``--quick`` (CI: small sizes, noisy machines) reports the ratios without enforcing
+them; its exit status is 2 on wrong results only. ``--device cuda`` runs the model, the
+batches and ``reduce=`` on the GPU (``benchmarks/gpu_check.sh`` does).
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -333,6 +348,178 @@ METHODS: dict[str, Callable[[Any, int], tuple[Clock, Any]]] = {
 }
 
 
+# --------------------------------------------------------- the issue's workload (issue 22)
+
+#: (sequences, shortest, longest, batch size, vocabulary, distinct batches computed by the model)
+GPT2_SIZES = {False: (2000, 8, 64, 16, 1024, 16), True: (160, 8, 32, 16, 1024, 4)}
+#: Methods of the GPT-2 workload: (label, transformers loop?)
+GPT2_METHODS = {
+    "plain": ("plain idiom: `.detach().cpu()`, pad per batch, `torch.cat`, `.numpy()`", False),
+    "container": ("transformers `EvalLoopContainer` (add + get_arrays)", True),
+    "nested_concat": ("transformers `nested_concat` every step + `nested_numpify`", True),
+    "tonumpy": ("`tonumpy.Accumulator` in memory", False),
+    "directory": ("`tonumpy.Accumulator(directory=)`", False),
+    "reduce": ('`tonumpy.Accumulator(reduce={"logits": argmax})` in memory', False),
+    "directory_reduce": ("`tonumpy.Accumulator(directory=, reduce=)`", False),
+}
+#: The asked ratios: (what, limit); checked by ``Report.checks``.
+ASKED = {
+    "time tonumpy / plain": 1.0,
+    "peak tonumpy / plain": 0.45,
+    "time directory / tonumpy": 1.3,
+    "peak directory at 2x the batches / at 1x (flat: <= 1.25x + 16 MiB)": 1.0,
+    "W1 / baseline": 0.65,
+    "W2 / baseline": 0.65,
+    "W3 / baseline": 0.85,
+    "W4 / baseline": 0.65,
+    "W6 ml_dtypes / bare bit-view map": 1.10,
+}
+
+
+def make_gpt2_pool(path: Path, quick: bool, device: str) -> dict[str, Any]:
+    """Run a tiny GPT-2 (from a config) on the distinct batches; save logits and labels."""
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    n_seq, shortest, longest, batch, vocab, distinct = GPT2_SIZES[quick]
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=2, vocab_size=vocab, n_positions=longest
+    )
+    model = transformers.GPT2LMHeadModel(config).to(device).eval()
+    gen = torch.Generator().manual_seed(2)
+    pool = []
+    with torch.inference_mode():
+        for _ in range(distinct):
+            lengths = torch.randint(shortest, longest + 1, (batch,), generator=gen)
+            width = int(lengths.max())
+            ids = torch.randint(0, vocab, (batch, width), generator=gen)
+            mask = torch.arange(width)[None] < lengths[:, None]
+            labels = torch.where(mask, ids, torch.full_like(ids, PAD))
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            pool.append({"logits": logits.float().cpu().clone(), "labels": labels})
+    torch.save(pool, path)
+    widths = [b["labels"].shape[1] for b in pool]
+    return {"widths": widths, "n_batches": n_seq // batch, "vocab": vocab}
+
+
+def _fresh(pool: list[dict[str, Any]], i: int) -> dict[str, Any]:
+    """Batch ``i``: a clone of a pool batch, as a model hands out new tensors every step."""
+    return {k: v.clone() for k, v in pool[i % len(pool)].items()}
+
+
+def _gpt2_plain(pool: list[Any], n: int, clock: Clock, handed: list[int]) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    kept = []
+    for i in range(n):
+        batch = _fresh(pool, i)
+        with clock:
+            kept.append({k: v.detach().cpu() for k, v in batch.items()})
+            handed[0] += sum(v.nbytes for v in batch.values())
+        del batch
+    with clock:
+        width = max(b["labels"].shape[1] for b in kept)
+        out = {}
+        for key in ("logits", "labels"):
+            pads = [(0, 0) * (b[key].ndim - 2) + (0, width - b[key].shape[1]) for b in kept]
+            padded = [F.pad(b[key], pad, value=PAD) for b, pad in zip(kept, pads, strict=True)]
+            out[key] = torch.cat(padded).numpy()
+            del padded
+    return out
+
+
+def _gpt2_hf(
+    method: str, pool: list[Any], n: int, clock: Clock, handed: list[int]
+) -> dict[str, Any]:
+    container = EvalLoopContainer(do_nested_concat=True, padding_index=PAD)
+    preds = None
+    for i in range(n):
+        batch = _fresh(pool, i)
+        with clock:
+            handed[0] += sum(v.nbytes for v in batch.values())
+            if method == "container":
+                container.add(batch)
+            else:
+                preds = batch if preds is None else nested_concat(preds, batch, PAD)
+        del batch
+    with clock:
+        out: dict[str, Any] = (
+            container.get_arrays() if method == "container" else nested_numpify(preds)
+        )
+    return out
+
+
+def _gpt2_tonumpy(
+    method: str, pool: list[Any], n: int, clock: Clock, directory: str
+) -> dict[str, Any]:
+    import tonumpy
+
+    options: dict[str, Any] = {"pad_value": PAD}
+    if "directory" in method:
+        options["directory"] = directory
+    if "reduce" in method:
+        options["reduce"] = {"logits": lambda t: t.argmax(-1)}
+    acc = tonumpy.Accumulator(**options)
+    for i in range(n):
+        batch = _fresh(pool, i)
+        with clock:
+            acc.append(batch)
+        del batch
+    with clock:
+        out: dict[str, Any] = acc.result()
+    return out
+
+
+def run_gpt2(task: dict[str, Any]) -> dict[str, Any]:
+    """One method on the GPT-2 workload, in this (fresh) process: time, peak, bytes moved."""
+    import torch
+
+    from tonumpy import accumulate
+
+    method, device, n = task["method"], task["device"], task["n_batches"]
+    pool = [{k: v.to(device) for k, v in b.items()} for b in torch.load(task["pool"])]
+    handed = [0]
+    original = accumulate.start
+
+    def counting(leaves: list[Any], *args: Any, **kwargs: Any) -> Any:
+        handed[0] += sum(x.nbytes for x in leaves if isinstance(x, torch.Tensor))
+        return original(leaves, *args, **kwargs)
+
+    accumulate.start = counting  # type: ignore[assignment]
+    clock = Clock()
+    tmp = tempfile.TemporaryDirectory(dir=task.get("tmp"))
+    if device != "cpu":
+        torch.cuda.synchronize()
+    base = status("VmRSS")
+    reset_peak()
+    if method == "plain":
+        out = _gpt2_plain(pool, n, clock, handed)
+    elif method in ("container", "nested_concat"):
+        out = _gpt2_hf(method, pool, n, clock, handed)
+    else:
+        out = _gpt2_tonumpy(method, pool, n, clock, tmp.name)
+    peak = status("VmHWM")
+    accumulate.start = original  # type: ignore[assignment]
+    result: dict[str, Any] = {
+        "seconds": clock.wall,
+        "cpu": clock.cpu,
+        "peak": peak - base,
+        "handed": handed[0],
+        "bytes": sum(np.asarray(v).nbytes for v in out.values()),
+        "checksum": [float(np.asarray(out[k][::7, ::3], dtype=np.float64).sum()) for k in out],
+    }
+    if "directory" in method:  # the file, read by NumPy alone as it is
+        loaded = np.load(Path(tmp.name) / "logits.npy", mmap_mode="r")
+        result["np_load"] = bool(np.array_equal(loaded[::7, ::3], out["logits"][::7, ::3]))
+        del loaded
+    del out
+    tmp.cleanup()
+    return result
+
+
 # ------------------------------------------------------------------------------- children
 
 
@@ -341,6 +528,8 @@ def child(task: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     kind, n = task["kind"], task.get("n", 0)
+    if kind == "gpt2":
+        return run_gpt2(task)
     if kind == "lm":  # several modes, one after the other (quick: one process for all)
         return {mode: run_lm(mode, task["quick"], task["device"]) for mode in task["modes"]}
     pool = make_pool()
@@ -405,13 +594,18 @@ def spawn(task: dict[str, Any], timeout: float, repeat: int = 1) -> dict[str, An
     return min(runs, key=lambda r: r.get("seconds", 0.0))
 
 
-def _spawn_once(task: dict[str, Any], timeout: float) -> dict[str, Any]:
+def _spawn_once(task: dict[str, Any], timeout: float, src: str | None = None) -> dict[str, Any]:
+    """Run ``task`` in a fresh process (importing tonumpy from ``src`` if given)."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(task)],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{task}: {proc.stderr[-2000:]}")
@@ -447,6 +641,8 @@ class Report:
         self.quick = args.quick
         self.timeout = 120 if args.quick else 3600
         self.lines: list[str] = []
+        self.checks: dict[str, float] = {}
+        self.correct = True
 
     def say(self, line: str = "") -> None:
         print(line, flush=True)
@@ -609,6 +805,186 @@ class Report:
             )
         self.say(text)
 
+    # -------------------------------------------------------------- the issue's workload
+
+    def gpt2(self) -> None:
+        """The tiny GPT-2 full-logits workload: every method, alternating, several rounds."""
+        quick, device = self.quick, self.args.device
+        n_seq, shortest, longest, batch, vocab, distinct = GPT2_SIZES[quick]
+        thp = _thp()
+        with tempfile.TemporaryDirectory() as tmp:
+            pool_path = Path(tmp) / "pool.pt"
+            info = make_gpt2_pool(pool_path, quick, device)
+            n = info["n_batches"]
+            self.say(
+                f"### The issue's workload: a tiny GPT-2's full logits ({device}; host huge "
+                f"pages: `{thp}`)"
+            )
+            self.say()
+            self.say(
+                f"GPT-2 (2 layers, width 64, vocabulary {vocab:,}) from a config; {n_seq:,} "
+                f"sequences of {shortest} to {longest} tokens in {n} batches of {batch}, each "
+                f"batch padded to its longest sequence (the model computed {distinct} distinct "
+                "batches; each step clones one, as a model hands out fresh tensors); "
+                f"`{{'logits': (16, L, {vocab}) float32, 'labels': (16, L) int64}}` per batch, "
+                f"`pad_value={PAD}`. Time: every `append` (or the method's per-batch step) and "
+                "the final assembly, nothing else. Peak: VmHWM over VmRSS before the loop, "
+                "its own process."
+            )
+            self.say()
+            base = {"kind": "gpt2", "device": device, "pool": str(pool_path), "n_batches": n}
+            srcs: dict[str, str | None] = {"": None}
+            if self.args.baseline_src:
+                srcs[" (before)"] = self.args.baseline_src
+            runs: dict[str, list[dict[str, Any]]] = {}
+            rounds = self.args.repeat
+            ours = [m for m, (_, hf) in GPT2_METHODS.items() if not hf]
+            for r in range(rounds):
+                order = ours[r % len(ours) :] + ours[: r % len(ours)]
+                for method in order:
+                    for tag, src in srcs.items():
+                        if method == "plain" and tag:
+                            continue
+                        task = {**base, "method": method}
+                        runs.setdefault(method + tag, []).append(
+                            _spawn_once(task, self.timeout, src)
+                        )
+            if not self.args.no_transformers:
+                for method, (_, hf) in GPT2_METHODS.items():
+                    if hf:
+                        task = {**base, "method": method}
+                        runs[method] = [_spawn_once(task, self.timeout)]
+            half = _spawn_once({**base, "method": "directory", "n_batches": n // 2}, self.timeout)
+        self._gpt2_table(runs, half, rounds)
+
+    def _gpt2_table(
+        self, runs: dict[str, list[dict[str, Any]]], half: dict[str, Any], rounds: int
+    ) -> None:
+        def med(key: str, field: str) -> float:
+            return statistics.median(r[field] for r in runs[key])
+
+        plain_t, plain_p = med("plain", "seconds"), med("plain", "peak")
+        self.say(
+            f"| method | seconds (median of {rounds}; range) | vs plain | peak RSS | vs plain | "
+            "bytes handed to the conversion | result |"
+        )
+        self.say("|---|---:|---:|---:|---:|---:|---:|")
+        for key, rs in runs.items():
+            method, _, tag = key.partition(" ")
+            label = GPT2_METHODS[method][0] + (f" {tag}" if tag else "")
+            times = [r["seconds"] for r in rs]
+            span = f"{min(times):.3f}-{max(times):.3f}" if len(rs) > 1 else "one run"
+            self.say(
+                f"| {label} | {med(key, 'seconds'):.3f} ({span}) | "
+                f"{med(key, 'seconds') / plain_t:.2f}x | {mib(med(key, 'peak'))} | "
+                f"{med(key, 'peak') / plain_p:.2f}x | {size_text(rs[0]['handed'])} | "
+                f"{size_text(rs[0]['bytes'])} |"
+            )
+        self.say()
+        full = [r["checksum"] for k in runs if "reduce" not in k for r in runs[k]]
+        reduced = [r["checksum"] for k in runs if "reduce" in k for r in runs[k]]
+        same = all(np.allclose(c, full[0]) for c in full) and all(
+            np.allclose(c, reduced[0]) for c in reduced
+        )
+        loads = all(r.get("np_load", True) for k in runs for r in runs[k])
+        self.say(
+            f"Results identical across methods (checksums; `reduce=` rows among themselves): "
+            f"{same}. `directory=` files read by `np.load(mmap_mode='r')` equal the result: "
+            f"{loads}. `directory=` with half the batches: peak {mib(half['peak'])}."
+        )
+        self.say()
+        self.checks["time tonumpy / plain"] = med("tonumpy", "seconds") / plain_t
+        self.checks["peak tonumpy / plain"] = med("tonumpy", "peak") / plain_p
+        self.checks["time directory / tonumpy"] = med("directory", "seconds") / med(
+            "tonumpy", "seconds"
+        )
+        flat_limit = 1.25 * half["peak"] + 16 * 2**20
+        self.checks["peak directory at 2x the batches / at 1x (flat: <= 1.25x + 16 MiB)"] = (
+            med("directory", "peak") / flat_limit
+        )
+        self.correct = self.correct and same and loads
+
+    def peers(self) -> None:
+        """W1-W7 of benchmarks/run.py, in this run (its own processes), and their asked ratios."""
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "run.json"
+            cmd = [sys.executable, str(Path(__file__).with_name("run.py")), "--no-write"]
+            cmd += ["--json", str(out)] + (["--quick"] if self.quick else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"benchmarks/run.py failed: {proc.stderr[-2000:]}")
+            results = json.loads(out.read_text())["results"]
+        self.say("### W1-W7 (`benchmarks/run.py`, same run): tonumpy's time / the baseline's")
+        self.say()
+        self.say("| case | tonumpy / baseline (min; median) | fastest limit / baseline |")
+        w6: tuple[float, float] | None = None
+        self.say("|---|---:|---:|")
+        for wl in results:
+            for case in wl["cases"]:
+                rows = case["rows"]
+                ours = next(r for r in rows if r["kind"] == "tonumpy")
+                limits = [r for r in rows if r["kind"] == "limit" and "ratio_min" in r]
+                best = min((r["ratio_min"] for r in limits), default=float("nan"))
+                if "ratio_min" not in ours:
+                    self.say(f"| {case['case']} | {ours['status']} | {best:.2f}x |")
+                    continue
+                self.say(
+                    f"| {case['case']} | {ours['ratio_min']:.2f}x; {ours['ratio_median']:.2f}x "
+                    f"| {best:.2f}x |"
+                )
+                key = f"{case['case']} / baseline"
+                if key in ASKED:
+                    self.checks[key] = ours["ratio_min"]
+                if case["case"] == "W6 ml_dtypes":
+                    bare = next(r for r in limits if "view(int16)" in r["name"])
+                    self.checks["W6 ml_dtypes / bare bit-view map"] = ours["min"] / bare["min"]
+                    w6 = (ours["min"] / bare["min"], ours["median"] / bare["median"])
+        self.say()
+        if w6:
+            self.say(
+                f"W6 ml_dtypes: tonumpy / the bare bit-view map in the same process: "
+                f"{w6[0]:.2f}x (min), {w6[1]:.2f}x (median)."
+            )
+            self.say()
+
+    def verdict(self) -> int:
+        """The asked ratios, measured against their limits; the exit status."""
+        self.say("### The asked ratios")
+        self.say()
+        self.say("| ratio | measured | asked | |")
+        self.say("|---|---:|---:|---|")
+        failed = 0
+        for what, limit in ASKED.items():
+            if what not in self.checks:
+                self.say(f"| {what} | not measured | <= {limit:.2f} | - |")
+                continue
+            value = self.checks[what]
+            ok = value <= limit
+            failed += not ok
+            self.say(f"| {what} | {value:.2f} | <= {limit:.2f} | {'pass' if ok else 'MISSED'} |")
+        self.say()
+        if self.quick:
+            self.say(
+                "--quick: small sizes on a noisy machine, so the ratios are reported, not "
+                "enforced (the exit status reflects only errors and wrong results)."
+            )
+            return 0 if self.correct else 2
+        if not self.correct:
+            self.say("Results differ between methods: FAILED.")
+            return 2
+        self.say(f"{failed} asked ratio(s) missed.")
+        return 1 if failed else 0
+
+
+def _thp() -> str:
+    """The host's transparent huge page setting (the bracketed word), or 'unknown'."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    word = text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
+    return word or "unknown"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -619,7 +995,20 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--hf-batches", type=int, help="batches for the transformers loops")
     parser.add_argument("--repeat", type=int, help="runs per timing, fastest kept (3; quick: 1)")
-    parser.add_argument("--device", default="cpu", help="device of the language model (cpu)")
+    parser.add_argument(
+        "--device", default="cpu", help="device of the models: cpu (default) or cuda"
+    )
+    parser.add_argument(
+        "--baseline-src",
+        help="also run tonumpy's rows with tonumpy imported from this src/ (before/after)",
+    )
+    parser.add_argument("--no-peers", action="store_true", help="skip W1-W7 (benchmarks/run.py)")
+    parser.add_argument(
+        "--no-transformers", action="store_true", help="skip the slow transformers loops"
+    )
+    parser.add_argument(
+        "--only-gpt2", action="store_true", help="only the issue's workload and the checks"
+    )
     args = parser.parse_args()
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
@@ -627,14 +1016,20 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     report = Report(args)
-    report.header()
-    report.compare()
-    report.linearity()
-    report.memory()
-    report.directory()
-    report.language_model()
+    report.gpt2()
+    if not args.no_peers:
+        report.peers()
+    if not args.only_gpt2:
+        report.header()
+        report.compare()
+        report.linearity()
+        report.memory()
+        report.directory()
+        report.language_model()
+    code = report.verdict()
     if args.write:
         write_section(report.lines, args.quick)
+    sys.exit(code)
 
 
 def write_section(lines: list[str], quick: bool) -> None:

@@ -301,7 +301,7 @@ def test_force_never_replaces_a_directory_with_other_files(tmp_path: Path) -> No
 
 
 def test_unsupported_destination_fails_before_reading(tmp_path: Path) -> None:
-    expected = r"\.npz, \.npy, \.safetensors, \.pt or \.parquet"
+    expected = r"\.npz, \.npy, \.safetensors, \.parquet, or \.pt, \.pth, \.bin or \.ckpt"
     with pytest.raises(tio.FileFormatError, match=expected):
         tio.convert(tmp_path / "missing.pt", tmp_path / "out.pkl")
 

@@ -82,15 +82,19 @@ def _trainer(devices: int, writer: PredictionWriter, tmp_path: Path) -> Trainer:
     )
 
 
-@pytest.mark.parametrize("devices", [1, 2])
+@pytest.mark.parametrize(
+    ("devices", "format"),
+    [(1, "npy"), (2, "npy"), (1, "parquet")],
+    ids=["1-npy", "2-npy", "1-parquet"],
+)
 def test_predictions_in_dataset_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, devices: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, devices: int, format: str
 ) -> None:
     """Each rank writes its shard; the set reads as the whole dataset's predictions, in order."""
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     model = _Model()
     writer = PredictionWriter(
-        tmp_path / "preds", reduce={"logits": top1}, exclude="cache", pad_value=0
+        tmp_path / "preds", reduce={"logits": top1}, exclude="cache", pad_value=0, format=format
     )
     loader = DataLoader(_Items(), batch_size=4)
     _trainer(devices, writer, tmp_path).predict(model, loader, return_predictions=False)
@@ -103,6 +107,8 @@ def test_predictions_in_dataset_order(
     assert out["cache"] is None
     # one mean per batch: 3 batches of 4, 4, 3 (one device), or 2 per rank of 6 and 5 items
     assert out["mean"].shape == ((3,) if devices == 1 else (4,))
+    if format == "parquet":
+        assert (tmp_path / "preds/rank-00000-of-00001/predictions.parquet").is_file()
 
 
 class _Stream(IterableDataset):  # type: ignore[type-arg]
@@ -146,7 +152,7 @@ def test_a_crashed_rank_is_refused(tmp_path: Path) -> None:
 
 
 def test_format_option() -> None:
-    """Only the .npy format is written."""
+    """.npy and Parquet shards are written; other formats are refused."""
     with pytest.raises(OptionError, match="format='csv'"):
         PredictionWriter("x", format="csv")
 

@@ -353,3 +353,21 @@ def test_hostile_parquet_files_are_refused_under_a_memory_limit(tmp_path: Path) 
         assert not result["killed"], case.name
         assert case.name in result["stderr"], result["stderr"]
         assert result["grew_mib"] < 300, (case.name, result["grew_mib"])
+
+
+def test_save_without_overwrite_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """overwrite=False links the finished file into place; its temporary name is removed."""
+    tonumpy.save(tmp_path / "x.parquet", {"a": np.arange(3)}, overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.parquet"]
+
+
+def test_ragged_bfloat16_column_with_a_pad_value_loads(tmp_path: Path) -> None:
+    """A ragged bfloat16 column is padded as float32 values, then given back as bfloat16."""
+    rows = [torch.randn(n).bfloat16() for n in (3, 1)]
+    with RowGroupWriter(tmp_path / "x.parquet", ragged=["a"], pad_value=0.0) as writer:
+        writer.write({"a": [tonumpy.to_numpy(r, ml_dtypes=True) for r in rows]})
+    back = tonumpy.load(tmp_path / "x.parquet", ml_dtypes=True)["a"]
+    assert str(back.dtype) == "bfloat16"
+    assert back.shape == (2, 3)
+    np.testing.assert_array_equal(back[1, 1:].astype(np.float32), [0.0, 0.0])
+    np.testing.assert_array_equal(back[0].astype(np.float32), rows[0].float().numpy())

@@ -353,8 +353,8 @@ def test_option_errors(tmp_path: Path) -> None:
         Accumulator(directory=tmp_path, shard=(2, 2))
     with pytest.raises(OptionError, match="pass directory= too"):
         Accumulator(shard=(0, 1))
-    with pytest.raises(OptionError, match="format='parquet'"):
-        Accumulator(directory=tmp_path, format="parquet")
+    with pytest.raises(OptionError, match="format='csv'"):
+        Accumulator(directory=tmp_path, format="csv")
     with pytest.raises(OptionError, match="resume"):
         Accumulator(directory=tmp_path, resume=1)  # type: ignore[arg-type]
     with pytest.raises(OptionError, match="close"):

@@ -180,16 +180,28 @@ def test_pt_output_follows_the_overwrite_rules(tmp_path: Path) -> None:
         tio.convert(src, tmp_path / ".pt")
 
 
-@pytest.mark.parametrize("name", ["x.pt", "x.PTH", "x.bin", "x.ckpt", "x.safetensors", "x.npy"])
-def test_save_refuses_a_name_that_would_be_read_as_another_kind(tmp_path: Path, name: str) -> None:
-    """save writes .npz: under a .pt name neither torch.load nor tonumpy.load would read it."""
-    with pytest.raises(tonumpy.FileFormatError, match=r"name it x\.npz") as info:
-        tonumpy.save(tmp_path / name, {"w": torch.ones(2)})
-    assert "tonumpy.io.convert" in str(info.value)
+@pytest.mark.parametrize("name", ["x.pt", "x.PTH", "x.bin", "x.ckpt"])
+def test_save_writes_a_torch_file_under_every_name_read_as_one(tmp_path: Path, name: str) -> None:
+    """save to a name tonumpy, torch and HF read as torch.save gives what convert writes there."""
+    tree = {"w": torch.ones(2, dtype=torch.bfloat16), "pair": Pair(torch.zeros(1), 3)}
+    with pytest.raises(ConversionError, match=r"pair is a .*Pair") as info:
+        tonumpy.save(tmp_path / name, tree)  # as convert: a class weights_only cannot rebuild
+    assert info.value.path == ("pair",)
     assert list(tmp_path.iterdir()) == []
-    tonumpy.save(tmp_path / "x.npz", {"w": torch.ones(2)})
-    tio.convert(tmp_path / "x.npz", tmp_path / "x.pt")  # the way to a .pt from a .npz
-    assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["w"], torch.ones(2))
+    tonumpy.save(tmp_path / name, tree, plain_containers=True)
+    tonumpy.save(tmp_path / "x.npz", tree, ml_dtypes=True)
+    tio.convert(tmp_path / "x.npz", tmp_path / f"via{name}", plain_containers=True)
+    got = torch.load(tmp_path / name, weights_only=True)
+    assert_same_tensors(got, torch.load(tmp_path / f"via{name}", weights_only=True))
+    assert_same_tensors(got, {"w": tree["w"], "pair": {"a": torch.zeros(1), "b": 3}})
+
+
+@pytest.mark.parametrize("name", ["x.pickle", "x.bak", "x.npz.tmp"])
+def test_save_refuses_a_name_of_no_kind_it_writes(tmp_path: Path, name: str) -> None:
+    """A suffix no reader knows is refused, as by convert, rather than guessed."""
+    with pytest.raises(tonumpy.FileFormatError, match=r"cannot write .* files; the destination"):
+        tonumpy.save(tmp_path / name, {"w": torch.ones(2)})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_numpy_scalars_become_tensors_and_other_objects_are_refused(tmp_path: Path) -> None:

@@ -57,6 +57,8 @@ __all__ = [
     "ROW_GROUP_BYTES",
     "RowGroupWriter",
     "read",
+    "read_columns",
+    "read_index",
     "require_pyarrow",
     "write",
 ]
@@ -208,6 +210,9 @@ class RowGroupWriter:
             pads their rows to the largest with it. Without one, ``load`` gives a ragged
             column as a list of per-row arrays.
         compression: A Parquet codec (``"none"``, ``"snappy"``, ``"zstd"``, ...).
+        index: The name of a column of each row's dataset index (``int64``): not part of the
+            tree (``load`` leaves it out; [`read_index`][tonumpy._parquet.read_index] reads
+            it), a plain column for every other reader.
     """
 
     def __init__(
@@ -218,8 +223,10 @@ class RowGroupWriter:
         ragged: bool | list[str] | tuple[str, ...] | set[str] | frozenset[str] = False,
         pad_value: Any = None,
         compression: str = "none",
+        index: str | None = None,
     ) -> None:
         self._pa, self._pq = require_pyarrow()
+        self._index = index
         self.path = Path(path)
         if self.path.is_dir():
             raise IsADirectoryError(f"{self.path} is a directory; choose a file name")
@@ -250,7 +257,6 @@ class RowGroupWriter:
 
     def _start(self, columns: Mapping[str, Any]) -> dict[str, _Column]:
         described: dict[str, _Column] = {}
-        fields = []
         for name, value in columns.items():
             rows = _rows(value)
             first = rows[0] if len(rows) else None
@@ -268,8 +274,15 @@ class RowGroupWriter:
                 fill = _pad.pad_value_for(self._pad_value, _key_path(name), dtype)
                 column.pad = None if fill is None else fill.item()
             described[name] = column
-            fields.append(self._pa.field(name, _arrow_type(self._pa, column), nullable=False))
         _parent_of(self.path)
+        self._open(described)
+        return described
+
+    def _open(self, described: Mapping[str, _Column]) -> None:
+        fields = [
+            self._pa.field(name, _arrow_type(self._pa, column), nullable=False)
+            for name, column in described.items()
+        ]
         self._tmp = _create_file(self.path)
         self._writer = self._pq.ParquetWriter(
             str(self._tmp),
@@ -278,7 +291,40 @@ class RowGroupWriter:
             use_dictionary=False,
             write_statistics=False,
         )
-        return described
+
+    def row_shape(self, name: str) -> tuple[int, ...] | None:
+        """The row shape column ``name`` keeps (``None``: ragged, or nothing written yet)."""
+        column = (self._columns or {}).get(name)
+        return None if column is None else column.shape
+
+    def make_ragged(self, pads: Mapping[str, Any]) -> None:
+        """Store the columns named (fixed-shape so far) as variable-length lists from now on.
+
+        The rows written so far are copied, a row group at a time, into a new temporary file
+        whose schema has those columns as lists (memory holds one row group); ``pads`` gives
+        each column's pad value (``None``: none), recorded for ``load`` as ``ragged=`` does.
+        """
+        assert self._columns is not None  # noqa: S101 - started
+        assert self._tmp is not None  # noqa: S101
+        try:
+            old_writer, old_tmp = self._writer, self._tmp
+            old_writer.close()
+            self._writer = None
+            for name, pad in pads.items():
+                column = self._columns[name]
+                column.shape = None
+                column.pad = None if pad is None else np.asarray(pad).item()
+            self._open(self._columns)
+            schema = self._writer.schema
+            with open(old_tmp, "rb") as f:
+                old = self._pq.ParquetFile(f)
+                for group in range(old.metadata.num_row_groups):
+                    table = old.read_row_group(group).cast(schema)
+                    self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+            old_tmp.unlink()
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, columns: Mapping[str, Any]) -> None:
         """Write one batch of columns (what [`tonumpy.to_columns`][] gives) as one row group.
@@ -364,6 +410,8 @@ class RowGroupWriter:
                 "values": _encode_values(values or {}),
                 "structure": dict(structure) if structure is not None else None,
             }
+            if self._index is not None:
+                meta["index"] = self._index
             self._writer.add_key_value_metadata(
                 {META_KEY: json.dumps(meta, allow_nan=False, separators=(",", ":"))}
             )
@@ -374,7 +422,7 @@ class RowGroupWriter:
                 with contextlib.suppress(OSError):
                     os.chmod(self._tmp, self.path.stat().st_mode & 0o7777)
             _commit_file(self._tmp, self.path, overwrite=self._overwrite)
-            self._tmp = None
+            # Without overwrite the file is linked into place: abort removes the other name.
         finally:
             self.abort()
 
@@ -603,6 +651,8 @@ def read(
             lazy = False
         columns = {}
         for name in names:
+            if name == meta.get("index"):
+                continue  # each row's dataset index: no place in the tree (read_index)
             columns[name] = _read_column(pa, pf, path, name, described[name], rows, lazy=lazy)
         values = _decode_values(path, meta["values"])
     if structure is None:
@@ -661,7 +711,49 @@ def _parse_meta(path: Path, raw: bytes) -> dict[str, Any]:
         raise _bad(path, "the tonumpy metadata's values are damaged")
     if meta.get("structure") is not None and not isinstance(meta["structure"], dict):
         raise _bad(path, "the tonumpy metadata's structure is damaged")
+    index = meta.get("index")
+    if index is not None and (
+        not isinstance(index, str)
+        or columns.get(index, {}).get("dtype") != "int64"
+        or columns[index].get("shape") != []
+    ):
+        raise _bad(path, "the tonumpy metadata's index names no int64 column")
     return meta
+
+
+def read_columns(
+    path: Path, only: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The columns of a Parquet file tonumpy wrote (``only``: those named), and its metadata.
+
+    Fixed-shape columns are arrays, ragged ones padded with their recorded pad value (a list
+    of per-row arrays without one); bfloat16/float8 columns are torch tensors, as ``read``
+    gives them.
+    """
+    pa, pq = require_pyarrow()
+    with open_regular(path) as f:
+        pf = pq.ParquetFile(f)
+        raw = (pf.metadata.metadata or {}).get(META_KEY)
+        if raw is None:
+            raise _bad(path, "no tonumpy metadata: not a file tonumpy wrote")
+        meta = _parse_meta(path, raw)
+        names = list(pf.schema_arrow.names)
+        if set(meta["columns"]) != set(names) or meta["rows"] != pf.metadata.num_rows:
+            raise _bad(path, "the tonumpy metadata and the file disagree on its columns")
+        rows = meta["rows"]
+        wanted = names if only is None else [n for n in names if n in only]
+        columns = {n: _read_column(pa, pf, path, n, meta["columns"][n], rows) for n in wanted}
+    return columns, meta
+
+
+def read_index(path: Path) -> np.ndarray | None:
+    """The dataset index column of a Parquet file tonumpy wrote (``None``: it has none)."""
+    _, meta = read_columns(path, [])
+    name = meta.get("index")
+    if name is None:
+        return None
+    columns, _ = read_columns(path, [name])
+    return np.asarray(columns[name])
 
 
 def _dims(value: Any) -> tuple[int, ...] | None:
@@ -723,13 +815,14 @@ def _read_column(  # noqa: PLR0917 - one private reader of one column
                 raise _bad(path, f"{where}: {exc}") from None
     if len(row_list) != rows:
         raise _bad(path, f"{where}: {len(row_list)} rows, the file says {rows}")
-    row_list = [_restore(r, dtype_name) for r in row_list]
     pad = spec.get("pad")
     if pad is None:
-        return row_list
+        return [_restore(r, dtype_name) for r in row_list]
     from .table import stack_rows  # noqa: PLC0415 - see _key_path
 
-    return stack_rows(row_list, _key_path(name), ragged="pad", pad_value=pad, where=str(path))
+    # Padded as stored (float32 for bfloat16/float8, which NumPy cannot stack), then restored.
+    padded = stack_rows(row_list, _key_path(name), ragged="pad", pad_value=pad, where=str(path))
+    return _restore(padded, dtype_name)
 
 
 def _fill_column(  # noqa: PLR0917 - one private reader of one column
@@ -815,7 +908,10 @@ def _restore(array: np.ndarray, dtype_name: str) -> Any:
     if dtype_name in _ML_BY_NAME:
         import torch  # noqa: PLC0415 - imported by tonumpy already
 
-        return torch.from_numpy(np.ascontiguousarray(array)).to(_ML_BY_NAME[dtype_name])
+        data = np.ascontiguousarray(array)
+        if not data.flags.writeable:  # a ragged row: a view of pyarrow's buffer
+            data = data.copy()
+        return torch.from_numpy(data).to(_ML_BY_NAME[dtype_name])
     return array
 
 

@@ -35,11 +35,21 @@ from ._fs import check_input, one_line, open_entry, open_regular, short
 from ._names import STRUCTURE, is_safe_name
 from .errors import FileFormatError, TonumpyError
 
-__all__ = ["OUTPUT_SUFFIXES", "Contents", "is_stored_leaf", "materialise", "read_file"]
+__all__ = ["KINDS", "Contents", "is_stored_leaf", "materialise", "read_file"]
 
-_TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
-#: The suffixes of the files tonumpy writes (a directory has none).
-OUTPUT_SUFFIXES = (".npz", ".npy", ".safetensors", ".parquet")
+#: The one table of kinds of file: a suffix (lower case) -> the kind read from, and written to,
+#: a file so named. ``torch``: a ``torch.save`` file. A directory (a name without a suffix, for
+#: a destination) is the kind ``dir``.
+KINDS = {
+    ".npz": "npz",
+    ".npy": "npy",
+    ".safetensors": "safetensors",
+    ".parquet": "parquet",
+    ".pt": "torch",
+    ".pth": "torch",
+    ".bin": "torch",
+    ".ckpt": "torch",
+}
 
 
 @dataclasses.dataclass
@@ -52,7 +62,8 @@ class Contents:
             arrays otherwise, and plain Python values.
         format: A short description: ``"torch"``, ``"tonumpy npz"``, ``"npz"``, ``"npy"``,
             ``"npy directory"``, ``"tonumpy npy directory"``, ``"tonumpy shards"`` (a set of
-            ``Accumulator`` shards, one per rank), ``"safetensors"``, ``"tonumpy parquet"``,
+            ``Accumulator`` shards, one per rank), ``"tonumpy parquet directory"`` (an
+            ``Accumulator(format="parquet")`` directory), ``"safetensors"``, ``"tonumpy parquet"``,
             ``"parquet"`` (a Parquet file tonumpy did not write) or
             ``"hugging face checkpoint"`` (a ``save_pretrained`` directory).
         classes: Key path -> name of the class a container had when saved (display only).
@@ -124,12 +135,7 @@ def read_file(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
 
 
 def _kind_of(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in _TORCH_SUFFIXES:
-        return "torch"
-    if suffix in OUTPUT_SUFFIXES:
-        return suffix[1:]
-    kind = _sniff(path)
+    kind = KINDS.get(path.suffix.lower()) or _sniff(path)
     if kind is None:
         raise FileFormatError(
             f"{path}: not a file tonumpy reads (.pt/.pth/.bin/.ckpt from torch.save, .npz, "
@@ -271,6 +277,10 @@ def _read_dir(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
     if _shards.is_set(names):
         tree, classes, sources = _shards.read_set(path, names)
         return Contents(tree, "tonumpy shards", classes, sources)
+    parquet = _shards.read_parquet_dir(path, names)
+    if parquet is not None:
+        tree, classes, sources = parquet
+        return Contents(tree, "tonumpy parquet directory", classes, sources)
     if _checkpoint.is_checkpoint(names):
 
         def read_shard(shard: Path) -> tuple[Any, Callable[[Any], None] | None]:

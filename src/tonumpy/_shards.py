@@ -46,18 +46,23 @@ from .errors import FileFormatError, TonumpyError
 
 __all__ = [
     "INDEX",
+    "PARQUET",
     "SHARD",
     "Progress",
     "Recovered",
     "is_set",
+    "read_parquet_dir",
     "read_set",
     "recover",
     "recovered_index",
     "shard_name",
     "tree_members",
+    "write_meta",
 ]
 
 INDEX = "__index__"
+#: The file of a directory an ``Accumulator(format="parquet")`` writes.
+PARQUET = "predictions.parquet"
 PROGRESS = "__progress__"
 SHARD = "__shard__"
 _FORMAT = "tonumpy shard"
@@ -214,25 +219,55 @@ class Progress:
 
     def _write_meta(self, *, complete: bool, batches: int) -> None:
         self.complete = complete
-        data = {
-            "format": _FORMAT,
-            "storage": "npy",  # the leaves' files (Accumulator's format=)
-            "version": _VERSION,
-            "complete": complete,
-            "batches": batches,
-            "kinds": self.kinds,
-            "files": self.files,
-            "bits": self.bits,
-            "ndims": self.ndims,
-            "indexed": self.indexed,
-            "fills": self.fills,
-            "num_items": self.num_items,
-        }
-        target = self.path / f"{SHARD}.json"
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, target)
+        write_meta(
+            self.path,
+            storage="npy",
+            complete=complete,
+            batches=batches,
+            kinds=self.kinds,
+            indexed=self.indexed,
+            fills=self.fills,
+            num_items=self.num_items,
+            files=self.files,
+            bits=self.bits,
+            ndims=self.ndims,
+        )
+
+
+def write_meta(
+    path: Path,
+    *,
+    storage: str,
+    complete: bool,
+    batches: int,
+    kinds: Sequence[str],
+    indexed: bool,
+    fills: Sequence[Any],
+    num_items: int | None,
+    **more: Any,
+) -> None:
+    """Write ``path/__shard__.json`` atomically; ``storage`` names the leaves' files.
+
+    ``"npy"``: a ``.npy`` file per leaf (``more`` holds ``files``, ``bits``, ``ndims``);
+    ``"parquet"``: one Parquet file, [`PARQUET`][tonumpy._shards.PARQUET].
+    """
+    data = {
+        "format": _FORMAT,
+        "storage": storage,  # the leaves' files (Accumulator's format=)
+        "version": _VERSION,
+        "complete": complete,
+        "batches": batches,
+        "kinds": list(kinds),
+        "indexed": indexed,
+        "fills": list(fills),
+        "num_items": num_items,
+        **more,
+    }
+    target = path / f"{SHARD}.json"
+    tmp = target.with_name(target.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, target)
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -450,9 +485,12 @@ def _read_shard(rank: int, path: Path) -> _Shard:
         )
     meta = _read_meta(path)
     storage = meta.get("storage", "npy")
-    if storage != "npy":  # where a reader of other shard storage (Parquet) plugs in
+    if storage == "parquet":
+        return _read_parquet_shard(rank, path, meta)
+    if storage != "npy":
         raise FileFormatError(
-            f"{path}: a shard stored as {short(str(storage), 20)}; this tonumpy reads .npy shards"
+            f"{path}: a shard stored as {short(str(storage), 20)}; this tonumpy reads .npy and "
+            "Parquet shards"
         )
     kinds = meta["kinds"]
     if meta["batches"] == 0 and not kinds and meta.get("complete"):
@@ -489,6 +527,62 @@ def _read_shard(rank: int, path: Path) -> _Shard:
         if index.dtype != np.int64 or index.ndim != 1:
             raise FileFormatError(f"{path / f'{INDEX}.npy'}: not a 1-d int64 index")
     return _Shard(path, rank, tree, classes, sources, bits, meta, index)
+
+
+def _read_parquet_shard(rank: int, path: Path, meta: dict[str, Any]) -> _Shard:
+    """A shard an ``Accumulator(format="parquet")`` wrote: its one file, checked complete."""
+    from . import _parquet  # noqa: PLC0415 - pyarrow only where a Parquet shard is read
+
+    if meta["batches"] == 0 and not meta["kinds"] and meta.get("complete"):
+        return _Shard(path, rank, None, {}, {}, {}, meta, None)  # a rank with no rows
+    file = _parquet_file(path, meta)
+    tree, classes, sources, _ = _parquet.read(file)
+    index = _parquet.read_index(file) if meta.get("indexed") else None
+    if meta.get("indexed") and index is None:
+        raise FileFormatError(f"{file}: {SHARD}.json says its rows are indexed; it has no index")
+    leaves, spec = _tree.flatten(tree, is_leaf=_is_plain_leaf)
+    bits: dict[int, str] = {}
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, np.ndarray) and hasattr(leaf, "dtype"):  # bfloat16, float8
+            from .convert import to_numpy  # noqa: PLC0415 - convert imports this module
+
+            exact = to_numpy(leaf, ml_dtypes=True)
+            leaves[i] = exact.view(np.dtype(f"u{exact.dtype.itemsize}"))
+            bits[id(leaves[i])] = exact.dtype.name
+    return _Shard(path, rank, _tree.unflatten(spec, leaves), classes, sources, bits, meta, index)
+
+
+def read_parquet_dir(
+    path: Path, names: Sequence[str]
+) -> tuple[Any, dict[tuple[Any, ...], str], dict[tuple[Any, ...], dict[str, Any]]] | None:
+    """One ``Accumulator(directory=, format="parquet")`` directory, rows in the order appended.
+
+    ``None`` if ``path`` (holding ``names``) is not such a directory.
+    """
+    if f"{SHARD}.json" not in names or f"{_names.STRUCTURE}.json" in names:
+        return None
+    meta = _read_meta(path)
+    if meta.get("storage") != "parquet":
+        return None
+    if meta["batches"] == 0 and not meta["kinds"] and meta.get("complete"):
+        raise FileFormatError(f"{path}: an empty Accumulator directory (nothing was appended)")
+    from . import _parquet  # noqa: PLC0415 - pyarrow only where a Parquet shard is read
+
+    tree, classes, sources, _ = _parquet.read(_parquet_file(path, meta))
+    return tree, classes, sources
+
+
+def _parquet_file(path: Path, meta: dict[str, Any]) -> Path:
+    """The Parquet file of a complete directory, or an error saying it is incomplete."""
+    file = path / PARQUET
+    if not meta.get("complete") or not os.path.lexists(file):
+        raise FileFormatError(
+            f"{path} is incomplete (never marked complete by result() or close(); a Parquet "
+            "file is readable only once closed): its rank crashed or is still running. Run "
+            "it again (Accumulator(..., format='parquet', resume=True) starts it over), or "
+            "remove it"
+        )
+    return file
 
 
 def read_set(
@@ -556,8 +650,16 @@ def read_set(
 
 
 def _is_plain_leaf(x: Any) -> bool:
-    """A leaf of a decoded structure, as an Accumulator counted leaves (``None`` is none)."""
-    return x is not None and type(x) not in (dict, list, tuple)
+    """A leaf of a decoded structure, as an Accumulator counted leaves (``None`` is none).
+
+    A list of plain values (no container, array or ``None`` in it) is one leaf: the values a
+    non-array leaf (``"step": i``) took, one per batch.
+    """
+    if type(x) is list:
+        return bool(x) and not any(
+            v is None or type(v) in (dict, list, tuple) or isinstance(v, np.ndarray) for v in x
+        )
+    return x is not None and type(x) not in (dict, tuple)
 
 
 def _merge_leaf(

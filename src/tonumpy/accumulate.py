@@ -3,10 +3,12 @@
 An evaluation loop produces one nested output per batch; the user wants one NumPy array per leaf
 at the end. [`concat`][] does it for a list of trees that is already there; an
 [`Accumulator`][] takes the batches one at a time, moves each to the host at once (so that
-device memory is freed), and keeps them as separate chunks until [`Accumulator.result`][]
-copies every chunk once into the final array (amortised O(batch) per append; nothing
-accumulated is ever copied again by a later append). With ``directory=`` each leaf grows in a
-``.npy`` file instead, for predictions larger than RAM.
+device memory is freed), and writes each leaf's rows once, padded, into one buffer laid out as
+the final array, which [`Accumulator.result`][] hands out without a copy (amortised O(batch)
+per append: rows written are moved again only, in place, when a longer batch widens them).
+With ``directory=`` each leaf grows in a ``.npy`` file instead, for predictions larger than
+RAM (or, with ``format="parquet"``, each batch is a row group of one Parquet file:
+``tonumpy._parquet_sink``).
 
 How a leaf combines across batches (kind, rank, axis, dtype, padding) is the column policy of
 ``tonumpy._columns``, shared with ``gather`` and ``Activations.concat``; where the rows live
@@ -20,23 +22,26 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from optree import PyTreeSpec
 
 from . import _options, _tree
-from ._columns import Column, Jagged, check_chunk, concat_arrays, join, mark_jagged, rows_first
+from ._columns import Column, Jagged, check_chunk, join, mark_jagged, rows_first
 from ._directory import Directory
 from ._dtypes import is_ml_dtype, ml_dtypes_module
 from ._indices import as_index
 from ._pad import PadValue, check_pad_option
 from ._select import Pattern, Selection
 from ._shards import Progress, Recovered, recover, recovered_index, shard_name
-from ._storage import GrowingNpy, Slabs
+from ._storage import GrowingNpy, Rows
 from ._transfer import PendingTransfer
 from .convert import convert_flat, start
 from .errors import ConversionError, OptionError
+
+if TYPE_CHECKING:
+    from ._parquet_sink import ParquetSink
 
 __all__ = ["Accumulator", "concat"]
 
@@ -151,15 +156,13 @@ def concat(
 class _Leaf:
     """What the accumulator holds for one leaf: its column, and where its rows live."""
 
-    __slots__ = ("chunks", "column", "file", "returned", "slabs", "values")
+    __slots__ = ("column", "file", "rows", "values")
 
     def __init__(self, column: Column) -> None:
         self.column = column
-        self.chunks: list[np.ndarray] = []  # rows first, in memory
-        self.slabs = Slabs()
+        self.rows = Rows()  # in memory
         self.values: list[Any] = []  # non-array leaves
         self.file: GrowingNpy | None = None  # with directory=
-        self.returned: np.ndarray | None = None  # the array result() handed out and kept
 
 
 class Accumulator:
@@ -169,9 +172,10 @@ class Accumulator:
     structure every time. Each batch is moved to the host right away (a batch with CUDA
     tensors asynchronously: its copies overlap the next step, and the next call collects
     them), so device memory is freed as the loop goes. Appending is amortised O(size of the
-    batch): each batch is copied once into the accumulator's storage and not touched again
-    until [`result`][] copies it, once, into the final arrays, releasing the storage as it
-    goes, so that memory peaks near the result's size. Leaves that differ between batches in a
+    batch): each batch is copied once, padded, into a buffer per leaf laid out as the final
+    array (a longer batch moves the rows before it to the wider layout, in place), and
+    [`result`][] hands that buffer out as the result's memory, so that memory peaks at the
+    result's size and nothing is copied twice. Leaves that differ between batches in a
     dimension other than ``axis`` are padded to the largest size with ``pad_value``, without
     changing their dtype; a missing or unrepresentable pad value is reported by the
     ``append`` that brings the first differing batch, not at the end of the loop.
@@ -251,7 +255,15 @@ class Accumulator:
         resume: Continue the directory a crashed run left (its whole batches kept, a batch
             cut short dropped; ``batches`` and ``len`` say how far it got); a directory with
             nothing in it is started. Only array leaves can be resumed.
-        format: The files' format: ``"npy"`` (one ``.npy`` file per leaf).
+        format: The files' format: ``"npy"`` (one ``.npy`` file per leaf) or ``"parquet"``:
+            ``directory/predictions.parquet``, one row per example, a row group written per
+            batch (memory holds one batch), readable by every Parquet reader once
+            ``result()`` or ``close()`` has closed it (``tonumpy.load`` of the directory gives
+            what ``result()`` gives in memory; each row's ``index=`` is a column
+            ``__index__``). Rows whose shape changes between batches become variable-length
+            lists, per-batch and non-array values go in the file's metadata. A closed file
+            takes no more batches, and with ``resume=True`` an incomplete one (no footer: its
+            rows were never readable) is started over.
         ml_dtypes: As for [`tonumpy.to_numpy`][]: keep bfloat16/float8 bit-exact as
             ``ml_dtypes`` arrays instead of widening them to float32.
         scalars: As for [`tonumpy.to_numpy`][]: 0-d tensors become Python scalars, so such
@@ -264,7 +276,8 @@ class Accumulator:
             is not a function of one argument, an ``exclude`` that is not a pattern or a list of
             them), ``directory`` is or lies below a file, or ``directory=`` comes with an
             ``axis`` other than 0; ``shard``/``resume`` come without ``directory``, ``shard`` is
-            not ``(rank, world_size)``, ``format`` is not ``"npy"``.
+            not ``(rank, world_size)``, ``format`` is not ``"npy"`` or ``"parquet"``, or
+            ``format="parquet"`` comes without ``directory``.
         FileFormatError: ``resume=True`` and the directory holds files this tonumpy did not
             write as an Accumulator directory, damaged ones, or non-array leaves.
     """
@@ -306,8 +319,11 @@ class Accumulator:
             )
         self._axis = axis
         self._pad_value = pad_value
+        self._sink = _parquet_sink(directory, format, resume)
         self._directory = (
-            Directory(Path(directory), "Accumulator") if directory is not None else None
+            Directory(Path(directory), "Accumulator")
+            if directory is not None and self._sink is None
+            else None
         )
         # Held while a batch is added (and while result() reads): appends from several threads
         # each add a whole batch, one after the other.
@@ -430,13 +446,18 @@ class Accumulator:
         states = [
             check_chunk(leaf.column, value, name) for leaf, value in zip(leaves, host, strict=True)
         ]
+        if self._sink is not None:
+            self._sink.check([leaf.column for leaf in leaves], states, host, name)
         before = self._rows()
         for leaf, state in zip(leaves, states, strict=True):
             leaf.column.commit(state)
         if first:
             self._start(spec, leaves, indices is not None)
-        for leaf, value in zip(leaves, host, strict=True):
-            self._store(leaf, value)
+        if self._sink is not None:  # one row group
+            self._sink.write(spec, [leaf.column for leaf in leaves], host, indices)
+        else:
+            for leaf, value in zip(leaves, host, strict=True):
+                self._store(leaf, value)
         self._batches += 1
         if indices is not None and self._progress is None:
             self._index.append(indices)
@@ -539,11 +560,14 @@ class Accumulator:
             return
         assert kind is not None  # noqa: S101
         chunk = rows_first(value, kind, column.axis)
-        if leaf.file is None:
-            leaf.chunks.append(leaf.slabs.store(chunk))
-            return
         dtype, trailing = column.dtype, column.trailing
         if chunk.shape[0] == 0 or dtype is None or trailing is None:
+            return
+        if leaf.file is None:
+            fill = column.fill
+            if fill is None and trailing != chunk.shape[1:]:
+                fill = column.pad_value()
+            leaf.rows.append(chunk, dtype, trailing, fill)
             return
         file = leaf.file
         if file.rows == 0 and (file.dtype != dtype or file.trailing != trailing):
@@ -584,8 +608,9 @@ class Accumulator:
             in_flight = self._pending is not None
         if in_flight:
             parts.append("in_flight=1")
-        if self._directory is not None:
-            parts.append(f"directory={str(self._directory.path)!r}")
+        if self._directory is not None or self._sink is not None:
+            where = self._sink.path if self._sink is not None else self._directory.path  # type: ignore[union-attr]
+            parts.append(f"directory={str(where)!r}")
         return f"Accumulator({', '.join(parts)})"
 
     def __len__(self) -> int:
@@ -642,12 +667,15 @@ class Accumulator:
     def result(self, *, num_items: int | None = None) -> Any:
         """The concatenated tree (of the first batch's structure).
 
-        In memory, each array is built in one allocation, and the chunks it is built from are
-        released while it fills, so memory peaks near the result's size, not twice it. The
-        returned arrays own their memory and are also kept as the accumulator's storage:
-        calling ``result()`` again returns the same arrays if nothing was appended since, and
-        appending more then calling ``result()`` builds new arrays (the old ones are left as
-        they are). Modify returned arrays in place only once you are done with the accumulator.
+        In memory (with ``axis=0``), each array is the accumulator's buffer for that leaf,
+        handed over without a copy: memory peaks at the result's size. Every returned array is
+        writable, shares memory with no input and no other array, and alone keeps its memory
+        alive (exactly its own bytes: a large one's ``.base`` chain ends in the anonymous
+        memory map that holds them), so it outlives the accumulator. The returned arrays are
+        also kept as the accumulator's storage: calling ``result()`` again returns the same
+        arrays if nothing was appended since, and appending more then calling ``result()``
+        builds new arrays (the old ones are left as they are). Modify returned arrays in place
+        only once you are done with the accumulator.
 
         Args:
             num_items: Return only the first ``num_items`` rows of every per-sample leaf (one
@@ -687,6 +715,10 @@ class Accumulator:
                 "the samples a DistributedSampler repeated (or gather(..., num_items=N) for a "
                 "sampler that shards contiguously)"
             )
+        if self._sink is not None:
+            columns = [leaf.column for leaf in self._leaves]
+            self._sink.close(self._spec, columns, self._batches, None, self._ml_dtypes)
+            return self._sink.result(columns, num_items)
         out = [self._leaf_result(leaf, num_items) for leaf in self._leaves]
         if self._directory is not None:
             values = [leaf.values for leaf in self._leaves]
@@ -732,6 +764,15 @@ class Accumulator:
                 int ``>= 0``.
         """
         num_items = _options.check_num_items(num_items, "close")
+        if self._sink is not None:
+            with self._lock:
+                self._finish_pending()
+                if self._spec is None:
+                    Progress.empty(self._sink.path, num_items)
+                    return
+                columns = [leaf.column for leaf in self._leaves]
+                self._sink.close(self._spec, columns, self._batches, num_items, self._ml_dtypes)
+            return
         if self._directory is None:
             raise OptionError(
                 "close() marks an Accumulator(directory=...) complete; this one keeps its "
@@ -781,20 +822,7 @@ class Accumulator:
             if file.rows and trailing is not None and file.trailing != trailing:
                 file.relayout(trailing, column.fill)  # trim a geometric surplus
             return file.open(keep)
-        chunks = leaf.chunks
-        returned = leaf.returned
-        if (
-            returned is not None
-            and keep == rows
-            and len(chunks) == 1
-            and (chunks[0] is returned or chunks[0].base is returned)
-        ):
-            return returned
-        out = concat_arrays(chunks, column, rows=keep, consume=True)
-        moved = np.moveaxis(out, column.axis, 0) if column.axis else out
-        chunks.insert(0, moved)
-        leaf.returned = out
-        return out
+        return leaf.rows.result(column, keep)
 
 
 def gather_input(
@@ -831,12 +859,29 @@ def accumulator_options(acc: Accumulator) -> dict[str, Any]:
 
 
 def check_format(format: Any, where: str) -> None:
-    """Raise unless ``format`` names a format ``directory=`` writes (``"npy"``)."""
-    if format != "npy":
+    """Raise unless ``format`` names a format ``directory=`` writes (``"npy"``, ``"parquet"``)."""
+    if format not in ("npy", "parquet"):
         raise OptionError(
             f"{where}(format={format!r}): format= takes 'npy' (a .npy file per leaf, the "
-            "directory format tonumpy.load reads)"
+            "directory format tonumpy.load reads) or 'parquet' (one Parquet file, a row group "
+            "per batch)"
         )
+
+
+def _parquet_sink(
+    directory: str | os.PathLike[str] | None, format: str, resume: bool
+) -> ParquetSink | None:
+    """The Parquet file of ``directory=`` with ``format="parquet"`` (else ``None``)."""
+    if format != "parquet":
+        return None
+    if directory is None:
+        raise OptionError(
+            "Accumulator(format='parquet') names the files of directory=: pass directory= too "
+            "(in memory, save the result with tonumpy.save('x.parquet', acc.result()))"
+        )
+    from ._parquet_sink import ParquetSink  # noqa: PLC0415 - pyarrow only when asked for
+
+    return ParquetSink(Path(directory), resume=resume)
 
 
 def check_shard(shard: Any, where: str) -> tuple[int, int]:

@@ -106,7 +106,7 @@ def _parser() -> _Parser:
         description="Convert SRC (any file show reads, a Hugging Face checkpoint directory "
         "included) to DST. DST's kind follows its name: .npz (tree structure kept; load it "
         "with tonumpy.load or np.load), .safetensors, .parquet (one row per example), .npy (one "
-        "array), .pt/.pth (tensors in dicts, lists and tuples, for "
+        "array), .pt/.pth/.bin/.ckpt (tensors in dicts, lists and tuples, for "
         "torch.load(weights_only=True)), or a name without suffix (or ending in /) for a "
         "directory of .npy files, one per leaf.",
     )
@@ -122,8 +122,9 @@ def _parser() -> _Parser:
     convert.add_argument(
         "--plain-containers",
         action="store_true",
-        help="for .pt output: write containers that were a class in SRC (namedtuple, "
-        "dataclass, ModelOutput) as dicts, which torch.load(weights_only=True) reads",
+        help="for .pt/.pth/.bin/.ckpt output: write containers that were a class in SRC "
+        "(namedtuple, dataclass, ModelOutput) as dicts, which torch.load(weights_only=True) "
+        "reads; refused for other kinds of DST",
     )
     for sub in (show, convert):
         sub.add_argument(

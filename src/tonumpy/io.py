@@ -20,6 +20,7 @@ the mode ``cp`` would give them (``0666 & ~umask``), replaced ones keep theirs.
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from collections.abc import Callable
@@ -32,10 +33,10 @@ import torch
 from . import _arrays, _options, _parquet, _safetensors, _structure, _torchsave, _tree
 from ._fs import atomic_dir, atomic_file, check_not_nested, exists_error, short
 from ._names import STRUCTURE, is_safe_name
-from ._readers import OUTPUT_SUFFIXES, Contents, is_stored_leaf, materialise, read_file
+from ._readers import KINDS, Contents, is_stored_leaf, materialise, read_file
 from ._shards import SHARD
 from .convert import to_numpy
-from .errors import FileFormatError, UnsafeFileError, UnsupportedLeafError
+from .errors import FileFormatError, OptionError, UnsafeFileError, UnsupportedLeafError
 
 __all__ = [
     "Contents",
@@ -48,8 +49,6 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
-#: The suffixes of the ``torch.save`` files ``convert`` writes.
-_TORCH_OUTPUT = (".pt", ".pth")
 Progress = Callable[[int, int], None]
 
 
@@ -64,9 +63,10 @@ def save(
     ml_dtypes: bool = False,
     overwrite: bool = True,
     compress: bool = False,
+    plain_containers: bool = False,
     is_leaf: Callable[[Any], bool] | None = None,
 ) -> None:
-    """Write ``tree`` to a ``.npz`` (or ``.parquet``) file: every array leaf, and the structure.
+    """Write ``tree`` to a file whose kind follows its name: every array leaf, and the structure.
 
     ``save`` walks the tree as [`tonumpy.to_numpy`][] does, and converts tensors as it does:
     every container ``to_numpy`` knows (a type registered with optree in the ``"tonumpy"``
@@ -78,61 +78,99 @@ def save(
     ``BatchEncoding`` is stored as its items: its tokenizer's ``Encoding`` objects are tokenizer
     state, which no file holds. At most 250 levels of containers are stored.
 
-    A name ending in ``.parquet`` writes a Parquet file instead (it needs ``pyarrow``, the
-    ``parquet`` extra): one row per example, a column per array leaf whose first dimension is
-    the number of rows, everything else in the file's metadata (see the guide "Predictions at
-    scale"). ``ml_dtypes`` keeps bfloat16/float8 (stored as their float32 values) for
-    ``load(ml_dtypes=True)``; ``compress`` compresses its columns with zstd.
+    The kind of file follows the name, by the one rule [`convert`][] follows (its docstring
+    and ``docs/cli.md`` describe each format): ``.npz`` (the structured format, the usual
+    one), ``.safetensors`` (each tensor named by its exact key path, dotted: a state dict
+    keeps its keys), ``.pt``, ``.pth``, ``.bin`` and ``.ckpt`` (a ``torch.save`` file that
+    ``torch.load(weights_only=True)`` reads), ``.npy`` (a tree that is a single array),
+    ``.parquet`` (one row per example, a column per array leaf whose first dimension is the
+    number of rows, everything else in the file's metadata; it needs ``pyarrow``, the
+    ``parquet`` extra), and a name without a suffix, or ending in ``/``, for a directory of
+    ``.npy`` files. Any other suffix is refused. ``save(file, tree)`` writes what
+    ``convert`` would write to ``file`` from ``save("tree.npz", tree, ml_dtypes=True)``,
+    except that ``ml_dtypes`` and ``compress`` apply as described below.
 
     Examples:
         >>> import os, tempfile, torch
-        >>> path = os.path.join(tempfile.mkdtemp(), "out.npz")
+        >>> folder = tempfile.mkdtemp()
+        >>> path = os.path.join(folder, "out.npz")
         >>> save(path, {"logits": torch.ones(2, requires_grad=True), "step": 3})
         >>> load(path)
         {'logits': array([1., 1.], dtype=float32), 'step': 3}
 
+        A state dict keeps its keys and dtypes in ``.safetensors`` and ``.pt`` files:
+
+        >>> from safetensors import safe_open
+        >>> state = {"layer.weight": torch.eye(2, dtype=torch.bfloat16), "layer.b": torch.ones(2)}
+        >>> save(os.path.join(folder, "model.safetensors"), state)
+        >>> with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        ...     sorted(f.keys()), f.get_tensor("layer.weight").dtype
+        (['layer.b', 'layer.weight'], torch.bfloat16)
+        >>> save(os.path.join(folder, "model.pt"), state)
+        >>> back = torch.load(os.path.join(folder, "model.pt"), weights_only=True)
+        >>> back.keys(), back["layer.weight"].dtype
+        (dict_keys(['layer.weight', 'layer.b']), torch.bfloat16)
+
     Args:
-        file: Where to write; ``.npz`` is the usual suffix. Written atomically; a new file
-            gets the mode ``0666 & ~umask``, a replaced one keeps its mode (as ``cp`` does).
+        file: Where to write. Written atomically; a new file gets the mode ``0666 & ~umask``,
+            a replaced one keeps its mode (as ``cp`` does). A directory replaces only an empty
+            directory or a previous ``.npy`` export.
         tree: A tensor, an array, or any nesting of containers holding them.
-        ml_dtypes: Store bfloat16 and float8 tensors bit-exact (their bits, with the dtype
-            name in the JSON; [`load`][] with ``ml_dtypes=True`` gives them back as
-            ``ml_dtypes`` arrays) instead of widened to float32. ``ml_dtypes`` arrays in the
-            tree are always stored bit-exact.
+        ml_dtypes: For ``.npz``, ``.npy``, directory and ``.parquet`` output: store bfloat16
+            and float8 tensors bit-exact (their bits, with the dtype name in the JSON;
+            [`load`][] with ``ml_dtypes=True`` gives them back as ``ml_dtypes`` arrays)
+            instead of widened to float32. ``ml_dtypes`` arrays in the tree are always stored
+            bit-exact; ``.safetensors`` and ``torch.save`` output always keeps those dtypes.
         overwrite: Replace an existing file (atomically). ``False`` raises
             ``FileExistsError`` instead.
-        compress: Deflate each member, as ``numpy.savez_compressed`` does.
+        compress: Deflate each member of a ``.npz``, as ``numpy.savez_compressed`` does, or
+            compress the columns of a ``.parquet`` file with zstd. Other kinds store their
+            data uncompressed: ``compress=True`` is refused for them.
+        plain_containers: For ``torch.save`` output: write a container of another class (a
+            namedtuple, a dataclass, a ``ModelOutput``) as a dict. Without it such a
+            container is refused, naming its key path: ``torch.load(weights_only=True)``
+            cannot rebuild those classes. An ``OrderedDict`` is always written as one.
+            Refused for other kinds.
         is_leaf: Called on each node, as by [`tonumpy.to_numpy`][]; a node it returns True for
             is a leaf: stored as an array if it is one, in the JSON if it is a plain value
             (a tuple of numbers, say), refused otherwise.
 
     Raises:
         FileExistsError: ``file`` exists and ``overwrite=False``.
-        FileFormatError: ``file`` ends in ``.pt``, ``.pth``, ``.bin``, ``.ckpt``,
-            ``.safetensors`` or ``.npy``: a ``.npz`` under such a name would be read as that
-            kind, and fail (``tonumpy.io.convert`` writes those kinds from a ``.npz``).
+        FileFormatError: ``file`` has a suffix tonumpy does not write, or the tree does not
+            fit the kind (a ``.npy`` file holds one array).
         ConversionError: A leaf cannot be stored without pickle (an object array, an
-            arbitrary object), or the tree has a cycle or is too deep; the message names where.
+            arbitrary object), or in the kind of ``file`` (complex128 in ``.safetensors``, a
+            dataclass in a ``torch.save`` file, say), or the tree has a cycle or is too deep;
+            the message names where.
         UnsupportedLeafError: A tensor cannot be converted (a meta tensor, say), or an object
             tonumpy cannot rebuild holds one; the message names where.
-        OptionError: ``ml_dtypes``, ``overwrite`` or ``compress`` is not exactly True/False.
+        OptionError: ``ml_dtypes``, ``overwrite``, ``compress`` or ``plain_containers`` is not
+            exactly True/False, or ``compress``/``plain_containers`` is True for a kind of
+            file that does not use it.
         OSError: The file cannot be written (a full disk, say); the message names ``file``.
     """
-    _options.check_flags("save", ml_dtypes=ml_dtypes, overwrite=overwrite, compress=compress)
-    if Path(file).suffix.lower() == ".parquet":
-        _parquet.write(
-            Path(file),
-            tree,
-            overwrite=overwrite,
-            compress=compress,
-            ml_dtypes=ml_dtypes,
-            is_leaf=is_leaf,
-            where="save",
-        )
-        return
-    _check_npz_name(Path(file))
-    plan = _structure.plan(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
-    _write_npz(Path(file), plan, overwrite=overwrite, compress=compress, progress=None)
+    _options.check_flags(
+        "save",
+        ml_dtypes=ml_dtypes,
+        overwrite=overwrite,
+        compress=compress,
+        plain_containers=plain_containers,
+    )
+    text = os.fspath(file)
+    kind = _output_kind(text, "save", compress=compress, plain_containers=plain_containers)
+    _write(
+        Path(text),
+        kind,
+        tree,
+        None,
+        is_leaf=is_leaf,
+        ml_dtypes=ml_dtypes,
+        compress=compress,
+        overwrite=overwrite,
+        plain_containers=plain_containers,
+        progress=None,
+    )
 
 
 def load(file: PathLike, /, *, ml_dtypes: bool = False, unsafe_load: bool = False) -> Any:
@@ -238,8 +276,9 @@ def convert(
     keys; a tensor at several places is written at each; bfloat16/float8 stay exact, other
     leaves go into the header metadata, the ``__metadata__`` of a ``.safetensors`` source is
     kept, ``"format": "pt"`` added where it has none), ``.npy`` (a single array),
-    ``.pt``/``.pth`` (a ``torch.save`` file that ``torch.load(weights_only=True)`` reads:
-    tensors of the source's exact dtypes, bfloat16 included, in dicts, lists and tuples),
+    ``.pt``, ``.pth``, ``.bin`` or ``.ckpt`` (the names tonumpy, PyTorch and Hugging Face read
+    as ``torch.save`` files: one that ``torch.load(weights_only=True)`` reads, tensors of the
+    source's exact dtypes, bfloat16 included, in dicts, lists and tuples),
     ``.parquet`` (one row per example, as [`save`][] writes it), or
     a name without a suffix, or ending in ``/``, for a directory of ``.npy`` files, one per
     leaf, named after sanitised key paths, with the structure in ``__tonumpy__.json``.
@@ -267,11 +306,11 @@ def convert(
             [`save`][]); otherwise they are widened to float32. ``.safetensors`` and ``.pt``
             output always keeps them exact.
         unsafe_load: As for [`load`][].
-        plain_containers: For ``.pt`` output: write a container that was another class in
-            the source (a namedtuple, a dataclass, a ``ModelOutput``, whose name the source
-            records) as a dict. Without it such a container is refused, naming its key path:
-            ``torch.load(weights_only=True)`` cannot rebuild those classes. An
-            ``OrderedDict`` is always written as one.
+        plain_containers: For ``torch.save`` output: write a container that was another
+            class in the source (a namedtuple, a dataclass, a ``ModelOutput``, whose name the
+            source records) as a dict. Without it such a container is refused, naming its key
+            path: ``torch.load(weights_only=True)`` cannot rebuild those classes. An
+            ``OrderedDict`` is always written as one. Refused for other kinds of ``dst``.
         progress: Called as ``progress(bytes_done, bytes_total)`` while writing.
 
     Returns:
@@ -288,7 +327,8 @@ def convert(
             ``.safetensors``, say, or two leaves whose key paths give one tensor name); the
             message names it and the formats that can.
         OptionError: ``overwrite``, ``ml_dtypes``, ``unsafe_load`` or ``plain_containers`` is
-            not exactly True/False.
+            not exactly True/False, or ``plain_containers`` is True for a ``dst`` that is not
+            a ``torch.save`` file.
         OSError: ``dst`` cannot be written (a full disk, say); the message names ``dst``.
     """
     _options.check_flags(
@@ -300,68 +340,26 @@ def convert(
     )
     src_path, dst_text = Path(src), os.fspath(dst)
     dst_path = Path(dst_text)
-    kind = _output_kind(dst_text)  # before reading: a bad DST fails fast
+    # before reading: a bad DST fails fast
+    kind = _output_kind(dst_text, "convert", compress=False, plain_containers=plain_containers)
     if os.path.lexists(dst_path) and not overwrite:
         raise exists_error(dst_path)
     if os.path.lexists(src_path):
         check_not_nested(src_path, dst_path)
     contents = read_file(src_path, unsafe_load=unsafe_load, lazy=True)
-    if kind == "parquet":
-        tree = materialise(contents.tree)
-        _parquet.write(
-            dst_path,
-            tree,
-            overwrite=overwrite,
-            compress=False,
-            ml_dtypes=ml_dtypes,
-            is_leaf=is_stored_leaf,
-            where="convert",
-            progress=progress,
-        )
-        return contents
-    if kind == "pt":
-        _torchsave.write(
-            dst_path,
-            contents.tree,
-            contents.classes,
-            overwrite=overwrite,
-            plain_containers=plain_containers,
-            verify=contents.verify,
-            progress=progress,
-        )
-        return contents
-    plan = _structure.plan(
+    _write(
+        dst_path,
+        kind,
         contents.tree,
-        ml_dtypes=ml_dtypes or kind == "safetensors",
-        is_leaf=_arrays.is_lazy,
-        classes=contents.classes,
-        sources=contents.sources,
-        once=kind != "safetensors",  # it names every place: a tensor at two has two copies
+        (src_path, contents),
+        is_leaf=None,
+        ml_dtypes=ml_dtypes,
+        compress=False,
+        overwrite=overwrite,
+        plain_containers=plain_containers,
+        progress=progress,
     )
-    plan.source_file = src_path
-    plan.verify = contents.verify
-    if kind == "safetensors":
-        metadata = {"format": "pt", **contents.metadata}  # as save_pretrained writes it
-        _write_safetensors(dst_path, plan, metadata, overwrite=overwrite, progress=progress)
-    elif kind == "npz":
-        _write_npz(dst_path, plan, overwrite=overwrite, compress=False, progress=progress)
-    elif kind == "npy":
-        _write_npy(dst_path, plan, overwrite=overwrite)
-    else:
-        _write_npy_dir(dst_path, plan, overwrite=overwrite, progress=progress)
     return contents
-
-
-def _check_npz_name(file: Path) -> None:
-    """Refuse a name that [`load`][] (and other tools) would read as another kind of file."""
-    suffix = file.suffix.lower()
-    if suffix not in (*_TORCH_OUTPUT, ".bin", ".ckpt", ".safetensors", ".npy"):
-        return
-    raise FileFormatError(
-        f"{file}: save writes a .npz file, which neither tonumpy.load nor the tools for "
-        f"{suffix} files would read under that name; name it {file.stem}.npz (a .pt file for "
-        "torch.load: torch.save, or tonumpy.io.convert from a .npz)"
-    )
 
 
 def _leaf_at(tree: Any, path: tuple[Any, ...] | None) -> Any:
@@ -376,38 +374,139 @@ def _leaf_at(tree: Any, path: tuple[Any, ...] | None) -> Any:
 # ------------------------------------------------------------------------ kinds of file
 
 
-def _output_kind(dst: str) -> str:
+def _output_kind(dst: str, where: str, *, compress: bool, plain_containers: bool) -> str:
+    """The kind of file to write to ``dst`` (a kind of [`KINDS`][], or ``dir``), options checked.
+
+    ``where`` is the function asked (``save``, ``convert``), for errors about its options.
+    """
     name = os.path.basename(dst)
     if dst == "-":
         raise FileFormatError(
             "-: tonumpy does not write to standard output; name the file to write (out.npz)"
         )
-    if dst.endswith(("/", os.sep)):
-        return "dir"
-    if name.lower() in (*OUTPUT_SUFFIXES, *_TORCH_OUTPUT):
+    in_dir = dst.endswith(("/", os.sep))
+    suffix = "" if in_dir else Path(dst).suffix.lower()
+    if not in_dir and name.lower() in KINDS:
         raise FileFormatError(
             f"{dst}: a name that is only a suffix; name the file (out{name}, say)"
         )
-    if name.endswith("."):
+    if not in_dir and name.endswith("."):
         raise FileFormatError(
             f"{dst}: a name ending in '.'; did you mean {dst.rstrip('.')}? (a directory of "
             ".npy files is named without a suffix)"
         )
-    suffix = Path(dst).suffix.lower()
-    if suffix in OUTPUT_SUFFIXES:
-        return suffix[1:]
-    if suffix in _TORCH_OUTPUT:
-        return "pt"
-    if suffix == "":
-        return "dir"
-    raise FileFormatError(
-        f"{dst}: cannot write {short(suffix)} files; the destination must end in .npz, .npy, "
-        ".safetensors, .pt or .parquet, or have no suffix (or end in /) for a directory of .npy "
-        "files"
-    )
+    kind = KINDS.get(suffix, "dir" if suffix == "" else "")
+    if not kind:
+        raise FileFormatError(
+            f"{dst}: cannot write {short(suffix)} files; the destination must end in .npz, .npy, "
+            ".safetensors, .parquet, or .pt, .pth, .bin or .ckpt (a torch.save file), or have no "
+            "suffix (or end in /) for a directory of .npy files"
+        )
+    what = f"{suffix} file" if suffix else "directory of .npy files"
+    if compress and kind not in ("npz", "parquet"):
+        raise OptionError(
+            f"{where}(compress=True): a {what} stores its data uncompressed; only .npz and "
+            ".parquet files are compressed: pass compress=False, or write one of those"
+        )
+    if plain_containers and kind != "torch":
+        raise OptionError(
+            f"{where}(plain_containers=True): a {what} records the class of every container; "
+            "only torch.save files (.pt, .pth, .bin, .ckpt) need plain containers: leave it out"
+        )
+    return kind
 
 
 # --------------------------------------------------------------------------- writers
+
+
+def _write(
+    dst: Path,
+    kind: str,
+    tree: Any,
+    read_from: tuple[Path, Contents] | None,
+    *,
+    is_leaf: Callable[[Any], bool] | None,
+    ml_dtypes: bool,
+    compress: bool,
+    overwrite: bool,
+    plain_containers: bool,
+    progress: Progress | None,
+) -> None:
+    """Write ``tree`` to ``dst`` as a file of ``kind``: what [`save`][] and [`convert`][] share.
+
+    ``read_from`` is the file the tree was read from and what its reader recorded (classes,
+    sources, metadata, checksums), or None for a tree in memory (walked with ``is_leaf``).
+    """
+    contents = read_from[1] if read_from is not None else None
+    if kind == "parquet":
+        _parquet.write(
+            dst,
+            tree if contents is None else materialise(tree),
+            overwrite=overwrite,
+            compress=compress,
+            ml_dtypes=ml_dtypes,
+            is_leaf=is_leaf if contents is None else is_stored_leaf,
+            where="save" if contents is None else "convert",
+            progress=progress,
+        )
+        return
+    if kind == "torch":
+        if contents is None:
+            tree, classes, verify = *_plain(tree, is_leaf), None
+        else:
+            classes, verify = contents.classes, contents.verify
+        _torchsave.write(
+            dst,
+            tree,
+            classes,
+            overwrite=overwrite,
+            plain_containers=plain_containers,
+            verify=verify,
+            progress=progress,
+        )
+        return
+    plan = _structure.plan(
+        tree,
+        ml_dtypes=ml_dtypes or kind == "safetensors",
+        is_leaf=is_leaf if contents is None else _arrays.is_lazy,
+        classes=None if contents is None else contents.classes,
+        sources=None if contents is None else contents.sources,
+        once=kind != "safetensors",  # it names every place: a tensor at two has two copies
+    )
+    if read_from is not None:
+        plan.source_file, plan.verify = read_from[0], read_from[1].verify
+    if kind == "safetensors":
+        # "format": "pt", as save_pretrained writes it; a source's own metadata is kept
+        metadata = {"format": "pt", **(contents.metadata if contents is not None else {})}
+        _write_safetensors(dst, plan, metadata, overwrite=overwrite, progress=progress)
+    elif kind == "npz":
+        _write_npz(dst, plan, overwrite=overwrite, compress=compress, progress=progress)
+    elif kind == "npy":
+        _write_npy(dst, plan, overwrite=overwrite)
+    else:
+        _write_npy_dir(dst, plan, overwrite=overwrite, progress=progress)
+
+
+def _plain(tree: Any, is_leaf: Callable[[Any], bool] | None) -> tuple[Any, dict[Any, str]]:
+    """A tree in memory as a reader gives it: plain containers, array leaves, class names.
+
+    The containers are those the ``.npz`` of the tree holds (its JSON structure, decoded), the
+    leaves its converted arrays (bfloat16/float8 tensors as tensors of their dtype), each
+    converted once: a tensor at several places stays one.
+    """
+    plan = _structure.plan(tree, ml_dtypes=True, is_leaf=is_leaf)
+    arrays: dict[int, Any] = {}
+
+    def get_array(index: int, _dtype: str | None) -> Any:
+        if index not in arrays:
+            array, bits = plan.array(index)
+            arrays[index] = array if bits is None else _arrays.from_bits(array, bits)
+        return arrays[index]
+
+    classes: dict[tuple[Any, ...], str] = {}
+    stored = json.loads(plan.structure_bytes())["tree"]  # as stored: keys, values, plain
+    plain = _structure.decode_tree(stored, get_array, classes, {})
+    return plain, classes
 
 
 def _write_npz(

@@ -76,14 +76,16 @@ class PredictionWriter(_writer_base()):  # type: ignore[misc] # Lightning's clas
             ``strategy="ddp_spawn"`` the callback is pickled into each process: use functions
             defined at module level (a lambda does not pickle).
         exclude: As for [`tonumpy.Accumulator`][]: outputs to leave out.
-        format: The shards' format: ``"npy"`` (one ``.npy`` file per leaf).
+        format: The shards' format: ``"npy"`` (one ``.npy`` file per leaf) or ``"parquet"``
+            (one Parquet file per rank, a row group per batch; see
+            [`tonumpy.Accumulator`][]).
         pad_value: As for [`tonumpy.Accumulator`][]: how to pad outputs whose batches differ
             in a dimension other than the first.
         ml_dtypes: Keep bfloat16/float8 bit-exact (see [`tonumpy.to_numpy`][]).
 
     Raises:
-        OptionError: ``format`` is not ``"npy"`` (the other options are checked by the first
-            batch's ``Accumulator``).
+        OptionError: ``format`` is not ``"npy"`` or ``"parquet"`` (the other options are
+            checked by the first batch's ``Accumulator``).
     """
 
     def __init__(
