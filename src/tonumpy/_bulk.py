@@ -56,7 +56,7 @@ def convert(
     first = next((leaf for leaf in leaves if type(leaf) in plain), None)
     if first is None:
         return list(leaves)
-    if ml_dtypes and not copy and first.dtype in _dtypes.ML_DTYPES and leaf_types <= _TENSORS:
+    if ml_dtypes and not copy and first.dtype in _dtypes.ML_DTYPES and leaf_types <= PLAIN:
         try:  # a tree of bfloat16/float8 tensors (W6): straight to the bit views
             return _same_bits(leaves, first.dtype)
         except Exception:  # noqa: BLE001, S110 - neg bit, a device, ...: the passes below
@@ -136,10 +136,6 @@ def _low_precision(leaves: list[Any], *, copy: bool, ml_dtypes: bool) -> list[An
     return [next(widened) if item is _PENDING else item for item in out]
 
 
-#: ``leaf_types`` of a tree whose leaves are all plain tensors.
-_TENSORS = frozenset(PLAIN)
-
-
 def _same_bits(leaves: list[Any], dtype: torch.dtype) -> list[Any]:
     """Plain CPU tensors, mostly of the ``ml_dtypes`` dtype ``dtype``: ``ml_dtypes`` bit views.
 
@@ -160,10 +156,9 @@ def _same_bits(leaves: list[Any], dtype: torch.dtype) -> list[Any]:
             for leaf in leaves
         ]
     if any(map(_REQUIRES_GRAD, leaves)):
-        read_only = _READ_ONLY
         for leaf, arr in zip(leaves, out, strict=True):
             if leaf.requires_grad:
-                read_only(arr, False)
+                read_only(arr)
     return out
 
 
