@@ -25,7 +25,8 @@ from optree import PyTreeSpec
 
 from . import _dtypes, _tree
 from ._columns import Jagged, Kind
-from ._leaf import PLAIN, convert_checked
+from ._dtypes import PLAIN
+from ._leaf import convert_checked
 from .errors import ConversionError
 
 __all__ = [
@@ -375,5 +376,4 @@ def unpack(
     if code == ARRAY or dtype not in _dtypes.ML_DTYPES or ml_dtypes:
         out: np.ndarray = row_np[window].view(numpy_dtype(code, dtype, ml_dtypes))
         return out.reshape(rows, *other)
-    widened: np.ndarray = row[window].view(dtype).float().numpy()  # exact: float32 holds them
-    return widened.reshape(rows, *other)
+    return _dtypes.widened(row[window].view(dtype)).reshape(rows, *other)
