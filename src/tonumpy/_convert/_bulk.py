@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from .. import _dtypes
-from ._leaf import PLAIN, LeafError
+from .._dtypes import PLAIN
+from ._leaf import LeafError, read_only
 
 __all__ = ["convert"]
 
@@ -55,7 +56,7 @@ def convert(
     first = next((leaf for leaf in leaves if type(leaf) in plain), None)
     if first is None:
         return list(leaves)
-    if ml_dtypes and not copy and first.dtype in _dtypes.ML_DTYPES and leaf_types <= _TENSORS:
+    if ml_dtypes and not copy and first.dtype in _dtypes.ML_DTYPES and leaf_types <= PLAIN:
         try:  # a tree of bfloat16/float8 tensors (W6): straight to the bit views
             return _same_bits(leaves, first.dtype)
         except Exception:  # noqa: BLE001, S110 - neg bit, a device, ...: the passes below
@@ -75,9 +76,8 @@ def convert(
                 leaf.numpy(force=True).copy() if type(leaf) in plain else leaf for leaf in leaves
             ]
         # read-only views of tensors that require grad (see _protect), in the same pass
-        read_only = _READ_ONLY
         return [
-            ((arr := leaf.numpy(force=True)), leaf.requires_grad and read_only(arr, False))[0]
+            ((arr := leaf.numpy(force=True)), leaf.requires_grad and read_only(arr))[0]
             if type(leaf) in plain
             else leaf
             for leaf in leaves
@@ -90,11 +90,6 @@ def convert(
         return None
 
 
-#: ``ndarray.setflags`` called positionally, ``(arr, False)``: makes ``arr`` read-only (half
-#: the cost of the ``write=False`` keyword).
-_READ_ONLY: Callable[..., None] = np.ndarray.setflags
-
-
 def _protect(leaves: list[Any], out: list[Any]) -> list[Any]:
     """Make the views of the tensors among ``leaves`` that require grad read-only; ``out``.
 
@@ -103,7 +98,7 @@ def _protect(leaves: list[Any], out: list[Any]) -> list[Any]:
     plain = PLAIN
     for leaf, arr in zip(leaves, out, strict=True):
         if type(leaf) in plain and leaf.requires_grad:
-            arr.setflags(False)  # write=False; positional: half the cost of the keyword
+            read_only(arr)
     return out
 
 
@@ -125,9 +120,7 @@ def _low_precision(leaves: list[Any], *, copy: bool, ml_dtypes: bool) -> list[An
         arr = t.numpy(force=True)
         if copy:
             return arr.copy()
-        if t.requires_grad:
-            arr.setflags(write=False)  # see _protect
-        return arr
+        return read_only(arr) if t.requires_grad else arr
 
     def upcast(t: torch.Tensor) -> Any:
         if wrapped(t) or not t.is_contiguous():  # keep .float()'s strides: per leaf
@@ -141,10 +134,6 @@ def _low_precision(leaves: list[Any], *, copy: bool, ml_dtypes: bool) -> list[An
     out = [table[leaf.dtype](leaf) if type(leaf) in plain else leaf for leaf in leaves]
     widened = iter(_upcast_bf16(pending))  # new arrays that own their memory: never copied
     return [next(widened) if item is _PENDING else item for item in out]
-
-
-#: ``leaf_types`` of a tree whose leaves are all plain tensors.
-_TENSORS = frozenset(PLAIN)
 
 
 def _same_bits(leaves: list[Any], dtype: torch.dtype) -> list[Any]:
@@ -167,10 +156,9 @@ def _same_bits(leaves: list[Any], dtype: torch.dtype) -> list[Any]:
             for leaf in leaves
         ]
     if any(map(_REQUIRES_GRAD, leaves)):
-        read_only = _READ_ONLY
         for leaf, arr in zip(leaves, out, strict=True):
             if leaf.requires_grad:
-                read_only(arr, False)
+                read_only(arr)
     return out
 
 
