@@ -1,4 +1,4 @@
-"""Named fixtures for the code blocks of the docs (see tests/docs/test_docs_code.py).
+"""Named fixtures for the code blocks of the docs (see tests/_helpers/docs_runner.py).
 
 A page asks for them with ``<!-- docs-test: fixtures NAME ... -->``; each is a function of a
 `PageContext` that returns the names it defines in the page's namespace. The models are tiny

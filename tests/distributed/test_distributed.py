@@ -761,11 +761,10 @@ def _assert_mean_loss(namespace: dict[str, Any], losses: list[float], world: int
 
 def _check_guide_recipe(rank: int, world: int) -> None:
     """The distributed guide's code blocks, as written, on a tiny BERT in every rank."""
-    import test_docs_code
-
     from _helpers import docs_fixtures as _docs_fixtures
+    from _helpers import docs_runner
 
-    page = test_docs_code.ROOT / "docs" / "guides" / "distributed.md"
+    page = docs_runner.ROOT / "docs" / "guides" / "distributed.md"
 
     def process_group(ctx: Any) -> dict[str, Any]:  # the real group of this test, not a new one
         from torch.utils.data import DataLoader, DistributedSampler
@@ -783,7 +782,7 @@ def _check_guide_recipe(rank: int, world: int) -> None:
     original = _docs_fixtures.FIXTURES["process_group"]
     _docs_fixtures.FIXTURES["process_group"] = process_group
     root = Path(tempfile.mkdtemp(prefix=f"guide{rank}-"))
-    runs = test_docs_code.Runs(root)
+    runs = docs_runner.Runs(root)
     cwd = os.getcwd()
     try:
         run = runs.get(page)

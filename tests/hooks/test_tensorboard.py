@@ -22,9 +22,9 @@ pytest.importorskip("transformers")
 from tensorboard.backend.event_processing.event_accumulator import (
     EventAccumulator,
 )
-from test_docs_code import PageRun, parse_page
 
 from _helpers.capture_models import Recorded
+from _helpers.docs_runner import PageRun, parse_page
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tensorboard_logging.py"
