@@ -45,7 +45,7 @@ WITHOUT = {
     "lone tensor": (
         router,
         "to_numpy",
-        "type(tree) in _PLAIN_TYPES\n        and copy is None",
+        "type(tree) in PLAIN\n        and copy is None",
         "False\n        and copy is None",
     ),
     "numpy pass": (_bulk, "convert", "if not first.requires_grad:", "if False:"),
@@ -121,10 +121,13 @@ def _per_call(fn: Callable[[], Any], n: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--cases", nargs="+", metavar="NAME", help="e.g. W3 W5 (default: all)")
     args = parser.parse_args(argv)
     inputs = _inputs()
     originals = {(m, f): getattr(m, f) for m, f, _, _ in WITHOUT.values()}
     for name, route in CASES:
+        if args.cases and not any(name.startswith(c) for c in args.cases):
+            continue
         tree, options = inputs[name]
         module, fn_name, old, new = WITHOUT[route]
         variants = {

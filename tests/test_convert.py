@@ -11,7 +11,7 @@ import sys
 import textwrap
 import warnings
 from collections import OrderedDict, deque
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import optree
@@ -532,6 +532,27 @@ def test_cycle_raises_conversion_error_naming_path() -> None:
     with pytest.raises(ConversionError, match=r"cycle.*tree\['a'\]\[1\]") as info:
         to_numpy({"a": loop})
     assert info.value.path == ("a", 1)
+
+
+class _XY(NamedTuple):
+    x: Any
+    y: Any
+
+
+def test_every_message_spells_a_namedtuple_field_as_an_attribute() -> None:
+    """Cycle, depth and conversion errors all render a namedtuple field as ``.y``."""
+    loop: list[Any] = [torch.ones(1)]
+    loop.append(loop)
+    with pytest.raises(ConversionError, match=r"cycle: tree\['p'\]\.y\[1\] ") as cycle:
+        to_numpy({"p": _XY(torch.ones(1), loop)})
+    assert cycle.value.path == ("p", 1, 1)
+    deep: Any = torch.ones(1)
+    for _ in range(optree.MAX_RECURSION_DEPTH + 50):
+        deep = [deep]
+    with pytest.raises(ConversionError, match=r"deeper than \d+ levels at tree\['p'\]\.y\[0\]"):
+        to_numpy({"p": _XY(torch.ones(1), deep)})
+    with pytest.raises(ConversionError, match=r"cannot convert tree\['p'\]\.y "):
+        to_numpy({"p": _XY(1, torch.ones(2).to_sparse())}, copy=False)
 
 
 def test_too_deep_tree_raises_conversion_error() -> None:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -27,12 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optree
 import pytest
 import torch
 
 import tonumpy
 from _trees import assert_same_tree
-from tonumpy import ConversionError, gather
+from tonumpy import ConversionError, _metadata, gather
+from tonumpy._packing import prepare
+from tonumpy._sampler import SamplerInfo
 
 WORLDS = (1, 2, 3)
 RUN_TIMEOUT = 120.0  # seconds for a whole launch: startup plus every check
@@ -1035,3 +1039,34 @@ def test_without_process_group_sampler() -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+
+
+def test_rank_metadata_is_a_named_record_that_pickles() -> None:
+    """A rank's metadata survives pickling (all_gather_object) with every field read by name."""
+    leaves, spec = optree.tree_flatten({"a": torch.ones(2, 3), "b": 1.5})
+    prep = prepare(leaves, spec, remote=True, ml_dtypes=False)
+    sampler = SamplerInfo(2, 1, 10, True, 0, 3, 9, 5)
+    meta = _metadata.payload(
+        spec, prep.infos, (None, 0, None, True, False, None), sampler, [False, True]
+    )
+    back = pickle.loads(pickle.dumps(meta))
+    assert isinstance(back, _metadata.RankMeta)
+    assert back.protocol == _metadata.PROTOCOL
+    assert back.error is None
+    assert back.sampler == sampler
+    assert back.sampler.num_samples == 5
+    assert back.per_batch == (False, True)
+    assert back.indices is None
+    assert len(back.infos) == 2
+    assert back.infos[0][2] == (2, 3)
+    _metadata.check_all([meta, back], None, 0)  # the same on both ranks: no error
+
+
+def test_rank_metadata_of_another_protocol_names_it() -> None:
+    """A rank running an older tonumpy (a plain tuple, protocol 3) gets the version error."""
+
+    _, spec = optree.tree_flatten({"a": 1})
+    mine = _metadata.payload(spec, [], (None, 0, None, False, False, None), None, [])
+    old = (3, None, b"", 0, [], (None, 0, None, False, False, None), None, (), None)
+    with pytest.raises(tonumpy.ConversionError, match="rank 1 speaks metadata protocol 3"):
+        _metadata.check_all([mine, old], None, 0)  # type: ignore[list-item]

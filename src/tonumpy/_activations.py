@@ -20,7 +20,7 @@ from ._columns import join
 from ._pad import PadValue, check_pad_option
 from .errors import ConversionError, OptionError
 
-__all__ = ["Activations", "record"]
+__all__ = ["Activations", "open_activations"]
 
 # the leaves Activations.arrays gives: arrays and numbers (of scalars=True captures)
 _NUMERIC = (np.ndarray, np.number, np.bool_, int, float, complex)
@@ -351,9 +351,16 @@ class _Values(ValuesView[list[Any]]):
             yield [call.result() for call in pending]
 
 
-def record(acts: Activations, name: str, call: Any) -> None:
-    """Store one captured call of module ``name`` in ``acts``: the hooks' way in.
+def open_activations(
+    names: Iterable[str],
+    max_calls: int | None,
+    *,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> tuple[Activations, Callable[[str, Any], None]]:
+    """A new, empty mapping for ``capture``, and the one function that stores calls in it.
 
-    The mapping is read-only for its users; ``capture``'s hooks are its only writer.
+    The mapping is read-only for its users; whoever opens it holds its writer,
+    ``add(name, call)`` (store one captured call of module ``name``), and hands it to the hooks.
     """
-    acts._add(name, call)  # noqa: SLF001 - the class is this module's own
+    acts = Activations(names, max_calls, is_leaf=is_leaf)
+    return acts, acts._add  # noqa: SLF001 - the class is this module's own

@@ -242,7 +242,7 @@ def widened_chunks(t: torch.Tensor) -> Iterator[np.ndarray]:
             yield _dtypes.widen_bfloat16_bits(bits, buffer[: bits.size])
         return
     for block in blocks(t, _WIDEN_CHUNK * 4):
-        yield block.to(device="cpu", dtype=torch.float32).numpy()
+        yield _dtypes.widened(block)
 
 
 def blocks(x: Any, limit: int) -> Iterator[Any]:

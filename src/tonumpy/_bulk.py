@@ -8,30 +8,29 @@ A CPU ``to_numpy`` has eight routes; the careful converter serves every input, a
 the seven others is kept because it is measurably faster on the inputs it serves than the
 route that would serve them without it (that route disabled in a copy of the code, the two
 timed alternately, 15 rounds each, the minimum per call, by ``benchmarks/routes.py``;
-2026-12-06, a 2-core shared machine, two runs: the times of the second, the ratios of both;
-``W`` are the workloads of ``benchmarks/run.py``):
+2026-12-06, a 2-core shared machine; ``W`` are the workloads of ``benchmarks/run.py``):
 
 1. **lone tensor** (``tonumpy.convert.to_numpy``: a CPU tensor that is the whole tree, no
-   walk): W5 (a (64,) float32 tensor) 1.2 µs vs 5.6 µs without (the walk and the bulk
-   pass): 4.5-6.7x;
+   walk): W5 (a (64,) float32 tensor) 1.1 µs vs 5.2 µs without (the walk, the bulk pass): 4.7x;
 2. **the numpy pass**: ``t.numpy()`` skips the ``cpu``/``resolve_conj``/``resolve_neg``
-   dispatcher round trips that ``force=True`` adds: W1 13.1 ms vs 16.2 ms without (1.17-1.24x),
-   W2 10.2 vs 12.9 ms (1.13-1.27x), W4 13.7 vs 14.7 ms (1.07-1.16x). It refuses tensors that
+   dispatcher round trips that ``force=True`` adds: W1 11.7 ms vs 14.0 ms without (the force
+   pass): 1.20x; W2 7.7 vs 9.1 ms: 1.18x; W4 7.0 vs 8.4 ms: 1.20x. It refuses tensors that
    require grad, so a tree whose first tensor requires grad (W3: they usually all do) starts
    with
 3. **the force pass**, ``t.numpy(force=True)`` in one comprehension, such arrays made read-only
-   (see ``tonumpy._leaf.tensor_to_numpy``): W3 19.4 vs 21.4 ms without (the low-precision
-   pass's dtype dispatch): 1.11-1.13x;
+   (``tonumpy._leaf.read_only``): W3 11.6 vs 12.2 ms without (the low-precision pass's dtype
+   dispatch): 1.05x to 1.07x in three runs, the smallest gain kept (W3 is the training-loop
+   case, and issue 22's target for it is tight);
 4. **the low-precision pass, widening** (``_upcast_bf16``): bfloat16 leaves of one shape
-   stacked and widened with one cast: W6 upcast 2.7 vs 26.2 ms without (per leaf): 9.6-10.9x;
+   stacked and widened with one cast: W6 upcast 1.5 vs 17.2 ms without (per leaf): 11.5x;
 5. **the same-bits pass** (``_same_bits``, ``ml_dtypes=True``, the first tensor
-   bfloat16/float8): the dtypes and grad flags read by ``map``: W6 ml_dtypes 3.1 vs 3.3 ms
-   without (the bit-view pass): 1.09-1.13x;
+   bfloat16/float8): the dtypes and grad flags read by ``map``: W6 ml_dtypes 2.0 vs 2.2 ms
+   without (the bit-view pass): 1.10x;
 6. **the bit-view pass** (``_bit_views``, ``ml_dtypes=True``, other trees with such leaves):
-   a float32 leaf then W6's 1,000 bfloat16 leaves: 2.4 vs 19.4 ms without (per leaf): 6.6-8.1x;
+   a float32 leaf then W6's 1,000 bfloat16 leaves: 2.2 vs 15.7 ms without (per leaf): 7.0x;
 7. **per leaf, quick** (``tonumpy.convert._per_leaf``: ``numpy(force=True)`` first, for trees
-   the passes decline): W2 with one tensor repeated: 13.7 vs 28.2 ms without (the careful
-   converter for every leaf): 2.1-2.3x;
+   the passes decline): W2 with one tensor repeated: 12.9 vs 27.2 ms without (the careful
+   converter for every leaf): 2.1x;
 8. **per leaf, careful** (``tonumpy._leaf``): everything else, each refusal an error naming
    the path.
 
@@ -48,7 +47,8 @@ import numpy as np
 import torch
 
 from . import _dtypes
-from ._leaf import PLAIN, LeafError
+from ._dtypes import PLAIN
+from ._leaf import LeafError, read_only
 
 __all__ = ["convert"]
 
@@ -72,7 +72,7 @@ def convert(
     first = next((leaf for leaf in leaves if type(leaf) in plain), None)
     if first is None:
         return list(leaves)
-    if ml_dtypes and not copy and first.dtype in _dtypes.ML_DTYPES and leaf_types <= _TENSORS:
+    if ml_dtypes and not copy and first.dtype in _dtypes.ML_DTYPES and leaf_types <= PLAIN:
         try:  # a tree of bfloat16/float8 tensors (W6): straight to the bit views
             return _same_bits(leaves, first.dtype)
         except Exception:  # noqa: BLE001, S110 - neg bit, a device, ...: the passes below
@@ -92,9 +92,8 @@ def convert(
                 leaf.numpy(force=True).copy() if type(leaf) in plain else leaf for leaf in leaves
             ]
         # read-only views of tensors that require grad (see _protect), in the same pass
-        read_only = _READ_ONLY
         return [
-            ((arr := leaf.numpy(force=True)), leaf.requires_grad and read_only(arr, False))[0]
+            ((arr := leaf.numpy(force=True)), leaf.requires_grad and read_only(arr))[0]
             if type(leaf) in plain
             else leaf
             for leaf in leaves
@@ -107,11 +106,6 @@ def convert(
         return None
 
 
-#: ``ndarray.setflags`` called positionally, ``(arr, False)``: makes ``arr`` read-only (half
-#: the cost of the ``write=False`` keyword).
-_READ_ONLY: Callable[..., None] = np.ndarray.setflags
-
-
 def _protect(leaves: list[Any], out: list[Any]) -> list[Any]:
     """Make the views of the tensors among ``leaves`` that require grad read-only; ``out``.
 
@@ -120,7 +114,7 @@ def _protect(leaves: list[Any], out: list[Any]) -> list[Any]:
     plain = PLAIN
     for leaf, arr in zip(leaves, out, strict=True):
         if type(leaf) in plain and leaf.requires_grad:
-            arr.setflags(False)  # write=False; positional: half the cost of the keyword
+            read_only(arr)
     return out
 
 
@@ -142,9 +136,7 @@ def _low_precision(leaves: list[Any], *, copy: bool, ml_dtypes: bool) -> list[An
         arr = t.numpy(force=True)
         if copy:
             return arr.copy()
-        if t.requires_grad:
-            arr.setflags(write=False)  # see _protect
-        return arr
+        return read_only(arr) if t.requires_grad else arr
 
     def upcast(t: torch.Tensor) -> Any:
         if wrapped(t) or not t.is_contiguous():  # keep .float()'s strides: per leaf
@@ -158,10 +150,6 @@ def _low_precision(leaves: list[Any], *, copy: bool, ml_dtypes: bool) -> list[An
     out = [table[leaf.dtype](leaf) if type(leaf) in plain else leaf for leaf in leaves]
     widened = iter(_upcast_bf16(pending))  # new arrays that own their memory: never copied
     return [next(widened) if item is _PENDING else item for item in out]
-
-
-#: ``leaf_types`` of a tree whose leaves are all plain tensors.
-_TENSORS = frozenset(PLAIN)
 
 
 def _same_bits(leaves: list[Any], dtype: torch.dtype) -> list[Any]:
@@ -184,10 +172,9 @@ def _same_bits(leaves: list[Any], dtype: torch.dtype) -> list[Any]:
             for leaf in leaves
         ]
     if any(map(_REQUIRES_GRAD, leaves)):
-        read_only = _READ_ONLY
         for leaf, arr in zip(leaves, out, strict=True):
             if leaf.requires_grad:
-                read_only(arr, False)
+                read_only(arr)
     return out
 
 

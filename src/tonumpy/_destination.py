@@ -34,7 +34,7 @@ from optree import PyTreeSpec
 from . import _tree
 from ._columns import Column, copy_padded
 from ._directory import Directory
-from ._packing import info_rows
+from ._packing import Info, info_rows
 from ._storage import GrowingNpy
 
 __all__ = ["Destination"]
@@ -67,7 +67,7 @@ class Destination:
         self,
         spec: PyTreeSpec,
         columns: Sequence[Column],
-        metas: Sequence[tuple[Any, ...]],
+        infos: Sequence[Sequence[Info]],
         *,
         per_batch: Sequence[bool],
         maps: Sequence[np.ndarray] | None,
@@ -79,7 +79,7 @@ class Destination:
         self.ml_dtypes = ml_dtypes
         self.leaves = [_Leaf(column) for column in columns]
         self.num_items = num_items
-        world = len(metas)
+        world = len(infos)
         placed = None if maps is None else sum(int(np.count_nonzero(m >= 0)) for m in maps)
         self.maps, self.placed = maps, placed  # for nested tensors' rows
         for i, leaf in enumerate(self.leaves):
@@ -87,7 +87,7 @@ class Destination:
             if kind in ("object", "jagged"):
                 leaf.values = [None] * world
                 continue
-            counts = [info_rows(meta[4][i], leaf.column.axis) for meta in metas]
+            counts = [info_rows(leaves[i], leaf.column.axis) for leaves in infos]
             leaf.offsets = [sum(counts[:r]) for r in range(world)]
             leaf.limit = sum(counts)
             per_sample = kind == "array" and not per_batch[i]

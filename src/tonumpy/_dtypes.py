@@ -15,6 +15,11 @@ import torch
 
 from .errors import UnsupportedLeafError
 
+#: The plain tensor types: exactly these (not subclasses) take ``numpy(force=True)`` as the
+#: whole conversion when it succeeds, and are written to files as they are. A frozenset, so
+#: that ``type(x) in PLAIN`` and ``types <= PLAIN`` are both one hash lookup.
+PLAIN: frozenset[type] = frozenset({torch.Tensor, torch.nn.Parameter})
+
 #: torch dtypes that ``Tensor.numpy()`` supports as they are.
 NATIVE: frozenset[torch.dtype] = frozenset(
     getattr(torch, name)
@@ -167,6 +172,32 @@ def torch_dtype_of(dtype: np.dtype[Any]) -> torch.dtype | None:
         if dtype == np.dtype(getattr(module, name)):
             return torch_dtype
     return None
+
+
+def widened(t: torch.Tensor) -> np.ndarray:
+    """A bfloat16/float8 tensor's values as a new float32 array on the host.
+
+    The one widening of a whole tensor (the converter, gather's unpacking, the file writers):
+    exact, since float32 holds every bfloat16 and float8 value. A negative view is the
+    caller's to resolve first (``resolve_neg``).
+
+    Examples:
+        >>> widened(torch.tensor([0.5, -2.0], dtype=torch.bfloat16))
+        array([ 0.5, -2. ], dtype=float32)
+    """
+    return t.to(device="cpu", dtype=torch.float32).numpy()
+
+
+def bit_view(t: torch.Tensor) -> np.ndarray:
+    """A host bfloat16/float8 tensor as its ``ml_dtypes`` array over the same bytes (no copy).
+
+    The one bit view (the converter, the file writers store the same bits as unsigned ints).
+
+    Examples:
+        >>> bit_view(torch.tensor([1.5], dtype=torch.bfloat16)).dtype.name
+        'bfloat16'
+    """
+    return t.view(BITS[t.dtype.itemsize]).numpy().view(ml_numpy_dtype(t.dtype))
 
 
 def widen_bfloat16_bits(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

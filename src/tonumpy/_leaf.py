@@ -12,6 +12,7 @@ leaf's path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from optree import PyTreeSpec
 
 from . import _dtypes, _tree
+from ._dtypes import PLAIN
 from ._options import Copy
 from .errors import ConversionError, TonumpyError, UnsupportedLeafError
 
@@ -31,11 +33,27 @@ __all__ = [
     "leaf_error",
     "move",
     "needs_copy",
+    "read_only",
     "tensor_to_numpy",
 ]
 
-#: Tensor types whose ``numpy(force=True)`` is the whole conversion when it succeeds.
-PLAIN: tuple[type[torch.Tensor], ...] = (torch.Tensor, torch.nn.Parameter)
+
+#: ``ndarray.setflags``, called positionally by ``read_only``.
+_SET_FLAGS: Callable[..., None] = np.ndarray.setflags
+
+
+def read_only(arr: np.ndarray) -> np.ndarray:
+    """Make ``arr``, a view of a tensor that requires grad, read-only; ``arr``.
+
+    The one home of the read-only rule, which every route calls for such a view: autograd may
+    have saved that very memory for the backward pass, and writing to it would change the
+    gradients silently (which is why ``Tensor.numpy()`` refuses such tensors). A copy or a
+    widened array owns its memory and stays writeable. Callers test ``t.requires_grad``
+    themselves, so that a leaf that does not require grad pays no call.
+    """
+    _SET_FLAGS(arr, False)  # write=False; positional: half the cost of the keyword
+    return arr
+
 
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # noqa: SLF001 - no public check
 
@@ -125,9 +143,8 @@ def tensor_to_numpy(
     """Convert one tensor of any kind. Raises ``LeafError`` on failure.
 
     ``guarded``: the tensor is part of one that requires grad (a nested tensor's component),
-    so a view of its memory is made read-only, as one of a tensor requiring grad is: autograd
-    may have saved that very memory for the backward pass, and writing to it would change the
-    gradients silently (which is why ``Tensor.numpy()`` refuses such tensors).
+    so a view of its memory is made read-only, as one of a tensor requiring grad is
+    (``read_only``).
     """
     guarded = guarded or t.requires_grad
     if t.is_nested:  # strided nested tensors and jagged ones (a Python subclass) alike
@@ -151,7 +168,7 @@ def tensor_to_numpy(
     if copy and not fresh:
         arr = arr.copy()
     elif guarded and not fresh:
-        arr.setflags(write=False)
+        read_only(arr)
     return arr
 
 
@@ -179,13 +196,11 @@ def _strided_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool) -> tuple[np.
             needs_copy(
                 copy, f"{dtype} is widened to float32, which copies (ml_dtypes=True does not)"
             )
-            return t.cpu().float().numpy(), True
-        np_dtype = _dtypes.ml_numpy_dtype(dtype)
-        bits = t.view(_dtypes.BITS[dtype.itemsize])
+            return _dtypes.widened(t), True
         if not on_cpu:
             needs_copy(copy, f"it must be copied from {t.device} to the host")
-            bits, fresh = bits.cpu(), True
-        return bits.numpy().view(np_dtype), fresh
+            t, fresh = t.cpu(), True
+        return _dtypes.bit_view(t), fresh
     if dtype == _dtypes.FLOAT4_X2:
         needs_copy(copy, "float4_e2m1fn_x2 values are unpacked, one per element, which copies")
         codes = t.view(torch.uint8).cpu().numpy()

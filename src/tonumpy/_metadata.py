@@ -1,8 +1,9 @@
 """What every rank sends ``gather`` before any data, and the checks made on it everywhere.
 
-Each rank's metadata is one tuple (see [`payload`][tonumpy._metadata.payload]): a structure
-fingerprint, each leaf's description (``tonumpy._packing.Info``), the options, its sampler's
-attributes, and which leaves hold one value per batch. Every rank receives every rank's tuple
+Each rank's metadata is one [`RankMeta`][tonumpy._metadata.RankMeta] record (see
+[`payload`][tonumpy._metadata.payload]): a structure fingerprint, each leaf's description
+(``tonumpy._packing.Info``), the options, its sampler's attributes, which leaves hold one value
+per batch, and its rows' dataset indices. Every rank receives every rank's tuple
 and runs the same checks on the same data, so a problem anywhere (a rank that failed to prepare
 its tree, another structure, dtype or number of dimensions, a ragged leaf without a pad value,
 other options) makes *every* rank raise the same error, before any data moves, instead of
@@ -14,20 +15,25 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from optree import PyTreeSpec
 
 from . import _tree
 from ._columns import Column
+from ._indices import resolve
 from ._packing import Info, info_kind, info_rows, numpy_dtype
 from ._pad import PadValue
+from ._sampler import SamplerInfo, check_sampler, sample_positions
 from .errors import ConversionError
 
 __all__ = [
     "OPTIONS",
     "PROTOCOL",
+    "Agreement",
+    "RankMeta",
+    "agree",
     "check_all",
     "check_columns",
     "check_indices",
@@ -39,15 +45,80 @@ __all__ = [
 
 #: Bumped whenever the metadata layout changes: ranks running different tonumpy versions then
 #: raise a clear error instead of misreading each other.
-PROTOCOL = 3
+PROTOCOL = 4
 
 #: The options every rank must pass alike, in the order of the metadata's signature.
 OPTIONS = ("dst", "axis", "num_items", "sampler", "ml_dtypes", "chunk_bytes")
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
-# Positions in a rank's metadata tuple.
-_ERROR, _FINGERPRINT, _INFOS, _SIGNATURE, _PER_BATCH, _INDICES = 1, 2, 4, 5, 7, 8
+
+class RankMeta(NamedTuple):
+    """What one rank sends every other before any data (pickled by ``all_gather_object``).
+
+    Attributes:
+        protocol: [`PROTOCOL`][tonumpy._metadata.PROTOCOL] of the sending rank's tonumpy.
+        error: ``(exception type name, message, rendered path or None)`` when the rank failed
+            to prepare its tree, else None (every other field is then empty).
+        fingerprint: A digest of the tree's structure.
+        infos: Each leaf's description, in leaf order.
+        signature: The options every rank must pass alike, in the order of ``OPTIONS``.
+        sampler: The sampler's attributes, or None without ``sampler=``.
+        per_batch: For each leaf, whether it holds one value per batch (by its Accumulator).
+        indices: The rows' dataset indices of an Accumulator given ``index=``, else None.
+    """
+
+    protocol: int
+    error: tuple[str, str, str | None] | None
+    fingerprint: bytes
+    infos: list[Info]
+    signature: tuple[Any, ...]
+    sampler: SamplerInfo | None
+    per_batch: tuple[bool, ...]
+    indices: np.ndarray | None
+
+
+class Agreement(NamedTuple):
+    """What every rank concludes, alike, from every rank's metadata: how the result is laid out."""
+
+    columns: list[Column]  #: each leaf's column over the ranks (kind, dtype, shape, pad value)
+    per_batch: list[bool]  #: for each leaf, whether it holds one value per batch
+    maps: list[np.ndarray] | None  #: for each rank, each row's row in the result, or -1
+
+
+def agree(
+    metas: Sequence[RankMeta],
+    spec: PyTreeSpec,
+    exchange: tuple[Any, Any] | None,
+    *,
+    axis: int,
+    pad_value: PadValue,
+    ml_dtypes: bool,
+    sampler: bool,
+    num_items: int | None,
+) -> Agreement:
+    """Every check on every rank's metadata, in order; the result's layout, or the first error.
+
+    ``exchange`` is ``(torch.distributed, group)`` when there are other ranks (a differing
+    structure takes one more exchange to report), ``None`` in a world of one.
+    """
+    if exchange is not None:
+        check_structure(metas, spec, *exchange)
+    columns = check_columns(metas, spec, axis=axis, pad_value=pad_value, ml_dtypes=ml_dtypes)
+    per_batch = check_per_batch(metas, spec)
+    axes = [c.axis for c in columns]
+    world = len(metas)
+    indices = check_indices(metas, spec, axes, per_batch, sampler)
+    maps: list[np.ndarray] | None = None
+    if indices is not None:
+        names = [f"rank {r}" for r in range(world)]
+        maps = resolve(indices, num_items=num_items, names=names, where="gather")
+    elif sampler:
+        samplers = [meta.sampler for meta in metas if meta.sampler is not None]
+        infos = [meta.infos for meta in metas]
+        check_sampler(samplers, infos, spec.paths(), axes, world=world, per_batch=per_batch)
+        maps = sample_positions(samplers)
+    return Agreement(columns, per_batch, maps)
 
 
 def _fingerprint(spec: PyTreeSpec) -> bytes:
@@ -59,48 +130,51 @@ def payload(
     spec: PyTreeSpec,
     infos: list[Info],
     signature: tuple[Any, ...],
-    sampler: tuple[Any, ...] | None,
+    sampler: SamplerInfo | None,
     per_batch: Sequence[bool],
     *,
     indices: np.ndarray | None = None,
-) -> tuple[Any, ...]:
-    """One rank's metadata, for ``all_gather_object``.
-
-    ``(protocol, error, fingerprint, leaves, infos, signature, sampler, per_batch, indices)``,
-    where ``error`` is None (see ``error_payload``) and ``indices`` the rows' dataset indices
-    of an ``Accumulator`` given ``index=`` (8 bytes a row), else None.
-    """
-    return (
-        PROTOCOL,
-        None,
-        _fingerprint(spec),
-        len(infos),
-        infos,
-        signature,
-        sampler,
-        tuple(per_batch),
-        indices,
+) -> RankMeta:
+    """One rank's metadata, for ``all_gather_object`` (``error`` None; see ``error_payload``)."""
+    return RankMeta(
+        protocol=PROTOCOL,
+        error=None,
+        fingerprint=_fingerprint(spec),
+        infos=infos,
+        signature=signature,
+        sampler=sampler,
+        per_batch=tuple(per_batch),
+        indices=indices,
     )
 
 
-def error_payload(exc: BaseException, signature: tuple[Any, ...]) -> tuple[Any, ...]:
+def error_payload(exc: BaseException, signature: tuple[Any, ...]) -> RankMeta:
     """The metadata of a rank that failed to prepare its tree: what it raised, and where."""
     path = getattr(exc, "path", None)
     error = type(exc).__name__, str(exc), None if path is None else _tree.format_path(path)
-    return (PROTOCOL, error, b"", 0, [], signature, None, (), None)
+    return RankMeta(PROTOCOL, error, b"", [], signature, None, (), None)
 
 
-def check_all(metas: Sequence[tuple[Any, ...]], error: BaseException | None, rank: int) -> None:
+def check_all(metas: Sequence[RankMeta], error: BaseException | None, rank: int) -> None:
     """Raise, on every rank, if any rank failed, runs another protocol or passed other options.
 
     ``error`` is what this rank raised while preparing its tree, if anything: re-raised as it
     was on the rank that failed.
     """
-    failed = [r for r, meta in enumerate(metas) if meta[_ERROR] is not None]
+    for r, meta in enumerate(metas):
+        protocol = meta.protocol if isinstance(meta, RankMeta) else (meta or [None])[0]
+        if protocol != PROTOCOL:
+            raise ConversionError(
+                f"gather(): rank {r} speaks metadata protocol {protocol} but rank {rank} speaks "
+                f"{PROTOCOL}; install the same tonumpy version on every rank"
+            )
+    failed = [r for r, meta in enumerate(metas) if meta.error is not None]
     if failed:
         if error is not None:
             raise error
-        name, message, where = metas[failed[0]][_ERROR]
+        reason = metas[failed[0]].error
+        assert reason is not None  # noqa: S101
+        name, message, where = reason
         ranks = ", ".join(map(str, failed))
         raise ConversionError(
             f"gather() failed on rank{'s' if len(failed) > 1 else ''} {ranks}, so every rank "
@@ -108,13 +182,7 @@ def check_all(metas: Sequence[tuple[Any, ...]], error: BaseException | None, ran
             + (f" (at {where})" if where else "")
         )
     for r, meta in enumerate(metas):
-        if meta[0] != PROTOCOL:
-            raise ConversionError(
-                f"gather(): rank {r} speaks metadata protocol {meta[0]} but rank {rank} speaks "
-                f"{PROTOCOL}; install the same tonumpy version on every rank"
-            )
-    for r, meta in enumerate(metas):
-        for name, mine, first in zip(OPTIONS, meta[_SIGNATURE], metas[0][_SIGNATURE], strict=True):
+        for name, mine, first in zip(OPTIONS, meta.signature, metas[0].signature, strict=True):
             if mine != first:
                 shown, other = repr(first), repr(mine)
                 if name == "sampler":
@@ -125,19 +193,17 @@ def check_all(metas: Sequence[tuple[Any, ...]], error: BaseException | None, ran
                 )
 
 
-def check_structure(
-    metas: Sequence[tuple[Any, ...]], spec: PyTreeSpec, dist: Any, group: Any
-) -> None:
+def check_structure(metas: Sequence[RankMeta], spec: PyTreeSpec, dist: Any, group: Any) -> None:
     """Raise, on every rank, if the structure fingerprints differ (one more exchange).
 
     The ranks then exchange their structures as sketches, and every rank reports the first
     path where the first differing rank's tree parts from rank 0's, as ``concat`` does.
     """
-    if all(meta[_FINGERPRINT] == metas[0][_FINGERPRINT] for meta in metas):
+    if all(meta.fingerprint == metas[0].fingerprint for meta in metas):
         return
     sketches: list[Any] = [None] * len(metas)
     dist.all_gather_object(sketches, _tree.sketch(spec), group=group)
-    bad = next(r for r, meta in enumerate(metas) if meta[_FINGERPRINT] != metas[0][_FINGERPRINT])
+    bad = next(r for r, meta in enumerate(metas) if meta.fingerprint != metas[0].fingerprint)
     raise _tree.difference_error(
         sketches[0],
         sketches[bad],
@@ -149,7 +215,7 @@ def check_structure(
 
 
 def check_columns(
-    metas: Sequence[tuple[Any, ...]],
+    metas: Sequence[RankMeta],
     spec: PyTreeSpec,
     *,
     axis: int,
@@ -164,7 +230,7 @@ def check_columns(
     for i, (path, where) in enumerate(_tree.leaf_paths(spec)):
         column = Column(path, where, axis=axis, pad_value=pad_value, noun="ranks")
         for rank, meta in enumerate(metas):
-            info = meta[_INFOS][i]
+            info = meta.infos[i]
             kind = info_kind(info)
             jagged_or_object = kind in ("object", "jagged")
             np_dtype = None if jagged_or_object else numpy_dtype(info[0], info[1], ml_dtypes)
@@ -173,13 +239,13 @@ def check_columns(
     return columns
 
 
-def check_per_batch(metas: Sequence[tuple[Any, ...]], spec: PyTreeSpec) -> list[bool]:
+def check_per_batch(metas: Sequence[RankMeta], spec: PyTreeSpec) -> list[bool]:
     """Which leaves hold one value per batch: the same on every rank, or an error."""
-    first = metas[0][_PER_BATCH]
+    first = metas[0].per_batch
     for rank, meta in enumerate(metas):
-        if meta[_PER_BATCH] == first:
+        if meta.per_batch == first:
             continue
-        i = next(i for i, (a, b) in enumerate(zip(first, meta[_PER_BATCH], strict=True)) if a != b)
+        i = next(i for i, (a, b) in enumerate(zip(first, meta.per_batch, strict=True)) if a != b)
         path, where = _tree.leaf_path(spec, i)
         holds = "one value per batch" if first[i] else "one row per sample"
         raise ConversionError(
@@ -191,7 +257,7 @@ def check_per_batch(metas: Sequence[tuple[Any, ...]], spec: PyTreeSpec) -> list[
 
 
 def check_indices(
-    metas: Sequence[tuple[Any, ...]],
+    metas: Sequence[RankMeta],
     spec: PyTreeSpec,
     axes: Sequence[int],
     per_batch: Sequence[bool],
@@ -202,7 +268,7 @@ def check_indices(
     Every rank's Accumulator carries indices, or none does; each per-sample leaf holds one row
     per index.
     """
-    indexed = [meta[_INDICES] is not None for meta in metas]
+    indexed = [meta.indices is not None for meta in metas]
     if not any(indexed):
         return None
     if not all(indexed):
@@ -221,10 +287,12 @@ def check_indices(
         if kind_rows[0]:
             continue
         for rank, meta in enumerate(metas):
-            info = meta[_INFOS][i]
+            info = meta.infos[i]
             if info_kind(info) != "array":
                 continue
-            rows, count = info_rows(info, kind_rows[1]), meta[_INDICES].size
+            indices = meta.indices
+            assert indices is not None  # noqa: S101 - every rank has indices (checked above)
+            rows, count = info_rows(info, kind_rows[1]), indices.size
             if rows != count:
                 path, where = _tree.leaf_path(spec, i)
                 raise ConversionError(
@@ -233,4 +301,4 @@ def check_indices(
                     "one row per index",
                     path=path,
                 )
-    return [meta[_INDICES] for meta in metas]
+    return [meta.indices for meta in metas if meta.indices is not None]

@@ -25,7 +25,8 @@ from optree import PyTreeSpec
 
 from . import _dtypes, _tree
 from ._columns import Jagged, Kind
-from ._leaf import PLAIN, convert_checked
+from ._dtypes import PLAIN
+from ._leaf import convert_checked
 from .errors import ConversionError
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "Info",
     "Piece",
     "Prepared",
+    "full_tensors",
     "info_kind",
     "info_rows",
     "is_dtensor",
@@ -255,6 +257,13 @@ def rows_first_bytes(prep: Prepared, axes: Sequence[int]) -> None:
             prep.flat[i] = grid.movedim(ax, 0).contiguous().reshape(-1)
 
 
+def full_tensors(prep: Prepared) -> None:
+    """Materialise the DTensor leaves (a collective each, in leaf order, on every rank)."""
+    for i, info in enumerate(prep.infos):
+        if info[0] == DTENSOR:
+            prep.sources[i] = prep.sources[i].full_tensor()
+
+
 def info_rows(info: Info, axis: int) -> int:
     """How many rows a sized leaf has along its (normalised) concatenation axis."""
     shape = info[2]
@@ -263,7 +272,7 @@ def info_rows(info: Info, axis: int) -> int:
 
 
 def plan_rounds(
-    metas: Sequence[tuple[Any, ...]], axes: Sequence[int], chunk_bytes: int
+    infos: Sequence[Sequence[Info]], axes: Sequence[int], chunk_bytes: int
 ) -> list[list[list[Piece]]]:
     """``rounds[k][rank]``: the pieces rank ``rank`` sends in round ``k`` (the same everywhere).
 
@@ -273,13 +282,14 @@ def plan_rounds(
     needs most.
     """
     per_rank: list[list[list[Piece]]] = []
-    for meta in metas:
+    for leaves in infos:
         rounds: list[list[Piece]] = [[]]
         used = 0
-        for i, (code, _, _, nbytes, _) in enumerate(meta[4]):
+        for i, info in enumerate(leaves):
+            code, nbytes = info[0], info[3]
             if code == OBJECT or not nbytes:
                 continue
-            rows = info_rows(meta[4][i], axes[i])
+            rows = info_rows(info, axes[i])
             row_bytes = nbytes // rows
             start = 0
             while start < rows:
@@ -366,5 +376,4 @@ def unpack(
     if code == ARRAY or dtype not in _dtypes.ML_DTYPES or ml_dtypes:
         out: np.ndarray = row_np[window].view(numpy_dtype(code, dtype, ml_dtypes))
         return out.reshape(rows, *other)
-    widened: np.ndarray = row[window].view(dtype).float().numpy()  # exact: float32 holds them
-    return widened.reshape(rows, *other)
+    return _dtypes.widened(row[window].view(dtype)).reshape(rows, *other)

@@ -428,7 +428,7 @@ def _entry(plan: Plan, index: int) -> tuple[str, tuple[int, ...], int, _Chunks]:
         and (leaf.layout != torch.strided or leaf.is_quantized)
     ):  # a sparse tensor is written dense, a quantized one dequantized (as .npz has them)
         leaf = leaf.to_dense() if leaf.layout != torch.strided else leaf.dequantize()
-    if type(leaf) in (torch.Tensor, torch.nn.Parameter) and leaf.layout == torch.strided:
+    if type(leaf) in _dtypes.PLAIN and leaf.layout == torch.strided:
         t = leaf.detach()
         code = _code(plan, index, t.dtype)
         plan.complete(index, None, str(t.dtype).removeprefix("torch."))

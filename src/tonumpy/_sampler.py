@@ -10,19 +10,36 @@ repeat, dropped).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from . import _tree
-from ._packing import info_kind
+from ._packing import Info, info_kind, info_rows
 from .errors import ConversionError
 
-__all__ = ["check_sampler", "dataset_order", "sample_positions", "sampler_info"]
+__all__ = ["SamplerInfo", "check_sampler", "dataset_order", "sample_positions", "sampler_info"]
 
 
-def sampler_info(sampler: Any) -> tuple[Any, ...]:
+class SamplerInfo(NamedTuple):
+    """What gather needs of one rank's ``DistributedSampler``: its attributes, as plain values."""
+
+    num_replicas: int
+    rank: int
+    total_size: int
+    shuffle: bool
+    seed: int
+    epoch: int
+    length: int  #: ``len(sampler.dataset)``
+    num_samples: int
+
+    def shared(self) -> tuple[Any, ...]:
+        """Every attribute but ``rank``: what every rank's sampler must agree on."""
+        return self[:1] + self[2:]
+
+
+def sampler_info(sampler: Any) -> SamplerInfo:
     """What gather needs of a ``DistributedSampler`` (or anything with its attributes)."""
     missing = [
         name
@@ -37,59 +54,61 @@ def sampler_info(sampler: Any) -> tuple[Any, ...]:
     num_replicas = int(sampler.num_replicas)
     total_size = int(sampler.total_size)
     num_samples = int(getattr(sampler, "num_samples", total_size // max(num_replicas, 1)))
-    return (
-        num_replicas,
-        int(sampler.rank),
-        total_size,
-        bool(sampler.shuffle),
-        int(sampler.seed),
-        int(sampler.epoch),
-        len(sampler.dataset),
-        num_samples,
+    return SamplerInfo(
+        num_replicas=num_replicas,
+        rank=int(sampler.rank),
+        total_size=total_size,
+        shuffle=bool(sampler.shuffle),
+        seed=int(sampler.seed),
+        epoch=int(sampler.epoch),
+        length=len(sampler.dataset),
+        num_samples=num_samples,
     )
 
 
 def check_sampler(
-    metas: Sequence[tuple[Any, ...]],
+    samplers: Sequence[SamplerInfo],
+    infos: Sequence[Sequence[Info]],
     paths: list[tuple[Any, ...]],
     axes: list[int],
+    *,
     world: int,
     per_batch: Sequence[bool],
 ) -> None:
     """Raise, on every rank, unless the samplers agree and every per-sample leaf fits them.
 
+    ``samplers[r]`` and ``infos[r]`` are rank ``r``'s sampler and leaf descriptions.
     Per-sample leaves are the array leaves not in ``per_batch``: each must hold one row per
     sample its rank's sampler gave it.
     """
-    infos = [meta[6] for meta in metas]
-    first = infos[0]
-    for rank, info in enumerate(infos):
-        if info[:1] + info[2:] != first[:1] + first[2:]:
+    first = samplers[0]
+    for rank, other in enumerate(samplers):
+        if other.shared() != first.shared():
             raise ConversionError(
                 "gather(): the samplers differ across ranks (num_replicas, total_size, shuffle, "
-                f"seed, epoch, dataset length, num_samples: {first[:1] + first[2:]} on rank 0, "
-                f"{info[:1] + info[2:]} on rank {rank}); call sampler.set_epoch(epoch) on every "
+                f"seed, epoch, dataset length, num_samples: {first.shared()} on rank 0, "
+                f"{other.shared()} on rank {rank}); call sampler.set_epoch(epoch) on every "
                 "rank and build every rank's sampler from the same dataset"
             )
-    if first[0] != world:
+    if first.num_replicas != world:
         raise ConversionError(
-            f"gather(): the sampler splits the dataset over num_replicas={first[0]} ranks but "
-            f"the process group has {world}; pass the sampler of this group"
+            f"gather(): the sampler splits the dataset over num_replicas={first.num_replicas} "
+            f"ranks but the process group has {world}; pass the sampler of this group"
         )
-    ranks = sorted(info[1] for info in infos)
+    ranks = sorted(other.rank for other in samplers)
     if ranks != list(range(world)):
         raise ConversionError(
-            f"gather(): the samplers' ranks are {[info[1] for info in infos]} (by process "
+            f"gather(): the samplers' ranks are {[other.rank for other in samplers]} (by process "
             "group rank); each sampler rank must appear exactly once"
         )
-    num_samples = first[7]
+    num_samples = first.num_samples
     for i, path in enumerate(paths):
-        for rank, meta in enumerate(metas):
-            info = meta[4][i]
+        for rank, leaves in enumerate(infos):
+            info = leaves[i]
             kind = info_kind(info)
             if kind not in ("array", "jagged") or per_batch[i]:
                 continue
-            rows = info[2][axes[i] if kind == "array" else 0]
+            rows = info_rows(info, axes[i] if kind == "array" else 0)
             if rows != num_samples:
                 raise ConversionError(
                     f"gather(sampler=...): {_tree.format_path(path)} has {rows} rows along axis "
@@ -102,17 +121,18 @@ def check_sampler(
                 )
 
 
-def dataset_order(metas: Sequence[tuple[Any, ...]]) -> np.ndarray:
+def dataset_order(samplers: Sequence[SamplerInfo]) -> np.ndarray:
     """Positions, in the by-rank concatenation, of dataset items 0, 1, ... (each once).
 
     Rebuilds the index list ``DistributedSampler.__iter__`` makes: the (seeded) permutation,
     padded by repeating its start or cut to ``total_size``; rank ``r`` gets every
     ``num_replicas``-th index from position ``r``.
     """
-    num_replicas, _, total_size, shuffle, seed, epoch, length, num_samples = metas[0][6]
-    if shuffle:
+    first = samplers[0]
+    length, total_size, num_replicas = first.length, first.total_size, first.num_replicas
+    if first.shuffle:
         generator = torch.Generator()
-        generator.manual_seed(seed + epoch)
+        generator.manual_seed(first.seed + first.epoch)
         indices = torch.randperm(length, generator=generator).numpy()
     else:
         indices = np.arange(length)
@@ -120,21 +140,17 @@ def dataset_order(metas: Sequence[tuple[Any, ...]]) -> np.ndarray:
         indices = np.resize(indices, total_size)  # repeats from the start, like the sampler
     indices = indices[:total_size]
     dataset_index = np.concatenate(
-        [indices[meta[6][1] : total_size : num_replicas] for meta in metas]
+        [indices[other.rank : total_size : num_replicas] for other in samplers]
     )
-    assert dataset_index.size == num_samples * len(metas)  # noqa: S101
-    _, first = np.unique(dataset_index, return_index=True)
-    order: np.ndarray = first
+    assert dataset_index.size == first.num_samples * len(samplers)  # noqa: S101
+    _, order = np.unique(dataset_index, return_index=True)
     return order
 
 
-def sample_positions(metas: Sequence[tuple[Any, ...]]) -> np.ndarray:
-    """For each row of the by-rank concatenation: its row in dataset order, or -1 (a repeat).
-
-    Rank ``r``'s row ``j`` is row ``r * num_samples + j`` of the concatenation.
-    """
-    order = dataset_order(metas)
-    num_samples = metas[0][6][7]
-    positions = np.full(num_samples * len(metas), -1, dtype=np.int64)
+def sample_positions(samplers: Sequence[SamplerInfo]) -> list[np.ndarray]:
+    """For each rank, for each of its rows: the row's place in dataset order, or -1 (a repeat)."""
+    order = dataset_order(samplers)
+    num_samples = samplers[0].num_samples
+    positions = np.full(num_samples * len(samplers), -1, dtype=np.int64)
     positions[order] = np.arange(order.size)
-    return positions
+    return [positions[r * num_samples : (r + 1) * num_samples] for r in range(len(samplers))]

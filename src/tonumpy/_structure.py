@@ -314,7 +314,7 @@ class Plan:
             leaf = _arrays.from_bits(leaf.array(), bits)  # bfloat16/float8: widened below
         if (
             not self.ml_dtypes
-            and type(leaf) in (torch.Tensor, torch.nn.Parameter)
+            and type(leaf) in _dtypes.PLAIN
             and leaf.dtype in _dtypes.ML_DTYPES
             and leaf.layout == torch.strided
             and not leaf.is_meta

@@ -56,12 +56,13 @@ __all__ = [
     "leaf_path",
     "leaf_paths",
     "outline",
+    "place",
+    "render",
     "require_same",
     "same_structure",
     "sketch",
     "structure_error",
     "unflatten",
-    "where",
 ]
 
 #: At most this many container classes stay registered (about 10 KiB each, class included).
@@ -415,6 +416,51 @@ def same_structure(a: PyTreeSpec, b: PyTreeSpec) -> bool:
 # ------------------------------------------------------------------------------ key paths
 
 
+def render(steps: tuple[optree.PyTreeEntry, ...], root: str = "tree") -> str:
+    """The one rendering of a place in a tree, from optree's path entries: ``tree['p'].y``.
+
+    Fields and namedtuple entries read as attributes (``.y``, as users read them), mapping
+    and sequence items by subscript, tonumpy's attribute and method nodes as ``.name`` and
+    ``.name()``. [`place`][tonumpy._tree.place] and the walker's errors render through it;
+    [`format_path`][tonumpy._tree.format_path] is for a key path whose containers are gone.
+
+    Examples:
+        >>> import collections
+        >>> P = collections.namedtuple("P", "x y")
+        >>> tree = {"p": P(1, 2)}
+        >>> render(tuple(optree.tree_accessors(tree)[1]))
+        "tree['p'].y"
+    """
+    return optree.PyTreeAccessor(steps).codify(root)
+
+
+def _steps(node: Any, keys: Any, none_is_leaf: bool) -> list[Any]:
+    """The path entries of ``node``'s children (``.y`` for a namedtuple's), one per key.
+
+    Falls back to the keys themselves where optree cannot name them one by one.
+    """
+    try:
+        spec = optree.tree_structure(
+            node, lambda x: x is not node, none_is_leaf=none_is_leaf, namespace=NAMESPACE
+        )
+        steps = [accessor[0] for accessor in spec.accessors()]
+    except Exception:  # noqa: BLE001 - a node optree cannot walk on its own: its keys
+        steps = []
+    if len(steps) != len(keys):
+        return [_KeyStep(key, object, optree.PyTreeKind.CUSTOM) for key in keys]
+    return steps
+
+
+class _KeyStep(optree.PyTreeEntry):
+    """A path entry known only by its key: rendered as ``format_path`` renders one."""
+
+    __slots__ = ()
+
+    def codify(self, /, node: str = "") -> str:
+        """``node`` followed by this key's access."""
+        return _containers.render(node, self.entry)
+
+
 def format_path(path: tuple[Any, ...] | None, root: str = "tree") -> str:
     """Render a key path the way a user would index it: ``tree['a'][0]``, ``tree['out'].x``.
 
@@ -443,7 +489,7 @@ def leaf_paths(spec: PyTreeSpec, root: str = "tree") -> list[tuple[tuple[Any, ..
     return [(tuple(a.path), a.codify(root)) for a in spec.accessors()]
 
 
-def where(spec: PyTreeSpec, path: tuple[Any, ...] | None, root: str = "tree") -> str:
+def place(spec: PyTreeSpec, path: tuple[Any, ...] | None, root: str = "tree") -> str:
     """How a user reads the node at key path ``path`` of ``spec``'s tree: ``tree['o'].logits``.
 
     The one rendering of places in a tree: fields read as attributes, namedtuple entries by
@@ -454,7 +500,7 @@ def where(spec: PyTreeSpec, path: tuple[Any, ...] | None, root: str = "tree") ->
         return root
     for accessor in spec.accessors():
         if tuple(accessor.path[: len(path)]) == path:
-            return optree.PyTreeAccessor(tuple(accessor)[: len(path)]).codify(root)
+            return render(tuple(accessor)[: len(path)], root)
     return format_path(path, root)
 
 
@@ -527,14 +573,17 @@ def outline(spec: PyTreeSpec) -> list[Node]:
 
 def _path_to(
     tree: Any, target: Any, is_leaf: Callable[[Any], Any] | None, none_is_leaf: bool
-) -> Any:
-    """The key path of the node ``target`` (found by identity) in ``tree``, or None."""
-    stack: list[tuple[Any, tuple[Any, ...]]] = [(tree, ())]
+) -> tuple[tuple[Any, ...] | None, str]:
+    """The key path of the node ``target`` (found by identity) in ``tree``, and its rendering.
+
+    ``(None, "tree")`` when ``target`` is not found.
+    """
+    stack: list[tuple[Any, tuple[Any, ...], tuple[optree.PyTreeEntry, ...]]] = [(tree, (), ())]
     seen: set[int] = set()
     while stack:
-        node, path = stack.pop()
+        node, path, steps = stack.pop()
         if node is target:
-            return path
+            return path, render(steps)
         if id(node) in seen:
             continue
         seen.add(id(node))
@@ -547,10 +596,12 @@ def _path_to(
         except Exception:  # noqa: BLE001, S112 - a leaf, or a node that cannot be walked
             continue
         stack.extend(
-            (child, (*path, entry))
-            for child, entry in reversed(list(zip(children, entries, strict=True)))
+            (child, (*path, entry), (*steps, step))
+            for child, entry, step in reversed(
+                list(zip(children, entries, _steps(node, entries, none_is_leaf), strict=True))
+            )
         )
-    return None
+    return None, "tree"
 
 
 def _answer_error(
@@ -559,10 +610,10 @@ def _answer_error(
     def keeps(node: Any) -> bool:
         return is_leaf is not None and bool(is_leaf(node))
 
-    path = _path_to(tree, bad.node, keeps, none_is_leaf)
+    _, at = _path_to(tree, bad.node, keeps, none_is_leaf)
     return TypeError(
         f"is_leaf must return True or False, but it returned {bad.answer!r} "
-        f"({type(bad.answer).__name__}) for {format_path(path)} ({type(bad.node).__name__}); "
+        f"({type(bad.answer).__name__}) for {at} ({type(bad.node).__name__}); "
         "return a bool (wrap the expression in bool(...) if its truthiness is what you mean)"
     )
 
@@ -570,10 +621,10 @@ def _answer_error(
 def _node_error(
     tree: Any, bad: NodeError, check: Callable[[Any], bool] | None, none_is_leaf: bool
 ) -> UnsupportedLeafError:
-    path = _path_to(tree, bad.node, check, none_is_leaf)
+    path, at = _path_to(tree, bad.node, check, none_is_leaf)
     name = type(bad.node).__name__
     return UnsupportedLeafError(
-        f"cannot convert {format_path(path)} ({name}): {bad.reason}; pass "
+        f"cannot convert {at} ({name}): {bad.reason}; pass "
         f"is_leaf=lambda x: isinstance(x, {name}) to keep it as it is, or leave it out (for a "
         "model's cache: use_cache=False)",
         path=path,
@@ -585,18 +636,19 @@ def _recursion_error(
 ) -> ConversionError:
     """Find where a tree that optree could not walk cycles or gets too deep; name that path."""
     limit = optree.MAX_RECURSION_DEPTH
-    stack: list[tuple[Any, tuple[Any, ...], frozenset[int]]] = [(tree, (), frozenset())]
+    stack: list[tuple[Any, tuple[Any, ...], tuple[optree.PyTreeEntry, ...], frozenset[int]]]
+    stack = [(tree, (), (), frozenset())]
     while stack:
-        node, path, ancestors = stack.pop()
+        node, path, steps, ancestors = stack.pop()
         if id(node) in ancestors:
             return ConversionError(
-                f"the tree contains a cycle: {format_path(path)} is the same object as one of "
+                f"the tree contains a cycle: {render(steps)} is the same object as one of "
                 "its own ancestors; break the cycle (or pass that node as a leaf with is_leaf=)",
                 path=path,
             )
         if len(path) >= limit:
             return ConversionError(
-                f"the tree is deeper than {limit} levels at {format_path(path[:8])}... "
+                f"the tree is deeper than {limit} levels at {render(steps[:8])}... "
                 f"(depth {len(path)}); flatten it first or pass deep parts as leaves with is_leaf=",
                 path=path,
             )
@@ -610,8 +662,10 @@ def _recursion_error(
             continue
         inner = ancestors | {id(node)}
         stack.extend(
-            (child, (*path, entry), inner)
-            for child, entry in reversed(list(zip(children, entries, strict=True)))
+            (child, (*path, entry), (*steps, step), inner)
+            for child, entry, step in reversed(
+                list(zip(children, entries, _steps(node, entries, none_is_leaf), strict=True))
+            )
         )
     return ConversionError(  # pragma: no cover - optree's limit and ours disagree
         f"the tree could not be walked: Python's recursion limit ({sys.getrecursionlimit()}) "
@@ -735,9 +789,9 @@ def difference_error(
     ``spec``, the structure of a tree that has the place, renders its path.
     """
     path, has_a, has_b = first_difference(first, other)
-    place = where(spec, path, root) if spec is not None else format_path(path, root)
+    at = place(spec, path, root) if spec is not None else format_path(path, root)
     return ConversionError(
-        f"{other_name} does not have the structure of {first_name}: at {place}, "
+        f"{other_name} does not have the structure of {first_name}: at {at}, "
         f"{first_name} has {has_a} but {other_name} has {has_b}; {hint}",
         path=path,
     )

@@ -22,7 +22,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from optree import PyTreeSpec
@@ -804,8 +804,22 @@ class Accumulator:
                 "acc.batches of the loader), then close()"
             )
 
-    def _gather_input(self) -> tuple[list[Any], PyTreeSpec, list[bool], np.ndarray | None]:
-        """See [`gather_input`][tonumpy.accumulate.gather_input]."""
+    def __tonumpy_gather_options__(self) -> dict[str, Any]:
+        """The options ``gather(acc)`` uses unless the call passes its own (internal protocol).
+
+        ``axis``, ``pad_value`` and ``ml_dtypes``, as this Accumulator was given them.
+        """
+        return {"axis": self._axis, "pad_value": self._pad_value, "ml_dtypes": self._ml_dtypes}
+
+    def __tonumpy_gather__(self) -> GatherInput:
+        """What ``gather(acc)`` sends: tonumpy's internal protocol between the two features.
+
+        The leaves, structure, per-batch leaves and rows' dataset indices, as a
+        [`GatherInput`][tonumpy.accumulate.GatherInput]. A leaf holds one value per batch when
+        it was 0-d or not an array in every batch: ``gather`` never reorders such values like
+        per-sample rows. The indices are those ``append(..., index=)`` was given (``None``
+        without).
+        """
         with self._lock:
             out = self._result_leaves(None)
             assert self._spec is not None  # noqa: S101
@@ -814,7 +828,7 @@ class Accumulator:
                 Jagged(value) if leaf.column.kind == "jagged" else value
                 for leaf, value in zip(self._leaves, out, strict=True)
             ]
-        return out, self._spec, per_batch, self.indices()
+        return GatherInput(out, self._spec, per_batch, self.indices())
 
     def _leaf_result(self, leaf: _Leaf, num_items: int | None) -> Any:
         column = leaf.column
@@ -833,16 +847,13 @@ class Accumulator:
         return leaf.rows.result(column, keep)
 
 
-def gather_input(
-    acc: Accumulator,
-) -> tuple[list[Any], PyTreeSpec, list[bool], np.ndarray | None]:
-    """What ``gather(acc)`` sends: the leaves, structure, per-batch leaves and rows' indices.
+class GatherInput(NamedTuple):
+    """What [`Accumulator.__tonumpy_gather__`][] gives ``gather``: one rank's input, described."""
 
-    A leaf holds one value per batch when it was 0-d or not an array in every batch: ``gather``
-    never reorders such values like per-sample rows. The indices are those ``append(...,
-    index=)`` was given (``None`` without).
-    """
-    return acc._gather_input()  # noqa: SLF001 - the class is this module's own
+    leaves: list[Any]  #: the result's leaves, in leaf order
+    spec: PyTreeSpec  #: the result's structure
+    per_batch: list[bool]  #: for each leaf, whether it holds one value per batch
+    indices: np.ndarray | None  #: the rows' dataset indices (``append(..., index=)``), or None
 
 
 def _refuse_jagged(leaves: list[_Leaf]) -> None:
@@ -855,15 +866,6 @@ def _refuse_jagged(leaves: list[_Leaf]) -> None:
                 "(t.to_padded_tensor(0.0)) or accumulate without directory=",
                 path=leaf.column.path,
             )
-
-
-def accumulator_options(acc: Accumulator) -> dict[str, Any]:
-    """The options of ``acc`` that ``gather(acc)`` uses unless the call passes its own.
-
-    ``axis``, ``pad_value`` and ``ml_dtypes``.
-    """
-    own = acc._axis, acc._pad_value, acc._ml_dtypes  # noqa: SLF001 - this module's own class
-    return dict(zip(("axis", "pad_value", "ml_dtypes"), own, strict=True))
 
 
 def check_format(format: Any, where: str) -> None:

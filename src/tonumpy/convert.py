@@ -34,14 +34,14 @@ import torch
 from optree import PyTreeSpec
 
 from . import _bulk, _dtypes, _options, _transfer, _tree
-from ._leaf import PLAIN, LeafError, array_to_tensor, convert_checked, leaf_error, move
+from ._dtypes import PLAIN
+from ._leaf import LeafError, array_to_tensor, convert_checked, leaf_error, move, read_only
 from ._options import Copy
 from ._transfer import PendingTransfer
 from .errors import OptionError, TonumpyError
 
 __all__ = ["apply", "convert_flat", "start", "to_numpy", "to_torch"]
 
-_PLAIN_TYPES: frozenset[type] = frozenset(PLAIN)
 # isinstance(x, torch.Tensor) as one C call, for filter()
 _IS_TENSOR: Callable[[Any], bool] = torch.Tensor.__instancecheck__
 # from about this many leaves on, sorting ids beats a set of them (W1: 380 vs 510 us)
@@ -114,7 +114,7 @@ def _distinct_tensors(leaves: list[Any], leaf_types: set[type]) -> bool:
 
     Other repeated leaves (``"str"``, ``3``) do not matter: they come back as themselves.
     """
-    tensors = leaves if leaf_types <= _PLAIN_TYPES else filter(_IS_TENSOR, leaves)
+    tensors = leaves if leaf_types <= PLAIN else filter(_IS_TENSOR, leaves)
     if len(leaves) < _MANY:
         items = list(tensors)
         return len(set(map(id, items))) == len(items)
@@ -164,7 +164,7 @@ def _per_leaf(
                     pass
                 else:
                     if leaf.requires_grad:
-                        arr.setflags(False)  # see tonumpy._leaf.tensor_to_numpy
+                        read_only(arr)
                     memo[key] = arr
                     append(arr)
                     continue
@@ -297,7 +297,7 @@ def to_numpy(
     ):
         _options.bad_flags("to_numpy", copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
     if (
-        type(tree) in _PLAIN_TYPES
+        type(tree) in PLAIN
         and copy is None
         and not scalars
         and not tree.requires_grad

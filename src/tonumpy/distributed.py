@@ -29,16 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from optree import PyTreeSpec
 
 from . import _metadata, _options
 from ._columns import Column, rows_first
 from ._destination import Destination
-from ._indices import resolve
+from ._metadata import RankMeta
 from ._packing import (
-    DTENSOR,
     OBJECT,
     Piece,
     Prepared,
+    full_tensors,
     make_pieces,
     pack_round,
     plan_rounds,
@@ -48,9 +49,9 @@ from ._packing import (
     unpack,
 )
 from ._pad import PadValue, check_pad_option
-from ._sampler import check_sampler, sample_positions, sampler_info
+from ._sampler import sampler_info
 from ._select import Pattern, Selection
-from .accumulate import Accumulator, accumulator_options, gather_input
+from .accumulate import Accumulator
 from .convert import convert_flat
 from .errors import OptionError
 
@@ -186,67 +187,75 @@ def gather(
     prep, payload = _prepare(
         tree, selection, is_leaf, sampler, signature, remote=remote, device=device
     )
-    if remote:
-        metas: list[Any] = [None] * world
-        dist.all_gather_object(metas, payload, group=group)
-    else:
-        metas = [payload]
+    metas = _all_metadata(dist, group, payload, world)
     _metadata.check_all(metas, prep.error, rank)
     spec = prep.spec
     assert spec is not None  # noqa: S101
-    if remote:
-        _metadata.check_structure(metas, spec, dist, group)
-    columns = _metadata.check_columns(
-        metas, spec, axis=axis, pad_value=pad_value, ml_dtypes=ml_dtypes
+    agreed = _metadata.agree(
+        metas,
+        spec,
+        (dist, group) if remote else None,
+        axis=axis,
+        pad_value=pad_value,
+        ml_dtypes=ml_dtypes,
+        sampler=sampler is not None,
+        num_items=num_items,
     )
-    per_batch = _metadata.check_per_batch(metas, spec)
-    axes = [c.axis for c in columns]
-    indices = _metadata.check_indices(metas, spec, axes, per_batch, sampler is not None)
-    maps: list[np.ndarray] | None = None
-    if indices is not None:
-        maps = resolve(
-            indices, num_items=num_items, names=[f"rank {r}" for r in range(world)], where="gather"
-        )
-    elif sampler is not None:
-        check_sampler(metas, spec.paths(), axes, world, per_batch)
-        positions, num_samples = sample_positions(metas), metas[0][6][7]
-        maps = [positions[r * num_samples : (r + 1) * num_samples] for r in range(world)]
-
-    # Every rank agrees: materialise DTensors (in leaf order, on every rank), then send.
-    for i, (code, *_rest) in enumerate(prep.infos):
-        if code == DTENSOR:
-            prep.sources[i] = prep.sources[i].full_tensor()
-    failure: Exception | None = None
-    destination = None
+    full_tensors(prep)  # every rank agrees: materialise DTensors (in leaf order, on every rank)
+    destination, failure = None, None
     if is_dst:
-        try:
-            destination = Destination(
-                spec,
-                columns,
-                metas,
-                per_batch=per_batch,
-                maps=maps,
-                num_items=num_items,
-                directory=folder,
-                ml_dtypes=ml_dtypes,
-            )
-        except Exception as exc:  # noqa: BLE001 - raised after the exchange, no rank waits
-            failure = exc
+        destination, failure = _open_destination(
+            spec, metas, agreed, num_items=num_items, folder=folder, ml_dtypes=ml_dtypes
+        )
     if remote:
         exchange = _Exchange(dist, group, device, dst=dst, is_dst=is_dst, ml_dtypes=ml_dtypes)
+        chunk = chunk_bytes or max(ROUND_BYTES // world, MIN_CHUNK)
         failure = exchange.run(
-            prep,
-            metas,
-            columns,
-            destination,
-            failure=failure,
-            chunk_bytes=chunk_bytes or max(ROUND_BYTES // world, MIN_CHUNK),
+            prep, metas, agreed.columns, destination, failure=failure, chunk_bytes=chunk
         )
     elif destination is not None and failure is None:
-        _place_local(prep, columns, destination, ml_dtypes)
+        _place_local(prep, agreed.columns, destination, ml_dtypes)
     if failure is not None:
         raise failure
     return None if destination is None else destination.result()
+
+
+def _all_metadata(dist: Any, group: Any, payload: RankMeta, world: int) -> list[RankMeta]:
+    """Every rank's metadata, in rank order (this rank's alone in a world of one)."""
+    if world == 1:
+        return [payload]
+    metas: list[Any] = [None] * world
+    dist.all_gather_object(metas, payload, group=group)
+    return metas
+
+
+def _open_destination(
+    spec: PyTreeSpec,
+    metas: Sequence[RankMeta],
+    agreed: _metadata.Agreement,
+    *,
+    num_items: int | None,
+    folder: Path | None,
+    ml_dtypes: bool,
+) -> tuple[Destination | None, Exception | None]:
+    """The result's destination on a receiving rank, or the error opening it raised.
+
+    The error is raised after the exchange, so that no rank is left waiting.
+    """
+    try:
+        destination = Destination(
+            spec,
+            agreed.columns,
+            [meta.infos for meta in metas],
+            per_batch=agreed.per_batch,
+            maps=agreed.maps,
+            num_items=num_items,
+            directory=folder,
+            ml_dtypes=ml_dtypes,
+        )
+    except Exception as exc:  # noqa: BLE001 - raised after the exchange, no rank waits
+        return None, exc
+    return destination, None
 
 
 def _defaults(
@@ -257,7 +266,7 @@ def _defaults(
     The defaults are ``concat``'s: 0, None, False.
     """
     if isinstance(tree, Accumulator):
-        options = accumulator_options(tree)
+        options = tree.__tonumpy_gather_options__()
         if axis is None:
             axis = options["axis"]
         if pad_value is None:
@@ -294,14 +303,14 @@ def _prepare(
     *,
     remote: bool,
     device: torch.device,
-) -> tuple[Prepared, tuple[Any, ...]]:
+) -> tuple[Prepared, RankMeta]:
     """This rank's leaves, described and read, and its metadata (or the error it raised)."""
     ml_dtypes = signature[_metadata.OPTIONS.index("ml_dtypes")]
     prep = Prepared()
     try:
         indices = None
         if isinstance(tree, Accumulator):
-            leaves, spec, per_batch, indices = gather_input(tree)
+            leaves, spec, per_batch, indices = tree.__tonumpy_gather__()
         else:
             leaves, spec, _ = selection.flatten(tree, is_leaf=is_leaf)
             per_batch = [False] * len(leaves)
@@ -425,7 +434,7 @@ class _Exchange:
     def run(
         self,
         prep: Prepared,
-        metas: Sequence[tuple[Any, ...]],
+        metas: Sequence[RankMeta],
         columns: Sequence[Column],
         destination: Destination | None,
         *,
@@ -445,7 +454,7 @@ class _Exchange:
                 self._place_pickled(metas, columns, destination)
             except Exception as exc:  # noqa: BLE001 - raised after the exchange
                 failure = exc
-        rounds = plan_rounds(metas, axes, chunk_bytes)
+        rounds = plan_rounds([meta.infos for meta in metas], axes, chunk_bytes)
         if not rounds:
             return failure
         world, rank = len(metas), self.dist.get_rank(self.group)
@@ -484,18 +493,19 @@ class _Exchange:
 
     @staticmethod
     def _place_pickled(
-        metas: Sequence[tuple[Any, ...]], columns: Sequence[Column], destination: Destination
+        metas: Sequence[RankMeta], columns: Sequence[Column], destination: Destination
     ) -> None:
         for r, meta in enumerate(metas):
-            for i, info in enumerate(meta[4]):
+            for i, info in enumerate(meta.infos):
                 if info[0] == OBJECT:
+                    assert info[4] is not None  # noqa: S101 - an object leaf's pickle
                     value = pickle.loads(info[4])  # noqa: S301 - sent by a rank of the group
                     _place_whole(destination, i, r, value, columns[i])
 
     def _place_round(
         self,
         destination: Destination,
-        metas: Sequence[tuple[Any, ...]],
+        metas: Sequence[RankMeta],
         pieces: Sequence[Sequence[Piece]],
         axes: Sequence[int],
         gathered: torch.Tensor,
@@ -505,6 +515,6 @@ class _Exchange:
         for r, mine in enumerate(pieces):
             row, row_np = host[r], host_np[r]
             for piece in mine:
-                info = metas[r][4][piece.leaf]
+                info = metas[r].infos[piece.leaf]
                 rows = unpack(info, piece, axes[piece.leaf], (row, row_np), self.ml_dtypes)
                 destination.place(piece.leaf, r, piece.start, rows)

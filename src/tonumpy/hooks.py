@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import _module_patterns, _options, _tree
-from ._activations import Activations, record
+from ._activations import Activations, open_activations
 from ._module_patterns import ModulePattern
 from ._transfer import CUDA, CudaEngine, PendingTransfer
 from .convert import start
@@ -141,7 +141,7 @@ class _Recorder:
 
     def __init__(
         self,
-        acts: Activations,
+        add: Callable[[str, Any], None],
         *,
         every: int,
         reduce: Callable[[torch.Tensor], Any] | None,
@@ -150,7 +150,7 @@ class _Recorder:
         is_leaf: Callable[[Any], bool] | None,
         engine: CudaEngine,
     ) -> None:
-        self.acts = acts
+        self.add = add  # stores one captured call in the Activations the user holds
         self.engine = engine
         self.every = every
         self.reduce = reduce
@@ -238,9 +238,6 @@ class _Recorder:
             if hasattr(exc, "add_note"):
                 exc.add_note(f"tonumpy.capture: while capturing the {what} of module {name!r}")
             raise
-
-    def add(self, name: str, call: Any) -> None:
-        record(self.acts, name, call)
 
 
 def _hooks(
@@ -448,9 +445,9 @@ def _capturing(
     ):
         raise CaptureError(f"max_calls= must be a positive int or None, got {max_calls!r}")
     chosen = _chosen(module, include, exclude, stacklevel=3)  # under contextlib's __enter__
-    acts = Activations(chosen, max_calls, is_leaf=is_leaf)
+    acts, add = open_activations(chosen, max_calls, is_leaf=is_leaf)
     rec = _Recorder(
-        acts,
+        add,
         every=every,
         reduce=reduce,
         ml_dtypes=ml_dtypes,
