@@ -816,7 +816,7 @@ class Accumulator:
         """What ``gather(acc)`` sends: tonumpy's internal protocol between the two features.
 
         The leaves, structure, per-batch leaves and rows' dataset indices, as a
-        [`GatherInput`][tonumpy.accumulate.GatherInput]. A leaf holds one value per batch when
+        ``GatherInput`` record. A leaf holds one value per batch when
         it was 0-d or not an array in every batch: ``gather`` never reorders such values like
         per-sample rows. The indices are those ``append(..., index=)`` was given (``None``
         without).

@@ -7,7 +7,8 @@ as the very same object.
 
 The middle step is the router, one function for every caller: [`to_numpy`][],
 [`tonumpy.to_numpy_async`][], [`tonumpy.capture`][], [`tonumpy.Accumulator`][], ``concat``,
-``gather`` and the file writers. It decides, once per tree, how each leaf travels:
+``gather`` and the file writers. It decides, once per tree, how each leaf travels (the CPU
+routes are counted, and each one's speed-up measured, in ``tonumpy._convert._bulk``):
 
 1. **lone tensor** (``to_numpy`` only): a CPU tensor that is the whole tree, converted
    without a walk (W5: about 1 µs, whatever its size);

@@ -19,6 +19,8 @@ import torch
 
 from tonumpy import Accumulator, concat
 from tonumpy._combine import _storage
+from tonumpy._combine._columns import Column
+from tonumpy._combine._storage import Rows
 
 PAD = -100
 
@@ -87,29 +89,39 @@ def test_result_equals_concat(lengths: list[int]) -> None:
     assert all(a.flags.c_contiguous and a.flags.writeable for a in out.values())
 
 
+def store(rows: Rows, chunks: list[np.ndarray], pad_value: int) -> Column:
+    """Write ``chunks`` into ``rows`` as ``Accumulator`` does: the column policy decides each
+    chunk's dtype and padded shape; the column, to read the result with."""
+    column = Column(("x",), "tree['x']", axis=0, pad_value=pad_value)
+    for i, chunk in enumerate(chunks):
+        column.commit(column.check("array", chunk.dtype, chunk.shape, f"batch {i}"))
+        assert column.dtype is not None
+        assert column.trailing is not None
+        fill = column.fill if column.fill is not None else column.pad_value()
+        rows.append(chunk, column.dtype, column.trailing, fill)
+    return column
+
+
 @pytest.mark.usefixtures("buffers")
-def test_geometric_growth_is_trimmed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_geometric_growth_is_trimmed() -> None:
     """Every batch longer than the last: widths grow by half (no slack), the result is exact."""
-    monkeypatch.setattr(_storage, "_REWRITE_SLACK", 0)
-    batches = [{"x": np.full((2, n, 3), n, dtype=np.int32)} for n in range(1, 40)]
-    acc = accumulate(batches, pad_value=-1)
-    assert acc._leaves[0].rows.trailing[0] > 39
-    out = acc.result()
-    np.testing.assert_array_equal(out["x"], concat(batches, pad_value=-1)["x"])
+    chunks = [np.full((2, n, 3), n, dtype=np.int32) for n in range(1, 40)]
+    rows = Rows(rewrite_slack=0)
+    column = store(rows, chunks, pad_value=-1)
+    assert rows.trailing[0] > 39
+    out = rows.result(column, column.rows)
+    np.testing.assert_array_equal(out, concat(chunks, pad_value=-1))
 
 
 @pytest.mark.usefixtures("buffers")
 @pytest.mark.parametrize("slack", [0, 1 << 20], ids=["no-slack", "1MiB-slack"])
-def test_relayouts_stay_linear(monkeypatch: pytest.MonkeyPatch, slack: int) -> None:
+def test_relayouts_stay_linear(slack: int) -> None:
     """Every batch longer than the last: the bytes moved by re-layouts stay within a constant
     times the bytes appended (exact widths alone would move O(batches^2) bytes)."""
-    monkeypatch.setattr(_storage, "_REWRITE_SLACK", slack)
-    acc = Accumulator(pad_value=0)
-    for n in range(1, 400):
-        acc.append({"x": np.ones((4, n, 8), np.int32)})
-    rows = acc._leaves[0].rows
+    rows = Rows(rewrite_slack=slack)
+    column = store(rows, [np.ones((4, n, 8), np.int32) for n in range(1, 400)], pad_value=0)
     assert rows._rewritten <= 4 * rows._appended + slack
-    assert acc.result()["x"].shape == (4 * 399, 399, 8)
+    assert rows.result(column, column.rows).shape == (4 * 399, 399, 8)
 
 
 @pytest.mark.usefixtures("buffers")

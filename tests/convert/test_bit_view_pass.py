@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import tonumpy
-from tonumpy._convert import _bulk
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -81,21 +80,13 @@ def test_tensors_that_require_grad_give_read_only_views() -> None:
     np.testing.assert_array_equal(bits(out[1]), bits(alone(grad)))
 
 
-def test_the_pass_is_taken_and_declines_a_negative_bit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pass runs for a bfloat16-first tree, and a negative bit makes it decline."""
-    calls: list[bool] = []
-    original = _bulk._same_bits
-
-    def spy(leaves: list[torch.Tensor], dtype: torch.dtype) -> list[np.ndarray]:
-        try:
-            out = original(leaves, dtype)
-        except Exception:
-            calls.append(False)
-            raise
-        calls.append(True)
-        return out
-
-    monkeypatch.setattr(_bulk, "_same_bits", spy)
-    tonumpy.to_numpy([base[0].bfloat16()] * 1 + [base[1].bfloat16()], ml_dtypes=True)
-    tonumpy.to_numpy(TREES["negative bit"](), ml_dtypes=True)
-    assert calls == [True, False]
+def test_a_negative_bit_is_resolved_and_the_other_leaves_stay_views() -> None:
+    """A bfloat16-first tree with a negative-bit leaf: that leaf's values are negated, the
+    others are still zero-copy views of their tensors."""
+    tree = [base[0].bfloat16(), torch._neg_view(base[1].bfloat16()), base[2].bfloat16()]
+    out = tonumpy.to_numpy(tree, ml_dtypes=True)
+    assert [a.dtype for a in out] == [BF16] * 3
+    np.testing.assert_array_equal(bits(out[1]), bits(alone((-base[1]).bfloat16())))
+    for i in (0, 2):
+        assert out[i].ctypes.data == tree[i].data_ptr()
+        np.testing.assert_array_equal(bits(out[i]), bits(alone(tree[i])))

@@ -148,6 +148,21 @@ def test_ml_dtypes_bulk_path_keeps_bits_and_shares_memory() -> None:
             assert np.shares_memory(out[key].view(np.int16), t.view(torch.int16).numpy())
 
 
+def test_ml_dtypes_mixed_tree_views_of_grad_tensors_are_read_only() -> None:
+    """ml_dtypes=True, a float32 leaf first: the bfloat16 leaf that requires grad comes back
+    as a read-only bit view, the others writable, every value that of the leaf alone."""
+    pytest.importorskip("ml_dtypes")
+    grad = torch.linspace(-2, 2, 8).bfloat16().requires_grad_()
+    tree = [torch.ones(3), grad, torch.arange(4).bfloat16()]
+    out = to_numpy(tree, ml_dtypes=True)
+    assert [a.flags.writeable for a in out] == [True, False, True]
+    assert out[1].dtype.name == "bfloat16"
+    assert np.shares_memory(out[1].view(np.int16), grad.detach().view(torch.int16).numpy())
+    for t, arr in zip(tree, out, strict=True):
+        alone = to_numpy([t], ml_dtypes=True, copy=True)[0]
+        np.testing.assert_array_equal(arr.view(f"u{arr.itemsize}"), alone.view(f"u{arr.itemsize}"))
+
+
 @pytest.mark.parametrize("n", [3, 300])
 def test_repeated_tensor_in_large_and_small_trees_gives_one_array(n: int) -> None:
     """A tensor at two places becomes one array at both, whichever duplicate check runs."""

@@ -524,11 +524,15 @@ class Rows:
         "dtype",
         "parts",
         "returned",
+        "rewrite_slack",
         "rows",
         "trailing",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, *, rewrite_slack: int | None = None) -> None:
+        #: Re-layouts may move this many bytes, plus twice the bytes appended, before
+        #: growing dimensions geometrically (default ``_REWRITE_SLACK``, as ``GrowingNpy``).
+        self.rewrite_slack = _REWRITE_SLACK if rewrite_slack is None else rewrite_slack
         self._buf = _Buffer()
         self.dtype: np.dtype[Any] | None = None
         self.trailing: tuple[int, ...] = ()
@@ -586,7 +590,7 @@ class Rows:
         self, dtype: np.dtype[Any], trailing: tuple[int, ...], fill: np.ndarray | None
     ) -> None:
         cost = self._rewritten + self.rows * self._row_bytes
-        exact = cost <= 2 * self._appended + _REWRITE_SLACK
+        exact = cost <= 2 * self._appended + self.rewrite_slack
         new = tuple(
             have if t <= have else (t if exact else max(t, have + have // 2))
             for t, have in zip(trailing, self.trailing, strict=True)

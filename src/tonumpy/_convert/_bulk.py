@@ -4,19 +4,35 @@ Per leaf, the careful converter (``tonumpy._convert._leaf``) costs several torch
 are made of plain CPU tensors for which one call is the whole conversion. [`convert`][] tries that
 in one list comprehension, and declines (returns ``None``) for anything it does not handle, so
 that the router's per-leaf loop converts the leaves instead, with errors that name the path.
-Each pass is kept because ``benchmarks/run.py`` shows what it buys:
+A CPU ``to_numpy`` has eight routes; the careful converter serves every input, and each of
+the seven others is kept because it is measurably faster on the inputs it serves than the
+route that would serve them without it (that route disabled in a copy of the code, the two
+timed alternately, 15 rounds each, the minimum per call, by ``benchmarks/routes.py``;
+2026-12-06, a 2-core shared machine; ``W`` are the workloads of ``benchmarks/run.py``):
 
-* **the numpy pass** (W1, W2, W4: 10-20% over ``numpy(force=True)``): ``t.numpy()`` skips the
-  ``cpu``/``resolve_conj``/``resolve_neg`` dispatcher round trips that ``force=True`` adds. It
-  refuses tensors that require grad, so a tree whose first tensor requires grad (W3: they
-  usually all do) starts with ``t.numpy(force=True)`` instead, and such arrays are made
-  read-only (see ``tonumpy._convert._leaf.tensor_to_numpy``);
-* **the low-precision pass** (W6: 1.5x -> 1.0x the float32 baseline): bfloat16 leaves of one
-  shape are stacked and widened with one cast, float8/bfloat16 viewed as ``ml_dtypes`` with
-  ``ml_dtypes=True``;
-* **the bit-view pass** (W6 with ``ml_dtypes=True``: 1.2x -> 1.1x the bare
-  ``t.view(int16).numpy().view(bfloat16)`` map): a tree whose first tensor is bfloat16/float8
-  goes straight to the ``ml_dtypes`` views, the dtypes and grad flags read by ``map``.
+1. **lone tensor** (``tonumpy.convert.to_numpy``: a CPU tensor that is the whole tree, no
+   walk): W5 (a (64,) float32 tensor) 1.1 µs vs 5.2 µs without (the walk, the bulk pass): 4.7x;
+2. **the numpy pass**: ``t.numpy()`` skips the ``cpu``/``resolve_conj``/``resolve_neg``
+   dispatcher round trips that ``force=True`` adds: W1 11.7 ms vs 14.0 ms without (the force
+   pass): 1.20x; W2 7.7 vs 9.1 ms: 1.18x; W4 7.0 vs 8.4 ms: 1.20x. It refuses tensors that
+   require grad, so a tree whose first tensor requires grad (W3: they usually all do) starts
+   with
+3. **the force pass**, ``t.numpy(force=True)`` in one comprehension, such arrays made read-only
+   (``tonumpy._convert._leaf.read_only``): W3 11.6 vs 12.2 ms without (the low-precision pass's
+   dtype dispatch): 1.05x to 1.07x in three runs, the smallest gain kept (W3 is the training-loop
+   case, and issue 22's target for it is tight);
+4. **the low-precision pass, widening** (``_upcast_bf16``): bfloat16 leaves of one shape
+   stacked and widened with one cast: W6 upcast 1.5 vs 17.2 ms without (per leaf): 11.5x;
+5. **the same-bits pass** (``_same_bits``, ``ml_dtypes=True``, the first tensor
+   bfloat16/float8): the dtypes and grad flags read by ``map``: W6 ml_dtypes 2.0 vs 2.2 ms
+   without (the bit-view pass): 1.10x;
+6. **the bit-view pass** (``_bit_views``, ``ml_dtypes=True``, other trees with such leaves):
+   a float32 leaf then W6's 1,000 bfloat16 leaves: 2.2 vs 15.7 ms without (per leaf): 7.0x;
+7. **per leaf, quick** (``tonumpy.convert._per_leaf``: ``numpy(force=True)`` first, for trees
+   the passes decline): W2 with one tensor repeated: 12.9 vs 27.2 ms without (the careful
+   converter for every leaf): 2.1x;
+8. **per leaf, careful** (``tonumpy._convert._leaf``): everything else, each refusal an error naming
+   the path.
 
 With ``copy=True`` every array that is a view of a tensor is copied in the same comprehension.
 """
