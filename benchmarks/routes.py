@@ -3,7 +3,7 @@
 For each route, the input it serves is timed with the route and without it (the route
 disabled in a copy of the function's source, so the input takes the route that would serve it
 otherwise), the two alternately, ``--rounds`` rounds each; the minimum and the median per call
-are printed, with their ratios. The figures are quoted in ``tonumpy._bulk``'s docstring.
+are printed, with their ratios. The figures are quoted in ``tonumpy._convert._bulk``'s docstring.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _workloads import Record, Triple, w2_tree
-from tonumpy import _bulk
 from tonumpy import convert as router
+from tonumpy._convert import _bulk
 
 
 def _edited(module: ModuleType, name: str, old: str, new: str) -> Callable[..., Any]:

@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import tonumpy  # noqa: E402
-from tonumpy._parquet import require_pyarrow  # noqa: E402
+from tonumpy._rowfiles._parquet import require_pyarrow  # noqa: E402
 
 BATCH = 64
 SIZES = {False: (4096, 128, 112, 64), True: (256, 16, 32, 16)}  # rows, L, V, H

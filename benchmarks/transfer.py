@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 import tonumpy
-from tonumpy import _transfer, _tree
+from tonumpy import _tree
+from tonumpy._convert import _transfer
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 

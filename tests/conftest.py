@@ -19,11 +19,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def host_engine() -> Any:
-    """A transfer engine that takes CPU tensors, as if they were on a GPU (``tests/_engine.py``).
+    """A transfer engine that takes CPU tensors, as if they were on a GPU
+    (``tests/_helpers/engine.py``).
 
     Passed in explicitly to ``to_numpy_async``'s flat form, ``capture`` and ``Accumulator``, it
     runs the engine's grouping, packing, staging and unpacking, and their asynchronous paths.
     """
-    from _engine import HostEngine
+    from _helpers.engine import HostEngine
 
     return HostEngine()

@@ -26,10 +26,10 @@ MARKER = "<!-- public-names -->"
 TOPICS = {
     "tonumpy.convert": "Conversion",
     "tonumpy.asynchronous": "Device-to-host transfer",
-    "tonumpy._transfer": "Device-to-host transfer",
+    "tonumpy._convert._transfer": "Device-to-host transfer",
     "tonumpy.accumulate": "Batched predictions",
     "tonumpy.hooks": "Logging hooks",
-    "tonumpy._activations": "Logging hooks",
+    "tonumpy.hooks._activations": "Logging hooks",
     "tonumpy._numpy_args": "Logging hooks",
     "tonumpy.distributed": "Gathering across ranks",
     "tonumpy.io": "Files",

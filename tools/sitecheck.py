@@ -38,7 +38,7 @@ renders wrong there, however it got there (a docstring, a formatter, a generated
     the site's CSS, or break the line in the source.
 
 Not checked (a rule cannot tell): whether a label in a chart or table (``W1``) is explained on
-the page that shows it; ``tests/test_docs_site.py`` checks the home page's labels by name.
+the page that shows it; ``tests/docs/test_docs_site.py`` checks the home page's labels by name.
 
 Command line (from the repository root, the project's environment active)::
 

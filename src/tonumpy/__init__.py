@@ -1,8 +1,8 @@
 """tonumpy: turn any tensor, or any nested structure of tensors, into NumPy, correctly.
 
-The conversion functions and the errors are imported eagerly; the modules behind the logging
-hooks, ``concat``, ``Accumulator``, ``gather``, ``save`` and ``load`` load on first use, so that
-``import tonumpy`` costs little more than ``import torch``.
+The errors are imported eagerly; every other public name loads its module on first use
+(``tonumpy.to_numpy`` imports torch then), so that ``import tonumpy`` costs almost nothing
+and the ``tonumpy`` command can report Ctrl-C while torch loads.
 
 Examples:
     >>> import torch, tonumpy
@@ -15,9 +15,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import _startup  # noqa: F401 - first: Ctrl-C while the command imports torch
-from .asynchronous import PendingTransfer, to_numpy_async
-from .convert import apply, to_numpy, to_torch
 from .errors import (
     CaptureError,
     ConversionError,
@@ -33,11 +30,12 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from ._activations import Activations
     from ._numpy_args import numpy_args
     from .accumulate import Accumulator, concat
+    from .asynchronous import PendingTransfer, to_numpy_async
+    from .convert import apply, to_numpy, to_torch
     from .distributed import gather
-    from .hooks import capture, module_names
+    from .hooks import Activations, capture, module_names
     from .io import load, save
     from .table import column_structure, from_columns, to_columns
 
@@ -77,17 +75,22 @@ __all__ = [
 
 _LAZY = {
     "Accumulator": "accumulate",
-    "Activations": "_activations",
+    "Activations": "hooks",
+    "PendingTransfer": "asynchronous",
+    "apply": "convert",
     "capture": "hooks",
-    "module_names": "hooks",
-    "numpy_args": "_numpy_args",
+    "column_structure": "table",
     "concat": "accumulate",
+    "from_columns": "table",
     "gather": "distributed",
     "load": "io",
+    "module_names": "hooks",
+    "numpy_args": "_numpy_args",
     "save": "io",
-    "column_structure": "table",
-    "from_columns": "table",
     "to_columns": "table",
+    "to_numpy": "convert",
+    "to_numpy_async": "asynchronous",
+    "to_torch": "convert",
 }
 
 

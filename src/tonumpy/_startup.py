@@ -1,7 +1,8 @@
 """Ctrl-C while the ``tonumpy`` command starts: one line, no traceback.
 
-Importing torch takes seconds, and it happens before the command's own code runs (importing
-``tonumpy.cli`` imports the package first). This module is imported first by the package: when
+Importing torch takes seconds. The package itself imports nothing heavy (``import tonumpy``
+loads its submodules on first use), so ``tonumpy.cli`` imports this module before numpy and
+torch, and only the command does: when
 the process is the ``tonumpy`` command (or ``python -m tonumpy``), an interrupt that escapes
 during start-up is reported as ``tonumpy: interrupted``; every other exception, and every other
 program that imports tonumpy, is left alone.

@@ -8,12 +8,13 @@ the final array, which [`Accumulator.result`][] hands out without a copy (amorti
 per append: rows written are moved again only, in place, when a longer batch widens them).
 With ``directory=`` each leaf grows in a ``.npy`` file instead, for predictions larger than
 RAM (or, with ``format="parquet"``, each batch is a row group of one Parquet file:
-``tonumpy._parquet_sink``).
+``tonumpy._rowfiles._parquet_sink``).
 
 How a leaf combines across batches (kind, rank, axis, dtype, padding) is the column policy of
-``tonumpy._columns``, shared with ``gather`` and ``Activations.concat``; where the rows live
-is ``tonumpy._storage``; the directory format is ``tonumpy._directory``'s. ``reduce=`` and
-``exclude=`` (``tonumpy._select``) act on each batch before it is converted.
+``tonumpy._combine._columns``, shared with ``gather`` and ``Activations.concat``; where the rows
+live is ``tonumpy._combine._storage``; the directory format is ``tonumpy._combine._directory``'s.
+``reduce=`` and ``exclude=`` (``tonumpy._combine._select``) act on each batch before it is
+converted.
 """
 
 from __future__ import annotations
@@ -28,20 +29,20 @@ import numpy as np
 from optree import PyTreeSpec
 
 from . import _options, _tree
-from ._columns import Column, Jagged, check_chunk, join, mark_jagged, rows_first
-from ._directory import Directory
+from ._combine._columns import Column, Jagged, check_chunk, join, mark_jagged, rows_first
+from ._combine._directory import Directory
+from ._combine._indices import as_index
+from ._combine._pad import PadValue, check_pad_option
+from ._combine._select import Pattern, Selection
+from ._combine._storage import GrowingNpy, Rows
+from ._convert._transfer import CUDA, CudaEngine, PendingTransfer
 from ._dtypes import is_ml_dtype, ml_dtypes_module
-from ._indices import as_index
-from ._pad import PadValue, check_pad_option
-from ._select import Pattern, Selection
-from ._shards import Progress, Recovered, recover, recovered_index, shard_name
-from ._storage import GrowingNpy, Rows
-from ._transfer import CUDA, CudaEngine, PendingTransfer
+from ._rowfiles._shards import Progress, Recovered, recover, recovered_index, shard_name
 from .convert import convert_flat, start
 from .errors import ConversionError, OptionError
 
 if TYPE_CHECKING:
-    from ._parquet_sink import ParquetSink
+    from ._rowfiles._parquet_sink import ParquetSink
 
 __all__ = ["Accumulator", "concat"]
 
@@ -889,7 +890,7 @@ def _parquet_sink(
             "Accumulator(format='parquet') names the files of directory=: pass directory= too "
             "(in memory, save the result with tonumpy.save('x.parquet', acc.result()))"
         )
-    from ._parquet_sink import ParquetSink  # noqa: PLC0415 - pyarrow only when asked for
+    from ._rowfiles._parquet_sink import ParquetSink  # noqa: PLC0415 - pyarrow only when asked for
 
     return ParquetSink(Path(directory), resume=resume)
 

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _options, _tree
+from ._convert._staging import empty_pinned_pool, set_pinned_pool_limit
+from ._convert._transfer import PendingTransfer
 from ._options import Copy
-from ._staging import empty_pinned_pool, set_pinned_pool_limit
-from ._transfer import PendingTransfer
 from .convert import start
 
 __all__ = ["PendingTransfer", "empty_pinned_pool", "set_pinned_pool_limit", "to_numpy_async"]

@@ -13,6 +13,9 @@ number.
 
 from __future__ import annotations
 
+# first, before numpy and torch load: Ctrl-C while the command starts is one line
+from . import _startup  # isort: skip  # noqa: F401
+
 import argparse
 import contextlib
 import functools
@@ -33,12 +36,13 @@ from typing import Any, NoReturn, TextIO
 import numpy as np
 import torch
 
-from . import __version__, _arrays, _dtypes, _structure
+from . import __version__, _dtypes
 from . import io as tio
-from ._fs import escape, short
-from ._readers import Contents, read_file
+from ._format import _arrays, _structure
+from ._format._fs import escape, short
 from .convert import to_numpy
 from .errors import TonumpyError
+from .io._readers import Contents, read_file
 
 __all__ = ["main"]
 
@@ -433,7 +437,7 @@ def _rows(
 ) -> tuple[list[tuple[str, list[str]]], dict[str, int]]:
     """(kind, cells) for each node shown, in order; and the totals over every leaf.
 
-    One pass over the tree as it is stored ([`tonumpy._structure.walk`][]): a container's
+    One pass over the tree as it is stored ([`tonumpy._format._structure.walk`][]): a container's
     arrays and bytes are a range of the flat list of leaves, summed from prefix sums. With a
     ``depth``, dotted names are grouped by segment first ([`_Grouped`][]), each segment a level.
     """

@@ -8,17 +8,17 @@ as the very same object.
 The middle step is the router, one function for every caller: [`to_numpy`][],
 [`tonumpy.to_numpy_async`][], [`tonumpy.capture`][], [`tonumpy.Accumulator`][], ``concat``,
 ``gather`` and the file writers. It decides, once per tree, how each leaf travels (the CPU
-routes are counted, and each one's speed-up measured, in ``tonumpy._bulk``):
+routes are counted, and each one's speed-up measured, in ``tonumpy._convert._bulk``):
 
 1. **lone tensor** (``to_numpy`` only): a CPU tensor that is the whole tree, converted
    without a walk (W5: about 1 µs, whatever its size);
-2. **bulk** (``tonumpy._bulk``): distinct plain CPU tensors, converted in one comprehension,
-   bfloat16 widened in stacked blocks (W1-W4, W6);
+2. **bulk** (``tonumpy._convert._bulk``): distinct plain CPU tensors, converted in one
+   comprehension, bfloat16 widened in stacked blocks (W1-W4, W6);
 3. **per leaf**: anything else (repeated tensors, subclasses, sparse, quantized, nested,
    float4, meta, ``scalars=True``, ``copy=False``) through the careful converter
-   (``tonumpy._leaf``), each refusal an error naming the path;
-4. **engine** (``tonumpy._transfer``): CUDA tensors, set aside by the per-leaf loop and copied
-   together, one wait per device; ``to_numpy`` waits, the asynchronous callers get a
+   (``tonumpy._convert._leaf``), each refusal an error naming the path;
+4. **engine** (``tonumpy._convert._transfer``): CUDA tensors, set aside by the per-leaf loop and
+   copied together, one wait per device; ``to_numpy`` waits, the asynchronous callers get a
    [`PendingTransfer`][tonumpy.PendingTransfer] and wait later (a tree with nothing in flight
    gives one that is already done). A lone small CUDA leaf that is waited for at once takes
    one blocking copy instead (the engine's fixed cost would make it slower than naive).
@@ -33,11 +33,13 @@ import numpy as np
 import torch
 from optree import PyTreeSpec
 
-from . import _bulk, _dtypes, _options, _transfer, _tree
+from . import _dtypes, _options, _tree
+from . import integrations as _integrations  # noqa: F401 - registers each with the walker
+from ._convert import _bulk, _transfer
+from ._convert._leaf import LeafError, array_to_tensor, convert_checked, leaf_error, move, read_only
+from ._convert._transfer import PendingTransfer
 from ._dtypes import PLAIN
-from ._leaf import LeafError, array_to_tensor, convert_checked, leaf_error, move, read_only
 from ._options import Copy
-from ._transfer import PendingTransfer
 from .errors import OptionError, TonumpyError
 
 __all__ = ["apply", "convert_flat", "start", "to_numpy", "to_torch"]
@@ -66,8 +68,8 @@ def _route(
     """Convert ``leaves`` now, or enqueue their device copies: ``(out, batch or None)``.
 
     ``out`` holds every converted leaf except those of the engine's ``batch`` (placeholders
-    until [`_transfer.finish`][tonumpy._transfer.finish] fills them). ``types`` is the set of
-    the leaves' types, if the caller has it. The one place that decides how each leaf travels
+    until [`_transfer.finish`][tonumpy._convert._transfer.finish] fills them). ``types`` is the set
+    of the leaves' types, if the caller has it. The one place that decides how each leaf travels
     (the routes are listed in this module's docstring).
     """
     engine_on = engine.active()

@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._pad import PadValue
-from ._select import Pattern
+from ._combine._pad import PadValue
+from ._combine._select import Pattern
 from .accumulate import Accumulator, check_format
 
 

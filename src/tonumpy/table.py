@@ -64,15 +64,16 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import optree
 
-from . import _options, _structure, _tree
-from ._columns import copy_padded
-from ._pad import PadValue, check_pad_option, pad_value_for
-from ._select import Selection, as_path
+from . import _options, _tree
+from ._combine._columns import copy_padded
+from ._combine._pad import PadValue, check_pad_option, pad_value_for
+from ._combine._select import Selection, as_path
+from ._format import _structure
 from .convert import to_numpy
 from .errors import ConversionError, FileFormatError, OptionError
 
 __all__ = ["column_name", "column_structure", "from_columns", "key_path", "to_columns"]
-# tabulate, Table, nest, stack_rows and split_rows serve tonumpy._parquet, not users
+# tabulate, Table, nest, stack_rows and split_rows serve tonumpy._rowfiles._parquet, not users
 
 Ragged = Literal["pad", "object"]
 PerBatch = Literal["error", "broadcast", "keep"]

@@ -1,0 +1,351 @@
+"""NumPy files as hostile input: headers checked against the data, archives member by member.
+
+``.npy`` headers are checked against the data they describe; ``.npz`` archives are checked
+member by member against the file, and read a header (or a chunk) at a time.
+
+A ``.npy`` header is parsed here rather than by ``np.load``: its shape and dtype must describe
+exactly the bytes that follow, so that no array is ever allocated or mapped from a size the file
+does not hold, and no object (pickled) data is ever read. An archive's members must be stored or
+deflated, lie inside the file without overlapping, and declare no more data than their
+compressed bytes can hold (deflate expands at most 1032 times); a member is then read a chunk at
+a time, its CRC-32 checked as it ends.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import itertools
+import math
+import os
+import re
+import struct
+import warnings
+import weakref
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from ..errors import FileFormatError
+from ._arrays import CHUNK, LazyArray
+from ._fs import open_regular, short
+
+__all__ = ["Archive", "Member", "NpyHeader", "check_members", "map_npy", "read_header"]
+
+MAX_HEADER = 1 << 16  # bytes of a .npy header's text; NumPy writes a few hundred
+DEFLATE_RATIO = 1032  # the most a deflate stream expands (258-byte matches in 2-bit codes)
+_MAGIC = b"\x93NUMPY"
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
+
+
+@dataclasses.dataclass(frozen=True)
+class NpyHeader:
+    """What a ``.npy`` header declares; ``size`` is the header's own length in bytes."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    fortran: bool
+    size: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data the header declares."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def describe(self) -> str:
+        """The declared array, for messages: ``a (2, 3) float32 array (24 bytes)``."""
+        return f"a {self.shape} {self.dtype} array ({self.nbytes:,} bytes)"
+
+
+def read_header(f: BinaryIO, where: str) -> NpyHeader:
+    """Read and check a ``.npy`` header from ``f`` (positioned at its start).
+
+    Raises:
+        FileFormatError: Not a ``.npy`` header, a damaged one, or one whose data would need
+            pickle (an object dtype).
+    """
+    magic = f.read(8)
+    if len(magic) < 8 or not magic.startswith(_MAGIC):
+        raise FileFormatError(f"{where}: not a .npy array (it does not start with NumPy's header)")
+    major = magic[6]
+    if major not in (1, 2, 3):
+        raise FileFormatError(f"{where}: .npy format version {major} is not one NumPy writes")
+    width = 2 if major == 1 else 4
+    raw = f.read(width)
+    if len(raw) < width:
+        raise FileFormatError(f"{where}: a truncated .npy header")
+    length = int.from_bytes(raw, "little")
+    if length > MAX_HEADER:
+        raise FileFormatError(
+            f"{where}: a .npy header of {length:,} bytes (NumPy writes a few hundred); refused"
+        )
+    text = f.read(length)
+    if len(text) < length:
+        raise FileFormatError(f"{where}: a truncated .npy header")
+    fields = _fields(text, major, where)
+    shape, fortran = fields["shape"], fields["fortran_order"]
+    if not isinstance(shape, tuple) or not all(
+        type(n) is int and n >= 0 for n in shape
+    ):  # bool is an int: type(), not isinstance()
+        raise FileFormatError(f"{where}: a .npy header with a bad shape {short(shape)}")
+    if not isinstance(fortran, bool):
+        raise FileFormatError(f"{where}: a damaged .npy header")
+    try:
+        descr = fields["descr"]
+        dtype = _dtype_of(descr) if isinstance(descr, str) else _parse_dtype(descr)
+    except Exception:  # noqa: BLE001 - any malformed dtype description
+        raise FileFormatError(
+            f"{where}: a .npy header with a bad dtype {short(fields['descr'])}"
+        ) from None
+    if dtype.hasobject:
+        raise FileFormatError(
+            f"{where}: holds Python objects (dtype {short(str(dtype))}), which only pickle can "
+            "read; tonumpy never unpickles .npy data: save it as numbers or strings instead"
+        )
+    return NpyHeader(shape, dtype, fortran, 8 + width + length)
+
+
+# What NumPy writes for a plain dtype: "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3),
+# }" (or without the last ", ", as repr() of the dict writes it), then spaces (a header written
+# with room to grow holds more of them) and a newline.
+_COUNT = r"(?:0|[1-9][0-9]{0,18})"  # up to 19 digits; longer ones go the slow way
+_PLAIN_HEADER = re.compile(
+    r"\{'descr': '([<>|=]?[A-Za-z][0-9]*)', 'fortran_order': (True|False), "
+    rf"'shape': \((|{_COUNT},|{_COUNT}(?:, {_COUNT})+,?)\)(?:, )?\}} *\n?"
+)
+
+
+def _fields(raw: bytes, major: int, where: str) -> dict[str, Any]:
+    """The fields of a ``.npy`` header's text, checked.
+
+    NumPy's usual form is read directly; any other form (structured dtypes, other spacing)
+    with ``ast.literal_eval``, which gives the same fields for the usual form.
+    """
+    try:
+        text = raw.decode("utf-8" if major == 3 else "latin1")
+    except UnicodeDecodeError:
+        raise FileFormatError(f"{where}: a damaged .npy header") from None
+    plain = _PLAIN_HEADER.fullmatch(text)
+    if plain is not None:
+        descr, fortran, shape = plain.groups()
+        dims = tuple(int(n) for n in shape.replace(",", " ").split())
+        return {"descr": descr, "fortran_order": fortran == "True", "shape": dims}
+    try:
+        fields = ast.literal_eval(text)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        raise FileFormatError(f"{where}: a damaged .npy header") from None
+    if not isinstance(fields, dict) or set(fields) != {"descr", "fortran_order", "shape"}:
+        raise FileFormatError(f"{where}: a damaged .npy header")
+    return fields
+
+
+def _parse_dtype(descr: Any) -> np.dtype[Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NumPy warns about some old descriptions
+        dtype: np.dtype[Any] = np.lib.format.descr_to_dtype(descr)
+    return dtype
+
+
+@functools.lru_cache(maxsize=256)
+def _dtype_of(descr: str) -> np.dtype[Any]:
+    """The dtype of a plain description (``'<f4'``): parsed once per description."""
+    return _parse_dtype(descr)
+
+
+def _empty(header: NpyHeader) -> np.ndarray:
+    return np.empty(header.shape, header.dtype, order="F" if header.fortran else "C")
+
+
+def map_npy(path: Path, where: str, f: BinaryIO | None = None) -> np.ndarray:
+    """A ``.npy`` file, checked, then memory-mapped copy-on-write (the file stays untouched).
+
+    Bytes past the declared data are not read, as ``np.load`` does not read them: they are
+    what an ``Accumulator(directory=)`` append that was cut short wrote past the rows its
+    header counts.
+
+    Raises:
+        FileFormatError: The header declares more data than the file holds.
+    """
+    with f if f is not None else open_regular(path) as file:
+        size = os.fstat(file.fileno()).st_size
+        header = read_header(file, where)
+        held = size - header.size
+        if held < header.nbytes:
+            raise FileFormatError(
+                f"{where}: declares {header.describe()} but holds {held:,} bytes of data: "
+                "truncated or corrupt"
+            )
+        if header.nbytes == 0:
+            return _empty(header)
+        mapped = np.memmap(
+            file,
+            dtype=header.dtype,
+            mode="c",
+            offset=header.size,
+            shape=header.shape,
+            order="F" if header.fortran else "C",
+        )
+        return np.asarray(mapped)
+
+
+def check_members(
+    zf: zipfile.ZipFile, f: BinaryIO, where: str, *, stored_only: bool
+) -> dict[str, tuple[zipfile.ZipInfo, int]]:
+    """The members of an archive by name, checked against the file, with their data's offsets.
+
+    Every member is stored (or, unless ``stored_only``, deflated) and not encrypted; its data
+    lies inside the file, before the central directory, overlapping no other member's; a stored
+    member holds exactly its declared size, a deflated one declares no more than 1032 times its
+    compressed size. So no member can declare more data than the file can hold.
+
+    Raises:
+        FileFormatError: A member breaks one of these rules.
+    """
+    infos = zf.infolist()
+    found: dict[str, tuple[zipfile.ZipInfo, int]] = {}
+    spans: list[tuple[int, int, str]] = []
+    end_of_data = getattr(zf, "start_dir", None)
+    for info in infos:
+        name = short(info.filename, 80)
+        if info.filename in found:
+            raise FileFormatError(f"{where}: holds two members named {name}")
+        if info.flag_bits & 0x1:
+            raise FileFormatError(f"{where}: member {name} is encrypted")
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.compress_size != info.file_size:
+                raise FileFormatError(
+                    f"{where}: member {name} is stored uncompressed but declares "
+                    f"{info.file_size:,} bytes in {info.compress_size:,}: corrupt"
+                )
+        elif info.compress_type == zipfile.ZIP_DEFLATED and not stored_only:
+            if info.file_size > DEFLATE_RATIO * info.compress_size:
+                raise FileFormatError(
+                    f"{where}: member {name} declares {info.file_size:,} bytes from "
+                    f"{info.compress_size:,} compressed, more than deflate can expand to: corrupt "
+                    "or a zip bomb; refused"
+                )
+        else:
+            allowed = "stored" if stored_only else "stored or deflated"
+            raise FileFormatError(
+                f"{where}: member {name} uses compression method {info.compress_type}; "
+                f"tonumpy reads {allowed} members only"
+            )
+        f.seek(info.header_offset)
+        local = f.read(_LOCAL_HEADER.size)
+        if len(local) < _LOCAL_HEADER.size:
+            raise FileFormatError(f"{where}: member {name} lies outside the file: truncated")
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack(local)
+        if signature != b"PK\x03\x04":
+            raise FileFormatError(f"{where}: member {name} has no local header: corrupt")
+        start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        end = start + info.compress_size
+        if end_of_data is not None and end > end_of_data:
+            raise FileFormatError(f"{where}: member {name} runs past its data: corrupt")
+        spans.append((info.header_offset, end, name))
+        found[info.filename] = (info, start)
+    spans.sort()
+    for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+        if start < end:
+            raise FileFormatError(
+                f"{where}: members {first} and {second} overlap (the shape of a zip bomb); refused"
+            )
+    return found
+
+
+class Archive:
+    """An opened ``.npz``, its members checked; it stays open while a member refers to it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        file = open_regular(path)
+        self._closer = weakref.finalize(self, file.close)
+        try:
+            self.zip = zipfile.ZipFile(file)
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error, UnicodeError):
+            file.seek(0)
+            hint = " (it is a .npy file: name it .npy)" if file.read(6) == _MAGIC else ""
+            self.close()
+            raise FileFormatError(f"{path}: not a .npz file (not a zip archive){hint}") from None
+        try:
+            members = check_members(self.zip, file, str(path), stored_only=False)
+            self.infos = [info for info, _ in members.values()]
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the file (members can no longer be read)."""
+        self._closer()
+
+    def member(self, info: zipfile.ZipInfo) -> Member:
+        """The member ``info``, its header read and checked against its declared size."""
+        where = f"{self.path}: member {short(info.filename, 80)}"
+        try:
+            with self.zip.open(info) as stream:
+                header = read_header(stream, where)  # type: ignore[arg-type]
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise FileFormatError(f"{where}: corrupt ({exc})") from None
+        if info.file_size - header.size != header.nbytes:
+            raise FileFormatError(
+                f"{where}: declares {header.describe()} but holds "
+                f"{info.file_size - header.size:,} bytes of data: corrupt"
+            )
+        return Member(self, info, header)
+
+
+class Member(LazyArray):
+    """A ``.npy`` member of an archive, not yet read: its header, and ways to read it."""
+
+    def __init__(
+        self, archive: Archive, info: zipfile.ZipInfo, header: NpyHeader, bits: str | None = None
+    ) -> None:
+        self.archive, self.info, self.header = archive, info, header
+        self.shape, self.dtype, self.fortran = header.shape, header.dtype, header.fortran
+        self.bits = bits
+
+    def __repr__(self) -> str:
+        return f"<member {short(self.info.filename, 80)}: {self.header.describe()}>"
+
+    def with_bits(self, bits: str | None) -> Member:
+        """The same member, read as the bits of an ``ml_dtypes`` type."""
+        return self if bits == self.bits else Member(self.archive, self.info, self.header, bits)
+
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        """The member's data, a whole number of items at a time; its CRC-32 checked at the end.
+
+        Raises:
+            FileFormatError: The member is shorter than declared or its CRC-32 does not match.
+        """
+        where = f"{self.archive.path}: member {short(self.info.filename, 80)}"
+        step = max(size // max(self.dtype.itemsize, 1), 1) * max(self.dtype.itemsize, 1)
+        left = self.header.nbytes
+        try:
+            with self.archive.zip.open(self.info) as stream:
+                stream.read(self.header.size)
+                while left:
+                    chunk = stream.read(min(step, left))
+                    if not chunk:
+                        raise FileFormatError(f"{where}: truncated")
+                    left -= len(chunk)
+                    yield chunk
+                if stream.read(1):  # pragma: no cover - sizes were checked; this checks the CRC
+                    raise FileFormatError(f"{where}: holds more data than it declares")
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise FileFormatError(f"{where}: corrupt ({exc})") from None
+
+    def array(self) -> np.ndarray:
+        """The member's data, read into memory (exactly its declared size)."""
+        if self.header.nbytes == 0:
+            return _empty(self.header)
+        buffer = bytearray(self.header.nbytes)
+        view, at = memoryview(buffer), 0
+        for chunk in self.chunks():
+            view[at : at + len(chunk)] = chunk
+            at += len(chunk)
+        flat = np.frombuffer(buffer, dtype=self.dtype)
+        return flat.reshape(self.shape, order="F" if self.fortran else "C")
