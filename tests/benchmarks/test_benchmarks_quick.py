@@ -81,9 +81,11 @@ def test_quick_run_without_any_peer(tmp_path: Path) -> None:
 
 def test_import_cost_is_measured(quick_results: dict) -> None:
     """The import-time measurement parsed python -X importtime's line for tonumpy, with its
-    bytecode cached and compiled from source (the slower of the two)."""
+    bytecode cached and compiled from source (both measured; which is faster is a timing, left
+    to the benchmark's report: on a loaded machine the two can cross)."""
     imp = quick_results["import"]
-    assert 0 < imp["warm_min_us"] < imp["cold_min_us"]
+    assert imp["warm_min_us"] > 0
+    assert imp["cold_min_us"] > 0
     assert imp["min_us"] == imp["warm_min_us"]
 
 
