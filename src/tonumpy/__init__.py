@@ -94,7 +94,16 @@ _LAZY = {
 }
 
 
+# public modules reachable as attributes after a bare ``import tonumpy`` (``tonumpy.io.read``);
+# ``cli`` is left out: importing it installs the command's start-up hook
+_SUBMODULES = frozenset(
+    {"accumulate", "asynchronous", "convert", "distributed", "hooks", "io", "lightning", "table"}
+)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         msg = f"module 'tonumpy' has no attribute {name!r}"

@@ -113,3 +113,20 @@ def test_import_tonumpy_loads_no_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_public_modules_are_attributes_after_a_bare_import() -> None:
+    """After only `import tonumpy`, tonumpy.io, tonumpy.asynchronous, ... are reachable as
+    attributes (as they were when the root imported them eagerly), and the CLI's hook is not."""
+    import subprocess
+
+    names = ["accumulate", "asynchronous", "convert", "distributed", "hooks", "io", "table"]
+    code = (
+        "import sys, tonumpy; "
+        f"mods = [getattr(tonumpy, n).__name__ for n in {names!r}]; "
+        "print(mods, 'tonumpy._startup' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == f"{[f'tonumpy.{n}' for n in names]!r} False"
