@@ -50,13 +50,11 @@ import dataclasses
 import functools
 import json
 import math
-from collections import UserList, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import optree
 import torch
 from optree import PyTreeSpec
 
@@ -137,42 +135,25 @@ class Walk:
         return _tree.leaf_path(self.spec, index)[1]
 
 
-_LISTS = (list, deque, UserList)
-
-
-def _kind_of(cls: type) -> str:
-    if optree.is_namedtuple_class(cls) or optree.is_structseq_class(cls):
-        return "fields"
-    if _tree.attributes_are_state(cls):
-        return "items"  # e.g. a BatchEncoding's Encoding objects: tokenizer state, not data
-    if issubclass(cls, Mapping):
-        return "dict"
-    if issubclass(cls, _LISTS):
-        return "list"
-    return "tuple" if issubclass(cls, tuple) else "other"
-
-
 def _container(cls: type, keys: tuple[Any, ...], kinds: dict[type, str]) -> tuple[str, Any]:
     """How a container of type ``cls`` with entries ``keys`` is stored: (kind, stored keys).
 
-    A stored key of ``None`` marks a child that is not stored (a BatchEncoding's encodings).
+    The walker says what kind of container ``cls`` is ([`tonumpy._tree.container_kind`][]);
+    this decides how that kind is stored. A stored key of ``None`` marks a child that is not
+    stored (a BatchEncoding's encodings).
     """
     kind = kinds.get(cls)
     if kind is None:
-        kind = kinds[cls] = _kind_of(cls)
-    if kind == "dict":
-        return kind, keys
-    if kind == "items":
+        kind = kinds[cls] = _tree.container_kind(cls)
+    if kind == "mapping":
+        return "dict", keys
+    if kind == "state":
         return "dict", tuple(None if isinstance(k, _tree.Attr) else k for k in keys)
     if kind == "fields":
-        fields = (
-            optree.namedtuple_fields(cls)
-            if optree.is_namedtuple_class(cls)
-            else optree.structseq_fields(cls)
-        )
-        return "dict", tuple(fields) if len(fields) == len(keys) else keys
+        fields = _tree.field_names(cls)
+        return "dict", fields if len(fields) == len(keys) else keys
     sequence = keys == tuple(range(len(keys)))  # no attributes beside the items
-    if kind == "list":
+    if kind == "sequence":
         return ("list" if sequence else "dict"), keys
     if sequence and (keys or kind == "tuple"):  # a tuple subclass, a cache's layers, ...
         return "tuple", keys
