@@ -86,10 +86,12 @@ FORMAT_VERSION = 1
 MAX_DEPTH = 250
 
 
-def meta_error(file: Path, path: tuple[Any, ...], leaf: torch.Tensor) -> FileFormatError:
-    """The error for a meta tensor read from ``file``: it has no values to convert."""
+def meta_error(
+    file: Path, path: tuple[Any, ...], place: str, leaf: torch.Tensor
+) -> FileFormatError:
+    """The error for a meta tensor read from ``file``, at ``place`` (the walker's rendering)."""
     return FileFormatError(
-        f"{file}: {_tree.format_path(path)} is a meta tensor: the file holds its shape "
+        f"{file}: {place} is a meta tensor: the file holds its shape "
         f"{tuple(leaf.shape)} and dtype but no values (it was saved from a model on the 'meta' "
         "device, before its weights were loaded); there is nothing to convert: save the model "
         "again after loading its weights",
@@ -107,7 +109,8 @@ class Node(NamedTuple):
     ``"dict"``, ``"list"`` or ``"tuple"`` for a container, ``"none"`` for ``None`` and
     ``"leaf"`` for any other leaf; ``keys`` a container's stored keys (indices for a list or
     tuple), in the container's order; ``type`` a container's type; ``first`` and ``size`` the
-    range of the node's leaves in the flat list.
+    range of the node's leaves in the flat list; ``key_path`` the walker's path to the node
+    (what [`tonumpy._tree.place`][] renders for messages: ``tree['p'].y``).
     """
 
     path: tuple[Any, ...]
@@ -116,6 +119,7 @@ class Node(NamedTuple):
     type: type | None
     first: int
     size: int
+    key_path: tuple[Any, ...] = ()
 
 
 @dataclasses.dataclass
@@ -207,7 +211,7 @@ def walk(tree: Any, /, *, is_leaf: Callable[[Any], bool] | None = None) -> Walk:
             kind, stored = _container(node.type, node.keys, kinds)
             frames.append((path, stored, [0]))
             keys = tuple(k for k in stored if k is not None)
-        nodes.append(Node(path, kind, keys, node.type, node.first, node.size))
+        nodes.append(Node(path, kind, keys, node.type, node.first, node.size, node.path))
     return Walk(leaves, spec, nodes)
 
 
@@ -264,7 +268,7 @@ class Plan:
         """Leaf ``index``, checked before its data is used: no meta tensor, checksums match."""
         leaf = self.leaves[index]
         if self.source_file is not None and isinstance(leaf, torch.Tensor) and leaf.is_meta:
-            raise meta_error(self.source_file, self.paths[index], leaf)
+            raise meta_error(self.source_file, self.paths[index], self.where(index), leaf)
         if self.verify is not None:
             self.verify(leaf)
         return leaf
@@ -389,7 +393,8 @@ def plan(
         if depth > MAX_DEPTH:
             raise ConversionError(
                 f"cannot store a tree deeper than {MAX_DEPTH} levels (a file's structure holds "
-                f"no more): {_tree.format_path(node.path[:8])}... goes deeper; flatten it first, "
+                f"no more): {_tree.place(walked.spec, node.key_path[:8])}... goes deeper; "
+                "flatten it first, "
                 "or store its deep parts on their own",
                 path=node.path,
             )
