@@ -456,8 +456,8 @@ def _rows(
             kind = "None" if leaf is None else type(leaf).__name__
             rows.append(("value", [name, kind, "= " + short(leaf)]))
             continue
-        kind, shape, dtype, device, size, flags = facts
-        row = [name, kind, shape, dtype, device, _size(size), " ".join(flags)]
+        kind, shape, dtype, device, held, flags = facts
+        row = [name, kind, shape, dtype, device, _size(held), " ".join(flags)]
         if stats:
             if contents.verify is not None:
                 contents.verify(leaf)
@@ -621,7 +621,8 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
         return escape(f"{exc.filename}: {exc.strerror}")
     flag = _FLAGS.get(exc.option or "") if isinstance(exc, TonumpyError) else None
-    text = (exc.with_option(flag) if flag else str(exc)).strip().splitlines()
+    message = exc.with_option(flag) if flag and isinstance(exc, TonumpyError) else str(exc)
+    text = message.strip().splitlines()
     return escape(text[0]) if text else type(exc).__name__
 
 

@@ -12,7 +12,7 @@ Warnings are [`TonumpyWarning`][] subclasses (so ``UserWarning``s): silence one 
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any, TypeVar
 
 __all__ = [
     "CaptureError",
@@ -28,6 +28,8 @@ __all__ = [
     "UnsafeFileError",
     "UnsupportedLeafError",
 ]
+
+_Error = TypeVar("_Error", bound="TonumpyError")
 
 
 class TonumpyError(Exception):
@@ -53,8 +55,13 @@ class TonumpyError(Exception):
 
     @classmethod
     def naming(
-        cls, before: str, option: str, after: str, *, path: tuple[Any, ...] | None = None
-    ) -> Self:
+        cls: type[_Error],
+        before: str,
+        option: str,
+        after: str,
+        *,
+        path: tuple[Any, ...] | None = None,
+    ) -> _Error:
         """The error whose message is ``before``, then ``option=True``, then ``after``.
 
         Examples:

@@ -81,7 +81,7 @@ def test_walk_lists_nodes_with_the_range_of_their_leaves() -> None:
     """walk gives the leaves and each node's kind, keys and leaf range, parents first."""
     leaves, nodes = tio.walk({"p": Pair(torch.ones(2), None), "n": [1, "x"]})
     by_path = {node.path: node for node in nodes}
-    assert [node.path for node in nodes][0] == ()
+    assert nodes[0].path == ()
     pair = by_path[("p",)]
     assert (pair.kind, pair.keys, pair.type) == ("dict", ("a", "b"), Pair)  # stored by field
     assert leaves[pair.first : pair.first + pair.size][0].tolist() == [1.0, 1.0]
@@ -96,7 +96,8 @@ def test_walk_keeps_lazy_members_whole(tmp_path: Path) -> None:
     path = tmp_path / "a.npz"
     np.savez(path, w=np.ones(3))
     leaves, nodes = tio.walk(tio.read(path, lazy=True).tree)
-    assert len(leaves) == 1 and isinstance(leaves[0], tio.LazyArray)
+    assert len(leaves) == 1
+    assert isinstance(leaves[0], tio.LazyArray)
     assert [node.kind for node in nodes] == ["dict", "leaf"]
 
 
@@ -124,7 +125,8 @@ def test_value_chunks_widen_bfloat16_from_every_kind_of_leaf(tmp_path: Path) -> 
     path = tmp_path / "bits.npz"
     tonumpy.save(path, {"x": tensor}, ml_dtypes=True)
     stored = tio.read(path, lazy=True).tree["x"]
-    assert isinstance(stored, tio.LazyArray) and stored.bits == "bfloat16"
+    assert isinstance(stored, tio.LazyArray)
+    assert stored.bits == "bfloat16"
     as_array = np.array([1.5, -2.0, 3.25], dtype=ml_dtypes.bfloat16)
     for leaf in (tensor, as_array, stored):
         (chunk,) = list(tio.value_chunks(leaf, 10))

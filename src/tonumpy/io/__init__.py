@@ -34,8 +34,8 @@ from .. import _options, _tree
 from .._format import _arrays, _structure
 from .._format._arrays import LazyArray, nbytes, value_chunks
 from .._format._fs import atomic_dir, atomic_file, check_not_nested, escape, exists_error, short
-from .._format._structure import Node
 from .._format._names import STRUCTURE, is_safe_name
+from .._format._structure import Node
 from .._rowfiles import _parquet
 from .._rowfiles._shards import SHARD
 from ..convert import to_numpy
