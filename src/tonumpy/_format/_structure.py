@@ -103,14 +103,19 @@ def meta_error(
 
 
 class Node(NamedTuple):
-    """One node of a tree as it is stored, as [`walk`][tonumpy._format._structure.walk] lists them.
+    """One node of a tree as it is stored, as [`tonumpy.io.walk`][] lists them.
 
     ``path`` holds the stored keys from the root (field names for namedtuples); ``kind`` is
     ``"dict"``, ``"list"`` or ``"tuple"`` for a container, ``"none"`` for ``None`` and
     ``"leaf"`` for any other leaf; ``keys`` a container's stored keys (indices for a list or
     tuple), in the container's order; ``type`` a container's type; ``first`` and ``size`` the
-    range of the node's leaves in the flat list; ``key_path`` the walker's path to the node
-    (what [`tonumpy._tree.place`][] renders for messages: ``tree['p'].y``).
+    range of the node's leaves in the flat list.
+
+    Examples:
+        >>> from tonumpy.io import walk
+        >>> leaves, nodes = walk({"x": [1, 2]})
+        >>> nodes[1]
+        Node(path=('x',), kind='list', keys=(0, 1), type=<class 'list'>, first=0, size=2)
     """
 
     path: tuple[Any, ...]
@@ -119,7 +124,6 @@ class Node(NamedTuple):
     type: type | None
     first: int
     size: int
-    key_path: tuple[Any, ...] = ()
 
 
 @dataclasses.dataclass
@@ -211,7 +215,7 @@ def walk(tree: Any, /, *, is_leaf: Callable[[Any], bool] | None = None) -> Walk:
             kind, stored = _container(node.type, node.keys, kinds)
             frames.append((path, stored, [0]))
             keys = tuple(k for k in stored if k is not None)
-        nodes.append(Node(path, kind, keys, node.type, node.first, node.size, node.path))
+        nodes.append(Node(path, kind, keys, node.type, node.first, node.size))
     return Walk(leaves, spec, nodes)
 
 
@@ -356,6 +360,12 @@ def _class_name(cls: type) -> str:
     return qualname if module == "builtins" else f"{module}.{qualname}"
 
 
+def _too_deep(spec: PyTreeSpec) -> str:
+    """Where ``spec``'s tree goes deeper than ``MAX_DEPTH``: its first 8 steps, rendered."""
+    deep = next(node.path for node in _tree.outline(spec) if len(node.path) > MAX_DEPTH)
+    return _tree.place(spec, deep[:8])
+
+
 def plan(
     tree: Any,
     /,
@@ -393,7 +403,7 @@ def plan(
         if depth > MAX_DEPTH:
             raise ConversionError(
                 f"cannot store a tree deeper than {MAX_DEPTH} levels (a file's structure holds "
-                f"no more): {_tree.place(walked.spec, node.key_path[:8])}... goes deeper; "
+                f"no more): {_too_deep(walked.spec)}... goes deeper; "
                 "flatten it first, "
                 "or store its deep parts on their own",
                 path=node.path,
