@@ -19,6 +19,7 @@ import torch
 from .. import _dtypes
 from ..convert import to_numpy
 from ..errors import ConversionError, FileFormatError, TonumpyError
+from ._npyheader import write_header
 
 __all__ = [
     "CHUNK",
@@ -33,7 +34,6 @@ __all__ = [
     "value_chunks",
     "widened_chunks",
     "write_array",
-    "write_header",
     "write_lazy",
     "write_widened",
 ]
@@ -192,19 +192,6 @@ def leaf_array(
             path=path,
         )
     return array, None
-
-
-def write_header(file: Any, dtype: np.dtype[Any], shape: tuple[int, ...], fortran: bool) -> None:
-    """The ``.npy`` header of an array of ``shape`` and ``dtype``."""
-    header = {
-        "descr": np.lib.format.dtype_to_descr(dtype),
-        "fortran_order": fortran,
-        "shape": tuple(shape),
-    }
-    try:
-        np.lib.format.write_array_header_1_0(file, header)
-    except ValueError:  # pragma: no cover - a header over 64 KiB (thousands of dimensions)
-        np.lib.format.write_array_header_2_0(file, header)
 
 
 def write_array(file: Any, array: np.ndarray) -> None:

@@ -228,7 +228,8 @@ def load(file: PathLike, /, *, ml_dtypes: bool = False, unsafe_load: bool = Fals
     except UnsupportedLeafError as exc:
         leaf = _leaf_at(contents.tree, exc.path)
         if isinstance(leaf, torch.Tensor) and leaf.is_meta and exc.path is not None:
-            raise _structure.meta_error(Path(file), exc.path, leaf) from None
+            place = _tree.place(_tree.flatten(contents.tree)[1], exc.path)
+            raise _structure.meta_error(Path(file), exc.path, place, leaf) from None
         raise
 
 
