@@ -416,6 +416,13 @@ def _check_odd_leaves(rank: int, world: int) -> None:
         _expect_raise_everywhere(r"pickling it failed|rank 0 raised", lambda: gather({"v": value}))
 
 
+class _Holder:
+    """An object tonumpy cannot rebuild, holding a tensor (the walker refuses it)."""
+
+    def __init__(self) -> None:
+        self.t = torch.ones(1)
+
+
 def _check_namedtuple_paths(rank: int, world: int) -> None:
     """Messages name a namedtuple's entry by its field (tree['p'].y), as to_numpy's do."""
     from torch.utils.data import DistributedSampler
@@ -430,6 +437,10 @@ def _check_namedtuple_paths(rank: int, world: int) -> None:
         value: Any = (lambda: None) if rank == 0 else 1
         where = r"tree\['p'\]\.y" if rank == 0 else r"rank 0 raised .*\(at tree\['p'\]\.y\)"
         _expect_raise_everywhere(where, lambda: gather({"p": Point(1, value)}))
+        with pytest.raises(tonumpy.TonumpyError) as caught:
+            gather({"p": Point(1, _Holder() if rank == 0 else 1)})
+        assert "tree['p'].y" in str(caught.value)
+        assert "tree['p'][1]" not in str(caught.value)
 
 
 def _features(indices: torch.Tensor) -> dict[str, torch.Tensor]:

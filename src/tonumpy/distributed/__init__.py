@@ -7,17 +7,20 @@ leaves), checked on every rank alike (``tonumpy.distributed._metadata``): anythi
 there makes *every* rank raise the same error before any data moves, instead of leaving the others
 waiting in a collective forever.
 
-The tensor data then moves in rounds (``tonumpy.distributed._packing``): every rank's leaves are cut
-into pieces of whole rows, at most ``chunk_bytes`` per rank and round (bfloat16 and float8 as
-their raw bits), packed into one ``uint8`` buffer per rank, padded to the longest buffer of the
+From the same records every rank makes the same plan (``tonumpy.distributed._metadata.agree``):
+each leaf's column (dtype, padded shape, pad value), where each rank's rows go, and the rounds
+the tensor data moves in: every rank's leaves are cut into pieces of whole rows, at most
+``chunk_bytes`` per rank and round (bfloat16 and float8 as their raw bits), packed into one
+``uint8`` buffer per rank (``tonumpy.distributed._packing``), padded to the longest buffer of the
 round (gloo rejects uneven ``all_gather``, and crashes on zero-element ones), and all-gathered
 (or gathered to ``dst``): **one** collective per round, and one round for trees up to
 ``chunk_bytes`` per rank (by default 64 MiB per round in all, shared among the ranks).
 Receivers copy each piece straight to its rows of the result
 (``tonumpy.distributed._destination``: padded, in rank or dataset order), so they hold the result
-(or, with ``directory=``, nothing of it) plus one round. PyTorch's distributed engine (gloo on CPU,
-NCCL on GPU) does all the communication; ``torch.distributed`` is imported only when ``gather``
-runs.
+(or, with ``directory=``, nothing of it) plus one round. Leaves that cannot travel as raw bytes,
+and the bfloat16/float8 rows received, are converted through the router (``tonumpy.convert``),
+as ``to_numpy`` converts them. PyTorch's distributed engine (gloo on CPU, NCCL on GPU) does all
+the communication; ``torch.distributed`` is imported only when ``gather`` runs.
 """
 
 from __future__ import annotations

@@ -93,35 +93,37 @@ def _sendable_array(leaf: Any) -> np.ndarray | None:
     return None
 
 
-def _converted_here(leaves: list[Any], spec: PyTreeSpec, ml_dtypes: bool) -> list[Any]:
-    """``leaves`` with every tensor whose bytes cannot be sent as they are converted.
+def _converted(
+    leaves: list[Any], spec: PyTreeSpec, positions: list[int], ml_dtypes: bool
+) -> list[Any]:
+    """The tensors at ``positions`` (whose bytes cannot be sent as they are), converted.
 
     Through the router, as ``to_numpy`` converts them (errors name the leaf's path); a nested
     tensor's rows become a ``Jagged`` list, joined with the other ranks' rows.
     """
-    odd = [
-        isinstance(leaf, torch.Tensor) and not _is_dtensor(leaf) and _sendable_tensor(leaf) is None
-        for leaf in leaves
-    ]
-    if not any(odd):
-        return leaves
-    picked = [leaf if here else None for leaf, here in zip(leaves, odd, strict=True)]
+    picked: list[Any] = [None] * len(leaves)
+    for i in positions:
+        picked[i] = leaves[i]
     converted = convert_flat(picked, spec, ml_dtypes=ml_dtypes)
     return [
-        (Jagged(new) if type(new) is list else new) if here else leaf
-        for leaf, new, here in zip(leaves, converted, odd, strict=True)
+        Jagged(new) if type(new) is list else new for new in map(converted.__getitem__, positions)
     ]
 
 
 def _describe_leaf(
     leaf: Any, index: int, spec: PyTreeSpec, *, remote: bool
-) -> tuple[LeafInfo, Any]:
-    """One leaf's description and the source of its bytes (the leaf itself when kept local)."""
+) -> tuple[LeafInfo, Any] | None:
+    """One leaf's description and the source of its bytes (the leaf itself when kept local).
+
+    None for a tensor whose bytes cannot be sent as they are: it is converted first.
+    """
     if _is_dtensor(leaf):
         return _sized(DTENSOR, leaf.dtype, tuple(leaf.shape)), leaf
     t = _sendable_tensor(leaf)
     if t is not None:
         return _sized(TENSOR, t.dtype, tuple(t.shape)), t
+    if isinstance(leaf, torch.Tensor):
+        return None
     if isinstance(leaf, Jagged):  # rows: joined with the other ranks' (and put in order)
         if not remote:
             return LeafInfo(OBJECT, JAGGED, (len(leaf),), 0, None), leaf
@@ -165,10 +167,20 @@ def prepare(leaves: list[Any], spec: PyTreeSpec, *, remote: bool, ml_dtypes: boo
     """Classify a rank's flattened tree: every leaf's metadata, and the source of its bytes."""
     prep = Prepared()
     prep.leaves, prep.spec = leaves, spec
-    for index, leaf in enumerate(_converted_here(leaves, spec, ml_dtypes)):
-        info, source = _describe_leaf(leaf, index, spec, remote=remote)
-        prep.infos.append(info)
-        prep.sources.append(source)
+    odd: list[int] = []
+    described = []
+    for index, leaf in enumerate(leaves):
+        found = _describe_leaf(leaf, index, spec, remote=remote)
+        if found is None:
+            odd.append(index)
+        described.append(found)
+    if odd:
+        for index, value in zip(odd, _converted(leaves, spec, odd, ml_dtypes), strict=True):
+            described[index] = _describe_leaf(value, index, spec, remote=remote)
+    for info_source in described:
+        assert info_source is not None  # noqa: S101 - converted leaves are no tensors
+        prep.infos.append(info_source[0])
+        prep.sources.append(info_source[1])
     prep.flat = [None] * len(leaves)
     return prep
 
