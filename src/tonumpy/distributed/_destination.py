@@ -163,12 +163,12 @@ class Destination:
         """Every rank's pieces of one round: ``gathered[r]`` is rank ``r``'s buffer."""
         host = gathered.cpu()
         host_np = host.numpy()
+        axes = [leaf.column.axis for leaf in self.leaves]
         for rank, mine in enumerate(pieces):
             row, row_np = host[rank], host_np[rank]
             for piece in mine:
                 info = metas[rank].infos[piece.leaf]
-                axis = self.leaves[piece.leaf].column.axis
-                rows = self._unpack(info, piece, axis, (row, row_np))
+                rows = self._unpack(info, piece, axes[piece.leaf], (row, row_np))
                 self.place(piece.leaf, rank, piece.start, rows)
 
     def _unpack(
