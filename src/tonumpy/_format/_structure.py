@@ -103,13 +103,19 @@ def meta_error(file: Path, path: tuple[Any, ...], leaf: torch.Tensor) -> FileFor
 
 
 class Node(NamedTuple):
-    """One node of a tree as it is stored, as [`walk`][tonumpy._format._structure.walk] lists them.
+    """One node of a tree as it is stored, as [`tonumpy.io.walk`][] lists them.
 
     ``path`` holds the stored keys from the root (field names for namedtuples); ``kind`` is
     ``"dict"``, ``"list"`` or ``"tuple"`` for a container, ``"none"`` for ``None`` and
     ``"leaf"`` for any other leaf; ``keys`` a container's stored keys (indices for a list or
     tuple), in the container's order; ``type`` a container's type; ``first`` and ``size`` the
     range of the node's leaves in the flat list.
+
+    Examples:
+        >>> from tonumpy.io import walk
+        >>> leaves, nodes = walk({"x": [1, 2]})
+        >>> nodes[1]
+        Node(path=('x',), kind='list', keys=(0, 1), type=<class 'list'>, first=0, size=2)
     """
 
     path: tuple[Any, ...]
