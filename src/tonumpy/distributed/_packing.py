@@ -177,10 +177,11 @@ def prepare(leaves: list[Any], spec: PyTreeSpec, *, remote: bool, ml_dtypes: boo
     if odd:
         for index, value in zip(odd, _converted(leaves, spec, odd, ml_dtypes), strict=True):
             described[index] = _describe_leaf(value, index, spec, remote=remote)
-    for info_source in described:
-        assert info_source is not None  # noqa: S101 - converted leaves are no tensors
-        prep.infos.append(info_source[0])
-        prep.sources.append(info_source[1])
+    for found in described:
+        assert found is not None  # noqa: S101 - converted leaves are no tensors
+        info, source = found
+        prep.infos.append(info)
+        prep.sources.append(source)
     prep.flat = [None] * len(leaves)
     return prep
 
