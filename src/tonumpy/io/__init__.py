@@ -422,11 +422,11 @@ def _leaf_at(tree: Any, path: tuple[Any, ...] | None) -> Any:
     return tree
 
 
-# ------------------------------------------------------------------------ kinds of file
+# ------------------------------------------------------------------------ file formats
 
 
 def _output_format(dst: str, caller: str, *, compress: bool, plain_containers: bool) -> str:
-    """The kind of file to write to ``dst`` (a kind of [`FORMATS`][], or ``dir``), options checked.
+    """The format to write ``dst`` in (a format of [`FORMATS`][], or ``dir``), options checked.
 
     ``caller`` is the function asked (``save``, ``convert``), for errors about its options.
     """

@@ -31,9 +31,9 @@ from ._torch import read_torch
 
 __all__ = ["FORMATS", "Contents", "is_stored_leaf", "materialise", "read_file"]
 
-#: The one table of kinds of file: a suffix (lower case) -> the kind read from, and written to,
+#: The one table of file formats: a suffix (lower case) -> the format read from, and written to,
 #: a file so named. ``torch``: a ``torch.save`` file. A directory (a name without a suffix, for
-#: a destination) is the kind ``dir``.
+#: a destination) is the format ``dir``.
 FORMATS = {
     ".npz": "npz",
     ".npy": "npy",
