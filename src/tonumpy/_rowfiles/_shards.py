@@ -272,26 +272,26 @@ def write_meta(
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    source = path / f"{SHARD}.json"
+    file = path / f"{SHARD}.json"
     try:
         with open_entry(path, f"{SHARD}.json") as f:
             data = json.loads(f.read(1 << 20).decode("utf-8"))
     except FileNotFoundError:
         raise FileFormatError(
-            f"{source} is missing: {path} was not written by an Accumulator(directory=) of this "
+            f"{file} is missing: {path} was not written by an Accumulator(directory=) of this "
             "tonumpy version (or its first batch never completed)"
         ) from None
     except (UnicodeDecodeError, ValueError) as exc:
-        raise FileFormatError(f"{source}: not valid JSON ({exc})") from None
+        raise FileFormatError(f"{file}: not valid JSON ({exc})") from None
     if (
         not isinstance(data, dict)
         or data.get("format") != _FORMAT
         or not isinstance(data.get("kinds"), list)
         or not isinstance(data.get("batches"), int)
     ):
-        raise FileFormatError(f"{source}: not a tonumpy shard description")
+        raise FileFormatError(f"{file}: not a tonumpy shard description")
     if not isinstance(data.get("version"), int) or data["version"] > _VERSION:
-        raise FileFormatError(f"{source}: format version {data.get('version')!r}: upgrade tonumpy")
+        raise FileFormatError(f"{file}: format version {data.get('version')!r}: upgrade tonumpy")
     return data
 
 
