@@ -131,7 +131,7 @@ def resolve(
 
     Examples:
         >>> a, b = np.array([0, 2, 4]), np.array([1, 3, 0])  # DistributedSampler, 5 items
-        >>> [m.tolist() for m in resolve([a, b], num_items=5, names=["0", "1"], where="f")]
+        >>> [m.tolist() for m in resolve([a, b], num_items=5, names=["0", "1"], caller="f")]
         [[0, 2, 4], [1, 3, -1]]
 
     Raises:

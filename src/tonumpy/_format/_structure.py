@@ -35,7 +35,7 @@ accept the signed integers older files hold.
 
 Examples:
     >>> import json, torch
-    >>> p = plan({"x": torch.ones(2), "step": 3, "h": [torch.zeros(1)]}, ml_dtypes=False)
+    >>> p = layout({"x": torch.ones(2), "step": 3, "h": [torch.zeros(1)]}, ml_dtypes=False)
     >>> p.names, p.paths
     (['x', 'h.0'], [('x',), ('h', 0)])
     >>> for i in range(len(p.names)):  # as each array is written
