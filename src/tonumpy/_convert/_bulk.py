@@ -2,35 +2,41 @@
 
 Per leaf, the careful converter (``tonumpy._convert._leaf``) costs several torch calls; most trees
 are made of plain CPU tensors for which one call is the whole conversion. [`convert`][] tries that
-in one list comprehension, and declines (returns ``None``) for anything it does not handle, so
-that the router's per-leaf loop converts the leaves instead, with errors that name the path.
-A CPU ``to_numpy`` has eight routes; the careful converter serves every input, and each of
-the seven others is kept because it is measurably faster on the inputs it serves than the
-route that would serve them without it (that route disabled in a copy of the code, the two
-timed alternately, 15 rounds each, the minimum per call, by ``benchmarks/routes.py``;
-2026-12-06, a 2-core shared machine; ``W`` are the workloads of ``benchmarks/run.py``):
+in one list comprehension (or one ``map``), and declines (returns ``None``) for anything it does
+not handle, so that the router's per-leaf loop converts the leaves instead, with errors that name
+the path. A CPU ``to_numpy`` has eight routes; the careful converter serves every input, and
+each of the seven others (and each variant inside a route) is kept because it is measurably
+faster on the inputs it serves than what would serve them without it (that route disabled in a
+copy of the code, the two timed alternately, the minimum and the median per call, by
+``benchmarks/routes.py``; 2026-12-06, a 2-core shared machine under load, ``--clock cpu``
+(this thread's CPU time), 21-31 rounds; ``W`` are the workloads of ``benchmarks/run.py``):
 
 1. **lone tensor** (``tonumpy.convert.to_numpy``: a CPU tensor that is the whole tree, no
-   walk): W5 (a (64,) float32 tensor) 1.1 µs vs 5.2 µs without (the walk, the bulk pass): 4.7x;
+   walk): W5 (a (64,) float32 tensor) 1.1 µs vs 5.1 µs without (the walk, the bulk pass): 4.7x;
 2. **the numpy pass**: ``t.numpy()`` skips the ``cpu``/``resolve_conj``/``resolve_neg``
-   dispatcher round trips that ``force=True`` adds: W1 11.7 ms vs 14.0 ms without (the force
-   pass): 1.20x; W2 7.7 vs 9.1 ms: 1.18x; W4 7.0 vs 8.4 ms: 1.20x. It refuses tensors that
-   require grad, so a tree whose first tensor requires grad (W3: they usually all do) starts
-   with
+   dispatcher round trips that ``force=True`` adds: W1 12.8 ms vs 16.2 ms without (the force
+   pass): 1.26x; W2 9.0 vs 11.7 ms: 1.31x; W4 8.1 vs 10.2 ms: 1.26x. Where every leaf is a
+   tensor (W1, W4) it is one ``map`` of the unbound ``Tensor.numpy``, no bytecode per leaf:
+   W1 10.9 vs 12.5 ms with the comprehension, 1.15x (medians 1.08x); W4 7.0 vs 7.4 ms, 1.06x
+   (1.08x). It refuses tensors that require grad, so a tree whose first tensor requires grad
+   (W3: they usually all do) starts with
 3. **the force pass**, ``t.numpy(force=True)`` in one comprehension, such arrays made read-only
-   (``tonumpy._convert._leaf.read_only``): W3 11.6 vs 12.2 ms without (the low-precision pass's
-   dtype dispatch): 1.05x to 1.07x in three runs, the smallest gain kept (W3 is the training-loop
-   case, and issue 22's target for it is tight);
+   (``tonumpy._convert._leaf.read_only``): W3 11.9 vs 13.1 ms without (the low-precision pass's
+   dtype dispatch): 1.10x (medians 1.07x; one run of three gave 0.95x, medians 1.02x: W3 is
+   the training-loop case, and issue 22's target for it is tight);
 4. **the low-precision pass, widening** (``_upcast_bf16``): bfloat16 leaves of one shape
-   stacked and widened with one cast: W6 upcast 1.5 vs 17.2 ms without (per leaf): 11.5x;
+   stacked and widened with one cast: W6 upcast 1.6 vs 18.3 ms without (per leaf): 11.4x;
 5. **the same-bits pass** (``_same_bits``, ``ml_dtypes=True``, the first tensor
-   bfloat16/float8): the dtypes and grad flags read by ``map``: W6 ml_dtypes 2.0 vs 2.2 ms
-   without (the bit-view pass): 1.10x;
+   bfloat16/float8): the dtypes and grad flags read by ``map``, the views made by three
+   ``map`` calls: W6 ml_dtypes 1.77 vs 2.30 ms without (the bit-view pass): 1.30x. From 32
+   leaves on, the integer views are taken in inference mode (``_integer_views``): 1.77 vs
+   1.87 ms without, 1.06x (medians 1.04x); below, entering inference mode costs more than it
+   saves (at 8 leaves 1.09x slower, at 32 even);
 6. **the bit-view pass** (``_bit_views``, ``ml_dtypes=True``, other trees with such leaves):
-   a float32 leaf then W6's 1,000 bfloat16 leaves: 2.2 vs 15.7 ms without (per leaf): 7.0x;
+   a float32 leaf then W6's 1,000 bfloat16 leaves: 2.2 vs 16.0 ms without (per leaf): 7.2x;
 7. **per leaf, quick** (``tonumpy.convert._per_leaf``: ``numpy(force=True)`` first, for trees
-   the passes decline): W2 with one tensor repeated: 12.9 vs 27.2 ms without (the careful
-   converter for every leaf): 2.1x;
+   the passes decline): W2 with one tensor repeated: 12.4 vs 27.2 ms without (the careful
+   converter for every leaf): 2.2x;
 8. **per leaf, careful** (``tonumpy._convert._leaf``): everything else, each refusal an error naming
    the path.
 
