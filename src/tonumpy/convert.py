@@ -13,7 +13,7 @@ routes are counted, and each one's speed-up measured, in ``tonumpy._convert._bul
 1. **lone tensor** (``to_numpy`` only): a CPU tensor that is the whole tree, converted
    without a walk (W5: about 1 µs, whatever its size);
 2. **bulk** (``tonumpy._convert._bulk``): distinct plain CPU tensors, converted in one
-   comprehension, bfloat16 widened in stacked blocks (W1-W4, W6);
+   comprehension or ``map``, bfloat16 widened in stacked blocks (W1-W4, W6);
 3. **per leaf**: anything else (repeated tensors, subclasses, sparse, quantized, nested,
    float4, meta, ``scalars=True``, ``copy=False``) through the careful converter
    (``tonumpy._convert._leaf``), each refusal an error naming the path;
