@@ -64,18 +64,6 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
     return os.read(fd, n)  # pragma: no cover
 
 
-def _read_all(fd: int, n: int, offset: int) -> bytes:
-    parts = []
-    while n > 0:
-        part = _pread(fd, n, offset)
-        if not part:
-            raise OSError(f"unexpected end of file at byte {offset}")
-        parts.append(part)
-        n -= len(part)
-        offset += len(part)
-    return b"".join(parts)
-
-
 def _write_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         written = _pwrite(fd, data, offset)
@@ -89,9 +77,13 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024)
 
 def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> int:
     """Write ``buffers`` one after the other at ``offset``; the offset after them."""
+    total = sum(len(b) for b in buffers)
     while buffers:
         written = os.pwritev(fd, buffers, offset)
         offset += written
+        total -= written
+        if not total:  # the usual case: everything in one call
+            break
         while buffers and written >= len(buffers[0]):
             written -= len(buffers[0])
             buffers = buffers[1:]
@@ -220,7 +212,7 @@ class GrowingNpy:
         """Write ``chunk`` (rows first, at most the file's trailing shape) after the last row."""
         n = chunk.shape[0]
         offset = self._header_len + self.rows * self.row_bytes
-        if not self._write_padded_rows(chunk, fill, offset):
+        if not self._write_padded_rows(self.fd, chunk, fill, offset):
             if chunk.shape[1:] != self.trailing or chunk.dtype != self.dtype:
                 padded = np.empty((n, *self.trailing), dtype=self.dtype)
                 copy_padded(padded, chunk, fill)
@@ -230,8 +222,10 @@ class GrowingNpy:
         self._appended += n * self.row_bytes
         self._write_header(self.fd)
 
-    def _write_padded_rows(self, chunk: np.ndarray, fill: np.ndarray | None, offset: int) -> bool:
-        """Write rows that are short only along their first axis, without a padded copy.
+    def _write_padded_rows(
+        self, fd: int, chunk: np.ndarray, fill: np.ndarray | None, offset: int
+    ) -> bool:
+        """Write rows that are short only along their first axis into ``fd``, without a copy.
 
         ``(L, vocab)`` rows into ``(width, vocab)`` ones: each row's bytes, then the same
         padding bytes, gathered by ``pwritev``. False when the rows are not of that form (or
@@ -254,10 +248,8 @@ class GrowingNpy:
         rows = chunk.reshape(chunk.shape[0], -1).view(np.uint8)
         step = max(1, _IOV_MAX // 2)
         for start in range(0, chunk.shape[0], step):
-            buffers: list[memoryview] = []
-            for row in rows[start : start + step]:
-                buffers += (row.data, pad_bytes)
-            offset = _pwritev_all(self.fd, buffers, offset)
+            buffers = [part for row in rows[start : start + step] for part in (row.data, pad_bytes)]
+            offset = _pwritev_all(fd, buffers, offset)
         return True
 
     def reserve(self, rows: int) -> None:
@@ -297,7 +289,8 @@ class GrowingNpy:
         ``dtype``: a wider dtype the rows are converted to (the column policy promoted the
         leaf's dtype; every value converts exactly).
         """
-        old_trailing, old_row, old_dtype = self.trailing, self.row_bytes, self.dtype
+        old_trailing, old_dtype = self.trailing, self.dtype
+        old = self._written()
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
@@ -306,29 +299,56 @@ class GrowingNpy:
                 self.dtype = dtype
                 self._descr = np.lib.format.dtype_to_descr(stored_dtype(dtype))
             self._write_header(fd)
-            new_row = self.row_bytes
-            step = max(1, _BLOCK_BYTES // max(1, old_row, new_row))
-            keep = tuple(slice(0, min(a, b)) for a, b in zip(old_trailing, trailing, strict=True))
-            for start in range(0, self.rows, step):
-                n = min(step, self.rows - start)
-                raw = _read_all(self.fd, n * old_row, self._header_len + start * old_row)
-                block = np.frombuffer(raw, dtype=old_dtype).reshape(n, *old_trailing)
-                out = np.empty((n, *trailing), dtype=self.dtype)
-                rows_and_keep = (slice(None), *keep)
-                cropped = block[rows_and_keep]
-                copy_padded(out, cropped, fill)
-                _write_all(fd, _bytes_of(out), self._header_len + start * new_row)
+            if old is not None:
+                self._copy_rows(fd, old, fill)
         except BaseException:
             os.close(fd)
             self.trailing, self.dtype = old_trailing, old_dtype
             self._descr = np.lib.format.dtype_to_descr(stored_dtype(old_dtype))
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            del old  # unmaps the old file
         os.replace(tmp, self.path)
         self._finalizer()  # closes the old descriptor
         self.fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd)
         self._rewritten += self.rows * self.row_bytes
+
+    def _written(self) -> np.ndarray | None:
+        """The rows in the file, memory-mapped read-only (``None`` when it holds no bytes)."""
+        count = self.rows * math.prod(self.trailing)
+        if count * self.dtype.itemsize == 0:
+            return None
+        length = self._header_len + count * self.dtype.itemsize
+        populate = getattr(mmap, "MAP_POPULATE", 0)  # the page table filled in one call
+        if populate:
+            flags = mmap.MAP_SHARED | populate
+            mapped = mmap.mmap(self.fd, length, flags=flags, prot=mmap.PROT_READ)
+        else:  # pragma: no cover - not Linux
+            mapped = mmap.mmap(self.fd, length, access=mmap.ACCESS_READ)
+        rows = np.frombuffer(mapped, dtype=self.dtype, count=count, offset=self._header_len)
+        return rows.reshape(self.rows, *self.trailing)
+
+    def _copy_rows(self, fd: int, old: np.ndarray, fill: np.ndarray | None) -> None:
+        """Write ``old`` (the rows before a re-layout) into ``fd`` in the file's layout now.
+
+        Rows that only grow along their first axis go from the old file's pages to the new
+        file's in one copy (``pwritev`` of each row and its padding); others are cropped and
+        padded a block at a time.
+        """
+        offset = self._header_len
+        if old.dtype == self.dtype and self._write_padded_rows(fd, old, fill, offset):
+            return
+        new_row = self.row_bytes
+        step = max(1, _BLOCK_BYTES // max(1, old.itemsize * math.prod(old.shape[1:]), new_row))
+        keep = (slice(None), *(slice(0, min(a, b)) for a, b in zip(old.shape[1:], self.trailing)))
+        out = np.empty((min(step, len(old)), *self.trailing), dtype=self.dtype)
+        for start in range(0, len(old), step):
+            block = old[start : start + step][keep]
+            copy_padded(out[: len(block)], block, fill)
+            _write_all(fd, _bytes_of(out[: len(block)]), offset)
+            offset += len(block) * new_row
 
     def open(self, rows: int) -> np.ndarray:
         """The first ``rows`` rows, memory-mapped read-only (``ml_dtypes`` rows as such)."""
