@@ -159,9 +159,9 @@ class _Leaf:
 
     __slots__ = ("column", "file", "rows", "values")
 
-    def __init__(self, column: Column) -> None:
+    def __init__(self, column: Column, map_min: int | None) -> None:
         self.column = column
-        self.rows = Rows()  # in memory
+        self.rows = Rows(map_min=map_min)  # in memory
         self.values: list[Any] = []  # non-array leaves
         self.file: GrowingNpy | None = None  # with directory=
 
@@ -335,6 +335,9 @@ class Accumulator:
         # The device side of the transfer engine (the tests give an accumulator a double that
         # sends CPU tensors through it, to run the in-flight path without a GPU).
         self._engine: CudaEngine = CUDA
+        # Where a leaf's rows in memory move from a NumPy array to a memory map of their own
+        # (``None``: ``Rows``' default; the tests lower it to run small leaves through maps).
+        self._map_min: int | None = None
         self._spec: PyTreeSpec | None = None  # set once a batch is added
         self._expected: PyTreeSpec | None = None  # set once a batch is accepted
         self._leaves: list[_Leaf] = []
@@ -445,7 +448,8 @@ class Accumulator:
         if first:
             leaves = [
                 _Leaf(
-                    Column(path, where, axis=self._axis, pad_value=self._pad_value, noun="batches")
+                    Column(path, where, axis=self._axis, pad_value=self._pad_value, noun="batches"),
+                    self._map_min,
                 )
                 for path, where in _tree.leaf_paths(spec)
             ]

@@ -342,7 +342,8 @@ class GrowingNpy:
             return
         new_row = self.row_bytes
         step = max(1, _BLOCK_BYTES // max(1, old.itemsize * math.prod(old.shape[1:]), new_row))
-        keep = (slice(None), *(slice(0, min(a, b)) for a, b in zip(old.shape[1:], self.trailing)))
+        pairs = zip(old.shape[1:], self.trailing, strict=True)
+        keep = (slice(None), *(slice(0, min(a, b)) for a, b in pairs))
         out = np.empty((min(step, len(old)), *self.trailing), dtype=self.dtype)
         for start in range(0, len(old), step):
             block = old[start : start + step][keep]
@@ -424,18 +425,19 @@ def _populate(mm: mmap.mmap, start: int, nbytes: int) -> None:
 class _Buffer:
     """Bytes that grow geometrically without copying where the platform allows.
 
-    Below ``_MAP_MIN`` the bytes are a NumPy array (regrown by copying, amortised O(1) per
-    byte); above, an anonymous memory map that ``mremap`` grows in place (``mmap.resize``):
+    Below ``map_min`` bytes they are a NumPy array (regrown by copying, amortised O(1) per
+    byte); from there on, an anonymous memory map that ``mremap`` grows in place (``mmap.resize``):
     rows already written are never copied to grow. Where resizing a map is not available
     (no ``mremap``), a larger map is made and the bytes copied, amortised O(1) per byte too.
     No view of the buffer may be alive when it grows: callers take views, write, drop them.
     """
 
-    __slots__ = ("array", "map")
+    __slots__ = ("array", "map", "map_min")
 
-    def __init__(self) -> None:
+    def __init__(self, map_min: int) -> None:
         self.array: np.ndarray | None = None
         self.map: mmap.mmap | None = None
+        self.map_min = map_min
 
     @property
     def capacity(self) -> int:
@@ -449,7 +451,7 @@ class _Buffer:
         if nbytes <= have:
             return
         size = max(nbytes, 2 * have, 4096)
-        if size < _MAP_MIN:
+        if size < self.map_min:
             grown = np.empty(size, dtype=np.uint8)
             if used:
                 assert self.array is not None  # noqa: S101
@@ -549,11 +551,13 @@ class Rows:
         "trailing",
     )
 
-    def __init__(self, *, rewrite_slack: int | None = None) -> None:
+    def __init__(self, *, rewrite_slack: int | None = None, map_min: int | None = None) -> None:
         #: Re-layouts may move this many bytes, plus twice the bytes appended, before
         #: growing dimensions geometrically (default ``_REWRITE_SLACK``, as ``GrowingNpy``).
         self.rewrite_slack = _REWRITE_SLACK if rewrite_slack is None else rewrite_slack
-        self._buf = _Buffer()
+        # the buffer is a NumPy array below this many bytes, a memory map of its own from
+        # there on (default ``_MAP_MIN``)
+        self._buf = _Buffer(_MAP_MIN if map_min is None else map_min)
         self.dtype: np.dtype[Any] | None = None
         self.trailing: tuple[int, ...] = ()
         self.rows = 0  # rows in the buffer
