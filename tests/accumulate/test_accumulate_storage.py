@@ -22,7 +22,7 @@ import torch
 from tonumpy import Accumulator, concat
 from tonumpy._combine import _storage
 from tonumpy._combine._columns import Column
-from tonumpy._combine._storage import Rows
+from tonumpy._combine._storage import GrowingNpy, Rows
 
 PAD = -100
 
@@ -255,3 +255,29 @@ def test_directory_rows_padded_without_a_copy(
     for key in ("logits", "labels"):
         np.testing.assert_array_equal(out[key], want[key])
         np.testing.assert_array_equal(np.load(tmp_path / f"{key}.npy", mmap_mode="r"), want[key])
+
+
+@pytest.mark.parametrize(
+    ("trailing", "dtype"),
+    [((4, 1001), np.float32), ((3, 1003), np.float32), ((3, 1001), np.float64), ((2, 999), None)],
+    ids=["first-axis", "inner-axis", "promoted", "cropped"],
+)
+def test_directory_relayout_over_several_blocks(
+    tmp_path: Any, trailing: tuple[int, ...], dtype: Any
+) -> None:
+    """A file larger than a re-layout block is re-laid out block by block (each read through a
+    map of its own, at offsets that are not page-aligned): every row keeps its values, padded
+    or cropped, and the file stays one ``np.load`` reads."""
+    rows = np.arange(3000 * 3 * 1001, dtype=np.float32).reshape(3000, 3, 1001)
+    assert rows.nbytes > 2 * _storage._BLOCK_BYTES
+    grown = GrowingNpy(tmp_path / "x.npy", np.dtype(np.float32), (3, 1001))
+    grown.append(rows, None)
+    new_dtype = np.dtype(np.float32 if dtype is None else dtype)
+    fill = np.array(-1, new_dtype)
+    grown.relayout(trailing, fill, None if dtype is None else new_dtype)
+    want = np.full((3000, *trailing), -1, new_dtype)
+    kept = (slice(None), *(slice(0, min(a, b)) for a, b in zip((3, 1001), trailing, strict=True)))
+    want[kept] = rows[kept]
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy", mmap_mode="r"), want)
+    np.testing.assert_array_equal(grown.open(3000), want)
+    assert not list(tmp_path.glob("*.tmp"))

@@ -97,6 +97,25 @@ def _bytes_of(arr: np.ndarray) -> memoryview:
     return flat.view(np.uint8).data
 
 
+def _mapped(fd: int, offset: int, nbytes: int) -> np.ndarray:
+    """Bytes ``[offset, offset + nbytes)`` of file ``fd``, memory-mapped read-only (``uint8``).
+
+    The map is unmapped when the last array viewing it goes. Where the system can, its page
+    table is filled in one call (``MAP_POPULATE``), not one fault per page.
+    """
+    if nbytes == 0:
+        return np.empty(0, np.uint8)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    length = offset + nbytes - start
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if populate:
+        flags = mmap.MAP_SHARED | populate
+        mapped = mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ, offset=start)
+    else:  # pragma: no cover - not Linux
+        mapped = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=start)
+    return np.frombuffer(mapped, np.uint8, count=nbytes, offset=offset - start)
+
+
 #: Re-layouts may rewrite this many bytes, plus twice the bytes appended, before growing
 #: dimensions geometrically instead of exactly (rewriting small data early costs nothing).
 _REWRITE_SLACK = 64 << 20
@@ -290,7 +309,6 @@ class GrowingNpy:
         leaf's dtype; every value converts exactly).
         """
         old_trailing, old_dtype = self.trailing, self.dtype
-        old = self._written()
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
@@ -299,57 +317,52 @@ class GrowingNpy:
                 self.dtype = dtype
                 self._descr = np.lib.format.dtype_to_descr(stored_dtype(dtype))
             self._write_header(fd)
-            if old is not None:
-                self._copy_rows(fd, old, fill)
+            self._copy_rows(fd, old_trailing, old_dtype, fill)
         except BaseException:
             os.close(fd)
             self.trailing, self.dtype = old_trailing, old_dtype
             self._descr = np.lib.format.dtype_to_descr(stored_dtype(old_dtype))
             tmp.unlink(missing_ok=True)
             raise
-        finally:
-            del old  # unmaps the old file
         os.replace(tmp, self.path)
         self._finalizer()  # closes the old descriptor
         self.fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd)
         self._rewritten += self.rows * self.row_bytes
 
-    def _written(self) -> np.ndarray | None:
-        """The rows in the file, memory-mapped read-only (``None`` when it holds no bytes)."""
-        count = self.rows * math.prod(self.trailing)
-        if count * self.dtype.itemsize == 0:
-            return None
-        length = self._header_len + count * self.dtype.itemsize
-        populate = getattr(mmap, "MAP_POPULATE", 0)  # the page table filled in one call
-        if populate:
-            flags = mmap.MAP_SHARED | populate
-            mapped = mmap.mmap(self.fd, length, flags=flags, prot=mmap.PROT_READ)
-        else:  # pragma: no cover - not Linux
-            mapped = mmap.mmap(self.fd, length, access=mmap.ACCESS_READ)
-        rows = np.frombuffer(mapped, dtype=self.dtype, count=count, offset=self._header_len)
-        return rows.reshape(self.rows, *self.trailing)
+    def _copy_rows(
+        self,
+        fd: int,
+        old_trailing: tuple[int, ...],
+        old_dtype: np.dtype[Any],
+        fill: np.ndarray | None,
+    ) -> None:
+        """Write this file's rows (laid out as ``old_trailing``, ``old_dtype``) into ``fd``.
 
-    def _copy_rows(self, fd: int, old: np.ndarray, fill: np.ndarray | None) -> None:
-        """Write ``old`` (the rows before a re-layout) into ``fd`` in the file's layout now.
-
-        Rows that only grow along their first axis go from the old file's pages to the new
-        file's in one copy (``pwritev`` of each row and its padding); others are cropped and
-        padded a block at a time.
+        They are written in the layout the file has now, about ``_BLOCK_BYTES`` at a time. Each
+        block of old rows is read through a read-only memory map of its own (unmapped
+        before the next, so memory stays bounded by a block). Rows that only grow along their
+        first axis go from the old file's pages to the new file's in one copy (``pwritev`` of
+        each row and its padding); others are cropped and padded into a block buffer first.
         """
-        offset = self._header_len
-        if old.dtype == self.dtype and self._write_padded_rows(fd, old, fill, offset):
-            return
+        old_row = math.prod(old_trailing) * old_dtype.itemsize
         new_row = self.row_bytes
-        step = max(1, _BLOCK_BYTES // max(1, old.itemsize * math.prod(old.shape[1:]), new_row))
-        pairs = zip(old.shape[1:], self.trailing, strict=True)
+        step = max(1, _BLOCK_BYTES // max(1, old_row, new_row))
+        pairs = zip(old_trailing, self.trailing, strict=True)
         keep = (slice(None), *(slice(0, min(a, b)) for a, b in pairs))
-        out = np.empty((min(step, len(old)), *self.trailing), dtype=self.dtype)
-        for start in range(0, len(old), step):
-            block = old[start : start + step][keep]
-            copy_padded(out[: len(block)], block, fill)
-            _write_all(fd, _bytes_of(out[: len(block)]), offset)
-            offset += len(block) * new_row
+        out: np.ndarray | None = None
+        offset = self._header_len
+        for start in range(0, self.rows, step):
+            n = min(step, self.rows - start)
+            raw = _mapped(self.fd, self._header_len + start * old_row, n * old_row)
+            block = raw.view(old_dtype).reshape(n, *old_trailing)
+            if old_dtype != self.dtype or not self._write_padded_rows(fd, block, fill, offset):
+                if out is None:
+                    out = np.empty((min(step, self.rows), *self.trailing), dtype=self.dtype)
+                copy_padded(out[:n], block[keep], fill)
+                _write_all(fd, _bytes_of(out[:n]), offset)
+            offset += n * new_row
+            del raw, block  # unmaps the block
 
     def open(self, rows: int) -> np.ndarray:
         """The first ``rows`` rows, memory-mapped read-only (``ml_dtypes`` rows as such)."""
