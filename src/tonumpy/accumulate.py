@@ -189,7 +189,8 @@ class Accumulator:
     [`tonumpy.load`][] and ``tonumpy show`` read the tree back as it was. The files are plain
     ``.npy`` files, valid after every ``append`` (the header is rewritten, with the new row
     count, once the batch's bytes are written), so after a crash ``np.load`` gives every row
-    of every batch whose ``append`` returned. bfloat16/float8 leaves (with ``ml_dtypes=True``)
+    of every batch whose ``append`` returned (a batch of CUDA tensors, whose copies are still in
+    flight then: of the call after it). bfloat16/float8 leaves (with ``ml_dtypes=True``)
     are stored as their bits, unsigned integers of the same size, the dtype named in the
     structure. Non-array leaves (and object arrays) stay in memory, and their values are
     written into the structure when [`result`][] is called. A directory that holds another
