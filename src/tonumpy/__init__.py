@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     CaptureError,
     ConversionError,
+    DestinationExistsError,
     FileFormatError,
     MissingDependencyError,
     OptionError,
@@ -46,6 +47,7 @@ __all__ = [
     "Activations",
     "CaptureError",
     "ConversionError",
+    "DestinationExistsError",
     "FileFormatError",
     "MissingDependencyError",
     "OptionError",

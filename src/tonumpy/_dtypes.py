@@ -118,12 +118,13 @@ def ml_dtypes_module() -> ModuleType:
         try:
             _ml_module = importlib.import_module("ml_dtypes")
         except ImportError as exc:
-            msg = (
-                "ml_dtypes=True needs the 'ml_dtypes' package: pip install ml_dtypes "
-                "(or pip install 'tonumpy[ml_dtypes]'); or pass ml_dtypes=False to widen "
-                "bfloat16/float8 to float32 instead"
-            )
-            raise UnsupportedLeafError(msg) from exc
+            raise UnsupportedLeafError.naming(
+                "",
+                "ml_dtypes",
+                " needs the 'ml_dtypes' package: pip install ml_dtypes (or pip install "
+                "'tonumpy[ml_dtypes]'); or pass ml_dtypes=False to widen bfloat16/float8 to "
+                "float32 instead",
+            ) from exc
     return _ml_module
 
 

@@ -22,7 +22,6 @@ import functools
 import itertools
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -36,13 +35,11 @@ from typing import Any, NoReturn, TextIO
 import numpy as np
 import torch
 
-from . import __version__, _dtypes
+from . import __version__
 from . import io as tio
-from ._format import _arrays, _structure
-from ._format._fs import escape, short
 from .convert import to_numpy
 from .errors import TonumpyError
-from .io._readers import Contents, read_file
+from .io import Contents, LazyArray, escape, nbytes, short, value_chunks
 
 __all__ = ["main"]
 
@@ -238,7 +235,7 @@ def _leaf_facts(
     bytes are those it holds (indices and values); its dense size is a flag.
     """
     flags = []
-    nbytes = _arrays.nbytes(leaf)
+    size = nbytes(leaf)
     if isinstance(leaf, torch.Tensor):
         dtype = str(leaf.dtype).removeprefix("torch.")
         device = source.get("device", str(leaf.device))
@@ -251,8 +248,8 @@ def _leaf_facts(
             flags.append(f"{str(leaf.layout).removeprefix('torch.')}, dense {_size(dense)}")
         kind = "ndarray" if stored_as_arrays else type(leaf).__name__
         shape = tuple(leaf.shape)
-    elif isinstance(leaf, np.ndarray | np.generic | _arrays.LazyArray):
-        bits = leaf.bits if isinstance(leaf, _arrays.LazyArray) else None
+    elif isinstance(leaf, np.ndarray | np.generic | LazyArray):
+        bits = leaf.bits if isinstance(leaf, LazyArray) else None
         dtype = bits or _dtype_name(leaf.dtype)
         shape = tuple(leaf.shape)
         device = source.get("device", "cpu")
@@ -264,7 +261,7 @@ def _leaf_facts(
     was = source.get("dtype")
     if was and was != dtype:
         flags.append(f"was {escape(str(was))}")
-    return kind, str(shape), escape(dtype), escape(str(device)), nbytes, flags
+    return kind, str(shape), escape(dtype), escape(str(device)), size, flags
 
 
 @functools.lru_cache(maxsize=256)
@@ -305,37 +302,11 @@ def _stats(leaf: Any) -> list[str]:
 
 def _value_chunks(leaf: Any) -> Iterator[np.ndarray] | None:
     """The values of an array leaf as 1-d NumPy chunks; None when there are none to summarise."""
-    if isinstance(leaf, _arrays.LazyArray):
-        return _member_chunks(leaf)
-    if isinstance(leaf, torch.Tensor):
-        if leaf.is_meta or leaf.layout != torch.strided or leaf.is_nested or leaf.is_complex():
-            return None
-        return _tensor_chunks(leaf.detach())
-    return _array_chunks(np.asarray(leaf))
-
-
-def _array_chunks(array: np.ndarray) -> Iterator[np.ndarray]:
-    wide = array.dtype.type.__module__.startswith("ml_dtypes")  # bfloat16 etc.: as float32
-    for block in _arrays.blocks(array, _STATS_CHUNK):
-        yield block.astype(np.float32) if wide else block
-
-
-def _tensor_chunks(t: torch.Tensor) -> Iterator[np.ndarray]:
-    for block in _arrays.blocks(t, _STATS_CHUNK):
-        yield to_numpy(block)  # bfloat16/float8 widened, quantized dequantized: one block
-
-
-def _member_chunks(leaf: _arrays.LazyArray) -> Iterator[np.ndarray]:
-    for chunk in leaf.chunks(_STATS_CHUNK * leaf.dtype.itemsize):
-        values = np.frombuffer(chunk, dtype=leaf.dtype)
-        if not leaf.bits:
-            yield values
-            continue
-        restored = _arrays.from_bits(values, leaf.bits)
-        if isinstance(restored, torch.Tensor):
-            yield to_numpy(restored)
-        else:
-            yield from _array_chunks(restored)
+    if isinstance(leaf, torch.Tensor) and (
+        leaf.is_meta or leaf.layout != torch.strided or leaf.is_nested or leaf.is_complex()
+    ):
+        return None
+    return value_chunks(leaf, _STATS_CHUNK)
 
 
 def _plural(n: int, word: str) -> str:
@@ -437,21 +408,16 @@ def _rows(
 ) -> tuple[list[tuple[str, list[str]]], dict[str, int]]:
     """(kind, cells) for each node shown, in order; and the totals over every leaf.
 
-    One pass over the tree as it is stored ([`tonumpy._format._structure.walk`][]): a container's
-    arrays and bytes are a range of the flat list of leaves, summed from prefix sums. With a
-    ``depth``, dotted names are grouped by segment first ([`_Grouped`][]), each segment a level.
+    One pass over the tree as it is stored ([`tonumpy.io.walk`][]): a container's arrays and
+    bytes are a range of the flat list of leaves, summed from prefix sums. With a ``depth``,
+    dotted names are grouped by segment first ([`_Grouped`][]), each segment a level.
     """
     shown = _Grouped(contents.tree) if depth is not None else None
-    walked = _structure.walk(
-        shown.tree if shown is not None else contents.tree, is_leaf=_arrays.is_lazy
-    )
+    leaves, nodes = tio.walk(shown.tree if shown is not None else contents.tree)
     groups = shown.groups if shown is not None else set()
     origin = shown.origin if shown is not None else {}
-    leaves = walked.leaves
-    is_array = [_arrays.is_array(leaf) for leaf in leaves]
-    sizes = [
-        _arrays.nbytes(leaf) if array else 0 for leaf, array in zip(leaves, is_array, strict=True)
-    ]
+    is_array = [_is_array(leaf) for leaf in leaves]
+    sizes = [nbytes(leaf) if array else 0 for leaf, array in zip(leaves, is_array, strict=True)]
     arrays_before = _prefix_sums(iter(is_array))
     bytes_before = _prefix_sums(iter(sizes))
     rows: list[tuple[str, list[str]]] = []
@@ -463,11 +429,11 @@ def _rows(
         "bytes": bytes_before[-1],
         "values": sum(
             node.kind == "none" or (node.kind == "leaf" and not is_array[node.first])
-            for node in walked.nodes
+            for node in nodes
         ),
     }
     arrays_only = contents.format not in ("torch", "safetensors", "hugging face checkpoint")
-    for node in walked.nodes:
+    for node in nodes:
         level = len(node.path)
         if depth is not None and level > depth:
             continue
@@ -478,8 +444,8 @@ def _rows(
             cls = contents.classes.get(stored) if node.path not in groups else "names"
             kind = escape(cls.rsplit(".", 1)[-1]) if cls else _type_name(node.type)
             size = _plural(len(node.keys), "key" if node.kind == "dict" else "item")
-            nbytes = bytes_before[end] - bytes_before[node.first]
-            rows.append(("container", [name, kind, size, "", "", _size(nbytes)]))
+            held = bytes_before[end] - bytes_before[node.first]
+            rows.append(("container", [name, kind, size, "", "", _size(held)]))
             if level == depth and node.keys:
                 arrays = arrays_before[end] - arrays_before[node.first]
                 rows.append(("more", ["  " * (level + 1) + "...", "", _plural(arrays, "array")]))
@@ -490,14 +456,19 @@ def _rows(
             kind = "None" if leaf is None else type(leaf).__name__
             rows.append(("value", [name, kind, "= " + short(leaf)]))
             continue
-        kind, shape, dtype, device, nbytes, flags = facts
-        row = [name, kind, shape, dtype, device, _size(nbytes), " ".join(flags)]
+        kind, shape, dtype, device, held, flags = facts
+        row = [name, kind, shape, dtype, device, _size(held), " ".join(flags)]
         if stats:
             if contents.verify is not None:
                 contents.verify(leaf)
             row += _stats(leaf)
         rows.append(("leaf", row))
     return rows, totals
+
+
+def _is_array(leaf: Any) -> bool:
+    """True for the leaves stored as arrays (tensors, NumPy arrays and scalars, lazy members)."""
+    return isinstance(leaf, torch.Tensor | np.ndarray | np.generic | LazyArray)
 
 
 def _type_name(cls: type | None) -> str:
@@ -507,7 +478,7 @@ def _type_name(cls: type | None) -> str:
 def _show(args: argparse.Namespace, out: TextIO) -> int:
     path = Path(args.file)
     # headers only: members of a .npz are not read, other files are memory-mapped
-    contents = read_file(path, unsafe_load=args.unsafe_load, lazy=True)
+    contents = tio.read(path, unsafe_load=args.unsafe_load, lazy=True)
     style = _Style(out)
     rows, totals = _rows(contents, args.depth, args.stats)
     out.write(f"{style(escape(str(path)), '1')}: {contents.format}, {_size(_disk_size(path))}\n")
@@ -599,44 +570,60 @@ def _disk_size(path: Path) -> int:
 def _arrays_in(contents: Contents) -> tuple[int, set[str]]:
     """The number of arrays in a tree as it was written, and the bfloat16/float8 dtypes."""
     count, widened = 0, set()
-    for leaf in _structure.walk(contents.tree, is_leaf=_arrays.is_lazy).leaves:
-        count += _arrays.is_array(leaf)
-        if isinstance(leaf, torch.Tensor) and leaf.dtype in _dtypes.ML_DTYPES:
+    for leaf in tio.walk(contents.tree)[0]:
+        count += _is_array(leaf)
+        if isinstance(leaf, torch.Tensor) and _widened(leaf.dtype):
             widened.add(str(leaf.dtype).removeprefix("torch."))
-        elif isinstance(leaf, _arrays.LazyArray) and leaf.bits:
+        elif isinstance(leaf, LazyArray) and leaf.bits:
             widened.add(escape(leaf.bits))
     return count, widened
+
+
+@functools.lru_cache(maxsize=64)
+def _widened(dtype: torch.dtype) -> bool:
+    """Whether ``to_numpy`` widens ``dtype`` to float32 (bfloat16, float8; ``--ml-dtypes`` not).
+
+    Examples:
+        >>> _widened(torch.bfloat16), _widened(torch.float16), _widened(torch.int8)
+        (True, False, False)
+    """
+    if not dtype.is_floating_point or dtype == torch.float32:
+        return False
+    try:
+        return bool(to_numpy(torch.zeros(0, dtype=dtype)).dtype == np.float32)
+    except TonumpyError:
+        return False
 
 
 # ---------------------------------------------------------------------------------- main
 
 
-#: The library's messages name the parameters that would help; the command names its flags.
+#: The library's errors name the parameter that would help (``TonumpyError.option``); the
+#: command names the flag that sets it.
 _FLAGS = {
     "overwrite": "--force",
     "unsafe_load": "--unsafe-load",
     "ml_dtypes": "--ml-dtypes",
     "plain_containers": "--plain-containers",
 }
-_PARAMETER = re.compile(r"(?<![\w.'\"])(" + "|".join(_FLAGS) + r")=True\b")
-
-
-def _in_flags(text: str) -> str:
-    """``text`` with each ``parameter=True`` the library suggests spelt as the flag that sets it.
-
-    Examples:
-        >>> _in_flags("out.npz exists; pass overwrite=True to replace it")
-        'out.npz exists; pass --force to replace it'
-    """
-    return _PARAMETER.sub(lambda m: _FLAGS[m.group(1)], text)
 
 
 def _message(exc: BaseException) -> str:
-    """One line, control characters escaped (a path or key from a file may hold them)."""
+    """One line, control characters escaped (a path or key from a file may hold them).
+
+    An error whose fix is a parameter of the library names the command's flag instead.
+
+    Examples:
+        >>> from tonumpy import DestinationExistsError
+        >>> _message(DestinationExistsError.naming("out.npz exists; pass ", "overwrite", "."))
+        'out.npz exists; pass --force.'
+    """
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
         return escape(f"{exc.filename}: {exc.strerror}")
-    text = str(exc).strip().splitlines()
-    return _in_flags(escape(text[0])) if text else type(exc).__name__
+    flag = _FLAGS.get(exc.option or "") if isinstance(exc, TonumpyError) else None
+    message = exc.with_option(flag) if flag and isinstance(exc, TonumpyError) else str(exc)
+    text = message.strip().splitlines()
+    return escape(text[0]) if text else type(exc).__name__
 
 
 class _Stopped(BaseException):

@@ -12,11 +12,12 @@ Warnings are [`TonumpyWarning`][] subclasses (so ``UserWarning``s): silence one 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "CaptureError",
     "ConversionError",
+    "DestinationExistsError",
     "FileFormatError",
     "MissingDependencyError",
     "OptionError",
@@ -28,9 +29,15 @@ __all__ = [
     "UnsupportedLeafError",
 ]
 
+_Error = TypeVar("_Error", bound="TonumpyError")
+
 
 class TonumpyError(Exception):
     """Base class of every error tonumpy raises.
+
+    An error whose fix is an option of the function called (``overwrite=True``, say) names it
+    in ``.option``; [`with_option`][tonumpy.TonumpyError.with_option] gives the message with that
+    option spelt another way, as the ``tonumpy`` command spells its flags.
 
     Args:
         message: What went wrong, where, and how to fix it.
@@ -38,10 +45,49 @@ class TonumpyError(Exception):
     """
 
     path: tuple[Any, ...] | None
+    #: The keyword argument the message tells the caller to set to True, if any.
+    option: str | None = None
+    _around: tuple[str, str] | None = None  # the message before and after the option
 
     def __init__(self, message: str, *, path: tuple[Any, ...] | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+    @classmethod
+    def naming(
+        cls: type[_Error],
+        before: str,
+        option: str,
+        after: str,
+        *,
+        path: tuple[Any, ...] | None = None,
+    ) -> _Error:
+        """The error whose message is ``before``, then ``option=True``, then ``after``.
+
+        Examples:
+            >>> error = TonumpyError.naming("out.npz exists; pass ", "overwrite", " to replace it")
+            >>> str(error), error.option
+            ('out.npz exists; pass overwrite=True to replace it', 'overwrite')
+        """
+        error = cls(f"{before}{option}=True{after}", path=path)
+        error.option = option
+        error._around = (before, after)
+        return error
+
+    def with_option(self, spelling: str) -> str:
+        """The message, naming its ``.option`` as ``spelling`` instead of ``option=True``.
+
+        Examples:
+            >>> error = TonumpyError.naming("out.npz exists; pass ", "overwrite", " to replace it")
+            >>> error.with_option("--force")
+            'out.npz exists; pass --force to replace it'
+            >>> TonumpyError("no option here").with_option("--force")
+            'no option here'
+        """
+        if self._around is None:
+            return str(self)
+        before, after = self._around
+        return f"{before}{spelling}{after}"
 
 
 class ConversionError(TonumpyError, ValueError):
@@ -93,6 +139,26 @@ class FileFormatError(TonumpyError, ValueError):
         ... except tonumpy.FileFormatError as exc:
         ...     print("not a file tonumpy reads" in str(exc))
         True
+    """
+
+
+class DestinationExistsError(TonumpyError, FileExistsError):
+    """The file or directory to write exists, and was not replaced.
+
+    Raised by [`tonumpy.save`][], [`tonumpy.io.convert`][], ``Accumulator(directory=)`` and
+    ``gather(directory=)`` when the destination exists and ``overwrite`` is False (``.option``
+    is then ``"overwrite"``), or when it is not something tonumpy replaces (a directory holding
+    other files, say). It is a ``FileExistsError``, as before tonumpy named it.
+
+    Examples:
+        >>> import os, tempfile, tonumpy
+        >>> path = os.path.join(tempfile.mkdtemp(), "out.npz")
+        >>> tonumpy.save(path, {"x": 1})
+        >>> try:
+        ...     tonumpy.save(path, {"x": 2}, overwrite=False)
+        ... except tonumpy.DestinationExistsError as exc:
+        ...     print(exc.option, isinstance(exc, FileExistsError))
+        overwrite True
     """
 
 

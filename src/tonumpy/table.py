@@ -69,6 +69,7 @@ from ._combine._columns import copy_padded
 from ._combine._pad import PadValue, check_pad_option, pad_value_for
 from ._combine._select import Selection, as_path
 from ._format import _structure
+from ._format._fs import short
 from .convert import to_numpy
 from .errors import ConversionError, FileFormatError, OptionError
 
@@ -186,9 +187,10 @@ def _node_at(tree: Any, path: tuple[Any, ...], is_leaf: Callable[[Any], bool] | 
                 node, is_leaf, namespace=_tree.NAMESPACE
             )
         if key not in entries:
+            spec = _tree.flatten(tree, is_leaf=is_leaf)[1]
             raise OptionError(
-                f"per_row=...: {_tree.format_path(path)} is not in the tree (there is no "
-                f"{_tree.format_path(path[: depth + 1])})"
+                f"per_row=...: {_tree.place(spec, path)} is not in the tree (there is no "
+                f"{_tree.place(spec, path[: depth + 1])})"
             )
         node = children[list(entries).index(key)]
     return node
@@ -245,8 +247,13 @@ def stack_rows(
     ragged: str,
     pad_value: PadValue,
     where: str,
+    place: str,
 ) -> np.ndarray:
-    """Rows (arrays) as one column: stacked, padded, or an object array of them."""
+    """Rows (arrays) as one column: stacked, padded, or an object array of them.
+
+    ``where`` starts a message (the function or file), ``place`` names the column in it (the
+    walker's rendering of the leaf, ``tree['p'].y``, or the column's name in a file).
+    """
     arrays = [np.asarray(row) for row in rows]
     if not arrays:
         return np.empty((0,), dtype=np.float32)
@@ -254,7 +261,7 @@ def stack_rows(
     dtypes = {a.dtype for a in arrays}
     if len(dtypes) > 1:
         raise ConversionError(
-            f"{where}: the rows of {_tree.format_path(path)} have different dtypes "
+            f"{where}: the rows of {place} have different dtypes "
             f"({', '.join(sorted(map(str, dtypes)))}); give every row one dtype",
             path=path,
         )
@@ -268,14 +275,14 @@ def stack_rows(
         return out
     if len({a.ndim for a in arrays}) > 1:
         raise ConversionError(
-            f"{where}: the rows of {_tree.format_path(path)} have different numbers of "
+            f"{where}: the rows of {place} have different numbers of "
             f"dimensions ({', '.join(sorted(str(s) for s in shapes))}); they cannot be padded",
             path=path,
         )
-    fill = pad_value_for(pad_value, path, first.dtype)
+    fill = pad_value_for(pad_value, path, first.dtype, place)
     if fill is None:
         raise ConversionError(
-            f"{where}: the rows of {_tree.format_path(path)} have different shapes "
+            f"{where}: the rows of {place} have different shapes "
             f"({', '.join(sorted(str(s) for s in shapes)[:4])}...); pass pad_value= to pad "
             "them to the largest, or ragged='object' to keep one array per row",
             path=path,
@@ -309,8 +316,9 @@ def _plan_rows(
     for path in _per_row_paths(per_row, where):
         node = _node_at(tree, path, is_leaf)
         if not isinstance(node, list | tuple) or not node:
+            spec = _tree.flatten(tree, is_leaf=is_leaf)[1]
             raise OptionError(
-                f"{where}(per_row=...): {_tree.format_path(path)} is "
+                f"{where}(per_row=...): {_tree.place(spec, path)} is "
                 f"{type(node).__name__ if not isinstance(node, list | tuple) else 'empty'}; "
                 "per_row= names lists or tuples holding one value per row"
             )
@@ -330,7 +338,7 @@ def _plan_rows(
             _tree.require_same(
                 template_spec,
                 item_spec,
-                f"row 0 of {_tree.format_path(path)}",
+                f"row 0 of {_tree.place(walked.spec, path)}",
                 f"row {i}",
                 hint=f"{where}(per_row=...) needs every row's item to have one structure",
             )
@@ -387,8 +395,8 @@ def tabulate(
     for path, items in row_nodes:
         if len(items) != rows:
             raise ConversionError(
-                f"{where}: {_tree.format_path(path)} (per_row=) holds {len(items)} items for "
-                f"{rows} rows; it must hold one per row",
+                f"{where}: {_tree.place(walked.spec, path)} (per_row=) holds {len(items)} "
+                f"items for {rows} rows; it must hold one per row",
                 path=path,
             )
 
@@ -411,6 +419,7 @@ def tabulate(
                 ragged=ragged,
                 pad_value=pad_value,
                 where=where,
+                place=walked.where(flat),
             )
             continue
         array = np.asarray(leaf)
@@ -467,9 +476,9 @@ def _check_plain_values(
             return
         tag = node.get("t")
         if tag == "value" and node.get("v") is not None:
-            place = _tree.format_path(path)
             if not first_leaf:
                 first_leaf.update((n.path, n.first) for n in walked.nodes)
+            place = walked.where(first_leaf[path])
             value = walked.leaves[first_leaf[path]]
             if per_batch == "error":
                 raise ConversionError(
@@ -685,7 +694,12 @@ def from_columns(
         path = key_path(name)
         if isinstance(value, list):
             value = stack_rows(
-                value, path, ragged=ragged, pad_value=pad_value, where="from_columns"
+                value,
+                path,
+                ragged=ragged,
+                pad_value=pad_value,
+                where="from_columns",
+                place=f"column {short(name, 60)}",
             )
         lengths[name] = len(value)
         if len(set(lengths.values())) > 1:

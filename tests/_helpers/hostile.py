@@ -427,6 +427,10 @@ def _lying(f: Path, cases: Cases) -> None:
     )
     (f / "huge.npy").write_bytes(_npy_header((10**12, 10**12)) + bytes(8))
     cases["npy-huge-shape"] = (["show", str(f / "huge.npy")], "declares")
+    (f / "long-header.npy").write_bytes(b"\x93NUMPY\x02\x00" + struct.pack("<I", 2**32 - 1))
+    cases["npy-header-claims-4GiB"] = (["show", str(f / "long-header.npy")], "header of")
+    _npz_member(f / "member-header.npz", "a.npy", b"\x93NUMPY\x02\x00" + bytes([255] * 4))
+    cases["npz-member-header-claims-4GiB"] = (["show", str(f / "member-header.npz")], "header of")
     past_end = {"w": {"dtype": "F32", "shape": [10**9], "data_offsets": [0, 4 * 10**9]}}
     _safetensors(f / "lies.safetensors", past_end, bytes(8))
     cases["safetensors-offsets-past-end"] = (

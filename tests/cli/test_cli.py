@@ -346,6 +346,33 @@ def test_existing_destination_needs_force(tmp_path: Path, checkpoint: Path) -> N
     assert "model" in tonumpy.load(dst)
 
 
+def test_flags_come_from_the_error_not_from_its_text(tmp_path: Path, checkpoint: Path) -> None:
+    """A name that reads 'overwrite=True' is printed as it is; only the option becomes --force."""
+    dst = tmp_path / "overwrite=True"
+    dst.write_bytes(b"precious")
+    code, _, err = run("convert", str(checkpoint), str(dst))
+    assert code == 2
+    assert err == f"tonumpy: error: {dst} exists; pass --force to replace it\n"
+
+
+def test_a_class_container_to_pt_names_the_plain_containers_flag(tmp_path: Path) -> None:
+    """A class .pt output cannot rebuild is refused naming --plain-containers, not the option."""
+    src = tmp_path / "tree.npz"
+    tonumpy.save(src, {"out": torch.return_types.max((torch.ones(2), torch.zeros(2)))})
+    code, _, err = run("convert", str(src), str(tmp_path / "out.pt"))
+    assert code == 2
+    assert "pass --plain-containers to write it as a dict" in err
+    assert "plain_containers=True" not in err
+    assert run("convert", str(src), str(tmp_path / "out.pt"), "--plain-containers")[0] == 0
+
+
+def test_the_command_rewrites_no_library_message() -> None:
+    """The command imports no regular expressions to rewrite library messages with."""
+    source = Path(cli.__file__).read_text(encoding="utf-8")
+    assert "import re\n" not in source
+    assert ".sub(" not in source
+
+
 def test_a_directory_with_other_files_is_not_replaced_even_with_force(
     tmp_path: Path, checkpoint: Path
 ) -> None:

@@ -25,6 +25,7 @@ import traceback
 from collections import namedtuple
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -413,6 +414,33 @@ def _check_odd_leaves(rank: int, world: int) -> None:
     if world > 1:
         value: Any = (lambda: None) if rank == 0 else 1
         _expect_raise_everywhere(r"pickling it failed|rank 0 raised", lambda: gather({"v": value}))
+
+
+class _Holder:
+    """An object tonumpy cannot rebuild, holding a tensor (the walker refuses it)."""
+
+    def __init__(self) -> None:
+        self.t = torch.ones(1)
+
+
+def _check_namedtuple_paths(rank: int, world: int) -> None:
+    """Messages name a namedtuple's entry by its field (tree['p'].y), as to_numpy's do."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(list(range(5)), shuffle=False)
+    items = torch.tensor(list(sampler))
+    _expect_raise_everywhere(
+        r"tree\['p'\]\.y has .* rows .* sampler gives that rank",
+        lambda: gather({"p": Point(items, items[:-1] if rank == 0 else items)}, sampler=sampler),
+    )
+    if world > 1:  # rank 0 cannot pickle its leaf; every other rank names the place it failed
+        value: Any = (lambda: None) if rank == 0 else 1
+        where = r"tree\['p'\]\.y" if rank == 0 else r"rank 0 raised .*\(at tree\['p'\]\.y\)"
+        _expect_raise_everywhere(where, lambda: gather({"p": Point(1, value)}))
+        with pytest.raises(tonumpy.TonumpyError) as caught:
+            gather({"p": Point(1, _Holder() if rank == 0 else 1)})
+        assert "tree['p'].y" in str(caught.value)
+        assert "tree['p'][1]" not in str(caught.value)
 
 
 def _features(indices: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -1038,6 +1066,30 @@ def test_without_process_group_sampler() -> None:
     assert_same_tree(gather({"i": items}, sampler=sampler, num_items=3)["i"], np.arange(3))
     with pytest.raises(ConversionError, match="sampler gives that rank 9"):
         gather({"i": items[:4]}, sampler=sampler)
+    with pytest.raises(ConversionError, match=r"tree\['p'\]\.y has 4 rows along axis 0"):
+        gather({"p": Point(items, items[:4])}, sampler=sampler)
+
+
+@pytest.mark.parametrize("ml_dtypes", [False, True])
+def test_without_process_group_odd_tensors_as_to_numpy(ml_dtypes: bool) -> None:
+    """Tensors not sent as raw bytes (sparse, complex32, nested, grad) convert as to_numpy's."""
+    sparse = torch.sparse_coo_tensor([[0, 2]], [1.5, -2.0], (4,), check_invariants=True)
+    sparse = sparse.to(torch.bfloat16)
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.arange(3.0)])
+    tree = {
+        "sparse": sparse,
+        "half_complex": torch.complex(torch.ones(2), -torch.ones(2)).to(torch.complex32),
+        "grad": torch.ones(2, 2, dtype=torch.bfloat16, requires_grad=True),
+        "nested": nested,
+    }
+    out = gather(tree, ml_dtypes=ml_dtypes)
+    expected = tonumpy.to_numpy(tree, ml_dtypes=ml_dtypes)
+    assert_same_tree(out["sparse"], expected["sparse"])
+    assert_same_tree(out["half_complex"], expected["half_complex"])
+    assert_same_tree(out["grad"], expected["grad"])
+    assert len(out["nested"]) == 2
+    for got, want in zip(out["nested"], expected["nested"], strict=True):
+        assert_same_tree(got, want)
 
 
 if __name__ == "__main__":
@@ -1048,20 +1100,27 @@ def test_rank_metadata_is_a_named_record_that_pickles() -> None:
     """A rank's metadata survives pickling (all_gather_object) with every field read by name."""
     leaves, spec = optree.tree_flatten({"a": torch.ones(2, 3), "b": 1.5})
     prep = prepare(leaves, spec, remote=True, ml_dtypes=False)
-    sampler = SamplerInfo(2, 1, 10, True, 0, 3, 9, 5)
-    meta = _metadata.payload(
-        spec, prep.infos, (None, 0, None, True, False, None), sampler, [False, True]
+    sampler = SimpleNamespace(
+        num_replicas=2, rank=1, total_size=10, shuffle=True, seed=0, epoch=3, dataset=range(9)
     )
+    signature = _metadata.Signature(None, 0, None, True, False, None)
+    meta = _metadata.payload(spec, prep.infos, signature, sampler, [False, True])
     back = pickle.loads(pickle.dumps(meta))
     assert isinstance(back, _metadata.RankMeta)
     assert back.protocol == _metadata.PROTOCOL
     assert back.error is None
-    assert back.sampler == sampler
+    assert back.signature == signature
+    assert back.signature.axis == 0
+    assert back.sampler == SamplerInfo(2, 1, 10, True, 0, 3, 9, 5)
     assert back.sampler.num_samples == 5
     assert back.per_batch == (False, True)
     assert back.indices is None
     assert len(back.infos) == 2
-    assert back.infos[0][2] == (2, 3)
+    assert isinstance(back.infos[0], _metadata.LeafInfo)
+    assert back.infos[0].shape == (2, 3)
+    assert back.infos[0].kind == "array"
+    assert back.infos[0].rows(1) == 3
+    assert back.infos[1].kind == "object"
     _metadata.check_all([meta, back], None, 0)  # the same on both ranks: no error
 
 
@@ -1069,7 +1128,8 @@ def test_rank_metadata_of_another_protocol_names_it() -> None:
     """A rank running an older tonumpy (a plain tuple, protocol 3) gets the version error."""
 
     _, spec = optree.tree_flatten({"a": 1})
-    mine = _metadata.payload(spec, [], (None, 0, None, False, False, None), None, [])
+    signature = _metadata.Signature(None, 0, None, False, False, None)
+    mine = _metadata.payload(spec, [], signature, None, [])
     old = (3, None, b"", 0, [], (None, 0, None, False, False, None), None, (), None)
     with pytest.raises(tonumpy.ConversionError, match="rank 1 speaks metadata protocol 3"):
         _metadata.check_all([mine, old], None, 0)  # type: ignore[list-item]

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import tonumpy.io
 from _helpers import hostile as _hostile
-from tonumpy._format import _npyzip
+from tonumpy._format import _npyheader
 
 GROWTH_MIB = 200  # a refused case may grow its process by this much at most (imports, buffers)
 
@@ -76,6 +76,8 @@ CASES = [
     "npz-member-claims-2GiB",
     "npz-member-huge-shape",
     "npy-huge-shape",
+    "npy-header-claims-4GiB",
+    "npz-member-header-claims-4GiB",
     "safetensors-offsets-past-end",
     "safetensors-overlap",
     "safetensors-header-length",
@@ -233,8 +235,8 @@ _SHAPES = st.lists(_COUNTS, max_size=4).flatmap(
 def test_npy_headers_read_fast_as_literal_eval_reads_them(
     descr: str, fortran: str, shape: str, tail: str
 ) -> None:
-    """A .npy header in NumPy's usual form is read without ast.literal_eval; any header text
-    gives what literal_eval and the checks give: the same header, or a refusal."""
+    """Any .npy header text gives what literal_eval and the checks give (NumPy's parser, with
+    dimensions of 0 or more): the same header, or a refusal."""
     text = f"{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}{tail}"
     raw = text.encode("latin1")
     blob = b"\x93NUMPY\x01\x00" + len(raw).to_bytes(2, "little") + raw
@@ -249,7 +251,7 @@ def test_npy_headers_read_fast_as_literal_eval_reads_them(
     except Exception:  # noqa: BLE001 - any text literal_eval or NumPy refuses
         expected = None
     try:
-        header = _npyzip.read_header(io.BytesIO(blob), "h.npy")
+        header = _npyheader.read_header(io.BytesIO(blob), "h.npy")
     except tonumpy.FileFormatError:
         got: Any = None
     else:

@@ -8,6 +8,7 @@ the path and the fix; cached properties are not carried over; is_leaf must answe
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import gc
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 import tonumpy
-from tonumpy import UnsupportedLeafError, apply, concat, to_numpy
+from tonumpy import UnsupportedLeafError, _tree, apply, concat, to_numpy
 
 
 class Batch(list):  # type: ignore[type-arg]
@@ -414,3 +415,30 @@ def test_accumulator_keeps_no_batch_alive() -> None:
     result = acc.result()
     assert result["dc"].logits.shape == (4, 3)
     assert result["dc"].note == ["n", "n"]
+
+
+@pytest.mark.parametrize(
+    ("cls", "kind"),
+    [
+        (collections.namedtuple("P", "x y"), "fields"),
+        (type(torch.max(torch.ones(2), dim=0)), "fields"),
+        (OrderedDict, "mapping"),
+        (ChainMap, "mapping"),
+        (types.MappingProxyType, "mapping"),
+        (UserDict, "mapping"),
+        (Batch, "sequence"),
+        (Ring, "sequence"),
+        (UserList, "sequence"),
+        (Pair, "tuple"),
+        (types.SimpleNamespace, "other"),
+    ],
+)
+def test_the_walker_names_each_container_kind(cls: type, kind: str) -> None:
+    """container_kind classifies containers in the walker, for the file format to store."""
+    assert _tree.container_kind(cls) == kind
+
+
+def test_field_names_come_from_namedtuples_and_return_types() -> None:
+    """field_names gives a namedtuple's fields and a torch.return_types class's, in order."""
+    assert _tree.field_names(collections.namedtuple("P", "x y")) == ("x", "y")
+    assert _tree.field_names(type(torch.max(torch.ones(2), dim=0))) == ("values", "indices")

@@ -13,8 +13,8 @@ representation of every tonumpy file; the directory's structure names the real d
 
 from __future__ import annotations
 
-import ast
 import contextlib
+import io
 import math
 import mmap
 import os
@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from .._dtypes import is_ml_dtype
+from .._format import _npyheader
+from ..errors import FileFormatError
 from ._columns import Column, concat_arrays, copy_padded
 
 __all__ = ["GrowingNpy", "Rows", "stored_dtype"]
@@ -46,7 +48,6 @@ def stored_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 # ------------------------------------------------------------------------------ .npy files
 
-_MAGIC = b"\x93NUMPY\x01\x00"
 _BLOCK_BYTES = 16 << 20  # re-layouts copy about this much at a time
 
 
@@ -162,9 +163,7 @@ class GrowingNpy:
         self.rows = 0
         self._appended = 0
         self._rewritten = 0
-        self._descr = np.lib.format.dtype_to_descr(stored_dtype(dtype))
-        probe = self._header_text(self._descr, (2**63, *(2**63 for _ in trailing)))
-        self._header_len = -(-(len(probe) + 10 + 16) // 64) * 64  # room for any row count
+        self._header_len = _npyheader.room(stored_dtype(dtype), 1 + len(trailing))
         os.ftruncate(self.fd, 0)
         self._write_header(self.fd)
 
@@ -183,27 +182,24 @@ class GrowingNpy:
         self.fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
         self._finalizer = weakref.finalize(self, os.close, self.fd)
         size = os.fstat(self.fd).st_size
-        head = _pread(self.fd, min(size, 1 << 16), 0)
-        if not head.startswith(_MAGIC) or len(head) < 10:
-            raise OSError(f"{path}: not a .npy file this tonumpy wrote (format 1.0)")
-        header_len = 10 + int.from_bytes(head[8:10], "little")
+        head = _pread(self.fd, min(size, _npyheader.MAX_HEADER + 16), 0)
         try:
-            header = ast.literal_eval(head[10:header_len].decode("latin1"))
-            stored = np.dtype(np.lib.format.descr_to_dtype(header["descr"]))
-            shape = tuple(int(n) for n in header["shape"])
-        except (ValueError, SyntaxError, KeyError, TypeError) as exc:
-            raise OSError(f"{path}: unreadable .npy header ({exc})") from None
-        if header.get("fortran_order") or not shape or shape[0] < rows:
+            header = _npyheader.read_header(io.BytesIO(head), str(path))
+        except FileFormatError as exc:
+            raise OSError(str(exc)) from None
+        header_len, shape, stored = header.size, header.shape, header.dtype
+        if header.fortran or not shape or shape[0] < rows:
             raise OSError(f"{path}: holds {shape[:1]} rows in C order, not the {rows} logged")
         self.dtype = dtype if dtype is not None else stored
         self.trailing = shape[1:]
-        self._descr = np.lib.format.dtype_to_descr(stored)
         self._header_len = header_len
         if size < header_len + rows * self.row_bytes:
             raise OSError(f"{path}: holds fewer bytes than its {rows} logged rows")
-        probe = self._header_text(self._descr, (2**63, *(2**63 for _ in self.trailing)))
-        if len(probe) > header_len - 11:
-            raise OSError(f"{path}: its header has no room to grow (not written by tonumpy)")
+        try:
+            _npyheader.header(stored, (2**63,) * len(shape), size=header_len)
+        except ValueError:
+            message = f"{path}: its header has no room to grow (not written by tonumpy)"
+            raise OSError(message) from None
         self.rows = rows
         self._appended = rows * self.row_bytes
         self._rewritten = 0
@@ -211,14 +207,9 @@ class GrowingNpy:
         self._write_header(self.fd)
         return self
 
-    @staticmethod
-    def _header_text(descr: Any, shape: tuple[int, ...]) -> str:
-        return repr({"descr": descr, "fortran_order": False, "shape": shape})
-
     def _header(self) -> bytes:
-        text = self._header_text(self._descr, (self.rows, *self.trailing))
-        body = text.ljust(self._header_len - 10 - 1) + "\n"
-        return _MAGIC + len(body).to_bytes(2, "little") + body.encode("latin1")
+        shape = (self.rows, *self.trailing)
+        return _npyheader.header(stored_dtype(self.dtype), shape, size=self._header_len)
 
     def _write_header(self, fd: int) -> None:
         _write_all(fd, memoryview(self._header()), 0)
@@ -315,13 +306,11 @@ class GrowingNpy:
             self.trailing = trailing
             if dtype is not None:
                 self.dtype = dtype
-                self._descr = np.lib.format.dtype_to_descr(stored_dtype(dtype))
             self._write_header(fd)
             self._copy_rows(fd, old_trailing, old_dtype, fill)
         except BaseException:
             os.close(fd)
             self.trailing, self.dtype = old_trailing, old_dtype
-            self._descr = np.lib.format.dtype_to_descr(stored_dtype(old_dtype))
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, self.path)

@@ -19,6 +19,7 @@ import torch
 from .. import _dtypes
 from ..convert import to_numpy
 from ..errors import ConversionError, FileFormatError, TonumpyError
+from ._npyheader import write_header
 
 __all__ = [
     "CHUNK",
@@ -30,9 +31,9 @@ __all__ = [
     "leaf_array",
     "nbytes",
     "unsigned",
+    "value_chunks",
     "widened_chunks",
     "write_array",
-    "write_header",
     "write_lazy",
     "write_widened",
 ]
@@ -44,6 +45,16 @@ _WRITE_CHUNK = 1 << 26  # bytes handed to a zip member at once
 
 class LazyArray:
     """An array in a file whose data has not been read: its header, and ways to read it.
+
+    [`tonumpy.io.read`][] with ``lazy=True`` gives the members of a ``.npz`` as such leaves.
+
+    Examples:
+        >>> import os, tempfile, tonumpy
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.npz")
+        >>> np.savez(path, w=np.arange(4, dtype=np.int16))
+        >>> member = tonumpy.io.read(path, lazy=True).tree["w"]
+        >>> member.shape, member.nbytes, member.bits, member.array()
+        ((4,), 8, None, array([0, 1, 2, 3], dtype=int16))
 
     Attributes:
         shape: The shape the file declares.
@@ -87,7 +98,16 @@ def is_lazy(leaf: Any) -> bool:
 
 
 def nbytes(leaf: Any) -> int:
-    """The bytes a leaf holds: for a sparse tensor, those of its indices and values."""
+    """The bytes a leaf holds: for a sparse tensor, those of its indices and values.
+
+    A meta tensor holds none; a [`LazyArray`][tonumpy.io.LazyArray] holds what its header
+    declares; a leaf that is not an array, none.
+
+    Examples:
+        >>> import torch
+        >>> nbytes(torch.ones(3)), nbytes(torch.eye(3).to_sparse()), nbytes("text")
+        (12, 60, 0)
+    """
     if isinstance(leaf, torch.Tensor):
         if leaf.layout == torch.strided:
             return 0 if leaf.is_meta else leaf.numel() * leaf.element_size()
@@ -174,19 +194,6 @@ def leaf_array(
     return array, None
 
 
-def write_header(file: Any, dtype: np.dtype[Any], shape: tuple[int, ...], fortran: bool) -> None:
-    """The ``.npy`` header of an array of ``shape`` and ``dtype``."""
-    header = {
-        "descr": np.lib.format.dtype_to_descr(dtype),
-        "fortran_order": fortran,
-        "shape": tuple(shape),
-    }
-    try:
-        np.lib.format.write_array_header_1_0(file, header)
-    except ValueError:  # pragma: no cover - a header over 64 KiB (thousands of dimensions)
-        np.lib.format.write_array_header_2_0(file, header)
-
-
 def write_array(file: Any, array: np.ndarray) -> None:
     """Write ``array`` to ``file`` in the ``.npy`` format, from its own memory where it can.
 
@@ -243,6 +250,41 @@ def widened_chunks(t: torch.Tensor) -> Iterator[np.ndarray]:
         return
     for block in blocks(t, _WIDEN_CHUNK * 4):
         yield _dtypes.widened(block)
+
+
+def value_chunks(leaf: Any, /, items: int = CHUNK) -> Iterator[np.ndarray]:
+    """The values of an array leaf as 1-d NumPy arrays of at most ``items`` values, in C order.
+
+    For going through an array larger than memory (to summarise it, say): a
+    [`LazyArray`][tonumpy.io.LazyArray] is read a chunk at a time, in the order of its file
+    (Fortran order where ``fortran`` is True), a tensor or an array is cut
+    into views where it is contiguous and into copies of one chunk where it is not. Values come
+    as [`tonumpy.to_numpy`][] gives them: bfloat16 and float8 (tensors, ``ml_dtypes`` arrays,
+    or their stored bits) widened to float32, quantized tensors dequantized.
+
+    Examples:
+        >>> import torch
+        >>> [c.tolist() for c in value_chunks(torch.arange(5, dtype=torch.bfloat16), 2)]
+        [[0.0, 1.0], [2.0, 3.0], [4.0]]
+
+    Raises:
+        UnsupportedLeafError: A tensor has no values to give (a meta tensor, say).
+    """
+    if isinstance(leaf, LazyArray):
+        for chunk in leaf.chunks(items * leaf.dtype.itemsize):
+            values = np.frombuffer(chunk, dtype=leaf.dtype)
+            if leaf.bits is None:
+                yield values
+            else:
+                yield from value_chunks(from_bits(values, leaf.bits), items)
+    elif isinstance(leaf, torch.Tensor):
+        for block in blocks(leaf.detach(), items):
+            yield to_numpy(block)  # bfloat16/float8 widened, quantized dequantized: one block
+    else:
+        array = np.asarray(leaf)
+        wide = _dtypes.is_ml_dtype(array.dtype)  # bfloat16 etc.: as float32
+        for block in blocks(array, items):
+            yield block.astype(np.float32) if wide else block
 
 
 def blocks(x: Any, limit: int) -> Iterator[Any]:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import FileFormatError
+from ..errors import DestinationExistsError, FileFormatError
 
 __all__ = [
     "atomic_dir",
@@ -275,16 +275,17 @@ def _write_error(dst: Path, tmp: Path, exc: OSError) -> OSError | None:
     return error
 
 
-def exists_error(dst: Path) -> FileExistsError:
+def exists_error(dst: Path) -> DestinationExistsError:
     """The error for a destination that exists when ``overwrite=False``.
 
-    It names the parameter; the command line says ``--force`` instead.
+    It names the parameter in ``.option``; the command line says ``--force`` instead.
 
     Examples:
-        >>> exists_error(Path("out.npz"))
-        FileExistsError('out.npz exists; pass overwrite=True to replace it')
+        >>> error = exists_error(Path("out.npz"))
+        >>> str(error), error.option
+        ('out.npz exists; pass overwrite=True to replace it', 'overwrite')
     """
-    return FileExistsError(f"{dst} exists; pass overwrite=True to replace it")
+    return DestinationExistsError.naming(f"{dst} exists; pass ", "overwrite", " to replace it")
 
 
 @contextlib.contextmanager
@@ -339,11 +340,13 @@ def atomic_dir(
         if not overwrite:
             raise exists_error(dst)
         if not dst.is_dir() or dst.is_symlink():
-            raise FileExistsError(f"{dst} exists and is not a directory; remove it first")
+            raise DestinationExistsError(f"{dst} exists and is not a directory; remove it first")
         if not replaceable(dst):
-            raise FileExistsError(
+            raise DestinationExistsError.naming(
                 f"{dst} is a directory that holds more than a tonumpy export; not replacing "
-                "it even with overwrite=True: remove it yourself or choose another name"
+                "it even with ",
+                "overwrite",
+                ": remove it yourself or choose another name",
             )
     _parent_of(dst)
     tmp = _create_dir(dst, ".tmp")

@@ -3,9 +3,10 @@
 ``.npy`` headers are checked against the data they describe; ``.npz`` archives are checked
 member by member against the file, and read a header (or a chunk) at a time.
 
-A ``.npy`` header is parsed here rather than by ``np.load``: its shape and dtype must describe
-exactly the bytes that follow, so that no array is ever allocated or mapped from a size the file
-does not hold, and no object (pickled) data is ever read. An archive's members must be stored or
+A ``.npy`` header is read by [`tonumpy._format._npyheader.read_header`][] rather than by
+``np.load``, and its shape and dtype must then describe exactly the bytes that follow, so that no
+array is ever allocated or mapped from a size the file does not hold, and no object (pickled)
+data is ever read. An archive's members must be stored or
 deflated, lie inside the file without overlapping, and declare no more data than their
 compressed bytes can hold (deflate expands at most 1032 times); a member is then read a chunk at
 a time, its CRC-32 checked as it ends.
@@ -13,148 +14,27 @@ a time, its CRC-32 checked as it ends.
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import functools
 import itertools
-import math
 import os
-import re
 import struct
-import warnings
 import weakref
 import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 
 from ..errors import FileFormatError
 from ._arrays import CHUNK, LazyArray
 from ._fs import open_regular, short
+from ._npyheader import NpyHeader, is_npy, read_header
 
-__all__ = ["Archive", "Member", "NpyHeader", "check_members", "map_npy", "read_header"]
+__all__ = ["Archive", "Member", "check_members", "map_npy"]
 
-MAX_HEADER = 1 << 16  # bytes of a .npy header's text; NumPy writes a few hundred
 DEFLATE_RATIO = 1032  # the most a deflate stream expands (258-byte matches in 2-bit codes)
-_MAGIC = b"\x93NUMPY"
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
-
-
-@dataclasses.dataclass(frozen=True)
-class NpyHeader:
-    """What a ``.npy`` header declares; ``size`` is the header's own length in bytes."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
-    fortran: bool
-    size: int
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of data the header declares."""
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    def describe(self) -> str:
-        """The declared array, for messages: ``a (2, 3) float32 array (24 bytes)``."""
-        return f"a {self.shape} {self.dtype} array ({self.nbytes:,} bytes)"
-
-
-def read_header(f: BinaryIO, where: str) -> NpyHeader:
-    """Read and check a ``.npy`` header from ``f`` (positioned at its start).
-
-    Raises:
-        FileFormatError: Not a ``.npy`` header, a damaged one, or one whose data would need
-            pickle (an object dtype).
-    """
-    magic = f.read(8)
-    if len(magic) < 8 or not magic.startswith(_MAGIC):
-        raise FileFormatError(f"{where}: not a .npy array (it does not start with NumPy's header)")
-    major = magic[6]
-    if major not in (1, 2, 3):
-        raise FileFormatError(f"{where}: .npy format version {major} is not one NumPy writes")
-    width = 2 if major == 1 else 4
-    raw = f.read(width)
-    if len(raw) < width:
-        raise FileFormatError(f"{where}: a truncated .npy header")
-    length = int.from_bytes(raw, "little")
-    if length > MAX_HEADER:
-        raise FileFormatError(
-            f"{where}: a .npy header of {length:,} bytes (NumPy writes a few hundred); refused"
-        )
-    text = f.read(length)
-    if len(text) < length:
-        raise FileFormatError(f"{where}: a truncated .npy header")
-    fields = _fields(text, major, where)
-    shape, fortran = fields["shape"], fields["fortran_order"]
-    if not isinstance(shape, tuple) or not all(
-        type(n) is int and n >= 0 for n in shape
-    ):  # bool is an int: type(), not isinstance()
-        raise FileFormatError(f"{where}: a .npy header with a bad shape {short(shape)}")
-    if not isinstance(fortran, bool):
-        raise FileFormatError(f"{where}: a damaged .npy header")
-    try:
-        descr = fields["descr"]
-        dtype = _dtype_of(descr) if isinstance(descr, str) else _parse_dtype(descr)
-    except Exception:  # noqa: BLE001 - any malformed dtype description
-        raise FileFormatError(
-            f"{where}: a .npy header with a bad dtype {short(fields['descr'])}"
-        ) from None
-    if dtype.hasobject:
-        raise FileFormatError(
-            f"{where}: holds Python objects (dtype {short(str(dtype))}), which only pickle can "
-            "read; tonumpy never unpickles .npy data: save it as numbers or strings instead"
-        )
-    return NpyHeader(shape, dtype, fortran, 8 + width + length)
-
-
-# What NumPy writes for a plain dtype: "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3),
-# }" (or without the last ", ", as repr() of the dict writes it), then spaces (a header written
-# with room to grow holds more of them) and a newline.
-_COUNT = r"(?:0|[1-9][0-9]{0,18})"  # up to 19 digits; longer ones go the slow way
-_PLAIN_HEADER = re.compile(
-    r"\{'descr': '([<>|=]?[A-Za-z][0-9]*)', 'fortran_order': (True|False), "
-    rf"'shape': \((|{_COUNT},|{_COUNT}(?:, {_COUNT})+,?)\)(?:, )?\}} *\n?"
-)
-
-
-def _fields(raw: bytes, major: int, where: str) -> dict[str, Any]:
-    """The fields of a ``.npy`` header's text, checked.
-
-    NumPy's usual form is read directly; any other form (structured dtypes, other spacing)
-    with ``ast.literal_eval``, which gives the same fields for the usual form.
-    """
-    try:
-        text = raw.decode("utf-8" if major == 3 else "latin1")
-    except UnicodeDecodeError:
-        raise FileFormatError(f"{where}: a damaged .npy header") from None
-    plain = _PLAIN_HEADER.fullmatch(text)
-    if plain is not None:
-        descr, fortran, shape = plain.groups()
-        dims = tuple(int(n) for n in shape.replace(",", " ").split())
-        return {"descr": descr, "fortran_order": fortran == "True", "shape": dims}
-    try:
-        fields = ast.literal_eval(text)
-    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
-        raise FileFormatError(f"{where}: a damaged .npy header") from None
-    if not isinstance(fields, dict) or set(fields) != {"descr", "fortran_order", "shape"}:
-        raise FileFormatError(f"{where}: a damaged .npy header")
-    return fields
-
-
-def _parse_dtype(descr: Any) -> np.dtype[Any]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NumPy warns about some old descriptions
-        dtype: np.dtype[Any] = np.lib.format.descr_to_dtype(descr)
-    return dtype
-
-
-@functools.lru_cache(maxsize=256)
-def _dtype_of(descr: str) -> np.dtype[Any]:
-    """The dtype of a plain description (``'<f4'``): parsed once per description."""
-    return _parse_dtype(descr)
 
 
 def _empty(header: NpyHeader) -> np.ndarray:
@@ -268,7 +148,7 @@ class Archive:
             self.zip = zipfile.ZipFile(file)
         except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error, UnicodeError):
             file.seek(0)
-            hint = " (it is a .npy file: name it .npy)" if file.read(6) == _MAGIC else ""
+            hint = " (it is a .npy file: name it .npy)" if is_npy(file.read(8)) else ""
             self.close()
             raise FileFormatError(f"{path}: not a .npz file (not a zip archive){hint}") from None
         try:

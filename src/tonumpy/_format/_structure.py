@@ -50,13 +50,11 @@ import dataclasses
 import functools
 import json
 import math
-from collections import UserList, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import optree
 import torch
 from optree import PyTreeSpec
 
@@ -88,10 +86,12 @@ FORMAT_VERSION = 1
 MAX_DEPTH = 250
 
 
-def meta_error(file: Path, path: tuple[Any, ...], leaf: torch.Tensor) -> FileFormatError:
-    """The error for a meta tensor read from ``file``: it has no values to convert."""
+def meta_error(
+    file: Path, path: tuple[Any, ...], place: str, leaf: torch.Tensor
+) -> FileFormatError:
+    """The error for a meta tensor read from ``file``, at ``place`` (the walker's rendering)."""
     return FileFormatError(
-        f"{file}: {_tree.format_path(path)} is a meta tensor: the file holds its shape "
+        f"{file}: {place} is a meta tensor: the file holds its shape "
         f"{tuple(leaf.shape)} and dtype but no values (it was saved from a model on the 'meta' "
         "device, before its weights were loaded); there is nothing to convert: save the model "
         "again after loading its weights",
@@ -103,13 +103,19 @@ def meta_error(file: Path, path: tuple[Any, ...], leaf: torch.Tensor) -> FileFor
 
 
 class Node(NamedTuple):
-    """One node of a tree as it is stored, as [`walk`][tonumpy._format._structure.walk] lists them.
+    """One node of a tree as it is stored, as [`tonumpy.io.walk`][] lists them.
 
     ``path`` holds the stored keys from the root (field names for namedtuples); ``kind`` is
     ``"dict"``, ``"list"`` or ``"tuple"`` for a container, ``"none"`` for ``None`` and
     ``"leaf"`` for any other leaf; ``keys`` a container's stored keys (indices for a list or
     tuple), in the container's order; ``type`` a container's type; ``first`` and ``size`` the
     range of the node's leaves in the flat list.
+
+    Examples:
+        >>> from tonumpy.io import walk
+        >>> leaves, nodes = walk({"x": [1, 2]})
+        >>> nodes[1]
+        Node(path=('x',), kind='list', keys=(0, 1), type=<class 'list'>, first=0, size=2)
     """
 
     path: tuple[Any, ...]
@@ -137,42 +143,25 @@ class Walk:
         return _tree.leaf_path(self.spec, index)[1]
 
 
-_LISTS = (list, deque, UserList)
-
-
-def _kind_of(cls: type) -> str:
-    if optree.is_namedtuple_class(cls) or optree.is_structseq_class(cls):
-        return "fields"
-    if _tree.attributes_are_state(cls):
-        return "items"  # e.g. a BatchEncoding's Encoding objects: tokenizer state, not data
-    if issubclass(cls, Mapping):
-        return "dict"
-    if issubclass(cls, _LISTS):
-        return "list"
-    return "tuple" if issubclass(cls, tuple) else "other"
-
-
 def _container(cls: type, keys: tuple[Any, ...], kinds: dict[type, str]) -> tuple[str, Any]:
     """How a container of type ``cls`` with entries ``keys`` is stored: (kind, stored keys).
 
-    A stored key of ``None`` marks a child that is not stored (a BatchEncoding's encodings).
+    The walker says what kind of container ``cls`` is ([`tonumpy._tree.container_kind`][]);
+    this decides how that kind is stored. A stored key of ``None`` marks a child that is not
+    stored (a BatchEncoding's encodings).
     """
     kind = kinds.get(cls)
     if kind is None:
-        kind = kinds[cls] = _kind_of(cls)
-    if kind == "dict":
-        return kind, keys
-    if kind == "items":
+        kind = kinds[cls] = _tree.container_kind(cls)
+    if kind == "mapping":
+        return "dict", keys
+    if kind == "state":
         return "dict", tuple(None if isinstance(k, _tree.Attr) else k for k in keys)
     if kind == "fields":
-        fields = (
-            optree.namedtuple_fields(cls)
-            if optree.is_namedtuple_class(cls)
-            else optree.structseq_fields(cls)
-        )
-        return "dict", tuple(fields) if len(fields) == len(keys) else keys
+        fields = _tree.field_names(cls)
+        return "dict", fields if len(fields) == len(keys) else keys
     sequence = keys == tuple(range(len(keys)))  # no attributes beside the items
-    if kind == "list":
+    if kind == "sequence":
         return ("list" if sequence else "dict"), keys
     if sequence and (keys or kind == "tuple"):  # a tuple subclass, a cache's layers, ...
         return "tuple", keys
@@ -283,7 +272,7 @@ class Plan:
         """Leaf ``index``, checked before its data is used: no meta tensor, checksums match."""
         leaf = self.leaves[index]
         if self.source_file is not None and isinstance(leaf, torch.Tensor) and leaf.is_meta:
-            raise meta_error(self.source_file, self.paths[index], leaf)
+            raise meta_error(self.source_file, self.paths[index], self.where(index), leaf)
         if self.verify is not None:
             self.verify(leaf)
         return leaf
@@ -371,6 +360,12 @@ def _class_name(cls: type) -> str:
     return qualname if module == "builtins" else f"{module}.{qualname}"
 
 
+def _too_deep(spec: PyTreeSpec) -> str:
+    """Where ``spec``'s tree goes deeper than ``MAX_DEPTH``: its first 8 steps, rendered."""
+    deep = next(node.path for node in _tree.outline(spec) if len(node.path) > MAX_DEPTH)
+    return _tree.place(spec, deep[:8])
+
+
 def plan(
     tree: Any,
     /,
@@ -408,7 +403,8 @@ def plan(
         if depth > MAX_DEPTH:
             raise ConversionError(
                 f"cannot store a tree deeper than {MAX_DEPTH} levels (a file's structure holds "
-                f"no more): {_tree.format_path(node.path[:8])}... goes deeper; flatten it first, "
+                f"no more): {_too_deep(walked.spec)}... goes deeper; "
+                "flatten it first, "
                 "or store its deep parts on their own",
                 path=node.path,
             )

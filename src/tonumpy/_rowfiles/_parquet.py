@@ -273,7 +273,8 @@ class RowGroupWriter:
             )
             column = _Column(name, dtype, None if ragged else tuple(shape), len(shape))
             if ragged:
-                fill = _pad.pad_value_for(self._pad_value, _key_path(name), dtype)
+                place = f"column {short(name, 60)}"
+                fill = _pad.pad_value_for(self._pad_value, _key_path(name), dtype, place)
                 column.pad = None if fill is None else fill.item()
             described[name] = column
         _parent_of(self.path)
@@ -823,7 +824,14 @@ def _read_column(  # noqa: PLR0917 - one private reader of one column
     from ..table import stack_rows  # noqa: PLC0415 - see _key_path
 
     # Padded as stored (float32 for bfloat16/float8, which NumPy cannot stack), then restored.
-    padded = stack_rows(row_list, _key_path(name), ragged="pad", pad_value=pad, where=str(path))
+    padded = stack_rows(
+        row_list,
+        _key_path(name),
+        ragged="pad",
+        pad_value=pad,
+        where=str(path),
+        place=f"column {short(name, 60)}",
+    )
     return _restore(padded, dtype_name)
 
 

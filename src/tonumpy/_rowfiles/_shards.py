@@ -41,7 +41,7 @@ from .. import _tree
 from .._combine._columns import Column, copy_padded
 from .._combine._indices import resolve
 from .._combine._storage import GrowingNpy
-from .._format import _arrays, _names, _npyzip, _structure
+from .._format import _arrays, _names, _npyheader, _npyzip, _structure
 from .._format._fs import open_entry, short
 from ..errors import FileFormatError, TonumpyError
 
@@ -396,7 +396,7 @@ def _clear_first_batch(path: Path) -> None:
         if file.lstat().st_size == 0:  # died before its header
             continue
         with open_entry(path, file.name) as f:
-            header = _npyzip.read_header(f, str(file))
+            header = _npyheader.read_header(f, str(file))
         if header.shape[:1] != (0,):
             raise FileFormatError(
                 f"{path}: holds rows ({file.name}) but no {SHARD}.json: not written by an "

@@ -31,8 +31,8 @@ import operator
 import sys
 import threading
 import warnings
-from collections import OrderedDict, defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections import OrderedDict, UserList, defaultdict, deque
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -53,7 +53,9 @@ __all__ = [
     "Node",
     "Sketch",
     "attributes_are_state",
+    "container_kind",
     "difference_error",
+    "field_names",
     "first_difference",
     "flatten",
     "flatten_typed",
@@ -207,6 +209,48 @@ def is_opaque_type(cls: type[Any]) -> bool:
         return False
     kind = _roles.get(cls) or _classify(cls, set())
     return kind is _ATOMIC or kind is _SEARCH
+
+
+_SEQUENCES = (list, deque, UserList)
+
+
+def container_kind(cls: type[Any]) -> str:
+    """What kind of container the walker takes ``cls`` for, for what stores a tree's shape.
+
+    ``"fields"``: a namedtuple or ``torch.return_types`` class (its entries are named by
+    [`field_names`][tonumpy._tree.field_names]); ``"state"``: a class whose attribute
+    children are the object's own state, not data (an integration says so: a transformers
+    ``BatchEncoding``, whose items are the data); ``"mapping"``; ``"sequence"`` (lists, deques,
+    ``UserList``); ``"tuple"``; ``"other"`` (dataclasses, namespaces, a user's registered node).
+
+    Examples:
+        >>> import collections
+        >>> P = collections.namedtuple("P", "x y")
+        >>> [container_kind(c) for c in (P, dict, collections.deque, tuple, object)]
+        ['fields', 'mapping', 'sequence', 'tuple', 'other']
+    """
+    if optree.is_namedtuple_class(cls) or optree.is_structseq_class(cls):
+        return "fields"
+    if attributes_are_state(cls):
+        return "state"
+    if issubclass(cls, Mapping):
+        return "mapping"
+    if issubclass(cls, _SEQUENCES):
+        return "sequence"
+    return "tuple" if issubclass(cls, tuple) else "other"
+
+
+def field_names(cls: type[Any]) -> tuple[str, ...]:
+    """The field names of a namedtuple or ``torch.return_types`` class, in order.
+
+    Examples:
+        >>> import collections
+        >>> field_names(collections.namedtuple("P", "x y"))
+        ('x', 'y')
+    """
+    if optree.is_namedtuple_class(cls):
+        return tuple(optree.namedtuple_fields(cls))
+    return tuple(optree.structseq_fields(cls))
 
 
 def registered_types() -> tuple[type, ...]:

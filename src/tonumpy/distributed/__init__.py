@@ -7,23 +7,25 @@ leaves), checked on every rank alike (``tonumpy.distributed._metadata``): anythi
 there makes *every* rank raise the same error before any data moves, instead of leaving the others
 waiting in a collective forever.
 
-The tensor data then moves in rounds (``tonumpy.distributed._packing``): every rank's leaves are cut
-into pieces of whole rows, at most ``chunk_bytes`` per rank and round (bfloat16 and float8 as
-their raw bits), packed into one ``uint8`` buffer per rank, padded to the longest buffer of the
+From the same records every rank makes the same plan (``tonumpy.distributed._metadata.agree``):
+each leaf's column (dtype, padded shape, pad value), where each rank's rows go, and the rounds
+the tensor data moves in: every rank's leaves are cut into pieces of whole rows, at most
+``chunk_bytes`` per rank and round (bfloat16 and float8 as their raw bits), packed into one
+``uint8`` buffer per rank (``tonumpy.distributed._packing``), padded to the longest buffer of the
 round (gloo rejects uneven ``all_gather``, and crashes on zero-element ones), and all-gathered
 (or gathered to ``dst``): **one** collective per round, and one round for trees up to
 ``chunk_bytes`` per rank (by default 64 MiB per round in all, shared among the ranks).
 Receivers copy each piece straight to its rows of the result
 (``tonumpy.distributed._destination``: padded, in rank or dataset order), so they hold the result
-(or, with ``directory=``, nothing of it) plus one round. PyTorch's distributed engine (gloo on CPU,
-NCCL on GPU) does all the communication; ``torch.distributed`` is imported only when ``gather``
-runs.
+(or, with ``directory=``, nothing of it) plus one round. Leaves that cannot travel as raw bytes,
+and the bfloat16/float8 rows received, are converted through the router (``tonumpy.convert``),
+as ``to_numpy`` converts them. PyTorch's distributed engine (gloo on CPU, NCCL on GPU) does all
+the communication; ``torch.distributed`` is imported only when ``gather`` runs.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,29 +35,14 @@ import torch
 from optree import PyTreeSpec
 
 from .. import _options
-from .._combine._columns import Column, rows_first
 from .._combine._pad import PadValue, check_pad_option
 from .._combine._select import Pattern, Selection
 from ..accumulate import Accumulator
-from ..convert import convert_flat
 from ..errors import OptionError
 from . import _metadata
 from ._destination import Destination
-from ._metadata import RankMeta
-from ._packing import (
-    OBJECT,
-    Piece,
-    Prepared,
-    full_tensors,
-    make_pieces,
-    pack_round,
-    plan_rounds,
-    prepare,
-    round_size,
-    rows_first_bytes,
-    unpack,
-)
-from ._sampler import sampler_info
+from ._metadata import Plan, RankMeta, Signature, round_size
+from ._packing import Prepared, full_tensors, make_pieces, pack_round, prepare, rows_first_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed import ProcessGroup
@@ -178,45 +165,34 @@ def gather(
     """
     axis, pad_value, ml_dtypes = _defaults(tree, axis, pad_value, ml_dtypes)
     axis, num_items = _checked_arguments(axis, num_items, ml_dtypes, pad_value, chunk_bytes)
+    signature = Signature(dst, axis, num_items, sampler is not None, ml_dtypes, chunk_bytes)
     selection = Selection(exclude, reduce, "gather", first="this rank's tree", stacklevel=5)
     folder = _checked_destination(tree, selection, directory, axis)
     import torch.distributed as dist  # noqa: PLC0415 - keeps `import tonumpy` light
 
     world, rank, is_dst = _locate(dist, group, dst)
-    remote = world > 1
-    device = _comm_device(dist, group) if remote else torch.device("cpu")
-    signature = (dst, axis, num_items, sampler is not None, ml_dtypes, chunk_bytes)
-    prep, payload = _prepare(
-        tree, selection, is_leaf, sampler, signature, remote=remote, device=device
-    )
-    metas = _all_metadata(dist, group, payload, world)
+    exchange = None if world == 1 else _Exchange(dist, group, dst=dst, is_dst=is_dst)
+    device = None if exchange is None else exchange.device
+    prep, mine = _describe(tree, selection, is_leaf, sampler, signature, device=device)
+    metas = _all_metadata(dist, group, mine, world)
     _metadata.check_all(metas, prep.error, rank)
     spec = prep.spec
     assert spec is not None  # noqa: S101
-    agreed = _metadata.agree(
+    plan = _metadata.agree(
         metas,
         spec,
-        (dist, group) if remote else None,
-        axis=axis,
+        None if exchange is None else (dist, group),
         pad_value=pad_value,
-        ml_dtypes=ml_dtypes,
-        sampler=sampler is not None,
-        num_items=num_items,
+        chunk_bytes=chunk_bytes or max(ROUND_BYTES // world, MIN_CHUNK),
     )
     full_tensors(prep)  # every rank agrees: materialise DTensors (in leaf order, on every rank)
     destination, failure = None, None
     if is_dst:
-        destination, failure = _open_destination(
-            spec, metas, agreed, num_items=num_items, folder=folder, ml_dtypes=ml_dtypes
-        )
-    if remote:
-        exchange = _Exchange(dist, group, device, dst=dst, is_dst=is_dst, ml_dtypes=ml_dtypes)
-        chunk = chunk_bytes or max(ROUND_BYTES // world, MIN_CHUNK)
-        failure = exchange.run(
-            prep, metas, agreed.columns, destination, failure=failure, chunk_bytes=chunk
-        )
+        destination, failure = _open_destination(spec, plan, metas, signature, folder)
+    if exchange is not None:
+        failure = exchange.run(prep, metas, plan, destination, failure=failure)
     elif destination is not None and failure is None:
-        _place_local(prep, agreed.columns, destination, ml_dtypes)
+        destination.place_local(prep.sources)
     if failure is not None:
         raise failure
     return None if destination is None else destination.result()
@@ -233,12 +209,10 @@ def _all_metadata(dist: Any, group: Any, payload: RankMeta, world: int) -> list[
 
 def _open_destination(
     spec: PyTreeSpec,
+    plan: Plan,
     metas: Sequence[RankMeta],
-    agreed: _metadata.Agreement,
-    *,
-    num_items: int | None,
+    signature: Signature,
     folder: Path | None,
-    ml_dtypes: bool,
 ) -> tuple[Destination | None, Exception | None]:
     """The result's destination on a receiving rank, or the error opening it raised.
 
@@ -247,13 +221,11 @@ def _open_destination(
     try:
         destination = Destination(
             spec,
-            agreed.columns,
+            plan,
             [meta.infos for meta in metas],
-            per_batch=agreed.per_batch,
-            maps=agreed.maps,
-            num_items=num_items,
+            num_items=signature.num_items,
             directory=folder,
-            ml_dtypes=ml_dtypes,
+            ml_dtypes=signature.ml_dtypes,
         )
     except Exception as exc:  # noqa: BLE001 - raised after the exchange, no rank waits
         return None, exc
@@ -296,40 +268,45 @@ def _checked_destination(tree: Any, selection: Selection, directory: Any, axis: 
     return folder
 
 
-def _prepare(
+def _describe(
     tree: Any,
     selection: Selection,
     is_leaf: Callable[[Any], bool] | None,
     sampler: Any,
-    signature: tuple[Any, ...],
+    signature: Signature,
     *,
-    remote: bool,
-    device: torch.device,
+    device: torch.device | None,
 ) -> tuple[Prepared, RankMeta]:
-    """This rank's leaves, described and read, and its metadata (or the error it raised)."""
-    ml_dtypes = signature[_metadata.OPTIONS.index("ml_dtypes")]
-    prep = Prepared()
+    """This rank's leaves, described and read, and its metadata (or the error it raised).
+
+    ``device`` is where the bytes are sent from; ``None`` in a world of one (nothing is sent,
+    and an error is raised at once).
+    """
+    remote = device is not None
+    prep, spec = Prepared(), None
     try:
-        indices = None
         if isinstance(tree, Accumulator):
-            leaves, spec, per_batch, indices = tree.__tonumpy_gather__()
+            given = tree.__tonumpy_gather__()
+            leaves, spec, per_batch, indices = (
+                given.leaves,
+                given.spec,
+                given.per_batch,
+                given.indices,
+            )
         else:
             leaves, spec, _ = selection.flatten(tree, is_leaf=is_leaf)
-            per_batch = [False] * len(leaves)
-        prep = prepare(leaves, spec, remote=remote, ml_dtypes=ml_dtypes)
-        if remote:
+            per_batch, indices = [False] * len(leaves), None
+        prep = prepare(leaves, spec, remote=remote, ml_dtypes=signature.ml_dtypes)
+        if device is not None:
             make_pieces(prep, device, dtensors=False)
-        info = sampler_info(sampler) if sampler is not None else None
-        if indices is not None:
-            indices = np.array(indices)  # the memory map of a directory's index: its values
         return prep, _metadata.payload(
-            spec, prep.infos, signature, info, per_batch, indices=indices
+            spec, prep.infos, signature, sampler, per_batch, indices=indices
         )
     except Exception as exc:
         if not remote:
             raise
         prep.error = exc
-        return prep, _metadata.error_payload(exc, signature)
+        return prep, _metadata.error_payload(exc, signature, spec)
 
 
 def _checked_arguments(
@@ -398,76 +375,43 @@ def _comm_device(dist: Any, group: Any) -> torch.device:
 # ------------------------------------------------------------------------------ the data
 
 
-def _place_local(
-    prep: Prepared, columns: Sequence[Column], destination: Destination, ml_dtypes: bool
-) -> None:
-    """A world of one: this rank's leaves, converted, are the result's only rows."""
-    assert prep.spec is not None  # noqa: S101
-    converted = convert_flat(list(prep.sources), prep.spec, ml_dtypes=ml_dtypes)
-    for i, (value, column) in enumerate(zip(converted, columns, strict=True)):
-        _place_whole(destination, i, 0, value, column)
-
-
-def _place_whole(destination: Destination, i: int, rank: int, value: Any, column: Column) -> None:
-    kind = column.kind
-    if kind in ("object", "jagged"):
-        destination.place_value(i, rank, value)
-    else:
-        assert kind is not None  # noqa: S101
-        destination.place(i, rank, 0, rows_first(np.asarray(value), kind, column.axis))
-
-
 class _Exchange:
-    """The data collectives of one ``gather`` call, round by round."""
+    """The data collectives of one ``gather`` call over several ranks, round by round."""
 
-    def __init__(
-        self,
-        dist: Any,
-        group: Any,
-        device: torch.device,
-        *,
-        dst: int | None,
-        is_dst: bool,
-        ml_dtypes: bool,
-    ) -> None:
-        self.dist, self.group, self.device = dist, group, device
-        self.dst, self.is_dst, self.ml_dtypes = dst, is_dst, ml_dtypes
+    def __init__(self, dist: Any, group: Any, *, dst: int | None, is_dst: bool) -> None:
+        self.dist, self.group, self.dst, self.is_dst = dist, group, dst, is_dst
+        self.device = _comm_device(dist, group)
 
     def run(
         self,
         prep: Prepared,
         metas: Sequence[RankMeta],
-        columns: Sequence[Column],
+        plan: Plan,
         destination: Destination | None,
         *,
         failure: Exception | None,
-        chunk_bytes: int,
     ) -> Exception | None:
         """Send every rank's bytes, round by round; receivers place each round as it arrives.
 
         A receiver that fails to place what it received keeps taking part in every round (the
         other ranks would wait for it forever) and returns the first error, to be raised then.
         """
-        axes = [column.axis for column in columns]
         make_pieces(prep, self.device, dtensors=True)
-        rows_first_bytes(prep, axes)
+        rows_first_bytes(prep, plan.axes)
         if destination is not None and failure is None:
-            try:  # leaves pickled into the metadata (not tensors, or arrays NumPy cannot view)
-                self._place_pickled(metas, columns, destination)
+            try:
+                destination.place_pickled(metas)
             except Exception as exc:  # noqa: BLE001 - raised after the exchange
                 failure = exc
-        rounds = plan_rounds([meta.infos for meta in metas], axes, chunk_bytes)
-        if not rounds:
+        if not plan.rounds:
             return failure
         world, rank = len(metas), self.dist.get_rank(self.group)
-        largest = max(round_size(pieces) for pieces in rounds)
+        largest = max(round_size(pieces) for pieces in plan.rounds)
         send = torch.empty(largest, dtype=torch.uint8, device=self.device)
-        receive = (
-            torch.empty(world * largest, dtype=torch.uint8, device=self.device)
-            if self.is_dst
-            else None
-        )
-        for pieces in rounds:
+        receive = None
+        if self.is_dst:
+            receive = torch.empty(world * largest, dtype=torch.uint8, device=self.device)
+        for pieces in plan.rounds:
             size = round_size(pieces)
             buffer = send[:size]
             pack_round(prep, pieces[rank], buffer)
@@ -476,7 +420,7 @@ class _Exchange:
             if gathered is None or destination is None or failure is not None:
                 continue
             try:
-                self._place_round(destination, metas, pieces, axes, gathered)
+                destination.place_round(metas, pieces, gathered)
             except Exception as exc:  # noqa: BLE001 - raised after the exchange
                 failure = exc
         return failure
@@ -492,31 +436,3 @@ class _Exchange:
         else:
             targets = list(gathered.unbind(0)) if gathered is not None else None
             dist.gather(buffer, targets, dst=self.dst, group=group)
-
-    @staticmethod
-    def _place_pickled(
-        metas: Sequence[RankMeta], columns: Sequence[Column], destination: Destination
-    ) -> None:
-        for r, meta in enumerate(metas):
-            for i, info in enumerate(meta.infos):
-                if info[0] == OBJECT:
-                    assert info[4] is not None  # noqa: S101 - an object leaf's pickle
-                    value = pickle.loads(info[4])  # noqa: S301 - sent by a rank of the group
-                    _place_whole(destination, i, r, value, columns[i])
-
-    def _place_round(
-        self,
-        destination: Destination,
-        metas: Sequence[RankMeta],
-        pieces: Sequence[Sequence[Piece]],
-        axes: Sequence[int],
-        gathered: torch.Tensor,
-    ) -> None:
-        host = gathered.cpu()
-        host_np = host.numpy()
-        for r, mine in enumerate(pieces):
-            row, row_np = host[r], host_np[r]
-            for piece in mine:
-                info = metas[r].infos[piece.leaf]
-                rows = unpack(info, piece, axes[piece.leaf], (row, row_np), self.ml_dtypes)
-                destination.place(piece.leaf, r, piece.start, rows)

@@ -25,18 +25,21 @@ Where a row goes:
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from optree import PyTreeSpec
 
-from .. import _tree
-from .._combine._columns import Column, copy_padded
+from .. import _dtypes, _tree
+from .._combine._columns import Column, copy_padded, rows_first
 from .._combine._directory import Directory
 from .._combine._storage import GrowingNpy
-from ._packing import Info, info_rows
+from ..convert import convert_flat, to_numpy
+from ._metadata import ARRAY, OBJECT, LeafInfo, Piece, Plan, RankMeta
 
 __all__ = ["Destination"]
 
@@ -59,23 +62,23 @@ class _Leaf:
 class Destination:
     """The result of one ``gather`` on a receiving rank, filled piece by piece.
 
-    ``maps`` (per rank: each row's row in the result, or ``-1``) is given with ``sampler=``
-    (``_sampler.sample_positions``) or dataset indices (``_indices.resolve``);
-    ``per_batch[i]`` says that leaf ``i`` holds one value per batch (never reordered or cut).
+    The ``plan`` (every rank's alike) gives each leaf's column, ``maps`` (per rank: each
+    row's row in the result, or ``-1``) with ``sampler=`` (``_sampler.sample_positions``) or
+    dataset indices (``_indices.resolve``), and ``per_batch[i]``: leaf ``i`` holds one value
+    per batch (never reordered or cut). ``infos[r]`` is rank ``r``'s leaves' descriptions.
     """
 
     def __init__(
         self,
         spec: PyTreeSpec,
-        columns: Sequence[Column],
-        infos: Sequence[Sequence[Info]],
+        plan: Plan,
+        infos: Sequence[Sequence[LeafInfo]],
         *,
-        per_batch: Sequence[bool],
-        maps: Sequence[np.ndarray] | None,
         num_items: int | None,
         directory: Path | None,
         ml_dtypes: bool,
     ) -> None:
+        columns, per_batch, maps = plan.columns, plan.per_batch, plan.maps
         self.spec = spec
         self.ml_dtypes = ml_dtypes
         self.leaves = [_Leaf(column) for column in columns]
@@ -88,7 +91,7 @@ class Destination:
             if kind in ("object", "jagged"):
                 leaf.values = [None] * world
                 continue
-            counts = [info_rows(leaves[i], leaf.column.axis) for leaves in infos]
+            counts = [leaves[i].rows(leaf.column.axis) for leaves in infos]
             leaf.offsets = [sum(counts[:r]) for r in range(world)]
             leaf.limit = sum(counts)
             per_sample = kind == "array" and not per_batch[i]
@@ -126,9 +129,72 @@ class Destination:
                         rows[position] = row
         return rows if self.num_items is None else rows[: self.num_items]
 
-    def place_value(self, index: int, rank: int, value: Any) -> None:
-        """The value of the non-array leaf ``index`` on ``rank``."""
-        self.leaves[index].values[rank] = value
+    def place_whole(self, index: int, rank: int, value: Any) -> None:
+        """The whole converted leaf ``index`` of ``rank``: its value, or all its rows."""
+        column = self.leaves[index].column
+        kind = column.kind
+        if kind in ("object", "jagged"):
+            self.leaves[index].values[rank] = value
+        else:
+            assert kind is not None  # noqa: S101
+            self.place(index, rank, 0, rows_first(np.asarray(value), kind, column.axis))
+
+    def place_local(self, leaves: Sequence[Any]) -> None:
+        """A world of one: this rank's leaves, converted by the router, are the only rows."""
+        converted = convert_flat(list(leaves), self.spec, ml_dtypes=self.ml_dtypes)
+        for index, value in enumerate(converted):
+            self.place_whole(index, 0, value)
+
+    def place_pickled(self, metas: Sequence[RankMeta]) -> None:
+        """Every rank's leaves sent in the metadata (not tensors, or arrays NumPy cannot view)."""
+        for rank, meta in enumerate(metas):
+            for index, info in enumerate(meta.infos):
+                if info.code == OBJECT:
+                    assert info.payload is not None  # noqa: S101 - an object leaf's pickle
+                    value = pickle.loads(info.payload)  # noqa: S301 - sent by a rank of the group
+                    self.place_whole(index, rank, value)
+
+    def place_round(
+        self,
+        metas: Sequence[RankMeta],
+        pieces: Sequence[Sequence[Piece]],
+        gathered: torch.Tensor,
+    ) -> None:
+        """Every rank's pieces of one round: ``gathered[r]`` is rank ``r``'s buffer."""
+        host = gathered.cpu()
+        host_np = host.numpy()
+        axes = [leaf.column.axis for leaf in self.leaves]
+        for rank, mine in enumerate(pieces):
+            row, row_np = host[rank], host_np[rank]
+            for piece in mine:
+                info = metas[rank].infos[piece.leaf]
+                rows = self._unpack(info, piece, axes[piece.leaf], (row, row_np))
+                self.place(piece.leaf, rank, piece.start, rows)
+
+    def _unpack(
+        self,
+        info: LeafInfo,
+        piece: Piece,
+        axis: int,
+        buffer: tuple[torch.Tensor, np.ndarray],
+    ) -> np.ndarray:
+        """The rows of one piece, rows first, as an array (a view of the received bytes if it can).
+
+        ``buffer`` is the sending rank's buffer of the round, as a tensor and as an array.
+        bfloat16/float8 rows are converted by the router: ``ml_dtypes`` arrays, or widened to
+        float32.
+        """
+        shape = info.shape
+        assert shape is not None  # noqa: S101
+        row, row_np = buffer
+        rows = piece.stop - piece.start
+        other = (*shape[:axis], *shape[axis + 1 :]) if shape else ()
+        window = slice(piece.offset, piece.offset + piece.nbytes)
+        if info.code == ARRAY or info.dtype not in _dtypes.ML_DTYPES:
+            out: np.ndarray = row_np[window].view(info.converted_dtype(self.ml_dtypes))
+            return out.reshape(rows, *other)
+        converted: np.ndarray = to_numpy(row[window].view(info.dtype), ml_dtypes=self.ml_dtypes)
+        return converted.reshape(rows, *other)
 
     def place(self, index: int, rank: int, start: int, rows: np.ndarray) -> None:
         """Rows ``start:start + len(rows)`` (rows first) of leaf ``index`` of ``rank``."""

@@ -1,16 +1,15 @@
-"""One rank's tree as byte buffers for ``gather``, sent in rounds, and the rows back from them.
+"""One rank's tree as byte buffers for ``gather``: described, read, and packed round by round.
 
 [`prepare`][tonumpy.distributed._packing.prepare] describes every leaf of a rank's flattened tree
-(its code, dtype, shape and size, or its pickled value);
+(a [`LeafInfo`][tonumpy.distributed._metadata.LeafInfo]: its code, dtype, shape and size, or its
+pickled value), converting the tensors whose bytes cannot be sent as they are (sparse,
+quantized, nested, subclasses, dtypes NumPy lacks) through the router
+(``tonumpy.convert.convert_flat``), as ``to_numpy`` would;
 [`make_pieces`][tonumpy.distributed._packing.make_pieces] reads each leaf's bytes (failing there,
-where every rank learns of it, never in a collective). The data then travels in **rounds**:
-[`plan_rounds`][tonumpy.distributed._packing.plan_rounds] cuts every rank's leaves, along the
-concatenation axis, into pieces of whole rows, at most about ``chunk_bytes`` per rank and round (a
-single row larger than that travels alone), the same plan on every rank since it is made from the
-exchanged metadata alone; [`pack_round`][tonumpy.distributed._packing.pack_round] lays a round's
-pieces out in one ``uint8`` buffer (each piece 16-byte aligned), and
-[`unpack`][tonumpy.distributed._packing.unpack] cuts a received buffer back into rows. A receiver
-therefore holds one round of every rank's bytes at a time.
+where every rank learns of it, never in a collective). The data then travels in the rounds of
+the plan every rank made from the metadata (``_metadata.Plan``):
+[`pack_round`][tonumpy.distributed._packing.pack_round] lays this rank's pieces of a round out in
+one ``uint8`` buffer, at the offsets the plan gives them.
 """
 
 from __future__ import annotations
@@ -18,58 +17,31 @@ from __future__ import annotations
 import math
 import pickle
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from optree import PyTreeSpec
 
 from .. import _dtypes, _tree
-from .._combine._columns import Jagged, Kind
-from .._convert._leaf import convert_checked
+from .._combine._columns import Jagged
 from .._dtypes import PLAIN
+from ..convert import convert_flat
 from ..errors import ConversionError
+from ._metadata import ARRAY, DTENSOR, JAGGED, OBJECT, TENSOR, LeafInfo, Piece
 
 __all__ = [
-    "ALIGN",
-    "ARRAY",
-    "DTENSOR",
-    "JAGGED",
-    "OBJECT",
     "SENDABLE",
-    "TENSOR",
-    "Info",
-    "Piece",
     "Prepared",
     "full_tensors",
-    "info_kind",
-    "info_rows",
-    "is_dtensor",
     "make_pieces",
-    "numpy_dtype",
     "pack_round",
-    "plan_rounds",
     "prepare",
-    "round_size",
     "rows_first_bytes",
-    "unpack",
 ]
-
-# Leaf codes in the metadata.
-TENSOR = "t"  # a tensor sent as raw bytes, rebuilt as a tensor of the same dtype
-ARRAY = "n"  # an ndarray sent as raw bytes, rebuilt as an ndarray of the same dtype
-DTENSOR = "d"  # a DTensor: materialised with full_tensor() after the checks, then sent as bytes
-OBJECT = "o"  # anything else: pickled into the metadata
-#: The ``dtype`` of an OBJECT leaf that is a converted nested tensor (its ``shape``: ``(rows,)``).
-JAGGED = "jagged"
 
 #: torch dtypes sent as raw bytes (others are converted on their rank first, then sent).
 SENDABLE: frozenset[torch.dtype] = _dtypes.NATIVE | frozenset(_dtypes.ML_DTYPES)
-ALIGN = 16  # the largest item size sent (complex128)
-
-# One leaf's metadata: (code, dtype, shape, nbytes, payload). ``dtype`` is a torch or NumPy
-# dtype (None for objects); ``payload`` is the pickled value of an object leaf.
-Info = tuple[str, Any, tuple[int, ...] | None, int, bytes | None]
 
 
 class Prepared:
@@ -80,27 +52,17 @@ class Prepared:
     def __init__(self) -> None:
         self.leaves: list[Any] = []
         self.spec: PyTreeSpec | None = None
-        self.infos: list[Info] = []
+        self.infos: list[LeafInfo] = []
         self.sources: list[Any] = []  # per leaf: the tensor/array whose bytes are sent, or None
         self.error: BaseException | None = None
         # per leaf: its bytes, flat (rows first once rows_first_bytes ran), or None
         self.flat: list[Any] = []
 
 
-class Piece(NamedTuple):
-    """Rows ``start:stop`` of leaf ``leaf`` of one rank, at ``offset`` in a round's buffer."""
-
-    leaf: int
-    start: int
-    stop: int
-    offset: int
-    nbytes: int
+# ------------------------------------------------------------------------------ describing
 
 
-# ------------------------------------------------------------------------------ local side
-
-
-def is_dtensor(leaf: Any) -> bool:
+def _is_dtensor(leaf: Any) -> bool:
     cls = type(leaf)
     return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
 
@@ -131,35 +93,57 @@ def _sendable_array(leaf: Any) -> np.ndarray | None:
     return None
 
 
+def _converted(
+    leaves: list[Any], spec: PyTreeSpec, positions: list[int], ml_dtypes: bool
+) -> list[Any]:
+    """The tensors at ``positions`` (whose bytes cannot be sent as they are), converted.
+
+    Through the router, as ``to_numpy`` converts them (errors name the leaf's path); a nested
+    tensor's rows become a ``Jagged`` list, joined with the other ranks' rows.
+    """
+    picked: list[Any] = [None] * len(leaves)
+    for i in positions:
+        picked[i] = leaves[i]
+    converted = convert_flat(picked, spec, ml_dtypes=ml_dtypes)
+    return [
+        Jagged(new) if type(new) is list else new for new in map(converted.__getitem__, positions)
+    ]
+
+
 def _describe_leaf(
-    leaf: Any, index: int, spec: PyTreeSpec, *, remote: bool, ml_dtypes: bool
-) -> tuple[str, Any, tuple[int, ...] | None, Any, bytes | None]:
-    """Code, dtype, shape, source and payload of one leaf (see ``Info``)."""
-    if is_dtensor(leaf):
-        return DTENSOR, leaf.dtype, tuple(leaf.shape), leaf, None
+    leaf: Any, index: int, spec: PyTreeSpec, *, remote: bool
+) -> tuple[LeafInfo, Any] | None:
+    """One leaf's description and the source of its bytes (the leaf itself when kept local).
+
+    None for a tensor whose bytes cannot be sent as they are: it is converted first.
+    """
+    if _is_dtensor(leaf):
+        return _sized(DTENSOR, leaf.dtype, tuple(leaf.shape)), leaf
     t = _sendable_tensor(leaf)
     if t is not None:
-        return TENSOR, t.dtype, tuple(t.shape), t, None
-    if isinstance(leaf, torch.Tensor):  # sparse, quantized, nested, subclasses: convert here
-        converted = convert_checked(
-            leaf, index, spec, copy=None, ml_dtypes=ml_dtypes, scalars=False
-        )
-        leaf = Jagged(converted) if type(converted) is list else converted  # a nested tensor
+        return _sized(TENSOR, t.dtype, tuple(t.shape)), t
+    if isinstance(leaf, torch.Tensor):
+        return None
     if isinstance(leaf, Jagged):  # rows: joined with the other ranks' (and put in order)
         if not remote:
-            return OBJECT, JAGGED, (len(leaf),), leaf, None
-        return OBJECT, JAGGED, (len(leaf),), None, _pickled(list(leaf), index, spec)
+            return LeafInfo(OBJECT, JAGGED, (len(leaf),), 0, None), leaf
+        return LeafInfo(OBJECT, JAGGED, (len(leaf),), 0, _pickled(list(leaf), index, spec)), None
     arr = _sendable_array(leaf)
     if arr is not None:
-        return ARRAY, arr.dtype, arr.shape, arr, None
+        return _sized(ARRAY, arr.dtype, arr.shape), arr
     # Arrays NumPy cannot view as bytes (str, object, datetime) are pickled but keep their
     # shape and dtype in the metadata: concat treats them as arrays, and so do the checks.
     dtype, shape = None, None
     if isinstance(leaf, np.ndarray | np.generic):
         dtype, shape = np.asarray(leaf).dtype, np.shape(leaf)
     if not remote:
-        return OBJECT, dtype, shape, leaf, None
-    return OBJECT, dtype, shape, None, _pickled(leaf, index, spec)
+        return LeafInfo(OBJECT, dtype, shape, 0, None), leaf
+    return LeafInfo(OBJECT, dtype, shape, 0, _pickled(leaf, index, spec)), None
+
+
+def _sized(code: str, dtype: Any, shape: tuple[int, ...]) -> LeafInfo:
+    """The description of a leaf sent as bytes."""
+    return LeafInfo(code, dtype, shape, math.prod(shape) * _itemsize(dtype), None)
 
 
 def _pickled(leaf: Any, index: int, spec: PyTreeSpec) -> bytes:
@@ -183,18 +167,26 @@ def prepare(leaves: list[Any], spec: PyTreeSpec, *, remote: bool, ml_dtypes: boo
     """Classify a rank's flattened tree: every leaf's metadata, and the source of its bytes."""
     prep = Prepared()
     prep.leaves, prep.spec = leaves, spec
+    odd: list[int] = []
+    described = []
     for index, leaf in enumerate(leaves):
-        code, dtype, shape, source, payload = _describe_leaf(
-            leaf, index, spec, remote=remote, ml_dtypes=ml_dtypes
-        )
-        nbytes = 0
-        if code != OBJECT:
-            assert shape is not None  # noqa: S101 - sized leaves have shapes
-            nbytes = math.prod(shape) * _itemsize(dtype)
-        prep.infos.append((code, dtype, shape, nbytes, payload))
+        found = _describe_leaf(leaf, index, spec, remote=remote)
+        if found is None:
+            odd.append(index)
+        described.append(found)
+    if odd:
+        for index, value in zip(odd, _converted(leaves, spec, odd, ml_dtypes), strict=True):
+            described[index] = _describe_leaf(value, index, spec, remote=remote)
+    for found in described:
+        assert found is not None  # noqa: S101 - converted leaves are no tensors
+        info, source = found
+        prep.infos.append(info)
         prep.sources.append(source)
     prep.flat = [None] * len(leaves)
     return prep
+
+
+# ------------------------------------------------------------------------------ reading
 
 
 def _byte_view(source: Any, device: torch.device) -> torch.Tensor:
@@ -231,7 +223,7 @@ def make_pieces(prep: Prepared, device: torch.device, *, dtensors: bool) -> None
     assert prep.spec is not None  # noqa: S101
     on_host = device.type == "cpu"  # NumPy's per-leaf overhead is a fraction of torch's
     for i, info in enumerate(prep.infos):
-        if info[0] == OBJECT or (info[0] == DTENSOR) != dtensors or not info[3]:
+        if info.code == OBJECT or (info.code == DTENSOR) != dtensors or not info.nbytes:
             continue
         source = prep.sources[i]
         try:
@@ -247,11 +239,11 @@ def make_pieces(prep: Prepared, device: torch.device, *, dtensors: bool) -> None
 
 def rows_first_bytes(prep: Prepared, axes: Sequence[int]) -> None:
     """Reorder the bytes of every leaf concatenated along an axis other than 0, rows first."""
-    for i, (_, dtype, shape, nbytes, _) in enumerate(prep.infos):
-        ax, flat = axes[i], prep.flat[i]
-        if not ax or flat is None or not shape or not nbytes:
+    for i, info in enumerate(prep.infos):
+        ax, flat, shape = axes[i], prep.flat[i], info.shape
+        if not ax or flat is None or not shape or not info.nbytes:
             continue
-        grid = flat.reshape(*shape, _itemsize(dtype))
+        grid = flat.reshape(*shape, _itemsize(info.dtype))
         if isinstance(flat, np.ndarray):
             prep.flat[i] = np.ascontiguousarray(np.moveaxis(grid, ax, 0)).reshape(-1)
         else:
@@ -261,63 +253,11 @@ def rows_first_bytes(prep: Prepared, axes: Sequence[int]) -> None:
 def full_tensors(prep: Prepared) -> None:
     """Materialise the DTensor leaves (a collective each, in leaf order, on every rank)."""
     for i, info in enumerate(prep.infos):
-        if info[0] == DTENSOR:
+        if info.code == DTENSOR:
             prep.sources[i] = prep.sources[i].full_tensor()
 
 
-def info_rows(info: Info, axis: int) -> int:
-    """How many rows a sized leaf has along its (normalised) concatenation axis."""
-    shape = info[2]
-    assert shape is not None  # noqa: S101
-    return shape[axis] if shape else 1
-
-
-def plan_rounds(
-    infos: Sequence[Sequence[Info]], axes: Sequence[int], chunk_bytes: int
-) -> list[list[list[Piece]]]:
-    """``rounds[k][rank]``: the pieces rank ``rank`` sends in round ``k`` (the same everywhere).
-
-    Each rank's sized leaves are cut, in leaf order, into pieces of whole rows that fill rounds
-    of at most ``chunk_bytes`` (a piece of one row larger than that fills a round alone). The
-    ranks send in every round until they run out; there are as many rounds as the rank that
-    needs most.
-    """
-    per_rank: list[list[list[Piece]]] = []
-    for leaves in infos:
-        rounds: list[list[Piece]] = [[]]
-        used = 0
-        for i, info in enumerate(leaves):
-            code, nbytes = info[0], info[3]
-            if code == OBJECT or not nbytes:
-                continue
-            rows = info_rows(info, axes[i])
-            row_bytes = nbytes // rows
-            start = 0
-            while start < rows:
-                take = min(rows - start, (chunk_bytes - used) // row_bytes)
-                if take == 0 and used:
-                    rounds.append([])
-                    used = 0
-                    continue
-                take = max(take, 1)
-                size = take * row_bytes
-                rounds[-1].append(Piece(i, start, start + take, used, size))
-                used += -(-size // ALIGN) * ALIGN
-                start += take
-                if used >= chunk_bytes:
-                    rounds.append([])
-                    used = 0
-        if not rounds[-1]:
-            rounds.pop()
-        per_rank.append(rounds)
-    count = max(len(rounds) for rounds in per_rank)
-    return [[rounds[k] if k < len(rounds) else [] for rounds in per_rank] for k in range(count)]
-
-
-def round_size(pieces_by_rank: Sequence[Sequence[Piece]]) -> int:
-    """The buffer size of a round: the largest rank's, 16-byte aligned, at least 16 bytes."""
-    ends = [p.offset + p.nbytes for pieces in pieces_by_rank for p in pieces]
-    return -(-max(1, *ends) // ALIGN) * ALIGN if ends else ALIGN
+# ------------------------------------------------------------------------------ sending
 
 
 def pack_round(prep: Prepared, pieces: Sequence[Piece], out: torch.Tensor) -> None:
@@ -336,45 +276,3 @@ def pack_round(prep: Prepared, pieces: Sequence[Piece], out: torch.Tensor) -> No
         flat = prep.flat[piece.leaf]
         window = flat[piece.start * row : piece.stop * row]
         out[piece.offset : piece.offset + piece.nbytes].copy_(window)
-
-
-def numpy_dtype(code: str, dtype: Any, ml_dtypes: bool) -> np.dtype[Any]:
-    """The dtype the converted leaf has (what ``concat`` sees)."""
-    if code in (ARRAY, OBJECT):
-        result: np.dtype[Any] = np.dtype(dtype)
-        return result
-    if dtype in _dtypes.ML_DTYPES:
-        return _dtypes.ml_numpy_dtype(dtype) if ml_dtypes else np.dtype(np.float32)
-    return np.dtype(str(dtype).removeprefix("torch."))
-
-
-def info_kind(info: Info) -> Kind:
-    if info[2] is None:  # an object leaf that is not an array
-        return "object"
-    if isinstance(info[1], str) and info[1] == JAGGED:
-        return "jagged"
-    return "array" if info[2] else "scalar"
-
-
-def unpack(
-    info: Info,
-    piece: Piece,
-    axis: int,
-    buffer: tuple[torch.Tensor, np.ndarray],
-    ml_dtypes: bool,
-) -> np.ndarray:
-    """The rows of one piece, rows first, as an array (a view of the received bytes if it can).
-
-    ``buffer`` is the sending rank's buffer of the round, as a tensor and as an array.
-    bfloat16/float8 rows come back as ``ml_dtypes`` arrays, or widened to float32.
-    """
-    code, dtype, shape, _, _ = info
-    assert shape is not None  # noqa: S101
-    row, row_np = buffer
-    rows = piece.stop - piece.start
-    other = (*shape[:axis], *shape[axis + 1 :]) if shape else ()
-    window = slice(piece.offset, piece.offset + piece.nbytes)
-    if code == ARRAY or dtype not in _dtypes.ML_DTYPES or ml_dtypes:
-        out: np.ndarray = row_np[window].view(numpy_dtype(code, dtype, ml_dtypes))
-        return out.reshape(rows, *other)
-    return _dtypes.widened(row[window].view(dtype)).reshape(rows, *other)

@@ -15,11 +15,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .. import _tree
 from ..errors import ConversionError
-from ._packing import Info, info_kind, info_rows
 
-__all__ = ["SamplerInfo", "check_sampler", "dataset_order", "sample_positions", "sampler_info"]
+__all__ = ["SamplerInfo", "check_samplers", "dataset_order", "sample_positions", "sampler_info"]
 
 
 class SamplerInfo(NamedTuple):
@@ -36,7 +34,15 @@ class SamplerInfo(NamedTuple):
 
     def shared(self) -> tuple[Any, ...]:
         """Every attribute but ``rank``: what every rank's sampler must agree on."""
-        return self[:1] + self[2:]
+        return (
+            self.num_replicas,
+            self.total_size,
+            self.shuffle,
+            self.seed,
+            self.epoch,
+            self.length,
+            self.num_samples,
+        )
 
 
 def sampler_info(sampler: Any) -> SamplerInfo:
@@ -66,20 +72,10 @@ def sampler_info(sampler: Any) -> SamplerInfo:
     )
 
 
-def check_sampler(
-    samplers: Sequence[SamplerInfo],
-    infos: Sequence[Sequence[Info]],
-    paths: list[tuple[Any, ...]],
-    axes: list[int],
-    *,
-    world: int,
-    per_batch: Sequence[bool],
-) -> None:
-    """Raise, on every rank, unless the samplers agree and every per-sample leaf fits them.
+def check_samplers(samplers: Sequence[SamplerInfo], *, world: int) -> None:
+    """Raise, on every rank, unless the ranks' samplers split one dataset over this group.
 
-    ``samplers[r]`` and ``infos[r]`` are rank ``r``'s sampler and leaf descriptions.
-    Per-sample leaves are the array leaves not in ``per_batch``: each must hold one row per
-    sample its rank's sampler gave it.
+    ``samplers[r]`` is rank ``r``'s sampler.
     """
     first = samplers[0]
     for rank, other in enumerate(samplers):
@@ -101,24 +97,6 @@ def check_sampler(
             f"gather(): the samplers' ranks are {[other.rank for other in samplers]} (by process "
             "group rank); each sampler rank must appear exactly once"
         )
-    num_samples = first.num_samples
-    for i, path in enumerate(paths):
-        for rank, leaves in enumerate(infos):
-            info = leaves[i]
-            kind = info_kind(info)
-            if kind not in ("array", "jagged") or per_batch[i]:
-                continue
-            rows = info_rows(info, axes[i] if kind == "array" else 0)
-            if rows != num_samples:
-                raise ConversionError(
-                    f"gather(sampler=...): {_tree.format_path(path)} has {rows} rows along axis "
-                    f"{axes[i]} on rank {rank}, but the sampler gives that rank {num_samples} "
-                    "samples; every array leaf must hold one row per sample (do not drop the "
-                    "DataLoader's last batch). Values with one row per batch (a loss) are told "
-                    "apart when you pass the Accumulator itself: gather(acc, sampler=...); or "
-                    "gather them in a separate call without sampler=",
-                    path=path,
-                )
 
 
 def dataset_order(samplers: Sequence[SamplerInfo]) -> np.ndarray:

@@ -32,8 +32,10 @@ import torch
 
 from .. import _options, _tree
 from .._format import _arrays, _structure
-from .._format._fs import atomic_dir, atomic_file, check_not_nested, exists_error, short
+from .._format._arrays import LazyArray, nbytes, value_chunks
+from .._format._fs import atomic_dir, atomic_file, check_not_nested, escape, exists_error, short
 from .._format._names import STRUCTURE, is_safe_name
+from .._format._structure import Node
 from .._rowfiles import _parquet
 from .._rowfiles._shards import SHARD
 from ..convert import to_numpy
@@ -44,11 +46,18 @@ from ._readers import KINDS, Contents, is_stored_leaf, materialise, read_file
 __all__ = [
     "Contents",
     "FileFormatError",
+    "LazyArray",
+    "Node",
     "UnsafeFileError",
     "convert",
+    "escape",
     "load",
+    "nbytes",
     "read",
     "save",
+    "short",
+    "value_chunks",
+    "walk",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -219,11 +228,12 @@ def load(file: PathLike, /, *, ml_dtypes: bool = False, unsafe_load: bool = Fals
     except UnsupportedLeafError as exc:
         leaf = _leaf_at(contents.tree, exc.path)
         if isinstance(leaf, torch.Tensor) and leaf.is_meta and exc.path is not None:
-            raise _structure.meta_error(Path(file), exc.path, leaf) from None
+            place = _tree.place(_tree.flatten(contents.tree)[1], exc.path)
+            raise _structure.meta_error(Path(file), exc.path, place, leaf) from None
         raise
 
 
-def read(file: PathLike, /, *, unsafe_load: bool = False) -> Contents:
+def read(file: PathLike, /, *, unsafe_load: bool = False, lazy: bool = False) -> Contents:
     """Read a file as it is stored, for inspection: tensors stay tensors.
 
     Examples:
@@ -234,14 +244,29 @@ def read(file: PathLike, /, *, unsafe_load: bool = False) -> Contents:
         >>> contents.format, contents.tree["w"].dtype
         ('torch', torch.bfloat16)
 
+        With ``lazy=True``, the members of a ``.npz`` stay in the file:
+
+        >>> import numpy as np
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.npz")
+        >>> np.savez(path, w=np.ones((2, 3)))
+        >>> member = read(path, lazy=True).tree["w"]
+        >>> isinstance(member, LazyArray), member.shape, member.dtype
+        (True, (2, 3), dtype('float64'))
+
     Args:
         file: The file (or directory) to read.
         unsafe_load: As for [`load`][].
+        lazy: Read headers only, to look inside files larger than memory (what ``tonumpy
+            show`` does): the members of a ``.npz`` (and of a ``.parquet`` file tonumpy
+            wrote) are [`LazyArray`][] leaves, read when asked, and no checksum is verified
+            yet: where ``Contents.verify`` is not None, call it on a leaf before using the
+            leaf's data.
 
     Returns:
         A [`Contents`][]. Arrays of ``.npy`` files, stored ``.safetensors`` tensors and the
-        tensors of zip ``torch.save`` files are memory-mapped (copy-on-write) and checked:
-        the CRC-32 of every ``torch.save`` record and ``.npz`` member is verified.
+        tensors of zip ``torch.save`` files are memory-mapped (copy-on-write) and, unless
+        ``lazy``, checked: the CRC-32 of every ``torch.save`` record and ``.npz`` member is
+        verified.
 
     Raises:
         FileNotFoundError: ``file`` does not exist.
@@ -249,16 +274,39 @@ def read(file: PathLike, /, *, unsafe_load: bool = False) -> Contents:
             unknown kind, or tonumpy wrote it and it holds an array its structure does not
             list (one added later: it would be hidden), which the message names.
         UnsafeFileError: As for [`load`][].
-        OptionError: ``unsafe_load`` is not exactly True/False.
+        OptionError: ``unsafe_load`` or ``lazy`` is not exactly True/False.
     """
-    _options.check_flags("read", unsafe_load=unsafe_load)
-    contents = read_file(Path(file), unsafe_load=unsafe_load, lazy=False)
+    _options.check_flags("read", unsafe_load=unsafe_load, lazy=lazy)
+    contents = read_file(Path(file), unsafe_load=unsafe_load, lazy=lazy)
     verify = contents.verify
-    if verify is not None:
+    if verify is not None and not lazy:
         leaves, _ = _tree.flatten(contents.tree, is_leaf=is_stored_leaf)
         for leaf in leaves:
             verify(leaf)
     return contents
+
+
+def walk(tree: Any, /) -> tuple[list[Any], list[Node]]:
+    """The leaves of a tree as [`save`][] stores them, and every node, parents first.
+
+    The tree is walked as [`save`][] and [`convert`][] walk it: a [`LazyArray`][] is a leaf,
+    and every container ``to_numpy`` knows is one node (a dataclass that ``unsafe_load=True``
+    brought back, say). Each [`Node`][] gives the range of its leaves in the list, so that
+    whatever is summed over leaves can be summed over any container.
+
+    Examples:
+        >>> leaves, nodes = walk({"b": (1, None), "a": [2]})
+        >>> leaves  # in the walker's order (sorted keys); None is a node, not a leaf
+        [2, 1]
+        >>> [(node.path, node.kind, node.first, node.size) for node in nodes][:3]
+        [((), 'dict', 0, 2), (('b',), 'tuple', 1, 1), (('b', 0), 'leaf', 1, 1)]
+
+    Raises:
+        ConversionError: The tree contains a cycle or is too deep (the message names where).
+        UnsupportedLeafError: A leaf tonumpy cannot rebuild holds a tensor.
+    """
+    walked = _structure.walk(tree, is_leaf=_arrays.is_lazy)
+    return walked.leaves, walked.nodes
 
 
 def convert(
@@ -412,9 +460,11 @@ def _output_kind(dst: str, where: str, *, compress: bool, plain_containers: bool
             ".parquet files are compressed: pass compress=False, or write one of those"
         )
     if plain_containers and kind != "torch":
-        raise OptionError(
-            f"{where}(plain_containers=True): a {what} records the class of every container; "
-            "only torch.save files (.pt, .pth, .bin, .ckpt) need plain containers: leave it out"
+        raise OptionError.naming(
+            f"{where}(",
+            "plain_containers",
+            f"): a {what} records the class of every container; only torch.save files (.pt, "
+            ".pth, .bin, .ckpt) need plain containers: leave it out",
         )
     return kind
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .. import _tree
-from .._format import _arrays, _npyzip, _structure
+from .._format import _arrays, _npyheader, _npyzip, _structure
 from .._format._fs import check_input, one_line, open_entry, open_regular, short
 from .._format._names import STRUCTURE, is_safe_name
 from .._rowfiles import _parquet, _shards
@@ -142,7 +142,7 @@ def _sniff(path: Path) -> str | None:
     """Guess a file's kind from its first bytes (for names without a known suffix)."""
     with open_regular(path) as f:
         head = f.read(16)
-        if head.startswith(b"\x93NUMPY"):
+        if _npyheader.is_npy(head):
             return "npy"
         if head.startswith(b"PK"):
             f.seek(0)

@@ -111,9 +111,15 @@ class _Builder:
         self.keep: list[Any] = []  # the sources of ``done``: their ids stay theirs
         self.nbytes = 0
 
-    def refuse(self, path: tuple[Any, ...], what: str, fix: str) -> ConversionError:
+    def refuse(
+        self, path: tuple[Any, ...], what: str, fix: str, option: str | None = None, then: str = ""
+    ) -> ConversionError:
+        """The error for the leaf or node at ``path``; a ``fix`` that names ``option`` ends so."""
         where = dotted(path) or "the root"
-        return ConversionError(f"{self.dst}: {where} is {what}; {fix}", path=path)
+        message = f"{self.dst}: {where} is {what}; {fix}"
+        if option is None:
+            return ConversionError(message, path=path)
+        return ConversionError.naming(message, option, then, path=path)
 
     def build(self, x: Any, path: tuple[Any, ...]) -> Any:
         if type(x) in (dict, list, tuple):
@@ -138,9 +144,9 @@ class _Builder:
                 raise self.refuse(
                     path,
                     f"a {escape(name)[:80]} in the source",
-                    "torch.load(weights_only=True) cannot rebuild that class: pass "
-                    "plain_containers=True to write it as a dict, or write .npz, which "
-                    "records the class name",
+                    "torch.load(weights_only=True) cannot rebuild that class: pass ",
+                    "plain_containers",
+                    " to write it as a dict, or write .npz, which records the class name",
                 )
             return kept(items) if kept is not None else items
         items_out = [self.build(v, (*path, i)) for i, v in enumerate(x)]

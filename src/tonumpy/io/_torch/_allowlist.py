@@ -154,9 +154,11 @@ def classify(name: str, path: Path) -> None:
         _CLASS_LIKE.fullmatch(attr) or module == "torch.return_types" or name in _LOWERCASE_CLASSES
     )
     if top in _CODE_MODULES or not class_like or not module:
-        raise UnsafeFileError(
+        raise UnsafeFileError.naming(
             f"{path}: refused: its pickle calls {name}, which is code, not data; nothing was "
-            "run. Load it with unsafe_load=True only if you trust its origin"
+            "run. Load it with ",
+            "unsafe_load",
+            " only if you trust its origin",
         )
 
 

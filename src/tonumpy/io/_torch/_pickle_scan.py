@@ -198,11 +198,12 @@ class _Machine:
             op = self.take(1)[0]
             handler = _OPS.get(op)
             if handler is None:
-                raise FileFormatError(
+                raise FileFormatError.naming(
                     f"{self.where}: cannot read it safely: its pickle uses opcode {op}, which "
                     "the weights-only loader does not know (a pickle protocol above 2, or a "
-                    "corrupt file). unsafe_load=True reads it anyway, only for "
-                    "files you trust"
+                    "corrupt file). ",
+                    "unsafe_load",
+                    " reads it anyway, only for files you trust",
                 )
             if handler(self):
                 self.result.end = self.pos

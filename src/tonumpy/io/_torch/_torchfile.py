@@ -374,9 +374,10 @@ def _torch_error(path: Path, exc: BaseException, source: Any) -> TonumpyError:
     first = lines[0][:300] if lines else ""
     if unpickling:
         detail = f" ({first})" if first else ""
-        return UnsafeFileError(
-            f"{path}: refused: loading it safely failed{detail}; nothing was run. "
-            "unsafe_load=True unpickles it anyway, only for files you trust"
+        return UnsafeFileError.naming(
+            f"{path}: refused: loading it safely failed{detail}; nothing was run. ",
+            "unsafe_load",
+            " unpickles it anyway, only for files you trust",
         )
     described = f"{type(inner).__name__}: {first}" if first else type(inner).__name__
     return FileFormatError(f"{path}: cannot read it as a torch.save file: {described}")
