@@ -3,7 +3,8 @@
 For each route, the input it serves is timed with the route and without it (the route
 disabled in a copy of the function's source, so the input takes the route that would serve it
 otherwise), the two alternately, ``--rounds`` rounds each; the minimum and the median per call
-are printed, with their ratios. The figures are quoted in ``tonumpy._convert._bulk``'s docstring.
+are printed, with their ratios (``--clock cpu``: this thread's CPU time instead of wall time). The
+figures are quoted in ``tonumpy._convert._bulk``'s docstring.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ WITHOUT = {
         "False\n        and copy is None",
     ),
     "numpy pass": (_bulk, "to_arrays", "if not first.requires_grad:", "if False:"),
+    "numpy pass: one map": (
+        _bulk,
+        "to_arrays",
+        "if leaf_types <= plain:  # tensors only",
+        "if False:  # tensors only",
+    ),
     "force pass": (
         _bulk,
         "to_arrays",
@@ -61,6 +68,12 @@ WITHOUT = {
         "to_arrays",
         "if ml_dtypes and not copy and first.dtype",
         "if False and first.dtype",
+    ),
+    "same bits: inference": (
+        _bulk,
+        "_integer_views",
+        "if len(leaves) < _INFERENCE_FROM:",
+        "if True:",
     ),
     "low-precision passes": (
         _bulk,
@@ -103,26 +116,41 @@ CASES = [
     ("W1", "numpy pass"),
     ("W2", "numpy pass"),
     ("W4", "numpy pass"),
+    ("W1", "numpy pass: one map"),
+    ("W4", "numpy pass: one map"),
     ("W3", "force pass"),
     ("W6 upcast", "low-precision passes"),
     ("W6 ml_dtypes", "same-bits pass"),
+    ("W6 ml_dtypes", "same bits: inference"),
     ("float32 + W6, ml_dtypes", "low-precision passes"),
     ("W2, a tensor repeated", "per leaf, quick"),
 ]
 
 
+_CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+_clock = time.perf_counter
+
+
 def _per_call(fn: Callable[[], Any], n: int) -> float:
-    start = time.perf_counter()
+    start = _clock()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - start) / n
+    return (_clock() - start) / n
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--cases", nargs="+", metavar="NAME", help="e.g. W3 W5 (default: all)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(_CLOCKS),
+        default="wall",
+        help="wall time, or this thread's CPU time (less moved by a busy machine)",
+    )
     args = parser.parse_args(argv)
+    global _clock  # noqa: PLW0603 - one clock for the whole run
+    _clock = _CLOCKS[args.clock]
     inputs = _inputs()
     originals = {(m, f): getattr(m, f) for m, f, _, _ in WITHOUT.values()}
     for name, route in CASES:

@@ -89,7 +89,32 @@ def _time_case(case: Any, repeats: int, budget: float, *, collect: bool) -> dict
             if "min" in row:
                 row["ratio_min"] = row["min"] / base["min"]
                 row["ratio_median"] = row["median"] / base["median"]
-    return {"case": case.name, "leaves": case.tree_leaves, "bytes": case.unit_bytes, "rows": rows}
+    out = {"case": case.name, "leaves": case.tree_leaves, "bytes": case.unit_bytes, "rows": rows}
+    if case.versus is not None:
+        out["versus"] = _versus(rows, case.versus)
+    return out
+
+
+def _versus(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """tonumpy's time over the contestant ``name``'s: min over min, and the per-round ratios.
+
+    Both are timed in every round, a few milliseconds apart, so the ratio within a round is the
+    one least moved by the load of the machine: its median and quartiles are given.
+    """
+    ours = next(r for r in rows if r["kind"] == "tonumpy")
+    ref = next(r for r in rows if r["name"] == name)
+    if "times" not in ours or "times" not in ref:
+        return {"name": name, "status": "fails"}
+    per_round = [a / b for a, b in zip(ours["times"], ref["times"], strict=True)]
+    q1, median, q3 = statistics.quantiles(per_round, n=4)
+    return {
+        "name": name,
+        "status": "ok",
+        "ratio_min": ours["min"] / ref["min"],
+        "ratio_median": median,
+        "ratio_q1": q1,
+        "ratio_q3": q3,
+    }
 
 
 def worker(keys: list[str], quick: bool) -> list[dict[str, Any]]:
@@ -251,7 +276,12 @@ def markdown(results: list[dict[str, Any]], env: dict[str, str], imp: dict[str, 
     ]
     for name in names:
         out.append(f"| {name} | " + " | ".join(summary[name].get(c, "") for c in cases) + " |")
-    out += ["", "![ratio per converter and workload](img/peers.png)", ""]
+    out.append("")
+    for wl in results:
+        for case in wl["cases"]:
+            if "versus" in case:
+                out += [f"**{case['case']}**: " + _versus_line(case["versus"]), ""]
+    out += ["![ratio per converter and workload](img/peers.png)", ""]
     for wl in results:
         out += [f"### {wl['key']}: {wl['title']}", ""]
         for case in wl["cases"]:
@@ -278,6 +308,8 @@ def markdown(results: list[dict[str, Any]], env: dict[str, str], imp: dict[str, 
                     err = row["error"].replace("|", "\\|")
                     out.append(f"| {row['name']} | {row['status']} | | | | {err} |")
             out.append("")
+            if "versus" in case:
+                out += [_versus_line(case["versus"]), ""]
         if wl["key"] == "W7":
             out += _scaling_table(wl["cases"])
             out += ["![time per leaf against the number of leaves](img/scaling.png)", ""]
@@ -295,6 +327,18 @@ def markdown(results: list[dict[str, Any]], env: dict[str, str], imp: dict[str, 
             "",
         ]
     return "\n".join(out)
+
+
+def _versus_line(versus: dict[str, Any]) -> str:
+    """The sentence under a case's table that compares tonumpy with one other contestant."""
+    head = f"tonumpy / `{versus['name']}`, same process:"
+    if versus["status"] != "ok":
+        return f"{head} no ratio (one of the two fails its output check)."
+    return (
+        f"{head} **{versus['ratio_min']:.2f}x** (min over min); per round (the two timed in "
+        f"every round): median {versus['ratio_median']:.2f}x, quartiles "
+        f"{versus['ratio_q1']:.2f}-{versus['ratio_q3']:.2f}x."
+    )
 
 
 def _scaling_table(cases: list[dict[str, Any]]) -> list[str]:

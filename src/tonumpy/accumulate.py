@@ -159,9 +159,9 @@ class _Leaf:
 
     __slots__ = ("column", "file", "rows", "values")
 
-    def __init__(self, column: Column) -> None:
+    def __init__(self, column: Column, map_min: int | None) -> None:
         self.column = column
-        self.rows = Rows()  # in memory
+        self.rows = Rows(map_min=map_min)  # in memory
         self.values: list[Any] = []  # non-array leaves
         self.file: GrowingNpy | None = None  # with directory=
 
@@ -189,7 +189,8 @@ class Accumulator:
     [`tonumpy.load`][] and ``tonumpy show`` read the tree back as it was. The files are plain
     ``.npy`` files, valid after every ``append`` (the header is rewritten, with the new row
     count, once the batch's bytes are written), so after a crash ``np.load`` gives every row
-    of every batch whose ``append`` returned. bfloat16/float8 leaves (with ``ml_dtypes=True``)
+    of every batch whose ``append`` returned (a batch of CUDA tensors, whose copies are still in
+    flight then: of the call after it). bfloat16/float8 leaves (with ``ml_dtypes=True``)
     are stored as their bits, unsigned integers of the same size, the dtype named in the
     structure. Non-array leaves (and object arrays) stay in memory, and their values are
     written into the structure when [`result`][] is called. A directory that holds another
@@ -335,6 +336,9 @@ class Accumulator:
         # The device side of the transfer engine (the tests give an accumulator a double that
         # sends CPU tensors through it, to run the in-flight path without a GPU).
         self._engine: CudaEngine = CUDA
+        # Where a leaf's rows in memory move from a NumPy array to a memory map of their own
+        # (``None``: ``Rows``' default; the tests lower it to run small leaves through maps).
+        self._map_min: int | None = None
         self._spec: PyTreeSpec | None = None  # set once a batch is added
         self._expected: PyTreeSpec | None = None  # set once a batch is accepted
         self._leaves: list[_Leaf] = []
@@ -445,7 +449,8 @@ class Accumulator:
         if first:
             leaves = [
                 _Leaf(
-                    Column(path, place, axis=self._axis, pad_value=self._pad_value, noun="batches")
+                    Column(path, place, axis=self._axis, pad_value=self._pad_value, noun="batches"),
+                    self._map_min,
                 )
                 for path, place in _tree.leaf_paths(spec)
             ]

@@ -890,6 +890,20 @@ def test_directory_survives_a_crash(tmp_path: Path, mid_append: bool) -> None:
     np.testing.assert_array_equal(loaded["loss"], np.arange(7.0, dtype=np.float32))
 
 
+def test_directory_batch_in_flight_is_written_by_the_next_call(
+    tmp_path: Path, host_engine: HostEngine
+) -> None:
+    """A batch whose copies are in flight (the device engine) is in the files once the call
+    after its append returns, not before."""
+    acc = accumulating(Accumulator(directory=tmp_path), host_engine)
+    acc.append({"x": torch.ones(2, 3)})
+    assert not (tmp_path / "x.npy").exists()
+    acc.append({"x": torch.full((1, 3), 2.0)})
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), np.ones((2, 3), np.float32))
+    assert len(acc) == 3
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy")[2], np.full(3, 2.0, np.float32))
+
+
 def test_top_level_exports() -> None:
     """concat and Accumulator are public."""
     assert tonumpy.concat is concat

@@ -46,10 +46,21 @@ TREES: dict[str, Callable[[], list[torch.Tensor]]] = {
 }
 
 
+# a tree made this many times over (distinct tensors): small trees and trees of 32 leaves or
+# more, whose integer views the pass takes in inference mode
+COPIES = [1, 16]
+
+
+def many(make: Callable[[], list[torch.Tensor]], copies: int) -> list[torch.Tensor]:
+    """``make()``'s leaves, ``copies`` times over, every tensor a new one."""
+    return [t for _ in range(copies) for t in make()]
+
+
+@pytest.mark.parametrize("copies", COPIES)
 @pytest.mark.parametrize("name", list(TREES))
-def test_same_values_as_each_leaf_alone(name: str) -> None:
+def test_same_values_as_each_leaf_alone(name: str, copies: int) -> None:
     """The bit-view pass gives each leaf the dtype, shape and bits it gets converted alone."""
-    tree = TREES[name]()
+    tree = many(TREES[name], copies)
     out = tonumpy.to_numpy(tree, ml_dtypes=True)
     for t, arr in zip(tree, out, strict=True):
         want = alone(t)
@@ -58,9 +69,10 @@ def test_same_values_as_each_leaf_alone(name: str) -> None:
         np.testing.assert_array_equal(bits(arr), bits(want))
 
 
-def test_views_share_memory_with_the_tensors() -> None:
+@pytest.mark.parametrize("copies", COPIES)
+def test_views_share_memory_with_the_tensors(copies: int) -> None:
     """Zero-copy: each array is a view of its tensor, writable when no grad is involved."""
-    tree = [base[i].bfloat16() for i in range(3)]
+    tree = many(lambda: [base[i].bfloat16() for i in range(3)], copies)
     out = tonumpy.to_numpy(tree, ml_dtypes=True)
     for t, arr in zip(tree, out, strict=True):
         assert arr.dtype == BF16
@@ -68,13 +80,16 @@ def test_views_share_memory_with_the_tensors() -> None:
         assert arr.flags.writeable
 
 
-def test_tensors_that_require_grad_give_read_only_views() -> None:
+@pytest.mark.parametrize("copies", COPIES)
+def test_tensors_that_require_grad_give_read_only_views(copies: int) -> None:
     """Only the views of tensors that require grad are read-only, wherever they are."""
     grad = base[1].bfloat16().requires_grad_() * 2
     float_grad = base[2].clone().requires_grad_()
-    tree = [base[0].bfloat16(), grad, float_grad, base[3].bfloat16()]
+    rest = many(lambda: [base[0].bfloat16(), base[1].bfloat16().requires_grad_()], copies - 1)
+    tree = [base[0].bfloat16(), grad, float_grad, base[3].bfloat16(), *rest]
     out = tonumpy.to_numpy(tree, ml_dtypes=True)
-    assert [a.flags.writeable for a in out] == [True, False, False, True]
+    want = [True, False, False, True] + [True, False] * (copies - 1)
+    assert [a.flags.writeable for a in out] == want
     with pytest.raises(ValueError, match="read-only"):
         out[1][0] = 0
     np.testing.assert_array_equal(bits(out[1]), bits(alone(grad)))
@@ -90,3 +105,34 @@ def test_a_negative_bit_is_resolved_and_the_other_leaves_stay_views() -> None:
     for i in (0, 2):
         assert out[i].ctypes.data == tree[i].data_ptr()
         np.testing.assert_array_equal(bits(out[i]), bits(alone(tree[i])))
+
+
+@pytest.mark.parametrize("copies", COPIES)
+def test_the_tensors_stay_as_they_were(copies: int) -> None:
+    """The pass leaves its tensors ordinary: not inference tensors, writable in place (the
+    array sees it), and a tensor with a graph still runs its backward."""
+    leaf = base[0].clone().requires_grad_()
+    grad = leaf.bfloat16() * 2
+    tree = [grad, *many(lambda: [base[1].bfloat16()], copies)]
+    out = tonumpy.to_numpy(tree, ml_dtypes=True)
+    for t in tree:
+        assert not t.is_inference()
+    tree[1].add_(1)
+    np.testing.assert_array_equal(bits(out[1]), bits(alone(tree[1])))
+    grad.float().sum().backward()
+    assert leaf.grad is not None
+    np.testing.assert_array_equal(leaf.grad.numpy(), np.full(6, 2.0, np.float32))
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_same_views_under_the_callers_grad_mode(mode: str) -> None:
+    """Called under ``torch.no_grad()`` or ``torch.inference_mode()``, the pass gives the same
+    arrays: views of the tensors, read-only for a tensor that requires grad."""
+    grad = base[0].bfloat16().requires_grad_()
+    tree = [grad, *many(lambda: [base[1].bfloat16()], 40)]
+    with getattr(torch, mode)():
+        out = tonumpy.to_numpy(tree, ml_dtypes=True)
+    assert [a.flags.writeable for a in out] == [False] + [True] * 40
+    for t, arr in zip(tree, out, strict=True):
+        assert arr.ctypes.data == t.data_ptr()
+        np.testing.assert_array_equal(bits(arr), bits(alone(t)))

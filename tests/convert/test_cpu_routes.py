@@ -163,7 +163,7 @@ def test_ml_dtypes_mixed_tree_views_of_grad_tensors_are_read_only() -> None:
         np.testing.assert_array_equal(arr.view(f"u{arr.itemsize}"), alone.view(f"u{arr.itemsize}"))
 
 
-@pytest.mark.parametrize("n", [3, 300])
+@pytest.mark.parametrize("n", [3, 300, 10_000])
 def test_repeated_tensor_in_large_and_small_trees_gives_one_array(n: int) -> None:
     """A tensor at two places becomes one array at both, whichever duplicate check runs."""
     shared = torch.arange(3.0)

@@ -65,18 +65,6 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
     return os.read(fd, n)  # pragma: no cover
 
 
-def _read_all(fd: int, n: int, offset: int) -> bytes:
-    parts = []
-    while n > 0:
-        part = _pread(fd, n, offset)
-        if not part:
-            raise OSError(f"unexpected end of file at byte {offset}")
-        parts.append(part)
-        n -= len(part)
-        offset += len(part)
-    return b"".join(parts)
-
-
 def _write_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         written = _pwrite(fd, data, offset)
@@ -90,9 +78,13 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024)
 
 def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> int:
     """Write ``buffers`` one after the other at ``offset``; the offset after them."""
+    total = sum(len(b) for b in buffers)
     while buffers:
         written = os.pwritev(fd, buffers, offset)
         offset += written
+        total -= written
+        if not total:  # the usual case: everything in one call
+            break
         while buffers and written >= len(buffers[0]):
             written -= len(buffers[0])
             buffers = buffers[1:]
@@ -104,6 +96,25 @@ def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> int:
 def _bytes_of(arr: np.ndarray) -> memoryview:
     flat: np.ndarray = np.ascontiguousarray(arr).reshape(-1)
     return flat.view(np.uint8).data
+
+
+def _mapped(fd: int, offset: int, nbytes: int) -> np.ndarray:
+    """Bytes ``[offset, offset + nbytes)`` of file ``fd``, memory-mapped read-only (``uint8``).
+
+    The map is unmapped when the last array viewing it goes. Where the system can, its page
+    table is filled in one call (``MAP_POPULATE``), not one fault per page.
+    """
+    if nbytes == 0:
+        return np.empty(0, np.uint8)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    length = offset + nbytes - start
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if populate:
+        flags = mmap.MAP_SHARED | populate
+        mapped = mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ, offset=start)
+    else:  # pragma: no cover - not Linux
+        mapped = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=start)
+    return np.frombuffer(mapped, np.uint8, count=nbytes, offset=offset - start)
 
 
 #: Re-layouts may rewrite this many bytes, plus twice the bytes appended, before growing
@@ -211,7 +222,7 @@ class GrowingNpy:
         """Write ``chunk`` (rows first, at most the file's trailing shape) after the last row."""
         n = chunk.shape[0]
         offset = self._header_len + self.rows * self.row_bytes
-        if not self._write_padded_rows(chunk, fill, offset):
+        if not self._write_padded_rows(self.fd, chunk, fill, offset):
             if chunk.shape[1:] != self.trailing or chunk.dtype != self.dtype:
                 padded = np.empty((n, *self.trailing), dtype=self.dtype)
                 copy_padded(padded, chunk, fill)
@@ -221,8 +232,10 @@ class GrowingNpy:
         self._appended += n * self.row_bytes
         self._write_header(self.fd)
 
-    def _write_padded_rows(self, chunk: np.ndarray, fill: np.ndarray | None, offset: int) -> bool:
-        """Write rows that are short only along their first axis, without a padded copy.
+    def _write_padded_rows(
+        self, fd: int, chunk: np.ndarray, fill: np.ndarray | None, offset: int
+    ) -> bool:
+        """Write rows that are short only along their first axis into ``fd``, without a copy.
 
         ``(L, vocab)`` rows into ``(width, vocab)`` ones: each row's bytes, then the same
         padding bytes, gathered by ``pwritev``. False when the rows are not of that form (or
@@ -245,10 +258,8 @@ class GrowingNpy:
         rows = chunk.reshape(chunk.shape[0], -1).view(np.uint8)
         step = max(1, _IOV_MAX // 2)
         for start in range(0, chunk.shape[0], step):
-            buffers: list[memoryview] = []
-            for row in rows[start : start + step]:
-                buffers += (row.data, pad_bytes)
-            offset = _pwritev_all(self.fd, buffers, offset)
+            buffers = [part for row in rows[start : start + step] for part in (row.data, pad_bytes)]
+            offset = _pwritev_all(fd, buffers, offset)
         return True
 
     def reserve(self, rows: int) -> None:
@@ -288,7 +299,7 @@ class GrowingNpy:
         ``dtype``: a wider dtype the rows are converted to (the column policy promoted the
         leaf's dtype; every value converts exactly).
         """
-        old_trailing, old_row, old_dtype = self.trailing, self.row_bytes, self.dtype
+        old_trailing, old_dtype = self.trailing, self.dtype
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
@@ -296,18 +307,7 @@ class GrowingNpy:
             if dtype is not None:
                 self.dtype = dtype
             self._write_header(fd)
-            new_row = self.row_bytes
-            step = max(1, _BLOCK_BYTES // max(1, old_row, new_row))
-            keep = tuple(slice(0, min(a, b)) for a, b in zip(old_trailing, trailing, strict=True))
-            for start in range(0, self.rows, step):
-                n = min(step, self.rows - start)
-                raw = _read_all(self.fd, n * old_row, self._header_len + start * old_row)
-                block = np.frombuffer(raw, dtype=old_dtype).reshape(n, *old_trailing)
-                out = np.empty((n, *trailing), dtype=self.dtype)
-                rows_and_keep = (slice(None), *keep)
-                cropped = block[rows_and_keep]
-                copy_padded(out, cropped, fill)
-                _write_all(fd, _bytes_of(out), self._header_len + start * new_row)
+            self._copy_rows(fd, old_trailing, old_dtype, fill)
         except BaseException:
             os.close(fd)
             self.trailing, self.dtype = old_trailing, old_dtype
@@ -318,6 +318,40 @@ class GrowingNpy:
         self.fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd)
         self._rewritten += self.rows * self.row_bytes
+
+    def _copy_rows(
+        self,
+        fd: int,
+        old_trailing: tuple[int, ...],
+        old_dtype: np.dtype[Any],
+        fill: np.ndarray | None,
+    ) -> None:
+        """Write this file's rows (laid out as ``old_trailing``, ``old_dtype``) into ``fd``.
+
+        They are written in the layout the file has now, about ``_BLOCK_BYTES`` at a time. Each
+        block of old rows is read through a read-only memory map of its own (unmapped
+        before the next, so memory stays bounded by a block). Rows that only grow along their
+        first axis go from the old file's pages to the new file's in one copy (``pwritev`` of
+        each row and its padding); others are cropped and padded into a block buffer first.
+        """
+        old_row = math.prod(old_trailing) * old_dtype.itemsize
+        new_row = self.row_bytes
+        step = max(1, _BLOCK_BYTES // max(1, old_row, new_row))
+        pairs = zip(old_trailing, self.trailing, strict=True)
+        keep = (slice(None), *(slice(0, min(a, b)) for a, b in pairs))
+        out: np.ndarray | None = None
+        offset = self._header_len
+        for start in range(0, self.rows, step):
+            n = min(step, self.rows - start)
+            raw = _mapped(self.fd, self._header_len + start * old_row, n * old_row)
+            block = raw.view(old_dtype).reshape(n, *old_trailing)
+            if old_dtype != self.dtype or not self._write_padded_rows(fd, block, fill, offset):
+                if out is None:
+                    out = np.empty((min(step, self.rows), *self.trailing), dtype=self.dtype)
+                copy_padded(out[:n], block[keep], fill)
+                _write_all(fd, _bytes_of(out[:n]), offset)
+            offset += n * new_row
+            del raw, block  # unmaps the block
 
     def open(self, rows: int) -> np.ndarray:
         """The first ``rows`` rows, memory-mapped read-only (``ml_dtypes`` rows as such)."""
@@ -393,18 +427,19 @@ def _populate(mm: mmap.mmap, start: int, nbytes: int) -> None:
 class _Buffer:
     """Bytes that grow geometrically without copying where the platform allows.
 
-    Below ``_MAP_MIN`` the bytes are a NumPy array (regrown by copying, amortised O(1) per
-    byte); above, an anonymous memory map that ``mremap`` grows in place (``mmap.resize``):
+    Below ``map_min`` bytes they are a NumPy array (regrown by copying, amortised O(1) per
+    byte); from there on, an anonymous memory map that ``mremap`` grows in place (``mmap.resize``):
     rows already written are never copied to grow. Where resizing a map is not available
     (no ``mremap``), a larger map is made and the bytes copied, amortised O(1) per byte too.
     No view of the buffer may be alive when it grows: callers take views, write, drop them.
     """
 
-    __slots__ = ("array", "map")
+    __slots__ = ("array", "map", "map_min")
 
-    def __init__(self) -> None:
+    def __init__(self, map_min: int) -> None:
         self.array: np.ndarray | None = None
         self.map: mmap.mmap | None = None
+        self.map_min = map_min
 
     @property
     def capacity(self) -> int:
@@ -418,7 +453,7 @@ class _Buffer:
         if nbytes <= have:
             return
         size = max(nbytes, 2 * have, 4096)
-        if size < _MAP_MIN:
+        if size < self.map_min:
             grown = np.empty(size, dtype=np.uint8)
             if used:
                 assert self.array is not None  # noqa: S101
@@ -518,11 +553,13 @@ class Rows:
         "trailing",
     )
 
-    def __init__(self, *, rewrite_slack: int | None = None) -> None:
+    def __init__(self, *, rewrite_slack: int | None = None, map_min: int | None = None) -> None:
         #: Re-layouts may move this many bytes, plus twice the bytes appended, before
         #: growing dimensions geometrically (default ``_REWRITE_SLACK``, as ``GrowingNpy``).
         self.rewrite_slack = _REWRITE_SLACK if rewrite_slack is None else rewrite_slack
-        self._buf = _Buffer()
+        # the buffer is a NumPy array below this many bytes, a memory map of its own from
+        # there on (default ``_MAP_MIN``)
+        self._buf = _Buffer(_MAP_MIN if map_min is None else map_min)
         self.dtype: np.dtype[Any] | None = None
         self.trailing: tuple[int, ...] = ()
         self.rows = 0  # rows in the buffer

@@ -2,35 +2,41 @@
 
 Per leaf, the careful converter (``tonumpy._convert._leaf``) costs several torch calls; most trees
 are made of plain CPU tensors for which one call is the whole conversion. [`convert`][] tries that
-in one list comprehension, and declines (returns ``None``) for anything it does not handle, so
-that the router's per-leaf loop converts the leaves instead, with errors that name the path.
-A CPU ``to_numpy`` has eight routes; the careful converter serves every input, and each of
-the seven others is kept because it is measurably faster on the inputs it serves than the
-route that would serve them without it (that route disabled in a copy of the code, the two
-timed alternately, 15 rounds each, the minimum per call, by ``benchmarks/routes.py``;
-2026-12-06, a 2-core shared machine; ``W`` are the workloads of ``benchmarks/run.py``):
+in one list comprehension (or one ``map``), and declines (returns ``None``) for anything it does
+not handle, so that the router's per-leaf loop converts the leaves instead, with errors that name
+the path. A CPU ``to_numpy`` has eight routes; the careful converter serves every input, and
+each of the seven others (and each variant inside a route) is kept because it is measurably
+faster on the inputs it serves than what would serve them without it (that route disabled in a
+copy of the code, the two timed alternately, the minimum and the median per call, by
+``benchmarks/routes.py``; 2026-12-06, a 2-core shared machine under load, ``--clock cpu``
+(this thread's CPU time), 21-31 rounds; ``W`` are the workloads of ``benchmarks/run.py``):
 
 1. **lone tensor** (``tonumpy.convert.to_numpy``: a CPU tensor that is the whole tree, no
-   walk): W5 (a (64,) float32 tensor) 1.1 µs vs 5.2 µs without (the walk, the bulk pass): 4.7x;
+   walk): W5 (a (64,) float32 tensor) 1.1 µs vs 5.1 µs without (the walk, the bulk pass): 4.7x;
 2. **the numpy pass**: ``t.numpy()`` skips the ``cpu``/``resolve_conj``/``resolve_neg``
-   dispatcher round trips that ``force=True`` adds: W1 11.7 ms vs 14.0 ms without (the force
-   pass): 1.20x; W2 7.7 vs 9.1 ms: 1.18x; W4 7.0 vs 8.4 ms: 1.20x. It refuses tensors that
-   require grad, so a tree whose first tensor requires grad (W3: they usually all do) starts
-   with
+   dispatcher round trips that ``force=True`` adds: W1 12.8 ms vs 16.2 ms without (the force
+   pass): 1.26x; W2 9.0 vs 11.7 ms: 1.31x; W4 8.1 vs 10.2 ms: 1.26x. Where every leaf is a
+   tensor (W1, W4) it is one ``map`` of the unbound ``Tensor.numpy``, no bytecode per leaf:
+   W1 10.9 vs 12.5 ms with the comprehension, 1.15x (medians 1.08x); W4 7.0 vs 7.4 ms, 1.06x
+   (1.08x). It refuses tensors that require grad, so a tree whose first tensor requires grad
+   (W3: they usually all do) starts with
 3. **the force pass**, ``t.numpy(force=True)`` in one comprehension, such arrays made read-only
-   (``tonumpy._convert._leaf.read_only``): W3 11.6 vs 12.2 ms without (the low-precision pass's
-   dtype dispatch): 1.05x to 1.07x in three runs, the smallest gain kept (W3 is the training-loop
-   case, and issue 22's target for it is tight);
+   (``tonumpy._convert._leaf.read_only``): W3 11.9 vs 13.1 ms without (the low-precision pass's
+   dtype dispatch): 1.10x (medians 1.07x; one run of three gave 0.95x, medians 1.02x: W3 is
+   the training-loop case, and issue 22's target for it is tight);
 4. **the low-precision pass, widening** (``_upcast_bf16``): bfloat16 leaves of one shape
-   stacked and widened with one cast: W6 upcast 1.5 vs 17.2 ms without (per leaf): 11.5x;
+   stacked and widened with one cast: W6 upcast 1.6 vs 18.3 ms without (per leaf): 11.4x;
 5. **the same-bits pass** (``_same_bits``, ``ml_dtypes=True``, the first tensor
-   bfloat16/float8): the dtypes and grad flags read by ``map``: W6 ml_dtypes 2.0 vs 2.2 ms
-   without (the bit-view pass): 1.10x;
+   bfloat16/float8): the dtypes and grad flags read by ``map``, the views made by three
+   ``map`` calls: W6 ml_dtypes 1.77 vs 2.30 ms without (the bit-view pass): 1.30x. From 32
+   leaves on, the integer views are taken in inference mode (``_integer_views``): 1.77 vs
+   1.87 ms without, 1.06x (medians 1.04x); below, entering inference mode costs more than it
+   saves (at 8 leaves 1.09x slower, at 32 even);
 6. **the bit-view pass** (``_bit_views``, ``ml_dtypes=True``, other trees with such leaves):
-   a float32 leaf then W6's 1,000 bfloat16 leaves: 2.2 vs 15.7 ms without (per leaf): 7.0x;
+   a float32 leaf then W6's 1,000 bfloat16 leaves: 2.2 vs 16.0 ms without (per leaf): 7.2x;
 7. **per leaf, quick** (``tonumpy.convert._per_leaf``: ``numpy(force=True)`` first, for trees
-   the passes decline): W2 with one tensor repeated: 12.9 vs 27.2 ms without (the careful
-   converter for every leaf): 2.1x;
+   the passes decline): W2 with one tensor repeated: 12.4 vs 27.2 ms without (the careful
+   converter for every leaf): 2.2x;
 8. **per leaf, careful** (``tonumpy._convert._leaf``): everything else, each refusal an error naming
    the path.
 
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -81,6 +88,8 @@ def to_arrays(
         try:  # no tensor requires grad, none has a conj/neg bit (evaluation, logging)
             if copy:
                 return [leaf.numpy().copy() if type(leaf) in plain else leaf for leaf in leaves]
+            if leaf_types <= plain:  # tensors only (W1, W4): no bytecode per leaf
+                return list(map(_NUMPY, leaves))
             return [leaf.numpy() if type(leaf) in plain else leaf for leaf in leaves]
         except Exception:  # noqa: BLE001, S110 - grad, a dtype NumPy lacks, a device, ...
             pass
@@ -155,16 +164,18 @@ def _low_precision(leaves: list[Any], *, copy: bool, ml_dtypes: bool) -> list[An
 def _same_bits(leaves: list[Any], dtype: torch.dtype) -> list[Any]:
     """Plain CPU tensors, mostly of the ``ml_dtypes`` dtype ``dtype``: ``ml_dtypes`` bit views.
 
-    The W6 case at the cost of the bare ``t.view(int16).numpy().view(bfloat16)`` map: the
+    The W6 case, below the cost of the bare ``t.view(int16).numpy().view(bfloat16)`` map: the
     leaves' dtypes and grad flags are read by ``map`` (no bytecode per leaf), and where every
-    leaf has ``dtype`` one comprehension makes the views; otherwise each leaf's dtype is
-    checked (a leaf of another dtype goes through ``_one_view``). Views of leaves that require
-    grad are made read-only (see ``_protect``). A negative bit, a device other than the CPU,
-    and anything else ``view``/``numpy`` refuses raise: the caller tries its other passes.
+    leaf has ``dtype`` three C-level maps make the views, the integer views of the tensors
+    taken in inference mode (``_integer_views``); otherwise each leaf's dtype is checked (a
+    leaf of another dtype goes through ``_one_view``). Views of leaves that require grad are
+    made read-only (see ``_protect``). A negative bit, a device other than the CPU, and
+    anything else ``view``/``numpy`` refuses raise: the caller tries its other passes.
     """
     bits, np_dtype = _dtypes.BITS[dtype.itemsize], _dtypes.ml_numpy_dtype(dtype)
     if set(map(_DTYPE, leaves)) == {dtype}:
-        out = [leaf.view(bits).numpy().view(np_dtype) for leaf in leaves]
+        arrays = map(_NUMPY, _integer_views(leaves, bits))
+        out = list(map(_ARRAY_VIEW, arrays, repeat(np_dtype)))
     else:
         other = _one_view
         out = [
@@ -178,8 +189,31 @@ def _same_bits(leaves: list[Any], dtype: torch.dtype) -> list[Any]:
     return out
 
 
+# from about this many leaves on, entering inference mode (~2 us) costs less than it saves
+_INFERENCE_FROM = 32
+
+
+def _integer_views(leaves: list[torch.Tensor], bits: torch.dtype) -> list[torch.Tensor]:
+    """``t.view(bits)`` for every tensor of ``leaves``, in inference mode for many of them.
+
+    A view taken in inference mode skips autograd's view bookkeeping (W6: about 200 of the
+    480 ns per leaf). Such a view is an inference tensor; it is only the hidden owner of its
+    array's memory (``numpy()``, called outside inference mode, still refuses what it refused,
+    and the input tensors are untouched). A bit view is not differentiable anyway, and the
+    views of tensors that require grad are made read-only by the caller.
+    """
+    if len(leaves) < _INFERENCE_FROM:
+        return list(map(_TORCH_VIEW, leaves, repeat(bits)))
+    with torch.inference_mode():
+        return list(map(_TORCH_VIEW, leaves, repeat(bits)))
+
+
 _DTYPE = operator.attrgetter("dtype")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
+# unbound methods, mapped over the leaves (plain tensors only: a subclass may override them)
+_NUMPY: Callable[[torch.Tensor], np.ndarray] = torch.Tensor.numpy
+_TORCH_VIEW: Callable[[torch.Tensor, torch.dtype], torch.Tensor] = torch.Tensor.view
+_ARRAY_VIEW: Callable[[np.ndarray, np.dtype[Any]], np.ndarray] = np.ndarray.view
 
 
 def _one_view(leaf: torch.Tensor) -> np.ndarray:
