@@ -246,3 +246,43 @@ def test_per_leaf_route_with_repeated_non_tensor_leaves() -> None:
         assert got["n"] == 3
     np.testing.assert_array_equal(out[-1]["tagged"], [0.0, 1.0])
     assert type(out[-1]["tagged"]) is np.ndarray
+
+
+@pytest.mark.parametrize("with_parameter", [False, True])
+def test_grad_views_read_only_among_plain_values(with_parameter: bool) -> None:
+    """Beside strings, numbers, None and arrays, exactly the grad tensors' views are read-only."""
+    grad = torch.randn(3, requires_grad=True) * 2
+    plain = torch.randn(3)
+    param = torch.nn.Parameter(torch.randn(2))
+    given = np.zeros(2)
+    tree: dict[str, Any] = {"g": grad, "p": plain, "s": "x", "n": 3, "f": 0.5, "z": None}
+    tree["a"] = given
+    if with_parameter:
+        tree["w"] = param
+    out = to_numpy(tree)
+    assert not out["g"].flags.writeable
+    assert out["p"].flags.writeable
+    assert out["a"] is given
+    assert given.flags.writeable  # the user's array is not touched
+    assert (out["s"], out["n"], out["f"], out["z"]) == ("x", 3, 0.5, None)
+    if with_parameter:
+        assert not out["w"].flags.writeable
+    np.testing.assert_array_equal(out["g"], grad.detach().numpy())
+
+
+def test_grad_views_read_only_beside_a_leaf_with_a_requires_grad_property() -> None:
+    """A leaf object's ``requires_grad`` property is never read; grad views beside it read-only."""
+    reads: list[int] = []
+
+    class Flagged:
+        @property
+        def requires_grad(self) -> bool:
+            reads.append(1)
+            return True
+
+    leaf = Flagged()
+    grad = torch.randn(4, requires_grad=True) * 2
+    out = to_numpy({"o": leaf, "g": grad}, is_leaf=lambda x: isinstance(x, Flagged))
+    assert out["o"] is leaf
+    assert not reads
+    assert not out["g"].flags.writeable
