@@ -49,23 +49,23 @@ WITHOUT = {
         "type(tree) in PLAIN\n        and copy is None",
         "False\n        and copy is None",
     ),
-    "numpy pass": (_bulk, "convert", "if not first.requires_grad:", "if False:"),
+    "numpy pass": (_bulk, "to_arrays", "if not first.requires_grad:", "if False:"),
     "numpy pass: one map": (
         _bulk,
-        "convert",
+        "to_arrays",
         "if leaf_types <= plain:  # tensors only",
         "if False:  # tensors only",
     ),
     "force pass": (
         _bulk,
-        "convert",
+        "to_arrays",
         "    try:\n        if copy:\n            return [\n                leaf.numpy(force=True)",
         "    try:\n        raise ValueError\n        if copy:\n            return [\n"
         "                leaf.numpy(force=True)",
     ),
     "same-bits pass": (
         _bulk,
-        "convert",
+        "to_arrays",
         "if ml_dtypes and not copy and first.dtype",
         "if False and first.dtype",
     ),
@@ -77,7 +77,7 @@ WITHOUT = {
     ),
     "low-precision passes": (
         _bulk,
-        "convert",
+        "to_arrays",
         "        return _low_precision(leaves, copy=copy, ml_dtypes=ml_dtypes)",
         "        return None",
     ),

@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar, cast, overload
 import torch
 
 from . import _options, _tree
-from .convert import convert_flat
+from .convert import leaves_to_numpy
 from .errors import OptionError
 
 __all__ = ["numpy_args"]
@@ -35,19 +35,23 @@ class _NumpyArgs(Generic[R]):
     """
 
     def __init__(
-        self, func: Callable[..., R], convert: Callable[[Any], Any], *, keep_first: bool = False
+        self,
+        func: Callable[..., R],
+        arg_to_numpy: Callable[[Any], Any],
+        *,
+        keep_first: bool = False,
     ) -> None:
         functools.update_wrapper(self, func)
         self.__dict__.pop("_bound_form", None)  # copied from func if func is one of us
         self._func = func
-        self._convert = convert
+        self._arg_to_numpy = arg_to_numpy
         self._keep_first = keep_first  # the first argument is the bound instance (or class)
 
     def __call__(self, *args: Any, **kwargs: Any) -> R:
-        convert = self._convert
+        arg_to_numpy = self._arg_to_numpy
         kept = args[:1] if self._keep_first else ()
-        new_args = (*kept, *map(convert, args[len(kept) :]))
-        return self._func(*new_args, **{key: convert(value) for key, value in kwargs.items()})
+        new_args = (*kept, *map(arg_to_numpy, args[len(kept) :]))
+        return self._func(*new_args, **{key: arg_to_numpy(value) for key, value in kwargs.items()})
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
@@ -59,7 +63,7 @@ class _NumpyArgs(Generic[R]):
     def _bound(self) -> _NumpyArgs[R]:
         bound: _NumpyArgs[R] | None = self.__dict__.get("_bound_form")
         if bound is None:
-            bound = _NumpyArgs(self._func, self._convert, keep_first=True)
+            bound = _NumpyArgs(self._func, self._arg_to_numpy, keep_first=True)
             self.__dict__["_bound_form"] = bound
         return bound
 
@@ -163,28 +167,28 @@ def numpy_args(
     _options.check_copy(copy, "numpy_args")
     _options.check_flags("numpy_args", ml_dtypes=ml_dtypes, scalars=scalars)
 
-    def convert(value: Any) -> Any:
+    def arg_to_numpy(value: Any) -> Any:
         if _tree.is_opaque_type(type(value)):
             return value  # a logger, a writer, a module, a step number: a leaf, as it is
         leaves, spec = _tree.flatten(value, is_leaf=is_leaf, search=False)
         if not any(isinstance(leaf, torch.Tensor) for leaf in leaves):
             return value
-        converted = convert_flat(leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
+        converted = leaves_to_numpy(leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars)
         return _tree.unflatten(spec, converted)
 
     def decorate(func: Callable[..., R]) -> Callable[..., R]:
         given: Any = func  # may also be a staticmethod or classmethod object
         if isinstance(given, staticmethod):  # @numpy_args above @staticmethod
-            wrapped: Any = staticmethod(_NumpyArgs(given.__func__, convert))
+            wrapped: Any = staticmethod(_NumpyArgs(given.__func__, arg_to_numpy))
             return cast("Callable[..., R]", wrapped)
         if isinstance(given, classmethod):  # @numpy_args above @classmethod: cls stays as is
-            wrapped = classmethod(_NumpyArgs(given.__func__, convert, keep_first=True))
+            wrapped = classmethod(_NumpyArgs(given.__func__, arg_to_numpy, keep_first=True))
             return cast("Callable[..., R]", wrapped)
         if not callable(given):
             raise OptionError(
                 f"numpy_args() decorates a callable, got {type(given).__name__}: {given!r}"
             )
-        return _NumpyArgs(func, convert)
+        return _NumpyArgs(func, arg_to_numpy)
 
     if fn is not None:
         return decorate(fn)

@@ -46,7 +46,7 @@ def _shown(value: Any) -> str:
     return f"{text} ({type(value).__name__})"
 
 
-def check_copy(copy: Any, where: str) -> None:
+def check_copy(copy: Any, caller: str) -> None:
     """Raise unless ``copy`` is exactly ``None``, ``True`` or ``False``.
 
     Examples:
@@ -59,12 +59,12 @@ def check_copy(copy: Any, where: str) -> None:
     if copy is None or copy is True or copy is False:
         return
     raise OptionError(
-        f"{where}(copy={_shown(copy)}): copy= takes None (share memory where possible), True "
+        f"{caller}(copy={_shown(copy)}): copy= takes None (share memory where possible), True "
         "(always copy) or False (never copy: raise instead); nothing else, not 0, 1 or a string"
     )
 
 
-def check_flag(value: Any, name: str, where: str) -> None:
+def check_flag(value: Any, name: str, caller: str) -> None:
     """Raise unless ``value`` is exactly ``True`` or ``False`` (not 0, 1 or ``np.True_``).
 
     Examples:
@@ -75,31 +75,31 @@ def check_flag(value: Any, name: str, where: str) -> None:
     """
     if value is True or value is False:
         return
-    raise OptionError(f"{where}({name}={_shown(value)}): {name}= takes True or False")
+    raise OptionError(f"{caller}({name}={_shown(value)}): {name}= takes True or False")
 
 
-def check_flags(where: str, /, **flags: Any) -> None:
+def check_flags(caller: str, /, **flags: Any) -> None:
     """``check_flag`` for each keyword argument."""
     for name, value in flags.items():
-        check_flag(value, name, where)
+        check_flag(value, name, caller)
 
 
-def bad_flags(where: str, /, *, copy: Any = None, **flags: Any) -> NoReturn:
+def bad_flags(caller: str, /, *, copy: Any = None, **flags: Any) -> NoReturn:
     """Raise for whichever of ``copy`` and the boolean ``flags`` is wrong (one is).
 
     Callers test the options inline (a few identity comparisons) and call this only when one
     of them is not exactly what is accepted; it finds which and says so.
     """
-    check_copy(copy, where)
-    check_flags(where, **flags)
-    raise AssertionError(f"{where}: bad_flags called with valid options")  # pragma: no cover
+    check_copy(copy, caller)
+    check_flags(caller, **flags)
+    raise AssertionError(f"{caller}: bad_flags called with valid options")  # pragma: no cover
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
 
-def check_axis(axis: Any, where: str) -> int:
+def check_axis(axis: Any, caller: str) -> int:
     """``axis`` as a Python int, or an error if it is not an integer (``True`` is not).
 
     Examples:
@@ -113,12 +113,12 @@ def check_axis(axis: Any, where: str) -> int:
     if _is_int(axis):
         return int(axis)
     raise OptionError(
-        f"{where}(axis={_shown(axis)}): axis= takes an int: the index of the dimension to "
+        f"{caller}(axis={_shown(axis)}): axis= takes an int: the index of the dimension to "
         "concatenate along (negative counts from the end)"
     )
 
 
-def check_num_items(num_items: Any, where: str) -> int | None:
+def check_num_items(num_items: Any, caller: str) -> int | None:
     """``num_items`` as a Python int (``>= 0``), or ``None``; an error for anything else.
 
     Examples:
@@ -132,7 +132,7 @@ def check_num_items(num_items: Any, where: str) -> int | None:
     if _is_int(num_items) and num_items >= 0:
         return int(num_items)
     raise OptionError(
-        f"{where}(num_items={_shown(num_items)}): num_items= takes None or a number of rows, "
+        f"{caller}(num_items={_shown(num_items)}): num_items= takes None or a number of rows, "
         "an int >= 0"
     )
 
@@ -155,7 +155,7 @@ def check_callable_signature(fn: Callable[..., Any], args: tuple[Any, ...], what
         ) from None
 
 
-def check_directory(directory: str | os.PathLike[str], where: str) -> Path:
+def check_directory(directory: str | os.PathLike[str], caller: str) -> Path:
     """``directory`` as a Path, or an error if it is, or lies below, something not a directory.
 
     A directory that does not exist yet is fine (it is created when needed), as long as the
@@ -163,7 +163,7 @@ def check_directory(directory: str | os.PathLike[str], where: str) -> Path:
     """
     if not isinstance(directory, str | os.PathLike):
         raise OptionError(
-            f"{where}(directory={_shown(directory)}): directory= takes a path (str or "
+            f"{caller}(directory={_shown(directory)}): directory= takes a path (str or "
             "os.PathLike) or None"
         )
     path = Path(directory)
@@ -173,7 +173,7 @@ def check_directory(directory: str | os.PathLike[str], where: str) -> Path:
             if not probe.is_dir():
                 whose = "is" if probe == path else f"lies below {str(probe)!r}, which is"
                 raise OptionError(
-                    f"{where}(directory={str(path)!r}): the path {whose} a file, not a "
+                    f"{caller}(directory={str(path)!r}): the path {whose} a file, not a "
                     "directory; pass a directory (existing, or one that can be created)"
                 )
             return path

@@ -25,11 +25,13 @@ def _is_the_command() -> bool:
     return len(original) >= 3 and original[1:3] == ["-m", "tonumpy"]
 
 
-def _hook(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
-    if issubclass(kind, KeyboardInterrupt):
+def _hook(
+    exc_type: type[BaseException], value: BaseException, traceback: TracebackType | None
+) -> None:
+    if issubclass(exc_type, KeyboardInterrupt):
         sys.stderr.write("tonumpy: interrupted\n")
         return
-    _previous(kind, value, traceback)
+    _previous(exc_type, value, traceback)
 
 
 _previous = sys.excepthook

@@ -10,7 +10,7 @@ With ``directory=`` each leaf grows in a ``.npy`` file instead, for predictions 
 RAM (or, with ``format="parquet"``, each batch is a row group of one Parquet file:
 ``tonumpy._rowfiles._parquet_sink``).
 
-How a leaf combines across batches (kind, rank, axis, dtype, padding) is the column policy of
+How a leaf combines across batches (form, rank, axis, dtype, padding) is the column policy of
 ``tonumpy._combine._columns``, shared with ``gather`` and ``Activations.concat``; where the rows
 live is ``tonumpy._combine._storage``; the directory format is ``tonumpy._combine._directory``'s.
 ``reduce=`` and ``exclude=`` (``tonumpy._combine._select``) act on each batch before it is
@@ -38,7 +38,7 @@ from ._combine._storage import GrowingNpy, Rows
 from ._convert._transfer import CUDA, CudaEngine, PendingTransfer
 from ._dtypes import is_ml_dtype, ml_dtypes_module
 from ._rowfiles._shards import Progress, Recovered, recover, recovered_index, shard_name
-from .convert import convert_flat, start
+from .convert import leaves_to_numpy, start
 from .errors import ConversionError, OptionError
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def concat(
         if spec0 is None:
             spec0 = spec
         _tree.require_same(spec0, spec, "trees[0]", f"trees[{index}]", hint=_SAME_STRUCTURE)
-        converted = convert_flat(leaves, spec, ml_dtypes=ml_dtypes, leaf_types=leaf_types)
+        converted = leaves_to_numpy(leaves, spec, ml_dtypes=ml_dtypes, leaf_types=leaf_types)
         flat.append(mark_jagged(leaves, converted))
     assert spec0 is not None  # noqa: S101 - trees is not empty
     return join(
@@ -449,10 +449,10 @@ class Accumulator:
         if first:
             leaves = [
                 _Leaf(
-                    Column(path, where, axis=self._axis, pad_value=self._pad_value, noun="batches"),
+                    Column(path, place, axis=self._axis, pad_value=self._pad_value, noun="batches"),
                     self._map_min,
                 )
-                for path, where in _tree.leaf_paths(spec)
+                for path, place in _tree.leaf_paths(spec)
             ]
             if self._recovered is not None:
                 self._adopt(spec, leaves, self._recovered, indices is not None)
@@ -504,7 +504,7 @@ class Accumulator:
                     leaf.file = GrowingNpy(file_path, column.dtype, column.trailing or ())
             self._progress = Progress(
                 self._directory.path,
-                [leaf.column.kind or "object" for leaf in leaves],
+                [leaf.column.form or "object" for leaf in leaves],
                 [None if f is None else f.stem for f in files],
                 [_bits_name(leaf.column.dtype) for leaf in leaves],
                 [len(leaf.file.trailing) if leaf.file is not None else 0 for leaf in leaves],
@@ -519,9 +519,9 @@ class Accumulator:
     ) -> None:
         """Continue the directory an earlier run left (``resume=True``) with this structure."""
         assert self._directory is not None  # noqa: S101 - append checked index= against it
-        if len(leaves) != len(recovered.kinds):
+        if len(leaves) != len(recovered.forms):
             raise ConversionError(
-                f"{self._directory.path} holds {len(recovered.kinds)} leaves but the batch has "
+                f"{self._directory.path} holds {len(recovered.forms)} leaves but the batch has "
                 f"{len(leaves)}: resume=True continues a run with the same outputs"
             )
         files = self._directory.adopt(
@@ -532,7 +532,7 @@ class Accumulator:
             bits = recovered.bits[i]
             real = np.dtype(getattr(ml_dtypes_module(), bits)) if bits else None
             leaf.file = GrowingNpy.adopt(file_path, recovered.rows[i], real)
-            kind = recovered.kinds[i]
+            form = recovered.forms[i]
             file, column = leaf.file, leaf.column
             shape = recovered.trailing[i]  # a file grown with room to spare exceeds it
             if len(shape) != len(file.trailing) or not all(
@@ -540,18 +540,18 @@ class Accumulator:
             ):
                 shape = file.trailing
             state = column.check(
-                "scalar" if kind == "scalar" else "array",
+                "scalar" if form == "scalar" else "array",
                 file.dtype,
-                () if kind == "scalar" else (file.rows, *shape),
+                () if form == "scalar" else (file.rows, *shape),
                 "the rows written before",
             )
-            if kind == "scalar":
+            if form == "scalar":
                 state = state._replace(rows=file.rows)
             column.commit(state)
         self._directory.update([leaf.column for leaf in leaves])
         self._progress = Progress(
             self._directory.path,
-            recovered.kinds,
+            recovered.forms,
             recovered.files,
             recovered.bits,
             [len(t) for t in recovered.trailing],
@@ -565,15 +565,15 @@ class Accumulator:
     def _store(self, leaf: _Leaf, value: Any) -> None:
         """Copy one batch's value of a leaf into its storage (the column has accepted it)."""
         column = leaf.column
-        kind = column.kind
-        if kind == "object":
+        form = column.form
+        if form == "object":
             leaf.values.append(value)
             return
-        if kind == "jagged":  # a nested tensor's rows join the rows of the batches before
+        if form == "jagged":  # a nested tensor's rows join the rows of the batches before
             leaf.values.extend(value)
             return
-        assert kind is not None  # noqa: S101
-        chunk = rows_first(value, kind, column.axis)
+        assert form is not None  # noqa: S101
+        chunk = rows_first(value, form, column.axis)
         dtype, trailing = column.dtype, column.trailing
         if chunk.shape[0] == 0 or dtype is None or trailing is None:
             return
@@ -623,8 +623,8 @@ class Accumulator:
         if in_flight:
             parts.append("in_flight=1")
         if self._directory is not None or self._sink is not None:
-            where = self._sink.path if self._sink is not None else self._directory.path  # type: ignore[union-attr]
-            parts.append(f"directory={str(where)!r}")
+            path = self._sink.path if self._sink is not None else self._directory.path  # type: ignore[union-attr]
+            parts.append(f"directory={str(path)!r}")
         return f"Accumulator({', '.join(parts)})"
 
     def __len__(self) -> int:
@@ -668,13 +668,13 @@ class Accumulator:
     def _rows(self) -> int:
         recovered = self._recovered
         if recovered is not None:  # resume=True, before the first append: the run before's
-            for kind in ("array", "scalar"):
-                for k, rows in zip(recovered.kinds, recovered.rows, strict=True):
-                    if k == kind:
+            for form in ("array", "scalar"):
+                for k, rows in zip(recovered.forms, recovered.rows, strict=True):
+                    if k == form:
                         return rows
-        for kind in ("array", "jagged", "scalar"):
+        for form in ("array", "jagged", "scalar"):
             for leaf in self._leaves:
-                if leaf.column.kind == kind:
+                if leaf.column.form == form:
                     return leaf.column.rows
         return self._batches
 
@@ -829,21 +829,21 @@ class Accumulator:
         with self._lock:
             out = self._result_leaves(None)
             assert self._spec is not None  # noqa: S101
-            per_batch = [leaf.column.kind in ("scalar", "object") for leaf in self._leaves]
+            per_batch = [leaf.column.form in ("scalar", "object") for leaf in self._leaves]
             out = [
-                Jagged(value) if leaf.column.kind == "jagged" else value
+                Jagged(value) if leaf.column.form == "jagged" else value
                 for leaf, value in zip(self._leaves, out, strict=True)
             ]
         return GatherInput(out, self._spec, per_batch, self.indices())
 
     def _leaf_result(self, leaf: _Leaf, num_items: int | None) -> Any:
         column = leaf.column
-        rows = column.rows if column.kind != "object" else len(leaf.values)
-        per_batch = column.kind in ("scalar", "object")
+        rows = column.rows if column.form != "object" else len(leaf.values)
+        per_batch = column.form in ("scalar", "object")
         keep = rows if num_items is None or per_batch else min(rows, num_items)
-        if column.kind == "object":
+        if column.form == "object":
             return leaf.values[:keep]
-        if column.kind == "jagged":
+        if column.form == "jagged":
             return leaf.values[:keep]  # a new list of the rows
         if leaf.file is not None:
             file, trailing = leaf.file, column.trailing
@@ -865,20 +865,20 @@ class GatherInput(NamedTuple):
 def _refuse_jagged(leaves: list[_Leaf]) -> None:
     """Raise for a nested tensor leaf: ``directory=`` stores rows in ``.npy`` files of one shape."""
     for leaf in leaves:
-        if leaf.column.kind == "jagged":
+        if leaf.column.form == "jagged":
             raise ConversionError(
                 f"Accumulator(directory=...) grows each leaf in a .npy file of equal-length "
-                f"rows, but {leaf.column.where} is a nested (jagged) tensor; pad it first "
+                f"rows, but {leaf.column.place} is a nested (jagged) tensor; pad it first "
                 "(t.to_padded_tensor(0.0)) or accumulate without directory=",
                 path=leaf.column.path,
             )
 
 
-def check_format(format: Any, where: str) -> None:
+def check_format(format: Any, caller: str) -> None:
     """Raise unless ``format`` names a format ``directory=`` writes (``"npy"``, ``"parquet"``)."""
     if format not in ("npy", "parquet"):
         raise OptionError(
-            f"{where}(format={format!r}): format= takes 'npy' (a .npy file per leaf, the "
+            f"{caller}(format={format!r}): format= takes 'npy' (a .npy file per leaf, the "
             "directory format tonumpy.load reads) or 'parquet' (one Parquet file, a row group "
             "per batch)"
         )
@@ -900,7 +900,7 @@ def _parquet_sink(
     return ParquetSink(Path(directory), resume=resume)
 
 
-def check_shard(shard: Any, where: str) -> tuple[int, int]:
+def check_shard(shard: Any, caller: str) -> tuple[int, int]:
     """``shard`` as ``(rank, world_size)``, ``0 <= rank < world_size``, or an error."""
     ok = (
         isinstance(shard, tuple)
@@ -910,7 +910,7 @@ def check_shard(shard: Any, where: str) -> tuple[int, int]:
     )
     if not ok:
         raise OptionError(
-            f"{where}(shard={shard!r}): shard= takes (rank, world_size), two ints with "
+            f"{caller}(shard={shard!r}): shard= takes (rank, world_size), two ints with "
             "0 <= rank < world_size (torch.distributed's get_rank() and get_world_size(), or "
             "trainer.global_rank and trainer.world_size)"
         )
@@ -928,12 +928,12 @@ def _batch_rows(leaves: list[Any], spec: PyTreeSpec, axis: int) -> int | None:
         n = int(shape[axis]) if -len(shape) <= axis < len(shape) else None
         if n is None:
             continue  # the column reports the axis
-        where = _tree.leaf_path(spec, i)[1]
+        place = _tree.leaf_path(spec, i)[1]
         if rows is None:
-            rows, first = n, where
+            rows, first = n, place
         elif n != rows:
             raise ConversionError(
-                f"append(index=...): {first} has {rows} rows but {where} has {n}; with index= "
+                f"append(index=...): {first} has {rows} rows but {place} has {n}; with index= "
                 "every array leaf holds one row per dataset item (compute per-token values per "
                 "item, or accumulate them in another Accumulator)"
             )

@@ -246,7 +246,7 @@ def _leaf_facts(
         elif leaf.layout != torch.strided:
             dense = math.prod(leaf.shape) * leaf.element_size()
             flags.append(f"{str(leaf.layout).removeprefix('torch.')}, dense {_size(dense)}")
-        kind = "ndarray" if stored_as_arrays else type(leaf).__name__
+        type_name = "ndarray" if stored_as_arrays else type(leaf).__name__
         shape = tuple(leaf.shape)
     elif isinstance(leaf, np.ndarray | np.generic | LazyArray):
         bits = leaf.bits if isinstance(leaf, LazyArray) else None
@@ -255,13 +255,13 @@ def _leaf_facts(
         device = source.get("device", "cpu")
         if source.get("requires_grad"):
             flags.append("grad")
-        kind = "ndarray"
+        type_name = "ndarray"
     else:
         return None
     was = source.get("dtype")
     if was and was != dtype:
         flags.append(f"was {escape(str(was))}")
-    return kind, str(shape), escape(dtype), escape(str(device)), size, flags
+    return type_name, str(shape), escape(dtype), escape(str(device)), size, flags
 
 
 @functools.lru_cache(maxsize=256)
@@ -406,7 +406,7 @@ class _Grouped:
 def _rows(
     contents: Contents, depth: int | None, stats: bool
 ) -> tuple[list[tuple[str, list[str]]], dict[str, int]]:
-    """(kind, cells) for each node shown, in order; and the totals over every leaf.
+    """(row_kind, cells) for each node shown, in order; and the totals over every leaf.
 
     One pass over the tree as it is stored ([`tonumpy.io.walk`][]): a container's arrays and
     bytes are a range of the flat list of leaves, summed from prefix sums. With a ``depth``,
@@ -442,10 +442,10 @@ def _rows(
         stored = origin.get(node.path, node.path)
         if node.kind in ("dict", "list", "tuple"):
             cls = contents.classes.get(stored) if node.path not in groups else "names"
-            kind = escape(cls.rsplit(".", 1)[-1]) if cls else _type_name(node.type)
+            type_name = escape(cls.rsplit(".", 1)[-1]) if cls else _type_name(node.type)
             size = _plural(len(node.keys), "key" if node.kind == "dict" else "item")
             held = bytes_before[end] - bytes_before[node.first]
-            rows.append(("container", [name, kind, size, "", "", _size(held)]))
+            rows.append(("container", [name, type_name, size, "", "", _size(held)]))
             if level == depth and node.keys:
                 arrays = arrays_before[end] - arrays_before[node.first]
                 rows.append(("more", ["  " * (level + 1) + "...", "", _plural(arrays, "array")]))
@@ -453,11 +453,11 @@ def _rows(
         leaf = leaves[node.first] if node.kind == "leaf" else None
         facts = _leaf_facts(leaf, contents.sources.get(stored, {}), stored_as_arrays=arrays_only)
         if facts is None:
-            kind = "None" if leaf is None else type(leaf).__name__
-            rows.append(("value", [name, kind, "= " + short(leaf)]))
+            type_name = "None" if leaf is None else type(leaf).__name__
+            rows.append(("value", [name, type_name, "= " + short(leaf)]))
             continue
-        kind, shape, dtype, device, held, flags = facts
-        row = [name, kind, shape, dtype, device, _size(held), " ".join(flags)]
+        type_name, shape, dtype, device, held, flags = facts
+        row = [name, type_name, shape, dtype, device, _size(held), " ".join(flags)]
         if stats:
             if contents.verify is not None:
                 contents.verify(leaf)
@@ -486,10 +486,10 @@ def _show(args: argparse.Namespace, out: TextIO) -> int:
     if args.stats:
         header += ["min", "max", "mean", "nan", "inf"]
     widths = [len(h) for h in header]
-    for kind, cells in rows:
+    for row_kind, cells in rows:
         for i, cell in enumerate(cells):
             # a value's "= ..." and a summary's text may run past the shape column
-            if not (kind in ("value", "more") and i == len(cells) - 1):
+            if not (row_kind in ("value", "more") and i == len(cells) - 1):
                 widths[i] = max(widths[i], len(cell))
     right = {5} | set(range(7, len(header)))
 
@@ -502,12 +502,12 @@ def _show(args: argparse.Namespace, out: TextIO) -> int:
         return "  ".join(parts).rstrip() + "\n"
 
     out.write(line(header, ["2"] * len(header)))
-    for kind, cells in rows:
+    for row_kind, cells in rows:
         codes = [""] * len(cells)
-        if kind == "container":
+        if row_kind == "container":
             codes[:2] = ["1", "34"]
             codes[5] = "2"
-        elif kind == "leaf":
+        elif row_kind == "leaf":
             codes[3], codes[6] = "36", "33"
             for i in range(len(cells) - 2, len(cells)) if args.stats else ():
                 codes[i] = "31" if cells[i] not in ("0", "-") else ""
@@ -527,7 +527,7 @@ def _show(args: argparse.Namespace, out: TextIO) -> int:
 # ------------------------------------------------------------------------------- convert
 
 
-def _convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+def _run_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     bar = _Bar(err, "converting")
     try:
         contents = tio.convert(
@@ -736,4 +736,4 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     if args.command == "show":
         return _show(args, out)
-    return _convert(args, out, err)
+    return _run_convert(args, out, err)

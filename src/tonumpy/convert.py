@@ -36,13 +36,13 @@ from optree import PyTreeSpec
 from . import _dtypes, _options, _tree
 from . import integrations as _integrations  # noqa: F401 - registers each with the walker
 from ._convert import _bulk, _transfer
-from ._convert._leaf import LeafError, array_to_tensor, convert_checked, leaf_error, move, read_only
+from ._convert._leaf import LeafError, array_to_tensor, leaf_error, leaf_to_numpy, move, read_only
 from ._convert._transfer import PendingTransfer
 from ._dtypes import PLAIN
 from ._options import Copy
 from .errors import OptionError, TonumpyError
 
-__all__ = ["apply", "convert_flat", "start", "to_numpy", "to_torch"]
+__all__ = ["apply", "leaves_to_numpy", "start", "to_numpy", "to_torch"]
 
 # isinstance(x, torch.Tensor) as one C call, for filter()
 _IS_TENSOR: Callable[[Any], bool] = torch.Tensor.__instancecheck__
@@ -79,7 +79,7 @@ def _route(
         if types is None:
             types = set(map(type, leaves))
         if _distinct_tensors(leaves, types):
-            out = _bulk.convert(
+            out = _bulk.to_arrays(
                 leaves, types, copy=bool(copy), ml_dtypes=ml_dtypes, cuda_possible=engine_on
             )
             if out is not None:
@@ -97,7 +97,7 @@ def _route(
     if wait and len(moved) == 1:
         lone = leaves[moved[0]]
         if lone.nbytes <= _LONE_BYTES or not lone.is_cuda:
-            out[moved[0]] = convert_checked(
+            out[moved[0]] = leaf_to_numpy(
                 lone, moved[0], spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars
             )
             return out, None
@@ -106,7 +106,7 @@ def _route(
     for position in batch.careful:
         leaf = leaves[position]
         if id(leaf) not in memo:
-            memo[id(leaf)] = convert_checked(
+            memo[id(leaf)] = leaf_to_numpy(
                 leaf, position, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars
             )
         out[position] = memo[id(leaf)]
@@ -171,14 +171,14 @@ def _per_leaf(
                     memo[key] = arr
                     append(arr)
                     continue
-        memo[key] = result = convert_checked(
+        memo[key] = result = leaf_to_numpy(
             leaf, index, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars
         )
         append(result)
     return out, moved
 
 
-def convert_flat(
+def leaves_to_numpy(
     leaves: list[Any],
     spec: PyTreeSpec,
     *,
@@ -312,7 +312,7 @@ def to_numpy(
         except Exception:  # noqa: BLE001, S110 - the general path gives the proper error
             pass
     leaves, spec, leaf_types = _tree.flatten_typed(tree, is_leaf=is_leaf)
-    converted = convert_flat(
+    converted = leaves_to_numpy(
         leaves, spec, copy=copy, ml_dtypes=ml_dtypes, scalars=scalars, leaf_types=leaf_types
     )
     return _tree.unflatten(spec, converted)

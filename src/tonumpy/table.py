@@ -161,19 +161,19 @@ class Table(NamedTuple):
     paths: dict[str, tuple[Any, ...]]
 
 
-def _check_choice(where: str, option: str, value: Any, choices: tuple[str, ...]) -> None:
+def _check_choice(caller: str, option: str, value: Any, choices: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in choices:
         listed = ", ".join(repr(c) for c in choices)
-        raise OptionError(f"{where}({option}={value!r}): {option}= takes one of {listed}")
+        raise OptionError(f"{caller}({option}={value!r}): {option}= takes one of {listed}")
 
 
-def _per_row_paths(per_row: Any, where: str) -> list[tuple[Any, ...]]:
+def _per_row_paths(per_row: Any, caller: str) -> list[tuple[Any, ...]]:
     if per_row is None:
         return []
     patterns: Iterable[Any] = [per_row] if isinstance(per_row, str | tuple) else per_row
     if not isinstance(patterns, list | set | frozenset | tuple):
         raise OptionError(
-            f"{where}(per_row={per_row!r}): per_row= takes a key-path pattern or a list of them"
+            f"{caller}(per_row={per_row!r}): per_row= takes a key-path pattern or a list of them"
         )
     return [as_path(p) for p in patterns]
 
@@ -217,24 +217,24 @@ def _replace(
     return unflatten(meta, children)
 
 
-def _batch_size(leaves: list[Any], lengths: list[int], where: str, *, strict: bool) -> int:
+def _batch_size(leaves: list[Any], lengths: list[int], caller: str, *, strict: bool) -> int:
     counts = Counter(leaf.shape[0] for leaf in leaves if isinstance(leaf, np.ndarray) and leaf.ndim)
     counts.update(lengths)
     if not counts:
-        if where in ("save", "convert"):
+        if caller in ("save", "convert"):
             raise ConversionError(
-                f"{where}: a Parquet file holds one row per example, and this tree has no array "
+                f"{caller}: a Parquet file holds one row per example, and this tree has no array "
                 "with a first dimension to take rows from; write a .npz file instead"
             )
         raise ConversionError(
-            f"{where}: the tree has no array with a first dimension to take rows from; pass "
+            f"{caller}: the tree has no array with a first dimension to take rows from; pass "
             "batch_size= to repeat its values on that many rows (with per_batch='broadcast')"
         )
     best = max(counts.values())
     tied = sorted(size for size, n in counts.items() if n == best)
     if strict and len(tied) > 1:
         raise ConversionError(
-            f"{where}: as many array leaves have {tied[0]} rows as have {tied[-1]} (their first "
+            f"{caller}: as many array leaves have {tied[0]} rows as have {tied[-1]} (their first "
             "dimension); pass batch_size= to say which is the batch"
         )
     return int(tied[-1])
@@ -246,12 +246,12 @@ def stack_rows(
     *,
     ragged: str,
     pad_value: PadValue,
-    where: str,
+    caller: str,
     place: str,
 ) -> np.ndarray:
     """Rows (arrays) as one column: stacked, padded, or an object array of them.
 
-    ``where`` starts a message (the function or file), ``place`` names the column in it (the
+    ``caller`` starts a message (the function or file), ``place`` names the column in it (the
     walker's rendering of the leaf, ``tree['p'].y``, or the column's name in a file).
     """
     arrays = [np.asarray(row) for row in rows]
@@ -261,7 +261,7 @@ def stack_rows(
     dtypes = {a.dtype for a in arrays}
     if len(dtypes) > 1:
         raise ConversionError(
-            f"{where}: the rows of {place} have different dtypes "
+            f"{caller}: the rows of {place} have different dtypes "
             f"({', '.join(sorted(map(str, dtypes)))}); give every row one dtype",
             path=path,
         )
@@ -275,14 +275,14 @@ def stack_rows(
         return out
     if len({a.ndim for a in arrays}) > 1:
         raise ConversionError(
-            f"{where}: the rows of {place} have different numbers of "
+            f"{caller}: the rows of {place} have different numbers of "
             f"dimensions ({', '.join(sorted(str(s) for s in shapes))}); they cannot be padded",
             path=path,
         )
     fill = pad_value_for(pad_value, path, first.dtype, place)
     if fill is None:
         raise ConversionError(
-            f"{where}: the rows of {place} have different shapes "
+            f"{caller}: the rows of {place} have different shapes "
             f"({', '.join(sorted(str(s) for s in shapes)[:4])}...); pass pad_value= to pad "
             "them to the largest, or ragged='object' to keep one array per row",
             path=path,
@@ -294,16 +294,16 @@ def stack_rows(
     return out
 
 
-def _plan_rows(
+def _layout_rows(
     tree: Any,
     per_row: Any,
     ml_dtypes: bool,
     is_leaf: Callable[[Any], bool] | None,
-    where: str,
+    caller: str,
 ) -> tuple[
     Any,
     list[tuple[tuple[Any, ...], list[Any]]],
-    _structure.Plan,
+    _structure.Layout,
     dict[int, tuple[tuple[Any, ...], list[list[Any]], int]],
 ]:
     """Plan ``tree`` with each ``per_row`` node replaced by its first item (the template).
@@ -313,12 +313,12 @@ def _plan_rows(
     """
     # per-row nodes: each is replaced by its first item (the template of every row's item)
     row_nodes: list[tuple[tuple[Any, ...], list[Any]]] = []
-    for path in _per_row_paths(per_row, where):
+    for path in _per_row_paths(per_row, caller):
         node = _node_at(tree, path, is_leaf)
         if not isinstance(node, list | tuple) or not node:
             spec = _tree.flatten(tree, is_leaf=is_leaf)[1]
             raise OptionError(
-                f"{where}(per_row=...): {_tree.place(spec, path)} is "
+                f"{caller}(per_row=...): {_tree.place(spec, path)} is "
                 f"{type(node).__name__ if not isinstance(node, list | tuple) else 'empty'}; "
                 "per_row= names lists or tuples holding one value per row"
             )
@@ -326,8 +326,8 @@ def _plan_rows(
     for path, items in row_nodes:
         tree = _replace(tree, path, items[0], is_leaf)
 
-    plan = _structure.plan(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
-    walked = plan.walked
+    layout = _structure.layout(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
+    walked = layout.walked
     inside: dict[int, tuple[tuple[Any, ...], list[list[Any]], int]] = {}
     for path, items in row_nodes:
         node = next(n for n in _tree.outline(walked.spec) if n.path == path)
@@ -340,20 +340,20 @@ def _plan_rows(
                 item_spec,
                 f"row 0 of {_tree.place(walked.spec, path)}",
                 f"row {i}",
-                hint=f"{where}(per_row=...) needs every row's item to have one structure",
+                hint=f"{caller}(per_row=...) needs every row's item to have one structure",
             )
             per_item.append(item_leaves)
         for j in range(node.size):
             inside[node.first + j] = (path, per_item, j)
 
-    return tree, row_nodes, plan, inside
+    return tree, row_nodes, layout, inside
 
 
 def tabulate(
     tree: Any,
     /,
     *,
-    where: str,
+    caller: str,
     batch_size: int | None = None,
     per_batch: str = "error",
     per_row: Any = None,
@@ -369,33 +369,33 @@ def tabulate(
     ``per_batch="keep"`` (for files) keeps per-batch arrays in ``Table.values`` and plain
     values in the structure, instead of refusing or broadcasting them.
     """
-    _check_choice(where, "per_batch", per_batch, ("error", "broadcast", "keep"))
-    _check_choice(where, "ragged", ragged, ("pad", "object"))
-    _options.check_flags(where, ml_dtypes=ml_dtypes)
-    check_pad_option(pad_value, where)
+    _check_choice(caller, "per_batch", per_batch, ("error", "broadcast", "keep"))
+    _check_choice(caller, "ragged", ragged, ("pad", "object"))
+    _options.check_flags(caller, ml_dtypes=ml_dtypes)
+    check_pad_option(pad_value, caller)
     if batch_size is not None and (
         not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 0
     ):
-        raise OptionError(f"{where}(batch_size={batch_size!r}): a number of rows, 0 or more")
-    selection = Selection(exclude, reduce, where)
+        raise OptionError(f"{caller}(batch_size={batch_size!r}): a number of rows, 0 or more")
+    selection = Selection(exclude, reduce, caller)
     if selection.active:
         leaves, spec, _ = selection.flatten(tree, is_leaf=is_leaf)
         tree = _tree.unflatten(spec, leaves)
     tree = to_numpy(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
 
-    tree, row_nodes, plan, inside = _plan_rows(tree, per_row, ml_dtypes, is_leaf, where)
-    walked = plan.walked
+    tree, row_nodes, layout, inside = _layout_rows(tree, per_row, ml_dtypes, is_leaf, caller)
+    walked = layout.walked
     lengths = [len(items) for _, items in row_nodes]
     outside = [leaf for i, leaf in enumerate(walked.leaves) if i not in inside]
     rows = (
         batch_size
         if batch_size is not None
-        else _batch_size(outside, lengths, where, strict=per_batch != "keep")
+        else _batch_size(outside, lengths, caller, strict=per_batch != "keep")
     )
     for path, items in row_nodes:
         if len(items) != rows:
             raise ConversionError(
-                f"{where}: {_tree.place(walked.spec, path)} (per_row=) holds {len(items)} "
+                f"{caller}: {_tree.place(walked.spec, path)} (per_row=) holds {len(items)} "
                 f"items for {rows} rows; it must hold one per row",
                 path=path,
             )
@@ -405,12 +405,12 @@ def tabulate(
     paths: dict[str, tuple[Any, ...]] = {}
     names: list[str] = []
     for index, (leaf, path, flat) in enumerate(
-        zip(plan.leaves, plan.paths, plan.flat, strict=True)
+        zip(layout.leaves, layout.paths, layout.flat, strict=True)
     ):
         name = column_name(path)
         names.append(name)
         paths[name] = path
-        plan.complete(index, None, str(np.asarray(leaf).dtype))
+        layout.complete(index, None, str(np.asarray(leaf).dtype))
         if flat in inside:
             _, per_item, j = inside[flat]
             columns[name] = stack_rows(
@@ -418,8 +418,8 @@ def tabulate(
                 path,
                 ragged=ragged,
                 pad_value=pad_value,
-                where=where,
-                place=walked.where(flat),
+                caller=caller,
+                place=walked.place(flat),
             )
             continue
         array = np.asarray(leaf)
@@ -430,27 +430,27 @@ def tabulate(
         elif per_batch == "broadcast":
             columns[name] = np.broadcast_to(array, (rows, *array.shape))
         else:
-            raise _per_batch_error(where, plan.where(index), array, rows, path)
+            raise _per_batch_error(caller, layout.place(index), array, rows, path)
     if per_batch != "keep":
         _check_plain_values(
-            plan,
+            layout,
             rows=rows,
             per_batch=per_batch,
-            where=where,
+            caller=caller,
             columns=columns,
             names=names,
             paths=paths,
         )
-    structure = dict(plan.structure, arrays=names, per_row=[list(p) for p, _ in row_nodes])
+    structure = dict(layout.structure, arrays=names, per_row=[list(p) for p, _ in row_nodes])
     return Table(rows, columns, values, structure, paths)
 
 
 def _per_batch_error(
-    where: str, place: str, array: np.ndarray, rows: int, path: tuple[Any, ...]
+    caller: str, place: str, array: np.ndarray, rows: int, path: tuple[Any, ...]
 ) -> ConversionError:
     what = "a 0-d value" if array.ndim == 0 else f"an array of shape {array.shape}"
     return ConversionError(
-        f"{where}: {place} is {what}, not one row per example ({rows} rows): a per-batch "
+        f"{caller}: {place} is {what}, not one row per example ({rows} rows): a per-batch "
         "value (a loss, say). Leave it out with exclude=, or pass per_batch='broadcast' to "
         "repeat it on every row",
         path=path,
@@ -458,17 +458,17 @@ def _per_batch_error(
 
 
 def _check_plain_values(
-    plan: _structure.Plan,
+    layout: _structure.Layout,
     *,
     rows: int,
     per_batch: str,
-    where: str,
+    caller: str,
     columns: dict[str, np.ndarray],
     names: list[str],
     paths: dict[str, tuple[Any, ...]],
 ) -> None:
     """Plain values (numbers, strings) are per-batch values: refused, or broadcast as columns."""
-    walked = plan.walked
+    walked = layout.walked
     first_leaf: dict[tuple[Any, ...], int] = {}  # stored path -> flat leaf index, made once
 
     def visit(node: Any, path: tuple[Any, ...]) -> None:
@@ -478,18 +478,18 @@ def _check_plain_values(
         if tag == "value" and node.get("v") is not None:
             if not first_leaf:
                 first_leaf.update((n.path, n.first) for n in walked.nodes)
-            place = walked.where(first_leaf[path])
+            place = walked.place(first_leaf[path])
             value = walked.leaves[first_leaf[path]]
             if per_batch == "error":
                 raise ConversionError(
-                    f"{where}: {place} is a plain value ({type(value).__name__}), not one row "
+                    f"{caller}: {place} is a plain value ({type(value).__name__}), not one row "
                     "per example: a per-batch value. Leave it out with exclude=, or pass "
                     "per_batch='broadcast' to repeat it on every row",
                     path=path,
                 )
             array = np.asarray(value)
             if array.dtype.hasobject:
-                raise ConversionError(f"{where}: {place} cannot be a column", path=path)
+                raise ConversionError(f"{caller}: {place} cannot be a column", path=path)
             name = column_name(path)
             columns[name] = np.broadcast_to(array, (rows,))
             paths[name] = path
@@ -505,7 +505,7 @@ def _check_plain_values(
             for key, child in zip(node.get("k", []), children, strict=False):
                 visit(child, (*path, _structure.decode_value(key)))
 
-    visit(plan.structure["tree"], ())
+    visit(layout.structure["tree"], ())
 
 
 # ------------------------------------------------------------------------------ public API
@@ -571,7 +571,7 @@ def to_columns(
     _check_choice("to_columns", "per_batch", per_batch, ("error", "broadcast"))
     return tabulate(
         tree,
-        where="to_columns",
+        caller="to_columns",
         batch_size=batch_size,
         per_batch=per_batch,
         per_row=per_row,
@@ -612,7 +612,7 @@ def column_structure(
     """
     table = tabulate(
         tree,
-        where="column_structure",
+        caller="column_structure",
         batch_size=batch_size,
         per_batch=per_batch,
         per_row=per_row,
@@ -698,7 +698,7 @@ def from_columns(
                 path,
                 ragged=ragged,
                 pad_value=pad_value,
-                where="from_columns",
+                caller="from_columns",
                 place=f"column {short(name, 60)}",
             )
         lengths[name] = len(value)

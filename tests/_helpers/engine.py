@@ -1,6 +1,6 @@
 """A test double for the transfer engine's device side: CPU tensors travel as if on a GPU.
 
-[`HostEngine`][] is passed in explicitly (``engine=`` of ``convert.start``/``convert_flat``,
+[`HostEngine`][] is passed in explicitly (``engine=`` of ``convert.start``/``leaves_to_numpy``,
 ``hooks._capturing``, an accumulator's ``_engine``) to run the engine's grouping, packing,
 staging and unpacking with pageable blocks on a machine without CUDA. Its copies are made at
 once but reported in flight until waited for, as a device's are before they land, so that
@@ -16,7 +16,7 @@ import torch
 from tonumpy import _options, _tree
 from tonumpy._convert import _transfer
 from tonumpy._convert._transfer import PendingTransfer
-from tonumpy.convert import convert_flat, start
+from tonumpy.convert import leaves_to_numpy, start
 
 
 class HostEvent:
@@ -81,7 +81,7 @@ def convert_through(engine: HostEngine, tree: Any, **options: Any) -> Any:
     """``tonumpy.to_numpy(tree, **options)`` with ``engine`` as the device side."""
     leaves, spec, leaf_types = _tree.flatten_typed(tree, is_leaf=options.pop("is_leaf", None))
     return _tree.unflatten(
-        spec, convert_flat(leaves, spec, leaf_types=leaf_types, engine=engine, **options)
+        spec, leaves_to_numpy(leaves, spec, leaf_types=leaf_types, engine=engine, **options)
     )
 
 

@@ -56,7 +56,7 @@ def test_distributed_sampler_padding_is_dropped(world: int, shuffle: bool) -> No
     """DistributedSampler's repeats (every rank as long) are dropped; rows in dataset order."""
     indices = _sampler_indices(10, world, shuffle)
     assert sum(i.size for i in indices) > 10 or world == 2  # 10 items: padded for 3 and 4
-    maps = resolve(indices, num_items=10, names=["a"] * world, where="t")
+    maps = resolve(indices, num_items=10, names=["a"] * world, caller="t")
     assert_same_tree(_placed(indices, maps), np.arange(10))
 
 
@@ -64,12 +64,12 @@ def test_accelerate_even_batches_padding_is_dropped() -> None:
     """Whole batches repeated from the start at the end of ranks (even_batches) are padding."""
     # 7 items, 2 ranks, batches of 2: rank 0 [0 1][4 5], rank 1 [2 3][6 | 0] (0 repeated)
     indices = [np.array([0, 1, 4, 5]), np.array([2, 3, 6, 0])]
-    maps = resolve(indices, num_items=7, names=["r0", "r1"], where="t")
+    maps = resolve(indices, num_items=7, names=["r0", "r1"], caller="t")
     assert maps[1].tolist() == [2, 3, 6, -1]
     # a rank entirely made of padding (a dataset smaller than the ranks' batches)
     indices = [np.array([0, 1]), np.array([0, 1])]
     assert_same_tree(
-        _placed(indices, resolve(indices, num_items=2, names="ab", where="t")), np.arange(2)
+        _placed(indices, resolve(indices, num_items=2, names="ab", caller="t")), np.arange(2)
     )
 
 
@@ -77,27 +77,27 @@ def test_duplicate_in_the_body_is_reported() -> None:
     """A repeat that is not at the end of its rank is a duplicate, with or without num_items."""
     indices = [np.array([0, 2, 4, 6]), np.array([1, 2, 5, 7])]
     with pytest.raises(ConversionError, match=r"1 duplicated \(2; index 2 is held by r0 and r1\)"):
-        resolve(indices, num_items=None, names=["r0", "r1"], where="t")
+        resolve(indices, num_items=None, names=["r0", "r1"], caller="t")
 
 
 def test_repeat_with_uneven_ranks_is_a_duplicate() -> None:
     """Ranks of different lengths were not padded: a repeat at a rank's end is a duplicate."""
     indices = [np.array([0, 2, 4]), np.array([1, 3, 0, 5])]
     with pytest.raises(ConversionError, match="1 duplicated"):
-        resolve(indices, num_items=None, names=["r0", "r1"], where="t")
+        resolve(indices, num_items=None, names=["r0", "r1"], caller="t")
 
 
 def test_one_process_is_never_padded() -> None:
     """In a world of one, a repeated last row is a duplicate."""
     with pytest.raises(ConversionError, match="1 duplicated"):
-        resolve([np.array([0, 1, 2, 1])], num_items=None, names=["r0"], where="t")
+        resolve([np.array([0, 1, 2, 1])], num_items=None, names=["r0"], caller="t")
 
 
 def test_gap_and_padding_are_listed() -> None:
     """num_items names the missing indices, and what was taken as padding."""
     indices = [np.array([0, 2, 4, 6, 8]), np.array([1, 3, 5, 7, 7])]
     with pytest.raises(ConversionError) as info:
-        resolve(indices, num_items=10, names=["r0", "r1"], where="t")
+        resolve(indices, num_items=10, names=["r0", "r1"], caller="t")
     message = str(info.value)
     assert "1 missing (9)" in message
     assert "1 repeated row at the end of ranks" in message
@@ -111,7 +111,7 @@ def test_long_lists_are_cut() -> None:
         match=r"30 missing \(0, 1, 2, 3, 4, 5, 6, 7, \.\.\. \(22 "
         r"more\)\); 2 outside range\(40\) \(40, 41\)",
     ):
-        resolve([np.arange(30, 42)], num_items=40, names=["r0"], where="t")
+        resolve([np.arange(30, 42)], num_items=40, names=["r0"], caller="t")
 
 
 @given(st.integers(0, 60), st.sets(st.integers(0, 59)))

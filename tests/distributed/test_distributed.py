@@ -1118,9 +1118,9 @@ def test_rank_metadata_is_a_named_record_that_pickles() -> None:
     assert len(back.infos) == 2
     assert isinstance(back.infos[0], _metadata.LeafInfo)
     assert back.infos[0].shape == (2, 3)
-    assert back.infos[0].kind == "array"
+    assert back.infos[0].form == "array"
     assert back.infos[0].rows(1) == 3
-    assert back.infos[1].kind == "object"
+    assert back.infos[1].form == "object"
     _metadata.check_all([meta, back], None, 0)  # the same on both ranks: no error
 
 

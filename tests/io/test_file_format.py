@@ -444,7 +444,7 @@ def test_a_directory_written_outside_io_reads_with_structure_and_dtypes(tmp_path
         {"logits": torch.randn(2, 3).to(torch.bfloat16), "ids": torch.arange(2), "split": "a"},
         {"logits": torch.randn(1, 3).to(torch.bfloat16), "ids": torch.arange(1), "split": "b"},
     ]
-    first = _structure.plan(batches[0], ml_dtypes=True)  # names the files at the first batch
+    first = _structure.layout(batches[0], ml_dtypes=True)  # names the files at the first batch
     assert first.names == ["logits", "ids"]
     flat, _ = optree.tree_flatten(batches[0], namespace="tonumpy")  # the walker's order
     for index, path in zip(first.flat, first.paths, strict=True):
@@ -462,7 +462,7 @@ def test_a_directory_written_outside_io_reads_with_structure_and_dtypes(tmp_path
         _write_growable_npy(folder / f"{name}.npy", column)
         columns[path] = column
     held = {"logits": columns[("logits",)], "ids": columns[("ids",)], "split": ["a", "b"]}
-    final = _structure.plan(held, ml_dtypes=True)
+    final = _structure.layout(held, ml_dtypes=True)
     assert final.names == first.names  # names depend on the arrays' key paths only
     for index, path in enumerate(final.paths):
         final.complete(index, "bfloat16" if path == ("logits",) else None, str(columns[path].dtype))

@@ -46,10 +46,10 @@ def _trees() -> dict[str, Any]:
 
 def structure_text(tree: Any) -> str:
     """The JSON structure a file stores for ``tree`` (every array completed as written)."""
-    plan = _structure.plan(tree, ml_dtypes=False)
-    for index in range(len(plan.names)):
-        plan.complete(index, None, str(plan.array(index)[0].dtype))
-    return plan.structure_bytes().decode()
+    layout = _structure.layout(tree, ml_dtypes=False)
+    for index in range(len(layout.names)):
+        layout.complete(index, None, str(layout.array(index)[0].dtype))
+    return layout.structure_bytes().decode()
 
 
 @pytest.mark.parametrize("kind", sorted(_trees()))

@@ -5,10 +5,10 @@
 the values it holds in each chunk. A [`Column`][tonumpy._combine._columns.Column] decides, the same
 way for all of them, chunk by chunk:
 
-* **kind**: an array with at least one dimension (concatenated along ``axis``), a 0-d value
+* **form**: an array with at least one dimension (concatenated along ``axis``), a 0-d value
   (one row per chunk: a loss), a nested (jagged) tensor (converted to a list of arrays, one per
   row: the rows of all chunks join into one list, as ``torch.cat`` joins nested tensors along
-  dim 0) or anything else (a list with one value per chunk); a leaf keeps its kind in every
+  dim 0) or anything else (a list with one value per chunk); a leaf keeps its form in every
   chunk;
 * **rank and axis**: an array leaf keeps its number of dimensions, and ``axis`` (negative counts
   from the end) must be one of them;
@@ -43,20 +43,20 @@ from ._pad import PadValue, pad_value_for
 
 __all__ = [
     "Column",
+    "Form",
     "Jagged",
-    "Kind",
     "check_chunk",
     "concat_arrays",
     "copy_padded",
+    "form_of",
     "join",
-    "kind_of",
     "mark_jagged",
     "rows_first",
 ]
 
-Kind = Literal["array", "scalar", "jagged", "object"]
+Form = Literal["array", "scalar", "jagged", "object"]
 
-_KIND_TEXT = {
+_FORM_TEXT = {
     "array": "an array",
     "scalar": "a 0-d value",
     "jagged": "a nested (jagged) tensor",
@@ -88,8 +88,8 @@ def mark_jagged(originals: Sequence[Any], converted: list[Any]) -> list[Any]:
     return converted
 
 
-def kind_of(leaf: Any) -> Kind:
-    """A leaf's kind: ``"array"``, ``"scalar"`` or ``"object"``.
+def form_of(leaf: Any) -> Form:
+    """A leaf's form: ``"array"``, ``"scalar"`` or ``"object"``.
 
     An array has at least one dimension; a scalar is a 0-d array or a NumPy scalar; anything
     else (Python numbers included: they are collected in a list) is an object; a converted
@@ -104,9 +104,9 @@ def kind_of(leaf: Any) -> Kind:
     return "object"
 
 
-def rows_first(leaf: Any, kind: Kind, axis: int) -> np.ndarray:
+def rows_first(leaf: Any, form: Form, axis: int) -> np.ndarray:
     """The leaf as an array with the concatenation axis first (a 0-d value becomes 1 row)."""
-    if kind == "scalar":
+    if form == "scalar":
         return np.asarray(leaf).reshape(1)
     return np.moveaxis(leaf, axis, 0) if axis else leaf
 
@@ -158,7 +158,7 @@ def common_dtype(a: np.dtype[Any], b: np.dtype[Any]) -> np.dtype[Any] | None:
 class _State(NamedTuple):
     """A column's state after some chunks: what the joined result looks like so far."""
 
-    kind: Kind | None = None
+    form: Form | None = None
     first: str = ""  # the first chunk's name
     ndim: int = 0
     axis: int = 0  # non-negative
@@ -176,7 +176,7 @@ class Column:
     """How the chunks of one leaf combine: check a chunk, then commit it.
 
     Checking changes nothing, so a caller can check every leaf of a new batch before it
-    commits any (a refused batch leaves the column as it was). ``where`` is how messages name
+    commits any (a refused batch leaves the column as it was). ``place`` is how messages name
     the leaf (``tree['out'].logits``), ``path`` its key path (the errors' ``.path``).
 
     Examples:
@@ -188,19 +188,19 @@ class Column:
         (3, dtype('int16'), (5,), array(-1, dtype=int16))
     """
 
-    __slots__ = ("_axis_option", "_pad_value", "noun", "path", "state", "where")
+    __slots__ = ("_axis_option", "_pad_value", "noun", "path", "place", "state")
 
     def __init__(
         self,
         path: tuple[Any, ...],
-        where: str,
+        place: str,
         *,
         axis: int,
         pad_value: PadValue,
         noun: str = "chunks",
     ) -> None:
         self.path = path
-        self.where = where
+        self.place = place
         self.noun = noun  # what the chunks are, in messages: batches, ranks, calls
         self._axis_option = axis
         self._pad_value = pad_value
@@ -208,8 +208,8 @@ class Column:
 
     # -- what the result looks like
     @property
-    def kind(self) -> Kind | None:
-        return self.state.kind
+    def form(self) -> Form | None:
+        return self.state.form
 
     @property
     def axis(self) -> int:
@@ -241,52 +241,52 @@ class Column:
         """
         dtype = self.dtype
         assert dtype is not None  # noqa: S101 - a column with rows
-        return pad_value_for(self._pad_value, self.path, dtype, self.where)
+        return pad_value_for(self._pad_value, self.path, dtype, self.place)
 
     # -- adding a chunk
     def commit(self, state: _State) -> None:
         """Adopt the state [`check`][tonumpy._combine._columns.Column.check] returned."""
         self.state = state
 
-    def check(self, kind: Kind, dtype: Any, shape: tuple[int, ...] | None, name: str) -> _State:
+    def check(self, form: Form, dtype: Any, shape: tuple[int, ...] | None, name: str) -> _State:
         """The column's state with one more chunk; raise if the chunk cannot join.
 
-        ``kind``, ``dtype`` and ``shape`` describe the chunk's leaf (``dtype`` and ``shape``
+        ``form``, ``dtype`` and ``shape`` describe the chunk's leaf (``dtype`` and ``shape``
         are ignored for non-array leaves), ``name`` names the chunk in messages (``batch 7``).
 
         Raises:
-            ConversionError: The chunk changes the leaf's kind or rank, ``axis`` is not one of
+            ConversionError: The chunk changes the leaf's form or rank, ``axis`` is not one of
                 its dimensions, its dtype and the others' have no common dtype (see the
                 module), or its shape differs outside ``axis`` and there is no pad value that
                 fits; the message names the leaf, the chunks and the fix.
         """
         state = self.state
-        if state.kind is None:
-            state = state._replace(kind=kind, first=name)
-            if kind == "array":
+        if state.form is None:
+            state = state._replace(form=form, first=name)
+            if form == "array":
                 assert shape is not None  # noqa: S101 - arrays have shapes
                 state = state._replace(ndim=len(shape), axis=self._normalise(len(shape), name))
-        elif kind != state.kind:
+        elif form != state.form:
             raise ConversionError(
-                f"{self.where} is {_KIND_TEXT[state.kind]} in {state.first} but "
-                f"{_KIND_TEXT[kind]} in {name}; a leaf must be an array (or tensor) with at "
+                f"{self.place} is {_FORM_TEXT[state.form]} in {state.first} but "
+                f"{_FORM_TEXT[form]} in {name}; a leaf must be an array (or tensor) with at "
                 f"least one dimension in all the {self.noun}, a 0-d value in all of them, or "
                 "neither in all of them",
                 path=self.path,
             )
-        if kind == "object":
+        if form == "object":
             return state._replace(rows=state.rows + 1)
-        if kind == "jagged":  # ``shape`` is (rows,): a list of per-row arrays
+        if form == "jagged":  # ``shape`` is (rows,): a list of per-row arrays
             return state._replace(rows=state.rows + (shape[0] if shape else 0))
         dtype = np.dtype(dtype)
         trailing: tuple[int, ...] = ()
-        if kind == "scalar":
+        if form == "scalar":
             rows = 1
         else:
             assert shape is not None  # noqa: S101
             if len(shape) != state.ndim:
                 raise ConversionError(
-                    f"{self.where} has {state.ndim} dimension(s) in {state.first} but "
+                    f"{self.place} has {state.ndim} dimension(s) in {state.first} but "
                     f"{len(shape)} in {name} (shape {tuple(shape)}): the {self.noun} have "
                     "different numbers of dimensions; a leaf must have the same number in all "
                     "of them",
@@ -309,13 +309,13 @@ class Column:
         ragged = state.ragged or trailing != state.trailing
         fill = state.fill
         if ragged and (fill is None or merged != state.dtype):
-            fill = pad_value_for(self._pad_value, self.path, merged, self.where)
+            fill = pad_value_for(self._pad_value, self.path, merged, self.place)
             if fill is None:
                 axis = self._axis_option
                 shown = ", ".join(map(str, state.shapes[:6]))
                 more = ", ..." if len(state.shapes) > 6 else ""
                 raise ConversionError(
-                    f"the {self.noun} of {self.where} differ in size along an axis other than "
+                    f"the {self.noun} of {self.place} differ in size along an axis other than "
                     f"axis={axis} (shapes, axis {axis} first: {shown}{more}; first in {name}); "
                     "pass pad_value= (a value, a mapping from key path to value, or a callable "
                     "(path, dtype) -> value) to pad every such axis to the largest size",
@@ -330,7 +330,7 @@ class Column:
         ax = axis + ndim if axis < 0 else axis
         if not 0 <= ax < ndim:
             raise ConversionError(
-                f"axis={axis} is out of bounds for {self.where} in {name}, which has {ndim} "
+                f"axis={axis} is out of bounds for {self.place} in {name}, which has {ndim} "
                 "dimension(s); pass an axis every array leaf has",
                 path=self.path,
             )
@@ -343,7 +343,7 @@ class Column:
         if merged is None:
             between = f" ({first} ... {name})" if name else ""
             raise ConversionError(
-                f"the {self.noun} of {self.where} have dtypes {have} and {new}{between}, and "
+                f"the {self.noun} of {self.place} have dtypes {have} and {new}{between}, and "
                 "no dtype holds both exactly (mixing signed and unsigned 64-bit integers, or "
                 "integers and floats too narrow for them, would round values); cast the leaf "
                 "to one dtype first",
@@ -416,15 +416,15 @@ def concat_arrays(
         total = min(total, rows)
     out = np.empty((*trailing[:axis], total, *trailing[axis:]), dtype=dtype)
     view = np.moveaxis(out, axis, 0) if axis else out
-    plan: list[tuple[int, int, int]] = []
+    pieces: list[tuple[int, int, int]] = []
     start = 0
     for index, chunk in enumerate(chunks):
-        if start >= total and plan:
+        if start >= total and pieces:
             break
         n = min(chunk.shape[0], total - start)
-        plan.append((index, start, n))
+        pieces.append((index, start, n))
         start += n
-    for index, start, n in reversed(plan):
+    for index, start, n in reversed(pieces):
         chunk = chunks[index]
         if n:
             copy_padded(view[start : start + n], chunk[:n], fill)
@@ -439,12 +439,12 @@ def concat_arrays(
 
 def check_chunk(column: Column, value: Any, name: str) -> _State:
     """``column.check`` for a converted leaf ``value`` (an array, a NumPy scalar or anything)."""
-    kind = kind_of(value)
-    if kind == "object":
-        return column.check(kind, None, None, name)
-    if kind == "jagged":
-        return column.check(kind, None, (len(value),), name)
-    return column.check(kind, value.dtype, value.shape, name)
+    form = form_of(value)
+    if form == "object":
+        return column.check(form, None, None, name)
+    if form == "jagged":
+        return column.check(form, None, (len(value),), name)
+    return column.check(form, value.dtype, value.shape, name)
 
 
 def join(
@@ -465,18 +465,18 @@ def join(
     ``root`` the tree (``"tree"``).
     """
     out: list[Any] = []
-    for index, (path, where) in enumerate(_tree.leaf_paths(spec, root)):
-        column = Column(path, where, axis=axis, pad_value=pad_value, noun=noun)
+    for index, (path, place) in enumerate(_tree.leaf_paths(spec, root)):
+        column = Column(path, place, axis=axis, pad_value=pad_value, noun=noun)
         values = [leaves[index] for leaves in chunks]
         for number, value in enumerate(values):
             column.commit(check_chunk(column, value, name(number)))
-        if column.kind == "object":
+        if column.form == "object":
             out.append(values)
             continue
-        if column.kind == "jagged":  # the rows of every chunk, in one list
+        if column.form == "jagged":  # the rows of every chunk, in one list
             out.append([row for rows in values for row in rows])
             continue
-        kind, ax = column.kind, column.axis
-        assert kind is not None  # noqa: S101 - one chunk at least
-        out.append(concat_arrays([rows_first(v, kind, ax) for v in values], column))
+        form, ax = column.form, column.axis
+        assert form is not None  # noqa: S101 - one chunk at least
+        out.append(concat_arrays([rows_first(v, form, ax) for v in values], column))
     return _tree.unflatten(spec, out)

@@ -31,14 +31,14 @@ __all__ = ["Directory"]
 class Directory:
     """The structure file of one directory, and the file name of each array leaf.
 
-    ``where`` names the caller in messages (``Accumulator``, ``gather``).
+    ``caller`` names the caller in messages (``Accumulator``, ``gather``).
     """
 
-    def __init__(self, path: Path, where: str) -> None:
+    def __init__(self, path: Path, caller: str) -> None:
         self.path = path
-        self.where = where
+        self.caller = caller
         self.structure = path / f"{_names.STRUCTURE}.json"
-        self.plan: _structure.Plan | None = None
+        self.layout: _structure.Layout | None = None
         self.index: dict[int, int] = {}  # leaf of the tree -> array of the plan
         self.recorded: dict[int, str] = {}  # plan array -> dtype recorded
 
@@ -51,13 +51,13 @@ class Directory:
             FileExistsError: The directory holds a structure or one of the files already.
             OptionError: The path is, or lies below, a file.
         """
-        _options.check_directory(self.path, self.where)  # it may have changed meanwhile
+        _options.check_directory(self.path, self.caller)  # it may have changed meanwhile
         self.path.mkdir(parents=True, exist_ok=True)
-        files = self._plan(spec, columns, ml_dtypes)
+        files = self._layout(spec, columns, ml_dtypes)
         existing = [f for f in [self.structure, *files] if f is not None and f.exists()]
         if existing:
             raise FileExistsError(
-                f"{existing[0]} already exists; {self.where}(directory=...) never overwrites "
+                f"{existing[0]} already exists; {self.caller}(directory=...) never overwrites "
                 "another run's files: pass a new directory, or delete the old files"
             )
         self._record(columns)
@@ -75,17 +75,17 @@ class Directory:
         Raises:
             ConversionError: The tree's array leaves are not the ones the directory holds.
         """
-        files = self._plan(spec, [None] * len(columns), ml_dtypes)
-        assert self.plan is not None  # noqa: S101
-        if self.plan.names != names:
+        files = self._layout(spec, [None] * len(columns), ml_dtypes)
+        assert self.layout is not None  # noqa: S101
+        if self.layout.names != names:
             raise ConversionError(
                 f"{self.path} holds the arrays {names[:6]} but the batch's array leaves are "
-                f"{self.plan.names[:6]}: resume=True continues a run with the same outputs; "
+                f"{self.layout.names[:6]}: resume=True continues a run with the same outputs; "
                 "pass the same reduce=/exclude= and model, or a new directory"
             )
         return files
 
-    def _plan(
+    def _layout(
         self, spec: PyTreeSpec, arrays: Sequence[Column | None], ml_dtypes: bool
     ) -> list[Path | None]:
         """Plan the structure of a tree of columns (``None``: an array leaf, dtype not known).
@@ -98,21 +98,21 @@ class Directory:
                 holders.append(np.empty(0, np.uint8))
                 continue
             dtype = column.dtype
-            if column.kind == "object" or dtype is None or dtype.hasobject:
+            if column.form == "object" or dtype is None or dtype.hasobject:
                 holders.append([])  # kept in memory; written into the structure at the end
             else:
                 holders.append(np.empty(0, dtype))
-        self.plan = _structure.plan(_tree.unflatten(spec, holders), ml_dtypes=ml_dtypes)
+        self.layout = _structure.layout(_tree.unflatten(spec, holders), ml_dtypes=ml_dtypes)
         by_id = {id(h): i for i, h in enumerate(holders)}
-        self.index = {by_id[id(h)]: k for k, h in enumerate(self.plan.leaves)}
+        self.index = {by_id[id(h)]: k for k, h in enumerate(self.layout.leaves)}
         files: list[Path | None] = [None] * len(arrays)
         for i, k in self.index.items():
-            files[i] = self.path / f"{self.plan.names[k]}.npy"
+            files[i] = self.path / f"{self.layout.names[k]}.npy"
         return files
 
     def _record(self, columns: Sequence[Column]) -> bool:
         """Note each array leaf's dtype in the plan; True if anything changed."""
-        assert self.plan is not None  # noqa: S101
+        assert self.layout is not None  # noqa: S101
         changed = False
         for i, k in self.index.items():
             dtype = columns[i].dtype
@@ -121,8 +121,8 @@ class Directory:
             self.recorded[k] = str(dtype)
             name = dtype.name if stored_dtype(dtype) != dtype else None
             if name is None:  # promoted from an ml_dtypes type would be an error: clear it
-                self.plan.nodes[k].pop("dtype", None)
-            self.plan.complete(k, name, str(stored_dtype(dtype)))
+                self.layout.nodes[k].pop("dtype", None)
+            self.layout.complete(k, name, str(stored_dtype(dtype)))
             changed = True
         return changed
 
@@ -133,23 +133,23 @@ class Directory:
 
     def finish(self, spec: PyTreeSpec, values: Sequence[Any], ml_dtypes: bool) -> None:
         """Record the non-array leaves' values (``values[i]`` for leaf ``i``) that JSON holds."""
-        assert self.plan is not None  # noqa: S101
+        assert self.layout is not None  # noqa: S101
         holders: list[Any] = []
         for i, value in enumerate(values):
-            holders.append(self.plan.leaves[self.index[i]] if i in self.index else value)
+            holders.append(self.layout.leaves[self.index[i]] if i in self.index else value)
         try:
-            final = _structure.plan(_tree.unflatten(spec, holders), ml_dtypes=ml_dtypes)
+            final = _structure.layout(_tree.unflatten(spec, holders), ml_dtypes=ml_dtypes)
         except ConversionError:  # a value JSON cannot hold: the structure keeps empty lists
             return
-        for new, recorded in zip(final.nodes, self.plan.nodes, strict=True):
+        for new, recorded in zip(final.nodes, self.layout.nodes, strict=True):
             new.update(recorded)  # the same arrays, in the same order: keep their dtypes
-        self.plan.structure = final.structure
-        self.plan.nodes = final.nodes
+        self.layout.structure = final.structure
+        self.layout.nodes = final.nodes
         self._write(exclusive=False)
 
     def _write(self, *, exclusive: bool) -> None:
-        assert self.plan is not None  # noqa: S101
-        data = self.plan.structure_bytes()
+        assert self.layout is not None  # noqa: S101
+        data = self.layout.structure_bytes()
         if exclusive:
             fd = os.open(self.structure, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, "wb") as f:

@@ -39,10 +39,10 @@ __all__ = ["as_index", "resolve"]
 _SHOWN = 8
 
 
-def as_index(index: Any, rows: int | None, where: str) -> np.ndarray:
+def as_index(index: Any, rows: int | None, caller: str) -> np.ndarray:
     """``index`` (a tensor, array or sequence of ints) as a 1-d ``int64`` array, checked.
 
-    ``rows``: the number of rows the batch holds, when known; ``where`` names the call.
+    ``rows``: the number of rows the batch holds, when known; ``caller`` names the call.
 
     Examples:
         >>> as_index([3, 1, 2], 3, "append")
@@ -59,24 +59,24 @@ def as_index(index: Any, rows: int | None, where: str) -> np.ndarray:
         array = np.asarray(index)
     except (TypeError, ValueError) as exc:
         raise ConversionError(
-            f"{where}(index=...): expected a 1-d sequence of ints (a tensor, an array or a "
+            f"{caller}(index=...): expected a 1-d sequence of ints (a tensor, an array or a "
             f"list), got {type(index).__name__} ({exc})"
         ) from None
     if array.ndim != 1 or not (array.dtype.kind in "iu" or array.size == 0):
         raise ConversionError(
-            f"{where}(index=...): expected a 1-d sequence of ints (one dataset index per row), "
+            f"{caller}(index=...): expected a 1-d sequence of ints (one dataset index per row), "
             f"got {array.ndim}-d {array.dtype} of shape {array.shape}"
         )
     if array.size and array.dtype.kind == "u" and array.max() > np.iinfo(np.int64).max:
-        raise ConversionError(f"{where}(index=...): an index does not fit int64")
+        raise ConversionError(f"{caller}(index=...): an index does not fit int64")
     array = array.astype(np.int64, copy=True)
     if array.size and array.min() < 0:
         raise ConversionError(
-            f"{where}(index=...): dataset indices are ints >= 0; got {int(array.min())}"
+            f"{caller}(index=...): dataset indices are ints >= 0; got {int(array.min())}"
         )
     if rows is not None and array.size != rows:
         raise ConversionError(
-            f"{where}(index=...): {array.size} indices for a batch of {rows} rows; give one "
+            f"{caller}(index=...): {array.size} indices for a batch of {rows} rows; give one "
             "dataset index per row (batch['idx'], or the sampler's indices for the batch)"
         )
     return array
@@ -122,16 +122,16 @@ def _tails(repeated: np.ndarray, counts: Sequence[int]) -> np.ndarray:
 
 
 def resolve(
-    indices: Sequence[np.ndarray], *, num_items: int | None, names: Sequence[str], where: str
+    indices: Sequence[np.ndarray], *, num_items: int | None, names: Sequence[str], caller: str
 ) -> list[np.ndarray]:
     """For each rank, each row's row in the result (dataset order), or ``-1`` (padding).
 
     ``indices[r]`` are rank ``r``'s rows' dataset indices; ``names[r]`` how messages name rank
-    ``r`` (``"rank 1"``, a shard's directory); ``where`` the call (``"gather"``).
+    ``r`` (``"rank 1"``, a shard's directory); ``caller`` the call (``"gather"``).
 
     Examples:
         >>> a, b = np.array([0, 2, 4]), np.array([1, 3, 0])  # DistributedSampler, 5 items
-        >>> [m.tolist() for m in resolve([a, b], num_items=5, names=["0", "1"], where="f")]
+        >>> [m.tolist() for m in resolve([a, b], num_items=5, names=["0", "1"], caller="f")]
         [[0, 2, 4], [1, 3, -1]]
 
     Raises:
@@ -187,7 +187,7 @@ def resolve(
             else ("each dataset index at most once")
         )
         raise ConversionError(
-            f"{where}(): the rows' dataset indices must hold {expected}: "
+            f"{caller}(): the rows' dataset indices must hold {expected}: "
             f"{'; '.join(problems)}{padding}. A duplicate means an item was predicted twice "
             "(a streaming dataset not split by rank, a rank that ran twice); a missing index, "
             "an item no rank predicted (drop_last=True, a crashed rank, a split that left "

@@ -30,7 +30,7 @@ __all__ = ["PadValue", "check_pad_option", "check_pad_value", "pad_value_for"]
 PadValue: TypeAlias = Any
 
 
-def check_pad_option(pad_value: PadValue, where: str) -> None:
+def check_pad_option(pad_value: PadValue, caller: str) -> None:
     """Raise [`OptionError`][] if a callable ``pad_value`` is unusable.
 
     A callable is called as ``pad_value(path, dtype)``: one that cannot take those two
@@ -47,7 +47,7 @@ def check_pad_option(pad_value: PadValue, where: str) -> None:
         check_callable_signature(
             pad_value,
             (("key",), np.dtype(np.float32)),
-            f"{where}(pad_value=...): a callable pad_value is called as pad_value(path, dtype) "
+            f"{caller}(pad_value=...): a callable pad_value is called as pad_value(path, dtype) "
             "and returns the value (or None)",
         )
 
@@ -61,7 +61,7 @@ def _is_pad_callable(pad_value: PadValue) -> bool:
 
 
 def pad_value_for(
-    pad_value: PadValue, path: tuple[Any, ...], dtype: np.dtype[Any], where: str | None = None
+    pad_value: PadValue, path: tuple[Any, ...], dtype: np.dtype[Any], place: str | None = None
 ) -> np.ndarray | None:
     """Resolve ``pad_value`` for the leaf at ``path`` and check that it fits ``dtype``.
 
@@ -88,7 +88,7 @@ def pad_value_for(
         pad_value: The user's option, as given to [`tonumpy.concat`][].
         path: The leaf's key path, as ``optree.tree_paths`` gives it.
         dtype: The dtype of the padded result.
-        where: How error messages name the leaf (default: rendered from ``path``).
+        place: How error messages name the leaf (default: rendered from ``path``).
 
     Returns:
         A 0-d array of ``dtype`` holding the value, or ``None`` when no value applies.
@@ -107,7 +107,7 @@ def pad_value_for(
         value = pad_value
     if value is None:
         return None
-    return check_pad_value(value, dtype, path, where)
+    return check_pad_value(value, dtype, path, place)
 
 
 def _float_like(dtype: np.dtype[Any]) -> bool:
@@ -180,7 +180,7 @@ def _fits(given: np.ndarray, dtype: np.dtype[Any]) -> tuple[bool, np.ndarray | N
 
 
 def check_pad_value(
-    value: Any, dtype: np.dtype[Any], path: tuple[Any, ...] | None, where: str | None = None
+    value: Any, dtype: np.dtype[Any], path: tuple[Any, ...] | None, place: str | None = None
 ) -> np.ndarray:
     """``value`` as a 0-d array of ``dtype``, or an error if ``dtype`` cannot represent it.
 
@@ -216,10 +216,10 @@ def check_pad_value(
     if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:
         value = value.item()  # a one-element tensor
     given = np.asarray(value)
-    where = format_path(path) if where is None else where
+    place = format_path(path) if place is None else place
     if given.ndim != 0:
         raise ConversionError(
-            f"pad_value for {where} must be a single value, got an array of shape {given.shape}",
+            f"pad_value for {place} must be a single value, got an array of shape {given.shape}",
             path=path,
         )
     if dtype.kind in "biu":  # compared as Python ints: exact at every width, no wrap-around
@@ -229,7 +229,7 @@ def check_pad_value(
         ok, cast = _fits(given, dtype)
     if not ok or cast is None:
         raise ConversionError(
-            f"pad_value {value!r} cannot be represented in {dtype}, the dtype of {where}; "
+            f"pad_value {value!r} cannot be represented in {dtype}, the dtype of {place}; "
             "padding never changes a dtype: pass a value that fits, for this leaf alone with "
             f"pad_value={{{path!r}: value}}",
             path=path,

@@ -106,7 +106,7 @@ def _hashable(pattern: Any) -> bool:
     return True
 
 
-def check_exclude(exclude: Any, where: str) -> frozenset[tuple[Any, ...]]:
+def check_exclude(exclude: Any, caller: str) -> frozenset[tuple[Any, ...]]:
     """``exclude=`` as a set of key paths; an [`OptionError`][] for anything else.
 
     ``exclude`` is one pattern (a str or a key-path tuple) or a list or set of patterns.
@@ -128,27 +128,27 @@ def check_exclude(exclude: Any, where: str) -> frozenset[tuple[Any, ...]]:
         patterns = exclude
     else:
         raise OptionError(
-            f"{where}(exclude={exclude!r}): exclude= takes a key-path pattern (a key such as "
+            f"{caller}(exclude={exclude!r}): exclude= takes a key-path pattern (a key such as "
             "'cache', or a key path tuple such as ('out', 'cache')) or a list of them"
         )
     paths = set()
     for pattern in patterns:
         if not _hashable(pattern):
             raise OptionError(
-                f"{where}(exclude=...): {pattern!r} is not a key-path pattern; pass a key "
+                f"{caller}(exclude=...): {pattern!r} is not a key-path pattern; pass a key "
                 "('cache') or a key path tuple (('out', 'cache'))"
             )
         path = as_path(pattern)
         if path == ():
             raise OptionError(
-                f"{where}(exclude=...): the pattern () covers the whole tree, which would "
+                f"{caller}(exclude=...): the pattern () covers the whole tree, which would "
                 "leave nothing; name the parts to leave out"
             )
         paths.add(path)
     return frozenset(paths)
 
 
-def check_reduce(reduce: Any, where: str) -> dict[Any, Callable[[Any], Any]]:
+def check_reduce(reduce: Any, caller: str) -> dict[Any, Callable[[Any], Any]]:
     """``reduce=`` as a mapping from pattern to function; an [`OptionError`][] for anything else.
 
     Examples:
@@ -163,24 +163,24 @@ def check_reduce(reduce: Any, where: str) -> dict[Any, Callable[[Any], Any]]:
         return {}
     if not isinstance(reduce, Mapping):
         raise OptionError(
-            f"{where}(reduce={reduce!r}): reduce= takes a mapping from key-path pattern to a "
+            f"{caller}(reduce={reduce!r}): reduce= takes a mapping from key-path pattern to a "
             "function of one tensor, e.g. {'logits': lambda t: t.argmax(-1)}"
         )
     for pattern, fn in reduce.items():
         if not callable(fn):
             raise OptionError(
-                f"{where}(reduce=...): the value for {pattern!r} is {fn!r} "
+                f"{caller}(reduce=...): the value for {pattern!r} is {fn!r} "
                 f"({type(fn).__name__}); each value must be a function of one tensor"
             )
         check_callable_signature(
             fn,
             (torch.empty(0),),
-            f"{where}(reduce=...): the function for {pattern!r} is called with one tensor",
+            f"{caller}(reduce=...): the function for {pattern!r} is called with one tensor",
         )
     return dict(reduce)
 
 
-class _Plan:
+class _Resolved:
     """What a selection does to trees of one structure.
 
     The nodes to cut, the leaves to reduce, and what each pattern matched there (pattern as
@@ -220,20 +220,20 @@ class Selection:
         "_patterns",
         "_reduce",
         "_reported",
+        "caller",
         "first",
         "stacklevel",
-        "where",
     )
 
     def __init__(
-        self, exclude: Any, reduce: Any, where: str, *, first: str = "batch 0", stacklevel: int = 4
+        self, exclude: Any, reduce: Any, caller: str, *, first: str = "batch 0", stacklevel: int = 4
     ) -> None:
-        self._exclude = check_exclude(exclude, where)
-        self._reduce = check_reduce(reduce, where)
-        self.where = where
+        self._exclude = check_exclude(exclude, caller)
+        self._reduce = check_reduce(reduce, caller)
+        self.caller = caller
         self.first = first  # how warnings name the first tree
         self.stacklevel = stacklevel  # of the warnings: the user's call
-        self._last: tuple[_Plan | None, _Plan | None] = (None, None)  # (exclude, reduce)
+        self._last: tuple[_Resolved | None, _Resolved | None] = (None, None)  # (exclude, reduce)
         self._lock = threading.Lock()
         # the patterns as given (a bare key stays bare), for what they matched
         self._patterns = _given_patterns(exclude)
@@ -266,7 +266,7 @@ class Selection:
         """Flatten ``tree`` with its excluded nodes cut and its reduced leaves reduced."""
         leaves, spec, leaf_types = _tree.flatten_typed(tree, is_leaf=is_leaf)
         if self._exclude:
-            cuts = self._plan(spec, 0).cuts
+            cuts = self._resolved(spec, 0).cuts
             if cuts:
                 tree = _cut(tree, cuts, is_leaf)
                 leaves, spec, leaf_types = _tree.flatten_typed(tree, is_leaf=is_leaf)
@@ -274,7 +274,7 @@ class Selection:
             if self._exclude and not self._reported:
                 self._report(spec)
             return leaves, spec, leaf_types
-        reductions = self._plan(spec, 1).reductions
+        reductions = self._resolved(spec, 1).reductions
         if not self._reported:
             self._report(spec)
         if not reductions:
@@ -291,7 +291,7 @@ class Selection:
                 except Exception as exc:
                     if hasattr(exc, "add_note"):  # Python 3.11+
                         exc.add_note(
-                            f"tonumpy.{self.where}(reduce=...): raised by the function for "
+                            f"tonumpy.{self.caller}(reduce=...): raised by the function for "
                             f"{_tree.leaf_path(spec, index)[1]} ({_describe(leaf)})"
                         )
                     raise
@@ -302,25 +302,25 @@ class Selection:
         # a function returned a container (t.topk(k) gives values and indices) or None
         return _tree.flatten_typed(_tree.unflatten(spec, leaves), is_leaf=is_leaf)
 
-    def _plan(self, spec: PyTreeSpec, which: int) -> _Plan:
+    def _resolved(self, spec: PyTreeSpec, which: int) -> _Resolved:
         last = self._last[which]
         if last is not None and last.spec == spec:
             return last
         if which == 0:
-            plan = _Plan(
+            resolved = _Resolved(
                 spec, _cuts(spec, self._exclude), [], _exclude_matches(spec, self._patterns)
             )
         else:
             reductions, matched = _reductions(spec, self._reduce)
-            plan = _Plan(spec, [], reductions, matched)
+            resolved = _Resolved(spec, [], reductions, matched)
         with self._lock:  # replaced whole: other threads see the old pair or the new one
             pair = list(self._last)
-            pair[which] = plan
+            pair[which] = resolved
             self._last = (pair[0], pair[1])
             found = self._matched["exclude" if which == 0 else "reduce"]
-            for pattern, paths in plan.matched.items():
+            for pattern, paths in resolved.matched.items():
                 found[pattern].update(dict.fromkeys(paths))
-        return plan
+        return resolved
 
     def _report(self, spec: PyTreeSpec) -> None:
         """Warn, once, about the patterns that matched nothing in the first tree.
@@ -335,7 +335,7 @@ class Selection:
                 option: [pattern for pattern, paths in found.items() if not paths]
                 for option, found in self._matched.items()
             }
-        leaves = [where for _, where in _tree.leaf_paths(spec)]
+        leaves = [place for _, place in _tree.leaf_paths(spec)]
         shown = ", ".join(leaves[:6]) + (
             f", ... ({len(leaves) - 6} more)" if len(leaves) > 6 else ""
         )
@@ -347,7 +347,7 @@ class Selection:
             several = len(missing) > 1
             warnings.warn(
                 UnmatchedPatternWarning(
-                    f"{self.where}({option}=...): the pattern{'s' if several else ''} {names} "
+                    f"{self.caller}({option}=...): the pattern{'s' if several else ''} {names} "
                     f"match{'' if several else 'es'} no {what} of {self.first} (its leaves: "
                     f"{shown or 'none'}); {'they are' if several else 'it is'} ignored"
                 ),

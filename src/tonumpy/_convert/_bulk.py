@@ -57,10 +57,10 @@ from .. import _dtypes
 from .._dtypes import PLAIN
 from ._leaf import LeafError, read_only
 
-__all__ = ["convert"]
+__all__ = ["to_arrays"]
 
 
-def convert(
+def to_arrays(
     leaves: list[Any], leaf_types: set[type], *, copy: bool, ml_dtypes: bool, cuda_possible: bool
 ) -> list[Any] | None:
     """Convert distinct plain CPU tensors (other leaves kept) in bulk, or decline with None.

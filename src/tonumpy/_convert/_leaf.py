@@ -6,7 +6,7 @@ resolves conjugate/negative bits, widens the dtypes NumPy lacks (or views their 
 ``ml_dtypes``), brings the data to the host, and refuses what has no data to read (meta, fake
 and functorch-wrapped tensors) with a reason. It knows nothing of trees: the router
 ([`tonumpy.convert`][]) and the engine (``tonumpy._convert._transfer``) call it per leaf, and
-[`convert_checked`][tonumpy._convert._leaf.convert_checked] turns a refusal into an error naming the
+[`leaf_to_numpy`][tonumpy._convert._leaf.leaf_to_numpy] turns a refusal into an error naming the
 leaf's path.
 """
 
@@ -28,9 +28,9 @@ __all__ = [
     "PLAIN",
     "LeafError",
     "array_to_tensor",
-    "convert_checked",
     "describe",
     "leaf_error",
+    "leaf_to_numpy",
     "move",
     "needs_copy",
     "read_only",
@@ -61,7 +61,7 @@ _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # noqa:
 class LeafError(Exception):
     """A refusal raised by per-leaf code, which does not know the leaf's path.
 
-    [`convert_checked`][tonumpy._convert._leaf.convert_checked] (or the caller that knows the path)
+    [`leaf_to_numpy`][tonumpy._convert._leaf.leaf_to_numpy] (or the caller that knows the path)
     turns it into an [`UnsupportedLeafError`][tonumpy.UnsupportedLeafError] (``unsupported``) or a
     [`ConversionError`][tonumpy.ConversionError].
     """
@@ -97,9 +97,9 @@ def leaf_error(
     spec: PyTreeSpec, index: int, leaf: Any, reason: str, *, unsupported: bool
 ) -> TonumpyError:
     """The error for leaf ``index`` of ``spec``: its path, what it is, and ``reason``."""
-    path, where = _tree.leaf_path(spec, index)
+    path, place = _tree.leaf_path(spec, index)
     cls = UnsupportedLeafError if unsupported else ConversionError
-    return cls(f"cannot convert {where} ({describe(leaf)}): {reason}", path=path)
+    return cls(f"cannot convert {place} ({describe(leaf)}): {reason}", path=path)
 
 
 def _unwrap_subclass(t: torch.Tensor) -> torch.Tensor:
@@ -208,7 +208,7 @@ def _strided_to_numpy(t: torch.Tensor, copy: Copy, ml_dtypes: bool) -> tuple[np.
     raise LeafError(f"{dtype} has no NumPy equivalent and no exact widening", unsupported=True)
 
 
-def _convert_one(leaf: Any, copy: Copy, ml_dtypes: bool, scalars: bool) -> Any:
+def _one_to_numpy(leaf: Any, copy: Copy, ml_dtypes: bool, scalars: bool) -> Any:
     if isinstance(leaf, torch.Tensor):
         return tensor_to_numpy(leaf, copy, ml_dtypes, scalars)
     if copy and isinstance(leaf, np.ndarray):
@@ -216,7 +216,7 @@ def _convert_one(leaf: Any, copy: Copy, ml_dtypes: bool, scalars: bool) -> Any:
     return leaf
 
 
-def convert_checked(
+def leaf_to_numpy(
     leaf: Any, index: int, spec: PyTreeSpec, *, copy: Copy, ml_dtypes: bool, scalars: bool
 ) -> Any:
     """Convert leaf ``index`` of ``spec`` (tensors; arrays copied when ``copy``; others kept).
@@ -226,7 +226,7 @@ def convert_checked(
     never escape as a raw ``TypeError``.
     """
     try:
-        return _convert_one(leaf, copy, ml_dtypes, scalars)
+        return _one_to_numpy(leaf, copy, ml_dtypes, scalars)
     except LeafError as issue:
         raise leaf_error(spec, index, leaf, issue.reason, unsupported=issue.unsupported) from None
     except TonumpyError as exc:

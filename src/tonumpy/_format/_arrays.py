@@ -153,12 +153,12 @@ def unsigned(dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 
 def leaf_array(
-    leaf: Any, where: Callable[[], str], path: tuple[Any, ...], *, ml_dtypes: bool
+    leaf: Any, place: Callable[[], str], path: tuple[Any, ...], *, ml_dtypes: bool
 ) -> tuple[np.ndarray, str | None]:
     """The array to store for an array leaf, and the ml_dtypes name when it holds raw bits.
 
     Bits are stored as unsigned integers of their size (``uint16`` for bfloat16, ``uint8``
-    for float8). ``where()`` renders the leaf's place in the tree, for errors only.
+    for float8). ``place()`` renders the leaf's place in the tree, for errors only.
     """
     if isinstance(leaf, LazyArray):
         array = leaf.array()
@@ -174,10 +174,10 @@ def leaf_array(
         try:
             converted = to_numpy(leaf)
         except TonumpyError as exc:
-            raise type(exc)(f"{where()}: {exc}", path=path) from exc
+            raise type(exc)(f"{place()}: {exc}", path=path) from exc
         if isinstance(converted, list):  # a nested tensor: one array per component
             raise ConversionError(
-                f"cannot store {where()}: a nested tensor; store its components "
+                f"cannot store {place()}: a nested tensor; store its components "
                 "(list(t.unbind())) instead",
                 path=path,
             )
@@ -187,7 +187,7 @@ def leaf_array(
         return array.view(f"u{array.dtype.itemsize}"), array.dtype.name
     if array.dtype.hasobject:
         raise ConversionError(
-            f"cannot store {where()}: an object array needs pickle; convert it to a numeric or "
+            f"cannot store {place()}: an object array needs pickle; convert it to a numeric or "
             "string array first",
             path=path,
         )

@@ -140,12 +140,12 @@ def check_input(path: Path) -> bool:
     return False
 
 
-def _regular_fd(path: Path, fd: int, where: str) -> int:
+def _regular_fd(path: Path, fd: int, source: str) -> int:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise FileFormatError(
-            f"{where}: {_what(st.st_mode)}, not a regular file; tonumpy reads regular files only"
+            f"{source}: {_what(st.st_mode)}, not a regular file; tonumpy reads regular files only"
         )
     os.set_blocking(fd, True)
     return fd

@@ -171,7 +171,7 @@ def write_header(file: Any, dtype: np.dtype[Any], shape: tuple[int, ...], fortra
     file.write(header(dtype, shape, fortran))
 
 
-def read_header(f: BinaryIO, where: str) -> NpyHeader:
+def read_header(f: BinaryIO, source: str) -> NpyHeader:
     """Read and check a ``.npy`` header from ``f`` (positioned at its start).
 
     At most ``MAX_HEADER`` bytes of text are read, whatever the header declares.
@@ -179,41 +179,41 @@ def read_header(f: BinaryIO, where: str) -> NpyHeader:
     Raises:
         FileFormatError: Not a ``.npy`` header, a damaged one (a bad shape or dtype included),
             one over ``MAX_HEADER`` bytes, or one whose data would need pickle (an object
-            dtype). ``where`` starts the message.
+            dtype). ``source`` starts the message.
     """
     try:
         version = np.lib.format.read_magic(f)
     except ValueError:
         raise FileFormatError(
-            f"{where}: not a .npy array (it does not start with NumPy's header)"
+            f"{source}: not a .npy array (it does not start with NumPy's header)"
         ) from None
     width = _LENGTH_BYTES.get(version)
     if width is None:
         raise FileFormatError(
-            f"{where}: .npy format version {version[0]}.{version[1]} is not one NumPy writes"
+            f"{source}: .npy format version {version[0]}.{version[1]} is not one NumPy writes"
         )
     prefix = f.read(width)
     if len(prefix) < width:
-        raise FileFormatError(f"{where}: a truncated .npy header")
+        raise FileFormatError(f"{source}: a truncated .npy header")
     length = int.from_bytes(prefix, "little")
     if length > MAX_HEADER:
         raise FileFormatError(
-            f"{where}: a .npy header of {length:,} bytes (NumPy writes a few hundred); refused"
+            f"{source}: a .npy header of {length:,} bytes (NumPy writes a few hundred); refused"
         )
     text = f.read(length)
     if len(text) < length:
-        raise FileFormatError(f"{where}: a truncated .npy header")
+        raise FileFormatError(f"{source}: a truncated .npy header")
     raw = prefix + text
     parse = _parse if len(raw) <= _REMEMBERED else _parse.__wrapped__
     try:
         shape, fortran, dtype = parse(version, raw)
     except Exception as exc:  # noqa: BLE001 - whatever NumPy's parser makes of damaged text
-        raise FileFormatError(f"{where}: a damaged .npy header ({short(str(exc), 80)})") from None
+        raise FileFormatError(f"{source}: a damaged .npy header ({short(str(exc), 80)})") from None
     if not all(type(n) is int and n >= 0 for n in shape):  # type(): a bool is an int
-        raise FileFormatError(f"{where}: a .npy header with a bad shape {short(shape)}")
+        raise FileFormatError(f"{source}: a .npy header with a bad shape {short(shape)}")
     if dtype.hasobject:
         raise FileFormatError(
-            f"{where}: holds Python objects (dtype {short(str(dtype))}), which only pickle can "
+            f"{source}: holds Python objects (dtype {short(str(dtype))}), which only pickle can "
             "read; tonumpy never unpickles .npy data: save it as numbers or strings instead"
         )
     return NpyHeader(shape, dtype, fortran, np.lib.format.MAGIC_LEN + width + length)

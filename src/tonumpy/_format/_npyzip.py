@@ -41,7 +41,7 @@ def _empty(header: NpyHeader) -> np.ndarray:
     return np.empty(header.shape, header.dtype, order="F" if header.fortran else "C")
 
 
-def map_npy(path: Path, where: str, f: BinaryIO | None = None) -> np.ndarray:
+def map_npy(path: Path, source: str, f: BinaryIO | None = None) -> np.ndarray:
     """A ``.npy`` file, checked, then memory-mapped copy-on-write (the file stays untouched).
 
     Bytes past the declared data are not read, as ``np.load`` does not read them: they are
@@ -53,11 +53,11 @@ def map_npy(path: Path, where: str, f: BinaryIO | None = None) -> np.ndarray:
     """
     with f if f is not None else open_regular(path) as file:
         size = os.fstat(file.fileno()).st_size
-        header = read_header(file, where)
+        header = read_header(file, source)
         held = size - header.size
         if held < header.nbytes:
             raise FileFormatError(
-                f"{where}: declares {header.describe()} but holds {held:,} bytes of data: "
+                f"{source}: declares {header.describe()} but holds {held:,} bytes of data: "
                 "truncated or corrupt"
             )
         if header.nbytes == 0:
@@ -74,7 +74,7 @@ def map_npy(path: Path, where: str, f: BinaryIO | None = None) -> np.ndarray:
 
 
 def check_members(
-    zf: zipfile.ZipFile, f: BinaryIO, where: str, *, stored_only: bool
+    zf: zipfile.ZipFile, f: BinaryIO, source: str, *, stored_only: bool
 ) -> dict[str, tuple[zipfile.ZipInfo, int]]:
     """The members of an archive by name, checked against the file, with their data's offsets.
 
@@ -93,46 +93,46 @@ def check_members(
     for info in infos:
         name = short(info.filename, 80)
         if info.filename in found:
-            raise FileFormatError(f"{where}: holds two members named {name}")
+            raise FileFormatError(f"{source}: holds two members named {name}")
         if info.flag_bits & 0x1:
-            raise FileFormatError(f"{where}: member {name} is encrypted")
+            raise FileFormatError(f"{source}: member {name} is encrypted")
         if info.compress_type == zipfile.ZIP_STORED:
             if info.compress_size != info.file_size:
                 raise FileFormatError(
-                    f"{where}: member {name} is stored uncompressed but declares "
+                    f"{source}: member {name} is stored uncompressed but declares "
                     f"{info.file_size:,} bytes in {info.compress_size:,}: corrupt"
                 )
         elif info.compress_type == zipfile.ZIP_DEFLATED and not stored_only:
             if info.file_size > DEFLATE_RATIO * info.compress_size:
                 raise FileFormatError(
-                    f"{where}: member {name} declares {info.file_size:,} bytes from "
+                    f"{source}: member {name} declares {info.file_size:,} bytes from "
                     f"{info.compress_size:,} compressed, more than deflate can expand to: corrupt "
                     "or a zip bomb; refused"
                 )
         else:
             allowed = "stored" if stored_only else "stored or deflated"
             raise FileFormatError(
-                f"{where}: member {name} uses compression method {info.compress_type}; "
+                f"{source}: member {name} uses compression method {info.compress_type}; "
                 f"tonumpy reads {allowed} members only"
             )
         f.seek(info.header_offset)
         local = f.read(_LOCAL_HEADER.size)
         if len(local) < _LOCAL_HEADER.size:
-            raise FileFormatError(f"{where}: member {name} lies outside the file: truncated")
+            raise FileFormatError(f"{source}: member {name} lies outside the file: truncated")
         signature, name_length, extra_length = _LOCAL_HEADER.unpack(local)
         if signature != b"PK\x03\x04":
-            raise FileFormatError(f"{where}: member {name} has no local header: corrupt")
+            raise FileFormatError(f"{source}: member {name} has no local header: corrupt")
         start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
         end = start + info.compress_size
         if end_of_data is not None and end > end_of_data:
-            raise FileFormatError(f"{where}: member {name} runs past its data: corrupt")
+            raise FileFormatError(f"{source}: member {name} runs past its data: corrupt")
         spans.append((info.header_offset, end, name))
         found[info.filename] = (info, start)
     spans.sort()
     for (_, end, first), (start, _, second) in itertools.pairwise(spans):
         if start < end:
             raise FileFormatError(
-                f"{where}: members {first} and {second} overlap (the shape of a zip bomb); refused"
+                f"{source}: members {first} and {second} overlap (the shape of a zip bomb); refused"
             )
     return found
 
@@ -164,15 +164,15 @@ class Archive:
 
     def member(self, info: zipfile.ZipInfo) -> Member:
         """The member ``info``, its header read and checked against its declared size."""
-        where = f"{self.path}: member {short(info.filename, 80)}"
+        source = f"{self.path}: member {short(info.filename, 80)}"
         try:
             with self.zip.open(info) as stream:
-                header = read_header(stream, where)  # type: ignore[arg-type]
+                header = read_header(stream, source)  # type: ignore[arg-type]
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-            raise FileFormatError(f"{where}: corrupt ({exc})") from None
+            raise FileFormatError(f"{source}: corrupt ({exc})") from None
         if info.file_size - header.size != header.nbytes:
             raise FileFormatError(
-                f"{where}: declares {header.describe()} but holds "
+                f"{source}: declares {header.describe()} but holds "
                 f"{info.file_size - header.size:,} bytes of data: corrupt"
             )
         return Member(self, info, header)
@@ -201,7 +201,7 @@ class Member(LazyArray):
         Raises:
             FileFormatError: The member is shorter than declared or its CRC-32 does not match.
         """
-        where = f"{self.archive.path}: member {short(self.info.filename, 80)}"
+        source = f"{self.archive.path}: member {short(self.info.filename, 80)}"
         step = max(size // max(self.dtype.itemsize, 1), 1) * max(self.dtype.itemsize, 1)
         left = self.header.nbytes
         try:
@@ -210,13 +210,13 @@ class Member(LazyArray):
                 while left:
                     chunk = stream.read(min(step, left))
                     if not chunk:
-                        raise FileFormatError(f"{where}: truncated")
+                        raise FileFormatError(f"{source}: truncated")
                     left -= len(chunk)
                     yield chunk
                 if stream.read(1):  # pragma: no cover - sizes were checked; this checks the CRC
-                    raise FileFormatError(f"{where}: holds more data than it declares")
+                    raise FileFormatError(f"{source}: holds more data than it declares")
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-            raise FileFormatError(f"{where}: corrupt ({exc})") from None
+            raise FileFormatError(f"{source}: corrupt ({exc})") from None
 
     def array(self) -> np.ndarray:
         """The member's data, read into memory (exactly its declared size)."""

@@ -13,12 +13,13 @@ what [`tonumpy.to_numpy`][] walks: every container it knows (registered with opt
 What a writer outside ``io`` (``Accumulator(directory=)``) uses, the small public API of this
 module:
 
-* [`plan(tree, ml_dtypes=..., is_leaf=...)`][tonumpy._format._structure.plan] walks a tree once and
-  returns a [`Plan`][tonumpy._format._structure.Plan]: ``Plan.names`` (the unique, safe file name of
-  each array leaf, without ``.npy``), ``Plan.paths`` (their key paths), ``Plan.leaves``,
-  ``Plan.flat`` (each array leaf's index in [`tonumpy._tree.flatten`][]'s list),
-  ``Plan.complete(index, dtype_name, stored)`` (record how array ``index`` is stored: the
-  ``ml_dtypes`` name when it holds bits, the stored dtype) and ``Plan.structure_bytes()`` (the
+* [`layout(tree, ml_dtypes=..., is_leaf=...)`][tonumpy._format._structure.layout] walks a tree
+  once and returns a [`Layout`][tonumpy._format._structure.Layout]: what each leaf is stored as
+  and its name in the file. ``Layout.names`` (the unique, safe file name of each array leaf,
+  without ``.npy``), ``Layout.paths`` (their key paths), ``Layout.leaves``,
+  ``Layout.flat`` (each array leaf's index in [`tonumpy._tree.flatten`][]'s list),
+  ``Layout.complete(index, dtype_name, stored)`` (record how array ``index`` is stored: the
+  ``ml_dtypes`` name when it holds bits, the stored dtype) and ``Layout.structure_bytes()`` (the
   JSON, once every array is complete).
 * [`tonumpy._format._names.unique_names(paths)`][tonumpy._format._names.unique_names]: the file
   names alone.
@@ -26,7 +27,7 @@ module:
   in a directory, the member ``STRUCTURE + ".npy"`` of a ``.npz``.
 
 Names depend only on the key paths of the array leaves, in order: a writer that grows arrays
-over batches plans the first batch to name its files, and later plans the tree it holds (its
+over batches lays out the first batch to name its files, and later the tree it holds (its
 arrays, and a list of per-batch values where a leaf is a plain value) for the structure; the
 names agree. Bits of bfloat16/float8 are stored as unsigned integers of their size
 (``uint16``/``uint8``), with the ``ml_dtypes`` name in the node's ``"dtype"``; readers also
@@ -34,7 +35,7 @@ accept the signed integers older files hold.
 
 Examples:
     >>> import json, torch
-    >>> p = plan({"x": torch.ones(2), "step": 3, "h": [torch.zeros(1)]}, ml_dtypes=False)
+    >>> p = layout({"x": torch.ones(2), "step": 3, "h": [torch.zeros(1)]}, ml_dtypes=False)
     >>> p.names, p.paths
     (['x', 'h.0'], [('x',), ('h', 0)])
     >>> for i in range(len(p.names)):  # as each array is written
@@ -67,15 +68,15 @@ from ._names import dotted, unique_names
 __all__ = [
     "FORMAT_VERSION",
     "MAX_DEPTH",
+    "Layout",
     "Node",
-    "Plan",
     "Walk",
     "decode",
     "decode_tree",
     "decode_value",
+    "layout",
     "meta_error",
     "parse_structure",
-    "plan",
     "walk",
 ]
 
@@ -138,7 +139,7 @@ class Walk:
     spec: PyTreeSpec
     nodes: list[Node]
 
-    def where(self, index: int) -> str:
+    def place(self, index: int) -> str:
         """How a user reads leaf ``index`` of the flat list: ``tree['out'].logits``."""
         return _tree.leaf_path(self.spec, index)[1]
 
@@ -223,7 +224,7 @@ def walk(tree: Any, /, *, is_leaf: Callable[[Any], bool] | None = None) -> Walk:
 
 
 @dataclasses.dataclass
-class Plan:
+class Layout:
     """A tree ready to write: its structure as JSON, and its array leaves, named.
 
     Leaves are converted one at a time, as they are written (``array``, ``write``), so
@@ -264,15 +265,15 @@ class Plan:
         """The bytes of the array leaves as they are in the tree (for progress)."""
         return sum(_arrays.nbytes(leaf) for leaf in self.leaves)
 
-    def where(self, index: int) -> str:
+    def place(self, index: int) -> str:
         """How a user reads array leaf ``index`` in the tree (``tree['out'].logits``)."""
-        return self.walked.where(self.flat[index])
+        return self.walked.place(self.flat[index])
 
     def leaf(self, index: int) -> Any:
         """Leaf ``index``, checked before its data is used: no meta tensor, checksums match."""
         leaf = self.leaves[index]
         if self.source_file is not None and isinstance(leaf, torch.Tensor) and leaf.is_meta:
-            raise meta_error(self.source_file, self.paths[index], self.where(index), leaf)
+            raise meta_error(self.source_file, self.paths[index], self.place(index), leaf)
         if self.verify is not None:
             self.verify(leaf)
         return leaf
@@ -281,7 +282,7 @@ class Plan:
         """Leaf ``index`` converted for storing, and the ml_dtypes name if it holds bits."""
         leaf, path = self.leaf(index), self.paths[index]
         array, dtype_name = _arrays.leaf_array(
-            leaf, lambda: self.where(index), path, ml_dtypes=self.ml_dtypes
+            leaf, lambda: self.place(index), path, ml_dtypes=self.ml_dtypes
         )
         self.complete(index, dtype_name, str(array.dtype))
         return array, dtype_name
@@ -366,7 +367,7 @@ def _too_deep(spec: PyTreeSpec) -> str:
     return _tree.place(spec, deep[:8])
 
 
-def plan(
+def layout(
     tree: Any,
     /,
     *,
@@ -375,7 +376,7 @@ def plan(
     classes: dict[tuple[Any, ...], str] | None = None,
     sources: dict[tuple[Any, ...], dict[str, Any]] | None = None,
     once: bool = True,
-) -> Plan:
+) -> Layout:
     """Walk ``tree`` once: its JSON structure, and its array leaves, named (converted later).
 
     A tensor (or array) at several places in the tree is stored once, every place naming it;
@@ -419,7 +420,7 @@ def plan(
             elif _arrays.is_array(leaf):
                 if isinstance(leaf, np.ndarray) and leaf.dtype.hasobject:
                     raise ConversionError(
-                        f"cannot store {walked.where(node.first)}: an object array needs "
+                        f"cannot store {walked.place(node.first)}: an object array needs "
                         "pickle; convert it to a numeric or string array first",
                         path=node.path,
                     )
@@ -429,7 +430,7 @@ def plan(
                 paths.append(node.path)
                 flat.append(node.first)
             else:
-                out = _encode_leaf(leaf, functools.partial(walked.where, node.first), node.path)
+                out = _encode_leaf(leaf, functools.partial(walked.place, node.first), node.path)
         else:
             children: list[Any] = []
             out = {"t": node.kind}
@@ -448,7 +449,7 @@ def plan(
         if node.kind in ("dict", "list", "tuple"):
             del lists[depth:]
             lists.append(out["v"])
-    return Plan(
+    return Layout(
         structure={"format": "tonumpy", "version": FORMAT_VERSION, "tree": root},
         names=unique_names(paths),
         leaves=arrays,
@@ -509,7 +510,7 @@ def _encode_key(key: Any) -> Any:
         return {"repr": repr(key)}
 
 
-def _encode_leaf(leaf: Any, where: Callable[[], str], path: tuple[Any, ...]) -> Any:
+def _encode_leaf(leaf: Any, place: Callable[[], str], path: tuple[Any, ...]) -> Any:
     if isinstance(leaf, set | frozenset):
         try:
             items = [_encode_value(v) for v in leaf]
@@ -521,7 +522,7 @@ def _encode_leaf(leaf: Any, where: Callable[[], str], path: tuple[Any, ...]) -> 
         value = _encode_value(leaf)
     except TypeError:
         raise ConversionError(
-            f"cannot store {where()} ({type(leaf).__name__}) without pickle: only tensors, arrays, "
+            f"cannot store {place()} ({type(leaf).__name__}) without pickle: only tensors, arrays, "
             "containers and str/int/float/bool/None/bytes/complex values can be saved; convert "
             "it to one of those or drop it first",
             path=path,
@@ -540,7 +541,7 @@ def _encode_leaf(leaf: Any, where: Callable[[], str], path: tuple[Any, ...]) -> 
 
 def decode(
     raw: bytes,
-    where: str,
+    source: str,
     get_array: Callable[[str, str | None], Any],
     members: Iterable[str],
     holder: str,
@@ -551,7 +552,7 @@ def decode(
     ``ml_dtypes`` name when it holds bits). ``members`` names every array the file holds: each
     must have a place in the tree, or the file is refused (an array added to a file that
     tonumpy wrote would otherwise be hidden from ``show``, ``load`` and ``convert``). Every
-    error names ``where`` (the file); ``holder`` is what holds the structure (``the member
+    error names ``source`` (the file); ``holder`` is what holds the structure (``the member
     __tonumpy__``), for the message.
     """
     try:
@@ -574,11 +575,11 @@ def decode(
         if unlisted:
             raise _unlisted_error(unlisted, holder)
     except FileFormatError as exc:
-        if str(exc).startswith(where):  # an array's own error names its file already
+        if str(exc).startswith(source):  # an array's own error names its file already
             raise
-        raise FileFormatError(f"{where}: {exc}") from None
+        raise FileFormatError(f"{source}: {exc}") from None
     except RecursionError:
-        raise FileFormatError(f"{where}: the structure is nested too deeply to read") from None
+        raise FileFormatError(f"{source}: the structure is nested too deeply to read") from None
     return tree, classes, sources
 
 

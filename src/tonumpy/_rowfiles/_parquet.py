@@ -247,8 +247,8 @@ class RowGroupWriter:
     def __enter__(self) -> RowGroupWriter:
         return self
 
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
-        if kind is None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
             if not self._done:
                 self.close()
         else:
@@ -487,14 +487,14 @@ def write(
     compress: bool,
     ml_dtypes: bool,
     is_leaf: Callable[[Any], bool] | None,
-    where: str,
+    caller: str,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Write a whole tree: row groups of about [`ROW_GROUP_BYTES`][] each, then the metadata."""
     from ..table import tabulate  # noqa: PLC0415 - see _key_path
 
     require_pyarrow()
-    table = tabulate(tree, where=where, per_batch="keep", ml_dtypes=ml_dtypes, is_leaf=is_leaf)
+    table = tabulate(tree, caller=caller, per_batch="keep", ml_dtypes=ml_dtypes, is_leaf=is_leaf)
     per_row = sum(math.prod(c.shape[1:]) * c.dtype.itemsize for c in table.columns.values())
     step = max(1, ROW_GROUP_BYTES // max(per_row, 1))
     writer = RowGroupWriter(path, overwrite=overwrite, compression="zstd" if compress else "none")
@@ -777,26 +777,26 @@ def _read_column(  # noqa: PLR0917 - one private reader of one column
     *,
     lazy: bool = False,
 ) -> Any:
-    where = f"column {short(name, 60)}"
+    source = f"column {short(name, 60)}"
     field = pf.schema_arrow.field(name)
     try:
         stored, shape, levels = _describe_type(pa, field.type)
     except FileFormatError as exc:
-        raise _bad(path, f"{where}: {exc}") from None
+        raise _bad(path, f"{source}: {exc}") from None
     dtype_name = spec.get("dtype")
     if not isinstance(dtype_name, str) or dtype_name not in _PLAIN | _WIDENED:
-        raise _bad(path, f"{where}: the metadata gives it no dtype tonumpy writes")
+        raise _bad(path, f"{source}: the metadata gives it no dtype tonumpy writes")
     want = _stored_dtype(
         np.dtype(np.float32) if dtype_name in _WIDENED else np.dtype(dtype_name), name
     )
     if want.name != stored:
-        raise _bad(path, f"{where}: the metadata says {dtype_name}, the file holds {stored}")
+        raise _bad(path, f"{source}: the metadata says {dtype_name}, the file holds {stored}")
     if "shape" in spec:
         want_shape = _dims(spec["shape"])
         if want_shape is None or shape != want_shape:
             raise _bad(
                 path,
-                f"{where}: the metadata gives rows of shape {short(spec['shape'])}, the file "
+                f"{source}: the metadata gives rows of shape {short(spec['shape'])}, the file "
                 f"holds {'variable-length lists' if shape is None else shape}",
             )
         need = _arrow_bytes(stored, math.prod(want_shape))
@@ -807,7 +807,7 @@ def _read_column(  # noqa: PLR0917 - one private reader of one column
         return _restore(_fill_column(pf, path, name, rows, want_shape, stored), dtype_name)
     ndim = spec.get("ndim")
     if not isinstance(ndim, int) or shape is not None or levels != ndim:
-        raise _bad(path, f"{where}: the metadata and the file disagree on its dimensions")
+        raise _bad(path, f"{source}: the metadata and the file disagree on its dimensions")
     row_list: list[np.ndarray] = []
     for rg in range(pf.metadata.num_row_groups):
         table = pf.read_row_group(rg, columns=[name])
@@ -815,9 +815,9 @@ def _read_column(  # noqa: PLR0917 - one private reader of one column
             try:
                 row_list.extend(_ragged_rows(chunk, levels, np.dtype(stored)))
             except FileFormatError as exc:
-                raise _bad(path, f"{where}: {exc}") from None
+                raise _bad(path, f"{source}: {exc}") from None
     if len(row_list) != rows:
-        raise _bad(path, f"{where}: {len(row_list)} rows, the file says {rows}")
+        raise _bad(path, f"{source}: {len(row_list)} rows, the file says {rows}")
     pad = spec.get("pad")
     if pad is None:
         return [_restore(r, dtype_name) for r in row_list]
@@ -829,7 +829,7 @@ def _read_column(  # noqa: PLR0917 - one private reader of one column
         _key_path(name),
         ragged="pad",
         pad_value=pad,
-        where=str(path),
+        caller=str(path),
         place=f"column {short(name, 60)}",
     )
     return _restore(padded, dtype_name)
@@ -840,21 +840,21 @@ def _fill_column(  # noqa: PLR0917 - one private reader of one column
 ) -> np.ndarray:
     """A checked fixed-shape column, read a row group at a time into one array."""
     pa, _ = require_pyarrow()
-    where = f"column {short(name, 60)}"
+    source = f"column {short(name, 60)}"
     out = np.empty((rows, *shape), dtype=stored)
     at = 0
     for rg in range(pf.metadata.num_row_groups):
         chunk_rows = pf.metadata.row_group(rg).num_rows
         table = pf.read_row_group(rg, columns=[name])
         if at + chunk_rows > rows or table.num_rows != chunk_rows:
-            raise _bad(path, f"{where}: its row groups hold more rows than the file")
+            raise _bad(path, f"{source}: its row groups hold more rows than the file")
         for chunk in table.column(0).chunks:
             try:
                 at += _fill_fixed(pa, chunk, out, at, shape)
             except FileFormatError as exc:
-                raise _bad(path, f"{where}: {exc}") from None
+                raise _bad(path, f"{source}: {exc}") from None
     if at != rows:
-        raise _bad(path, f"{where}: {at} rows, the file says {rows}")
+        raise _bad(path, f"{source}: {at} rows, the file says {rows}")
     return out
 
 

@@ -78,7 +78,7 @@ class ParquetSink:
         self.writer: _parquet.RowGroupWriter | None = None
         self.names: list[str | None] = []  # by leaf: its column (per-sample leaves only)
         self.index_name: str | None = None
-        self.kinds: list[str] = []
+        self.forms: list[str] = []
         self.per_batch: list[list[Any]] = []  # by leaf: its per-batch values
         self.closed = False
 
@@ -96,21 +96,21 @@ class ParquetSink:
             )
         counts: dict[int, str] = {}
         for column, state, value in zip(columns, states, host, strict=True):
-            if state.kind == "jagged":
+            if state.form == "jagged":
                 raise ConversionError(
                     f"{name}: Accumulator(format='parquet') stores rows of one number of "
-                    f"dimensions per column, but {column.where} is a nested (jagged) tensor; pad "
+                    f"dimensions per column, but {column.place} is a nested (jagged) tensor; pad "
                     "it first (t.to_padded_tensor(0.0)) or accumulate without directory=",
                     path=column.path,
                 )
             if column.dtype is not None and state.dtype is not None and state.dtype != column.dtype:
                 raise ConversionError(
-                    f"{name}: {column.where} holds {state.dtype} after {column.dtype} in the "
+                    f"{name}: {column.place} holds {state.dtype} after {column.dtype} in the "
                     "batches before; a Parquet column keeps the dtype of its first rows: give "
                     "the leaf one dtype in every batch (reduce={pattern: lambda t: t.float()})"
                 )
             if isinstance(value, np.ndarray) and not value.dtype.hasobject and value.ndim:
-                counts.setdefault(int(value.shape[0]), column.where)
+                counts.setdefault(int(value.shape[0]), column.place)
         if len(counts) > 1:
             (a, where_a), (b, where_b) = list(counts.items())[:2]
             raise ConversionError(
@@ -123,16 +123,16 @@ class ParquetSink:
         self, spec: PyTreeSpec, columns: Sequence[Column], host: Sequence[Any], index: Any
     ) -> None:
         """Write one batch (every leaf already accepted by its column)."""
-        if not self.kinds:
+        if not self.forms:
             self._start(spec, columns, index is not None)
         batch: dict[str, np.ndarray] = {}
         rows = 0
         for i, (column, value) in enumerate(zip(columns, host, strict=True)):
-            kind = column.kind or "object"
+            form = column.form or "object"
             target = self.names[i]
             if target is None:  # one value per batch
                 self.per_batch[i].append(
-                    rows_first(value, "scalar", 0) if kind == "scalar" else value
+                    rows_first(value, "scalar", 0) if form == "scalar" else value
                 )
                 continue
             chunk = np.asarray(value)
@@ -145,19 +145,19 @@ class ParquetSink:
         self._write(batch, columns)
 
     def _start(self, spec: PyTreeSpec, columns: Sequence[Column], indexed: bool) -> None:
-        self.kinds = [column.kind or "object" for column in columns]
-        if "array" not in self.kinds:
+        self.forms = [column.form or "object" for column in columns]
+        if "array" not in self.forms:
             raise ConversionError(
                 "Accumulator(format='parquet') stores one row per example, and this batch has "
                 "no array leaf with rows (only per-batch values); use format='npy'"
             )
         self.per_batch = [[] for _ in columns]
-        placeholders = [np.zeros((1,), np.int8) if kind == "array" else 0 for kind in self.kinds]
-        plan = _structure.plan(_tree.unflatten(spec, placeholders), ml_dtypes=True, once=False)
+        placeholders = [np.zeros((1,), np.int8) if form == "array" else 0 for form in self.forms]
+        layout = _structure.layout(_tree.unflatten(spec, placeholders), ml_dtypes=True, once=False)
         from ..table import column_name  # noqa: PLC0415 - table imports convert
 
         self.names = [None] * len(columns)
-        for flat, path in zip(plan.flat, plan.paths, strict=True):
+        for flat, path in zip(layout.flat, layout.paths, strict=True):
             self.names[flat] = column_name(path)
         taken = set(self.names)
         if indexed:
@@ -191,7 +191,7 @@ class ParquetSink:
             storage="parquet",
             complete=complete,
             batches=batches,
-            kinds=self.kinds,
+            forms=self.forms,
             indexed=self.index_name is not None,
             fills=fills,
             num_items=num_items,
@@ -235,7 +235,7 @@ class ParquetSink:
                 template.append(
                     np.broadcast_to(np.zeros((), dtype), (rows, *(column.trailing or ())))
                 )
-            elif self.kinds[i] == "scalar":
+            elif self.forms[i] == "scalar":
                 scalars = self.per_batch[i]
                 template.append(np.concatenate(scalars) if scalars else np.empty(0, column.dtype))
             else:
@@ -244,7 +244,7 @@ class ParquetSink:
 
         table = tabulate(
             _tree.unflatten(spec, template),
-            where="Accumulator",
+            caller="Accumulator",
             batch_size=rows,
             per_batch="keep",
             ml_dtypes=ml_dtypes,
@@ -263,7 +263,7 @@ class ParquetSink:
         out: list[Any] = []
         for column in columns:
             fill = None
-            if column.kind in ("array", "scalar") and column.rows:
+            if column.form in ("array", "scalar") and column.rows:
                 try:
                     value = column.fill if column.fill is not None else column.pad_value()
                     fill = _shards._fill_text(value)  # noqa: SLF001 - the shard format's own
@@ -283,7 +283,7 @@ class ParquetSink:
             target = self.names[i]
             if target is None:
                 values = self.per_batch[i]
-                if self.kinds[i] == "scalar":
+                if self.forms[i] == "scalar":
                     out.append(np.concatenate(values) if values else np.empty(0, column.dtype))
                 else:
                     out.append(list(values))

@@ -115,7 +115,7 @@ class Recovered:
     """What [`recover`][tonumpy._rowfiles._shards.recover] found in an incomplete directory."""
 
     names: list[str]  # the array leaves' file names, in the structure's order
-    kinds: list[str]  # each leaf's kind (by leaf of the tree)
+    forms: list[str]  # each leaf's form (by leaf of the tree)
     files: list[str | None]  # by leaf: its file's name (without .npy)
     bits: list[str | None]  # by leaf: the ml_dtypes name of the bits its file holds
     indexed: bool
@@ -131,7 +131,7 @@ class Progress:
     def __init__(
         self,
         path: Path,
-        kinds: Sequence[str],
+        forms: Sequence[str],
         files: Sequence[str | None],
         bits: Sequence[str | None],
         ndims: Sequence[int],
@@ -140,12 +140,12 @@ class Progress:
         recovered: Recovered | None,
     ) -> None:
         self.path = path
-        self.kinds = list(kinds)
+        self.forms = list(forms)
         self.files = list(files)
         self.bits = list(bits)
         self.ndims = list(ndims)  # by leaf: the number of dimensions after the rows
         self.indexed = indexed
-        width = (2 + len(kinds) + sum(ndims),)
+        width = (2 + len(forms) + sum(ndims),)
         log, index = path / f"{PROGRESS}.npy", path / f"{INDEX}.npy"
         if recovered is None:
             self.log = GrowingNpy(log, np.dtype(np.int64), width)
@@ -158,7 +158,7 @@ class Progress:
             elif indexed:  # the run before died in its first batch, which had no index=
                 index.unlink(missing_ok=True)
                 self.index = GrowingNpy(index, np.dtype(np.int64), ())
-        self.fills: list[Any] = [None] * len(kinds)
+        self.fills: list[Any] = [None] * len(forms)
         self.num_items: int | None = None
         self.complete = False
         self._write_meta(complete=False, batches=recovered.batches if recovered else 0)
@@ -195,7 +195,7 @@ class Progress:
         """
         self.num_items = num_items
         for i, column in enumerate(columns):
-            if column.kind in ("array", "scalar") and column.rows:
+            if column.form in ("array", "scalar") and column.rows:
                 try:
                     self.fills[i] = _fill_text(
                         column.fill if column.fill is not None else column.pad_value()
@@ -214,7 +214,7 @@ class Progress:
                 "overwrites them: pass a new directory, or delete the old files"
             )
         shard = Progress.__new__(Progress)
-        shard.path, shard.kinds, shard.files, shard.bits, shard.ndims = path, [], [], [], []
+        shard.path, shard.forms, shard.files, shard.bits, shard.ndims = path, [], [], [], []
         shard.indexed, shard.fills, shard.num_items = False, [], num_items
         shard._write_meta(complete=True, batches=0)  # noqa: SLF001 - its own class
 
@@ -225,7 +225,7 @@ class Progress:
             storage="npy",
             complete=complete,
             batches=batches,
-            kinds=self.kinds,
+            forms=self.forms,
             indexed=self.indexed,
             fills=self.fills,
             num_items=self.num_items,
@@ -241,7 +241,7 @@ def write_meta(
     storage: str,
     complete: bool,
     batches: int,
-    kinds: Sequence[str],
+    forms: Sequence[str],
     indexed: bool,
     fills: Sequence[Any],
     num_items: int | None,
@@ -258,7 +258,7 @@ def write_meta(
         "version": _VERSION,
         "complete": complete,
         "batches": batches,
-        "kinds": list(kinds),
+        "kinds": list(forms),
         "indexed": indexed,
         "fills": list(fills),
         "num_items": num_items,
@@ -272,26 +272,26 @@ def write_meta(
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    where = path / f"{SHARD}.json"
+    file = path / f"{SHARD}.json"
     try:
         with open_entry(path, f"{SHARD}.json") as f:
             data = json.loads(f.read(1 << 20).decode("utf-8"))
     except FileNotFoundError:
         raise FileFormatError(
-            f"{where} is missing: {path} was not written by an Accumulator(directory=) of this "
+            f"{file} is missing: {path} was not written by an Accumulator(directory=) of this "
             "tonumpy version (or its first batch never completed)"
         ) from None
     except (UnicodeDecodeError, ValueError) as exc:
-        raise FileFormatError(f"{where}: not valid JSON ({exc})") from None
+        raise FileFormatError(f"{file}: not valid JSON ({exc})") from None
     if (
         not isinstance(data, dict)
         or data.get("format") != _FORMAT
         or not isinstance(data.get("kinds"), list)
         or not isinstance(data.get("batches"), int)
     ):
-        raise FileFormatError(f"{where}: not a tonumpy shard description")
+        raise FileFormatError(f"{file}: not a tonumpy shard description")
     if not isinstance(data.get("version"), int) or data["version"] > _VERSION:
-        raise FileFormatError(f"{where}: format version {data.get('version')!r}: upgrade tonumpy")
+        raise FileFormatError(f"{file}: format version {data.get('version')!r}: upgrade tonumpy")
     return data
 
 
@@ -332,8 +332,8 @@ def recover(path: Path) -> Recovered | None:
         _clear_first_batch(path)
         return None
     meta = _read_meta(path)
-    kinds = [str(k) for k in meta["kinds"]]
-    if "object" in kinds:
+    forms = [str(k) for k in meta["kinds"]]
+    if "object" in forms:
         raise FileFormatError(
             f"{path}: resume=True continues array leaves only; this directory's tree has "
             "non-array leaves, which an Accumulator keeps in memory until result() (a crash "
@@ -347,12 +347,12 @@ def recover(path: Path) -> Recovered | None:
     ndims = _ndims(path, meta)
     trailing: list[tuple[int, ...]] = []
     if last is None:
-        batches, index_rows, rows = 0, 0, [0] * len(kinds)
+        batches, index_rows, rows = 0, 0, [0] * len(forms)
         trailing = [(0,) * n for n in ndims]
     else:
         batches, index_rows = int(last[0]), int(last[1])
-        rows = [int(r) for r in last[2 : 2 + len(kinds)]]
-        start = 2 + len(kinds)
+        rows = [int(r) for r in last[2 : 2 + len(forms)]]
+        start = 2 + len(forms)
         for n in ndims:
             trailing.append(tuple(int(d) for d in last[start : start + n]))
             start += n
@@ -360,14 +360,14 @@ def recover(path: Path) -> Recovered | None:
     if not (
         isinstance(files, list)
         and isinstance(bits, list)
-        and len(files) == len(bits) == len(kinds)
+        and len(files) == len(bits) == len(forms)
         and all(f is None or (isinstance(f, str) and _names.is_safe_name(f)) for f in files)
         and all(b is None or isinstance(b, str) for b in bits)
     ):
         raise FileFormatError(f"{path / f'{SHARD}.json'}: damaged (its files and bits)")
     return Recovered(
         names,
-        kinds,
+        forms,
         files,
         bits,
         bool(meta.get("indexed")),
@@ -493,8 +493,8 @@ def _read_shard(rank: int, path: Path) -> _Shard:
             f"{path}: a shard stored as {short(str(storage), 20)}; this tonumpy reads .npy and "
             "Parquet shards"
         )
-    kinds = meta["kinds"]
-    if meta["batches"] == 0 and not kinds and meta.get("complete"):
+    forms = meta["kinds"]
+    if meta["batches"] == 0 and not forms and meta.get("complete"):
         return _Shard(path, rank, None, {}, {}, {}, meta, None)  # a rank with no rows
     last = _last_progress(path, meta)
     batches = 0 if last is None else int(last[0])
@@ -639,13 +639,13 @@ def read_set(
                 [s.index for s in shards if s.index is not None],
                 num_items=num_items,
                 names=[str(s.path) for s in shards],
-                where=f"tonumpy.load({str(path)!r})",
+                caller=f"tonumpy.load({str(path)!r})",
             )
         except ValueError as exc:
             raise FileFormatError(f"{path}: {exc}") from None
     out = [
-        _merge_leaf(i, path_where, [leaves[i] for leaves in flat], shards, maps)
-        for i, path_where in enumerate(_tree.leaf_paths(spec0))
+        _merge_leaf(i, path_place, [leaves[i] for leaves in flat], shards, maps)
+        for i, path_place in enumerate(_tree.leaf_paths(spec0))
     ]
     return _tree.unflatten(spec0, out), first.classes, first.sources
 
@@ -665,14 +665,14 @@ def _is_plain_leaf(x: Any) -> bool:
 
 def _merge_leaf(
     i: int,
-    path_where: tuple[tuple[Any, ...], str],
+    path_place: tuple[tuple[Any, ...], str],
     values: list[Any],
     shards: Sequence[_Shard],
     maps: list[np.ndarray] | None,
 ) -> Any:
-    kind = shards[0].meta["kinds"][i]
-    path, where = path_where
-    if kind == "object":  # one value per batch, in rank order
+    form = shards[0].meta["kinds"][i]
+    path, place = path_place
+    if form == "object":  # one value per batch, in rank order
         return [v for value in values for v in (value if isinstance(value, list) else [value])]
     bits = {s.bits.get(id(v)) for s, v in zip(shards, values, strict=True)}
     fills = [_fill_value(s.meta.get("fills", [None] * (i + 1))[i]) for s in shards]
@@ -682,21 +682,21 @@ def _merge_leaf(
         return None if fill is None else fill.astype(dtype)
 
     column = Column(
-        path, where, axis=0, pad_value=pad_value if fill is not None else None, noun="shards"
+        path, place, axis=0, pad_value=pad_value if fill is not None else None, noun="shards"
     )
     for shard, value in zip(shards, values, strict=True):
         if not isinstance(value, np.ndarray) or value.ndim == 0:
-            raise FileFormatError(f"{shard.path}: {where} is not an array of rows")
+            raise FileFormatError(f"{shard.path}: {place} is not an array of rows")
         column.commit(column.check("array", value.dtype, value.shape, str(shard.path)))
     dtype, trailing = column.dtype, column.trailing or ()
     assert dtype is not None  # noqa: S101
-    per_sample = kind == "array" and maps is not None
+    per_sample = form == "array" and maps is not None
     if per_sample:
         assert maps is not None  # noqa: S101
         for shard, value, target in zip(shards, values, maps, strict=True):
             if value.shape[0] != target.size:
                 raise FileFormatError(
-                    f"{shard.path}: {where} has {value.shape[0]} rows but {target.size} "
+                    f"{shard.path}: {place} has {value.shape[0]} rows but {target.size} "
                     "dataset indices; every per-sample leaf holds one row per index"
                 )
         total = int(sum(int(np.count_nonzero(m >= 0)) for m in maps))

@@ -150,30 +150,30 @@ def _classify(cls: type[Any], protect: set[type]) -> str:
 
     ``protect`` holds the node types the calling flatten relies on: they are not evicted.
     """
-    kind = _roles.get(cls)
-    if kind is not None:
-        return kind
+    role = _roles.get(cls)
+    if role is not None:
+        return role
     global _atomic, _snapshot  # noqa: PLW0603 - replaced as a whole, under the lock
     with _lock:
-        kind = _roles.get(cls)
-        if kind is not None:
-            return kind
-        kind = _decide(cls)
-        if kind is _NODE:
+        role = _roles.get(cls)
+        if role is not None:
+            return role
+        role = _decide(cls)
+        if role is _NODE:
             _registered[cls] = None
             protect.add(cls)
-            _roles[cls] = kind
+            _roles[cls] = role
             _snapshot = _Snapshot(_snapshot.evictions, _snapshot.nodes | {cls})
             _evict(protect)
-            return kind
+            return role
         if len(_roles) - len(_registered) >= _MAX_LEAF_TYPES:
             for known in [k for k, v in _roles.items() if v is not _NODE]:
                 del _roles[known]
             _atomic = _BASE_ATOMIC
-        _roles[cls] = kind
-        if kind is _ATOMIC:
+        _roles[cls] = role
+        if role is _ATOMIC:
             _atomic = _atomic | {cls}
-        return kind
+        return role
 
 
 def _evict(protect: set[type]) -> None:
@@ -207,8 +207,8 @@ def is_opaque_type(cls: type[Any]) -> bool:
         return True
     if cls in _NATIVE or issubclass(cls, torch.Tensor | np.ndarray | np.generic):
         return False
-    kind = _roles.get(cls) or _classify(cls, set())
-    return kind is _ATOMIC or kind is _SEARCH
+    role = _roles.get(cls) or _classify(cls, set())
+    return role is _ATOMIC or role is _SEARCH
 
 
 _SEQUENCES = (list, deque, UserList)
@@ -333,14 +333,14 @@ def flatten_typed(
                 return leaves, spec, leaf_types
             again = opaque = False
             for cls in leaf_types - atomic:
-                kind = _classify(cls, protect)
-                if kind is _NODE:
+                role = _classify(cls, protect)
+                if role is _NODE:
                     protect.add(cls)
                     # a node type met as a leaf: is_leaf kept it, unless it was registered (or
                     # evicted) while this flatten ran
                     if cls not in snapshot.nodes or _snapshot.evictions != snapshot.evictions:
                         again = True
-                elif kind is _SEARCH:
+                elif role is _SEARCH:
                     opaque = True
             if not again:
                 if opaque and search:
@@ -405,8 +405,8 @@ def _search(leaf: Any, index: int, spec: PyTreeSpec, atomic: Any) -> None:
         warnings.warn(_opaque.unchecked(leaf, leaf_path(spec, index)[1]), stacklevel=5)
         return
     if inner is not None:
-        path, where = leaf_path(spec, index)
-        raise _opaque.refusal(leaf, where, path, inner)
+        path, place = leaf_path(spec, index)
+        raise _opaque.refusal(leaf, place, path, inner)
 
 
 def _refuse_opaque(

@@ -481,10 +481,10 @@ def register_mappingproxy(cls: type[Any]) -> None:
 
     def flatten(obj: Any) -> tuple[list[Any], NodeMeta, tuple[Any, ...]]:
         base = obj.copy()
-        kind = type(base)
-        if kind is dict or kind is OrderedDict:
+        base_type = type(base)
+        if base_type is dict or base_type is OrderedDict:
             keys = tuple(base)
-            return [base[k] for k in keys], NodeMeta(cls, keys, (), kind), keys
+            return [base[k] for k in keys], NodeMeta(cls, keys, (), base_type), keys
         return [base], NodeMeta(cls, (), ()), (Method("copy"),)
 
     def unflatten(meta: NodeMeta, children: tuple[Any, ...]) -> Any:

@@ -159,14 +159,14 @@ def _only_values(node: Any, values: frozenset[type]) -> bool:
     """
     cls = type(node)
     if cls in _PLAIN_CONTAINERS or cls in DICT_VIEWS:
-        kinds = set(map(type, node))
+        types = set(map(type, node))
     elif cls is np.ndarray:
-        kinds = set(map(type, node.flat))
+        types = set(map(type, node.flat))
     elif cls is dict:
-        kinds = set(map(type, node)) | set(map(type, node.values()))
+        types = set(map(type, node)) | set(map(type, node.values()))
     else:
         return False
-    return kinds <= values
+    return types <= values
 
 
 def find_tensor(obj: Any, atomic: frozenset[type]) -> str | None:
@@ -182,7 +182,7 @@ def find_tensor(obj: Any, atomic: frozenset[type]) -> str | None:
     known: dict[type, bool] = {}
     values = frozenset(cls for cls in atomic if not issubclass(cls, torch.Tensor))
     while queue:
-        node, where = queue.popleft()
+        node, place = queue.popleft()
         if _only_values(node, values):
             continue
         for access, child in _parts(node):
@@ -192,10 +192,10 @@ def find_tensor(obj: Any, atomic: frozenset[type]) -> str | None:
             cls = type(child)
             if cls in atomic and cls is not np.ndarray:
                 if isinstance(child, torch.Tensor):
-                    return where + access
+                    return place + access
                 continue
             if isinstance(child, torch.Tensor):
-                return where + access
+                return place + access
             if isinstance(child, np.ndarray):
                 skip = not child.dtype.hasobject
             else:
@@ -206,7 +206,7 @@ def find_tensor(obj: Any, atomic: frozenset[type]) -> str | None:
             if skip or id(child) in seen:
                 continue
             seen.add(id(child))
-            queue.append((child, where + access))
+            queue.append((child, place + access))
     return None
 
 
@@ -240,22 +240,22 @@ def _hint(leaf: Any) -> str:
     )
 
 
-def refusal(leaf: Any, where: str, path: tuple[Any, ...], inner: str) -> Exception:
+def refusal(leaf: Any, place: str, path: tuple[Any, ...], inner: str) -> Exception:
     """The error for a leaf that holds a tensor at ``inner``."""
     name = "object array" if isinstance(leaf, np.ndarray) else type(leaf).__name__
     article = "an" if name[0] in "aeiou" else "a"
     return UnsupportedLeafError(
-        f"cannot convert {where} ({name}): it holds a tensor at {where}{inner}, and tonumpy "
+        f"cannot convert {place} ({name}): it holds a tensor at {place}{inner}, and tonumpy "
         f"cannot rebuild {article} {name} with arrays in it; {_hint(leaf)}",
         path=path,
     )
 
 
-def unchecked(leaf: Any, where: str) -> UncheckedObjectWarning:
+def unchecked(leaf: Any, place: str) -> UncheckedObjectWarning:
     """The warning for a leaf too large to search to its end: it is passed on as it is."""
     name = type(leaf).__name__
     return UncheckedObjectWarning(
-        f"{where} ({name}) holds more than {BUDGET:,} objects, too many to check that none of "
+        f"{place} ({name}) holds more than {BUDGET:,} objects, too many to check that none of "
         f"them is a tensor; it is passed on as it is. Pass is_leaf=lambda x: isinstance(x, "
         f"{name}) to keep it without a search (and without this warning)"
     )

@@ -38,7 +38,7 @@ from .. import _dtypes, _tree
 from .._combine._columns import Column, copy_padded, rows_first
 from .._combine._directory import Directory
 from .._combine._storage import GrowingNpy
-from ..convert import convert_flat, to_numpy
+from ..convert import leaves_to_numpy, to_numpy
 from ._metadata import ARRAY, OBJECT, LeafInfo, Piece, Plan, RankMeta
 
 __all__ = ["Destination"]
@@ -87,14 +87,14 @@ class Destination:
         placed = None if maps is None else sum(int(np.count_nonzero(m >= 0)) for m in maps)
         self.maps, self.placed = maps, placed  # for nested tensors' rows
         for i, leaf in enumerate(self.leaves):
-            kind = leaf.column.kind
-            if kind in ("object", "jagged"):
+            form = leaf.column.form
+            if form in ("object", "jagged"):
                 leaf.values = [None] * world
                 continue
             counts = [leaves[i].rows(leaf.column.axis) for leaves in infos]
             leaf.offsets = [sum(counts[:r]) for r in range(world)]
             leaf.limit = sum(counts)
-            per_sample = kind == "array" and not per_batch[i]
+            per_sample = form == "array" and not per_batch[i]
             if per_sample and maps is not None and placed is not None:
                 leaf.maps = list(maps)
                 leaf.limit = placed
@@ -107,7 +107,7 @@ class Destination:
             files = self.directory.start(spec, columns, ml_dtypes)
         for leaf, file in zip(self.leaves, files, strict=True):
             column = leaf.column
-            if column.kind in ("object", "jagged"):
+            if column.form in ("object", "jagged"):
                 continue
             dtype, trailing, ax = column.dtype, column.trailing or (), column.axis
             assert dtype is not None  # noqa: S101 - every rank described the leaf
@@ -132,16 +132,16 @@ class Destination:
     def place_whole(self, index: int, rank: int, value: Any) -> None:
         """The whole converted leaf ``index`` of ``rank``: its value, or all its rows."""
         column = self.leaves[index].column
-        kind = column.kind
-        if kind in ("object", "jagged"):
+        form = column.form
+        if form in ("object", "jagged"):
             self.leaves[index].values[rank] = value
         else:
-            assert kind is not None  # noqa: S101
-            self.place(index, rank, 0, rows_first(np.asarray(value), kind, column.axis))
+            assert form is not None  # noqa: S101
+            self.place(index, rank, 0, rows_first(np.asarray(value), form, column.axis))
 
     def place_local(self, leaves: Sequence[Any]) -> None:
         """A world of one: this rank's leaves, converted by the router, are the only rows."""
-        converted = convert_flat(list(leaves), self.spec, ml_dtypes=self.ml_dtypes)
+        converted = leaves_to_numpy(list(leaves), self.spec, ml_dtypes=self.ml_dtypes)
         for index, value in enumerate(converted):
             self.place_whole(index, 0, value)
 
@@ -191,7 +191,7 @@ class Destination:
         other = (*shape[:axis], *shape[axis + 1 :]) if shape else ()
         window = slice(piece.offset, piece.offset + piece.nbytes)
         if info.code == ARRAY or info.dtype not in _dtypes.ML_DTYPES:
-            out: np.ndarray = row_np[window].view(info.converted_dtype(self.ml_dtypes))
+            out: np.ndarray = row_np[window].view(info.numpy_dtype(self.ml_dtypes))
             return out.reshape(rows, *other)
         converted: np.ndarray = to_numpy(row[window].view(info.dtype), ml_dtypes=self.ml_dtypes)
         return converted.reshape(rows, *other)
@@ -246,11 +246,11 @@ class Destination:
         """The gathered tree: arrays (memory-mapped, read-only, with a directory) and lists."""
         out: list[Any] = []
         for i, leaf in enumerate(self.leaves):
-            if leaf.column.kind == "object" and self.per_batch[i]:  # one list per rank: joined
+            if leaf.column.form == "object" and self.per_batch[i]:  # one list per rank: joined
                 out.append([value for per_rank in leaf.values for value in per_rank])
-            elif leaf.column.kind == "jagged":
+            elif leaf.column.form == "jagged":
                 out.append(self._rows(leaf.values))
-            elif leaf.column.kind == "object":
+            elif leaf.column.form == "object":
                 out.append(leaf.values)
             elif leaf.file is not None:
                 out.append(leaf.file.open(leaf.limit))

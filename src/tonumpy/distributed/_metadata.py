@@ -30,7 +30,7 @@ import numpy as np
 from optree import PyTreeSpec
 
 from .. import _dtypes, _tree
-from .._combine._columns import Column, Kind
+from .._combine._columns import Column, Form
 from .._combine._indices import resolve
 from .._combine._pad import PadValue
 from ..errors import ConversionError
@@ -84,8 +84,8 @@ class LeafInfo(NamedTuple):
     payload: bytes | None  #: the pickled value of an object leaf sent in the metadata
 
     @property
-    def kind(self) -> Kind:
-        """How the leaf joins the other ranks' (the column policy's kind)."""
+    def form(self) -> Form:
+        """How the leaf joins the other ranks' (the column policy's form)."""
         if self.shape is None:
             return "object"
         if isinstance(self.dtype, str) and self.dtype == JAGGED:
@@ -97,7 +97,7 @@ class LeafInfo(NamedTuple):
         assert self.shape is not None  # noqa: S101
         return self.shape[axis] if self.shape else 1
 
-    def converted_dtype(self, ml_dtypes: bool) -> np.dtype[Any]:
+    def numpy_dtype(self, ml_dtypes: bool) -> np.dtype[Any]:
         """The dtype the converted leaf has (what ``concat`` sees)."""
         if self.code in (ARRAY, OBJECT):
             result: np.dtype[Any] = np.dtype(self.dtype)
@@ -123,7 +123,7 @@ class RankError(NamedTuple):
 
     name: str  #: the exception's type name
     message: str
-    where: str | None  #: the place in the tree, rendered, or None
+    place: str | None  #: the place in the tree, rendered, or None
 
 
 class RankMeta(NamedTuple):
@@ -231,8 +231,8 @@ def error_payload(
     tree, and its message names the place already) the place is not repeated.
     """
     path = getattr(exc, "path", None)
-    where = None if path is None or spec is None else _tree.place(spec, path)
-    error = RankError(type(exc).__name__, str(exc), where)
+    place = None if path is None or spec is None else _tree.place(spec, path)
+    error = RankError(type(exc).__name__, str(exc), place)
     return RankMeta(PROTOCOL, error, b"", [], signature, None, (), None)
 
 
@@ -260,7 +260,7 @@ def check_all(metas: Sequence[RankMeta], error: BaseException | None, rank: int)
         raise ConversionError(
             f"gather() failed on rank{'s' if len(failed) > 1 else ''} {ranks}, so every rank "
             f"raises: rank {failed[0]} raised {reason.name}: {reason.message}"
-            + (f" (at {reason.where})" if reason.where else "")
+            + (f" (at {reason.place})" if reason.place else "")
         )
     first = metas[0].signature
     for r, meta in enumerate(metas):
@@ -301,7 +301,7 @@ def agree(
     indices = _check_indices(metas, spec, axes, per_batch, signature.sampler)
     if indices is not None:
         names = [f"rank {r}" for r in range(len(metas))]
-        maps = resolve(indices, num_items=signature.num_items, names=names, where="gather")
+        maps = resolve(indices, num_items=signature.num_items, names=names, caller="gather")
     elif signature.sampler:
         samplers = [meta.sampler for meta in metas if meta.sampler is not None]
         check_samplers(samplers, world=len(metas))
@@ -340,15 +340,15 @@ def _check_columns(
     The column policy of ``concat``, applied to the metadata alone.
     """
     columns = []
-    for i, (path, where) in enumerate(_tree.leaf_paths(spec)):
-        column = Column(path, where, axis=signature.axis, pad_value=pad_value, noun="ranks")
+    for i, (path, place) in enumerate(_tree.leaf_paths(spec)):
+        column = Column(path, place, axis=signature.axis, pad_value=pad_value, noun="ranks")
         for rank, meta in enumerate(metas):
             info = meta.infos[i]
-            kind = info.kind
+            form = info.form
             np_dtype = None
-            if kind not in ("object", "jagged"):
-                np_dtype = info.converted_dtype(signature.ml_dtypes)
-            column.commit(column.check(kind, np_dtype, info.shape, f"rank {rank}"))
+            if form not in ("object", "jagged"):
+                np_dtype = info.numpy_dtype(signature.ml_dtypes)
+            column.commit(column.check(form, np_dtype, info.shape, f"rank {rank}"))
         columns.append(column)
     return columns
 
@@ -360,10 +360,10 @@ def _check_per_batch(metas: Sequence[RankMeta], spec: PyTreeSpec) -> list[bool]:
         if meta.per_batch == first:
             continue
         i = next(i for i, (a, b) in enumerate(zip(first, meta.per_batch, strict=True)) if a != b)
-        path, where = _tree.leaf_path(spec, i)
+        path, place = _tree.leaf_path(spec, i)
         holds = "one value per batch" if first[i] else "one row per sample"
         raise ConversionError(
-            f"{where} holds {holds} on rank 0 (by its Accumulator) but not on rank {rank}; "
+            f"{place} holds {holds} on rank 0 (by its Accumulator) but not on rank {rank}; "
             "pass every rank's Accumulator (gather(acc, ...)), or a plain tree on every rank",
             path=path,
         )
@@ -374,7 +374,7 @@ def _per_sample_rows(
     metas: Sequence[RankMeta],
     axes: Sequence[int],
     per_batch: Sequence[bool],
-    kinds: tuple[Kind, ...],
+    forms: tuple[Form, ...],
 ) -> Iterator[tuple[int, int, int]]:
     """``(leaf, rank, rows)`` of every per-sample leaf of a kind in ``kinds``, leaf by leaf."""
     for i, axis in enumerate(axes):
@@ -382,8 +382,8 @@ def _per_sample_rows(
             continue
         for rank, meta in enumerate(metas):
             info = meta.infos[i]
-            if info.kind in kinds:
-                yield i, rank, info.rows(axis if info.kind == "array" else 0)
+            if info.form in forms:
+                yield i, rank, info.rows(axis if info.form == "array" else 0)
 
 
 def _check_indices(
@@ -416,9 +416,9 @@ def _check_indices(
     indices = [meta.indices for meta in metas if meta.indices is not None]
     for i, rank, rows in _per_sample_rows(metas, axes, per_batch, ("array",)):
         if rows != indices[rank].size:
-            path, where = _tree.leaf_path(spec, i)
+            path, place = _tree.leaf_path(spec, i)
             raise ConversionError(
-                f"gather(): {where} has {rows} rows on rank {rank} but that rank's "
+                f"gather(): {place} has {rows} rows on rank {rank} but that rank's "
                 f"Accumulator holds {indices[rank].size} dataset indices; every per-sample leaf "
                 "holds one row per index",
                 path=path,
@@ -439,9 +439,9 @@ def _check_sampled_rows(
     """
     for i, rank, rows in _per_sample_rows(metas, axes, per_batch, ("array", "jagged")):
         if rows != num_samples:
-            path, where = _tree.leaf_path(spec, i)
+            path, place = _tree.leaf_path(spec, i)
             raise ConversionError(
-                f"gather(sampler=...): {where} has {rows} rows along axis {axes[i]} on rank "
+                f"gather(sampler=...): {place} has {rows} rows along axis {axes[i]} on rank "
                 f"{rank}, but the sampler gives that rank {num_samples} samples; every array "
                 "leaf must hold one row per sample (do not drop the DataLoader's last batch). "
                 "Values with one row per batch (a loss) are told apart when you pass the "

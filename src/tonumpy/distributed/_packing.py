@@ -4,7 +4,7 @@
 (a [`LeafInfo`][tonumpy.distributed._metadata.LeafInfo]: its code, dtype, shape and size, or its
 pickled value), converting the tensors whose bytes cannot be sent as they are (sparse,
 quantized, nested, subclasses, dtypes NumPy lacks) through the router
-(``tonumpy.convert.convert_flat``), as ``to_numpy`` would;
+(``tonumpy.convert.leaves_to_numpy``), as ``to_numpy`` would;
 [`make_pieces`][tonumpy.distributed._packing.make_pieces] reads each leaf's bytes (failing there,
 where every rank learns of it, never in a collective). The data then travels in the rounds of
 the plan every rank made from the metadata (``_metadata.Plan``):
@@ -26,7 +26,7 @@ from optree import PyTreeSpec
 from .. import _dtypes, _tree
 from .._combine._columns import Jagged
 from .._dtypes import PLAIN
-from ..convert import convert_flat
+from ..convert import leaves_to_numpy
 from ..errors import ConversionError
 from ._metadata import ARRAY, DTENSOR, JAGGED, OBJECT, TENSOR, LeafInfo, Piece
 
@@ -93,7 +93,7 @@ def _sendable_array(leaf: Any) -> np.ndarray | None:
     return None
 
 
-def _converted(
+def _leaves_to_numpy_at(
     leaves: list[Any], spec: PyTreeSpec, positions: list[int], ml_dtypes: bool
 ) -> list[Any]:
     """The tensors at ``positions`` (whose bytes cannot be sent as they are), converted.
@@ -104,7 +104,7 @@ def _converted(
     picked: list[Any] = [None] * len(leaves)
     for i in positions:
         picked[i] = leaves[i]
-    converted = convert_flat(picked, spec, ml_dtypes=ml_dtypes)
+    converted = leaves_to_numpy(picked, spec, ml_dtypes=ml_dtypes)
     return [
         Jagged(new) if type(new) is list else new for new in map(converted.__getitem__, positions)
     ]
@@ -150,9 +150,9 @@ def _pickled(leaf: Any, index: int, spec: PyTreeSpec) -> bytes:
     try:
         return pickle.dumps(leaf, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        path, where = _tree.leaf_path(spec, index)
+        path, place = _tree.leaf_path(spec, index)
         raise ConversionError(
-            f"gather() cannot send {where} ({type(leaf).__name__}) to the other ranks: it is "
+            f"gather() cannot send {place} ({type(leaf).__name__}) to the other ranks: it is "
             f"not a tensor or array, and pickling it failed ({type(exc).__name__}: {exc}); "
             "drop it from the tree or turn it into a picklable value",
             path=path,
@@ -175,7 +175,9 @@ def prepare(leaves: list[Any], spec: PyTreeSpec, *, remote: bool, ml_dtypes: boo
             odd.append(index)
         described.append(found)
     if odd:
-        for index, value in zip(odd, _converted(leaves, spec, odd, ml_dtypes), strict=True):
+        for index, value in zip(
+            odd, _leaves_to_numpy_at(leaves, spec, odd, ml_dtypes), strict=True
+        ):
             described[index] = _describe_leaf(value, index, spec, remote=remote)
     for found in described:
         assert found is not None  # noqa: S101 - converted leaves are no tensors
@@ -229,9 +231,9 @@ def make_pieces(prep: Prepared, device: torch.device, *, dtensors: bool) -> None
         try:
             prep.flat[i] = _host_bytes(source) if on_host else _byte_view(source, device)
         except Exception as exc:
-            path, where = _tree.leaf_path(prep.spec, i)
+            path, place = _tree.leaf_path(prep.spec, i)
             raise ConversionError(
-                f"gather() cannot read the data of {where} ({type(source).__name__}): "
+                f"gather() cannot read the data of {place} ({type(source).__name__}): "
                 f"{type(exc).__name__}: {exc}",
                 path=path,
             ) from exc

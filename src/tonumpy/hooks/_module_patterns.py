@@ -159,9 +159,9 @@ def choose(
     chosen = [name for name in included if not any(match(name) for match in unwanted)]
     if not chosen:
         raise _nothing_error(names, include, exclude, included, owner)
-    where = {"owner": owner, "stacklevel": stacklevel + 1}
-    _warn_unmatched(names, include, wanted, "include", **where)
-    _warn_unmatched(included, exclude, unwanted, "exclude", **where)
+    warn_options = {"owner": owner, "stacklevel": stacklevel + 1}
+    _warn_unmatched(names, include, wanted, "include", **warn_options)
+    _warn_unmatched(included, exclude, unwanted, "exclude", **warn_options)
     return chosen
 
 

@@ -41,7 +41,7 @@ from .._rowfiles._shards import SHARD
 from ..convert import to_numpy
 from ..errors import FileFormatError, OptionError, UnsafeFileError, UnsupportedLeafError
 from . import _safetensors, _torchsave
-from ._readers import KINDS, Contents, is_stored_leaf, materialise, read_file
+from ._readers import FORMATS, Contents, is_stored_leaf, materialise, read_file
 
 __all__ = [
     "Contents",
@@ -170,10 +170,10 @@ def save(
         plain_containers=plain_containers,
     )
     text = os.fspath(file)
-    kind = _output_kind(text, "save", compress=compress, plain_containers=plain_containers)
+    format = _output_format(text, "save", compress=compress, plain_containers=plain_containers)
     _write(
         Path(text),
-        kind,
+        format,
         tree,
         None,
         is_leaf=is_leaf,
@@ -392,7 +392,7 @@ def convert(
     src_path, dst_text = Path(src), os.fspath(dst)
     dst_path = Path(dst_text)
     # before reading: a bad DST fails fast
-    kind = _output_kind(dst_text, "convert", compress=False, plain_containers=plain_containers)
+    format = _output_format(dst_text, "convert", compress=False, plain_containers=plain_containers)
     if os.path.lexists(dst_path) and not overwrite:
         raise exists_error(dst_path)
     if os.path.lexists(src_path):
@@ -400,7 +400,7 @@ def convert(
     contents = read_file(src_path, unsafe_load=unsafe_load, lazy=True)
     _write(
         dst_path,
-        kind,
+        format,
         contents.tree,
         (src_path, contents),
         is_leaf=None,
@@ -422,13 +422,13 @@ def _leaf_at(tree: Any, path: tuple[Any, ...] | None) -> Any:
     return tree
 
 
-# ------------------------------------------------------------------------ kinds of file
+# ------------------------------------------------------------------------ file formats
 
 
-def _output_kind(dst: str, where: str, *, compress: bool, plain_containers: bool) -> str:
-    """The kind of file to write to ``dst`` (a kind of [`KINDS`][], or ``dir``), options checked.
+def _output_format(dst: str, caller: str, *, compress: bool, plain_containers: bool) -> str:
+    """The format to write ``dst`` in (a format of [`FORMATS`][], or ``dir``), options checked.
 
-    ``where`` is the function asked (``save``, ``convert``), for errors about its options.
+    ``caller`` is the function asked (``save``, ``convert``), for errors about its options.
     """
     name = os.path.basename(dst)
     if dst == "-":
@@ -437,7 +437,7 @@ def _output_kind(dst: str, where: str, *, compress: bool, plain_containers: bool
         )
     in_dir = dst.endswith(("/", os.sep))
     suffix = "" if in_dir else Path(dst).suffix.lower()
-    if not in_dir and name.lower() in KINDS:
+    if not in_dir and name.lower() in FORMATS:
         raise FileFormatError(
             f"{dst}: a name that is only a suffix; name the file (out{name}, say)"
         )
@@ -446,27 +446,27 @@ def _output_kind(dst: str, where: str, *, compress: bool, plain_containers: bool
             f"{dst}: a name ending in '.'; did you mean {dst.rstrip('.')}? (a directory of "
             ".npy files is named without a suffix)"
         )
-    kind = KINDS.get(suffix, "dir" if suffix == "" else "")
-    if not kind:
+    format = FORMATS.get(suffix, "dir" if suffix == "" else "")
+    if not format:
         raise FileFormatError(
             f"{dst}: cannot write {short(suffix)} files; the destination must end in .npz, .npy, "
             ".safetensors, .parquet, or .pt, .pth, .bin or .ckpt (a torch.save file), or have no "
             "suffix (or end in /) for a directory of .npy files"
         )
     what = f"{suffix} file" if suffix else "directory of .npy files"
-    if compress and kind not in ("npz", "parquet"):
+    if compress and format not in ("npz", "parquet"):
         raise OptionError(
-            f"{where}(compress=True): a {what} stores its data uncompressed; only .npz and "
+            f"{caller}(compress=True): a {what} stores its data uncompressed; only .npz and "
             ".parquet files are compressed: pass compress=False, or write one of those"
         )
-    if plain_containers and kind != "torch":
+    if plain_containers and format != "torch":
         raise OptionError.naming(
-            f"{where}(",
+            f"{caller}(",
             "plain_containers",
             f"): a {what} records the class of every container; only torch.save files (.pt, "
             ".pth, .bin, .ckpt) need plain containers: leave it out",
         )
-    return kind
+    return format
 
 
 # --------------------------------------------------------------------------- writers
@@ -474,7 +474,7 @@ def _output_kind(dst: str, where: str, *, compress: bool, plain_containers: bool
 
 def _write(
     dst: Path,
-    kind: str,
+    format: str,
     tree: Any,
     read_from: tuple[Path, Contents] | None,
     *,
@@ -491,7 +491,7 @@ def _write(
     sources, metadata, checksums), or None for a tree in memory (walked with ``is_leaf``).
     """
     contents = read_from[1] if read_from is not None else None
-    if kind == "parquet":
+    if format == "parquet":
         _parquet.write(
             dst,
             tree if contents is None else materialise(tree),
@@ -499,11 +499,11 @@ def _write(
             compress=compress,
             ml_dtypes=ml_dtypes,
             is_leaf=is_leaf if contents is None else is_stored_leaf,
-            where="save" if contents is None else "convert",
+            caller="save" if contents is None else "convert",
             progress=progress,
         )
         return
-    if kind == "torch":
+    if format == "torch":
         if contents is None:
             tree, classes, verify = *_plain(tree, is_leaf), None
         else:
@@ -518,26 +518,26 @@ def _write(
             progress=progress,
         )
         return
-    plan = _structure.plan(
+    layout = _structure.layout(
         tree,
-        ml_dtypes=ml_dtypes or kind == "safetensors",
+        ml_dtypes=ml_dtypes or format == "safetensors",
         is_leaf=is_leaf if contents is None else _arrays.is_lazy,
         classes=None if contents is None else contents.classes,
         sources=None if contents is None else contents.sources,
-        once=kind != "safetensors",  # it names every place: a tensor at two has two copies
+        once=format != "safetensors",  # it names every place: a tensor at two has two copies
     )
     if read_from is not None:
-        plan.source_file, plan.verify = read_from[0], read_from[1].verify
-    if kind == "safetensors":
+        layout.source_file, layout.verify = read_from[0], read_from[1].verify
+    if format == "safetensors":
         # "format": "pt", as save_pretrained writes it; a source's own metadata is kept
         metadata = {"format": "pt", **(contents.metadata if contents is not None else {})}
-        _write_safetensors(dst, plan, metadata, overwrite=overwrite, progress=progress)
-    elif kind == "npz":
-        _write_npz(dst, plan, overwrite=overwrite, compress=compress, progress=progress)
-    elif kind == "npy":
-        _write_npy(dst, plan, overwrite=overwrite)
+        _write_safetensors(dst, layout, metadata, overwrite=overwrite, progress=progress)
+    elif format == "npz":
+        _write_npz(dst, layout, overwrite=overwrite, compress=compress, progress=progress)
+    elif format == "npy":
+        _write_npy(dst, layout, overwrite=overwrite)
     else:
-        _write_npy_dir(dst, plan, overwrite=overwrite, progress=progress)
+        _write_npy_dir(dst, layout, overwrite=overwrite, progress=progress)
 
 
 def _plain(tree: Any, is_leaf: Callable[[Any], bool] | None) -> tuple[Any, dict[Any, str]]:
@@ -547,54 +547,54 @@ def _plain(tree: Any, is_leaf: Callable[[Any], bool] | None) -> tuple[Any, dict[
     leaves its converted arrays (bfloat16/float8 tensors as tensors of their dtype), each
     converted once: a tensor at several places stays one.
     """
-    plan = _structure.plan(tree, ml_dtypes=True, is_leaf=is_leaf)
+    layout = _structure.layout(tree, ml_dtypes=True, is_leaf=is_leaf)
     arrays: dict[int, Any] = {}
 
     def get_array(index: int, _dtype: str | None) -> Any:
         if index not in arrays:
-            array, bits = plan.array(index)
+            array, bits = layout.array(index)
             arrays[index] = array if bits is None else _arrays.from_bits(array, bits)
         return arrays[index]
 
     classes: dict[tuple[Any, ...], str] = {}
-    stored = json.loads(plan.structure_bytes())["tree"]  # as stored: keys, values, plain
+    stored = json.loads(layout.structure_bytes())["tree"]  # as stored: keys, values, plain
     plain = _structure.decode_tree(stored, get_array, classes, {})
     return plain, classes
 
 
 def _write_npz(
     dst: Path,
-    plan: _structure.Plan,
+    layout: _structure.Layout,
     *,
     overwrite: bool,
     compress: bool,
     progress: Progress | None,
 ) -> None:
     method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-    total, done = plan.nbytes, 0
+    total, done = layout.nbytes, 0
     with (
         atomic_file(dst, overwrite=overwrite) as tmp,
         zipfile.ZipFile(tmp, "w", compression=method, allowZip64=True) as zf,
     ):
-        for index, name in enumerate(plan.names):
+        for index, name in enumerate(layout.names):
             with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
-                plan.write(index, member)
-            done += _arrays.nbytes(plan.leaves[index])
+                layout.write(index, member)
+            done += _arrays.nbytes(layout.leaves[index])
             if progress is not None:
                 progress(done, total)
-        structure = np.frombuffer(plan.structure_bytes(), dtype=np.uint8)
+        structure = np.frombuffer(layout.structure_bytes(), dtype=np.uint8)
         with zf.open(f"{STRUCTURE}.npy", "w") as member:
             _arrays.write_array(member, structure)
 
 
-def _write_npy(dst: Path, plan: _structure.Plan, *, overwrite: bool) -> None:
-    if len(plan.leaves) != 1 or plan.structure["tree"].get("t") != "array":
+def _write_npy(dst: Path, layout: _structure.Layout, *, overwrite: bool) -> None:
+    if len(layout.leaves) != 1 or layout.structure["tree"].get("t") != "array":
         raise FileFormatError(
             f"{dst}: a .npy file holds one array, and this file holds a tree of "
-            f"{len(plan.leaves)} arrays; write a .npz file or a directory instead"
+            f"{len(layout.leaves)} arrays; write a .npz file or a directory instead"
         )
     with atomic_file(dst, overwrite=overwrite) as tmp, tmp.open("wb") as f:
-        plan.write(0, f)
+        layout.write(0, f)
 
 
 def _is_replaceable_dir(path: Path) -> bool:
@@ -614,37 +614,37 @@ def _is_replaceable_dir(path: Path) -> bool:
 
 
 def _write_npy_dir(
-    dst: Path, plan: _structure.Plan, *, overwrite: bool, progress: Progress | None
+    dst: Path, layout: _structure.Layout, *, overwrite: bool, progress: Progress | None
 ) -> None:
     with atomic_dir(dst, overwrite=overwrite, replaceable=_is_replaceable_dir) as tmp:
-        total, done = plan.nbytes, 0
-        for index, name in enumerate(plan.names):
+        total, done = layout.nbytes, 0
+        for index, name in enumerate(layout.names):
             target = tmp / f"{name}.npy"
             if target.parent != tmp or not is_safe_name(name):  # pragma: no cover
                 raise FileFormatError(f"unsafe file name {name!r}")
             with target.open("xb") as f:
-                plan.write(index, f)
-            done += _arrays.nbytes(plan.leaves[index])
+                layout.write(index, f)
+            done += _arrays.nbytes(layout.leaves[index])
             if progress is not None:
                 progress(done, total)
-        (tmp / f"{STRUCTURE}.json").write_bytes(plan.structure_bytes())
+        (tmp / f"{STRUCTURE}.json").write_bytes(layout.structure_bytes())
 
 
 def _write_safetensors(
     dst: Path,
-    plan: _structure.Plan,
+    layout: _structure.Layout,
     metadata: dict[str, str],
     *,
     overwrite: bool,
     progress: Progress | None,
 ) -> None:
-    total = plan.nbytes
+    total = layout.nbytes
     done = [0]
 
     def step(index: int) -> None:
-        done[0] += _arrays.nbytes(plan.leaves[index])
+        done[0] += _arrays.nbytes(layout.leaves[index])
         if progress is not None:
             progress(done[0], total)
 
     with atomic_file(dst, overwrite=overwrite) as tmp, tmp.open("wb") as f:
-        _safetensors.write(f, plan, metadata, step)
+        _safetensors.write(f, layout, metadata, step)

@@ -29,12 +29,12 @@ from ..errors import FileFormatError, TonumpyError
 from . import _checkpoint, _safetensors
 from ._torch import read_torch
 
-__all__ = ["KINDS", "Contents", "is_stored_leaf", "materialise", "read_file"]
+__all__ = ["FORMATS", "Contents", "is_stored_leaf", "materialise", "read_file"]
 
-#: The one table of kinds of file: a suffix (lower case) -> the kind read from, and written to,
+#: The one table of file formats: a suffix (lower case) -> the format read from, and written to,
 #: a file so named. ``torch``: a ``torch.save`` file. A directory (a name without a suffix, for
-#: a destination) is the kind ``dir``.
-KINDS = {
+#: a destination) is the format ``dir``.
+FORMATS = {
     ".npz": "npz",
     ".npy": "npy",
     ".safetensors": "safetensors",
@@ -116,26 +116,26 @@ def read_file(path: Path, *, unsafe_load: bool, lazy: bool) -> Contents:
     """
     if check_input(path):
         return _guard(path, lambda: _read_dir(path, unsafe_load=unsafe_load, lazy=lazy))
-    kind = _kind_of(path)
-    if kind == "torch":
+    format = _format_of(path)
+    if format == "torch":
         return _guard(path, lambda: _read_torch(path, unsafe_load=unsafe_load))
-    if kind == "npz":
+    if format == "npz":
         return _guard(path, lambda: _read_npz(path, lazy=lazy))
-    if kind == "npy":
+    if format == "npy":
         return _guard(path, lambda: Contents(_npyzip.map_npy(path, str(path)), "npy"))
-    if kind == "parquet":
+    if format == "parquet":
         return _guard(path, lambda: _read_parquet(path, lazy=lazy))
     return _guard(path, lambda: _read_safetensors(path))
 
 
-def _kind_of(path: Path) -> str:
-    kind = KINDS.get(path.suffix.lower()) or _sniff(path)
-    if kind is None:
+def _format_of(path: Path) -> str:
+    format = FORMATS.get(path.suffix.lower()) or _sniff(path)
+    if format is None:
         raise FileFormatError(
             f"{path}: not a file tonumpy reads (.pt/.pth/.bin/.ckpt from torch.save, .npz, "
             ".npy, .safetensors, .parquet, or a directory of .npy files or of a checkpoint)"
         )
-    return kind
+    return format
 
 
 def _sniff(path: Path) -> str | None:
@@ -239,8 +239,8 @@ def materialise(tree: Any) -> Any:
 
 
 def _read_parquet(path: Path, *, lazy: bool) -> Contents:
-    tree, classes, sources, kind = _parquet.read(path, lazy=lazy)
-    return Contents(tree, kind, classes, sources)
+    tree, classes, sources, format = _parquet.read(path, lazy=lazy)
+    return Contents(tree, format, classes, sources)
 
 
 def _read_safetensors(path: Path) -> Contents:

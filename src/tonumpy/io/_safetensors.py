@@ -24,7 +24,7 @@ from .. import _dtypes
 from .._format import _arrays
 from .._format._fs import open_regular, short
 from .._format._names import STRUCTURE, tensor_name
-from .._format._structure import Plan
+from .._format._structure import Layout
 from ..errors import ConversionError, FileFormatError
 
 __all__ = ["read", "write"]
@@ -77,12 +77,12 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         header, start = _header(f, size, path)
         metadata, specs = _interpret(header, path)
         _check_layout(specs, size - start, path)
-        kinds = {name: _checked(name, spec, path) for name, spec in specs.items()}
+        checked = {name: _checked(name, spec, path) for name, spec in specs.items()}
         data = None
         if size > start:
             data = np.memmap(f, dtype=np.uint8, mode="c", offset=start, shape=(size - start,))
     tensors = {}
-    for name, (dtype, shape) in kinds.items():
+    for name, (dtype, shape) in checked.items():
         begin, end = specs[name][2:]
         if end == begin or data is None:
             tensors[name] = torch.empty(shape, dtype=dtype)
@@ -242,53 +242,53 @@ def _usizes(value: Any, count: int | None) -> bool:
 
 
 def _spec(name: str, spec: Any, path: Path) -> _Spec:
-    where = f"{path}: tensor {short(name)}"
+    source = f"{path}: tensor {short(name)}"
     if isinstance(spec, _Object):
         fields: dict[str, Any] = {}
         for key, value in spec:
             if key in _INFO_FIELDS and key in fields:
-                raise FileFormatError(f"{where}: its {key} is given twice")
+                raise FileFormatError(f"{source}: its {key} is given twice")
             fields[key] = value
     elif isinstance(spec, list) and len(spec) == len(_INFO_FIELDS):
         fields = dict(zip(_INFO_FIELDS, spec, strict=True))  # serde reads a struct from a list
     else:
-        raise FileFormatError(f"{where}: {short(_plain(spec))} is not a tensor description")
+        raise FileFormatError(f"{source}: {short(_plain(spec))} is not a tensor description")
     missing = [key for key in _INFO_FIELDS if key not in fields]
     if missing:
-        raise FileFormatError(f"{where}: its description has no {missing[0]}")
+        raise FileFormatError(f"{source}: its description has no {missing[0]}")
     code, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
     if isinstance(code, _Object) and len(code) == 1 and code[0][1] is None:
         code = code[0][0]  # serde reads a name-only enum value from {"U8": null} too
     if not isinstance(code, str) or code not in _KNOWN_CODES:
-        raise FileFormatError(f"{where}: {short(_plain(code))} is not a safetensors dtype")
+        raise FileFormatError(f"{source}: {short(_plain(code))} is not a safetensors dtype")
     if not _usizes(shape, None):
-        raise FileFormatError(f"{where}: a bad shape {short(_plain(shape))}")
+        raise FileFormatError(f"{source}: a bad shape {short(_plain(shape))}")
     if not _usizes(offsets, 2):
-        raise FileFormatError(f"{where}: bad data_offsets {short(_plain(offsets))}")
+        raise FileFormatError(f"{source}: bad data_offsets {short(_plain(offsets))}")
     return code, tuple(shape), offsets[0], offsets[1]
 
 
 def _checked(name: str, spec: _Spec, path: Path) -> tuple[torch.dtype, tuple[int, ...]]:
     """The dtype and shape of a tensor kept, its size checked against its offsets."""
-    where = f"{path}: tensor {short(name)}"
+    source = f"{path}: tensor {short(name)}"
     code, shape, begin, end = spec
     numel = 1
     for n in shape:  # in this order, as the safetensors library multiplies (it overflows)
         numel *= n
         if numel >= _USIZE:
-            raise FileFormatError(f"{where}: its shape {shape} overflows a 64-bit size")
+            raise FileFormatError(f"{source}: its shape {shape} overflows a 64-bit size")
     dtype = _CODES.get(code)
     if dtype is None or code in _PACKED:
         raise FileFormatError(
-            f"{where}: dtype {code} is not one {'NumPy' if code in _PACKED else 'this torch'} "
+            f"{source}: dtype {code} is not one {'NumPy' if code in _PACKED else 'this torch'} "
             "can hold; tonumpy cannot read it"
         )
     nbytes = numel * dtype.itemsize
     if nbytes >= _USIZE:
-        raise FileFormatError(f"{where}: its shape {shape} overflows a 64-bit size")
+        raise FileFormatError(f"{source}: its shape {shape} overflows a 64-bit size")
     if end < begin or end - begin != nbytes:
         raise FileFormatError(
-            f"{where}: a {shape} {str(dtype).removeprefix('torch.')} tensor needs "
+            f"{source}: a {shape} {str(dtype).removeprefix('torch.')} tensor needs "
             f"{nbytes:,} bytes, the file gives it {max(end - begin, 0):,} "
             f"(bytes {begin:,} to {end:,}): corrupt"
         )
@@ -297,7 +297,7 @@ def _checked(name: str, spec: _Spec, path: Path) -> tuple[torch.dtype, tuple[int
             np.empty(shape, dtype=f"u{min(dtype.itemsize, 8)}")
         except (ValueError, OverflowError):
             raise FileFormatError(
-                f"{where}: NumPy cannot hold an empty array of shape {shape}; tonumpy "
+                f"{source}: NumPy cannot hold an empty array of shape {shape}; tonumpy "
                 "cannot read it"
             ) from None
     return dtype, shape
@@ -340,7 +340,7 @@ _Chunks = Callable[[], Iterator[Any]]
 
 def write(
     file: BinaryIO,
-    plan: Plan,
+    layout: Layout,
     metadata: dict[str, str],
     progress: Callable[[int], None] | None = None,
 ) -> None:
@@ -354,17 +354,17 @@ def write(
         ConversionError: A leaf has a dtype safetensors lacks (complex128, strings, ...), or
             a name it cannot hold (not UTF-8, ``__metadata__``, the name of another leaf).
     """
-    plan.names = _tensor_names(plan)  # the structure lists the names other readers see
-    entries = [_entry(plan, i) for i in range(len(plan.leaves))]
+    layout.names = _tensor_names(layout)  # the structure lists the names other readers see
+    entries = [_entry(layout, i) for i in range(len(layout.leaves))]
     order = sorted(range(len(entries)), key=lambda i: -_CODES[entries[i][0]].itemsize)
     header: dict[str, Any] = {}
     at = 0
     for i in order:
         code, shape, nbytes, _ = entries[i]
         offsets = [at, at + nbytes]
-        header[plan.names[i]] = {"dtype": code, "shape": list(shape), "data_offsets": offsets}
+        header[layout.names[i]] = {"dtype": code, "shape": list(shape), "data_offsets": offsets}
         at += nbytes
-    header["__metadata__"] = {**metadata, STRUCTURE: plan.structure_bytes().decode("utf-8")}
+    header["__metadata__"] = {**metadata, STRUCTURE: layout.structure_bytes().decode("utf-8")}
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # data starts 8-byte aligned
     file.write(struct.pack("<Q", len(text)))
@@ -377,50 +377,50 @@ def write(
             file.write(view)
             written += view.nbytes
         if written != nbytes:  # pragma: no cover - a lazy member shorter than its header
-            raise FileFormatError(f"{plan.where(i)}: {written} bytes written of {nbytes}")
+            raise FileFormatError(f"{layout.place(i)}: {written} bytes written of {nbytes}")
         if progress is not None:
             progress(i)
 
 
-def _tensor_names(plan: Plan) -> list[str]:
+def _tensor_names(layout: Layout) -> list[str]:
     """The name of each array leaf: its key path joined by dots; checked to be writable."""
-    names = [tensor_name(path) for path in plan.paths]
+    names = [tensor_name(path) for path in layout.paths]
     first: dict[str, int] = {}
     for index, name in enumerate(names):
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
             raise ConversionError(
-                f"cannot write {plan.where(index)} to .safetensors: its name {short(name)} is "
+                f"cannot write {layout.place(index)} to .safetensors: its name {short(name)} is "
                 "not valid UTF-8 (it holds a lone surrogate), which a .safetensors tensor name "
                 "must be; rename the key, or write .npz, .npy or a directory instead",
-                path=plan.paths[index],
+                path=layout.paths[index],
             ) from None
         if name == "__metadata__":
             raise ConversionError(
-                f"cannot write {plan.where(index)} to .safetensors: __metadata__ is reserved "
+                f"cannot write {layout.place(index)} to .safetensors: __metadata__ is reserved "
                 "for the file's metadata, no tensor can have that name; rename the key, or "
                 "write .npz, .npy or a directory instead",
-                path=plan.paths[index],
+                path=layout.paths[index],
             )
         other = first.setdefault(name, index)
         if other != index:
             raise ConversionError(
-                f"cannot write both {plan.where(other)} and {plan.where(index)} to "
+                f"cannot write both {layout.place(other)} and {layout.place(index)} to "
                 f".safetensors: a tensor is named by its key path joined by dots, and both are "
                 f"named {short(name)}; rename one of the keys, or write .npz, .npy or a "
                 "directory, which keep both",
-                path=plan.paths[index],
+                path=layout.paths[index],
             )
     return names
 
 
-def _entry(plan: Plan, index: int) -> tuple[str, tuple[int, ...], int, _Chunks]:
+def _entry(layout: Layout, index: int) -> tuple[str, tuple[int, ...], int, _Chunks]:
     """(dtype code, shape, bytes, chunks) of leaf ``index``; completes its node."""
-    leaf = plan.leaf(index)
+    leaf = layout.leaf(index)
     if isinstance(leaf, _arrays.LazyArray) and not leaf.fortran and leaf.dtype.isnative:
-        code = _code(plan, index, _torch_dtype(leaf.dtype, leaf.bits))
-        plan.complete(index, None, leaf.bits or str(leaf.dtype))
+        code = _code(layout, index, _torch_dtype(leaf.dtype, leaf.bits))
+        layout.complete(index, None, leaf.bits or str(leaf.dtype))
         return code, leaf.shape, leaf.nbytes, leaf.chunks
     if (
         isinstance(leaf, torch.Tensor)
@@ -431,13 +431,13 @@ def _entry(plan: Plan, index: int) -> tuple[str, tuple[int, ...], int, _Chunks]:
         leaf = leaf.to_dense() if leaf.layout != torch.strided else leaf.dequantize()
     if type(leaf) in _dtypes.PLAIN and leaf.layout == torch.strided:
         t = leaf.detach()
-        code = _code(plan, index, t.dtype)
-        plan.complete(index, None, str(t.dtype).removeprefix("torch."))
+        code = _code(layout, index, t.dtype)
+        layout.complete(index, None, str(t.dtype).removeprefix("torch."))
         return code, tuple(t.shape), t.numel() * t.element_size(), lambda: _tensor_chunks(t)
-    array, bits = plan.array(index)  # the bits of an ml_dtypes array: stored as their type
+    array, bits = layout.array(index)  # the bits of an ml_dtypes array: stored as their type
     bits_of = _torch_dtype(array.dtype, bits) if bits else None
     native = array.dtype.newbyteorder("=") if array.dtype.byteorder not in "=|" else array.dtype
-    code = _code(plan, index, bits_of if bits else _torch_dtype(native, None))
+    code = _code(layout, index, bits_of if bits else _torch_dtype(native, None))
     return code, array.shape, array.nbytes, lambda: _array_chunks(array, native)
 
 
@@ -451,16 +451,16 @@ def _torch_dtype(dtype: np.dtype[Any], bits: str | None) -> torch.dtype | None:
         return _dtypes.torch_dtype_of(dtype)
 
 
-def _code(plan: Plan, index: int, dtype: torch.dtype | None) -> str:
+def _code(layout: Layout, index: int, dtype: torch.dtype | None) -> str:
     code = _CODE_OF.get(dtype) if dtype is not None else None
     if code is None:
-        array_leaf = plan.leaves[index]
+        array_leaf = layout.leaves[index]
         shown = getattr(array_leaf, "dtype", dtype)
         raise ConversionError(
-            f"cannot write {plan.where(index)} ({str(shown).removeprefix('torch.')}) to "
+            f"cannot write {layout.place(index)} ({str(shown).removeprefix('torch.')}) to "
             f".safetensors: safetensors has no such type (its types are {_TYPES_TEXT}); write "
             ".npz, .npy or a directory of .npy files instead, which keep it",
-            path=plan.paths[index],
+            path=layout.paths[index],
         )
     return code
 

@@ -115,8 +115,8 @@ class _Builder:
         self, path: tuple[Any, ...], what: str, fix: str, option: str | None = None, then: str = ""
     ) -> ConversionError:
         """The error for the leaf or node at ``path``; a ``fix`` that names ``option`` ends so."""
-        where = dotted(path) or "the root"
-        message = f"{self.dst}: {where} is {what}; {fix}"
+        place = dotted(path) or "the root"
+        message = f"{self.dst}: {place} is {what}; {fix}"
         if option is None:
             return ConversionError(message, path=path)
         return ConversionError.naming(message, option, then, path=path)

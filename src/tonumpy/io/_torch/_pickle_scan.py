@@ -117,7 +117,7 @@ _INT = struct.Struct("<i")
 _DOUBLE = struct.Struct(">d")
 
 
-def scan(data: Any, where: str, *, start: int = 0) -> Scan:
+def scan(data: Any, source: str, *, start: int = 0) -> Scan:
     """Run the pickle that starts at ``data[start]`` without calling anything.
 
     ``data`` is any buffer (bytes, a memory map): it is read in place, and only short strings
@@ -129,7 +129,7 @@ def scan(data: Any, where: str, *, start: int = 0) -> Scan:
         FileFormatError: The pickle is truncated or uses an opcode the weights-only unpickler
             does not know.
     """
-    machine = _Machine(memoryview(data), where, start)
+    machine = _Machine(memoryview(data), source, start)
     try:
         return machine.run()
     finally:
@@ -138,8 +138,8 @@ def scan(data: Any, where: str, *, start: int = 0) -> Scan:
 
 
 class _Machine:
-    def __init__(self, data: memoryview, where: str, start: int) -> None:
-        self.data, self.where, self.pos = data, where, start
+    def __init__(self, data: memoryview, source: str, start: int) -> None:
+        self.data, self.source, self.pos = data, source, start
         self.stack: list[Any] = []
         self.marks: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
@@ -150,7 +150,7 @@ class _Machine:
 
     def take(self, n: int) -> memoryview:
         if n < 0 or self.pos + n > len(self.data):
-            raise FileFormatError(f"{self.where}: a truncated pickle")
+            raise FileFormatError(f"{self.source}: a truncated pickle")
         out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
@@ -159,12 +159,12 @@ class _Machine:
         window = bytes(self.data[self.pos : self.pos + _SHORT])
         end = window.find(b"\n")
         if end < 0:
-            raise FileFormatError(f"{self.where}: a damaged pickle (a name without its end)")
+            raise FileFormatError(f"{self.source}: a damaged pickle (a name without its end)")
         self.pos += end + 1
         try:
             return window[:end].decode("utf-8")
         except UnicodeDecodeError:
-            raise FileFormatError(f"{self.where}: a damaged pickle") from None
+            raise FileFormatError(f"{self.source}: a damaged pickle") from None
 
     def text(self, n: int) -> Any:
         raw = self.take(n)
@@ -173,22 +173,22 @@ class _Machine:
         try:
             return bytes(raw).decode("utf-8", "surrogatepass")
         except UnicodeDecodeError:
-            raise FileFormatError(f"{self.where}: a damaged pickle (bad UTF-8)") from None
+            raise FileFormatError(f"{self.source}: a damaged pickle (bad UTF-8)") from None
 
     def pop(self) -> Any:
         if not self.stack:
-            raise FileFormatError(f"{self.where}: a damaged pickle (its stack runs empty)")
+            raise FileFormatError(f"{self.source}: a damaged pickle (its stack runs empty)")
         return self.stack.pop()
 
     def pop_mark(self) -> list[Any]:
         if not self.marks:
-            raise FileFormatError(f"{self.where}: a damaged pickle (a missing mark)")
+            raise FileFormatError(f"{self.source}: a damaged pickle (a missing mark)")
         items, self.stack = self.stack, self.marks.pop()
         return items
 
     def top(self) -> Any:
         if not self.stack:
-            raise FileFormatError(f"{self.where}: a damaged pickle (its stack runs empty)")
+            raise FileFormatError(f"{self.source}: a damaged pickle (its stack runs empty)")
         return self.stack[-1]
 
     # running ----------------------------------------------------------------------------
@@ -199,7 +199,7 @@ class _Machine:
             handler = _OPS.get(op)
             if handler is None:
                 raise FileFormatError.naming(
-                    f"{self.where}: cannot read it safely: its pickle uses opcode {op}, which "
+                    f"{self.source}: cannot read it safely: its pickle uses opcode {op}, which "
                     "the weights-only loader does not know (a pickle protocol above 2, or a "
                     "corrupt file). ",
                     "unsafe_load",
@@ -268,7 +268,7 @@ class _Machine:
 
     def tuple_of(self, n: int) -> None:
         if len(self.stack) < n:
-            raise FileFormatError(f"{self.where}: a damaged pickle (its stack runs empty)")
+            raise FileFormatError(f"{self.source}: a damaged pickle (its stack runs empty)")
         group = tuple(self.stack[-n:])
         del self.stack[-n:]
         self.push(group)
@@ -278,7 +278,7 @@ class _Machine:
 
     def get(self, index: int) -> None:
         if index not in self.memo:
-            raise FileFormatError(f"{self.where}: a damaged pickle (a missing memo)")
+            raise FileFormatError(f"{self.source}: a damaged pickle (a missing memo)")
         self.push(self.memo[index])
 
     def put(self, index: int) -> None:
@@ -291,17 +291,17 @@ class _Machine:
         """A persistent id: a storage record, with its dtype and declared size."""
         if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] not in ("storage", b"storage"):
             return _Call("persistent_load", pid)
-        kind, key, numel = pid[1], pid[2], pid[4]
-        dtype = _STORAGES.get(kind.name) if isinstance(kind, _Global) else None
+        storage_type, key, numel = pid[1], pid[2], pid[4]
+        dtype = _STORAGES.get(storage_type.name) if isinstance(storage_type, _Global) else None
         if dtype is None or not isinstance(key, str) or type(numel) is not int or numel < 0:
-            raise FileFormatError(f"{self.where}: a damaged pickle (a bad storage {short(pid)})")
+            raise FileFormatError(f"{self.source}: a damaged pickle (a bad storage {short(pid)})")
         storage = Storage(key, dtype, numel)
         first = self.keys.setdefault(key, storage)
         if first is storage:
             self.result.storages.append(storage)
         elif first.nbytes != storage.nbytes:  # torch never writes this: one size per record
             raise UnsafeFileError(
-                f"{self.where}: refused: its pickle names storage {short(key)} with two sizes, "
+                f"{self.source}: refused: its pickle names storage {short(key)} with two sizes, "
                 f"{first.nbytes:,} and {storage.nbytes:,} bytes; nothing was run"
             )
         return storage
@@ -313,7 +313,7 @@ class _Machine:
             return _Call(name, args)
         if name in _SIZED and any(_is_size(a) for a in args):
             raise UnsafeFileError(
-                f"{self.where}: refused: its pickle calls {name} with a size "
+                f"{self.source}: refused: its pickle calls {name} with a size "
                 f"({short(next(a for a in args if _is_size(a)))}), which allocates memory the "
                 "file does not hold; nothing was run"
             )
@@ -333,7 +333,7 @@ class _Machine:
         dtype_arg = args[places[4]] if places[4] is not None else None
         if not isinstance(storage, Storage):
             raise UnsafeFileError(
-                f"{self.where}: refused: its pickle builds a tensor whose data is not stored in "
+                f"{self.source}: refused: its pickle builds a tensor whose data is not stored in "
                 "the file; nothing was run"
             )
         itemsize = storage.dtype.itemsize
@@ -348,7 +348,7 @@ class _Machine:
             and all(type(n) is int and n >= 0 for n in size + stride)
             and offset >= 0
         ):
-            raise FileFormatError(f"{self.where}: a damaged pickle (a tensor with a bad shape)")
+            raise FileFormatError(f"{self.source}: a damaged pickle (a tensor with a bad shape)")
         numel = math.prod(size)
         if numel == 0:
             return
@@ -358,7 +358,7 @@ class _Machine:
         allocated = numel if name == "torch._utils._rebuild_qtensor" else 0
         if extent > held or allocated > held:
             raise UnsafeFileError(
-                f"{self.where}: refused: its pickle builds a {size} tensor over a storage of "
+                f"{self.source}: refused: its pickle builds a {size} tensor over a storage of "
                 f"{held:,} items, reaching past the data the file holds; nothing was run"
             )
 

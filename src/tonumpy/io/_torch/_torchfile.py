@@ -118,7 +118,7 @@ class Checksums:
         self.checked.add(key)
 
 
-def _crc32(f: Any, start: int, size: int, where: str) -> int:
+def _crc32(f: Any, start: int, size: int, source: str) -> int:
     """The CRC-32 of ``size`` bytes of ``f`` from ``start``, read 16 MiB at a time.
 
     Read, not mapped: the bytes pass through the page cache without becoming part of this
@@ -131,7 +131,7 @@ def _crc32(f: Any, start: int, size: int, where: str) -> int:
     while at < end:
         chunk = os.pread(f.fileno(), min(1 << 24, end - at), at)
         if not chunk:
-            raise FileFormatError(f"{where}: truncated")
+            raise FileFormatError(f"{source}: truncated")
         crc = zlib.crc32(chunk, crc)
         at += len(chunk)
     return crc
@@ -206,12 +206,12 @@ def _check_storages(
 
 def _scan_legacy(path: Path, data: Any, size: int) -> _pickle_scan.Scan:
     """Scan the pickles of the legacy format: magic, protocol, system info, the data, keys."""
-    where = str(path)
-    magic = _pickle_scan.scan(data, where)
-    protocol = _pickle_scan.scan(data, where, start=magic.end)
-    info = _pickle_scan.scan(data, where, start=protocol.end)
-    main = _pickle_scan.scan(data, where, start=info.end)
-    keys = _pickle_scan.scan(data, where, start=main.end)
+    source = str(path)
+    magic = _pickle_scan.scan(data, source)
+    protocol = _pickle_scan.scan(data, source, start=magic.end)
+    info = _pickle_scan.scan(data, source, start=protocol.end)
+    main = _pickle_scan.scan(data, source, start=info.end)
+    keys = _pickle_scan.scan(data, source, start=main.end)
     need = sum(s.nbytes + 8 for s in main.storages)
     if need > size - keys.end:
         raise UnsafeFileError(
