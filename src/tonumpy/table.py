@@ -85,12 +85,13 @@ _INT = re.compile(r"(0|-?[1-9][0-9]*)\Z")
 # ------------------------------------------------------------------------------ names
 
 
-def _key_name(key: Any, path: tuple[Any, ...]) -> str:
+def _key_name(key: Any, path: tuple[Any, ...], place: str | None) -> str:
     if isinstance(key, int) and not isinstance(key, bool):
         return str(key)
     if not isinstance(key, str):
+        place = _tree.format_path(path) if place is None else place
         raise ConversionError(
-            f"{_tree.format_path(path)}: a key of type {type(key).__name__} ({key!r:.40}); "
+            f"{place}: a key of type {type(key).__name__} ({key!r:.40}); "
             "column names spell str and int keys only: rename the key, or leave the node "
             "out with exclude=",
             path=path,
@@ -99,8 +100,11 @@ def _key_name(key: Any, path: tuple[Any, ...]) -> str:
     return "\\s" + text if not key or _INT.match(key) else text
 
 
-def column_name(path: tuple[Any, ...], /) -> str:
+def column_name(path: tuple[Any, ...], /, *, place: str | None = None) -> str:
     r"""The column name of the leaf at key ``path`` (see the module for the spelling).
+
+    ``place``: how an error names the leaf, where the caller has it rendered from its tree
+    (``tree['p'].y``, a namedtuple's field as users read it); by default, from the keys.
 
     Examples:
         >>> column_name(("hidden_states", 0)), column_name(("a.b", "3")), column_name(())
@@ -109,7 +113,7 @@ def column_name(path: tuple[Any, ...], /) -> str:
     Raises:
         ConversionError: A key is neither a ``str`` nor an ``int``.
     """
-    return ".".join(_key_name(key, path[: i + 1]) for i, key in enumerate(path))
+    return ".".join(_key_name(key, path[: i + 1], place) for i, key in enumerate(path))
 
 
 def key_path(name: str, /) -> tuple[Any, ...]:
@@ -369,6 +373,63 @@ def tabulate(
     ``per_batch="keep"`` (for files) keeps per-batch arrays in ``Table.values`` and plain
     values in the structure, instead of refusing or broadcasting them.
     """
+    _check_options(
+        caller,
+        batch_size=batch_size,
+        per_batch=per_batch,
+        ragged=ragged,
+        pad_value=pad_value,
+        ml_dtypes=ml_dtypes,
+    )
+    selection = Selection(exclude, reduce, caller)
+    if selection.active:
+        leaves, spec, _ = selection.flatten(tree, is_leaf=is_leaf)
+        tree = _tree.unflatten(spec, leaves)
+    tree = to_numpy(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
+
+    tree, row_nodes, layout, inside = _layout_rows(tree, per_row, ml_dtypes, is_leaf, caller)
+    rows = _count_rows(
+        layout.walked,
+        row_nodes,
+        inside,
+        batch_size=batch_size,
+        caller=caller,
+        per_batch=per_batch,
+    )
+    columns, values, paths, names = _fill_columns(
+        layout,
+        inside,
+        rows,
+        caller=caller,
+        per_batch=per_batch,
+        ragged=ragged,
+        pad_value=pad_value,
+    )
+    if per_batch != "keep":
+        _check_plain_values(
+            layout,
+            rows=rows,
+            per_batch=per_batch,
+            caller=caller,
+            columns=columns,
+            names=names,
+            paths=paths,
+        )
+    structure = dict(layout.structure, arrays=names, per_row=[list(p) for p, _ in row_nodes])
+    return Table(rows, columns, values, structure, paths)
+
+
+def _check_options(
+    caller: str,
+    /,
+    *,
+    batch_size: Any,
+    per_batch: Any,
+    ragged: Any,
+    pad_value: PadValue,
+    ml_dtypes: Any,
+) -> None:
+    """Refuse [`tabulate`][tonumpy.table.tabulate]'s options that are not what they must be."""
     _check_choice(caller, "per_batch", per_batch, ("error", "broadcast", "keep"))
     _check_choice(caller, "ragged", ragged, ("pad", "object"))
     _options.check_flags(caller, ml_dtypes=ml_dtypes)
@@ -377,14 +438,21 @@ def tabulate(
         not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 0
     ):
         raise OptionError(f"{caller}(batch_size={batch_size!r}): a number of rows, 0 or more")
-    selection = Selection(exclude, reduce, caller)
-    if selection.active:
-        leaves, spec, _ = selection.flatten(tree, is_leaf=is_leaf)
-        tree = _tree.unflatten(spec, leaves)
-    tree = to_numpy(tree, ml_dtypes=ml_dtypes, is_leaf=is_leaf)
 
-    tree, row_nodes, layout, inside = _layout_rows(tree, per_row, ml_dtypes, is_leaf, caller)
-    walked = layout.walked
+
+def _count_rows(
+    walked: _structure.Walk,
+    row_nodes: list[tuple[tuple[Any, ...], list[Any]]],
+    inside: dict[int, Any],
+    *,
+    batch_size: int | None,
+    caller: str,
+    per_batch: str,
+) -> int:
+    """The batch's number of rows: ``batch_size``, or what the leaves and ``per_row=`` agree on.
+
+    A ``per_row=`` node must hold one item per row.
+    """
     lengths = [len(items) for _, items in row_nodes]
     outside = [leaf for i, leaf in enumerate(walked.leaves) if i not in inside]
     rows = (
@@ -399,7 +467,24 @@ def tabulate(
                 f"items for {rows} rows; it must hold one per row",
                 path=path,
             )
+    return rows
 
+
+def _fill_columns(
+    layout: _structure.Layout,
+    inside: dict[int, Any],
+    rows: int,
+    *,
+    caller: str,
+    per_batch: str,
+    ragged: str,
+    pad_value: PadValue,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, tuple[Any, ...]], list[str]]:
+    """Each leaf of ``layout`` as a column of ``rows`` rows: ``(columns, values, paths, names)``.
+
+    ``per_row=`` items are stacked; a per-batch leaf is kept in ``values``, broadcast, or
+    refused, as ``per_batch`` says.
+    """
     columns: dict[str, np.ndarray] = {}
     values: dict[str, np.ndarray] = {}
     paths: dict[str, tuple[Any, ...]] = {}
@@ -407,7 +492,10 @@ def tabulate(
     for index, (leaf, path, flat) in enumerate(
         zip(layout.leaves, layout.paths, layout.flat, strict=True)
     ):
-        name = column_name(path)
+        try:
+            name = column_name(path)
+        except ConversionError:  # a key no name spells: the error again, naming the place
+            name = column_name(path, place=layout.place(index))
         names.append(name)
         paths[name] = path
         layout.complete(index, None, str(np.asarray(leaf).dtype))
@@ -419,7 +507,7 @@ def tabulate(
                 ragged=ragged,
                 pad_value=pad_value,
                 caller=caller,
-                place=walked.place(flat),
+                place=layout.walked.place(flat),
             )
             continue
         array = np.asarray(leaf)
@@ -431,18 +519,7 @@ def tabulate(
             columns[name] = np.broadcast_to(array, (rows, *array.shape))
         else:
             raise _per_batch_error(caller, layout.place(index), array, rows, path)
-    if per_batch != "keep":
-        _check_plain_values(
-            layout,
-            rows=rows,
-            per_batch=per_batch,
-            caller=caller,
-            columns=columns,
-            names=names,
-            paths=paths,
-        )
-    structure = dict(layout.structure, arrays=names, per_row=[list(p) for p, _ in row_nodes])
-    return Table(rows, columns, values, structure, paths)
+    return columns, values, paths, names
 
 
 def _per_batch_error(
@@ -490,7 +567,7 @@ def _check_plain_values(
             array = np.asarray(value)
             if array.dtype.hasobject:
                 raise ConversionError(f"{caller}: {place} cannot be a column", path=path)
-            name = column_name(path)
+            name = column_name(path, place=place)
             columns[name] = np.broadcast_to(array, (rows,))
             paths[name] = path
             node.clear()

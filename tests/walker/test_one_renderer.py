@@ -82,3 +82,16 @@ def test_a_table_error_about_rows_names_the_field() -> None:
     tree = {"ids": np.arange(2), "rows": rows}
     with pytest.raises(tonumpy.ConversionError, match=r"the rows of tree\['rows'\]\.x have"):
         table.to_columns(tree, per_row="rows")
+
+
+def test_a_column_name_error_names_the_field() -> None:
+    """to_columns refusing a key no column name can spell names tree['p'].y[1.5]."""
+    tree = {"p": P(torch.ones(2), {1.5: torch.ones(2)})}
+    with pytest.raises(tonumpy.ConversionError, match=r"tree\['p'\]\.y\[1\.5\]: a key of type"):
+        table.to_columns(tree)
+
+
+def test_a_bare_key_path_renders_through_the_one_renderer() -> None:
+    """column_name without a treespec names the place by its keys, as render spells keys."""
+    with pytest.raises(tonumpy.ConversionError, match=r"tree\['p'\]\[1\]\[1\.5\]: a key"):
+        table.column_name(("p", 1, 1.5))

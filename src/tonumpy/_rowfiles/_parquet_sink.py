@@ -157,8 +157,8 @@ class ParquetSink:
         from ..table import column_name  # noqa: PLC0415 - table imports convert
 
         self.names = [None] * len(columns)
-        for flat, path in zip(layout.flat, layout.paths, strict=True):
-            self.names[flat] = column_name(path)
+        for index, (flat, path) in enumerate(zip(layout.flat, layout.paths, strict=True)):
+            self.names[flat] = column_name(path, place=layout.place(index))
         taken = set(self.names)
         if indexed:
             name = _shards.INDEX

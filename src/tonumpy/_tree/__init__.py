@@ -508,7 +508,11 @@ class _KeyStep(optree.PyTreeEntry):
 
 
 def format_path(path: tuple[Any, ...] | None, root: str = "tree") -> str:
-    """Render a key path the way a user would index it: ``tree['a'][0]``, ``tree['out'].x``.
+    """A bare key path (no treespec at hand) through [`render`][tonumpy._tree.render]: by keys.
+
+    Each key reads as the walker would read it alone: ``tree['a'][0]``. Where a treespec is at
+    hand, [`place`][tonumpy._tree.place] names the same node as the tree spells it (a
+    namedtuple's field as ``.y``); messages use it.
 
     Examples:
         >>> format_path(("hidden", 2))
@@ -518,10 +522,7 @@ def format_path(path: tuple[Any, ...] | None, root: str = "tree") -> str:
     """
     if path is None:
         return root
-    text = root
-    for key in path:
-        text = _containers.render(text, key)
-    return text
+    return render(tuple(_KeyStep(key, object, optree.PyTreeKind.CUSTOM) for key in path), root)
 
 
 def leaf_path(spec: PyTreeSpec, index: int, root: str = "tree") -> tuple[tuple[Any, ...], str]:
