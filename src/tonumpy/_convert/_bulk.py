@@ -20,13 +20,12 @@ copy of the code, the two timed alternately, the minimum and the median per call
    W1 10.9 vs 12.5 ms with the comprehension, 1.15x (medians 1.08x); W4 7.0 vs 7.4 ms, 1.06x
    (1.08x). It refuses tensors that require grad, so a tree whose first tensor requires grad
    (W3: they usually all do) starts with
-3. **the force pass**, ``t.numpy(force=True)`` in one comprehension; the views of tensors that
-   require grad are then made read-only by one C-level ``map`` over the grad flags
-   (``tonumpy._convert._leaf.read_only_all``; a tree with leaves of other types than tensors,
-   arrays and plain scalars reads the flags per leaf instead): W3 10.9 vs 11.4 ms without (the
-   low-precision pass's dtype dispatch): 1.05x (medians 1.09x; 31 rounds, a quiet machine;
-   earlier runs under load gave 0.95-1.10x: W3 is the training-loop case, and issue 22's
-   target for it is tight);
+3. **the force pass**, ``t.numpy(force=True)`` in one comprehension, the views of tensors that
+   require grad made read-only in it (``read_only``'s rule applied inline,
+   ``tonumpy._convert._leaf.SET_FLAGS``: a Python call per leaf cost W3 about 5%): W3 10.9
+   vs 11.4 ms without (the low-precision pass's dtype dispatch): 1.05x (medians 1.09x; 31
+   rounds, a quiet machine; earlier runs under load gave 0.95-1.10x: W3 is the
+   training-loop case, and issue 22's target for it is tight);
 4. **the low-precision pass, widening** (``_upcast_bf16``): bfloat16 leaves of one shape
    stacked and widened with one cast: W6 upcast 1.6 vs 18.3 ms without (per leaf): 11.4x;
 5. **the same-bits pass** (``_same_bits``, ``ml_dtypes=True``, the first tensor
@@ -50,7 +49,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from itertools import compress, repeat
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -58,7 +57,7 @@ import torch
 
 from .. import _dtypes
 from .._dtypes import PLAIN
-from ._leaf import LeafError, read_only, read_only_all
+from ._leaf import SET_FLAGS, LeafError, read_only
 
 __all__ = ["to_arrays"]
 
@@ -103,16 +102,16 @@ def to_arrays(
             return [
                 leaf.numpy(force=True).copy() if type(leaf) in plain else leaf for leaf in leaves
             ]
-        out = [leaf.numpy(force=True) if type(leaf) in plain else leaf for leaf in leaves]
+        # read-only views of tensors that require grad (read_only's rule, inline), same pass
+        set_flags = SET_FLAGS
+        return [
+            ((arr := leaf.numpy(force=True)), leaf.requires_grad and set_flags(arr, False))[0]
+            if type(leaf) in plain
+            else leaf
+            for leaf in leaves
+        ]
     except Exception:  # noqa: BLE001, S110 - a dtype NumPy lacks, or another refusal
         pass
-    else:
-        if leaf_types <= _INERT:  # grad flags read by a C map; such views made read-only
-            read_only_all(
-                compress(out, map(getattr, leaves, repeat("requires_grad"), repeat(False)))
-            )
-            return out
-        return _protect(leaves, out)
     try:
         return _low_precision(leaves, copy=copy, ml_dtypes=ml_dtypes)
     except Exception:  # noqa: BLE001 - float4, sparse, ml_dtypes missing, ...: per leaf
@@ -212,9 +211,6 @@ def _integer_views(leaves: list[torch.Tensor], bits: torch.dtype) -> list[torch.
         return list(map(_TORCH_VIEW, leaves, repeat(bits)))
 
 
-# leaf types whose ``requires_grad`` the force pass reads by ``getattr(leaf, name, False)`` in a
-# C map: plain tensors, and types that have no such attribute and run no code to say so
-_INERT = PLAIN | {str, bytes, int, float, complex, bool, type(None), np.ndarray}
 _DTYPE = operator.attrgetter("dtype")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 # unbound methods, mapped over the leaves (plain tensors only: a subclass may override them)

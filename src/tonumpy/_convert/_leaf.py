@@ -12,9 +12,7 @@ leaf's path.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Iterable
-from itertools import repeat
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,6 +26,7 @@ from ..errors import ConversionError, TonumpyError, UnsupportedLeafError
 
 __all__ = [
     "PLAIN",
+    "SET_FLAGS",
     "LeafError",
     "array_to_tensor",
     "describe",
@@ -36,13 +35,13 @@ __all__ = [
     "move",
     "needs_copy",
     "read_only",
-    "read_only_all",
     "tensor_to_numpy",
 ]
 
 
-#: ``ndarray.setflags``, called positionally by ``read_only``.
-_SET_FLAGS: Callable[..., None] = np.ndarray.setflags
+#: ``ndarray.setflags``, called positionally by ``read_only``; a bulk pass calls it inline,
+#: ``SET_FLAGS(arr, False)``, to apply ``read_only``'s rule without a Python frame per leaf.
+SET_FLAGS: Callable[..., None] = np.ndarray.setflags
 
 
 def read_only(arr: np.ndarray) -> np.ndarray:
@@ -54,16 +53,8 @@ def read_only(arr: np.ndarray) -> np.ndarray:
     widened array owns its memory and stays writeable. Callers test ``t.requires_grad``
     themselves, so that a leaf that does not require grad pays no call.
     """
-    _SET_FLAGS(arr, False)  # write=False; positional: half the cost of the keyword
+    SET_FLAGS(arr, False)  # write=False; positional: half the cost of the keyword
     return arr
-
-
-def read_only_all(arrays: Iterable[np.ndarray]) -> None:
-    """[`read_only`][tonumpy._convert._leaf.read_only] for many views, by one C-level ``map``.
-
-    No bytecode per array: for the bulk passes over thousands of leaves that require grad.
-    """
-    deque(map(_SET_FLAGS, arrays, repeat(False)), maxlen=0)
 
 
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # noqa: SLF001 - no public check
