@@ -286,6 +286,27 @@ LM_MODES = {
 }
 
 
+def count_handed() -> tuple[list[int], Any]:
+    """Count the tensor bytes the Accumulator hands to the conversion.
+
+    Wraps ``tonumpy.accumulate.start`` in this (child) process: ``([bytes so far], the
+    original)``, to put back when done.
+    """
+    import torch
+
+    from tonumpy import accumulate
+
+    handed = [0]
+    original = accumulate.start
+
+    def counting(leaves: list[Any], *args: Any, **kwargs: Any) -> Any:
+        handed[0] += sum(x.nbytes for x in leaves if isinstance(x, torch.Tensor))
+        return original(leaves, *args, **kwargs)
+
+    accumulate.start = counting  # type: ignore[assignment]
+    return handed, original
+
+
 def run_lm(mode: str, quick: bool, device: str) -> dict[str, Any]:
     """One evaluation loop of the language model, accumulating in ``mode``."""
     import torch
@@ -313,14 +334,7 @@ def run_lm(mode: str, quick: bool, device: str) -> dict[str, Any]:
         options["exclude"] = ["cache", "past_key_values"]
     if mode == "reduce":
         options["reduce"] = {"logits": lambda t: t.argmax(-1)}
-    handed = [0]
-    original = accumulate.start
-
-    def counting(leaves: list[Any], *args: Any, **kwargs: Any) -> Any:
-        handed[0] += sum(x.nbytes for x in leaves if isinstance(x, torch.Tensor))
-        return original(leaves, *args, **kwargs)
-
-    accumulate.start = counting  # type: ignore[assignment]
+    handed, original = count_handed()
     acc = tonumpy.Accumulator(**options)
     clock = Clock()
     base = status("VmRSS")
@@ -481,14 +495,7 @@ def run_gpt2(task: dict[str, Any]) -> dict[str, Any]:
 
     method, device, n = task["method"], task["device"], task["n_batches"]
     pool = [{k: v.to(device) for k, v in b.items()} for b in torch.load(task["pool"])]
-    handed = [0]
-    original = accumulate.start
-
-    def counting(leaves: list[Any], *args: Any, **kwargs: Any) -> Any:
-        handed[0] += sum(x.nbytes for x in leaves if isinstance(x, torch.Tensor))
-        return original(leaves, *args, **kwargs)
-
-    accumulate.start = counting  # type: ignore[assignment]
+    handed, original = count_handed()
     clock = Clock()
     tmp = tempfile.TemporaryDirectory(dir=task.get("tmp"))
     if device != "cpu":
