@@ -1,7 +1,7 @@
 """The CPU routes of ``to_numpy``, each taken by the inputs that lead to it, same results.
 
 The router (``tonumpy.convert``) converts a lone CPU tensor without a walk, distinct plain CPU
-tensors in bulk (one comprehension of ``t.numpy()``, or ``t.numpy(force=True)`` for trees that
+tensors in bulk (one comprehension of ``t.numpy()``, with grad turned off for trees that
 require grad; bfloat16 stacked by shape and widened at once), and everything else leaf by leaf.
 These tests give each route the inputs that take it and pin what it must give: the values and
 bits of ``t.float()``, arrays that own their memory, the tree's order, and memory shared with
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from _helpers.engine import CudaSpy, convert_through
+from _helpers.threads import run_beside
 from _helpers.trees import assert_same_tree
 from tonumpy import UnsupportedLeafError, _tree, to_numpy
 from tonumpy._convert import _bulk
@@ -286,3 +287,75 @@ def test_grad_views_read_only_beside_a_leaf_with_a_requires_grad_property() -> N
     assert out["o"] is leaf
     assert not reads
     assert not out["g"].flags.writeable
+
+
+@pytest.mark.parametrize("copy", [None, True])
+def test_arrays_of_grad_tensors_do_not_keep_the_graph_alive(copy: bool | None) -> None:
+    """The arrays of tensors that require grad hold no reference to them or to their graph."""
+    import gc
+    import weakref
+
+    x = torch.ones(8, requires_grad=True)
+    tree = [{"y": x * i, "s": "str", "n": 3} for i in range(64)]
+    refs = [weakref.ref(item["y"]) for item in tree]  # each carries a grad_fn
+    out = to_numpy(tree, copy=copy)
+    del tree
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert all(item["y"].base is None or not item["y"].base.requires_grad for item in out)
+    for i, item in enumerate(out):
+        np.testing.assert_array_equal(item["y"], np.full(8, float(i), np.float32))
+        assert item["y"].flags.writeable is (copy is True)
+        assert (item["s"], item["n"]) == ("str", 3)
+
+
+@pytest.mark.parametrize("mode", ["enabled", "no_grad", "inference"])
+def test_grad_mode_is_left_as_it_was(mode: str) -> None:
+    """Converting tensors that require grad leaves the caller's grad mode as it was."""
+    contexts = {
+        "enabled": torch.enable_grad,
+        "no_grad": torch.no_grad,
+        "inference": torch.inference_mode,
+    }
+    x = torch.ones(3, requires_grad=True)
+    y = x * 2
+    conj = torch.tensor([1 + 2j]).conj()  # refused by the fast passes: the fallback runs
+    with contexts[mode]():
+        before = torch.is_grad_enabled()
+        out = to_numpy([y, "s", y * 0 + 1 if mode == "enabled" else y])
+        mixed = to_numpy([y, conj, "s"])
+        assert torch.is_grad_enabled() is before
+    np.testing.assert_array_equal(out[0], [2.0, 2.0, 2.0])
+    np.testing.assert_array_equal(mixed[1], [1 - 2j])
+    assert not mixed[0].flags.writeable
+    if mode == "enabled":  # the graph still works afterwards
+        y.sum().backward()
+        assert x.grad is not None
+        np.testing.assert_array_equal(x.grad.numpy(), [2.0, 2.0, 2.0])
+
+
+def test_grad_trees_from_several_threads_while_others_train() -> None:
+    """Threads converting grad trees never turn grad off for a thread running backward."""
+    errors: list[BaseException] = []
+    w = torch.ones(4, requires_grad=True)  # the training thread's own
+
+    def convert() -> None:
+        try:
+            v = torch.ones(4, requires_grad=True)
+            for _ in range(200):
+                out = to_numpy([{"a": v * 2, "s": "x"} for _ in range(40)])
+                assert not out[0]["a"].flags.writeable
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    def train() -> None:
+        try:
+            assert torch.is_grad_enabled()
+            (w * 3).sum().backward()
+            assert w.grad is not None
+            w.grad = None
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    run_beside(train, [convert] * 3)
+    assert not errors, errors

@@ -8,6 +8,7 @@ Item 16: registered types do not accumulate forever; dropping old ones breaks no
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import threading
 import weakref
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 import tonumpy
+from _helpers.threads import run_beside
 from tonumpy import Accumulator, to_numpy
 
 THREADS = 8
@@ -123,16 +125,14 @@ def test_registered_types_are_bounded_and_released() -> None:
 
 def test_threads_and_evictions_together() -> None:
     """Threads convert trees of their own types while another churns through many more."""
-    stop = threading.Event()
     failures: list[str] = []
     churned = [0]
     enough = 2 * tonumpy._tree.MAX_NODE_TYPES + 100  # the registry evicts during the work
 
     def churn() -> None:
-        while not stop.is_set():
-            cls = type("Churn", (list,), {})
-            to_numpy(cls([torch.ones(1)]))
-            churned[0] += 1
+        cls = type("Churn", (list,), {})
+        to_numpy(cls([torch.ones(1)]))
+        churned[0] += 1
 
     def work(seed: int) -> None:
         try:
@@ -155,14 +155,6 @@ def test_threads_and_evictions_together() -> None:
             failures.append(f"thread {seed}: {acc.result()!r}")
 
     evictions = tonumpy._tree._snapshot.evictions
-    churner = threading.Thread(target=churn)
-    churner.start()
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join()
-    stop.set()
-    churner.join()
+    run_beside(churn, [functools.partial(work, i) for i in range(THREADS)])
     assert failures == []
     assert tonumpy._tree._snapshot.evictions > evictions  # the workers' types were evicted too

@@ -20,12 +20,16 @@ copy of the code, the two timed alternately, the minimum and the median per call
    W1 10.9 vs 12.5 ms with the comprehension, 1.15x (medians 1.08x); W4 7.0 vs 7.4 ms, 1.06x
    (1.08x). It refuses tensors that require grad, so a tree whose first tensor requires grad
    (W3: they usually all do) starts with
-3. **the force pass**, ``t.numpy(force=True)`` in one comprehension, the views of tensors that
-   require grad made read-only in it (``read_only``'s rule applied inline,
-   ``tonumpy._convert._leaf.SET_FLAGS``: a Python call per leaf cost W3 about 5%): W3 10.9
-   vs 11.4 ms without (the low-precision pass's dtype dispatch): 1.05x (medians 1.09x; 31
-   rounds, a quiet machine; earlier runs under load gave 0.95-1.10x: W3 is the
-   training-loop case, and issue 22's target for it is tight);
+3. **the grad pass**, ``t.numpy()`` with grad turned off (``torch.no_grad()``, a thread's own
+   mode, restored on the way out) in one comprehension: ``numpy()`` then accepts tensors that
+   require grad and detaches them itself, without the ``cpu``/``resolve_conj``/``resolve_neg``
+   round trips of ``force=True`` (conj/neg bits still refuse: the low-precision pass takes
+   them). The views of tensors that require grad are made read-only in it (``read_only``'s
+   rule applied inline, ``tonumpy._convert._leaf.SET_FLAGS``: a Python call per leaf cost W3
+   about 5%): W3 11.7 vs 13.5 ms without (the low-precision pass's dtype dispatch): 1.16x
+   (medians 1.18x; 31 rounds, 2026-12-06). Against the ``numpy(force=True)`` comprehension it
+   replaced, 0.95x the time (min and median, 30 alternating rounds). W3 is the training-loop
+   case, and issue 22's target for it is tight;
 4. **the low-precision pass, widening** (``_upcast_bf16``): bfloat16 leaves of one shape
    stacked and widened with one cast: W6 upcast 1.6 vs 18.3 ms without (per leaf): 11.4x;
 5. **the same-bits pass** (``_same_bits``, ``ml_dtypes=True``, the first tensor
@@ -98,19 +102,21 @@ def to_arrays(
     if cuda_possible and any(type(leaf) in plain and leaf.is_cuda for leaf in leaves):
         return None
     try:
-        if copy:
+        # with grad off, numpy() takes tensors that require grad and detaches them itself
+        # (the array's base is the detached tensor: the graph is not kept alive), without
+        # force=True's round trips; conj/neg bits still refuse (the low-precision pass below)
+        with torch.no_grad():
+            if copy:
+                return [leaf.numpy().copy() if type(leaf) in plain else leaf for leaf in leaves]
+            # read-only views of tensors that require grad (read_only's rule, inline)
+            set_flags = SET_FLAGS
             return [
-                leaf.numpy(force=True).copy() if type(leaf) in plain else leaf for leaf in leaves
+                ((arr := leaf.numpy()), leaf.requires_grad and set_flags(arr, False))[0]
+                if type(leaf) in plain
+                else leaf
+                for leaf in leaves
             ]
-        # read-only views of tensors that require grad (read_only's rule, inline), same pass
-        set_flags = SET_FLAGS
-        return [
-            ((arr := leaf.numpy(force=True)), leaf.requires_grad and set_flags(arr, False))[0]
-            if type(leaf) in plain
-            else leaf
-            for leaf in leaves
-        ]
-    except Exception:  # noqa: BLE001, S110 - a dtype NumPy lacks, or another refusal
+    except Exception:  # noqa: BLE001, S110 - a dtype NumPy lacks, conj/neg bits, a refusal
         pass
     try:
         return _low_precision(leaves, copy=copy, ml_dtypes=ml_dtypes)
