@@ -7,7 +7,9 @@ the text, and refused where NumPy would let a damaged shape or a pickle through.
 
 from __future__ import annotations
 
+import functools
 import io
+import warnings
 from typing import Any
 
 import numpy as np
@@ -142,3 +144,45 @@ def test_write_header_writes_the_header() -> None:
     _npyheader.write_header(out, np.dtype(">i8"), (4, 5), True)
     assert out.getvalue() == _npyheader.header(np.dtype(">i8"), (4, 5), True)
     assert _npyheader.read_header(io.BytesIO(out.getvalue()), "h.npy").fortran
+
+
+def _python2_file(shape: str, values: np.ndarray) -> bytes:
+    """A version 1.0 ``.npy`` as Python 2's NumPy wrote it: long integers (``3L``) in the shape."""
+    text = f"{{'descr': '<i8', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + values.tobytes()
+
+
+def test_a_python2_header_is_read_and_warns_as_np_load_does(tmp_path: Any) -> None:
+    """A header written by Python 2 gives np.load's values and np.load's own warning."""
+    blob = _python2_file("(3L, 7L)", np.arange(21, dtype="<i8"))
+    path = tmp_path / "old.npy"
+    path.write_bytes(blob)
+    with pytest.warns(UserWarning, match="created on Python 2") as theirs:
+        want = np.load(io.BytesIO(blob))
+    with pytest.warns(UserWarning, match="created on Python 2") as ours:
+        got = tonumpy.load(path)
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (3, 7)
+    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]
+
+
+def test_reading_headers_from_threads_leaves_the_warning_filters_alone() -> None:
+    """Headers read by several threads at once never change the process's warning filters."""
+    from _helpers.threads import run_beside
+
+    before = list(warnings.filters)
+    seen: list[Any] = []
+
+    def watch() -> None:
+        if warnings.filters != before:
+            seen.append(list(warnings.filters[:1]))
+
+    def read(start: int) -> None:
+        for n in range(start, start + 300):  # distinct shapes: each one is parsed, not cached
+            blob = _npyheader.header(np.dtype("<f4"), (n, 5))
+            assert _npyheader.read_header(io.BytesIO(blob), "h.npy").shape == (n, 5)
+
+    run_beside(watch, [functools.partial(read, 10_000 * k) for k in range(1, 4)])
+    assert warnings.filters == before
+    assert not seen, seen[:3]

@@ -28,7 +28,6 @@ import functools
 import importlib
 import io
 import math
-import warnings
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -207,6 +206,8 @@ def read_header(f: BinaryIO, source: str) -> NpyHeader:
     parse = _parse if len(raw) <= _REMEMBERED else _parse.__wrapped__
     try:
         shape, fortran, dtype = parse(version, raw)
+    except Warning:  # NumPy's warning, made an error by the caller's filters: as np.load
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever NumPy's parser makes of damaged text
         raise FileFormatError(f"{source}: a damaged .npy header ({short(str(exc), 80)})") from None
     if not all(type(n) is int and n >= 0 for n in shape):  # type(): a bool is an int
@@ -221,14 +222,18 @@ def read_header(f: BinaryIO, source: str) -> NpyHeader:
 
 @functools.lru_cache(maxsize=256)
 def _parse(version: tuple[int, int], raw: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
-    """NumPy's reading of a header (its length field and text): shape, Fortran order, dtype."""
+    """NumPy's reading of a header (its length field and text): shape, Fortran order, dtype.
+
+    NumPy's own warnings pass through, as ``np.load`` gives them (a header written by Python 2
+    warns that it needed extra parsing), once per distinct header. They are not silenced here:
+    ``warnings.catch_warnings`` swaps the process-wide filters, so two threads reading at once
+    could leave every warning of the program ignored.
+    """
     f = io.BytesIO(raw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NumPy warns about some old descriptions
-        if version == (1, 0):
-            return np.lib.format.read_array_header_1_0(f, max_header_size=MAX_HEADER)
-        if version == (2, 0):
-            return np.lib.format.read_array_header_2_0(f, max_header_size=MAX_HEADER)
-        utf8: tuple[tuple[int, ...], bool, np.dtype[Any]]
-        utf8 = _read_array_header(f, version, max_header_size=MAX_HEADER)
-        return utf8
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f, max_header_size=MAX_HEADER)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f, max_header_size=MAX_HEADER)
+    utf8: tuple[tuple[int, ...], bool, np.dtype[Any]]
+    utf8 = _read_array_header(f, version, max_header_size=MAX_HEADER)
+    return utf8
