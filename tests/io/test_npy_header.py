@@ -155,6 +155,7 @@ def _python2_file(shape: str, values: np.ndarray) -> bytes:
 
 def test_a_python2_header_is_read_and_warns_as_np_load_does(tmp_path: Any) -> None:
     """A header written by Python 2 gives np.load's values and np.load's own warning."""
+    _npyheader._parse.cache_clear()  # a header parsed before (cached) would not warn again
     blob = _python2_file("(3L, 7L)", np.arange(21, dtype="<i8"))
     path = tmp_path / "old.npy"
     path.write_bytes(blob)
