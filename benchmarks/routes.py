@@ -49,7 +49,7 @@ WITHOUT = {
         "type(tree) in PLAIN\n        and copy is None",
         "False\n        and copy is None",
     ),
-    "numpy pass": (_bulk, "to_arrays", "if not first.requires_grad:", "if False:"),
+    "numpy pass": (_bulk, "to_arrays", "if not first.requires_grad and not copy:", "if False:"),
     "numpy pass: one map": (
         _bulk,
         "to_arrays",

@@ -90,10 +90,8 @@ def to_arrays(
             return _same_bits(leaves, first.dtype)
         except Exception:  # noqa: BLE001, S110 - neg bit, a device, ...: the passes below
             pass
-    if not first.requires_grad:
+    if not first.requires_grad and not copy:  # copies: the grad pass below makes them
         try:  # no tensor requires grad, none has a conj/neg bit (evaluation, logging)
-            if copy:
-                return [leaf.numpy().copy() if type(leaf) in plain else leaf for leaf in leaves]
             if leaf_types <= plain:  # tensors only (W1, W4): no bytecode per leaf
                 return list(map(_NUMPY, leaves))
             return [leaf.numpy() if type(leaf) in plain else leaf for leaf in leaves]
@@ -104,7 +102,8 @@ def to_arrays(
     try:
         # with grad off, numpy() takes tensors that require grad and detaches them itself
         # (the array's base is the detached tensor: the graph is not kept alive), without
-        # force=True's round trips; conj/neg bits still refuse (the low-precision pass below)
+        # force=True's round trips; conj/neg bits still refuse (the low-precision pass below).
+        # Copies of every tree are made here: they own their memory, grad or not.
         with torch.no_grad():
             if copy:
                 return [leaf.numpy().copy() if type(leaf) in plain else leaf for leaf in leaves]
