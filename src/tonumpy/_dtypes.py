@@ -178,7 +178,7 @@ def torch_dtype_of(dtype: np.dtype[Any]) -> torch.dtype | None:
 def widened(t: torch.Tensor) -> np.ndarray:
     """A bfloat16/float8 tensor's values as a new float32 array on the host.
 
-    The one widening of a whole tensor (the converter, gather's unpacking, the file writers):
+    The one widening of a whole tensor (the converter, the file writers):
     exact, since float32 holds every bfloat16 and float8 value. A negative view is the
     caller's to resolve first (``resolve_neg``).
 

@@ -17,10 +17,11 @@ round (gloo rejects uneven ``all_gather``, and crashes on zero-element ones), an
 ``chunk_bytes`` per rank (by default 64 MiB per round in all, shared among the ranks).
 Receivers copy each piece straight to its rows of the result
 (``tonumpy.distributed._destination``: padded, in rank or dataset order), so they hold the result
-(or, with ``directory=``, nothing of it) plus one round. Leaves that cannot travel as raw bytes,
-and the bfloat16/float8 rows received, are converted through the router (``tonumpy.convert``),
-as ``to_numpy`` converts them. PyTorch's distributed engine (gloo on CPU, NCCL on GPU) does all
-the communication; ``torch.distributed`` is imported only when ``gather`` runs.
+(or, with ``directory=``, nothing of it) plus one round. Leaves that cannot travel as raw bytes
+are converted through the router (``tonumpy.convert``), as ``to_numpy`` converts them; the
+bfloat16/float8 rows received are bit views (``ml_dtypes=True``) or widened to float32 by the
+router, a round's pieces in one call. PyTorch's distributed engine (gloo on CPU, NCCL on GPU)
+does all the communication; ``torch.distributed`` is imported only when ``gather`` runs.
 """
 
 from __future__ import annotations
@@ -286,13 +287,7 @@ def _describe(
     prep, spec = Prepared(), None
     try:
         if isinstance(tree, Accumulator):
-            given = tree.__tonumpy_gather__()
-            leaves, spec, per_batch, indices = (
-                given.leaves,
-                given.spec,
-                given.per_batch,
-                given.indices,
-            )
+            leaves, spec, per_batch, indices = tree.__tonumpy_gather__()
         else:
             leaves, spec, _ = selection.flatten(tree, is_leaf=is_leaf)
             per_batch, indices = [False] * len(leaves), None

@@ -82,6 +82,7 @@ class Destination:
         self.spec = spec
         self.ml_dtypes = ml_dtypes
         self.leaves = [_Leaf(column) for column in columns]
+        self.axes = [column.axis for column in columns]
         self.num_items = num_items
         world = len(infos)
         placed = None if maps is None else sum(int(np.count_nonzero(m >= 0)) for m in maps)
@@ -160,41 +161,38 @@ class Destination:
         pieces: Sequence[Sequence[Piece]],
         gathered: torch.Tensor,
     ) -> None:
-        """Every rank's pieces of one round: ``gathered[r]`` is rank ``r``'s buffer."""
+        """Every rank's pieces of one round: ``gathered[r]`` is rank ``r``'s buffer.
+
+        Each piece's rows are a view of the received bytes, bfloat16/float8 ones as
+        ``ml_dtypes`` arrays; without ``ml_dtypes`` those are widened to float32 by the
+        router, the round's pieces in one call (its bulk pass widens them together).
+        """
         host = gathered.cpu()
         host_np = host.numpy()
-        axes = [leaf.column.axis for leaf in self.leaves]
+        widen: list[tuple[Piece, int, torch.Tensor]] = []
         for rank, mine in enumerate(pieces):
             row, row_np = host[rank], host_np[rank]
             for piece in mine:
                 info = metas[rank].infos[piece.leaf]
-                rows = self._unpack(info, piece, axes[piece.leaf], (row, row_np))
+                shape = self._rows_shape(info, piece)
+                window = slice(piece.offset, piece.offset + piece.nbytes)
+                if self.ml_dtypes or info.code == ARRAY or info.dtype not in _dtypes.ML_DTYPES:
+                    rows = row_np[window].view(info.numpy_dtype(self.ml_dtypes)).reshape(shape)
+                    self.place(piece.leaf, rank, piece.start, rows)
+                else:
+                    widen.append((piece, rank, row[window].view(info.dtype).reshape(shape)))
+        if widen:
+            widened = to_numpy([bits for _, _, bits in widen])
+            for (piece, rank, _), rows in zip(widen, widened, strict=True):
                 self.place(piece.leaf, rank, piece.start, rows)
 
-    def _unpack(
-        self,
-        info: LeafInfo,
-        piece: Piece,
-        axis: int,
-        buffer: tuple[torch.Tensor, np.ndarray],
-    ) -> np.ndarray:
-        """The rows of one piece, rows first, as an array (a view of the received bytes if it can).
-
-        ``buffer`` is the sending rank's buffer of the round, as a tensor and as an array.
-        bfloat16/float8 rows are converted by the router: ``ml_dtypes`` arrays, or widened to
-        float32.
-        """
+    def _rows_shape(self, info: LeafInfo, piece: Piece) -> tuple[int, ...]:
+        """The shape of one piece's rows, rows first (``info``: the sending rank's leaf)."""
         shape = info.shape
         assert shape is not None  # noqa: S101
-        row, row_np = buffer
-        rows = piece.stop - piece.start
+        axis = self.axes[piece.leaf]
         other = (*shape[:axis], *shape[axis + 1 :]) if shape else ()
-        window = slice(piece.offset, piece.offset + piece.nbytes)
-        if info.code == ARRAY or info.dtype not in _dtypes.ML_DTYPES:
-            out: np.ndarray = row_np[window].view(info.numpy_dtype(self.ml_dtypes))
-            return out.reshape(rows, *other)
-        converted: np.ndarray = to_numpy(row[window].view(info.dtype), ml_dtypes=self.ml_dtypes)
-        return converted.reshape(rows, *other)
+        return (piece.stop - piece.start, *other)
 
     def place(self, index: int, rank: int, start: int, rows: np.ndarray) -> None:
         """Rows ``start:start + len(rows)`` (rows first) of leaf ``index`` of ``rank``."""

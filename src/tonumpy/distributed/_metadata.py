@@ -376,7 +376,7 @@ def _per_sample_rows(
     per_batch: Sequence[bool],
     forms: tuple[Form, ...],
 ) -> Iterator[tuple[int, int, int]]:
-    """``(leaf, rank, rows)`` of every per-sample leaf of a kind in ``kinds``, leaf by leaf."""
+    """``(leaf, rank, rows)`` of every per-sample leaf of a form in ``forms``, leaf by leaf."""
     for i, axis in enumerate(axes):
         if per_batch[i]:
             continue

@@ -45,12 +45,11 @@ SENDABLE: frozenset[torch.dtype] = _dtypes.NATIVE | frozenset(_dtypes.ML_DTYPES)
 
 
 class Prepared:
-    """One rank's tree, ready to send: leaves, metadata and each leaf's bytes."""
+    """One rank's tree, ready to send: its structure, metadata and each leaf's bytes."""
 
-    __slots__ = ("error", "flat", "infos", "leaves", "sources", "spec")
+    __slots__ = ("error", "flat", "infos", "sources", "spec")
 
     def __init__(self) -> None:
-        self.leaves: list[Any] = []
         self.spec: PyTreeSpec | None = None
         self.infos: list[LeafInfo] = []
         self.sources: list[Any] = []  # per leaf: the tensor/array whose bytes are sent, or None
@@ -166,7 +165,7 @@ def _itemsize(dtype: Any) -> int:
 def prepare(leaves: list[Any], spec: PyTreeSpec, *, remote: bool, ml_dtypes: bool) -> Prepared:
     """Classify a rank's flattened tree: every leaf's metadata, and the source of its bytes."""
     prep = Prepared()
-    prep.leaves, prep.spec = leaves, spec
+    prep.spec = spec
     odd: list[int] = []
     described = []
     for index, leaf in enumerate(leaves):
