@@ -920,7 +920,7 @@ def check_shard(shard: Any, caller: str) -> tuple[int, int]:
 def _batch_rows(leaves: list[Any], spec: PyTreeSpec, axis: int) -> int | None:
     """The rows of a batch's per-sample leaves (those with a shape), all alike, or an error."""
     rows: int | None = None
-    first = ""
+    first = 0
     for i, leaf in enumerate(leaves):
         shape = getattr(leaf, "shape", None)  # torch.Size is a tuple
         if not isinstance(shape, tuple | list) or len(shape) == 0:
@@ -928,12 +928,12 @@ def _batch_rows(leaves: list[Any], spec: PyTreeSpec, axis: int) -> int | None:
         n = int(shape[axis]) if -len(shape) <= axis < len(shape) else None
         if n is None:
             continue  # the column reports the axis
-        place = _tree.leaf_path(spec, i)[1]
         if rows is None:
-            rows, first = n, place
+            rows, first = n, i
         elif n != rows:
+            (_, one), (_, other) = _tree.leaf_path(spec, first), _tree.leaf_path(spec, i)
             raise ConversionError(
-                f"append(index=...): {first} has {rows} rows but {place} has {n}; with index= "
+                f"append(index=...): {one} has {rows} rows but {other} has {n}; with index= "
                 "every array leaf holds one row per dataset item (compute per-token values per "
                 "item, or accumulate them in another Accumulator)"
             )

@@ -492,10 +492,7 @@ def _fill_columns(
     for index, (leaf, path, flat) in enumerate(
         zip(layout.leaves, layout.paths, layout.flat, strict=True)
     ):
-        try:
-            name = column_name(path)
-        except ConversionError:  # a key no name spells: the error again, naming the place
-            name = column_name(path, place=layout.place(index))
+        name = column_name(path, place=layout.place(index))
         names.append(name)
         paths[name] = path
         layout.complete(index, None, str(np.asarray(leaf).dtype))

@@ -141,7 +141,12 @@ class Walk:
 
     def place(self, index: int) -> str:
         """How a user reads leaf ``index`` of the flat list: ``tree['out'].logits``."""
-        return _tree.leaf_path(self.spec, index)[1]
+        return self._places[index]
+
+    @functools.cached_property
+    def _places(self) -> list[str]:
+        """Every leaf's place, rendered once (one call per leaf would be quadratic)."""
+        return [place for _, place in _tree.leaf_paths(self.spec)]
 
 
 def _container(cls: type, keys: tuple[Any, ...], kinds: dict[type, str]) -> tuple[str, Any]:
