@@ -591,7 +591,7 @@ def _widened(dtype: torch.dtype) -> bool:
         return False
     try:
         return bool(to_numpy(torch.zeros(0, dtype=dtype)).dtype == np.float32)
-    except TonumpyError:
+    except Exception:  # noqa: BLE001 - refused, or a dtype torch cannot even make (float4_x2)
         return False
 
 
@@ -620,8 +620,9 @@ def _message(exc: BaseException) -> str:
     """
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
         return escape(f"{exc.filename}: {exc.strerror}")
-    flag = _FLAGS.get(exc.option or "") if isinstance(exc, TonumpyError) else None
-    message = exc.with_option(flag) if flag and isinstance(exc, TonumpyError) else str(exc)
+    message = str(exc)
+    if isinstance(exc, TonumpyError) and (flag := _FLAGS.get(exc.option or "")):
+        message = exc.with_option(flag)
     text = message.strip().splitlines()
     return escape(text[0]) if text else type(exc).__name__
 

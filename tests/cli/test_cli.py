@@ -330,6 +330,21 @@ def test_convert_ml_dtypes_keeps_bits(tmp_path: Path) -> None:
     assert "bfloat16 widened to float32" in err
 
 
+def test_convert_a_dtype_torch_cannot_create_is_no_crash(tmp_path: Path) -> None:
+    """A float4_x2 leaf (torch.zeros refuses the dtype) is converted and noted, not a crash."""
+    if not hasattr(torch, "float4_e2m1fn_x2"):
+        pytest.skip("this torch has no float4_e2m1fn_x2")
+    packed = torch.arange(6, dtype=torch.uint8).reshape(2, 3).view(torch.float4_e2m1fn_x2)
+    src = tmp_path / "f4.pt"
+    torch.save({"packed": packed, "x": torch.ones(2)}, src)
+    dst = tmp_path / "f4.npz"
+    code, out, err = run("convert", str(src), str(dst))
+    assert code == 0, err
+    assert "2 arrays" in out
+    assert "widened" not in err
+    np.testing.assert_array_equal(tonumpy.load(dst)["x"], np.ones(2, np.float32))
+
+
 def test_existing_destination_needs_force(tmp_path: Path, checkpoint: Path) -> None:
     """convert refuses to replace an existing file unless --force, in one line naming the flag."""
     dst = tmp_path / "out.npz"
