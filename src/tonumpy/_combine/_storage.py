@@ -195,11 +195,8 @@ class GrowingNpy:
         self._header_len = header_len
         if size < header_len + rows * self.row_bytes:
             raise OSError(f"{path}: holds fewer bytes than its {rows} logged rows")
-        try:
-            _npyheader.header(stored, (2**63,) * len(shape), size=header_len)
-        except ValueError:
-            message = f"{path}: its header has no room to grow (not written by tonumpy)"
-            raise OSError(message) from None
+        if not _npyheader.grows_in(stored, len(shape), header_len):
+            raise OSError(f"{path}: its header has no room to grow (not written by tonumpy)")
         self.rows = rows
         self._appended = rows * self.row_bytes
         self._rewritten = 0
@@ -345,7 +342,7 @@ class GrowingNpy:
             n = min(step, self.rows - start)
             raw = _mapped(self.fd, self._header_len + start * old_row, n * old_row)
             block = raw.view(old_dtype).reshape(n, *old_trailing)
-            if old_dtype != self.dtype or not self._write_padded_rows(fd, block, fill, offset):
+            if not self._write_padded_rows(fd, block, fill, offset):  # also False: a new dtype
                 if out is None:
                     out = np.empty((min(step, self.rows), *self.trailing), dtype=self.dtype)
                 copy_padded(out[:n], block[keep], fill)

@@ -42,7 +42,16 @@ _read_array_header: Any = (
     or importlib.import_module("numpy.lib._format_impl")._read_array_header  # noqa: SLF001
 )
 
-__all__ = ["MAX_HEADER", "NpyHeader", "header", "is_npy", "read_header", "room", "write_header"]
+__all__ = [
+    "MAX_HEADER",
+    "NpyHeader",
+    "grows_in",
+    "header",
+    "is_npy",
+    "read_header",
+    "room",
+    "write_header",
+]
 
 #: Bytes of a ``.npy`` header's text read at most; NumPy writes a few hundred.
 MAX_HEADER = 1 << 16
@@ -165,6 +174,22 @@ def room(dtype: np.dtype[Any], ndim: int) -> int:
     return -(-(np.lib.format.MAGIC_LEN + 2 + len(text) + 1 + _SPARE) // align) * align
 
 
+def grows_in(dtype: np.dtype[Any], ndim: int, size: int) -> bool:
+    """Whether a header of ``size`` bytes holds every shape of ``ndim`` dimensions of ``dtype``.
+
+    True for the headers [`room`][tonumpy._format._npyheader.room] sizes (a file that grows).
+
+    Examples:
+        >>> grows_in(np.dtype("<f4"), 2, room(np.dtype("<f4"), 2)), grows_in(np.dtype("<f4"), 2, 64)
+        (True, False)
+    """
+    try:
+        header(dtype, (_LARGEST,) * ndim, size=size)
+    except ValueError:
+        return False
+    return True
+
+
 def write_header(file: Any, dtype: np.dtype[Any], shape: tuple[int, ...], fortran: bool) -> None:
     """Write the ``.npy`` header of an array of ``shape`` and ``dtype`` to ``file``."""
     file.write(header(dtype, shape, fortran))
@@ -229,11 +254,6 @@ def _parse(version: tuple[int, int], raw: bytes) -> tuple[tuple[int, ...], bool,
     ``warnings.catch_warnings`` swaps the process-wide filters, so two threads reading at once
     could leave every warning of the program ignored.
     """
-    f = io.BytesIO(raw)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f, max_header_size=MAX_HEADER)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f, max_header_size=MAX_HEADER)
-    utf8: tuple[tuple[int, ...], bool, np.dtype[Any]]
-    utf8 = _read_array_header(f, version, max_header_size=MAX_HEADER)
-    return utf8
+    parsed: tuple[tuple[int, ...], bool, np.dtype[Any]]
+    parsed = _read_array_header(io.BytesIO(raw), version, max_header_size=MAX_HEADER)
+    return parsed

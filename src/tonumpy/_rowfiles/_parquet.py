@@ -830,7 +830,7 @@ def _read_column(  # noqa: PLR0917 - one private reader of one column
         ragged="pad",
         pad_value=pad,
         caller=str(path),
-        place=f"column {short(name, 60)}",
+        place=source,
     )
     return _restore(padded, dtype_name)
 
